@@ -1,0 +1,136 @@
+"""The built-in tiny base model: SD-1.5-architecture diffusers components at toy size.
+
+`build_pipeline(seed)` makes the components with deterministic weights; the toy-world
+training script (studio/builtin_training.py) trains them. `save_pipeline` writes a
+diffusers folder that `StableDiffusionPipeline.from_pretrained(dir)` loads offline.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from studio import ASSETS_DIR
+
+BUILTIN_DIR = ASSETS_DIR / "builtin"
+RESOLUTION = 64
+MAX_TOKENS = 32
+
+# Words of the toy world. Anything else falls back to single characters, so a trigger
+# word such as "sks" still tokenizes (as s, k, s</w>).
+VOCAB_WORDS = """
+a an the of on in with and or no not photo picture image drawing painting render style
+shape shapes object thing background backdrop plain flat simple centered small large big
+tiny huge left right top bottom middle corner red green blue yellow purple violet orange
+white black gray grey pink cyan brown dark light bright circle square triangle star
+diamond ring heart cross round sks ohwx zwx toy world colored coloured one two
+""".split()
+SPECIAL_TOKENS = ["<|startoftext|>", "<|endoftext|>"]
+CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789") + list(",.!?'-:;()/&+\"")
+
+
+def tokenizer_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """CLIP-BPE vocabulary and merges: single characters (plain and end-of-word) plus
+    whole toy-world words, each word reachable by left-to-right merges."""
+    tokens: list[str] = []
+    merges: list[tuple[str, str]] = []
+
+    def add(token: str) -> None:
+        if token not in index:
+            index[token] = len(tokens)
+            tokens.append(token)
+
+    index: dict[str, int] = {}
+    for ch in CHARS:
+        add(ch)
+    for ch in CHARS:
+        add(ch + "</w>")
+    for word in VOCAB_WORDS:
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        current = symbols[0]
+        for sym in symbols[1:]:
+            merged = current + sym
+            if (current, sym) not in merges:
+                merges.append((current, sym))
+            add(merged)
+            current = merged
+    for special in SPECIAL_TOKENS:
+        add(special)
+    return index, merges
+
+
+def write_tokenizer(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, merges = tokenizer_vocab()
+    (folder / "vocab.json").write_text(json.dumps(vocab, indent=0, ensure_ascii=False))
+    (folder / "merges.txt").write_text(
+        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)
+    )
+    (folder / "special_tokens_map.json").write_text(json.dumps({
+        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+    }))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": MAX_TOKENS,
+        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+        "do_lower_case": True,
+    }))
+
+
+def scheduler_config() -> dict:
+    return {
+        "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+        "beta_schedule": "scaled_linear", "prediction_type": "epsilon",
+        "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1,
+        "timestep_spacing": "leading",
+    }
+
+
+def build_pipeline(seed: int = 0):
+    """A StableDiffusionPipeline of the built-in architecture with deterministic weights."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    import tempfile
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=8,
+        sample_size=RESOLUTION, mid_block_add_attention=False,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer(Path(tmp))
+        tokenizer = CLIPTokenizer.from_pretrained(tmp, model_max_length=MAX_TOKENS)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=MAX_TOKENS,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, projection_dim=64,
+    ))
+    unet = UNet2DConditionModel(
+        sample_size=RESOLUTION // 4, in_channels=4, out_channels=4,
+        block_out_channels=(32, 64, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=8, norm_num_groups=8,
+    )
+    scheduler = DDIMScheduler(**scheduler_config())
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def save_pipeline(pipe, folder: Path = BUILTIN_DIR) -> None:
+    pipe.save_pretrained(folder, safe_serialization=True)
+    # transformers 5 saves only tokenizer.json; keep the slow files too so any loader works.
+    write_tokenizer(folder / "tokenizer")
+
+
+if __name__ == "__main__":
+    save_pipeline(build_pipeline())
+    print(BUILTIN_DIR)
