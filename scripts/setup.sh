@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Set up LoRA Studio in the current Python environment; safe to run again.
+#   scripts/setup.sh          torch (CPU build where no GPU), then the project
+#   scripts/setup.sh --tests  the same plus test tools (pytest, Playwright + Debian's Chromium)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
+
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    pip_install "${TORCH_SPEC:-torch}"
+  else
+    # Pinned so pip takes the CPU build instead of pulling several GB of CUDA packages.
+    pip_install "${TORCH_SPEC:-torch==2.13.0}"
+  fi
+fi
+
+if [ "${1:-}" = "--tests" ]; then
+  pip_install -e ".[test]"
+  if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+      || echo "setup: could not install Chromium; browser tests will be skipped" >&2
+  fi
+else
+  pip_install -e .
+fi

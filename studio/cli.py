@@ -1,0 +1,183 @@
+"""`lora-studio` command line: a stable contract for people, tests and other tools.
+
+Bad arguments or inputs print one line (what is wrong, how to fix) and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from studio.errors import StudioError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no usage dump
+        self.exit(EXIT_USAGE, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+def _workspace_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workspace", metavar="DIR", default=None,
+                        help="workspace folder (default: $LORA_STUDIO_WORKSPACE or ./workspace)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="lora-studio", description="Make LoRA adapters for Stable Diffusion 1.5 and SDXL.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    train = sub.add_parser("train", help="train an adapter from a TOML config")
+    train.add_argument("config", type=Path, help="training config (.toml), e.g. presets/tiny-demo.toml")
+    train.add_argument("--resume", action="store_true", help="continue the newest unfinished run of this config")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    _workspace_arg(train)
+
+    gen = sub.add_parser("generate", help="generate images with a base model and adapters")
+    gen.add_argument("--model", default="builtin", help="'builtin', a diffusers folder or a .safetensors checkpoint")
+    gen.add_argument("--prompt", required=True, help="prompt; <lora:name:weight> tags load adapters from the workspace")
+    gen.add_argument("--negative", default="", help="negative prompt")
+    gen.add_argument("--adapter", action="append", default=[], metavar="FILE[:WEIGHT]", help="adapter file and weight")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--steps", type=int, default=20)
+    gen.add_argument("--guidance", type=float, default=5.0, help="CFG scale")
+    gen.add_argument("--width", type=int, default=None)
+    gen.add_argument("--height", type=int, default=None)
+    gen.add_argument("--scheduler", default="ddim", help="ddim, euler, euler_a or dpmpp_2m_karras")
+    gen.add_argument("--allow-pickle", action="store_true", help="allow loading a .ckpt base model (can run code)")
+    gen.add_argument("--out", type=Path, required=True, help="output PNG")
+    _workspace_arg(gen)
+
+    ins = sub.add_parser("inspect", help="show an adapter file's layout and metadata")
+    ins.add_argument("file", type=Path)
+    ins.add_argument("--json", action="store_true", help="machine-readable output")
+
+    ds = sub.add_parser("dataset", help="import and check datasets")
+    ds_sub = ds.add_subparsers(dest="dataset_command", parser_class=_Parser)
+    imp = ds_sub.add_parser("import", help="import a folder, a zip or image files into the workspace")
+    imp.add_argument("sources", nargs="+", type=Path, metavar="SRC")
+    imp.add_argument("--name", required=True, help="dataset name")
+    _workspace_arg(imp)
+    chk = ds_sub.add_parser("check", help="validation report of a dataset")
+    chk.add_argument("name", help="dataset name in the workspace, or a folder path")
+    chk.add_argument("--json", action="store_true")
+    _workspace_arg(chk)
+
+    ui = sub.add_parser("ui", help="start the browser studio (default command)")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=7860)
+    _workspace_arg(ui)
+    return parser
+
+
+def cmd_train(args) -> int:
+    from studio.config import load_config
+    from studio.runs import create_run, latest_unfinished_run
+    from studio.workspace import Workspace
+    from trainers.lora import train_run
+
+    config = load_config(args.config)
+    workspace = Workspace.open(args.workspace)
+    run_dir = latest_unfinished_run(config, workspace) if args.resume else None
+    if args.resume and run_dir is None:
+        print(f"No unfinished run of {config.name!r} to resume; starting a new one.", file=sys.stderr)
+    if run_dir is None:
+        run_dir = create_run(config, workspace)
+    print(f"run: {run_dir}", file=sys.stderr)
+    adapter = train_run(run_dir, resume=True, show_progress=not args.quiet)
+    print(adapter)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from studio.generate import Engine, GenerateRequest, parse_adapter_arg, parse_prompt_loras, save_png
+
+    adapters = [parse_adapter_arg(a) for a in args.adapter]
+    prompt, tagged = parse_prompt_loras(args.prompt, lambda name: _resolve_adapter_name(name, args.workspace))
+    request = GenerateRequest(prompt=prompt, model=args.model, negative_prompt=args.negative,
+                              adapters=adapters + tagged, seed=args.seed, steps=args.steps,
+                              guidance_scale=args.guidance, width=args.width, height=args.height,
+                              scheduler=args.scheduler)
+    image = Engine(allow_pickle=args.allow_pickle).generate(request)[0]
+    print(save_png(image, args.out))
+    return 0
+
+
+def _resolve_adapter_name(name: str, workspace_dir) -> Path:
+    from studio.library import find_adapter
+    from studio.workspace import Workspace
+
+    return find_adapter(Workspace.open(workspace_dir), name)
+
+
+def cmd_inspect(args) -> int:
+    from studio.library import describe_adapter
+
+    info = describe_adapter(args.file)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    for key in ("file", "family", "type", "modules", "ranks", "alphas", "prefixes"):
+        print(f"{key:>10}: {info[key]}")
+    print("  metadata:")
+    for key, value in sorted(info["metadata"].items()):
+        text = value if len(value) <= 200 else value[:197] + "..."
+        print(f"    {key} = {text}")
+    return 0
+
+
+def cmd_dataset(args) -> int:
+    from studio.datasets import check_dataset, import_dataset
+    from studio.workspace import Workspace
+
+    if args.dataset_command is None:
+        raise StudioError("Say what to do: `lora-studio dataset import SRC --name NAME` or `dataset check NAME`.")
+    workspace = Workspace.open(args.workspace)
+    if args.dataset_command == "import":
+        report = import_dataset(args.sources, args.name, workspace)
+        print(report.summary())
+        return 0
+    folder = Path(args.name) if Path(args.name).is_dir() else workspace.dataset_dir(args.name)
+    if not folder.is_dir():
+        raise StudioError(f"No dataset {args.name!r} in {workspace.datasets_dir}; import one first.")
+    report = check_dataset(folder)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.summary())
+    return 0
+
+
+def cmd_ui(args) -> int:
+    from ui.app import launch
+
+    launch(workspace=args.workspace, host=args.host, port=args.port)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "inspect": cmd_inspect,
+            "dataset": cmd_dataset, "ui": cmd_ui}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # bare `lora-studio` (or only global flags) means `ui`
+        args = parser.parse_args([*argv, "ui"])
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        return COMMANDS[args.command](args)
+    except StudioError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

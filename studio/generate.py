@@ -1,0 +1,210 @@
+"""Generation: one cached pipeline per base model, adapters loaded once and weighted per
+request. Changing the adapter mix never reloads the base model or an unchanged file."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from studio.errors import StudioError
+
+log = logging.getLogger(__name__)
+
+SCHEDULERS = {
+    "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+}
+SCHEDULER_LABELS = {"ddim": "DDIM", "euler": "Euler", "euler_a": "Euler a", "dpmpp_2m_karras": "DPM++ 2M Karras"}
+_LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?>")
+
+
+@dataclass(frozen=True)
+class AdapterUse:
+    path: Path
+    weight: float = 1.0
+
+
+@dataclass
+class GenerateRequest:
+    prompt: str
+    model: str = "builtin"
+    negative_prompt: str = ""
+    adapters: list[AdapterUse] = field(default_factory=list)
+    seed: int = 0
+    steps: int = 20
+    guidance_scale: float = 5.0
+    width: int | None = None
+    height: int | None = None
+    scheduler: str = "ddim"
+    batch_count: int = 1
+
+    def validate(self) -> None:
+        if self.scheduler not in SCHEDULERS:
+            raise StudioError(f"Unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}.")
+        if not 1 <= self.steps <= 500:
+            raise StudioError(f"steps must be between 1 and 500 (got {self.steps}).")
+        for side in (self.width, self.height):
+            if side is not None and (side < 8 or side > 4096 or side % 8):
+                raise StudioError(f"width and height must be multiples of 8 between 8 and 4096 (got {side}).")
+        if not 1 <= self.batch_count <= 64:
+            raise StudioError(f"batch count must be between 1 and 64 (got {self.batch_count}).")
+
+
+def parse_adapter_arg(text: str) -> AdapterUse:
+    """`FILE[:WEIGHT]` from the command line."""
+    path, sep, weight = text.rpartition(":")
+    if sep and path and _is_float(weight):
+        return AdapterUse(Path(path), float(weight))
+    return AdapterUse(Path(text), 1.0)
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_prompt_loras(prompt: str, resolve_name) -> tuple[str, list[AdapterUse]]:
+    """Take A1111 `<lora:name:weight>` tags out of a prompt; `resolve_name(name) -> Path`."""
+    uses = []
+    for match in _LORA_TAG.finditer(prompt):
+        name, weight = match.group(1).strip(), (match.group(2) or "1").strip()
+        if not _is_float(weight):
+            raise StudioError(f"In {match.group(0)!r}: the weight {weight!r} is not a number; write <lora:{name}:0.8>.")
+        uses.append(AdapterUse(resolve_name(name), float(weight)))
+    if "<lora:" in _LORA_TAG.sub("", prompt):
+        raise StudioError("The prompt has a broken <lora:...> tag; write it as <lora:name:weight>.")
+    return " ".join(_LORA_TAG.sub("", prompt).split()), uses
+
+
+def pngtext_parameters(request: GenerateRequest, seed: int, size: tuple[int, int], model_name: str,
+                       adapter_names: list[tuple[str, float]]) -> str:
+    """The A1111 `parameters` text stored in each PNG."""
+    prompt = request.prompt + "".join(f" <lora:{n}:{w:g}>" for n, w in adapter_names)
+    lines = [prompt.strip()]
+    if request.negative_prompt:
+        lines.append(f"Negative prompt: {request.negative_prompt}")
+    lines.append(", ".join([
+        f"Steps: {request.steps}", f"Sampler: {SCHEDULER_LABELS[request.scheduler]}",
+        f"CFG scale: {request.guidance_scale:g}", f"Seed: {seed}", f"Size: {size[0]}x{size[1]}",
+        f"Model: {model_name}",
+    ]))
+    return "\n".join(lines)
+
+
+class Engine:
+    """Pipelines cached per base model; adapters cached per (pipeline, file content)."""
+
+    def __init__(self, *, allow_pickle: bool = False):
+        self.allow_pickle = allow_pickle
+        self._pipes: dict[str, object] = {}
+        self._loaded: dict[str, dict[tuple, str]] = {}  # model key -> file key -> adapter name
+        self._lock = threading.Lock()
+        self.pipeline_loads = 0
+
+    def pipeline(self, model: str):
+        from studio.models import load_pipeline, resolve_model
+
+        ref = resolve_model(model, allow_pickle=self.allow_pickle)
+        key = str(ref.path)
+        if key not in self._pipes:
+            self._pipes[key] = load_pipeline(ref, allow_pickle=self.allow_pickle)
+            self._loaded[key] = {}
+            self.pipeline_loads += 1
+        return key, self._pipes[key]
+
+    def _adapter_name(self, model_key: str, pipe, path: Path) -> str:
+        from studio.adapters import attach_adapter, load_adapter
+
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            raise StudioError(f"Adapter file {path} not found.") from None
+        file_key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        loaded = self._loaded[model_key]
+        if file_key not in loaded:
+            name = "a" + hashlib.sha1(repr(file_key).encode()).hexdigest()[:12]
+            attach_adapter(pipe, load_adapter(path), name)
+            loaded[file_key] = name
+        return loaded[file_key]
+
+    def _activate(self, pipe, names: list[str], weights: list[float]) -> None:
+        from diffusers.utils.peft_utils import set_weights_and_activate_adapters
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        models = [m for m in (pipe.unet, getattr(pipe, "text_encoder", None)) if m is not None]
+        for model in models:
+            present = set(getattr(model, "peft_config", {}) or {})
+            if not present:
+                continue
+            use = [(n, w) for n, w in zip(names, weights) if n in present]
+            if use:
+                set_weights_and_activate_adapters(model, [n for n, _ in use], [w for _, w in use])
+                for module in model.modules():
+                    if isinstance(module, BaseTunerLayer):
+                        module.enable_adapters(True)
+            else:
+                for module in model.modules():
+                    if isinstance(module, BaseTunerLayer):
+                        module.enable_adapters(False)
+
+    def generate(self, request: GenerateRequest):
+        """Images (PIL) for the request, each with its A1111 `parameters` text in `.info`."""
+        from studio.models import resolve_model
+
+        request.validate()
+        with self._lock:
+            model_key, pipe = self.pipeline(request.model)
+            names = [self._adapter_name(model_key, pipe, use.path) for use in request.adapters]
+            self._activate(pipe, names, [use.weight for use in request.adapters])
+            pipe.scheduler = _scheduler(pipe, request.scheduler)
+            images = []
+            for index in range(request.batch_count):
+                seed = request.seed + index
+                generator = torch.Generator(device=pipe.device).manual_seed(seed)
+                with torch.inference_mode():
+                    image = pipe(request.prompt, negative_prompt=request.negative_prompt or None,
+                                 num_inference_steps=request.steps, guidance_scale=request.guidance_scale,
+                                 width=request.width, height=request.height, generator=generator).images[0]
+                model_name = resolve_model(request.model, allow_pickle=self.allow_pickle).display_name
+                image.info["parameters"] = pngtext_parameters(
+                    request, seed, image.size, model_name,
+                    [(use.path.stem, use.weight) for use in request.adapters])
+                images.append(image)
+            return images
+
+
+def _scheduler(pipe, name: str):
+    import diffusers
+
+    class_name, extra = SCHEDULERS[name]
+    current = pipe.scheduler
+    if type(current).__name__ == class_name and all(current.config.get(k) == v for k, v in extra.items()):
+        return current
+    config = dict(current.config)
+    if class_name == "DDIMScheduler":
+        extra = {"clip_sample": False, "set_alpha_to_one": False, **extra}
+    return getattr(diffusers, class_name).from_config(config, **extra)
+
+
+def save_png(image, path: str | Path) -> Path:
+    """Write a PNG atomically with its `parameters` text chunk (A1111's convention)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    from studio.fsutil import atomic_path
+
+    info = PngInfo()
+    if "parameters" in image.info:
+        info.add_text("parameters", image.info["parameters"])
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
+    return Path(path)

@@ -1,0 +1,105 @@
+"""Base models: resolve a reference ('builtin', a diffusers folder, a single-file
+checkpoint) and load its pipeline with no network."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from studio.errors import StudioError
+
+log = logging.getLogger(__name__)
+
+Family = Literal["sd15", "sdxl"]
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
+_PIPELINE_FAMILIES = {
+    "StableDiffusionPipeline": "sd15",
+    "StableDiffusionXLPipeline": "sdxl",
+}
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A resolved base-model reference."""
+
+    kind: Literal["builtin", "diffusers", "single_file"]
+    path: Path
+    family: Family
+
+    @property
+    def display_name(self) -> str:
+        return "builtin" if self.kind == "builtin" else self.path.name
+
+
+def resolve_model(ref: str, *, allow_pickle: bool = False) -> ModelRef:
+    """Turn a model reference into a ModelRef, checking that it exists and what family it is."""
+    from studio.builtin_model import BUILTIN_DIR
+
+    if ref in ("", "builtin"):
+        return ModelRef("builtin", BUILTIN_DIR, "sd15")
+    path = Path(ref).expanduser()
+    if not path.exists():
+        raise StudioError(
+            f"Base model {ref!r} not found: use 'builtin', a diffusers folder or a .safetensors checkpoint."
+        )
+    if path.is_dir():
+        return ModelRef("diffusers", path.resolve(), _diffusers_family(path))
+    if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
+        raise StudioError(
+            f"{path.name} is a pickle checkpoint, which can run code when loaded. Convert it to "
+            ".safetensors, or pass --allow-pickle if you trust its source."
+        )
+    from studio.checkpoint import detect_family
+
+    return ModelRef("single_file", path.resolve(), detect_family(path))
+
+
+def _diffusers_family(folder: Path) -> Family:
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise StudioError(f"{folder} is not a diffusers model folder (no model_index.json).")
+    try:
+        class_name = json.loads(index.read_text())["_class_name"]
+    except (ValueError, KeyError):
+        raise StudioError(f"{index} is not a valid diffusers model index.") from None
+    family = _PIPELINE_FAMILIES.get(class_name)
+    if family is None:
+        raise StudioError(
+            f"{folder.name} is a {class_name}; LoRA Studio trains Stable Diffusion 1.5 and SDXL models."
+        )
+    return family  # type: ignore[return-value]
+
+
+def quiet_libraries() -> None:
+    """Our own progress and logs say what happens; the libraries' loading bars and the
+    transformers note about torchvision (we never use its image processors) are noise."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def load_pipeline(ref: str | ModelRef, *, allow_pickle: bool = False, torch_dtype=None):
+    """Load a base model's diffusers pipeline offline (no hub access)."""
+    import torch
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    model = ref if isinstance(ref, ModelRef) else resolve_model(ref, allow_pickle=allow_pickle)
+    dtype = torch_dtype or torch.float32
+    quiet_libraries()
+    log.info("loading base model %s (%s, %s)", model.path, model.kind, model.family)
+    if model.kind == "single_file":
+        from studio.checkpoint import load_single_file
+
+        pipe = load_single_file(model.path, allow_pickle=allow_pickle, torch_dtype=dtype)
+    else:
+        cls = StableDiffusionXLPipeline if model.family == "sdxl" else StableDiffusionPipeline
+        kwargs = {"safety_checker": None, "requires_safety_checker": False} if model.family == "sd15" else {}
+        pipe = cls.from_pretrained(model.path, torch_dtype=dtype, local_files_only=True, **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,63 @@
+"""Shared fixtures: offline, fixed thread count, a demo training run trained once."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+# Fixed threads keep timings and float reductions stable on the 2-core machines.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def demo_config(**training):
+    """The tiny-demo preset, shortened for tests."""
+    from studio.config import load_config
+
+    config = load_config(ROOT / "presets" / "tiny-demo.toml")
+    config.training.max_steps = training.pop("max_steps", 60)
+    config.checkpoints.every_n_steps = training.pop("every_n_steps", 0)
+    config.sampling.every_n_steps = 0
+    config.sampling.prompts = ["a sks star on a white background"]
+    config.sampling.steps = 5
+    for key, value in training.items():
+        setattr(config.training, key, value)
+    return config
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    from studio.workspace import Workspace
+
+    return Workspace.open(tmp_path / "ws")
+
+
+@pytest.fixture(scope="session")
+def trained_demo(tmp_path_factory):
+    """One short demo training run shared by the tests that need a trained adapter."""
+    from studio.runs import create_run
+    from studio.workspace import Workspace
+    from trainers.lora import Trainer
+
+    workspace = Workspace.open(tmp_path_factory.mktemp("trained") / "ws")
+    run_dir = create_run(demo_config(max_steps=80), workspace)
+    trainer = Trainer(run_dir, show_progress=False)
+    adapter = trainer.run()
+    return {"workspace": workspace, "run_dir": run_dir, "adapter": adapter, "trainer": trainer}
+
+
+def run_cli(*args, cwd=ROOT, env=None, timeout=600):
+    import subprocess
+
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "studio", *map(str, args)], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,113 @@
+"""The end-to-end path on the built-in model: train -> adapter file -> generation."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import ROOT, demo_config, run_cli
+
+
+def _fixed_loss(trainer, micro_steps=range(1000, 1024)) -> float:
+    """Mean loss over fixed (noise, timestep, example) draws: comparable across training."""
+    with torch.no_grad():
+        return float(np.mean([trainer._loss(k).item() for k in micro_steps]))
+
+
+@pytest.mark.slow
+def test_training_lowers_loss_and_adapter_changes_generation(trained_demo, tmp_path):
+    from studio.adapters import load_adapter
+    from studio.generate import AdapterUse, Engine, GenerateRequest
+
+    trainer = trained_demo["trainer"]
+    trained_loss = _fixed_loss(trainer)
+    # The same draws with the LoRA switched off are the base model's loss.
+    unet = trainer.accelerator.unwrap_model(trainer.unet)
+    unet.disable_adapters()
+    base_loss = _fixed_loss(trainer)
+    unet.enable_adapters()
+    assert trained_loss < base_loss * 0.9, (trained_loss, base_loss)
+
+    events = [json.loads(line) for line in (trained_demo["run_dir"] / "events.jsonl").read_text().splitlines()]
+    kinds = [e["type"] for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "done" and "progress" in kinds and "sample" in kinds
+    assert all(os.path.exists(p) for e in events if e["type"] == "sample" for p in e["paths"])
+
+    adapter = trained_demo["adapter"]
+    file = load_adapter(adapter)
+    adapted = [n for n, _ in trainer.pipe.unet.named_modules() if n.endswith(("to_q", "to_k", "to_v", "to_out.0"))]
+    assert len(file.modules) == len(adapted) > 0 and file.ranks == [8] and file.alphas == [8.0]
+    engine = Engine()
+    request = dict(prompt="a sks star on a white background", seed=3, steps=10)
+    base = np.asarray(engine.generate(GenerateRequest(**request))[0], dtype=np.int16)
+    with_lora = np.asarray(engine.generate(GenerateRequest(**request, adapters=[AdapterUse(adapter, 1.0)]))[0], dtype=np.int16)
+    at_zero = np.asarray(engine.generate(GenerateRequest(**request, adapters=[AdapterUse(adapter, 0.0)]))[0], dtype=np.int16)
+    base_again = np.asarray(engine.generate(GenerateRequest(**request))[0], dtype=np.int16)
+    assert np.abs(with_lora - base).mean() > 2.0
+    assert np.array_equal(at_zero, base)
+    assert np.array_equal(base_again, base)
+    assert engine.pipeline_loads == 1
+
+
+@pytest.mark.slow
+def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
+    from studio.adapters import load_adapter
+    from studio.config import save_config
+
+    config = demo_config(max_steps=40, every_n_steps=10)
+    config.sampling.prompts = []
+    config_path = tmp_path / "demo.toml"
+    save_config(config, config_path)
+
+    full = run_cli("train", config_path, "--workspace", tmp_path / "a", "--quiet")
+    assert full.returncode == 0, full.stderr
+
+    ws = tmp_path / "b"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "studio", "train", str(config_path), "--workspace", str(ws),
+                             "--quiet"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        logs = list((ws / "runs").glob("*/events.jsonl"))
+        lines = logs[0].read_text().splitlines() if logs else []
+        if any(json.loads(l)["type"] == "checkpoint" and json.loads(l)["step"] >= 20 for l in lines):
+            break
+        assert proc.poll() is None, proc.stderr.read().decode()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not list((ws / "adapters").glob("*.safetensors"))
+
+    resumed = run_cli("train", config_path, "--workspace", ws, "--resume", "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    events = [json.loads(l) for l in next((ws / "runs").glob("*/events.jsonl")).read_text().splitlines()]
+    assert any(e["type"] == "resume" and e["step"] >= 20 for e in events)
+
+    a = load_adapter(full.stdout.strip().splitlines()[-1])
+    b = load_adapter(resumed.stdout.strip().splitlines()[-1])
+    assert a.modules.keys() == b.modules.keys()
+    diff = max(float((a.modules[k].up @ a.modules[k].down.flatten(1) - b.modules[k].up @ b.modules[k].down.flatten(1)).abs().max())
+               for k in a.modules)
+    assert diff <= 1e-6
+
+
+def test_bad_config_is_one_clear_line(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[training]\nmax_steps = "many"\n')
+    result = run_cli("train", bad, "--workspace", tmp_path / "ws")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "training.max_steps" in result.stderr
+    assert "Traceback" not in result.stderr
+
+    missing = run_cli("train", tmp_path / "nope.toml", "--workspace", tmp_path / "ws")
+    assert missing.returncode == 2 and "not found" in missing.stderr
+
+    unknown = run_cli("generate", "--prompt", "x", "--out", tmp_path / "o.png", "--steps", "0")
+    assert unknown.returncode == 2 and "steps" in unknown.stderr and "Traceback" not in unknown.stderr

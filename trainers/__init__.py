@@ -1,0 +1,1 @@
+"""Training loops; each runs inside a worker process: `python -m trainers RUN_DIR`."""

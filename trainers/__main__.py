@@ -1,0 +1,32 @@
+"""Worker entry point: `python -m trainers RUN_DIR [--no-resume]` trains the run folder's
+config.toml, resuming from its last checkpoint, and prints the adapter path last."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from studio.errors import StudioError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainers")
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from trainers.lora import train_run
+
+    try:
+        path = train_run(args.run_dir, resume=not args.no_resume, show_progress=not args.quiet)
+    except StudioError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

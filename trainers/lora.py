@@ -1,0 +1,518 @@
+"""DreamBooth-style LoRA training on the UNet (and optionally the text encoder) of an
+SD1.5-family model, driven by accelerate.
+
+Read top to bottom: load -> data -> caches -> adapters -> optimizer -> resume -> loop.
+Every step's randomness (noise, timesteps, latent sampling, dropout, crops, flips, data
+order) comes from generators seeded by (seed, micro-step), so a resumed run repeats
+exactly what an uninterrupted one would have done.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from studio.config import TrainConfig, load_config
+from studio.errors import StudioError
+from trainers.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from trainers.events import EventLog
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.toml"
+
+
+class TrainingFailed(StudioError):
+    """The run stopped for a reason a person can act on (NaN loss, out of memory)."""
+
+
+@dataclass
+class Sample:
+    """One training example after preprocessing."""
+
+    pixels: torch.Tensor  # [3, H, W] in [-1, 1]
+    caption: str
+
+
+def micro_generator(seed: int, micro_step: int, stream: int = 0) -> torch.Generator:
+    """A generator owned by one micro-step: resume-safe randomness."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + micro_step * 7919 + stream) % (2**63))
+
+
+class ExampleOrder:
+    """Which examples make up micro-batch k: epochs of a seeded permutation of the
+    repeat-expanded list, concatenated. Pure function of (seed, k)."""
+
+    def __init__(self, repeats: list[int], seed: int, batch_size: int):
+        self.flat = [i for i, n in enumerate(repeats) for _ in range(n)]
+        self.seed, self.batch_size = seed, batch_size
+
+    def batch(self, micro_step: int) -> list[int]:
+        n = len(self.flat)
+        positions = range(micro_step * self.batch_size, (micro_step + 1) * self.batch_size)
+        out, cached_epoch, perm = [], -1, None
+        for pos in positions:
+            epoch = pos // n
+            if epoch != cached_epoch:
+                perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch * 104_729))
+                cached_epoch = epoch
+            out.append(self.flat[int(perm[pos % n])])
+        return out
+
+
+def prepare_image(path: Path, resolution: int, *, center_crop: bool, flip: bool,
+                  generator: torch.Generator | None) -> torch.Tensor:
+    """Load an image, resize its short side to `resolution`, crop a square, optionally
+    mirror it; returns [3, R, R] in [-1, 1]."""
+    import numpy as np
+    from PIL import Image
+
+    from studio.datasets import open_image
+
+    image = open_image(path)
+    scale = resolution / min(image.size)
+    size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
+    image = image.resize(size, Image.Resampling.LANCZOS)
+    if center_crop or generator is None:
+        left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+    else:
+        left = int(torch.randint(0, image.width - resolution + 1, (1,), generator=generator))
+        top = int(torch.randint(0, image.height - resolution + 1, (1,), generator=generator))
+    image = image.crop((left, top, left + resolution, top + resolution))
+    tensor = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+    return tensor.flip(-1) if flip else tensor
+
+
+class Trainer:
+    def __init__(self, run_dir: Path, config: TrainConfig | None = None, *, show_progress: bool = True):
+        self.run_dir = Path(run_dir)
+        self.config = config or load_config(self.run_dir / CONFIG_FILE)
+        self.events = EventLog(self.run_dir)
+        self.show_progress = show_progress
+
+    # ---------------------------------------------------------------- set-up
+    def _setup(self) -> None:
+        from accelerate import Accelerator
+        from diffusers import DDPMScheduler
+        from diffusers.optimization import get_scheduler
+        from peft import LoraConfig
+
+        from studio.datasets import load_items
+        from studio.models import load_pipeline, resolve_model
+
+        cfg = self.config
+        if cfg.training.num_threads:
+            torch.set_num_threads(cfg.training.num_threads)
+        if cfg.training.mixed_precision != "no" and not torch.cuda.is_available():
+            raise StudioError(f"mixed_precision = {cfg.training.mixed_precision!r} needs a CUDA GPU; "
+                              "set training.mixed_precision = 'no' on this machine.")
+        if cfg.training.optimizer == "adamw8bit" and not torch.cuda.is_available():
+            raise StudioError("optimizer 'adamw8bit' needs a CUDA GPU and bitsandbytes; use 'adamw' here.")
+        self.accelerator = Accelerator(
+            gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
+            mixed_precision=cfg.training.mixed_precision,
+            cpu=not torch.cuda.is_available(),
+        )
+        device = self.accelerator.device
+        self.model_ref = resolve_model(cfg.base_model)
+        if self.model_ref.family != "sd15":
+            raise StudioError(f"Base model {cfg.base_model} is {self.model_ref.family}; this trainer "
+                              "handles the SD1.5 family.")
+        pipe = load_pipeline(self.model_ref)
+        self.pipe = pipe
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.vae, self.unet, self.text_encoder, self.tokenizer = pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer
+        for module in (self.vae, self.unet, self.text_encoder):
+            module.requires_grad_(False)
+            module.to(device)
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.training.mixed_precision, torch.float32)
+        if self.weight_dtype != torch.float32:
+            self.vae.to(dtype=self.weight_dtype)
+            if not cfg.network.train_text_encoder:
+                self.text_encoder.to(dtype=self.weight_dtype)
+
+        # data
+        folder = self._dataset_folder()
+        items = load_items(folder)
+        instance = [it for it in items if not it.is_regularisation]
+        if not instance:
+            raise StudioError(f"Dataset {folder} has no usable images; run `lora-studio dataset check` on it.")
+        self.instance = [(it.path, self._caption(it.caption)) for it in instance]
+        self.instance_order = ExampleOrder([it.repeats for it in instance], cfg.seed, cfg.training.batch_size)
+        self.class_examples: list[tuple[Path, str]] = []
+        if cfg.dataset.class_prompt and cfg.dataset.num_class_images > 0:
+            self.class_examples = self._class_images(folder, [it for it in items if it.is_regularisation])
+            self.class_order = ExampleOrder([1] * len(self.class_examples), cfg.seed + 1, cfg.training.batch_size)
+        self.cache_latents = cfg.training.cache_latents and cfg.dataset.center_crop
+        if cfg.training.cache_latents and not cfg.dataset.center_crop:
+            log.warning("latent caching is off: random crops need a fresh VAE pass per step")
+        self.cache_text = cfg.training.cache_text_embeddings and not cfg.network.train_text_encoder
+        self._latent_cache: dict[tuple[Path, bool], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._text_cache: dict[str, torch.Tensor] = {}
+        if self.cache_latents:
+            self._fill_latent_cache()
+        if self.cache_text:
+            with torch.no_grad():
+                for _, caption in self.instance + self.class_examples:
+                    if caption not in self._text_cache:
+                        self._text_cache[caption] = self._encode_text([caption])[0]
+
+        # adapters
+        net = cfg.network
+        self.unet.add_adapter(LoraConfig(r=net.rank, lora_alpha=net.alpha, lora_dropout=net.dropout,
+                                         init_lora_weights="gaussian", target_modules=net.target_modules))
+        params = [{"params": [p for p in self.unet.parameters() if p.requires_grad], "lr": cfg.training.learning_rate}]
+        if net.train_text_encoder:
+            self.text_encoder.add_adapter(LoraConfig(r=net.rank, lora_alpha=net.alpha, lora_dropout=net.dropout,
+                                                     init_lora_weights="gaussian",
+                                                     target_modules=net.text_encoder_target_modules))
+            params.append({"params": [p for p in self.text_encoder.parameters() if p.requires_grad],
+                           "lr": cfg.training.text_encoder_lr or cfg.training.learning_rate})
+        self.trainable = [p for group in params for p in group["params"]]
+        for p in self.trainable:
+            p.data = p.data.float()
+        if cfg.training.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        self.unet.train()
+
+        optimizer = self._optimizer(params)
+        lr_scheduler = get_scheduler(cfg.training.lr_scheduler, optimizer=optimizer,
+                                     num_warmup_steps=cfg.training.lr_warmup_steps,
+                                     num_training_steps=cfg.training.max_steps)
+        self.unet, self.optimizer, self.lr_scheduler = self.accelerator.prepare(self.unet, optimizer, lr_scheduler)
+        if net.train_text_encoder:
+            self.text_encoder = self.accelerator.prepare(self.text_encoder)
+
+    def _dataset_folder(self) -> Path:
+        ds = self.config.dataset
+        if ds.path:
+            folder = Path(ds.path)
+        elif ds.name:
+            from studio.workspace import Workspace
+
+            folder = Workspace.open(self.run_dir.parent.parent).dataset_dir(ds.name)
+        else:
+            from studio.config import DEMO_DATASET
+
+            folder = DEMO_DATASET
+        if not folder.is_dir():
+            raise StudioError(f"Dataset folder {folder} does not exist; import one with `lora-studio dataset import`.")
+        return folder
+
+    def _caption(self, caption: str) -> str:
+        ds = self.config.dataset
+        text = caption.strip() or ds.instance_prompt.strip()
+        trigger = ds.trigger_word.strip()
+        if trigger and trigger not in text.split(", ")[0].split():
+            text = f"{trigger}, {text}" if text else trigger
+        return text
+
+    def _class_images(self, folder: Path, existing) -> list[tuple[Path, str]]:
+        """Class images for prior preservation; the base model generates the missing ones
+        into the dataset's `reg/` folder (kept for the next run)."""
+        from studio.fsutil import atomic_path
+
+        cfg = self.config
+        examples = [(it.path, it.caption or cfg.dataset.class_prompt) for it in existing]
+        missing = cfg.dataset.num_class_images - len(examples)
+        if missing > 0:
+            reg_dir = folder / "reg"
+            reg_dir.mkdir(exist_ok=True)
+            log.info("generating %d class images for %r", missing, cfg.dataset.class_prompt)
+            self.events.emit("status", message=f"generating {missing} class images")
+            for i in range(missing):
+                index = len(examples)
+                generator = torch.Generator().manual_seed(cfg.seed + 10_000 + index)
+                image = self.pipe(cfg.dataset.class_prompt, num_inference_steps=cfg.sampling.steps,
+                                  guidance_scale=cfg.sampling.guidance_scale, generator=generator,
+                                  height=cfg.dataset.resolution, width=cfg.dataset.resolution).images[0]
+                target = reg_dir / f"class_{index:05d}.png"
+                with atomic_path(target) as tmp:
+                    image.save(tmp, format="PNG")
+                (reg_dir / f"class_{index:05d}.txt").write_text(cfg.dataset.class_prompt, encoding="utf-8")
+                examples.append((target, cfg.dataset.class_prompt))
+        return examples[: cfg.dataset.num_class_images]
+
+    def _optimizer(self, params):
+        t = self.config.training
+        kwargs = dict(betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, weight_decay=t.weight_decay)
+        if t.optimizer == "adamw8bit":
+            try:
+                import bitsandbytes as bnb
+            except ImportError:
+                raise StudioError("optimizer 'adamw8bit' needs bitsandbytes: pip install bitsandbytes") from None
+            return bnb.optim.AdamW8bit(params, **kwargs)
+        return torch.optim.AdamW(params, **kwargs)
+
+    # ---------------------------------------------------------------- encoding
+    def _encode_text(self, captions: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(self.accelerator.device)
+        return self.text_encoder(ids)[0]
+
+    @torch.no_grad()
+    def _latent_dist(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dist = self.vae.encode(pixels.to(self.accelerator.device, self.weight_dtype)).latent_dist
+        return dist.mean, dist.std
+
+    def _fill_latent_cache(self) -> None:
+        res = self.config.dataset.resolution
+        flips = (False, True) if self.config.dataset.random_flip else (False,)
+        for path, _ in self.instance + self.class_examples:
+            for flip in flips:
+                if (path, flip) not in self._latent_cache:
+                    pixels = prepare_image(path, res, center_crop=True, flip=flip, generator=None)
+                    mean, std = self._latent_dist(pixels[None])
+                    self._latent_cache[(path, flip)] = (mean[0], std[0])
+
+    def _batch(self, examples: list[tuple[Path, str]], indices: list[int], generator: torch.Generator):
+        """Latents and text embeddings for one micro-batch."""
+        cfg = self.config
+        flips = [bool(torch.rand((), generator=generator) < 0.5) if cfg.dataset.random_flip else False
+                 for _ in indices]
+        if self.cache_latents:
+            stats = [self._latent_cache[(examples[i][0], f)] for i, f in zip(indices, flips)]
+            mean = torch.stack([m for m, _ in stats])
+            std = torch.stack([s for _, s in stats])
+        else:
+            pixels = torch.stack([prepare_image(examples[i][0], cfg.dataset.resolution,
+                                                center_crop=cfg.dataset.center_crop, flip=f, generator=generator)
+                                  for i, f in zip(indices, flips)])
+            mean, std = self._latent_dist(pixels)
+        eps = torch.randn(mean.shape, generator=generator).to(mean.device, mean.dtype)
+        latents = (mean + std * eps).float() * self.vae.config.scaling_factor
+        captions = [examples[i][1] for i in indices]
+        if self.cache_text:
+            text = torch.stack([self._text_cache[c] for c in captions])
+        else:
+            text = self._encode_text(captions)
+        return latents, text
+
+    # ---------------------------------------------------------------- loss
+    def _loss(self, micro_step: int) -> torch.Tensor:
+        from diffusers.training_utils import compute_snr
+
+        cfg = self.config
+        generator = micro_generator(cfg.seed, micro_step)
+        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))  # LoRA dropout
+        latents, text = self._batch(self.instance, self.instance_order.batch(micro_step), generator)
+        n_instance = latents.shape[0]
+        if self.class_examples:
+            class_latents, class_text = self._batch(self.class_examples, self.class_order.batch(micro_step), generator)
+            latents, text = torch.cat([latents, class_latents]), torch.cat([text, class_text])
+        device = self.accelerator.device
+        noise = torch.randn(latents.shape, generator=generator)
+        if cfg.training.noise_offset:
+            noise += cfg.training.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                  generator=generator)
+        noise, timesteps = noise.to(device), timesteps.to(device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        prediction = self.unet(noisy, timesteps, text.to(device)).sample
+        prediction_type = self.noise_scheduler.config.prediction_type
+        target = noise if prediction_type == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if cfg.training.min_snr_gamma:
+            snr = compute_snr(self.noise_scheduler, timesteps)
+            weight = torch.clamp(snr, max=cfg.training.min_snr_gamma) / snr
+            if prediction_type == "v_prediction":
+                weight = weight * snr / (snr + 1)
+            per_sample = per_sample * weight
+        loss = per_sample[:n_instance].mean()
+        if self.class_examples:
+            loss = loss + cfg.dataset.prior_loss_weight * per_sample[n_instance:].mean()
+        return loss
+
+    # ---------------------------------------------------------------- state
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        from peft.utils import get_peft_model_state_dict
+
+        state = {f"unet.{k}": v for k, v in get_peft_model_state_dict(self.accelerator.unwrap_model(self.unet)).items()}
+        if self.config.network.train_text_encoder:
+            te = self.accelerator.unwrap_model(self.text_encoder)
+            state.update({f"text_encoder.{k}": v for k, v in get_peft_model_state_dict(te).items()})
+        return {k: v.detach().float().cpu().clone() for k, v in state.items()}
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        from peft.utils import set_peft_model_state_dict
+
+        for prefix, model in (("unet.", self.unet), ("text_encoder.", self.text_encoder)):
+            part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            if part:
+                set_peft_model_state_dict(self.accelerator.unwrap_model(model), part)
+
+    # ---------------------------------------------------------------- run
+    def run(self, *, resume: bool = True) -> Path:
+        started = time.time()
+        try:
+            self._setup()
+            return self._train(resume=resume, started=started)
+        except TrainingFailed as error:
+            self.events.emit("error", message=str(error))
+            raise
+        except StudioError as error:
+            self.events.emit("error", message=str(error))
+            raise
+        except torch.cuda.OutOfMemoryError:
+            message = ("CUDA ran out of memory. Lower training.batch_size or dataset.resolution, or turn on "
+                       "training.gradient_checkpointing.")
+            self.events.emit("error", message=message)
+            raise TrainingFailed(message) from None
+        except Exception as error:
+            self.events.emit("error", message=f"{type(error).__name__}: {error}")
+            raise
+
+    def _train(self, *, resume: bool, started: float) -> Path:
+        cfg = self.config
+        start_step = 0
+        checkpoint = latest_checkpoint(self.run_dir) if resume else None
+        if checkpoint is not None:
+            state = load_checkpoint(checkpoint)
+            self.load_adapter_state(state["adapter"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+            start_step = state["step"]
+            random.setstate(state["python_rng"])
+            self.events.emit("resume", step=start_step, checkpoint=checkpoint.name)
+            log.info("resumed from %s at step %d", checkpoint, start_step)
+        else:
+            self.events.emit("start", max_steps=cfg.training.max_steps, run_dir=str(self.run_dir),
+                             base_model=cfg.base_model, images=len(self.instance))
+        progress = None
+        if self.show_progress:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=cfg.training.max_steps, initial=start_step, desc=cfg.name, unit="step")
+        window_loss = torch.zeros((), device=self.accelerator.device)
+        window_start, window_steps = time.time(), 0
+        loop_start, steps_done = time.time(), 0
+        log_every = cfg.training.log_every_n_steps
+        for step in range(start_step, cfg.training.max_steps):
+            window_loss += self.train_step(step)
+            window_steps += 1
+            steps_done += 1
+            done = step + 1
+            if progress is not None:
+                progress.update(1)
+            if done % log_every == 0 or done == cfg.training.max_steps:
+                mean_loss = float(window_loss) / window_steps
+                if not math.isfinite(mean_loss):
+                    raise TrainingFailed(
+                        f"Loss became {mean_loss} at step {done}; the run stopped and kept its last good "
+                        "checkpoint. Lower training.learning_rate or turn off fp16, then resume.")
+                elapsed = time.time() - loop_start
+                rate = steps_done / elapsed if elapsed > 0 else 0.0
+                self.events.emit("progress", step=done, max_steps=cfg.training.max_steps, loss=mean_loss,
+                                 lr=self.lr_scheduler.get_last_lr()[0], it_s=round(rate, 3),
+                                 eta_s=round((cfg.training.max_steps - done) / rate, 1) if rate else None)
+                if progress is not None:
+                    progress.set_postfix(loss=f"{mean_loss:.4f}")
+                window_loss.zero_()
+                window_steps = 0
+            every = cfg.checkpoints.every_n_steps
+            if every and done % every == 0 and done < cfg.training.max_steps:
+                self._save_checkpoint(done)
+            sample_every = cfg.sampling.every_n_steps
+            if sample_every and done % sample_every == 0 and done < cfg.training.max_steps:
+                self._sample(done)
+        if progress is not None:
+            progress.close()
+        self._sample(cfg.training.max_steps)
+        adapter_path = self._export(started)
+        self.events.emit("done", step=cfg.training.max_steps, adapter=str(adapter_path),
+                         seconds=round(time.time() - started, 1))
+        return adapter_path
+
+    def train_step(self, step: int) -> torch.Tensor:
+        """One optimizer step (all its micro-batches); returns the mean loss on the device,
+        so the loop syncs with the host only when it logs."""
+        accum = self.config.training.gradient_accumulation_steps
+        total = torch.zeros((), device=self.accelerator.device)
+        for micro in range(accum):
+            with self.accelerator.accumulate(self.unet):
+                loss = self._loss(step * accum + micro)
+                self.accelerator.backward(loss)
+                if self.accelerator.sync_gradients and self.config.training.max_grad_norm > 0:
+                    self.accelerator.clip_grad_norm_(self.trainable, self.config.training.max_grad_norm)
+                self.optimizer.step()
+                self.lr_scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            total += loss.detach().float() / accum
+        return total
+
+    def _save_checkpoint(self, step: int) -> None:
+        path = save_checkpoint(self.run_dir, step, {
+            "step": step,
+            "adapter": self.adapter_state(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "python_rng": random.getstate(),
+        }, keep_last=self.config.checkpoints.keep_last)
+        self.events.emit("checkpoint", step=step, path=str(path))
+
+    @torch.no_grad()
+    def _sample(self, step: int) -> None:
+        cfg = self.config
+        prompts = cfg.sampling.prompts or [self.instance[0][1]]
+        sample_dir = self.run_dir / "samples"
+        sample_dir.mkdir(exist_ok=True)
+        unet = self.accelerator.unwrap_model(self.unet)
+        unet.eval()
+        self.pipe.unet = unet
+        self.pipe.text_encoder = self.accelerator.unwrap_model(self.text_encoder)
+        paths = []
+        for i, prompt in enumerate(prompts):
+            generator = torch.Generator().manual_seed(cfg.sampling.seed + i)
+            image = self.pipe(prompt, negative_prompt=cfg.sampling.negative_prompt or None,
+                              num_inference_steps=cfg.sampling.steps, guidance_scale=cfg.sampling.guidance_scale,
+                              generator=generator, height=cfg.dataset.resolution, width=cfg.dataset.resolution).images[0]
+            path = sample_dir / f"step-{step:06d}-{i}.png"
+            image.save(path)
+            paths.append(str(path))
+        unet.train()
+        self.events.emit("sample", step=step, paths=paths, prompts=prompts)
+
+    def _export(self, started: float) -> Path:
+        from studio.adapters import (TEXT_ENCODER_PREFIX, UNET_PREFIX, AdapterFile, modules_from_peft,
+                                     save_adapter, training_metadata)
+        from studio.workspace import Workspace
+
+        cfg = self.config
+        state = self.adapter_state()
+        modules = modules_from_peft({k[5:]: v for k, v in state.items() if k.startswith("unet.")},
+                                    alpha=cfg.network.alpha, prefix=UNET_PREFIX)
+        modules.update(modules_from_peft({k[13:]: v for k, v in state.items() if k.startswith("text_encoder.")},
+                                         alpha=cfg.network.alpha, prefix=TEXT_ENCODER_PREFIX, text_encoder=True))
+        metadata = training_metadata(cfg, self.model_ref, dataset_folder=self._dataset_folder(),
+                                     started=started, finished=time.time(),
+                                     run_id=self.run_dir.name)
+        workspace = Workspace.open(self.run_dir.parent.parent)
+        path = unique_adapter_path(workspace.adapters_dir, cfg.name, self.run_dir.name)
+        return save_adapter(path, AdapterFile(modules, metadata))
+
+
+def unique_adapter_path(folder: Path, name: str, run_id: str) -> Path:
+    """adapters/<name>.safetensors, or <name>-<run id> when another run already wrote that
+    name: a finished adapter is never overwritten by a different run."""
+    from studio.adapters import read_header
+
+    candidate = folder / f"{name}.safetensors"
+    if candidate.exists():
+        try:
+            meta = read_header(candidate)[0].get("__metadata__", {})
+        except StudioError:
+            meta = {}
+        if meta.get("lora_studio_run_id") != run_id:
+            candidate = folder / f"{name}-{run_id}.safetensors"
+    return candidate
+
+
+def train_run(run_dir: Path, *, resume: bool = True, show_progress: bool = True) -> Path:
+    """Train the run in `run_dir` (its config.toml), resuming from its last checkpoint."""
+    return Trainer(Path(run_dir), show_progress=show_progress).run(resume=resume)

@@ -1,0 +1,1 @@
+"""Gradio web UI: presentation only, over the functions in studio/."""
