@@ -100,6 +100,6 @@ def load_pipeline(ref: str | ModelRef, *, allow_pickle: bool = False, torch_dtyp
     else:
         cls = StableDiffusionXLPipeline if model.family == "sdxl" else StableDiffusionPipeline
         kwargs = {"safety_checker": None, "requires_safety_checker": False} if model.family == "sd15" else {}
-        pipe = cls.from_pretrained(model.path, torch_dtype=dtype, local_files_only=True, **kwargs)
+        pipe = cls.from_pretrained(model.path, dtype=dtype, local_files_only=True, **kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe
