@@ -282,9 +282,9 @@ def training_metadata(config, model_ref, *, dataset_folder: Path, started: float
     """sd-scripts `ss_*` and `modelspec.*` metadata for a trained adapter."""
     import datetime
 
-    from studio.datasets import dataset_stats
+    from studio.datasets import dataset_stats, load_items
 
-    stats = dataset_stats(dataset_folder)
+    stats = dataset_stats(dataset_folder, load_items(dataset_folder))
     net, train, ds = config.network, config.training, config.dataset
     sdxl = model_ref.family == "sdxl"
     resolution = f"{ds.resolution}x{ds.resolution}"

@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     imp = ds_sub.add_parser("import", help="import a folder, a zip or image files into the workspace")
     imp.add_argument("sources", nargs="+", type=Path, metavar="SRC")
     imp.add_argument("--name", required=True, help="dataset name")
+    imp.add_argument("--mode", choices=("new", "add", "overwrite"), default="new",
+                     help="new: refuse an existing dataset; add: keep files already there; overwrite: replace them")
     _workspace_arg(imp)
     chk = ds_sub.add_parser("check", help="validation report of a dataset")
     chk.add_argument("name", help="dataset name in the workspace, or a folder path")
@@ -78,7 +80,7 @@ def cmd_train(args) -> int:
     from studio.config import load_config
     from studio.runs import create_run, latest_unfinished_run
     from studio.workspace import Workspace
-    from trainers.lora import train_run
+    from trainers.lora import TrainingCancelled, train_run
 
     config = load_config(args.config)
     workspace = Workspace.open(args.workspace)
@@ -88,7 +90,11 @@ def cmd_train(args) -> int:
     if run_dir is None:
         run_dir = create_run(config, workspace)
     print(f"run: {run_dir}", file=sys.stderr)
-    adapter = train_run(run_dir, resume=True, show_progress=not args.quiet)
+    try:
+        adapter = train_run(run_dir, resume=True, show_progress=not args.quiet)
+    except TrainingCancelled as stopped:
+        print(f"cancelled: {stopped}; continue with --resume", file=sys.stderr)
+        return 130
     print(adapter)
     return 0
 
@@ -138,7 +144,7 @@ def cmd_dataset(args) -> int:
         raise StudioError("Say what to do: `lora-studio dataset import SRC --name NAME` or `dataset check NAME`.")
     workspace = Workspace.open(args.workspace)
     if args.dataset_command == "import":
-        report = import_dataset(args.sources, args.name, workspace)
+        report = import_dataset(args.sources, args.name, workspace, mode=args.mode)
         print(report.summary())
         return 0
     folder = Path(args.name) if Path(args.name).is_dir() else workspace.dataset_dir(args.name)

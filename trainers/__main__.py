@@ -10,6 +10,8 @@ from pathlib import Path
 
 from studio.errors import StudioError
 
+EXIT_CANCELLED = 3
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainers")
@@ -20,13 +22,16 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from trainers.lora import train_run
+    from trainers.lora import TrainingCancelled, train_run
 
     try:
         path = train_run(args.run_dir, resume=not args.no_resume, show_progress=not args.quiet)
     except StudioError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except TrainingCancelled as stopped:
+        print(f"cancelled: {stopped}", file=sys.stderr)
+        return EXIT_CANCELLED
     print(path)
     return 0
 

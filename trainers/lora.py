@@ -32,6 +32,10 @@ class TrainingFailed(StudioError):
     """The run stopped for a reason a person can act on (NaN loss, out of memory)."""
 
 
+class TrainingCancelled(Exception):
+    """SIGTERM/SIGINT asked the run to stop; a checkpoint was saved first."""
+
+
 @dataclass
 class Sample:
     """One training example after preprocessing."""
@@ -353,8 +357,7 @@ class Trainer:
         try:
             self._setup()
             return self._train(resume=resume, started=started)
-        except TrainingFailed as error:
-            self.events.emit("error", message=str(error))
+        except TrainingCancelled:
             raise
         except StudioError as error:
             self.events.emit("error", message=str(error))
@@ -393,6 +396,7 @@ class Trainer:
         window_start, window_steps = time.time(), 0
         loop_start, steps_done = time.time(), 0
         log_every = cfg.training.log_every_n_steps
+        stop = self._install_stop_handlers()
         for step in range(start_step, cfg.training.max_steps):
             window_loss += self.train_step(step)
             window_steps += 1
@@ -421,6 +425,11 @@ class Trainer:
             sample_every = cfg.sampling.every_n_steps
             if sample_every and done % sample_every == 0 and done < cfg.training.max_steps:
                 self._sample(done)
+            if stop and done < cfg.training.max_steps:
+                if not (every and done % every == 0):
+                    self._save_checkpoint(done)
+                self.events.emit("cancelled", step=done)
+                raise TrainingCancelled(f"stopped at step {done}; resume continues from there")
         if progress is not None:
             progress.close()
         self._sample(cfg.training.max_steps)
@@ -428,6 +437,18 @@ class Trainer:
         self.events.emit("done", step=cfg.training.max_steps, adapter=str(adapter_path),
                          seconds=round(time.time() - started, 1))
         return adapter_path
+
+    def _install_stop_handlers(self) -> list[int]:
+        """SIGTERM / SIGINT end the run after the current step, with a checkpoint.
+        Returns a list that becomes non-empty when a stop was asked for."""
+        import signal
+        import threading
+
+        stop: list[int] = []
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda signum, frame: stop.append(signum))
+        return stop
 
     def train_step(self, step: int) -> torch.Tensor:
         """One optimizer step (all its micro-batches); returns the mean loss on the device,
