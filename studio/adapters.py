@@ -20,6 +20,7 @@ import torch
 
 from studio.errors import StudioError
 from studio.fsutil import atomic_write_bytes
+from studio.safetensors_file import read_safetensors_header, refuse_pickle, sniff_format
 
 log = logging.getLogger(__name__)
 
@@ -28,13 +29,9 @@ TEXT_ENCODER_PREFIX = "lora_te"
 # transformers 5's CLIPTextModel has no `text_model` submodule any more, but A1111 and
 # ComfyUI match names that contain it.
 CLIP_NAME_PREFIX = "text_model_"
-MAX_HEADER_BYTES = 100 * 1024 * 1024
 # Submodules peft adds around an adapted layer; they are not layers of the base model.
 _PEFT_PARTS = {"base_layer", "lora_A", "lora_B", "lora_dropout", "lora_embedding_A",
                "lora_embedding_B", "lora_magnitude_vector"}
-_SAFETENSORS_DTYPES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL",
-                       "F8_E4M3", "F8_E5M2"}
-
 
 @dataclass
 class LoraModule:
@@ -140,43 +137,18 @@ def legacy_hash(file_bytes: bytes) -> str:
     return hashlib.sha256(file_bytes[0x100000:0x110000]).hexdigest()[:8]
 
 
-def read_header(path: str | Path) -> tuple[dict, int]:
-    """Parse and sanity-check a safetensors header without reading the tensors."""
+def read_checked_header(path: str | Path) -> tuple[dict, dict[str, str]]:
+    """The tensor table and metadata of an adapter file; a pickle (whatever its name), a
+    truncated or a corrupt file raises a StudioError that says so."""
     path = Path(path)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as handle:
-            head = handle.read(8)
-            if len(head) < 8:
-                raise StudioError(f"{path.name} is not a safetensors file (too short).")
-            if head[:2] == b"\x80\x02" or head[:1] == b"\x80" or head[:2] == b"PK":
-                raise StudioError(
-                    f"{path.name} is a pickle/zip file, not safetensors; it could run code when "
-                    "loaded, so it is refused. Convert it to .safetensors with a tool you trust."
-                )
-            header_len = struct.unpack("<Q", head)[0]
-            if header_len > min(MAX_HEADER_BYTES, size - 8):
-                raise StudioError(f"{path.name} is not a valid safetensors file (header size {header_len} "
-                                  f"does not fit in a {size}-byte file).")
-            header = json.loads(handle.read(header_len))
-    except FileNotFoundError:
-        raise StudioError(f"Adapter file {path} not found.") from None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise StudioError(f"{path.name} is not a valid safetensors file (unreadable header).") from None
-    if not isinstance(header, dict):
-        raise StudioError(f"{path.name} is not a valid safetensors file (header is not an object).")
-    data_len = size - 8 - header_len
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            start, end = info["data_offsets"]
-            ok = info["dtype"] in _SAFETENSORS_DTYPES and 0 <= start <= end <= data_len
-        except (TypeError, KeyError, ValueError):
-            ok = False
-        if not ok:
-            raise StudioError(f"{path.name} is truncated or corrupt: tensor {key!r} points outside the file.")
-    return header, header_len
+    if not path.is_file():
+        raise StudioError(f"Adapter file {path} not found.")
+    fmt = sniff_format(path)
+    if fmt in ("pickle", "zip-pickle"):
+        raise refuse_pickle(path, fmt)
+    if fmt != "safetensors":
+        raise StudioError(f"{path.name} is not a safetensors file; adapters must be .safetensors.")
+    return read_safetensors_header(path)
 
 
 def load_adapter(path: str | Path) -> AdapterFile:
@@ -185,8 +157,7 @@ def load_adapter(path: str | Path) -> AdapterFile:
     from safetensors import safe_open
 
     path = Path(path)
-    header, _ = read_header(path)
-    metadata = {str(k): str(v) for k, v in (header.get("__metadata__") or {}).items()}
+    _, metadata = read_checked_header(path)
     groups: dict[str, dict[str, torch.Tensor]] = {}
     with safe_open(str(path), framework="pt") as handle:
         for key in handle.keys():

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from studio.adapters import TEXT_ENCODER_PREFIX, UNET_PREFIX, load_adapter, read_header
+from studio.adapters import TEXT_ENCODER_PREFIX, UNET_PREFIX, load_adapter, read_checked_header
 from studio.errors import StudioError
 from studio.workspace import Workspace
 
@@ -22,7 +22,7 @@ def find_adapter(workspace: Workspace, name: str) -> Path:
             return path
     for path in candidates:
         try:
-            meta = read_header(path)[0].get("__metadata__") or {}
+            meta = read_checked_header(path)[1]
         except StudioError:
             continue
         if meta.get("ss_output_name") == name:
@@ -52,3 +52,40 @@ def describe_adapter(path: str | Path) -> dict:
         "prefixes": prefixes,
         "metadata": metadata,
     }
+
+
+def import_adapter(workspace: Workspace, source: str | Path, name: str | None = None, *,
+                   overwrite: bool = False) -> Path:
+    """Copy a LoRA `.safetensors` file into the library as `<name>.safetensors` (default: the
+    file's own name), after checking that it loads as a kohya LoRA; the original is only read."""
+    import shutil
+
+    from studio.fsutil import atomic_path
+    from studio.workspace import check_name
+
+    source = Path(source)
+    if source.suffix.lower() != ".safetensors":
+        raise StudioError(f"{source.name} is not a .safetensors file; only LoRA .safetensors files can be imported.")
+    load_adapter(source)  # a clear StudioError when it is not a LoRA this studio can use
+    stem = (name or "").strip() or source.stem
+    if stem.lower().endswith(".safetensors"):
+        stem = stem[: -len(".safetensors")]
+    stem = check_name(stem, "adapter name")
+    target = workspace.adapters_dir / f"{stem}.safetensors"
+    if target.exists() and not overwrite:
+        raise StudioError(f"An adapter named {stem!r} is already in the library; choose another name "
+                          "or delete the old one first.")
+    with atomic_path(target) as tmp:
+        shutil.copyfile(source, tmp)
+    return target
+
+
+def delete_adapter(workspace: Workspace, name: str) -> Path:
+    """Remove `adapters/<name>.safetensors` from the library; returns the removed path."""
+    from studio.workspace import check_name
+
+    target = workspace.adapters_dir / f"{check_name(name, 'adapter name')}.safetensors"
+    if not target.is_file():
+        raise StudioError(f"No adapter named {name!r} in {workspace.adapters_dir}.")
+    target.unlink()
+    return target

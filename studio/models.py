@@ -53,7 +53,7 @@ def resolve_model(ref: str, *, allow_pickle: bool = False) -> ModelRef:
         )
     from studio.checkpoint import detect_family
 
-    return ModelRef("single_file", path.resolve(), detect_family(path))
+    return ModelRef("single_file", path.resolve(), detect_family(path, allow_pickle=allow_pickle))
 
 
 def _diffusers_family(folder: Path) -> Family:
@@ -96,10 +96,31 @@ def load_pipeline(ref: str | ModelRef, *, allow_pickle: bool = False, torch_dtyp
     if model.kind == "single_file":
         from studio.checkpoint import load_single_file
 
-        pipe = load_single_file(model.path, allow_pickle=allow_pickle, torch_dtype=dtype)
+        config_dir = _builtin_dir() if _is_builtin_architecture(model.path) else None
+        pipe = load_single_file(model.path, allow_pickle=allow_pickle, torch_dtype=dtype, config_dir=config_dir)
     else:
         cls = StableDiffusionXLPipeline if model.family == "sdxl" else StableDiffusionPipeline
         kwargs = {"safety_checker": None, "requires_safety_checker": False} if model.family == "sd15" else {}
         pipe = cls.from_pretrained(model.path, dtype=dtype, local_files_only=True, **kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _is_builtin_architecture(path: Path) -> bool:
+    """A single file of the built-in model's toy architecture (e.g. a fused mix) loads with
+    the built-in folder as its config instead of the full-size SD1.5 skeleton."""
+    from studio.checkpoint import UNET_PREFIX
+    from studio.safetensors_file import read_safetensors_header, sniff_format
+
+    if sniff_format(path) != "safetensors":
+        return False
+    tensors, _ = read_safetensors_header(path)
+    conv_in = tensors.get(UNET_PREFIX + "input_blocks.0.0.weight", {}).get("shape")
+    config = json.loads((_builtin_dir() / "unet" / "config.json").read_text())
+    return conv_in == [config["block_out_channels"][0], config["in_channels"], 3, 3]
+
+
+def _builtin_dir() -> Path:
+    from studio.builtin_model import BUILTIN_DIR
+
+    return BUILTIN_DIR

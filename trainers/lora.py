@@ -521,12 +521,12 @@ class Trainer:
 def unique_adapter_path(folder: Path, name: str, run_id: str) -> Path:
     """adapters/<name>.safetensors, or <name>-<run id> when another run already wrote that
     name: a finished adapter is never overwritten by a different run."""
-    from studio.adapters import read_header
+    from studio.adapters import read_checked_header
 
     candidate = folder / f"{name}.safetensors"
     if candidate.exists():
         try:
-            meta = read_header(candidate)[0].get("__metadata__", {})
+            meta = read_checked_header(candidate)[1]
         except StudioError:
             meta = {}
         if meta.get("lora_studio_run_id") != run_id:

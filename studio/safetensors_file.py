@@ -1,0 +1,102 @@
+"""Looking at model files without loading them: what format a file is (by its bytes,
+never its name) and a checked safetensors header. Used by every loader, so a truncated,
+hostile or pickle file gets the same clear error everywhere."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from studio.errors import StudioError
+
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+_SAFETENSORS_DTYPES = {
+    "BOOL", "U8", "I8", "I16", "U16", "I32", "U32", "I64", "U64", "F16", "BF16", "F32", "F64",
+    "F8_E4M3", "F8_E5M2", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2", "C64", "U1",
+}
+
+FileFormat = Literal["safetensors", "pickle", "zip-pickle", "gguf", "unknown"]
+
+
+def sniff_format(path: str | os.PathLike) -> FileFormat:
+    """What a file holds, judged by its first bytes (never by its name): a safetensors
+    header, a pickle (legacy torch.save), a zip archive (torch.save >= 1.6), GGUF, or unknown."""
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    if len(head) >= 9:
+        header_len = int.from_bytes(head[:8], "little")
+        if head[8:9] == b"{" and 2 <= header_len <= _MAX_HEADER_BYTES:
+            return "safetensors"
+    if head[:4] == b"PK\x03\x04":
+        return "zip-pickle"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "pickle"
+    if head[:4] == b"GGUF":
+        return "gguf"
+    return "unknown"
+
+
+def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """The tensor table (`{name: {"dtype", "shape", "data_offsets"}}`) and the metadata of a
+    safetensors file, checked for consistency (a truncated or damaged file raises a
+    StudioError saying so) without reading any tensor data."""
+    path = Path(path)
+    size = path.stat().st_size
+    damaged = f"{path} is not a valid safetensors file"
+    if size < 8:
+        raise StudioError(f"{damaged}: it is only {size} bytes long. Download it again.")
+    with open(path, "rb") as handle:
+        header_len = int.from_bytes(handle.read(8), "little")
+        if header_len > _MAX_HEADER_BYTES:
+            raise StudioError(f"{damaged}: its header claims {header_len} bytes. Download it again.")
+        if 8 + header_len > size:
+            raise StudioError(
+                f"{path} is truncated: its header alone needs {8 + header_len} bytes but the file "
+                f"has {size}. The download or copy was cut short; get the file again."
+            )
+        raw = handle.read(header_len)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise StudioError(f"{damaged}: its header is not valid JSON ({exc}). Download it again.") from exc
+    metadata = header.pop("__metadata__", None) or {}
+    data_end = 0
+    for name, info in header.items():
+        try:
+            begin, end = info["data_offsets"]
+            shape = info["shape"]
+            ok = (
+                info["dtype"] in _SAFETENSORS_DTYPES
+                and 0 <= begin <= end
+                and isinstance(shape, list)
+                and all(isinstance(d, int) and d >= 0 for d in shape)
+            )
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise StudioError(f"{damaged}: the entry for tensor {name!r} is malformed. Download it again.")
+        data_end = max(data_end, end)
+    expected = 8 + header_len + data_end
+    if size < expected:
+        raise StudioError(
+            f"{path} is truncated: it should be {expected} bytes but has {size}. "
+            "The download or copy was cut short; get the file again."
+        )
+    return header, {str(k): str(v) for k, v in metadata.items()}
+
+
+def refuse_pickle(path: Path, fmt: str) -> StudioError:
+    named = ""
+    if path.suffix.lower() == ".safetensors":
+        named = " although its name ends in .safetensors"
+    return StudioError(
+        f"{path} is a pickle ({'torch zip archive' if fmt == 'zip-pickle' else 'pickle stream'}){named}. "
+        "Pickle files can run arbitrary code when loaded, so they are refused. Use a .safetensors "
+        "version of this model, or opt in explicitly (allow_pickle=True / --allow-pickle) if you "
+        "trust where it came from."
+    )
+
+
