@@ -37,16 +37,43 @@ class DatasetConfig(_Section):
     prior_loss_weight: float = Field(1.0, ge=0.0, le=100.0, description="Weight of the class-image (prior) loss.")
 
 
+UNET_CONV = ["conv1", "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.0.conv", "upsamplers.0.conv"]
+
+
 class NetworkConfig(_Section):
-    type: Literal["lora"] = Field("lora", description="Adapter type.")
-    rank: int = Field(8, ge=1, le=1024, description="LoRA rank (dim).")
-    alpha: float = Field(8.0, gt=0, le=4096, description="LoRA alpha; the update is scaled by alpha/rank.")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA path.")
+    type: Literal["lora", "locon", "loha", "lokr", "tlora"] = Field(
+        "lora", description="lora; locon (also the ResNet convs); loha / lokr (LyCORIS); tlora (timestep-dependent rank, arXiv 2507.05964).")
+    rank: int = Field(8, ge=1, le=1024, description="Rank (dim) of each adapted layer.")
+    alpha: float = Field(8.0, gt=0, le=4096, description="Alpha; the update is scaled by alpha/rank (alpha/sqrt(rank) with rsLoRA).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter path.")
     target_modules: list[str] = Field(default_factory=lambda: list(UNET_ATTENTION),
                                       description="UNet module names to adapt (attn1 and attn2 of every transformer block).")
-    train_text_encoder: bool = Field(False, description="Also train LoRA on the text encoder.")
+    conv_target_modules: list[str] = Field(default_factory=lambda: list(UNET_CONV),
+                                           description="Extra UNet modules for locon (ResNet convs, time projections, resamplers).")
+    conv_rank: int | None = Field(None, ge=1, le=1024, description="Rank of the conv layers for locon (default: rank).")
+    conv_alpha: float | None = Field(None, gt=0, le=4096, description="Alpha of the conv layers for locon (default: alpha).")
+    use_dora: bool = Field(False, description="DoRA: learn a per-output magnitude besides the direction (lora/locon).")
+    use_rslora: bool = Field(False, description="rsLoRA: scale by alpha/sqrt(rank), steadier at high ranks (lora/locon).")
+    init: Literal["default", "pissa", "olora"] = Field(
+        "default", description="LoRA init: default (B = 0), pissa or olora (from the base weights; exported as an equivalent plain LoRA).")
+    loraplus_lr_ratio: float | None = Field(None, gt=0, le=1000, description="LoRA+: learning rate of B (up) = ratio x learning rate (16 is common).")
+    lokr_factor: int = Field(-1, ge=-1, description="LoKr: Kronecker factor (-1 = balanced).")
+    tlora_min_rank: int = Field(4, ge=1, description="T-LoRA: rank used at the noisiest step (the paper uses rank/2).")
+    tlora_exponent: float = Field(1.0, gt=0, le=10, description="T-LoRA: exponent a of the rank schedule r(t) = ((T-t)/T)^a (r - r_min) + r_min.")
+    tlora_ortho: bool = Field(True, description="T-LoRA: Ortho-LoRA initialisation (off = vanilla T-LoRA, mask only).")
+    train_text_encoder: bool = Field(False, description="Also train the adapter on the text encoder(s).")
     text_encoder_target_modules: list[str] = Field(default_factory=lambda: list(TEXT_ENCODER_ATTENTION),
                                                    description="Text-encoder module names to adapt.")
+
+    @model_validator(mode="after")
+    def _check_network(self) -> "NetworkConfig":
+        if (self.use_dora or self.use_rslora or self.init != "default") and self.type not in ("lora", "locon"):
+            raise ValueError(f"use_dora, use_rslora and init apply to lora/locon, not {self.type}")
+        if self.type == "tlora" and self.tlora_min_rank > self.rank:
+            raise ValueError(f"tlora_min_rank ({self.tlora_min_rank}) must not exceed rank ({self.rank})")
+        if self.type == "tlora" and self.train_text_encoder:
+            raise ValueError("T-LoRA adapts the UNet only; set train_text_encoder = false")
+        return self
 
 
 class TrainingConfig(_Section):

@@ -9,8 +9,6 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from studio.errors import StudioError
 
 log = logging.getLogger(__name__)
@@ -159,6 +157,8 @@ class Engine:
 
     def generate(self, request: GenerateRequest):
         """Images (PIL) for the request, each with its A1111 `parameters` text in `.info`."""
+        import torch  # here, not at import: the UI imports this module for SCHEDULERS before torch loads
+
         from studio.models import resolve_model
 
         request.validate()

@@ -105,8 +105,6 @@ class Trainer:
         from accelerate import Accelerator
         from diffusers import DDPMScheduler
         from diffusers.optimization import get_scheduler
-        from peft import LoraConfig
-
         from studio.datasets import load_items
         from studio.models import load_pipeline, resolve_model
 
@@ -168,16 +166,15 @@ class Trainer:
                         self._text_cache[caption] = self._encode_text([caption])[0]
 
         # adapters
+        from trainers.networks import inject, param_groups
+
         net = cfg.network
-        self.unet.add_adapter(LoraConfig(r=net.rank, lora_alpha=net.alpha, lora_dropout=net.dropout,
-                                         init_lora_weights="gaussian", target_modules=net.target_modules))
-        params = [{"params": [p for p in self.unet.parameters() if p.requires_grad], "lr": cfg.training.learning_rate}]
+        self.tlora = inject(self.unet, net, seed=cfg.seed)
+        trainable_unet = self.tlora if self.tlora is not None else self.unet
+        params = param_groups(trainable_unet, cfg.training.learning_rate, net)
         if net.train_text_encoder:
-            self.text_encoder.add_adapter(LoraConfig(r=net.rank, lora_alpha=net.alpha, lora_dropout=net.dropout,
-                                                     init_lora_weights="gaussian",
-                                                     target_modules=net.text_encoder_target_modules))
-            params.append({"params": [p for p in self.text_encoder.parameters() if p.requires_grad],
-                           "lr": cfg.training.text_encoder_lr or cfg.training.learning_rate})
+            inject(self.text_encoder, net, text_encoder=True)
+            params += param_groups(self.text_encoder, cfg.training.text_encoder_lr or cfg.training.learning_rate, net)
         self.trainable = [p for group in params for p in group["params"]]
         for p in self.trainable:
             p.data = p.data.float()
@@ -337,7 +334,10 @@ class Trainer:
     def adapter_state(self) -> dict[str, torch.Tensor]:
         from peft.utils import get_peft_model_state_dict
 
-        state = {f"unet.{k}": v for k, v in get_peft_model_state_dict(self.accelerator.unwrap_model(self.unet)).items()}
+        if self.tlora is not None:
+            state = {f"tlora.{k}": v for k, v in self.tlora.state_dict().items()}
+        else:
+            state = {f"unet.{k}": v for k, v in get_peft_model_state_dict(self.accelerator.unwrap_model(self.unet)).items()}
         if self.config.network.train_text_encoder:
             te = self.accelerator.unwrap_model(self.text_encoder)
             state.update({f"text_encoder.{k}": v for k, v in get_peft_model_state_dict(te).items()})
@@ -346,6 +346,8 @@ class Trainer:
     def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
         from peft.utils import set_peft_model_state_dict
 
+        if self.tlora is not None:
+            self.tlora.load_state_dict({k[len("tlora."):]: v for k, v in state.items() if k.startswith("tlora.")})
         for prefix, model in (("unet.", self.unet), ("text_encoder.", self.text_encoder)):
             part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
             if part:
