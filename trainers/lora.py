@@ -12,7 +12,6 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,6 +20,8 @@ import torch.nn.functional as F
 from studio.config import TrainConfig, load_config
 from studio.errors import StudioError
 from trainers.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from trainers.data import (BatchOrder, Example, center_crop_offsets, choose_bucket, micro_generator,
+                           prepare_image)
 from trainers.events import EventLog
 
 log = logging.getLogger(__name__)
@@ -34,63 +35,6 @@ class TrainingFailed(StudioError):
 
 class TrainingCancelled(Exception):
     """SIGTERM/SIGINT asked the run to stop; a checkpoint was saved first."""
-
-
-@dataclass
-class Sample:
-    """One training example after preprocessing."""
-
-    pixels: torch.Tensor  # [3, H, W] in [-1, 1]
-    caption: str
-
-
-def micro_generator(seed: int, micro_step: int, stream: int = 0) -> torch.Generator:
-    """A generator owned by one micro-step: resume-safe randomness."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + micro_step * 7919 + stream) % (2**63))
-
-
-class ExampleOrder:
-    """Which examples make up micro-batch k: epochs of a seeded permutation of the
-    repeat-expanded list, concatenated. Pure function of (seed, k)."""
-
-    def __init__(self, repeats: list[int], seed: int, batch_size: int):
-        self.flat = [i for i, n in enumerate(repeats) for _ in range(n)]
-        self.seed, self.batch_size = seed, batch_size
-
-    def batch(self, micro_step: int) -> list[int]:
-        n = len(self.flat)
-        positions = range(micro_step * self.batch_size, (micro_step + 1) * self.batch_size)
-        out, cached_epoch, perm = [], -1, None
-        for pos in positions:
-            epoch = pos // n
-            if epoch != cached_epoch:
-                perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch * 104_729))
-                cached_epoch = epoch
-            out.append(self.flat[int(perm[pos % n])])
-        return out
-
-
-def prepare_image(path: Path, resolution: int, *, center_crop: bool, flip: bool,
-                  generator: torch.Generator | None) -> torch.Tensor:
-    """Load an image, resize its short side to `resolution`, crop a square, optionally
-    mirror it; returns [3, R, R] in [-1, 1]."""
-    import numpy as np
-    from PIL import Image
-
-    from studio.datasets import open_image
-
-    image = open_image(path)
-    scale = resolution / min(image.size)
-    size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
-    image = image.resize(size, Image.Resampling.LANCZOS)
-    if center_crop or generator is None:
-        left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
-    else:
-        left = int(torch.randint(0, image.width - resolution + 1, (1,), generator=generator))
-        top = int(torch.randint(0, image.height - resolution + 1, (1,), generator=generator))
-    image = image.crop((left, top, left + resolution, top + resolution))
-    tensor = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
-    return tensor.flip(-1) if flip else tensor
 
 
 class Trainer:
@@ -123,21 +67,23 @@ class Trainer:
         )
         device = self.accelerator.device
         self.model_ref = resolve_model(cfg.base_model)
-        if self.model_ref.family != "sd15":
-            raise StudioError(f"Base model {cfg.base_model} is {self.model_ref.family}; this trainer "
-                              "handles the SD1.5 family.")
+        self.sdxl = self.model_ref.family == "sdxl"
         pipe = load_pipeline(self.model_ref)
         self.pipe = pipe
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        self.vae, self.unet, self.text_encoder, self.tokenizer = pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer
-        for module in (self.vae, self.unet, self.text_encoder):
+        self.vae, self.unet = pipe.vae, pipe.unet
+        # SDXL conditions on two text encoders: penultimate hidden states of both, pooled of the second.
+        self.text_encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if self.sdxl else [])
+        self.tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if self.sdxl else [])
+        for module in (self.vae, self.unet, *self.text_encoders):
             module.requires_grad_(False)
             module.to(device)
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.training.mixed_precision, torch.float32)
         if self.weight_dtype != torch.float32:
             self.vae.to(dtype=self.weight_dtype)
             if not cfg.network.train_text_encoder:
-                self.text_encoder.to(dtype=self.weight_dtype)
+                for encoder in self.text_encoders:
+                    encoder.to(dtype=self.weight_dtype)
 
         # data
         folder = self._dataset_folder()
@@ -145,25 +91,26 @@ class Trainer:
         instance = [it for it in items if not it.is_regularisation]
         if not instance:
             raise StudioError(f"Dataset {folder} has no usable images; run `lora-studio dataset check` on it.")
-        self.instance = [(it.path, self._caption(it.caption)) for it in instance]
-        self.instance_order = ExampleOrder([it.repeats for it in instance], cfg.seed, cfg.training.batch_size)
-        self.class_examples: list[tuple[Path, str]] = []
+        self.instance = [self._example(it.path, self._caption(it.caption), it.repeats, it.size) for it in instance]
+        self.instance_order = BatchOrder(self.instance, cfg.training.batch_size, cfg.seed)
+        self.class_examples: list[Example] = []
         if cfg.dataset.class_prompt and cfg.dataset.num_class_images > 0:
             self.class_examples = self._class_images(folder, [it for it in items if it.is_regularisation])
-            self.class_order = ExampleOrder([1] * len(self.class_examples), cfg.seed + 1, cfg.training.batch_size)
+            self.class_order = BatchOrder(self.class_examples, cfg.training.batch_size, cfg.seed + 1)
         self.cache_latents = cfg.training.cache_latents and cfg.dataset.center_crop
         if cfg.training.cache_latents and not cfg.dataset.center_crop:
             log.warning("latent caching is off: random crops need a fresh VAE pass per step")
         self.cache_text = cfg.training.cache_text_embeddings and not cfg.network.train_text_encoder
         self._latent_cache: dict[tuple[Path, bool], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._text_cache: dict[str, torch.Tensor] = {}
+        self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         if self.cache_latents:
             self._fill_latent_cache()
         if self.cache_text:
             with torch.no_grad():
-                for _, caption in self.instance + self.class_examples:
-                    if caption not in self._text_cache:
-                        self._text_cache[caption] = self._encode_text([caption])[0]
+                for example in self.instance + self.class_examples:
+                    if example.caption not in self._text_cache:
+                        hidden, pooled = self._encode_text([example.caption])
+                        self._text_cache[example.caption] = (hidden[0], None if pooled is None else pooled[0])
 
         # adapters
         from trainers.networks import inject, param_groups
@@ -173,8 +120,9 @@ class Trainer:
         trainable_unet = self.tlora if self.tlora is not None else self.unet
         params = param_groups(trainable_unet, cfg.training.learning_rate, net)
         if net.train_text_encoder:
-            inject(self.text_encoder, net, text_encoder=True)
-            params += param_groups(self.text_encoder, cfg.training.text_encoder_lr or cfg.training.learning_rate, net)
+            for encoder in self.text_encoders:
+                inject(encoder, net, text_encoder=True)
+                params += param_groups(encoder, cfg.training.text_encoder_lr or cfg.training.learning_rate, net)
         self.trainable = [p for group in params for p in group["params"]]
         for p in self.trainable:
             p.data = p.data.float()
@@ -188,7 +136,7 @@ class Trainer:
                                      num_training_steps=cfg.training.max_steps)
         self.unet, self.optimizer, self.lr_scheduler = self.accelerator.prepare(self.unet, optimizer, lr_scheduler)
         if net.train_text_encoder:
-            self.text_encoder = self.accelerator.prepare(self.text_encoder)
+            self.text_encoders = [self.accelerator.prepare(encoder) for encoder in self.text_encoders]
 
     def _dataset_folder(self) -> Path:
         ds = self.config.dataset
@@ -220,7 +168,7 @@ class Trainer:
         from studio.fsutil import atomic_path
 
         cfg = self.config
-        examples = [(it.path, it.caption or cfg.dataset.class_prompt) for it in existing]
+        examples = [self._example(it.path, it.caption or cfg.dataset.class_prompt, 1, it.size) for it in existing]
         missing = cfg.dataset.num_class_images - len(examples)
         if missing > 0:
             reg_dir = folder / "reg"
@@ -237,7 +185,7 @@ class Trainer:
                 with atomic_path(target) as tmp:
                     image.save(tmp, format="PNG")
                 (reg_dir / f"class_{index:05d}.txt").write_text(cfg.dataset.class_prompt, encoding="utf-8")
-                examples.append((target, cfg.dataset.class_prompt))
+                examples.append(self._example(target, cfg.dataset.class_prompt, 1, image.size))
         return examples[: cfg.dataset.num_class_images]
 
     def _optimizer(self, params):
@@ -252,10 +200,27 @@ class Trainer:
         return torch.optim.AdamW(params, **kwargs)
 
     # ---------------------------------------------------------------- encoding
-    def _encode_text(self, captions: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids.to(self.accelerator.device)
-        return self.text_encoder(ids)[0]
+    def _example(self, path: Path, caption: str, repeats: int, size: tuple[int, int]) -> Example:
+        ds = self.config.dataset
+        bucket = choose_bucket(size, ds.resolution, enabled=ds.enable_bucket, no_upscale=ds.bucket_no_upscale)
+        return Example(path, caption, repeats, size, bucket)
+
+    def _encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Text conditioning: SD1.5 the last hidden state; SDXL the penultimate hidden states
+        of both encoders concatenated, and the second encoder's pooled projection."""
+        device = self.accelerator.device
+        if not self.sdxl:
+            ids = self.tokenizers[0](captions, padding="max_length", max_length=self.tokenizers[0].model_max_length,
+                                     truncation=True, return_tensors="pt").input_ids.to(device)
+            return self.text_encoders[0](ids)[0], None
+        hidden, pooled = [], None
+        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
+            ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                            truncation=True, return_tensors="pt").input_ids.to(device)
+            out = encoder(ids, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+            pooled = out[0]
+        return torch.cat(hidden, dim=-1), pooled
 
     @torch.no_grad()
     def _latent_dist(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -263,59 +228,77 @@ class Trainer:
         return dist.mean, dist.std
 
     def _fill_latent_cache(self) -> None:
-        res = self.config.dataset.resolution
         flips = (False, True) if self.config.dataset.random_flip else (False,)
-        for path, _ in self.instance + self.class_examples:
+        for example in self.instance + self.class_examples:
             for flip in flips:
-                if (path, flip) not in self._latent_cache:
-                    pixels = prepare_image(path, res, center_crop=True, flip=flip, generator=None)
+                if (example.path, flip) not in self._latent_cache:
+                    pixels, _ = prepare_image(example.path, example.bucket, center_crop=True, flip=flip, generator=None)
                     mean, std = self._latent_dist(pixels[None])
-                    self._latent_cache[(path, flip)] = (mean[0], std[0])
+                    self._latent_cache[(example.path, flip)] = (mean[0], std[0])
 
-    def _batch(self, examples: list[tuple[Path, str]], indices: list[int], generator: torch.Generator):
-        """Latents and text embeddings for one micro-batch."""
+    def _batch(self, examples: list[Example], indices: list[int], generator: torch.Generator):
+        """Latents, text conditioning and (SDXL) size conditioning for one micro-batch."""
         cfg = self.config
+        chosen = [examples[i] for i in indices]
         flips = [bool(torch.rand((), generator=generator) < 0.5) if cfg.dataset.random_flip else False
-                 for _ in indices]
+                 for _ in chosen]
         if self.cache_latents:
-            stats = [self._latent_cache[(examples[i][0], f)] for i, f in zip(indices, flips)]
+            stats = [self._latent_cache[(ex.path, f)] for ex, f in zip(chosen, flips)]
             mean = torch.stack([m for m, _ in stats])
             std = torch.stack([s for _, s in stats])
+            crops = [center_crop_offsets(ex.size, ex.bucket) for ex in chosen]
         else:
-            pixels = torch.stack([prepare_image(examples[i][0], cfg.dataset.resolution,
-                                                center_crop=cfg.dataset.center_crop, flip=f, generator=generator)
-                                  for i, f in zip(indices, flips)])
-            mean, std = self._latent_dist(pixels)
+            prepared = [prepare_image(ex.path, ex.bucket, center_crop=cfg.dataset.center_crop, flip=f,
+                                      generator=generator) for ex, f in zip(chosen, flips)]
+            mean, std = self._latent_dist(torch.stack([pixels for pixels, _ in prepared]))
+            crops = [crop for _, crop in prepared]
         eps = torch.randn(mean.shape, generator=generator).to(mean.device, mean.dtype)
         latents = (mean + std * eps).float() * self.vae.config.scaling_factor
-        captions = [examples[i][1] for i in indices]
+        captions = [ex.caption for ex in chosen]
         if self.cache_text:
-            text = torch.stack([self._text_cache[c] for c in captions])
+            cached = [self._text_cache[c] for c in captions]
+            text = torch.stack([h for h, _ in cached])
+            pooled = torch.stack([p for _, p in cached]) if self.sdxl else None
         else:
-            text = self._encode_text(captions)
-        return latents, text
+            text, pooled = self._encode_text(captions)
+        time_ids = None
+        if self.sdxl:  # (original h, w, crop top, left, target h, w) per image
+            time_ids = torch.tensor([[ex.size[1], ex.size[0], top, left, ex.bucket[1], ex.bucket[0]]
+                                     for ex, (top, left) in zip(chosen, crops)], dtype=torch.float32)
+        return latents, text, pooled, time_ids
 
     # ---------------------------------------------------------------- loss
     def _loss(self, micro_step: int) -> torch.Tensor:
+        cfg = self.config
+        generator = micro_generator(cfg.seed, micro_step)
+        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))  # adapter dropout
+        batches = [self._batch(self.instance, self.instance_order.batch(micro_step), generator)]
+        if self.class_examples:
+            batches.append(self._batch(self.class_examples, self.class_order.batch(micro_step), generator))
+            if batches[0][0].shape[1:] == batches[1][0].shape[1:]:  # same bucket: one UNet pass
+                n = batches[0][0].shape[0]
+                joined = [None if a is None else torch.cat([a, b]) for a, b in zip(*batches)]
+                per_sample = self._per_sample_loss(*joined, generator)
+                return per_sample[:n].mean() + cfg.dataset.prior_loss_weight * per_sample[n:].mean()
+        losses = [self._per_sample_loss(*batch, generator).mean() for batch in batches]
+        return losses[0] + (cfg.dataset.prior_loss_weight * losses[1] if len(losses) > 1 else 0.0)
+
+    def _per_sample_loss(self, latents, text, pooled, time_ids, generator) -> torch.Tensor:
         from diffusers.training_utils import compute_snr
 
         cfg = self.config
-        generator = micro_generator(cfg.seed, micro_step)
-        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))  # LoRA dropout
-        latents, text = self._batch(self.instance, self.instance_order.batch(micro_step), generator)
-        n_instance = latents.shape[0]
-        if self.class_examples:
-            class_latents, class_text = self._batch(self.class_examples, self.class_order.batch(micro_step), generator)
-            latents, text = torch.cat([latents, class_latents]), torch.cat([text, class_text])
         device = self.accelerator.device
         noise = torch.randn(latents.shape, generator=generator)
         if cfg.training.noise_offset:
             noise += cfg.training.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
         timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                                   generator=generator)
-        noise, timesteps = noise.to(device), timesteps.to(device)
+        noise, timesteps, latents = noise.to(device), timesteps.to(device), latents.to(device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        prediction = self.unet(noisy, timesteps, text.to(device)).sample
+        extra = {}
+        if self.sdxl:
+            extra["added_cond_kwargs"] = {"text_embeds": pooled.to(device), "time_ids": time_ids.to(device)}
+        prediction = self.unet(noisy, timesteps, text.to(device), **extra).sample
         prediction_type = self.noise_scheduler.config.prediction_type
         target = noise if prediction_type == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, timesteps)
         per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
@@ -325,10 +308,7 @@ class Trainer:
             if prediction_type == "v_prediction":
                 weight = weight * snr / (snr + 1)
             per_sample = per_sample * weight
-        loss = per_sample[:n_instance].mean()
-        if self.class_examples:
-            loss = loss + cfg.dataset.prior_loss_weight * per_sample[n_instance:].mean()
-        return loss
+        return per_sample
 
     # ---------------------------------------------------------------- state
     def adapter_state(self) -> dict[str, torch.Tensor]:
@@ -339,16 +319,22 @@ class Trainer:
         else:
             state = {f"unet.{k}": v for k, v in get_peft_model_state_dict(self.accelerator.unwrap_model(self.unet)).items()}
         if self.config.network.train_text_encoder:
-            te = self.accelerator.unwrap_model(self.text_encoder)
-            state.update({f"text_encoder.{k}": v for k, v in get_peft_model_state_dict(te).items()})
+            for component, encoder in self._text_encoder_components():
+                state.update({f"{component}.{k}": v for k, v in get_peft_model_state_dict(encoder).items()})
         return {k: v.detach().float().cpu().clone() for k, v in state.items()}
+
+    def _text_encoder_components(self) -> list[tuple[str, torch.nn.Module]]:
+        """("text_encoder", model), ("text_encoder_2", model): the pipeline's component names."""
+        names = ["text_encoder", "text_encoder_2"]
+        return [(name, self.accelerator.unwrap_model(enc)) for name, enc in zip(names, self.text_encoders)]
 
     def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
         from peft.utils import set_peft_model_state_dict
 
         if self.tlora is not None:
             self.tlora.load_state_dict({k[len("tlora."):]: v for k, v in state.items() if k.startswith("tlora.")})
-        for prefix, model in (("unet.", self.unet), ("text_encoder.", self.text_encoder)):
+        for component, model in (("unet", self.unet), *self._text_encoder_components()):
+            prefix = component + "."
             part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
             if part:
                 set_peft_model_state_dict(self.accelerator.unwrap_model(model), part)
@@ -482,13 +468,14 @@ class Trainer:
     @torch.no_grad()
     def _sample(self, step: int) -> None:
         cfg = self.config
-        prompts = cfg.sampling.prompts or [self.instance[0][1]]
+        prompts = cfg.sampling.prompts or [self.instance[0].caption]
         sample_dir = self.run_dir / "samples"
         sample_dir.mkdir(exist_ok=True)
         unet = self.accelerator.unwrap_model(self.unet)
         unet.eval()
         self.pipe.unet = unet
-        self.pipe.text_encoder = self.accelerator.unwrap_model(self.text_encoder)
+        for component, encoder in self._text_encoder_components():
+            setattr(self.pipe, component, encoder)
         paths = []
         for i, prompt in enumerate(prompts):
             generator = torch.Generator().manual_seed(cfg.sampling.seed + i)

@@ -1,0 +1,86 @@
+"""SDXL training on a tiny SDXL-architecture model, with aspect-ratio buckets."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import demo_config
+from trainers.data import BatchOrder, Example, bucket_sizes, center_crop_offsets, choose_bucket, prepare_image
+
+
+def test_buckets_cover_aspects_and_batches_never_mix(tmp_path):
+    buckets = bucket_sizes(1024)
+    assert (1024, 1024) in buckets and all(w * h <= 1024 * 1024 and w % 64 == 0 and h % 64 == 0 for w, h in buckets)
+    assert choose_bucket((1920, 1080), 1024, enabled=True)[0] > choose_bucket((1920, 1080), 1024, enabled=True)[1]
+    assert choose_bucket((1080, 1920), 1024, enabled=True)[0] < choose_bucket((1080, 1920), 1024, enabled=True)[1]
+    assert choose_bucket((300, 200), 1024, enabled=True, no_upscale=True) == (256, 192)
+    assert choose_bucket((300, 200), 1024, enabled=False) == (1024, 1024)
+
+    examples = [Example(tmp_path / f"{i}.png", "x", 1 + i % 2, (w, h), choose_bucket((w, h), 64, enabled=True))
+                for i, (w, h) in enumerate([(64, 64), (100, 50), (50, 100), (64, 64), (90, 45)])]
+    order = BatchOrder(examples, batch_size=2, seed=3)
+    seen = []
+    for k in range(order.batches_per_epoch):
+        batch = order.batch(k)
+        assert len({examples[i].bucket for i in batch}) == 1
+        seen += batch
+    assert sorted(seen) == sorted(i for i, ex in enumerate(examples) for _ in range(ex.repeats))
+    assert BatchOrder(examples, 2, 3).batch(7) == order.batch(7)  # pure function of (seed, k)
+
+
+def test_prepare_image_crops_to_bucket(tmp_path):
+    image = np.zeros((50, 100, 3), dtype=np.uint8)
+    image[:, :10] = 255  # a white stripe on the left edge
+    Image.fromarray(image).save(tmp_path / "wide.png")
+    pixels, (top, left) = prepare_image(tmp_path / "wide.png", (48, 48), center_crop=True, flip=False, generator=None)
+    assert pixels.shape == (3, 48, 48) and (top, left) == center_crop_offsets((100, 50), (48, 48)) == (0, 24)
+    assert pixels[:, :, 0].mean() < 0  # the stripe was cropped away
+    flipped, _ = prepare_image(tmp_path / "wide.png", (96, 48), center_crop=True, flip=True, generator=None)
+    assert flipped[:, :, -1].mean() > 0.9  # mirrored: the stripe is now on the right
+
+
+@pytest.mark.slow
+def test_sdxl_lora_trains_with_buckets(tmp_path, workspace):
+    from studio.runs import create_run
+    from tests.tiny_models import tiny_sdxl_pipeline
+    from trainers.lora import Trainer
+
+    model_dir = tmp_path / "tiny-sdxl"
+    tiny_sdxl_pipeline(seed=0).save_pretrained(model_dir)
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, (w, h) in enumerate([(64, 64), (96, 48), (48, 96), (80, 64)]):
+        canvas = np.full((h, w, 3), 255, dtype=np.uint8)
+        canvas[h // 4: 3 * h // 4, w // 4: 3 * w // 4] = (128, 0, 160)
+        Image.fromarray(canvas).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text("a sks square on a white background")
+
+    config = demo_config(max_steps=20, learning_rate=3e-3, batch_size=2)
+    config.base_model = str(model_dir)
+    config.dataset.path = str(data)
+    config.dataset.enable_bucket = True
+    trainer = Trainer(create_run(config, workspace), show_progress=False)
+    trainer._setup()
+    assert trainer.sdxl and len({ex.bucket for ex in trainer.instance}) == 4
+
+    latents, text, pooled, time_ids = trainer._batch(trainer.instance, [1], torch.Generator().manual_seed(0))
+    assert text.shape[-1] == sum(enc.config.hidden_size for enc in trainer.text_encoders)
+    assert pooled.shape == (1, trainer.text_encoders[1].config.projection_dim)
+    width, height = trainer.instance[1].bucket
+    top, left = center_crop_offsets((96, 48), (width, height))
+    assert time_ids.tolist() == [[48, 96, top, left, height, width]]
+    factor = 2 ** (len(trainer.vae.config.block_out_channels) - 1)
+    assert latents.shape[-2:] == (height // factor, width // factor)
+
+    def fixed_loss():
+        with torch.no_grad():
+            return float(np.mean([trainer._loss(k).item() for k in range(900, 910)]))
+
+    before = fixed_loss()
+    for step in range(20):
+        trainer.train_step(step)
+    assert fixed_loss() < before
+    trainer._sample(20)
+    assert len(list((trainer.run_dir / "samples").glob("*.png"))) == len(config.sampling.prompts)
