@@ -61,7 +61,8 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
     from studio.adapters import load_adapter
     from studio.config import save_config
 
-    config = demo_config(max_steps=40, every_n_steps=10)
+    # Long enough that the kill always lands mid-run, even on a busy machine.
+    config = demo_config(max_steps=150, every_n_steps=10)
     config.sampling.prompts = []
     config_path = tmp_path / "demo.toml"
     save_config(config, config_path)

@@ -116,6 +116,7 @@ class Trainer:
         from trainers.networks import inject, param_groups
 
         net = cfg.network
+        torch.manual_seed(cfg.seed)  # the adapters' initial weights are a function of the seed
         self.tlora = inject(self.unet, net, seed=cfg.seed)
         trainable_unet = self.tlora if self.tlora is not None else self.unet
         params = param_groups(trainable_unet, cfg.training.learning_rate, net)
@@ -489,22 +490,24 @@ class Trainer:
         self.events.emit("sample", step=step, paths=paths, prompts=prompts)
 
     def _export(self, started: float) -> Path:
-        from studio.adapters import (TEXT_ENCODER_PREFIX, UNET_PREFIX, AdapterFile, modules_from_peft,
-                                     save_adapter, training_metadata)
+        """Write the trained adapter (whatever peft type is on the models) in the kohya /
+        LyCORIS layout with ss_* / modelspec.* metadata to adapters/<name>.safetensors."""
+        from studio.adapters import export_adapter, save_adapter, training_metadata
         from studio.workspace import Workspace
 
         cfg = self.config
-        state = self.adapter_state()
-        modules = modules_from_peft({k[5:]: v for k, v in state.items() if k.startswith("unet.")},
-                                    alpha=cfg.network.alpha, prefix=UNET_PREFIX)
-        modules.update(modules_from_peft({k[13:]: v for k, v in state.items() if k.startswith("text_encoder.")},
-                                         alpha=cfg.network.alpha, prefix=TEXT_ENCODER_PREFIX, text_encoder=True))
-        metadata = training_metadata(cfg, self.model_ref, dataset_folder=self._dataset_folder(),
-                                     started=started, finished=time.time(),
-                                     run_id=self.run_dir.name)
+        models = {"unet": self.accelerator.unwrap_model(self.unet)}
+        if cfg.network.train_text_encoder:
+            models["text_encoder"] = self.accelerator.unwrap_model(self.text_encoder)
+        adapter = export_adapter(models, family=self.model_ref.family)
+        samples = sorted((self.run_dir / "samples").glob("step-*.png"))
+        adapter.metadata = training_metadata(
+            cfg, self.model_ref, dataset_folder=self._dataset_folder(), started=started, finished=time.time(),
+            run_id=self.run_dir.name, adapter=adapter, thumbnail=samples[-1] if samples else None,
+            prediction_type=self.noise_scheduler.config.prediction_type)
         workspace = Workspace.open(self.run_dir.parent.parent)
         path = unique_adapter_path(workspace.adapters_dir, cfg.name, self.run_dir.name)
-        return save_adapter(path, AdapterFile(modules, metadata))
+        return save_adapter(path, adapter)
 
 
 def unique_adapter_path(folder: Path, name: str, run_id: str) -> Path:
