@@ -361,7 +361,13 @@ class Trainer:
             raise
 
     def _train(self, *, resume: bool, started: float) -> Path:
+        from studio.fsutil import remove_stale_temp_files
+        from trainers.checkpoints import checkpoint_dir
+
         cfg = self.config
+        for folder in (checkpoint_dir(self.run_dir), self.run_dir / "samples"):
+            for stale in remove_stale_temp_files(folder):
+                log.info("removed %s, left by a killed writer", stale)
         start_step = 0
         checkpoint = latest_checkpoint(self.run_dir) if resume else None
         if checkpoint is not None:
