@@ -198,7 +198,9 @@ class Trainer:
             except ImportError:
                 raise StudioError("optimizer 'adamw8bit' needs bitsandbytes: pip install bitsandbytes") from None
             return bnb.optim.AdamW8bit(params, **kwargs)
-        return torch.optim.AdamW(params, **kwargs)
+        # The fused kernel updates every tensor in one pass: ~10x cheaper than the default
+        # per-tensor (foreach) AdamW on the CPU for the tiny model (bench/train_speed.py).
+        return torch.optim.AdamW(params, fused=True, **kwargs)
 
     # ---------------------------------------------------------------- encoding
     def _example(self, path: Path, caption: str, repeats: int, size: tuple[int, int]) -> Example:
