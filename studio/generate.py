@@ -25,8 +25,17 @@ _LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?>")
 
 @dataclass(frozen=True)
 class AdapterUse:
+    """One adapter in a mix: its weight on the UNet, on the text encoder(s) (default: the
+    same) and optional LoRA Block Weights (a preset name or 17 / 12 / 26 values)."""
+
     path: Path
     weight: float = 1.0
+    te_weight: float | None = None
+    block_weights: str | None = None
+
+    @property
+    def text_encoder_weight(self) -> float:
+        return self.weight if self.te_weight is None else self.te_weight
 
 
 @dataclass
@@ -107,6 +116,7 @@ class Engine:
         self._pipes: dict[str, object] = {}
         self._loaded: dict[str, dict[tuple, str]] = {}  # model key -> file key -> adapter name
         self._lock = threading.Lock()
+        self._blocks: dict[tuple[int, str], str | None] = {}
         self.pipeline_loads = 0
 
     def pipeline(self, model: str):
@@ -135,25 +145,47 @@ class Engine:
             loaded[file_key] = name
         return loaded[file_key]
 
-    def _activate(self, pipe, names: list[str], weights: list[float]) -> None:
-        from diffusers.utils.peft_utils import set_weights_and_activate_adapters
+    def _activate(self, pipe, mix: dict[str, AdapterUse]) -> None:
+        """Scale every adapter layer for this request: adapter weight x block weight on the
+        UNet, text-encoder weight x BASE on the text encoders; layers of adapters not in
+        the mix are switched off (so an empty mix is the base model, bit for bit)."""
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        models = [m for m in (pipe.unet, getattr(pipe, "text_encoder", None)) if m is not None]
-        for model in models:
-            present = set(getattr(model, "peft_config", {}) or {})
-            if not present:
-                continue
-            use = [(n, w) for n, w in zip(names, weights) if n in present]
-            if use:
-                set_weights_and_activate_adapters(model, [n for n, _ in use], [w for _, w in use])
-                for module in model.modules():
-                    if isinstance(module, BaseTunerLayer):
-                        module.enable_adapters(True)
-            else:
-                for module in model.modules():
-                    if isinstance(module, BaseTunerLayer):
-                        module.enable_adapters(False)
+        from studio.blocks import block_weight, parse_block_weights
+
+        family = "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd15"
+        lbw = {name: parse_block_weights(use.block_weights, family) if use.block_weights else None
+               for name, use in mix.items()}
+        for component, model in _adapter_models(pipe):
+            for path, module in model.named_modules():
+                if not isinstance(module, BaseTunerLayer):
+                    continue
+                here = [name for name in module._get_available_adapters() if name in mix]
+                if not here:
+                    module.enable_adapters(False)
+                    continue
+                block = "BASE" if component != "unet" else self._block_of(model, path)
+                for name in here:
+                    use = mix[name]
+                    weight = use.weight if component == "unet" else use.text_encoder_weight
+                    module.set_scale(name, weight * block_weight(lbw[name], block))
+                module.enable_adapters(True)
+                module.set_adapter(here)
+        for name, adapter in self._tlora_of(pipe).items():
+            adapter.enabled = name in mix
+            if name in mix:
+                adapter.weight = mix[name].weight
+
+    def _block_of(self, unet, path: str) -> str | None:
+        from studio.blocks import module_block
+
+        key = (id(unet), path)
+        if key not in self._blocks:
+            self._blocks[key] = module_block(path, unet.config)
+        return self._blocks[key]
+
+    def _tlora_of(self, pipe) -> dict:
+        return getattr(pipe, "_studio_tlora", {})
 
     def generate(self, request: GenerateRequest):
         """Images (PIL) for the request, each with its A1111 `parameters` text in `.info`."""
@@ -164,8 +196,13 @@ class Engine:
         request.validate()
         with self._lock:
             model_key, pipe = self.pipeline(request.model)
-            names = [self._adapter_name(model_key, pipe, use.path) for use in request.adapters]
-            self._activate(pipe, names, [use.weight for use in request.adapters])
+            mix: dict[str, AdapterUse] = {}
+            for use in request.adapters:
+                name = self._adapter_name(model_key, pipe, use.path)
+                if name in mix:
+                    raise StudioError(f"Adapter {use.path.name} is in the mix twice; give it one row.")
+                mix[name] = use
+            self._activate(pipe, mix)
             pipe.scheduler = _scheduler(pipe, request.scheduler)
             images = []
             for index in range(request.batch_count):
@@ -208,3 +245,9 @@ def save_png(image, path: str | Path) -> Path:
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG", pnginfo=info)
     return Path(path)
+
+
+def _adapter_models(pipe) -> list[tuple[str, object]]:
+    """(component name, model) for the parts of a pipeline adapters attach to."""
+    names = ("unet", "text_encoder", "text_encoder_2")
+    return [(name, getattr(pipe, name)) for name in names if getattr(pipe, name, None) is not None]
