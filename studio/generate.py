@@ -131,7 +131,8 @@ class Engine:
         return key, self._pipes[key]
 
     def _adapter_name(self, model_key: str, pipe, path: Path) -> str:
-        from studio.adapters import attach_adapter, load_adapter
+        from studio.adapters import attach_adapter, load_adapter, read_checked_header
+        from studio.tlora import is_tlora_metadata, load_tlora
 
         try:
             stat = path.stat()
@@ -141,7 +142,13 @@ class Engine:
         loaded = self._loaded[model_key]
         if file_key not in loaded:
             name = "a" + hashlib.sha1(repr(file_key).encode()).hexdigest()[:12]
-            attach_adapter(pipe, load_adapter(path), name)
+            if is_tlora_metadata(read_checked_header(path)[1]):
+                adapter = load_tlora(path).to(pipe.unet.device, pipe.unet.dtype).attach(pipe.unet)
+                if not hasattr(pipe, "_studio_tlora"):
+                    pipe._studio_tlora = {}
+                pipe._studio_tlora[name] = adapter
+            else:
+                attach_adapter(pipe, load_adapter(path), name)
             loaded[file_key] = name
         return loaded[file_key]
 

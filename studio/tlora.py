@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -171,3 +172,88 @@ def inject_tlora(unet: nn.Module, target_modules: list[str], *, rank: int, alpha
     adapter = TLoRAAdapter(schedule, alpha, layers).to(device=weight.device)
     adapter.attach(unet)
     return adapter
+
+
+# --------------------------------------------------------------------------- files
+# The native file keeps every factor under the UNet's diffusers module path and the
+# schedule in the metadata, so the studio reloads it with its timestep masks:
+#   unet.<path>.tlora_q [r, in], .tlora_lambda [r], .tlora_p [out, r]
+#   (+ .tlora_q0, .tlora_lambda0, .tlora_p0 for Ortho-LoRA), metadata tlora_schedule (JSON)
+FORMAT_KEY, FORMAT_VALUE = "lora_studio.format", "tlora"
+_PARTS = {"q": "tlora_q", "lam": "tlora_lambda", "p": "tlora_p", "q0": "tlora_q0", "lam0": "tlora_lambda0", "p0": "tlora_p0"}
+
+
+def is_tlora_metadata(metadata: dict[str, str]) -> bool:
+    return metadata.get(FORMAT_KEY) == FORMAT_VALUE
+
+
+def save_tlora(path, adapter: TLoRAAdapter, metadata: dict[str, str]) -> Path:
+    """Write the native T-LoRA file atomically (with A1111's sshs hashes)."""
+    import json
+
+    from safetensors.torch import save
+
+    from studio.formats.files import data_sha256, legacy_hash
+    from studio.fsutil import atomic_write_bytes
+
+    tensors = {}
+    for key, layer in adapter.layers.items():
+        path_name = "unet." + key.replace("__", ".")
+        for attr, suffix in _PARTS.items():
+            if hasattr(layer, attr):
+                tensors[f"{path_name}.{suffix}"] = getattr(layer, attr).detach().float().contiguous()
+    meta = {k: str(v) for k, v in metadata.items() if not k.startswith("sshs_")}
+    meta.update({FORMAT_KEY: FORMAT_VALUE, "tlora_schedule": json.dumps(adapter.schedule.to_dict()),
+                 "tlora_alpha": str(adapter.alpha), "tlora_ortho": str(bool(next(iter(adapter.layers.values())).ortho)),
+                 "ss_network_module": "lora_studio.tlora"})
+    draft = save(tensors, metadata=meta)
+    meta["sshs_model_hash"], meta["sshs_legacy_hash"] = data_sha256(draft), legacy_hash(draft)
+    atomic_write_bytes(path, save(tensors, metadata=meta))
+    return Path(path)
+
+
+def load_tlora(path) -> TLoRAAdapter:
+    """A T-LoRA adapter from its native file (not yet attached to a UNet)."""
+    import json
+
+    from safetensors import safe_open
+
+    from studio.formats.files import read_checked_header
+
+    _, metadata = read_checked_header(path)
+    if not is_tlora_metadata(metadata):
+        raise StudioError(f"{path} is not a T-LoRA file.")
+    try:
+        schedule = TLoRASchedule(**json.loads(metadata["tlora_schedule"]))
+        alpha = float(metadata["tlora_alpha"])
+        ortho = metadata.get("tlora_ortho", "True") == "True"
+    except (KeyError, TypeError, ValueError) as error:
+        raise StudioError(f"{path}: the T-LoRA schedule metadata is broken ({error}).") from None
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    with safe_open(str(path), framework="pt") as handle:
+        for key in handle.keys():
+            module, _, part = key.rpartition(".")
+            if not module.startswith("unet.") or part not in _PARTS.values():
+                raise StudioError(f"{path}: unexpected tensor {key!r} in a T-LoRA file.")
+            grouped.setdefault(module[len("unet."):], {})[part] = handle.get_tensor(key)
+    layers = {}
+    for module, parts in grouped.items():
+        q, p = parts.get("tlora_q"), parts.get("tlora_p")
+        if q is None or p is None or q.shape[0] != schedule.rank or p.shape[1] != schedule.rank:
+            raise StudioError(f"{path}: module {module!r} does not hold rank-{schedule.rank} T-LoRA factors.")
+        if not all(torch.isfinite(t).all() for t in parts.values()):
+            raise StudioError(f"{path}: module {module!r} contains NaN or infinite values.")
+        layer = TLoRALayer(q.shape[1], p.shape[0], schedule.rank, ortho=ortho)
+        layer.load_state_dict({attr: parts[suffix] for attr, suffix in _PARTS.items() if hasattr(layer, attr)})
+        layers[module] = layer
+    return TLoRAAdapter(schedule, alpha, layers)
+
+
+def plain_lora_factors(adapter: TLoRAAdapter) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """module path -> (up, down, alpha) of the equivalent plain LoRA with every rank on
+    (rank 2r for Ortho-LoRA). The timestep schedule is lost in this form."""
+    out = {}
+    for key, layer in adapter.layers.items():
+        up, down = layer.plain_factors()
+        out[key.replace("__", ".")] = (up, down, adapter.scale * down.shape[0])
+    return out

@@ -1,0 +1,167 @@
+"""Fidelity of training on the built-in toy model, measured from pixels (studio.evaluate):
+
+- concept: a DreamBooth LoRA from the demo dataset makes "sks" a purple star, which the
+  base model never saw, while prompts without the trigger keep the base model's accuracy;
+- composition: one LoRA teaching a colour and one teaching a shape, used together,
+  give pictures with both;
+- single image: LoRA vs T-LoRA trained from one picture: concept match and whether an
+  asked-for background is obeyed (T-LoRA's claim is less overfitting).
+
+Used by tests/test_fidelity.py (few seeds) and `python -m bench.fidelity` (more seeds).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from studio import PRESETS_DIR
+from studio.evaluate import analyze, score_prompts
+from studio.toyworld import render
+
+log = logging.getLogger(__name__)
+
+COLOR_TRIGGER, SHAPE_TRIGGER = "zwx", "ohwx"
+NEUTRAL = ("white", "black", "gray")
+
+
+@dataclass(frozen=True)
+class Target:
+    color: str | None = None
+    shape: str | None = None
+    background: str | None = None
+
+    def matches(self, image) -> dict[str, bool]:
+        got = analyze(image)
+        return {attr: getattr(got, attr) == want for attr in ("color", "shape", "background")
+                if (want := getattr(self, attr)) is not None}
+
+
+def match_rates(images, target: Target) -> dict[str, float]:
+    """Share of images whose colour / shape / background is the target's, and all at once."""
+    checks = [target.matches(image) for image in images]
+    rates = {attr: float(np.mean([c[attr] for c in checks])) for attr in checks[0]}
+    rates["all"] = float(np.mean([all(c.values()) for c in checks]))
+    return rates
+
+
+def write_concept_dataset(folder: Path, kind: str, *, count: int = 6, seed: int = 0) -> Path:
+    """Six pictures teaching one attribute under a trigger word: kind "color" (purple
+    shapes of every seen shape, captioned 'a zwx <shape> ...') or "shape" (stars of seen
+    colours, captioned 'a <colour> ohwx ...')."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    shapes, colors = ("circle", "square", "triangle"), ("red", "green", "blue", "yellow")
+    for i in range(count):
+        background = NEUTRAL[i % len(NEUTRAL)]
+        size = float(rng.uniform(30, 44))
+        cx, cy = (float(v) for v in rng.uniform(24, 40, size=2))
+        if kind == "color":
+            shape, color = shapes[i % 3], "purple"
+            caption = f"a {COLOR_TRIGGER} {shape} on a {background} background"
+        elif kind == "shape":
+            shape, color = "star", colors[i % 4]
+            caption = f"a {color} {SHAPE_TRIGGER} on a {background} background"
+        else:
+            raise ValueError(kind)
+        render(shape, color, background, cx, cy, size, float(rng.uniform(0, 360))).save(folder / f"{kind}_{i}.png")
+        (folder / f"{kind}_{i}.txt").write_text(caption)
+    return folder
+
+
+def train(workspace, *, name: str, dataset: Path | None = None, steps: int = 200, **network) -> Path:
+    """Train the tiny-demo preset (optionally on another dataset / network) in-process."""
+    from studio.config import load_config
+    from studio.runs import create_run
+    from trainers.lora import train_run
+
+    config = load_config(PRESETS_DIR / "tiny-demo.toml")
+    config.name = name
+    config.training.max_steps = steps
+    config.checkpoints.every_n_steps = 0
+    config.sampling.every_n_steps = 0
+    config.sampling.prompts = []
+    if dataset is not None:
+        config.dataset.path = str(dataset)
+        config.dataset.trigger_word = ""
+    for key, value in network.items():
+        setattr(config.network, key, value)
+    return train_run(create_run(config, workspace), show_progress=False)
+
+
+def generate(engine, prompts: list[str], seeds: list[int], adapters=()) -> list:
+    from studio.generate import GenerateRequest
+
+    images = []
+    for prompt in prompts:
+        for seed in seeds:
+            images += engine.generate(GenerateRequest(prompt=prompt, seed=seed, adapters=list(adapters)))
+    return images
+
+
+def concept_figures(engine, adapter: Path, seeds: list[int]) -> dict:
+    """Trigger prompts -> purple stars; prompts without the trigger keep the base accuracy."""
+    from studio.generate import AdapterUse
+
+    with_lora = [AdapterUse(adapter, 1.0)]
+    triggered = [f"a sks shape on a {b} background" for b in NEUTRAL]
+    concept = match_rates(generate(engine, triggered, seeds, with_lora), Target("purple", "star"))
+    prior_prompts = [f"a {c} {s} on a {b} background"
+                     for c, s, b in (("red", "circle", "white"), ("blue", "square", "black"),
+                                     ("yellow", "triangle", "gray"), ("green", "circle", "blue"))]
+    base = score_prompts(_engine_fn(engine, []), prior_prompts, seeds)["accuracy"]
+    kept = score_prompts(_engine_fn(engine, with_lora), prior_prompts, seeds)["accuracy"]
+    return {"concept": concept, "prior_base": base, "prior_with_lora": kept}
+
+
+def _engine_fn(engine, adapters):
+    def fn(prompts, seeds):
+        return [generate(engine, [p], [s], adapters)[0] for p, s in zip(prompts, seeds)]
+
+    return fn
+
+
+def composition_figures(engine, color_adapter: Path, shape_adapter: Path, seeds: list[int]) -> dict:
+    """A colour LoRA and a shape LoRA at weight 1 each: pictures with both attributes."""
+    from studio.generate import AdapterUse
+
+    prompts = [f"a {COLOR_TRIGGER} {SHAPE_TRIGGER} on a {b} background" for b in NEUTRAL]
+    both = [AdapterUse(color_adapter, 1.0), AdapterUse(shape_adapter, 1.0)]
+    return {
+        "both": match_rates(generate(engine, prompts, seeds, both), Target("purple", "star")),
+        "color_only": match_rates(generate(engine, [f"a {COLOR_TRIGGER} circle on a {b} background" for b in NEUTRAL],
+                                           seeds, both[:1]), Target("purple", "circle")),
+        "shape_only": match_rates(generate(engine, [f"a red {SHAPE_TRIGGER} on a {b} background" for b in NEUTRAL],
+                                           seeds, both[1:]), Target("red", "star")),
+    }
+
+
+def single_image_figures(workspace, engine, seeds: list[int], steps: int = 200) -> dict:
+    """LoRA vs T-LoRA from one picture of a purple star on white: concept match on white,
+    and prompt following (backgrounds asked for that the picture never showed)."""
+    from studio.config import DEMO_DATASET
+    from studio.generate import AdapterUse
+
+    one = Path(workspace.root) / "one-image"
+    one.mkdir(parents=True, exist_ok=True)
+    first = sorted(DEMO_DATASET.glob("*.png"))[0]
+    (one / first.name).write_bytes(first.read_bytes())
+    (one / first.with_suffix(".txt").name).write_text(first.with_suffix(".txt").read_text())
+    results = {}
+    for label, network in (("lora", {"type": "lora"}),
+                           ("tlora", {"type": "tlora", "tlora_min_rank": 4, "tlora_ortho": True})):
+        adapter = train(workspace, name=f"single-{label}", dataset=one, steps=steps, **network)
+        use = [AdapterUse(adapter, 1.0)]
+        concept = match_rates(generate(engine, ["a sks shape on a white background"], seeds, use),
+                              Target("purple", "star", "white"))
+        following = {}
+        for background in ("black", "blue", "yellow"):
+            rates = match_rates(generate(engine, [f"a sks shape on a {background} background"], seeds, use),
+                                Target("purple", "star", background))
+            following[background] = rates
+        results[label] = {"concept": concept,
+                          "background_obeyed": float(np.mean([r["background"] for r in following.values()])),
+                          "concept_on_new_backgrounds": float(np.mean([r["all"] for r in following.values()]))}
+    return results
