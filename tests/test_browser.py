@@ -1,0 +1,303 @@
+"""The real page in headless Chromium against a real server (`python -m studio ui`):
+datasets -> caption -> train -> watch -> generate with two adapters -> export.
+
+Screenshots of every tab land in test-artifacts/. Needs /usr/bin/chromium and the
+`playwright` package (never `playwright install`: the system Chromium is used).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+if not CHROMIUM.exists():
+    pytest.skip("needs /usr/bin/chromium (apt-get install chromium)", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="needs the playwright package (pip install playwright)")
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+TRAIN_STEPS = 30
+START_TIMEOUT_S = 90
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        time.sleep(0.25)
+    raise TimeoutError(f"{url} did not answer in {timeout} s")
+
+
+def _stop_workspace_processes(workspace: Path) -> None:
+    """End the detached supervisor and any worker this test's server started (by pid)."""
+    import sqlite3
+
+    pids = []
+    with contextlib.suppress(Exception):
+        pids.append(json.loads((workspace / "supervisor.lock").read_text())["pid"])
+    with contextlib.suppress(Exception):
+        with contextlib.closing(sqlite3.connect(workspace / "studio.db")) as conn:
+            pids += [row[0] for row in conn.execute("SELECT pid FROM jobs WHERE pid IS NOT NULL")]
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError, TypeError):
+            os.kill(int(pid), signal.SIGTERM)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    workspace = tmp_path_factory.mktemp("browser") / "ws"
+    port = free_port()
+    log_path = workspace.parent / "server.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "studio", "ui", "--workspace", str(workspace),
+                                 "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        wait_http(url, START_TIMEOUT_S, proc)
+        yield {"url": url, "workspace": workspace, "proc": proc, "log": log_path}
+    finally:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(10)
+        if proc.poll() is None:
+            proc.kill()
+        _stop_workspace_processes(workspace)
+        ARTIFACTS.mkdir(exist_ok=True)
+        with contextlib.suppress(OSError):
+            (ARTIFACTS / "server.log").write_bytes(log_path.read_bytes())
+
+
+@pytest.fixture(autouse=True)
+def _screenshot_on_failure(request):
+    failed_before = request.session.testsfailed
+    yield
+    live = request.node.funcargs.get("page")
+    if live is not None and request.session.testsfailed > failed_before:
+        with contextlib.suppress(Exception):
+            live.screenshot(path=str(ARTIFACTS / f"FAILED-{request.node.name}.png"), full_page=True)
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        context = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+        page = context.new_page()
+        page.set_default_timeout(30_000)
+        page.goto(server["url"])
+        page.locator("#ds-stats", has_text="training image").wait_for()  # the page's load event is done
+        yield page
+        browser.close()
+
+
+# ------------------------------------------------------------------------ helpers
+def tab(page, label: str) -> None:
+    page.get_by_role("tab", name=label).click()
+
+
+def field(page, elem_id: str):
+    """The text input or textarea of a Gradio Textbox / Number."""
+    return page.locator(f"#{elem_id}").locator("textarea, input:not([type=range])").first
+
+
+def set_value(page, elem_id: str, value) -> None:
+    box = field(page, elem_id)
+    box.fill(str(value))
+    box.press("Tab")
+
+
+def wait_value(page, elem_id: str, text: str, *, exact: bool = True, timeout: float = 30_000) -> None:
+    """Wait until the input of component `elem_id` holds `text` (or contains it)."""
+    page.wait_for_function(
+        """([id, text, exact]) => {
+            const box = document.querySelector(`#${id} textarea, #${id} input:not([type=range])`);
+            return !!box && (exact ? box.value === text : box.value.includes(text));
+        }""", arg=[elem_id, text, exact], timeout=timeout)
+
+
+def expect_toast(page, text: str, timeout: float = 30_000) -> None:
+    page.locator(".toast-body", has_text=text).first.wait_for(timeout=timeout)
+
+
+def close_toasts(page) -> None:
+    for button in page.locator(".toast-close").all():
+        with contextlib.suppress(Exception):
+            button.click(timeout=1000)
+
+
+def shot(page, name: str) -> None:
+    page.wait_for_timeout(300)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def make_images(folder: Path) -> list[Path]:
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, color in enumerate(["#d33", "#3a3", "#33d"]):
+        image = Image.new("RGB", (64, 64), "white")
+        ImageDraw.Draw(image).rectangle([16, 16, 48, 48], fill=color)
+        path = folder / f"square_{i}.png"
+        image.save(path)
+        paths.append(path)
+    (folder / "square_0.txt").write_text("a square, red")
+    return paths
+
+
+# ------------------------------------------------------------------------ tests
+def test_errors_are_clear_and_the_server_keeps_serving(page, server, tmp_path):
+    tab(page, "5 · Library")
+    junk = tmp_path / "broken.safetensors"
+    junk.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{bad json")
+    page.locator("#lib-upload input[type=file]").set_input_files(str(junk))
+    page.locator("#lib-upload", has_text="broken").wait_for()
+    page.locator("#lib-import").click()
+    expect_toast(page, "not a valid safetensors file")
+    assert "Traceback" not in page.content()
+    assert page.locator("#lib-upload", has_text="Error").count() == 0  # the page is not left in an error state
+    page.locator("#lib-upload button[aria-label=Clear]").click()
+    page.locator("#lib-upload input[type=file]").wait_for(state="attached")
+    close_toasts(page)
+
+    tab(page, "2 · Train")
+    set_value(page, "train-training-learning-rate", 0)
+    page.locator("#train-check").click()
+    expect_toast(page, "training.learning_rate")
+    set_value(page, "train-training-learning-rate", 0.001)
+    close_toasts(page)
+    assert server["proc"].poll() is None
+
+
+def test_dataset_train_generate_export(page, server, tmp_path):
+    workspace: Path = server["workspace"]
+
+    # --- Datasets: upload images into a new dataset, edit a caption
+    tab(page, "1 · Datasets")
+    page.get_by_text("+ New dataset / add images").click()
+    set_value(page, "ds-new-name", "squares")
+    images = make_images(tmp_path / "upload")
+    page.locator("#ds-upload input[type=file]").set_input_files([str(p) for p in images]
+                                                                + [str(tmp_path / "upload" / "square_0.txt")])
+    page.locator("#ds-upload", has_text="square_2").wait_for()
+    page.locator("#ds-import").click()
+    expect_toast(page, "Imported 3 images")
+    gallery = page.locator("#ds-gallery")
+    page.locator("#ds-gallery", has_text="square_2.png").wait_for()
+    assert gallery.locator("img").count() == 3
+    gallery.locator("button.thumbnail-item, .thumbnail-item").first.click()
+    caption = field(page, "ds-caption")
+    wait_value(page, "ds-caption", "red", exact=False)
+    caption.fill("sks, a square, red, bold")
+    page.locator("#ds-save-caption").click()
+    expect_toast(page, "Saved the caption")
+    assert (workspace / "datasets" / "squares" / "square_0.txt").read_text() == "sks, a square, red, bold"
+    page.locator("#ds-tags", has_text="bold").wait_for()
+    shot(page, "1-datasets")
+    close_toasts(page)
+
+    # --- Train: the demo preset on the demo dataset, shortened
+    tab(page, "2 · Train")
+    page.locator("#train-hint", has_text="Time:").wait_for()
+    set_value(page, "train-name", "star")
+    set_value(page, "train-training-max-steps", TRAIN_STEPS)
+    set_value(page, "train-sampling-prompts", "a sks star on a white background")
+    page.get_by_text("All settings", exact=True).click()
+    page.get_by_text("Sample images", exact=True).click()
+    set_value(page, "train-sampling-steps", 4)
+    page.locator("#train-hint", has_text=f"for {TRAIN_STEPS} steps").wait_for()
+    shot(page, "2-train")
+    page.locator("#train-launch").click()
+    expect_toast(page, "Queued star-")
+    close_toasts(page)
+
+    # --- Runs: watch it reach done; loss chart and a sample appear
+    status = page.locator("#runs-status")
+    status.locator(".run-name", has_text="star-").wait_for()
+    status.locator(".badge").filter(has_text=re.compile("finished|failed|cancelled")).wait_for(timeout=240_000)
+    assert "finished" in status.locator(".badge").inner_text(), status.inner_text()
+    page.locator("#runs-samples img").first.wait_for(timeout=15_000)
+    page.locator("#runs-loss canvas, #runs-loss svg").first.wait_for(timeout=15_000)
+    assert f"{TRAIN_STEPS} / {TRAIN_STEPS}" in status.inner_text()
+    assert "finished" in field(page, "runs-log").input_value()
+    adapter = workspace / "adapters" / "star.safetensors"
+    assert adapter.is_file()
+    shot(page, "3-runs")
+
+    # --- Open in Generate puts the adapter in the first row
+    page.locator("#runs-open").click()
+    wait_value(page, "gen-adapter-1", "star")
+
+    # --- Library: import the same file as a second adapter, use it in Generate
+    tab(page, "5 · Library")
+    page.locator("#lib-table", has_text="star").wait_for()
+    page.locator("#lib-upload input[type=file]").set_input_files(str(adapter))
+    page.locator("#lib-upload", has_text="star").wait_for()
+    set_value(page, "lib-new-name", "star-copy")
+    page.locator("#lib-import").click()
+    expect_toast(page, "as 'star-copy'")
+    page.locator("#lib-details", has_text="star-copy").wait_for()
+    page.locator("#lib-thumb img").wait_for(timeout=15_000)  # the run's last sample
+    shot(page, "5-library")
+    close_toasts(page)
+    page.locator("#lib-use").click()
+    wait_value(page, "gen-adapter-2", "star-copy")
+
+    # --- Generate with both adapters
+    set_value(page, "gen-weight-2", 0.5)
+    set_value(page, "gen-steps", 4)
+    set_value(page, "gen-seed", 7)
+    page.locator("#gen-go").click()
+    page.locator("#gen-results img").first.wait_for(timeout=120_000)
+    info = page.locator("#gen-info")
+    info.get_by_text("Saved 1 image").wait_for()
+    text = info.inner_text()
+    assert "<lora:star:1>" in text and "<lora:star-copy:0.5>" in text, text
+    outputs = list((workspace / "outputs").rglob("*.png"))
+    assert len(outputs) == 1
+    from PIL import Image
+
+    with Image.open(outputs[0]) as image:
+        assert "Seed: 7" in image.info["parameters"]
+    shot(page, "4-generate")
+
+    # --- Export (download) the adapter from the Library
+    tab(page, "5 · Library")
+    page.locator("#lib-table", has_text="star-copy").wait_for()
+    page.locator("#lib-table").get_by_text("star", exact=True).first.click()
+    page.locator("#lib-details h3", has_text=re.compile(r"^\s*star\s*$")).wait_for()
+    with page.expect_download() as download_info:
+        page.locator("#lib-export").click()
+    download = download_info.value
+    target = ARTIFACTS / "exported-star.safetensors"
+    download.save_as(target)
+    assert target.read_bytes() == adapter.read_bytes()
+    assert server["proc"].poll() is None

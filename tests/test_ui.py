@@ -1,0 +1,248 @@
+"""UI helpers without a browser: what the page shows from events, configs and adapter rows."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from studio.config import TrainConfig, parse_config
+from studio.errors import StudioError
+from ui import helpers as h
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_building_the_app_imports_no_torch_and_copies_the_demo_dataset(tmp_path):
+    code = (
+        "import sys, json\n"
+        "from ui.app import build_app\n"
+        f"app = build_app({str(tmp_path / 'ws')!r})\n"
+        "print(json.dumps({'torch': 'torch' in sys.modules, 'diffusers': 'diffusers' in sys.modules,"
+        " 'blocks': type(app).__name__}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result == {"torch": False, "diffusers": False, "blocks": "Blocks"}
+    if (ROOT / "assets" / "demo-dataset").is_dir():
+        assert any((tmp_path / "ws" / "datasets" / "demo").glob("*.png"))
+
+
+# ------------------------------------------------------------------ runs: events -> view
+def _progress(step, loss, **extra):
+    return {"type": "progress", "time": 1.0, "step": step, "max_steps": 30, "loss": loss, "lr": 1e-3,
+            "it_s": 2.0, "eta_s": (30 - step) / 2, **extra}
+
+
+def test_loss_series_has_raw_and_smoothed_lines():
+    rows = h.loss_series([[5, 1.0], [10, 0.5], [15, 0.75]])
+    raw = [r for r in rows if r["series"] == "loss"]
+    smooth = [r for r in rows if r["series"] == "smoothed"]
+    assert [r["step"] for r in raw] == [5, 10, 15] and [r["loss"] for r in raw] == [1.0, 0.5, 0.75]
+    assert smooth[0]["loss"] == pytest.approx(1.0)  # debiased: starts at the first value
+    assert 0.5 < smooth[1]["loss"] < 1.0
+    assert h.loss_series([]) == []
+
+
+def test_loss_series_thins_long_runs_but_keeps_the_newest_point():
+    points = [[i, 1.0 / i] for i in range(1, 10_001)]
+    rows = h.loss_series(points, max_points=100)
+    raw = [r for r in rows if r["series"] == "loss"]
+    assert len(raw) <= 102
+    assert raw[-1]["step"] == 10_000
+
+
+def test_events_fold_into_the_view_incrementally(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    events = run_dir / "events.jsonl"
+    view = h.new_view("run")
+    lines = [{"type": "start", "time": 1.0, "max_steps": 30, "images": 6}, _progress(5, 1.0), _progress(10, 0.8)]
+    events.write_text("".join(json.dumps(e) + "\n" for e in lines) + '{"type": "progr')  # a half-written line
+    assert h.tail_events(view, run_dir)
+    assert view["points"] == [[5, 1.0], [10, 0.8]] and view["max_steps"] == 30
+    assert not h.tail_events(view, run_dir)  # nothing new: nothing changes
+    with open(events, "a") as handle:  # the writer finishes the line and goes on
+        handle.write('ess", "time": 2.0, "step": 15, "max_steps": 30, "loss": 0.7}\n')
+        handle.write(json.dumps({"type": "sample", "time": 3.0, "step": 15, "paths": ["a.png", "b.png"],
+                                 "prompts": ["p1", "p2"]}) + "\n")
+    assert h.tail_events(view, run_dir)
+    assert view["points"][-1] == [15, 0.7]
+    assert view["samples"] == [["a.png", "step 15: p1"], ["b.png", "step 15: p2"]]
+    assert "1 sample" not in view["lines"][-1] and "2 sample image(s)" in view["lines"][-1]
+
+
+def test_resume_drops_points_that_are_trained_again_and_done_names_the_adapter():
+    view = h.new_view("run")
+    h.apply_events(view, [_progress(5, 1.0), _progress(10, 0.9), _progress(15, 0.8),
+                          {"type": "error", "time": 1, "message": "boom"}])
+    assert view["error"] == "boom"
+    h.apply_events(view, [{"type": "resume", "time": 2, "step": 10, "checkpoint": "step-10"}, _progress(15, 0.7),
+                          {"type": "done", "time": 3, "step": 30, "adapter": "/ws/adapters/x.safetensors"}])
+    assert view["points"] == [[5, 1.0], [10, 0.9], [15, 0.7]]
+    assert view["error"] is None and view["adapter"] == "/ws/adapters/x.safetensors"
+    assert view["lines"][-1].split()[1] == "done"
+
+
+def test_status_html_shows_progress_and_escapes_text():
+    job = SimpleNamespace(id="<b>run</b>", state="running", started=1.0, finished=None, message="")
+    view = h.new_view("x")
+    h.apply_events(view, [_progress(10, 0.5)])
+    text = h.status_html(job, view)
+    assert "&lt;b&gt;run&lt;/b&gt;" in text and "<b>run</b>" not in text
+    assert "10 / 30" in text and "2.00 it/s" in text and "ETA" in text and "width:33.3%" in text
+    h.apply_events(view, [{"type": "cancelled", "time": 2, "step": 12}])  # resumed: a new worker starts
+    restarting = h.status_html(job, view)
+    assert "starting" in restarting and "it/s" not in restarting and "10 / 30" in restarting
+    queued = SimpleNamespace(id="r", state="queued", started=None, finished=None, message="")
+    assert "2 ahead" in h.status_html(queued, h.new_view("r"), queue_position=2)
+    assert "Pick a run" in h.status_html(None, {})
+
+
+def test_job_rows_and_durations():
+    job = SimpleNamespace(id="a-1", name="a", state="failed", created=0.0, started=10.0, finished=75.0,
+                          message="x" * 200)
+    row = h.job_rows([job])[0]
+    assert row[:2] == ["a-1", "failed"] and row[3] == "1 min 05 s" and len(row[4]) <= 90
+    assert h.format_duration(None) == "—" and h.format_duration(7200) == "2 h 00 min"
+
+
+def test_tail_text_keeps_the_last_lines_and_folds_progress_bars(tmp_path):
+    path = tmp_path / "worker.log"
+    path.write_text("".join(f"line {i}\n" for i in range(100)) + "10%\r50%\r100%\n")
+    text = h.tail_text(path, max_lines=3)
+    assert text.splitlines() == ["line 98", "line 99", "100%"]
+    assert h.tail_text(tmp_path / "missing.log") == ""
+
+
+# ------------------------------------------------------------------ generate: rows -> adapters
+def test_adapter_rows_become_adapter_uses():
+    resolve = lambda name: Path(f"/ws/adapters/{name}.safetensors")  # noqa: E731
+    uses = h.adapter_uses([("a", 1.0), ("", 0.5), (None, 1.0), ("b", -0.5), ("c", 0), ("d", None)], resolve)
+    assert [(u.path.stem, u.weight) for u in uses] == [("a", 1.0), ("b", -0.5), ("d", 1.0)]
+
+
+def test_an_adapter_used_twice_is_a_clear_error():
+    from studio.generate import AdapterUse
+
+    rows = [AdapterUse(Path("/ws/adapters/a.safetensors"), 1.0)]
+    tags = [AdapterUse(Path("/ws/adapters/a.safetensors"), 0.5)]
+    with pytest.raises(StudioError, match="used twice"):
+        h.merge_uses(rows, tags)
+    other = [AdapterUse(Path("/ws/adapters/b.safetensors"), 0.5)]
+    assert len(h.merge_uses(rows, other)) == 2
+
+
+def test_parse_size():
+    assert h.parse_size(h.SIZE_DEFAULT) == (None, None)
+    assert h.parse_size("512 × 768") == (512, 768)
+    assert h.parse_size("640x480") == (640, 480)
+    with pytest.raises(StudioError, match="WIDTH x HEIGHT"):
+        h.parse_size("big")
+
+
+# ------------------------------------------------------------------ train: config <-> form
+def test_config_fields_cover_every_setting_with_help_text():
+    specs = h.config_fields()
+    keys = {s.key for s in specs}
+    assert {"training.max_steps", "network.rank", "dataset.trigger_word", "sampling.prompts", "seed"} <= keys
+    by_key = {s.key: s for s in specs}
+    assert by_key["training.max_steps"].kind == "int" and by_key["training.max_steps"].minimum == 1
+    assert by_key["training.lr_scheduler"].kind == "choice" and "cosine" in by_key["training.lr_scheduler"].choices
+    assert by_key["training.text_encoder_lr"].optional and "empty" in by_key["training.text_encoder_lr"].info
+    assert by_key["sampling.prompts"].kind == "lines" and by_key["network.target_modules"].kind == "list"
+    assert by_key["training.max_steps"].info == TrainConfig.model_fields["training"].annotation.model_fields[
+        "max_steps"].description
+    advanced = {s.key for s in h.config_fields(exclude=h.MAIN_FIELDS)}
+    assert "training.max_steps" not in advanced and "training.lr_scheduler" in advanced
+
+
+def test_form_round_trip_gives_the_same_config():
+    config = TrainConfig()
+    config.sampling.prompts = ["a, with a comma", "second"]
+    config.training.max_steps = 30
+    specs = h.config_fields()
+    values = h.config_to_form(specs, config)
+    again = parse_config(h.form_to_config_dict(specs, values), "Settings")
+    assert again == config
+
+
+def test_form_values_are_converted_and_bad_ones_named():
+    specs = h.config_fields()
+    values = h.config_to_form(specs, TrainConfig())
+    index = {s.key: i for i, s in enumerate(specs)}
+    values[index["training.max_steps"]] = 30.0           # gr.Number sends floats
+    values[index["network.target_modules"]] = "to_q, to_v,"
+    values[index["training.text_encoder_lr"]] = None     # empty optional box = default
+    config = parse_config(h.form_to_config_dict(specs, values), "Settings")
+    assert config.training.max_steps == 30 and config.network.target_modules == ["to_q", "to_v"]
+    assert config.training.text_encoder_lr is None
+    values[index["training.learning_rate"]] = 0
+    with pytest.raises(StudioError, match=r"Settings: training\.learning_rate"):
+        parse_config(h.form_to_config_dict(specs, values), "Settings")
+
+
+def test_resource_hint():
+    text = h.resource_hint(family=None, builtin=True, steps=100, batch_size=1, resolution=64, measured_it_s=2.0,
+                           measured_pixels=64 * 64, steps_per_epoch=10, sample_prompts=2, sample_steps=10)
+    assert "50 s" in text and "last run" in text and "10.0 epochs" in text and "2 prompt(s) × 1 time(s)" in text
+    sdxl = h.resource_hint(family="sdxl", builtin=False, steps=1000, batch_size=1, resolution=1024,
+                           mixed_precision="bf16")
+    assert "VRAM" in sdxl and "SDXL" in sdxl
+    checkpointed = h.resource_hint(family="sdxl", builtin=False, steps=1000, batch_size=1, resolution=1024,
+                                   mixed_precision="bf16", gradient_checkpointing=True)
+    assert "gradient checkpointing" in checkpointed
+
+
+# ------------------------------------------------------------------ library, datasets
+def test_thumbnail_from_metadata():
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(buffer, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    assert h.thumbnail_from_metadata({"modelspec.thumbnail": url}).size == (8, 8)
+    assert h.thumbnail_from_metadata({"modelspec.thumbnail": "data:image/png;base64,!!!"}) is None
+    assert h.thumbnail_from_metadata({}) is None
+    shown = h.metadata_for_display({"modelspec.thumbnail": url, "ss_tag_frequency": '{"a": {"b": 1}}'})
+    assert shown["ss_tag_frequency"] == {"a": {"b": 1}} and "characters" in shown["modelspec.thumbnail"]
+
+
+def test_gallery_items_mark_repeats_and_class_images(tmp_path):
+    item = lambda rel, **kw: SimpleNamespace(path=tmp_path / rel, caption=kw.get("caption", ""),  # noqa: E731
+                                             repeats=kw.get("repeats", 1), is_regularisation=kw.get("reg", False))
+    items = h.gallery_items([item("a.png", caption="sks, dog"), item("10_x/b.png", repeats=10),
+                             item("reg/c.png", reg=True)], tmp_path)
+    assert items[0] == (str(tmp_path / "a.png"), "sks, dog · a.png")
+    assert items[1][1] == "[×10] (no caption) · 10_x/b.png"
+    assert items[2][1].startswith("[class image]")
+
+
+def test_friendly_turns_studio_errors_into_a_message_and_skips_updates():
+    from ui.common import friendly
+
+    @friendly
+    def broken():
+        raise StudioError("Dataset 'x' has no images; add some.")
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = broken()
+    assert result == {"__type__": "update"}  # gr.skip(): every output stays as it was
+    assert any("has no images" in str(w.message) for w in caught)
+
+    @friendly
+    def crashes():
+        raise KeyError("oops")
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert crashes() == {"__type__": "update"}
+    assert any("KeyError" in str(w.message) for w in caught)

@@ -1,0 +1,675 @@
+"""Presentation helpers for the Gradio app: turn studio data into what the page shows, and
+what the page sends back into studio inputs. No Gradio and no torch here, so these are
+quick to import and to test without a browser."""
+from __future__ import annotations
+
+import base64
+import datetime
+import html
+import io
+import math
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from studio.errors import StudioError
+
+# --------------------------------------------------------------------------- formatting
+def humanize(name: str) -> str:
+    """`gradient_accumulation_steps` -> `Gradient accumulation steps`."""
+    text = name.replace("_", " ").strip()
+    for short, long in (("lr", "LR"), ("snr", "SNR"), ("vae", "VAE"), ("adamw", "AdamW"), ("n", "N")):
+        text = " ".join(long if w == short else w for w in text.split(" "))
+    return text[:1].upper() + text[1:]
+
+
+def format_duration(seconds: float | None) -> str:
+    """A short human duration: `45 s`, `3 min 05 s`, `2 h 10 min`; `—` when unknown."""
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return "—"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, sec = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {sec:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def shorten(text: str, limit: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
+def format_time(stamp: float | None) -> str:
+    if not stamp:
+        return ""
+    return datetime.datetime.fromtimestamp(stamp).strftime("%Y-%m-%d %H:%M")
+
+
+def format_size(n_bytes: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n_bytes < 1024 or unit == "GB":
+            return f"{n_bytes:.0f} {unit}" if unit == "B" else f"{n_bytes:.1f} {unit}"
+        n_bytes /= 1024
+    return f"{n_bytes:.1f} GB"
+
+
+# --------------------------------------------------------------------------- config form
+#: Settings shown in the Train tab's first block; everything else goes in "All settings".
+MAIN_FIELDS: tuple[tuple[str, ...], ...] = (
+    ("name",), ("base_model",), ("dataset", "name"), ("dataset", "path"),
+    ("training", "max_steps"), ("network", "rank"), ("network", "alpha"), ("training", "learning_rate"),
+    ("dataset", "resolution"), ("dataset", "trigger_word"), ("training", "batch_size"), ("sampling", "prompts"),
+)
+
+SECTION_TITLES = {"": "General", "dataset": "Dataset", "network": "Network (LoRA)", "training": "Training",
+                  "checkpoints": "Checkpoints", "sampling": "Sample images"}
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One TrainConfig field as a form input."""
+
+    path: tuple[str, ...]
+    label: str
+    kind: str                   # bool | choice | int | float | text | list | lines
+    info: str | None
+    default: Any
+    choices: tuple = ()
+    optional: bool = False      # None allowed (an empty box means "default")
+    minimum: float | None = None
+    maximum: float | None = None
+
+    @property
+    def key(self) -> str:
+        return ".".join(self.path)
+
+    @property
+    def section(self) -> str:
+        return self.path[0] if len(self.path) > 1 else ""
+
+
+def _constraints(field) -> tuple[float | None, float | None]:
+    low = high = None
+    for item in field.metadata:
+        for attr in ("ge", "gt"):
+            if getattr(item, attr, None) is not None:
+                low = getattr(item, attr)
+        for attr in ("le", "lt"):
+            if getattr(item, attr, None) is not None:
+                high = getattr(item, attr)
+    return low, high
+
+
+def _spec(path: tuple[str, ...], field) -> FieldSpec:
+    from pydantic_core import PydanticUndefined
+
+    annotation = field.annotation
+    optional = False
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(annotation))
+        annotation = args[0] if len(args) == 1 else str
+        origin = typing.get_origin(annotation)
+    choices: tuple = ()
+    if origin is typing.Literal:
+        kind, choices = "choice", typing.get_args(annotation)
+    elif origin is list:
+        kind = "lines" if path == ("sampling", "prompts") else "list"
+    elif annotation is bool:
+        kind = "bool"
+    elif annotation is int:
+        kind = "int"
+    elif annotation is float:
+        kind = "float"
+    else:
+        kind = "text"
+    if field.default_factory is not None:
+        default = field.default_factory()
+    else:
+        default = None if field.default is PydanticUndefined else field.default
+    low, high = _constraints(field)
+    info = field.description
+    if optional:
+        info = (info + " " if info else "") + "Leave empty for the default."
+    if kind == "list":
+        info = (info + " " if info else "") + "Comma-separated."
+    return FieldSpec(path, humanize(path[-1]), kind, info, default, choices, optional, low, high)
+
+
+def config_fields(exclude: Iterable[tuple[str, ...]] = ()) -> list[FieldSpec]:
+    """Every settable TrainConfig field (sections flattened), in declaration order."""
+    from pydantic import BaseModel
+
+    from studio.config import TrainConfig
+
+    skip = set(exclude)
+    specs: list[FieldSpec] = []
+
+    def walk(model: type[BaseModel], prefix: tuple[str, ...]) -> None:
+        for name, field in model.model_fields.items():
+            path = (*prefix, name)
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                walk(annotation, path)
+            elif path not in skip:
+                specs.append(_spec(path, field))
+
+    walk(TrainConfig, ())
+    return specs
+
+
+def to_form_value(spec: FieldSpec, value: Any) -> Any:
+    if value is None:
+        return None if spec.kind not in ("text", "list", "lines") else ""
+    if spec.kind == "list":
+        return ", ".join(value)
+    if spec.kind == "lines":
+        return "\n".join(value)
+    return value
+
+
+def from_form_value(spec: FieldSpec, value: Any) -> Any:
+    """A form value as the config wants it; bad input is left for pydantic to name."""
+    if spec.kind == "bool":
+        return bool(value)
+    if spec.kind in ("int", "float"):
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        if isinstance(value, (int, float)) and spec.kind == "int" and float(value).is_integer():
+            return int(value)
+        return value
+    if spec.kind == "list":
+        return [part.strip() for part in str(value or "").split(",") if part.strip()]
+    if spec.kind == "lines":
+        return [line.strip() for line in str(value or "").splitlines() if line.strip()]
+    if spec.kind == "choice":
+        return value
+    text = str(value or "").strip()
+    return None if spec.optional and not text else text
+
+
+def form_to_config_dict(specs: Sequence[FieldSpec], values: Sequence[Any]) -> dict:
+    """Nested config dict from form values (empty optional numbers are left out)."""
+    data: dict = {}
+    for spec, raw in zip(specs, values, strict=True):
+        value = from_form_value(spec, raw)
+        if value is None and spec.optional:
+            continue
+        node = data
+        for part in spec.path[:-1]:
+            node = node.setdefault(part, {})
+        node[spec.path[-1]] = value
+    return data
+
+
+def config_to_form(specs: Sequence[FieldSpec], config) -> list[Any]:
+    """Form values for a TrainConfig, in the order of `specs`."""
+    out = []
+    for spec in specs:
+        node: Any = config
+        for part in spec.path:
+            node = getattr(node, part)
+        out.append(to_form_value(spec, node))
+    return out
+
+
+# --------------------------------------------------------------------------- training hint
+#: Rough guide values for full-size models (fp16/bf16, LoRA on the UNet attention layers).
+#: They are orders of magnitude for planning, not measurements from this machine.
+_GPU_GUIDE = {
+    "sd15": {"res": 512, "base_gb": 4.0, "act_gb": 2.5, "it_s": 2.5},
+    "sdxl": {"res": 1024, "base_gb": 10.0, "act_gb": 6.0, "it_s": 1.0},
+}
+
+
+def resource_hint(*, family: str | None, builtin: bool, steps: int, batch_size: int, resolution: int,
+                  grad_accum: int = 1, gradient_checkpointing: bool = False, mixed_precision: str = "no",
+                  measured_it_s: float | None = None, measured_pixels: int | None = None,
+                  steps_per_epoch: int | None = None, sample_every: int = 0, sample_prompts: int = 0,
+                  sample_steps: int = 20) -> str:
+    """A rough time/memory estimate for a training run, as Markdown."""
+    lines: list[str] = []
+    work = max(1, batch_size) * max(1, grad_accum)
+    pixels = resolution * resolution * work
+    if builtin:
+        if measured_it_s and measured_pixels:
+            it_s = measured_it_s * measured_pixels / pixels
+            source = f"from your last run on this machine ({measured_it_s:.2f} steps/s)"
+        else:
+            it_s = 1.5 * (64 * 64) / pixels
+            source = "a typical 2-core CPU; your first run will measure this machine"
+        seconds = steps / it_s if it_s > 0 else None
+        lines.append(f"**Time:** about {format_duration(seconds)} for {steps} steps on this CPU ({source}), "
+                     "plus ~20 s to load the model.")
+        lines.append("**Memory:** the built-in model is tiny — well under 1 GB of RAM, no GPU needed.")
+    elif family in _GPU_GUIDE:
+        guide = _GPU_GUIDE[family]
+        scale = pixels / (guide["res"] ** 2)
+        act = guide["act_gb"] * scale * (0.4 if gradient_checkpointing else 1.0)
+        base = guide["base_gb"] * (1.6 if mixed_precision == "no" else 1.0)
+        it_s = guide["it_s"] / scale
+        lines.append(f"**Time:** roughly {format_duration(steps / it_s)} for {steps} steps on a recent "
+                     "24 GB GPU; training a full-size model on a CPU is not practical.")
+        lines.append(f"**VRAM:** roughly {base + act:.0f} GB ({'SDXL' if family == 'sdxl' else 'SD 1.5'}, "
+                     f"{resolution} px, batch {work}"
+                     + (", gradient checkpointing" if gradient_checkpointing else "")
+                     + (", fp32" if mixed_precision == "no" else f", {mixed_precision}") + ").")
+        if not gradient_checkpointing and base + act > 12:
+            lines.append("Short of memory? Turn on *Gradient checkpointing* and mixed precision in All settings.")
+    else:
+        lines.append("Pick a base model to see an estimate.")
+    if steps_per_epoch:
+        epochs = steps * work / steps_per_epoch
+        lines.append(f"**Dataset:** {steps_per_epoch} images per epoch (repeats counted) → "
+                     f"{steps} steps ≈ {epochs:.1f} epochs.")
+    if sample_prompts:
+        count = ((steps - 1) // sample_every if sample_every else 0) + 1  # during training, and at the end
+        lines.append(f"**Samples:** {sample_prompts} prompt(s) × {count} time(s), {sample_steps} steps each"
+                     + (f" — adds roughly {format_duration(sample_prompts * count * sample_steps / it_s)}."
+                        if builtin and it_s > 0 else "."))
+    lines.append("<small>A rough guide; the Runs tab shows the real speed.</small>")
+    return "\n\n".join(lines)
+
+
+# --------------------------------------------------------------------------- runs
+def new_view(run_id: str | None) -> dict:
+    """Per-page state of the run being watched; extended by `tail_events`."""
+    return {"run": run_id, "offset": 0, "points": [], "samples": [], "lines": [], "last": None,
+            "max_steps": None, "adapter": None, "error": None, "log_size": -1, "state": None}
+
+
+def event_line(event: dict) -> str:
+    """One event as a log line."""
+    stamp = datetime.datetime.fromtimestamp(event.get("time", 0)).strftime("%H:%M:%S")
+    kind = event.get("type", "?")
+    if kind == "progress":
+        parts = [f"step {event.get('step')}/{event.get('max_steps')}"]
+        if event.get("loss") is not None:
+            parts.append(f"loss {event['loss']:.4f}")
+        if event.get("lr") is not None:
+            parts.append(f"lr {event['lr']:.2e}")
+        if event.get("it_s"):
+            parts.append(f"{event['it_s']:.2f} it/s")
+        if event.get("eta_s") is not None:
+            parts.append(f"ETA {format_duration(event['eta_s'])}")
+        text = ", ".join(parts)
+    elif kind == "sample":
+        text = f"step {event.get('step')}: {len(event.get('paths', []))} sample image(s)"
+    elif kind == "checkpoint":
+        text = f"step {event.get('step')}: checkpoint {Path(str(event.get('path', ''))).name}"
+    elif kind == "done":
+        text = f"finished: {event.get('adapter')} ({format_duration(event.get('seconds'))})"
+    elif kind == "error":
+        text = f"ERROR: {event.get('message')}"
+    elif kind == "cancelled":
+        text = f"cancelled at step {event.get('step')} (a checkpoint was saved)"
+    elif kind == "start":
+        text = f"started: {event.get('max_steps')} steps, {event.get('images', '?')} images"
+    elif kind == "resume":
+        text = f"resumed at step {event.get('step')} from {event.get('checkpoint')}"
+    else:
+        extra = {k: v for k, v in event.items() if k not in ("type", "time")}
+        text = " ".join(f"{k}={v}" for k, v in extra.items())
+    return f"{stamp} {kind:<10} {text}"
+
+
+def apply_events(view: dict, events: Iterable[dict], *, max_lines: int = 300) -> bool:
+    """Fold new events into the view; True when something changed."""
+    changed = False
+    for event in events:
+        changed = True
+        kind = event.get("type")
+        if kind == "progress":
+            if event.get("loss") is not None:
+                view["points"].append([event["step"], float(event["loss"])])
+            view["last"] = event
+            view["max_steps"] = event.get("max_steps") or view["max_steps"]
+        elif kind == "sample":
+            prompts = event.get("prompts") or []
+            for i, path in enumerate(event.get("paths") or []):
+                prompt = prompts[i] if i < len(prompts) else ""
+                view["samples"].append([path, f"step {event.get('step')}: {prompt}".strip()])
+        elif kind == "start":
+            view["max_steps"] = event.get("max_steps")
+        elif kind == "resume":  # steps after the checkpoint are trained again: drop their old points
+            step = event.get("step", 0)
+            view["points"] = [p for p in view["points"] if p[0] <= step]
+            view["error"] = None
+        elif kind == "done":
+            view["adapter"] = event.get("adapter")
+            view["last"] = {**(view["last"] or {}), "step": event.get("step"), "eta_s": 0}
+        elif kind == "error":
+            view["error"] = event.get("message")
+        view["latest"] = kind
+        view["lines"].append(event_line(event))
+    del view["lines"][:-max_lines]
+    return changed
+
+
+def tail_events(view: dict, run_dir: Path) -> bool:
+    """Read the events appended since the last call; True when the view changed."""
+    from trainers.events import read_events
+
+    events, offset = read_events(run_dir, view["offset"])
+    view["offset"] = offset
+    return apply_events(view, events)
+
+
+def ema(values: Sequence[float], smoothing: float = 0.6) -> list[float]:
+    """TensorBoard-style exponential moving average (debiased)."""
+    out, last, weight = [], 0.0, 0.0
+    for value in values:
+        last = smoothing * last + (1 - smoothing) * value
+        weight = smoothing * weight + (1 - smoothing)
+        out.append(last / weight)
+    return out
+
+
+def loss_series(points: Sequence[Sequence[float]], *, max_points: int = 1500) -> list[dict]:
+    """Rows {step, loss, series} for the loss chart: the raw loss and a smoothed line;
+    long runs are thinned to at most `max_points` per series."""
+    if not points:
+        return []
+    stride = max(1, math.ceil(len(points) / max_points))
+    steps = [p[0] for p in points]
+    losses = [p[1] for p in points]
+    smooth = ema(losses)
+    rows = []
+    for i in range(0, len(points), stride):
+        rows.append({"step": steps[i], "loss": losses[i], "series": "loss"})
+    for i in range(0, len(points), stride):
+        rows.append({"step": steps[i], "loss": smooth[i], "series": "smoothed"})
+    if (len(points) - 1) % stride:  # always show the newest point
+        rows.append({"step": steps[-1], "loss": losses[-1], "series": "loss"})
+        rows.append({"step": steps[-1], "loss": smooth[-1], "series": "smoothed"})
+    return rows
+
+
+def loss_frame(points: Sequence[Sequence[float]]):
+    """The loss chart's data; typed even when empty, so the chart's axes stay numeric."""
+    import pandas as pd
+
+    rows = loss_series(points)
+    return pd.DataFrame({
+        "step": pd.Series([r["step"] for r in rows], dtype="int64"),
+        "loss": pd.Series([r["loss"] for r in rows], dtype="float64"),
+        "series": pd.Series([r["series"] for r in rows], dtype="str"),
+    })
+
+
+_STATE_TEXT = {
+    "queued": "waiting in the queue", "running": "training", "cancelling": "stopping (saving a checkpoint)",
+    "done": "finished", "failed": "failed", "cancelled": "cancelled",
+}
+
+
+def status_html(job, view: dict, *, queue_position: int | None = None) -> str:
+    """The run header: state, step/max, speed, ETA, loss and a progress bar."""
+    if job is None:
+        return "<div class='run-status empty'>Pick a run on the left, or start one in the Train tab.</div>"
+    last = view.get("last") or {}
+    max_steps = view.get("max_steps") or last.get("max_steps")
+    step = last.get("step") or 0
+    state = job.state
+    text = _STATE_TEXT.get(state, state)
+    if state == "queued" and queue_position:
+        text += f" ({queue_position} ahead)" if queue_position > 0 else " (next)"
+    # a worker (re)starting after a cancel or an error has not reported anything yet
+    live = bool(last) and view.get("latest") not in ("cancelled", "error", "done")
+    if state == "running" and not live:
+        text = "starting (loading the model)"
+    facts = []
+    if max_steps:
+        facts.append(f"<b>Step</b> {step} / {max_steps}")
+    if last.get("it_s") and state in ("running", "cancelling") and live:
+        facts.append(f"<b>Speed</b> {last['it_s']:.2f} it/s")
+    if state in ("running", "cancelling") and live and last.get("eta_s") is not None:
+        facts.append(f"<b>ETA</b> {format_duration(last['eta_s'])}")
+    if last.get("loss") is not None:
+        facts.append(f"<b>Loss</b> {last['loss']:.4f}")
+    if last.get("lr") is not None:
+        facts.append(f"<b>LR</b> {last['lr']:.2e}")
+    if job.started and job.finished:
+        facts.append(f"<b>Took</b> {format_duration(job.finished - job.started)}")
+    fraction = min(1.0, step / max_steps) if max_steps else 0.0
+    if state == "done":
+        fraction = 1.0
+    message = view.get("error") if state == "failed" and view.get("error") else job.message
+    parts = [
+        f"<div class='run-status state-{html.escape(state)}'>",
+        f"<div class='run-title'><span class='run-name'>{html.escape(job.id)}</span>"
+        f"<span class='badge'>{html.escape(text)}</span></div>",
+        f"<div class='run-facts'>{' · '.join(facts) or '&nbsp;'}</div>",
+        f"<div class='bar'><div style='width:{fraction * 100:.1f}%'></div></div>",
+    ]
+    if message:
+        parts.append(f"<div class='run-message'>{html.escape(message)}</div>")
+    parts.append("</div>")
+    return "".join(parts)
+
+
+JOB_HEADERS = ["Run", "State", "Queued", "Took", "Note"]
+
+
+def job_rows(jobs: Sequence) -> list[list[str]]:
+    rows = []
+    for job in jobs:
+        took = format_duration(job.finished - job.started) if job.started and job.finished else ""
+        queued = datetime.datetime.fromtimestamp(job.created).strftime("%m-%d %H:%M") if job.created else ""
+        rows.append([job.id, job.state, queued, took, shorten(job.message or "", 90)])
+    return rows
+
+
+def tail_text(path: Path, *, max_lines: int = 40, max_bytes: int = 32 * 1024) -> str:
+    """The last lines of a text file (progress-bar carriage returns folded)."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, 2)
+            size = handle.tell()
+            handle.seek(max(0, size - max_bytes))
+            data = handle.read()
+    except OSError:
+        return ""
+    text = data.decode("utf-8", errors="replace")
+    lines = [line.rstrip("\r").rsplit("\r", 1)[-1] for line in text.split("\n")]
+    if lines and not lines[-1]:
+        lines.pop()
+    if size > max_bytes and lines:
+        lines = lines[1:]  # first line is probably cut
+    return "\n".join(lines[-max_lines:])
+
+
+def last_sample(run_dir: Path) -> Path | None:
+    """The newest sample image of a run that still exists."""
+    from trainers.events import iter_events
+
+    newest = None
+    for event in iter_events(run_dir):
+        if event.get("type") == "sample":
+            for path in event.get("paths") or []:
+                if Path(path).is_file():
+                    newest = Path(path)
+    return newest
+
+
+# --------------------------------------------------------------------------- generate
+SIZE_DEFAULT = "Model default"
+SIZE_CHOICES = [SIZE_DEFAULT, "64 × 64", "128 × 128", "256 × 256", "512 × 512", "512 × 768", "768 × 512",
+                "768 × 768", "1024 × 1024", "832 × 1216", "1216 × 832"]
+
+
+def parse_size(text: str | None) -> tuple[int | None, int | None]:
+    """`512 × 768` (or `512x768`) -> (512, 768); the default choice or empty -> (None, None)."""
+    if not text or text == SIZE_DEFAULT:
+        return None, None
+    cleaned = text.replace("×", "x").replace("X", "x").replace(" ", "")
+    try:
+        width, height = (int(v) for v in cleaned.split("x"))
+    except ValueError:
+        raise StudioError(f"Size {text!r} is not WIDTH x HEIGHT; write e.g. 512 x 768.") from None
+    return width, height
+
+
+def adapter_uses(rows: Sequence[tuple[str | None, float | None]], resolve: Callable[[str], Path]) -> list:
+    """Adapter rows (library name, weight) -> AdapterUse list: empty rows and weight-0 rows
+    are skipped; an adapter chosen twice is an error."""
+    from studio.generate import AdapterUse
+
+    uses = []
+    for name, weight in rows:
+        if not name:
+            continue
+        weight = 1.0 if weight is None else float(weight)
+        if weight == 0:
+            continue
+        uses.append(AdapterUse(resolve(name), weight))
+    return uses
+
+
+def merge_uses(*groups: Sequence) -> list:
+    """Adapters from the rows and from `<lora:...>` tags; each file at most once."""
+    merged, seen = [], {}
+    for group in groups:
+        for use in group:
+            key = Path(use.path).resolve()
+            if key in seen:
+                raise StudioError(f"Adapter {use.path.stem!r} is used twice (in the adapter rows and/or a "
+                                  "<lora:...> tag in the prompt); keep one and set its weight there.")
+            seen[key] = use
+            merged.append(use)
+    return merged
+
+
+# --------------------------------------------------------------------------- library
+def thumbnail_from_metadata(metadata: dict) -> Any:
+    """The `modelspec.thumbnail` data URL as a PIL image, or None."""
+    value = (metadata or {}).get("modelspec.thumbnail", "")
+    if not value.startswith("data:image/") or "," not in value:
+        return None
+    try:
+        from PIL import Image
+
+        data = base64.b64decode(value.split(",", 1)[1], validate=False)
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        return image
+    except Exception:  # a broken thumbnail must never break the library page
+        return None
+
+
+LIBRARY_HEADERS = ["Name", "Family", "Rank", "Alpha", "Trigger", "Size", "Modified"]
+_FAMILY_TEXT = {"sd15": "SD 1.5", "sdxl": "SDXL"}
+
+
+def _numbers(values: Sequence[float]) -> str:
+    return ", ".join(f"{v:g}" for v in values)
+
+
+def library_row(path: Path, info: dict | None, error: str | None = None) -> list[str]:
+    stat = path.stat()
+    if info is None:
+        return [path.stem, "?", "", "", f"unreadable: {error}" if error else "", format_size(stat.st_size),
+                format_time(stat.st_mtime)]
+    meta = info.get("metadata") or {}
+    family = info.get("family")
+    return [path.stem, _FAMILY_TEXT.get(family, family or "?"), _numbers(info.get("ranks") or []),
+            _numbers(info.get("alphas") or []), meta.get("modelspec.trigger_phrase", ""),
+            format_size(stat.st_size), format_time(stat.st_mtime)]
+
+
+def adapter_markdown(path: Path, info: dict) -> str:
+    meta = info.get("metadata") or {}
+    lines = [f"### {path.stem}"]
+    modules = f"{info.get('modules', '?')}"
+    if "unet_modules" in info:
+        modules += f" ({info['unet_modules']} UNet, {info.get('text_encoder_modules', 0)} text encoder)"
+    hash_ok = info.get("sshs_model_hash_matches")
+    facts = [
+        ("Family", _FAMILY_TEXT.get(info.get("family"), info.get("family") or "unknown")),
+        ("Type", str(info.get("type", ""))),
+        ("Rank", _numbers(info.get("ranks") or [])),
+        ("Alpha", _numbers(info.get("alphas") or [])),
+        ("Modules", modules),
+        ("Parameters", f"{info['parameters']:,}" if info.get("parameters") else ""),
+        ("Hash", "" if hash_ok is None else ("matches the data" if hash_ok else "does NOT match the data "
+                                             "(the file was changed after it was written)")),
+        ("Trigger", meta.get("modelspec.trigger_phrase", "")),
+        ("Base model", meta.get("ss_sd_model_name", "")),
+        ("Steps", meta.get("ss_steps", "")),
+        ("Resolution", meta.get("modelspec.resolution", "")),
+        ("Trained", meta.get("modelspec.date", "")),
+        ("File", f"`{path.name}` ({format_size(path.stat().st_size)})"),
+    ]
+    lines += [f"- **{k}:** {v}" for k, v in facts if v]
+    lines.append(f"\nUse it in a prompt as `<lora:{path.stem}:0.8>` (A1111 / Forge syntax).")
+    return "\n".join(lines)
+
+
+def metadata_for_display(metadata: dict) -> dict:
+    """Metadata with JSON strings opened up and the (huge) thumbnail left out."""
+    import json
+
+    out = {}
+    for key, value in sorted((metadata or {}).items()):
+        if key == "modelspec.thumbnail":
+            out[key] = f"<image, {len(value)} characters>"
+            continue
+        if isinstance(value, str) and value[:1] in "{[":
+            try:
+                out[key] = json.loads(value)
+                continue
+            except ValueError:
+                pass
+        out[key] = value
+    return out
+
+
+# --------------------------------------------------------------------------- datasets
+def stats_markdown(stats, report=None) -> str:
+    """Counts, repeats per folder and regularisation images of a dataset."""
+    lines = [f"**{stats.image_count}** training image(s)"
+             + (f", **{stats.reg_image_count}** class/regularisation image(s)" if stats.reg_image_count else "")
+             + f" · **{stats.steps_per_epoch}** images per epoch (repeats counted)"]
+    if report is not None:
+        unusable = report.image_count - len(report.ok)
+        warnings = len(report.warnings)
+        if unusable or warnings:
+            lines.append(f"**Check:** {unusable} unusable file(s), {warnings} warning(s) — see *Problems* below.")
+        else:
+            lines.append("**Check:** no problems found.")
+    if len(stats.subsets) > 1 or any(s.repeats != 1 for s in stats.subsets):
+        lines.append("| Folder | Repeats | Images | Kind |\n|---|---|---|---|")
+        for s in stats.subsets:
+            lines[-1] += (f"\n| `{s.folder or '(top level)'}` | {s.repeats} | {s.image_count} | "
+                          f"{'class / regularisation' if s.is_regularisation else 'training'} |")
+    return "\n\n".join(lines)
+
+
+ISSUE_HEADERS = ["Severity", "File", "Problem", "Details"]
+_SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
+
+
+def issue_rows(report) -> list[list[str]]:
+    issues = sorted(report.issues, key=lambda i: (_SEVERITY_ORDER.get(i.severity, 3), i.path))
+    return [[i.severity, i.path, i.kind.replace("_", " "), i.message] for i in issues]
+
+
+def gallery_items(items: Sequence, folder: Path, *, limit: int = 500) -> list[tuple[str, str]]:
+    """(image path, caption shown under it) for the dataset gallery."""
+    out = []
+    for item in list(items)[:limit]:
+        rel = Path(item.path).relative_to(folder).as_posix()
+        tags = []
+        if item.is_regularisation:
+            tags.append("class image")
+        if item.repeats != 1:
+            tags.append(f"×{item.repeats}")
+        prefix = f"[{', '.join(tags)}] " if tags else ""
+        out.append((str(item.path), f"{prefix}{item.caption or '(no caption)'} · {rel}"))
+    return out

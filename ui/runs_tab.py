@@ -1,0 +1,147 @@
+"""Runs tab: the queue and history, and one run watched live (progress, loss, samples, log)."""
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import gradio as gr
+
+from studio import jobs as jobs_api
+from studio.errors import StudioError
+from ui import helpers as h
+from ui.common import Studio, friendly
+
+LOG_EVENT_LINES = 30
+LOG_WORKER_LINES = 30
+
+
+def build(studio: Studio) -> SimpleNamespace:
+    ws = studio.workspace
+
+    with gr.Tab("3 · Runs", id="runs") as tab:
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=5, min_width=340):
+                pick = gr.Dropdown([], value=None, label="Run", info="Newest first", elem_id="runs-pick")
+                table = gr.Dataframe(headers=h.JOB_HEADERS, interactive=False, wrap=True, max_height=520,
+                                     label="Queue and history — click a row to watch it",
+                                     column_widths=["38%", "16%", "18%", "13%", "15%"],
+                                     elem_id="runs-table")
+            with gr.Column(scale=8):
+                status = gr.HTML(h.status_html(None, {}), elem_id="runs-status")
+                with gr.Row():
+                    cancel_btn = gr.Button("■ Cancel", variant="stop", interactive=False, elem_id="runs-cancel")
+                    resume_btn = gr.Button("↻ Resume", interactive=False, elem_id="runs-resume")
+                    open_btn = gr.Button("Open in Generate →", variant="primary", interactive=False,
+                                         elem_id="runs-open")
+                plot = gr.LinePlot(None, x="step", y="loss", color="series", title="Training loss",
+                                   height=250, color_map={"loss": "#9ca3af", "smoothed": "#f97316"},
+                                   x_title="step", y_title="loss", elem_id="runs-loss")
+                samples = gr.Gallery(label="Samples (newest first)", columns=4, height=230, object_fit="contain",
+                                     interactive=False, fit_columns=False, elem_id="runs-samples")
+                log_box = gr.Textbox(label="Log — events, then the worker's output", lines=12, max_lines=12,
+                                     interactive=False, autoscroll=True, elem_id="runs-log",
+                                     elem_classes="mono")
+        view = gr.State(h.new_view(None))
+        timer = gr.Timer(1.0, active=False)
+
+    outputs = [pick, table, status, plot, samples, log_box, cancel_btn, resume_btn, open_btn, view]
+
+    def refresh(run_id: str | None, current: dict | None, *, force: bool = False):
+        jobs = jobs_api.list_jobs(ws)
+        ids = [j.id for j in jobs]
+        if run_id not in ids:
+            run_id = ids[0] if ids else None
+        if not current or current.get("run") != run_id:
+            current, force = h.new_view(run_id), True
+        job = next((j for j in jobs if j.id == run_id), None)
+        run_dir = ws.run_dir(job.id) if job else None
+        if run_dir is not None:
+            h.tail_events(current, run_dir)
+
+        def changed(key: str, value) -> bool:
+            if force or current.get(key) != value:
+                current[key] = value
+                return True
+            return False
+
+        out_pick = gr.update(choices=ids, value=run_id) if changed("shown_ids", ids) else gr.skip()
+        rows = h.job_rows(jobs)
+        out_table = rows if changed("shown_rows", rows) else gr.skip()
+        position = None
+        if job is not None and job.state == "queued":
+            position = sum(1 for j in jobs if j.state in ("running", "cancelling")
+                           or (j.state == "queued" and j.created < job.created))
+        html_text = h.status_html(job, current, queue_position=position)
+        out_status = html_text if changed("shown_status", html_text) else gr.skip()
+        # None, not an empty frame: a chart first drawn from an empty frame never draws its lines
+        out_plot = ((h.loss_frame(current["points"]) if current["points"] else None)
+                    if changed("shown_points", len(current["points"])) else gr.skip())
+        sample_list = [tuple(s) for s in current["samples"] if Path(s[0]).is_file()]
+        out_samples = list(reversed(sample_list)) if changed("shown_samples", len(sample_list)) else gr.skip()
+        log_text = "\n".join(current["lines"][-LOG_EVENT_LINES:])
+        if run_dir is not None:
+            worker = h.tail_text(run_dir / jobs_api.WORKER_LOG, max_lines=LOG_WORKER_LINES)
+            if worker.strip():
+                log_text += "\n\n── worker.log ──\n" + worker
+        out_log = log_text if changed("shown_log", log_text) else gr.skip()
+        state = job.state if job else None
+        adapter_ok = bool(job and job.state == "done" and job.adapter and Path(job.adapter).is_file())
+        buttons = (state, adapter_ok)
+        if changed("shown_buttons", buttons):
+            out_buttons = [gr.update(interactive=state in ("queued", "running")),
+                           gr.update(interactive=state in ("failed", "cancelled")),
+                           gr.update(interactive=adapter_ok)]
+        else:
+            out_buttons = [gr.skip()] * 3
+        return [out_pick, out_table, out_status, out_plot, out_samples, out_log, *out_buttons, current]
+
+    @friendly
+    def on_tick(run_id, current):
+        return refresh(run_id, current)
+
+    @friendly
+    def on_pick(run_id, current):
+        return refresh(run_id, current, force=True)
+
+    @friendly
+    def on_row(current, evt: gr.SelectData):
+        row = getattr(evt, "row_value", None)
+        run_id = row[0] if row else None
+        return refresh(run_id, current, force=True)
+
+    @friendly
+    def on_cancel(run_id, current):
+        if not run_id:
+            raise StudioError("Pick a run first.")
+        job = jobs_api.cancel(ws, run_id)
+        gr.Info("Cancelled." if job.state == "cancelled" else "Stopping after the current step; a checkpoint "
+                "is saved so you can resume.")
+        return refresh(run_id, current)
+
+    @friendly
+    def on_resume(run_id, current):
+        if not run_id:
+            raise StudioError("Pick a run first.")
+        jobs_api.resume(ws, run_id)  # also makes sure a supervisor runs
+        gr.Info("Queued again; it continues from its last checkpoint.")
+        return refresh(run_id, current)
+
+    def adapter_of(run_id: str | None) -> str:
+        if not run_id:
+            raise StudioError("Pick a finished run first.")
+        job = jobs_api.get_job(ws, run_id)
+        if job.state != "done" or not job.adapter:
+            raise StudioError(f"Run {run_id} is {job.state}; only a finished run has an adapter.")
+        path = Path(job.adapter)
+        if not path.is_file():
+            raise StudioError(f"The adapter {path.name} of run {run_id} is no longer in the library.")
+        return path.stem
+
+    timer.tick(on_tick, [pick, view], outputs, show_progress="hidden", trigger_mode="once")
+    pick.input(on_pick, [pick, view], outputs, show_progress="hidden")
+    table.select(on_row, view, outputs, show_progress="hidden")
+    cancel_btn.click(on_cancel, [pick, view], outputs)
+    resume_btn.click(on_resume, [pick, view], outputs)
+
+    return SimpleNamespace(tab=tab, pick=pick, view=view, timer=timer, outputs=outputs, open_btn=open_btn,
+                           refresh=refresh, adapter_of=adapter_of)

@@ -1,0 +1,268 @@
+"""Train tab: pick a dataset, base model and preset, adjust settings, check them, queue a run."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import gradio as gr
+
+from studio import PRESETS_DIR
+from studio.config import TrainConfig, dump_config, load_config, parse_config
+from studio.datasets import dataset_stats, list_datasets
+from studio.errors import StudioError
+from ui import helpers as h
+from ui.common import Studio, dropdown_value, friendly
+
+DEFAULT_PRESET = "tiny-demo"
+BUILTIN = "builtin"
+#: Main-form inputs in display order (the dataset is its own dropdown).
+MAIN_ORDER = [("name",), ("base_model",), ("training", "max_steps"), ("network", "rank"), ("network", "alpha"),
+              ("training", "learning_rate"), ("dataset", "resolution"), ("dataset", "trigger_word"),
+              ("training", "batch_size"), ("sampling", "prompts")]
+_MAIN_LABELS = {("name",): "Adapter name", ("training", "max_steps"): "Steps", ("network", "rank"): "Rank",
+                ("network", "alpha"): "Alpha", ("training", "learning_rate"): "Learning rate",
+                ("dataset", "resolution"): "Resolution", ("dataset", "trigger_word"): "Trigger word",
+                ("training", "batch_size"): "Batch size", ("sampling", "prompts"): "Sample prompts"}
+
+
+def _number_step(spec: h.FieldSpec) -> float:
+    if spec.kind == "int":
+        return 1
+    if "lr" in spec.path[-1] or "learning_rate" in spec.path[-1]:
+        return 1e-5
+    if "epsilon" in spec.path[-1]:
+        return 1e-9
+    return 0.01
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.toml"))
+
+
+def preset_config(name: str | None) -> TrainConfig:
+    if not name:
+        return TrainConfig()
+    path = PRESETS_DIR / f"{name}.toml"
+    if not path.is_file():
+        raise StudioError(f"Preset {name!r} not found in {PRESETS_DIR}.")
+    return load_config(path)
+
+
+def model_choices(studio: Studio) -> list[str]:
+    """'builtin', then diffusers folders and .safetensors checkpoints in workspace/models."""
+    out = [BUILTIN]
+    models = studio.workspace.models_dir
+    if models.is_dir():
+        for entry in sorted(models.iterdir()):
+            if (entry.is_dir() and (entry / "model_index.json").is_file()) or entry.suffix.lower() == ".safetensors":
+                out.append(str(entry))
+    return out
+
+
+def measured_speed(studio: Studio, base_model: str) -> tuple[float | None, int | None]:
+    """(steps/s, pixels per step) of the newest run of this base model that logged progress."""
+    from studio.jobs import list_jobs
+    from studio.runs import run_config
+    from trainers.events import iter_events
+
+    for job in list_jobs(studio.workspace)[:10]:
+        run_dir = job.run_dir(studio.workspace)
+        try:
+            config = run_config(run_dir)
+        except StudioError:
+            continue
+        if config.base_model != base_model:
+            continue
+        speeds = [e["it_s"] for e in iter_events(run_dir) if e.get("type") == "progress" and e.get("it_s")]
+        if speeds:
+            work = config.training.batch_size * config.training.gradient_accumulation_steps
+            return speeds[-1], config.dataset.resolution ** 2 * work
+    return None, None
+
+
+def build(studio: Studio) -> SimpleNamespace:
+    ws = studio.workspace
+    config = preset_config(DEFAULT_PRESET if DEFAULT_PRESET in preset_names() else None)
+    datasets = list_datasets(ws)
+    all_main = {spec.path: spec for spec in h.config_fields() if spec.path in MAIN_ORDER}
+    main_specs = [all_main[path] for path in MAIN_ORDER]
+    advanced_specs = h.config_fields(exclude=h.MAIN_FIELDS)
+
+    def component(spec: h.FieldSpec, value, *, label: str | None = None, **extra):
+        label = label or spec.label
+        elem_id = "train-" + spec.key.replace(".", "-").replace("_", "-")
+        common = {"label": label, "info": spec.info, "elem_id": elem_id, **extra}
+        if spec.kind == "bool":
+            return gr.Checkbox(value=bool(value), **common)
+        if spec.kind == "choice":
+            return gr.Dropdown(list(spec.choices), value=value, **common)
+        if spec.kind in ("int", "float"):
+            return gr.Number(value=value, precision=0 if spec.kind == "int" else None, minimum=spec.minimum,
+                             maximum=spec.maximum, step=_number_step(spec), **common)
+        if spec.kind == "lines":
+            return gr.Textbox(value=value, lines=3, **common)
+        return gr.Textbox(value=value, **common)
+
+    main_values = dict(zip(MAIN_ORDER, h.config_to_form(main_specs, config)))
+    with gr.Tab("2 · Train", id="train") as tab:
+        gr.Markdown("Choose what to learn from and how long. The defaults train the built-in toy model on "
+                    "the demo dataset in a few minutes on a CPU — press **Start training** to try it.",
+                    elem_classes="tab-intro")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3):
+                with gr.Row():
+                    dataset = gr.Dropdown(datasets, value=dropdown_value(datasets, "demo"), label="Dataset",
+                                          info="From the Datasets tab", elem_id="train-dataset")
+                    base_model = gr.Dropdown(model_choices(studio), value=main_values[("base_model",)],
+                                             allow_custom_value=True, label="Base model",
+                                             info="'builtin' (tiny, CPU), or a path: diffusers folder / "
+                                                  ".safetensors checkpoint", elem_id="train-base-model")
+                    preset = gr.Dropdown(preset_names(), value=DEFAULT_PRESET if DEFAULT_PRESET in preset_names()
+                                         else None, label="Preset",
+                                         info="Fills every setting from presets/*.toml (dataset kept)",
+                                         elem_id="train-preset")
+                main = {}
+                with gr.Group():
+                    with gr.Row():
+                        for path in [("name",), ("training", "max_steps"), ("training", "learning_rate"),
+                                     ("training", "batch_size")]:
+                            main[path] = component(all_main[path], main_values[path], label=_MAIN_LABELS[path])
+                    with gr.Row():
+                        for path in [("network", "rank"), ("network", "alpha"), ("dataset", "resolution"),
+                                     ("dataset", "trigger_word")]:
+                            main[path] = component(all_main[path], main_values[path], label=_MAIN_LABELS[path])
+                    main[("sampling", "prompts")] = component(
+                        all_main[("sampling", "prompts")], main_values[("sampling", "prompts")],
+                        label="Sample prompts (one per line)")
+                main[("base_model",)] = base_model
+                advanced = []
+                with gr.Accordion("All settings", open=False, elem_id="train-all-settings"):
+                    gr.Markdown("Every setting of the training config, with its meaning. Hover or read the "
+                                "small text under each one.")
+                    adv_values = h.config_to_form(advanced_specs, config)
+                    sections: dict[str, list[tuple[h.FieldSpec, object]]] = {}
+                    for spec, value in zip(advanced_specs, adv_values):
+                        sections.setdefault(spec.section, []).append((spec, value))
+                    for section, fields in sections.items():
+                        with gr.Accordion(h.SECTION_TITLES.get(section, h.humanize(section)), open=False):
+                            for start in range(0, len(fields), 3):
+                                with gr.Row():
+                                    for spec, value in fields[start:start + 3]:
+                                        advanced.append(component(spec, value))
+                with gr.Accordion("Config as TOML — for `lora-studio train`", open=False):
+                    toml_view = gr.Code(dump_config(config), language=None, label="config.toml",
+                                        interactive=False, elem_id="train-toml")
+            with gr.Column(scale=2, min_width=300):
+                hint = gr.Markdown(elem_id="train-hint", elem_classes="hint-box")
+                check_btn = gr.Button("Check settings", elem_id="train-check")
+                launch_btn = gr.Button("▶ Start training", variant="primary", size="lg", elem_id="train-launch")
+                launch_note = gr.Markdown(elem_id="train-note")
+
+    main_components = [main[path] for path in MAIN_ORDER]
+    form_specs = main_specs + advanced_specs
+    form_components = main_components + advanced
+
+    def build_config(dataset_name: str | None, values) -> TrainConfig:
+        data = h.form_to_config_dict(form_specs, values)
+        if not dataset_name:
+            raise StudioError("Pick a dataset (make one in the Datasets tab first).")
+        data.setdefault("dataset", {})["name"] = dataset_name
+        data["dataset"].pop("path", None)
+        return parse_config(data, "Settings")
+
+    def check_dataset_ready(config: TrainConfig) -> int:
+        folder = ws.dataset_dir(config.dataset.name)
+        if not folder.is_dir():
+            raise StudioError(f"Dataset {config.dataset.name!r} does not exist any more; pick another one.")
+        stats = dataset_stats(folder)
+        if stats.image_count == 0:
+            raise StudioError(f"Dataset {config.dataset.name!r} has no training images; add some in the "
+                              "Datasets tab.")
+        if config.base_model != BUILTIN:
+            from studio.models import resolve_model
+
+            resolve_model(config.base_model)
+        return stats.steps_per_epoch
+
+    @friendly
+    def on_preset(name):
+        loaded = preset_config(name)
+        return h.config_to_form(form_specs, loaded)
+
+    def hint_for(dataset_name, values) -> str:
+        try:
+            data = h.form_to_config_dict(form_specs, values)
+            data.setdefault("dataset", {})["name"] = dataset_name or None
+            data["dataset"].pop("path", None)
+            config = parse_config(data, "Settings")
+        except StudioError as error:
+            return f"**Cannot estimate yet:** {error}"
+        builtin = config.base_model in ("", BUILTIN)
+        family = None
+        if not builtin:
+            try:
+                from studio.models import resolve_model
+
+                family = resolve_model(config.base_model).family
+            except StudioError as error:
+                return f"**Cannot estimate yet:** {error}"
+        steps_per_epoch = None
+        if dataset_name and ws.dataset_dir(dataset_name).is_dir():
+            try:
+                steps_per_epoch = dataset_stats(ws.dataset_dir(dataset_name)).steps_per_epoch or None
+            except StudioError:
+                pass
+        speed, pixels = measured_speed(studio, config.base_model) if builtin else (None, None)
+        t, s = config.training, config.sampling
+        return h.resource_hint(
+            family=family, builtin=builtin, steps=t.max_steps, batch_size=t.batch_size,
+            resolution=config.dataset.resolution, grad_accum=t.gradient_accumulation_steps,
+            gradient_checkpointing=t.gradient_checkpointing, mixed_precision=t.mixed_precision,
+            measured_it_s=speed, measured_pixels=pixels, steps_per_epoch=steps_per_epoch,
+            sample_every=s.every_n_steps, sample_prompts=len(s.prompts), sample_steps=s.steps)
+
+    def on_change(dataset_name, *values):
+        return hint_for(dataset_name, values)
+
+    @friendly
+    def on_check(dataset_name, *values):
+        config = build_config(dataset_name, values)
+        per_epoch = check_dataset_ready(config)
+        gr.Info(f"Settings are valid: {config.training.max_steps} steps on {per_epoch} images per epoch.")
+        return dump_config(config), "Settings are valid."
+
+    def on_launch(dataset_name, *values):
+        """Queue a run; returns (config TOML, note, job id). Raises StudioError."""
+        from studio.jobs import enqueue, list_jobs
+
+        config = build_config(dataset_name, values)
+        check_dataset_ready(config)
+        if (ws.adapters_dir / f"{config.name}.safetensors").exists():
+            gr.Warning(f"An adapter named {config.name!r} is in the library; this run replaces it when it "
+                       "finishes. Change the adapter name to keep both.")
+        ahead = sum(j.state in ("queued", "running", "cancelling") for j in list_jobs(ws))
+        job = enqueue(ws, config)
+        where = f" ({ahead} run(s) ahead of it)" if ahead else ""
+        gr.Info(f"Queued {job.id}{where}.")
+        return dump_config(config), f"Queued **{job.id}**{where}. Follow it in the Runs tab.", job.id
+
+    hint_inputs = [dataset, *form_components]
+    watched = [dataset, base_model, *(main[p] for p in MAIN_ORDER if p != ("name",))]
+    watched += [c for spec, c in zip(advanced_specs, advanced)
+                if spec.key in ("training.gradient_accumulation_steps", "training.gradient_checkpointing",
+                                "training.mixed_precision", "sampling.every_n_steps", "sampling.steps")]
+    for comp in watched:
+        comp.change(on_change, hint_inputs, hint, show_progress="hidden", trigger_mode="always_last")
+    preset.input(on_preset, preset, form_components).then(on_change, hint_inputs, hint, show_progress="hidden")
+    check_btn.click(on_check, hint_inputs, [toml_view, launch_note])
+
+    def refresh_choices(current_dataset, current_model):
+        names = list_datasets(ws)
+        models = model_choices(studio)
+        if current_model and current_model not in models:
+            models.append(current_model)
+        return (gr.update(choices=names, value=dropdown_value(names, current_dataset)),
+                gr.update(choices=models, value=current_model or BUILTIN))
+
+    return SimpleNamespace(tab=tab, dataset=dataset, base_model=base_model, launch_btn=launch_btn,
+                           launch=on_launch, hint_inputs=hint_inputs, outputs=[toml_view, launch_note],
+                           on_change=on_change, hint=hint, refresh_choices=refresh_choices)
