@@ -53,8 +53,22 @@ def build_parser() -> argparse.ArgumentParser:
     _workspace_arg(gen)
 
     ins = sub.add_parser("inspect", help="show an adapter file's layout and metadata")
-    ins.add_argument("file", type=Path)
+    ins.add_argument("file", type=Path, help="adapter .safetensors (kohya, LyCORIS, diffusers) or peft folder")
     ins.add_argument("--json", action="store_true", help="machine-readable output")
+
+    conv = sub.add_parser("convert", help="convert an adapter between layouts / precisions, or edit its metadata")
+    conv.add_argument("src", type=Path, metavar="IN", help="adapter file or peft folder")
+    conv.add_argument("dst", type=Path, metavar="OUT", help="output file (a folder for --format peft); may equal IN")
+    conv.add_argument("--format", choices=("kohya", "diffusers", "peft"), default="kohya",
+                      help="kohya/LyCORIS (A1111, Forge, ComfyUI, CivitAI; default), diffusers or peft")
+    conv.add_argument("--precision", choices=("fp16", "bf16", "fp32"), default=None,
+                      help="tensor precision (default: keep the source's)")
+    conv.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="set a metadata entry (KEY= removes it); repeatable. Alone it rewrites only the header, "
+                           "so sshs_model_hash stays the same")
+    conv.add_argument("--model", default=None,
+                      help="base model ('builtin', a diffusers folder or a .safetensors checkpoint); needed to "
+                           "convert DoRA between kohya and diffusers/peft, or for architectures not shipped")
 
     ds = sub.add_parser("dataset", help="import and check datasets")
     ds_sub = ds.add_subparsers(dest="dataset_command", parser_class=_Parser)
@@ -70,8 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     _workspace_arg(chk)
 
     ui = sub.add_parser("ui", help="start the browser studio (default command)")
-    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--host", default="127.0.0.1", help="address to serve on (default: this machine only)")
     ui.add_argument("--port", type=int, default=7860)
+    ui.add_argument("--listen", action="store_true", help="serve on all interfaces (0.0.0.0); needs --auth")
+    ui.add_argument("--share", action="store_true", help="a public Gradio share link; needs --auth")
+    ui.add_argument("--auth", metavar="USER:PASSWORD", default=None,
+                    help="require this login (or set LORA_STUDIO_AUTH)")
+    ui.add_argument("--allow-pickle", action="store_true", help="allow .ckpt base models (can run code)")
     _workspace_arg(ui)
     return parser
 
@@ -127,12 +146,35 @@ def cmd_inspect(args) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    for key in ("file", "family", "type", "modules", "ranks", "alphas", "prefixes"):
-        print(f"{key:>10}: {info[key]}")
+    facts = [("file", info["file"]), ("format", info["format"]), ("family", info["family"]),
+             ("type", info["type"]), ("modules", f"{info['modules']} ({info['tensors']} tensors, "
+                                                 f"{info['parameters']:,} parameters)"),
+             ("prefixes", ", ".join(f"{k}: {v}" for k, v in info["prefixes"].items())),
+             ("kinds", ", ".join(f"{k}: {v}" for k, v in info["kinds"].items())),
+             ("ranks", info["ranks"]), ("alphas", info["alphas"]), ("conv", info["conv_modules"])]
+    if "sshs_model_hash" in info:
+        state = {True: "matches the header", False: "DIFFERS from the header", None: "not in the header"}
+        facts.append(("data hash", f"{info['sshs_model_hash']} ({state[info['sshs_model_hash_matches']]})"))
+    for key, value in facts:
+        print(f"{key:>10}: {value}")
     print("  metadata:")
     for key, value in sorted(info["metadata"].items()):
         text = value if len(value) <= 200 else value[:197] + "..."
         print(f"    {key} = {text}")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from studio.adapters import adapter_models, convert_adapter, parse_assignments
+
+    models = None
+    if args.model:
+        from studio.models import load_pipeline
+
+        models = adapter_models(load_pipeline(args.model))
+    out = convert_adapter(args.src, args.dst, format=args.format, precision=args.precision,
+                          set_metadata=parse_assignments(args.set), models=models)
+    print(out)
     return 0
 
 
@@ -156,13 +198,18 @@ def cmd_dataset(args) -> int:
 
 
 def cmd_ui(args) -> int:
+    from studio.exposure import serving_auth
+
+    host = "0.0.0.0" if args.listen else args.host
+    auth = serving_auth(host, share=args.share, auth=args.auth)
     from ui.app import launch
 
-    launch(workspace=args.workspace, host=args.host, port=args.port)
+    launch(workspace=args.workspace, host=host, port=args.port, auth=auth, share=args.share,
+           allow_pickle=args.allow_pickle)
     return 0
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "inspect": cmd_inspect,
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "inspect": cmd_inspect, "convert": cmd_convert,
             "dataset": cmd_dataset, "ui": cmd_ui}
 
 

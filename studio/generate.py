@@ -194,6 +194,23 @@ class Engine:
     def _tlora_of(self, pipe) -> dict:
         return getattr(pipe, "_studio_tlora", {})
 
+    def set_mix(self, model: str, adapters: list[AdapterUse]):
+        """Load what is missing and weight the adapters; returns the ready pipeline.
+        Switching between mixes of loaded adapters only rescales layers."""
+        with self._lock:
+            return self._set_mix(model, adapters)
+
+    def _set_mix(self, model: str, adapters: list[AdapterUse]):
+        model_key, pipe = self.pipeline(model)
+        mix: dict[str, AdapterUse] = {}
+        for use in adapters:
+            name = self._adapter_name(model_key, pipe, use.path)
+            if name in mix:
+                raise StudioError(f"Adapter {use.path.name} is in the mix twice; give it one row.")
+            mix[name] = use
+        self._activate(pipe, mix)
+        return pipe
+
     def generate(self, request: GenerateRequest):
         """Images (PIL) for the request, each with its A1111 `parameters` text in `.info`."""
         import torch  # here, not at import: the UI imports this module for SCHEDULERS before torch loads
@@ -202,14 +219,7 @@ class Engine:
 
         request.validate()
         with self._lock:
-            model_key, pipe = self.pipeline(request.model)
-            mix: dict[str, AdapterUse] = {}
-            for use in request.adapters:
-                name = self._adapter_name(model_key, pipe, use.path)
-                if name in mix:
-                    raise StudioError(f"Adapter {use.path.name} is in the mix twice; give it one row.")
-                mix[name] = use
-            self._activate(pipe, mix)
+            pipe = self._set_mix(request.model, request.adapters)
             pipe.scheduler = _scheduler(pipe, request.scheduler)
             images = []
             for index in range(request.batch_count):

@@ -3,11 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from studio.adapters import TEXT_ENCODER_PREFIX, UNET_PREFIX, load_adapter, read_checked_header
+from studio.adapters import UNET_PREFIX, file_data_sha256, load_adapter, read_checked_header
 from studio.errors import StudioError
 from studio.workspace import Workspace
-
-_FAMILIES = {"sd_v1": "sd15", "sdxl_base_v1-0": "sdxl"}
 
 
 def list_adapters(workspace: Workspace) -> list[Path]:
@@ -32,32 +30,49 @@ def find_adapter(workspace: Workspace, name: str) -> Path:
 
 
 def describe_adapter(path: str | Path) -> dict:
-    """Family, type, ranks, alphas, module count and metadata of an adapter file."""
+    """Everything about an adapter file (or peft folder), after checking it fully: layout,
+    family, type (lora / locon / loha / lokr, +dora), ranks, alphas, module count per prefix
+    and per kind, tensor and parameter counts, whether `sshs_model_hash` matches the data,
+    and the metadata."""
     path = Path(path)
     adapter = load_adapter(path)
-    metadata = adapter.metadata
-    prefixes = sorted({name.split("_", 2)[0] + "_" + name.split("_", 2)[1] for name in adapter.modules})
-    family = _FAMILIES.get(metadata.get("ss_base_model_version", ""))
-    if family is None:
-        family = "sdxl" if any("input_blocks" in n or n.startswith("lora_te2_") for n in adapter.modules) else "sd15"
-    return {
+    modules = adapter.modules
+    prefixes = adapter.prefix_counts()
+    kinds: dict[str, int] = {}
+    for module in modules.values():
+        kinds[module.kind] = kinds.get(module.kind, 0) + 1
+    info = {
         "file": str(path),
-        "family": family,
-        "type": "lora",
-        "modules": len(adapter.modules),
-        "unet_modules": sum(n.startswith(UNET_PREFIX + "_") for n in adapter.modules),
-        "text_encoder_modules": sum(n.startswith(TEXT_ENCODER_PREFIX) for n in adapter.modules),
+        "format": adapter.source_format,
+        "family": adapter.family,
+        "type": adapter.adapter_type.label,
+        "network": adapter.adapter_type.network,
+        "dora": adapter.adapter_type.dora,
+        "modules": len(modules),
+        "unet_modules": prefixes.get(UNET_PREFIX, 0),
+        "text_encoder_modules": sum(v for k, v in prefixes.items() if k != UNET_PREFIX),
+        "prefixes": prefixes,
+        "kinds": dict(sorted(kinds.items())),
         "ranks": adapter.ranks,
         "alphas": adapter.alphas,
-        "prefixes": prefixes,
-        "metadata": metadata,
+        "conv_modules": sum(m.is_conv_kernel for m in modules.values()),
+        "tensors": sum(len(list(m.parts())) for m in modules.values()),
+        "parameters": sum(m.num_parameters() for m in modules.values()),
+        "metadata": adapter.metadata,
     }
+    if path.is_file() and adapter.source_format == "kohya":
+        stored = adapter.metadata.get("sshs_model_hash")
+        actual = file_data_sha256(path)
+        info["sshs_model_hash"] = actual
+        info["sshs_model_hash_matches"] = stored == actual if stored else None
+    return info
 
 
 def import_adapter(workspace: Workspace, source: str | Path, name: str | None = None, *,
                    overwrite: bool = False) -> Path:
-    """Copy a LoRA `.safetensors` file into the library as `<name>.safetensors` (default: the
-    file's own name), after checking that it loads as a kohya LoRA; the original is only read."""
+    """Copy an adapter `.safetensors` file into the library as `<name>.safetensors` (default: the
+    file's own name), after checking that it loads (kohya / LyCORIS, diffusers); the original is
+    only read. Files in other layouts are stored in the kohya layout."""
     import shutil
 
     from studio.fsutil import atomic_path
@@ -65,8 +80,8 @@ def import_adapter(workspace: Workspace, source: str | Path, name: str | None = 
 
     source = Path(source)
     if source.suffix.lower() != ".safetensors":
-        raise StudioError(f"{source.name} is not a .safetensors file; only LoRA .safetensors files can be imported.")
-    load_adapter(source)  # a clear StudioError when it is not a LoRA this studio can use
+        raise StudioError(f"{source.name} is not a .safetensors file; only adapter .safetensors files can be imported.")
+    adapter = load_adapter(source)  # a clear StudioError when it is not an adapter this studio can use
     stem = (name or "").strip() or source.stem
     if stem.lower().endswith(".safetensors"):
         stem = stem[: -len(".safetensors")]
@@ -75,6 +90,10 @@ def import_adapter(workspace: Workspace, source: str | Path, name: str | None = 
     if target.exists() and not overwrite:
         raise StudioError(f"An adapter named {stem!r} is already in the library; choose another name "
                           "or delete the old one first.")
+    if adapter.source_format != "kohya":
+        from studio.adapters import convert_adapter
+
+        return convert_adapter(source, target, format="kohya")
     with atomic_path(target) as tmp:
         shutil.copyfile(source, tmp)
     return target

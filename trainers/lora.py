@@ -498,16 +498,27 @@ class Trainer:
         self.events.emit("sample", step=step, paths=paths, prompts=prompts)
 
     def _export(self, started: float) -> Path:
-        """Write the trained adapter (whatever peft type is on the models) in the kohya /
-        LyCORIS layout with ss_* / modelspec.* metadata to adapters/<name>.safetensors."""
-        from studio.adapters import export_adapter, save_adapter, training_metadata
+        """Write the trained adapter to adapters/<name>.safetensors: whatever peft type is on
+        the models (LoRA, LoCon, DoRA, rsLoRA, LoHa, LoKr) in the kohya / LyCORIS layout, or a
+        T-LoRA in its native file (schedule in the metadata), with ss_* / modelspec.* metadata."""
+        from studio.adapters import AdapterFile, LoraModule, export_adapter, save_adapter, training_metadata
+        from studio.formats.naming import path_to_name
         from studio.workspace import Workspace
 
         cfg = self.config
-        models = {"unet": self.accelerator.unwrap_model(self.unet)}
+        family = self.model_ref.family
+        unet = self.accelerator.unwrap_model(self.unet)
+        models = {"unet": unet}
         if cfg.network.train_text_encoder:
-            models["text_encoder"] = self.accelerator.unwrap_model(self.text_encoder)
-        adapter = export_adapter(models, family=self.model_ref.family)
+            models.update(dict(self._text_encoder_components()))
+        if self.tlora is not None:
+            from studio.tlora import plain_lora_factors
+
+            # the plain (all ranks on) view gives the metadata its rank / alpha
+            adapter = AdapterFile({path_to_name(family, "unet", path, unet.config): LoraModule(down, up, alpha)
+                                   for path, (up, down, alpha) in plain_lora_factors(self.tlora).items()}, {}, family)
+        else:
+            adapter = export_adapter(models, family=family)
         samples = sorted((self.run_dir / "samples").glob("step-*.png"))
         adapter.metadata = training_metadata(
             cfg, self.model_ref, dataset_folder=self._dataset_folder(), started=started, finished=time.time(),
@@ -515,6 +526,11 @@ class Trainer:
             prediction_type=self.noise_scheduler.config.prediction_type)
         workspace = Workspace.open(self.run_dir.parent.parent)
         path = unique_adapter_path(workspace.adapters_dir, cfg.name, self.run_dir.name)
+        if self.tlora is not None:
+            from studio.tlora import save_tlora
+
+            adapter.metadata["lora_studio_adapter_type"] = "tlora"
+            return save_tlora(path, self.tlora, adapter.metadata)
         return save_adapter(path, adapter)
 
 
