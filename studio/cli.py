@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--height", type=int, default=None)
     gen.add_argument("--scheduler", default="ddim", help="ddim, euler, euler_a or dpmpp_2m_karras")
     gen.add_argument("--allow-pickle", action="store_true", help="allow loading a .ckpt base model (can run code)")
+    gen.add_argument("--lbw", default=None, metavar="VECTOR",
+                     help="LoRA Block Weights for every adapter: a preset (ALL, INS, IND, MIDD, OUTD, OUTS, ...) "
+                          "or 17 (SD1.5) / 12 (SDXL) / 26 comma-separated values")
     gen.add_argument("--out", type=Path, required=True, help="output PNG")
     _workspace_arg(gen)
 
@@ -82,6 +85,45 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("name", help="dataset name in the workspace, or a folder path")
     chk.add_argument("--json", action="store_true")
     _workspace_arg(chk)
+
+    bake = sub.add_parser("bake", help="bake a mix of adapters into one LoRA file")
+    bake.add_argument("adapters", nargs="+", metavar="FILE[:WEIGHT]")
+    bake.add_argument("--out", type=Path, required=True)
+    bake.add_argument("--rank", type=int, default=None, help="compress to this rank (default: exact, ranks add up)")
+    bake.add_argument("--precision", choices=("fp16", "bf16", "fp32"), default="fp16")
+
+    fuse = sub.add_parser("fuse", help="merge a mix into a full single-file checkpoint")
+    fuse.add_argument("adapters", nargs="+", metavar="FILE[:WEIGHT]")
+    fuse.add_argument("--model", default="builtin", help="base model: 'builtin', a folder or a .safetensors file")
+    fuse.add_argument("--out", type=Path, required=True, help="CHECKPOINT.safetensors")
+    fuse.add_argument("--allow-pickle", action="store_true")
+
+    rsz = sub.add_parser("resize", help="reduce an adapter's rank (SVD through QR, never a full-matrix SVD)")
+    rsz.add_argument("file", type=Path)
+    rsz.add_argument("--out", type=Path, required=True)
+    rule = rsz.add_mutually_exclusive_group(required=True)
+    rule.add_argument("--rank", type=int)
+    rule.add_argument("--sv-ratio", type=float, help="keep singular values >= largest / X")
+    rule.add_argument("--sv-fro", type=float, help="keep the fewest reaching this share of the Frobenius norm")
+    rule.add_argument("--sv-cumulative", type=float, help="keep the fewest reaching this share of sum(sigma)")
+    rsz.add_argument("--precision", choices=("fp16", "bf16", "fp32"), default="fp16")
+
+    grid = sub.add_parser("grid", help="an X/Y plot over adapter weights, prompts or seeds")
+    grid.add_argument("--prompt", required=True)
+    grid.add_argument("--adapter", action="append", default=[], metavar="FILE[:WEIGHT]")
+    grid.add_argument("--x", required=True, help="adapterN=0,0.5,1 | seed=1,2,3 | prompt=first|second")
+    grid.add_argument("--y", default=None, help="a second axis, same forms")
+    grid.add_argument("--model", default="builtin")
+    grid.add_argument("--steps", type=int, default=20)
+    grid.add_argument("--guidance", type=float, default=5.0)
+    grid.add_argument("--seed", type=int, default=0)
+    grid.add_argument("--out", type=Path, required=True, help="grid PNG; single images go beside it")
+
+    sug = sub.add_parser("suggest", help="suggest library adapters for a prompt")
+    sug.add_argument("--prompt", required=True)
+    sug.add_argument("--model", default="builtin")
+    sug.add_argument("--top", type=int, default=3)
+    _workspace_arg(sug)
 
     ui = sub.add_parser("ui", help="start the browser studio (default command)")
     ui.add_argument("--host", default="127.0.0.1", help="address to serve on (default: this machine only)")
@@ -123,6 +165,11 @@ def cmd_generate(args) -> int:
 
     adapters = [parse_adapter_arg(a) for a in args.adapter]
     prompt, tagged = parse_prompt_loras(args.prompt, lambda name: _resolve_adapter_name(name, args.workspace))
+    if args.lbw:
+        from dataclasses import replace
+
+        adapters = [replace(use, block_weights=args.lbw) for use in adapters]
+        tagged = [replace(use, block_weights=args.lbw) for use in tagged]
     request = GenerateRequest(prompt=prompt, model=args.model, negative_prompt=args.negative,
                               adapters=adapters + tagged, seed=args.seed, steps=args.steps,
                               guidance_scale=args.guidance, width=args.width, height=args.height,
@@ -197,6 +244,64 @@ def cmd_dataset(args) -> int:
     return 0
 
 
+def cmd_bake(args) -> int:
+    from studio.formats.files import PRECISIONS
+    from studio.mixing import bake, parse_mix_arg
+
+    report = bake([parse_mix_arg(a) for a in args.adapters], args.out, rank=args.rank,
+                  dtype=PRECISIONS[args.precision])
+    print(report.summary())
+    return 0
+
+
+def cmd_fuse(args) -> int:
+    from studio.mixing import fuse, parse_mix_arg
+
+    print(fuse(args.model, [parse_mix_arg(a) for a in args.adapters], args.out, allow_pickle=args.allow_pickle))
+    return 0
+
+
+def cmd_resize(args) -> int:
+    from studio.formats.files import PRECISIONS
+    from studio.mixing import resize
+
+    rule = {k: v for k, v in (("rank", args.rank), ("sv_ratio", args.sv_ratio), ("sv_fro", args.sv_fro),
+                              ("sv_cumulative", args.sv_cumulative)) if v is not None}
+    report = resize(args.file, args.out, dtype=PRECISIONS[args.precision], **rule)
+    print(report.summary())
+    for name, kept in sorted(report.energy_kept.items(), key=lambda kv: kv[1])[:10]:
+        print(f"  {kept:.4f}  {name}")
+    return 0
+
+
+def cmd_grid(args) -> int:
+    from studio.generate import Engine, GenerateRequest, parse_adapter_arg, save_png
+    from studio.grid import Axis, xy_grid
+
+    request = GenerateRequest(prompt=args.prompt, model=args.model, adapters=[parse_adapter_arg(a) for a in args.adapter],
+                              seed=args.seed, steps=args.steps, guidance_scale=args.guidance)
+    sheet, rows = xy_grid(Engine(), request, Axis.parse(args.x), Axis.parse(args.y) if args.y else None)
+    for j, row in enumerate(rows):
+        for i, image in enumerate(row):
+            save_png(image, args.out.with_name(f"{args.out.stem}-{j}-{i}.png"))
+    print(save_png(sheet, args.out))
+    return 0
+
+
+def cmd_suggest(args) -> int:
+    from studio.generate import Engine
+    from studio.library import list_adapters
+    from studio.suggest import suggest
+    from studio.workspace import Workspace
+
+    found = suggest(Engine(), args.prompt, list_adapters(Workspace.open(args.workspace)), model=args.model, top=args.top)
+    if not found:
+        print("No adapter in the library matches this prompt.")
+    for s in found:
+        print(f"<lora:{s.path.stem}:{s.weight:g}>  score {s.score:.2f}  ({s.reason})")
+    return 0
+
+
 def cmd_ui(args) -> int:
     from studio.exposure import serving_auth
 
@@ -209,7 +314,8 @@ def cmd_ui(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "inspect": cmd_inspect, "convert": cmd_convert,
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "inspect": cmd_inspect, "bake": cmd_bake,
+            "fuse": cmd_fuse, "resize": cmd_resize, "grid": cmd_grid, "suggest": cmd_suggest, "convert": cmd_convert,
             "dataset": cmd_dataset, "ui": cmd_ui}
 
 

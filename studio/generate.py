@@ -148,7 +148,11 @@ class Engine:
                     pipe._studio_tlora = {}
                 pipe._studio_tlora[name] = adapter
             else:
-                attach_adapter(pipe, load_adapter(path), name)
+                import warnings
+
+                with warnings.catch_warnings():  # several adapters on one model is what the engine is for
+                    warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                    attach_adapter(pipe, load_adapter(path), name)
             loaded[file_key] = name
         return loaded[file_key]
 
@@ -158,12 +162,13 @@ class Engine:
         the mix are switched off (so an empty mix is the base model, bit for bit)."""
         from peft.tuners.tuners_utils import BaseTunerLayer
 
+        from studio.adapters import adapter_models
         from studio.blocks import block_weight, parse_block_weights
 
         family = "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd15"
         lbw = {name: parse_block_weights(use.block_weights, family) if use.block_weights else None
                for name, use in mix.items()}
-        for component, model in _adapter_models(pipe):
+        for component, model in adapter_models(pipe).items():
             for path, module in model.named_modules():
                 if not isinstance(module, BaseTunerLayer):
                     continue
@@ -263,8 +268,3 @@ def save_png(image, path: str | Path) -> Path:
         image.save(tmp, format="PNG", pnginfo=info)
     return Path(path)
 
-
-def _adapter_models(pipe) -> list[tuple[str, object]]:
-    """(component name, model) for the parts of a pipeline adapters attach to."""
-    names = ("unet", "text_encoder", "text_encoder_2")
-    return [(name, getattr(pipe, name)) for name in names if getattr(pipe, name, None) is not None]
