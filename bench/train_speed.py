@@ -135,7 +135,8 @@ def main(argv=None) -> dict:
     print(f"  ours (cached latents + text):               {ours['steps_per_s']:.2f} steps/s "
           f"(set-up {ours['setup_s']:.1f} s)")
     print(f"  ratio: {ratio:.2f}x   peak RSS {peak_rss_mb():.0f} MB")
-    return {"reference": reference["steps_per_s"], "ours": ours["steps_per_s"], "ratio": ratio}
+    return {"reference": reference["steps_per_s"], "ours": ours["steps_per_s"], "ratio": ratio,
+            "peak_rss_mb": peak_rss_mb()}
 
 
 if __name__ == "__main__":

@@ -86,7 +86,7 @@ def one_run(page, workdir: Path) -> dict[str, float]:
     return {"served_s": served, "loaded_s": loaded, "click_answered_s": clicked}
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args(argv)
@@ -107,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     median = statistics.median(r["click_answered_s"] for r in results)
     print(f"ui_start: {median:.2f} s from `lora-studio` to a page that answers a click "
           f"(median of {len(results)}, {os.cpu_count()} CPUs; target <= {TARGET_S:.0f} s)")
-    return 0
+    return {"click_answered_s": median, "runs": results}
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
