@@ -33,7 +33,7 @@ def main(argv=None) -> int:
         r = train_speed.main(["--steps", "15" if args.quick else "40"])
         rows.append(("training steps/s, built-in model, batch 4", f"{r['ours']:.2f}",
                      f"{r['reference']:.2f} (diffusers DreamBooth loop)", f"{r['ratio']:.2f}x (target >= 2x)"))
-        rows.append(("peak RSS of training (MB)", f"{r['peak_rss_mb']:.0f}", "-", "-"))
+        rows.append(("peak RSS of the bench process (MB)", f"{r['peak_rss_mb']:.0f}", "-", "-"))
     if "generate" not in args.skip:
         from bench import generate
 

@@ -86,36 +86,49 @@ def scheduler_config() -> dict:
     }
 
 
+# Architecture (see assets/builtin/TRAINING.md for why): a VAE with two levels keeps a
+# 32x32x4 latent of the 64x64 picture (factor 2: shapes keep their corners), a four-level
+# UNet over it with cross-attention at 8x8 and 4x4, and a two-layer CLIP text encoder.
+VAE_BLOCK_OUT_CHANNELS = (16, 32)
+LATENT_CHANNELS = 4
+LATENT_SIZE = RESOLUTION // 2 ** (len(VAE_BLOCK_OUT_CHANNELS) - 1)
+UNET_BLOCK_OUT_CHANNELS = (16, 32, 64, 64)
+UNET_DOWN_BLOCKS = ("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
+UNET_UP_BLOCKS = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D")
+TEXT_HIDDEN_SIZE = 64
+
+
 def build_pipeline(seed: int = 0):
-    """A StableDiffusionPipeline of the built-in architecture with deterministic weights."""
+    """A StableDiffusionPipeline of the built-in architecture with deterministic weights
+    (random: studio/builtin_training.py trains them)."""
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
     import tempfile
 
     torch.manual_seed(seed)
+    levels = len(VAE_BLOCK_OUT_CHANNELS)
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=8,
+        in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=VAE_BLOCK_OUT_CHANNELS, layers_per_block=1, norm_num_groups=8,
         sample_size=RESOLUTION, mid_block_add_attention=False,
     )
     with tempfile.TemporaryDirectory() as tmp:
         write_tokenizer(Path(tmp))
         tokenizer = CLIPTokenizer.from_pretrained(tmp, model_max_length=MAX_TOKENS)
     text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+        vocab_size=len(tokenizer), hidden_size=TEXT_HIDDEN_SIZE, intermediate_size=2 * TEXT_HIDDEN_SIZE,
         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=MAX_TOKENS,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, projection_dim=64,
+        pad_token_id=tokenizer.pad_token_id, projection_dim=TEXT_HIDDEN_SIZE,
     ))
     unet = UNet2DConditionModel(
-        sample_size=RESOLUTION // 4, in_channels=4, out_channels=4,
-        block_out_channels=(32, 64, 64), layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=64, attention_head_dim=8, norm_num_groups=8,
+        sample_size=LATENT_SIZE, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
+        block_out_channels=UNET_BLOCK_OUT_CHANNELS, layers_per_block=1,
+        down_block_types=UNET_DOWN_BLOCKS, up_block_types=UNET_UP_BLOCKS,
+        cross_attention_dim=TEXT_HIDDEN_SIZE, attention_head_dim=8, norm_num_groups=8,
     )
     scheduler = DDIMScheduler(**scheduler_config())
     return StableDiffusionPipeline(
@@ -125,7 +138,8 @@ def build_pipeline(seed: int = 0):
     )
 
 
-def save_pipeline(pipe, folder: Path = BUILTIN_DIR) -> None:
+def save_pipeline(pipe, folder: str | Path = BUILTIN_DIR) -> None:
+    folder = Path(folder)
     pipe.save_pretrained(folder, safe_serialization=True)
     # transformers 5 saves only tokenizer.json; keep the slow files too so any loader works.
     write_tokenizer(folder / "tokenizer")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
+import os
 import re
 import threading
 from dataclasses import dataclass, field
@@ -62,13 +64,23 @@ class GenerateRequest:
                 raise StudioError(f"width and height must be multiples of 8 between 8 and 4096 (got {side}).")
         if not 1 <= self.batch_count <= 64:
             raise StudioError(f"batch count must be between 1 and 64 (got {self.batch_count}).")
+        if not math.isfinite(self.guidance_scale) or not 0 <= self.guidance_scale <= 100:
+            raise StudioError(f"CFG scale must be a number between 0 and 100 (got {self.guidance_scale}).")
+        if not -(2**63) <= self.seed <= 2**63 - 1 - self.batch_count:
+            raise StudioError(f"seed must be a whole number between 0 and {2**63 - 1 - self.batch_count} "
+                              f"(got {self.seed}).")
+        for use in self.adapters:
+            for weight in (use.weight, use.text_encoder_weight):
+                if not math.isfinite(weight):
+                    raise StudioError(f"Adapter {Path(use.path).stem!r} has weight {weight}; give a finite "
+                                      "number such as 0.8 or -0.5.")
 
 
 def parse_adapter_arg(text: str) -> AdapterUse:
     """`FILE[:WEIGHT]` from the command line."""
     path, sep, weight = text.rpartition(":")
     if sep and path and _is_float(weight):
-        return AdapterUse(Path(path), float(weight))
+        return AdapterUse(Path(path), _finite_weight(weight, text))
     return AdapterUse(Path(text), 1.0)
 
 
@@ -80,6 +92,15 @@ def _is_float(text: str) -> bool:
     return True
 
 
+def _finite_weight(text: str, where: str) -> float:
+    """A weight that is a number; 'nan', 'inf' and overflowing numbers (1e999) would turn
+    every pixel into NaN, so they are refused."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise StudioError(f"In {where!r}: the weight {text!r} is not a finite number; write e.g. 0.8 or -0.5.")
+    return value
+
+
 def parse_prompt_loras(prompt: str, resolve_name) -> tuple[str, list[AdapterUse]]:
     """Take A1111 `<lora:name:weight>` tags out of a prompt; `resolve_name(name) -> Path`."""
     uses = []
@@ -87,7 +108,7 @@ def parse_prompt_loras(prompt: str, resolve_name) -> tuple[str, list[AdapterUse]
         name, weight = match.group(1).strip(), (match.group(2) or "1").strip()
         if not _is_float(weight):
             raise StudioError(f"In {match.group(0)!r}: the weight {weight!r} is not a number; write <lora:{name}:0.8>.")
-        uses.append(AdapterUse(resolve_name(name), float(weight)))
+        uses.append(AdapterUse(resolve_name(name), _finite_weight(weight, match.group(0))))
     if "<lora:" in _LORA_TAG.sub("", prompt):
         raise StudioError("The prompt has a broken <lora:...> tag; write it as <lora:name:weight>.")
     return " ".join(_LORA_TAG.sub("", prompt).split()), uses
@@ -152,7 +173,10 @@ class Engine:
 
                 with warnings.catch_warnings():  # several adapters on one model is what the engine is for
                     warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-                    attach_adapter(pipe, load_adapter(path), name)
+                    try:
+                        attach_adapter(pipe, load_adapter(path), name)
+                    except StudioError as error:  # say which file, not the engine's internal name
+                        raise StudioError(str(error).replace(f"Adapter {name!r}", f"Adapter {path.name}")) from None
             loaded[file_key] = name
         return loaded[file_key]
 
@@ -267,4 +291,30 @@ def save_png(image, path: str | Path) -> Path:
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG", pnginfo=info)
     return Path(path)
+
+
+def save_new_png(image, folder: str | Path, stem: str) -> Path:
+    """Like `save_png`, under a name no file has yet: `stem.png`, else `stem-2.png`, ...
+    Images made in the same second with the same seed never replace each other, even when
+    two processes save at once (the name is taken with a hard link, which fails if it exists)."""
+    from studio.fsutil import atomic_path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(folder / f"{stem}.png") as tmp:  # the temporary file; never renamed over anything
+        save_png(image, tmp)
+        for number in range(1, 10_000):
+            target = folder / (f"{stem}.png" if number == 1 else f"{stem}-{number}.png")
+            try:
+                os.link(tmp, target)
+            except FileExistsError:
+                continue
+            except OSError:  # no hard links on this file system: reserve the name, then replace it
+                try:
+                    os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                except FileExistsError:
+                    continue
+                os.replace(tmp, target)
+            return target
+    raise StudioError(f"{folder} already has 10000 images named {stem}*.png; move some away.")
 
