@@ -10,6 +10,8 @@ from studio.errors import StudioError
 
 AUTH_ENV = "LORA_STUDIO_AUTH"
 MAX_UPLOAD_BYTES = 2 * 1024**3
+#: Lowers (or raises) the upload limit, in MiB: e.g. LORA_STUDIO_MAX_UPLOAD_MB=500.
+MAX_UPLOAD_ENV = "LORA_STUDIO_MAX_UPLOAD_MB"
 
 
 def is_loopback(host: str) -> bool:
@@ -45,3 +47,17 @@ def serving_auth(host: str, *, share: bool, auth: str | None) -> tuple[str, str]
         raise StudioError(f"Refusing to serve on {where} without a password: anyone who reaches it could read and "
                           f"write files here. Add --auth USER:PASSWORD (or set {AUTH_ENV}), or serve on 127.0.0.1.")
     return credentials
+
+
+def max_upload_bytes() -> int:
+    """The largest file the page accepts: $LORA_STUDIO_MAX_UPLOAD_MB, else MAX_UPLOAD_BYTES."""
+    text = os.environ.get(MAX_UPLOAD_ENV, "").strip()
+    if not text:
+        return MAX_UPLOAD_BYTES
+    try:
+        megabytes = float(text)
+    except ValueError:
+        megabytes = -1.0
+    if not 0 < megabytes < 1024**2:  # also refuses nan and inf
+        raise StudioError(f"{MAX_UPLOAD_ENV}={text!r} is not a size in MiB; give a positive number such as 500.")
+    return max(1, int(megabytes * 1024**2))

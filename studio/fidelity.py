@@ -71,14 +71,16 @@ def write_concept_dataset(folder: Path, kind: str, *, count: int = 6, seed: int 
     return folder
 
 
-def train(workspace, *, name: str, dataset: Path | None = None, steps: int = 200, **network) -> Path:
-    """Train the tiny-demo preset (optionally on another dataset / network) in-process."""
+def train(workspace, *, name: str, dataset: Path | None = None, steps: int = 200, model: str = "builtin",
+          **network) -> Path:
+    """Train the tiny-demo preset (optionally on another dataset / network / base model) in-process."""
     from studio.config import load_config
     from studio.runs import create_run
     from trainers.lora import train_run
 
     config = load_config(PRESETS_DIR / "tiny-demo.toml")
     config.name = name
+    config.base_model = model
     config.training.max_steps = steps
     config.checkpoints.every_n_steps = 0
     config.sampling.every_n_steps = 0
@@ -91,54 +93,55 @@ def train(workspace, *, name: str, dataset: Path | None = None, steps: int = 200
     return train_run(create_run(config, workspace), show_progress=False)
 
 
-def generate(engine, prompts: list[str], seeds: list[int], adapters=()) -> list:
+def generate(engine, prompts: list[str], seeds: list[int], adapters=(), model: str = "builtin") -> list:
     from studio.generate import GenerateRequest
 
     images = []
     for prompt in prompts:
         for seed in seeds:
-            images += engine.generate(GenerateRequest(prompt=prompt, seed=seed, adapters=list(adapters)))
+            images += engine.generate(GenerateRequest(prompt=prompt, model=model, seed=seed, adapters=list(adapters)))
     return images
 
 
-def concept_figures(engine, adapter: Path, seeds: list[int]) -> dict:
+def concept_figures(engine, adapter: Path, seeds: list[int], model: str = "builtin") -> dict:
     """Trigger prompts -> purple stars; prompts without the trigger keep the base accuracy."""
     from studio.generate import AdapterUse
 
     with_lora = [AdapterUse(adapter, 1.0)]
     triggered = [f"a sks shape on a {b} background" for b in NEUTRAL]
-    concept = match_rates(generate(engine, triggered, seeds, with_lora), Target("purple", "star"))
+    concept = match_rates(generate(engine, triggered, seeds, with_lora, model), Target("purple", "star"))
     prior_prompts = [f"a {c} {s} on a {b} background"
                      for c, s, b in (("red", "circle", "white"), ("blue", "square", "black"),
                                      ("yellow", "triangle", "gray"), ("green", "circle", "blue"))]
-    base = score_prompts(_engine_fn(engine, []), prior_prompts, seeds)["accuracy"]
-    kept = score_prompts(_engine_fn(engine, with_lora), prior_prompts, seeds)["accuracy"]
+    base = score_prompts(_engine_fn(engine, [], model), prior_prompts, seeds)["accuracy"]
+    kept = score_prompts(_engine_fn(engine, with_lora, model), prior_prompts, seeds)["accuracy"]
     return {"concept": concept, "prior_base": base, "prior_with_lora": kept}
 
 
-def _engine_fn(engine, adapters):
+def _engine_fn(engine, adapters, model):
     def fn(prompts, seeds):
-        return [generate(engine, [p], [s], adapters)[0] for p, s in zip(prompts, seeds)]
+        return [generate(engine, [p], [s], adapters, model)[0] for p, s in zip(prompts, seeds)]
 
     return fn
 
 
-def composition_figures(engine, color_adapter: Path, shape_adapter: Path, seeds: list[int]) -> dict:
+def composition_figures(engine, color_adapter: Path, shape_adapter: Path, seeds: list[int],
+                        model: str = "builtin") -> dict:
     """A colour LoRA and a shape LoRA at weight 1 each: pictures with both attributes."""
     from studio.generate import AdapterUse
 
     prompts = [f"a {COLOR_TRIGGER} {SHAPE_TRIGGER} on a {b} background" for b in NEUTRAL]
     both = [AdapterUse(color_adapter, 1.0), AdapterUse(shape_adapter, 1.0)]
     return {
-        "both": match_rates(generate(engine, prompts, seeds, both), Target("purple", "star")),
+        "both": match_rates(generate(engine, prompts, seeds, both, model), Target("purple", "star")),
         "color_only": match_rates(generate(engine, [f"a {COLOR_TRIGGER} circle on a {b} background" for b in NEUTRAL],
-                                           seeds, both[:1]), Target("purple", "circle")),
+                                           seeds, both[:1], model), Target("purple", "circle")),
         "shape_only": match_rates(generate(engine, [f"a red {SHAPE_TRIGGER} on a {b} background" for b in NEUTRAL],
-                                           seeds, both[1:]), Target("red", "star")),
+                                           seeds, both[1:], model), Target("red", "star")),
     }
 
 
-def single_image_figures(workspace, engine, seeds: list[int], steps: int = 200) -> dict:
+def single_image_figures(workspace, engine, seeds: list[int], steps: int = 200, model: str = "builtin") -> dict:
     """LoRA vs T-LoRA from one picture of a purple star on white: concept match on white,
     and prompt following (backgrounds asked for that the picture never showed)."""
     from studio.config import DEMO_DATASET
@@ -152,13 +155,13 @@ def single_image_figures(workspace, engine, seeds: list[int], steps: int = 200) 
     results = {}
     for label, network in (("lora", {"type": "lora"}),
                            ("tlora", {"type": "tlora", "tlora_min_rank": 4, "tlora_ortho": True})):
-        adapter = train(workspace, name=f"single-{label}", dataset=one, steps=steps, **network)
+        adapter = train(workspace, name=f"single-{label}", dataset=one, steps=steps, model=model, **network)
         use = [AdapterUse(adapter, 1.0)]
-        concept = match_rates(generate(engine, ["a sks shape on a white background"], seeds, use),
+        concept = match_rates(generate(engine, ["a sks shape on a white background"], seeds, use, model),
                               Target("purple", "star", "white"))
         following = {}
         for background in ("black", "blue", "yellow"):
-            rates = match_rates(generate(engine, [f"a sks shape on a {background} background"], seeds, use),
+            rates = match_rates(generate(engine, [f"a sks shape on a {background} background"], seeds, use, model),
                                 Target("purple", "star", background))
             following[background] = rates
         results[label] = {"concept": concept,

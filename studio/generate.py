@@ -66,8 +66,8 @@ class GenerateRequest:
             raise StudioError(f"batch count must be between 1 and 64 (got {self.batch_count}).")
         if not math.isfinite(self.guidance_scale) or not 0 <= self.guidance_scale <= 100:
             raise StudioError(f"CFG scale must be a number between 0 and 100 (got {self.guidance_scale}).")
-        if not -(2**63) <= self.seed <= 2**63 - 1 - self.batch_count:
-            raise StudioError(f"seed must be a whole number between 0 and {2**63 - 1 - self.batch_count} "
+        if not 0 <= self.seed <= 2**63 - self.batch_count:
+            raise StudioError(f"seed must be a whole number between 0 and {2**63 - self.batch_count} "
                               f"(got {self.seed}).")
         for use in self.adapters:
             for weight in (use.weight, use.text_encoder_weight):
@@ -267,16 +267,22 @@ class Engine:
 
 
 def _scheduler(pipe, name: str):
+    """The scheduler `name` for this pipeline, made once from the pipeline's own scheduler
+    config (never from the previous request's: DPM++ Karras would leave use_karras_sigmas on
+    for Euler, and a request's image would depend on what ran before it)."""
     import diffusers
 
-    class_name, extra = SCHEDULERS[name]
-    current = pipe.scheduler
-    if type(current).__name__ == class_name and all(current.config.get(k) == v for k, v in extra.items()):
-        return current
-    config = dict(current.config)
-    if class_name == "DDIMScheduler":
-        extra = {"clip_sample": False, "set_alpha_to_one": False, **extra}
-    return getattr(diffusers, class_name).from_config(config, **extra)
+    made = pipe.__dict__.setdefault("_studio_schedulers", {})
+    if name not in made:
+        original = pipe.__dict__.setdefault("_studio_original_scheduler", pipe.scheduler)
+        class_name, extra = SCHEDULERS[name]
+        if type(original).__name__ == class_name and all(original.config.get(k) == v for k, v in extra.items()):
+            made[name] = original
+        else:
+            if class_name == "DDIMScheduler":
+                extra = {"clip_sample": False, "set_alpha_to_one": False, **extra}
+            made[name] = getattr(diffusers, class_name).from_config(dict(original.config), **extra)
+    return made[name]
 
 
 def save_png(image, path: str | Path) -> Path:
@@ -297,24 +303,32 @@ def save_new_png(image, folder: str | Path, stem: str) -> Path:
     """Like `save_png`, under a name no file has yet: `stem.png`, else `stem-2.png`, ...
     Images made in the same second with the same seed never replace each other, even when
     two processes save at once (the name is taken with a hard link, which fails if it exists)."""
-    from studio.fsutil import atomic_path
+    import tempfile
+
+    from studio.fsutil import _fsync_dir
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    with atomic_path(folder / f"{stem}.png") as tmp:  # the temporary file; never renamed over anything
-        save_png(image, tmp)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{stem}.", suffix=".png.tmp", dir=folder)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        save_png(image, tmp)  # complete and fsynced before it gets its name
         for number in range(1, 10_000):
             target = folder / (f"{stem}.png" if number == 1 else f"{stem}-{number}.png")
             try:
                 os.link(tmp, target)
             except FileExistsError:
                 continue
-            except OSError:  # no hard links on this file system: reserve the name, then replace it
+            except OSError:  # no hard links on this file system: reserve the name, then fill it
                 try:
                     os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
                 except FileExistsError:
                     continue
                 os.replace(tmp, target)
+            _fsync_dir(folder)
             return target
+    finally:
+        tmp.unlink(missing_ok=True)
     raise StudioError(f"{folder} already has 10000 images named {stem}*.png; move some away.")
 

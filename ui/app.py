@@ -17,7 +17,7 @@ import gradio as gr  # noqa: E402
 from studio.errors import StudioError  # noqa: E402
 from studio.workspace import Workspace  # noqa: E402
 from ui import datasets_tab, generate_tab, library_tab, runs_tab, train_tab  # noqa: E402
-from studio.exposure import MAX_UPLOAD_BYTES  # noqa: E402
+from studio.exposure import max_upload_bytes  # noqa: E402
 from ui.common import Studio, friendly, heavy_imports  # noqa: E402
 
 log = logging.getLogger("ui")
@@ -169,6 +169,7 @@ def launch(workspace: Workspace | str | os.PathLike | None = None, host: str = "
     studio.exposure before a public bind) makes every page and API call ask for a login."""
     from studio.jobs import ensure_supervisor
 
+    upload_limit = max_upload_bytes()  # a bad $LORA_STUDIO_MAX_UPLOAD_MB stops here, before anything starts
     ws = workspace if isinstance(workspace, Workspace) else Workspace.open(workspace)
     # Workspace files (dataset images, samples, outputs, adapters) are served where they are,
     # not copied into Gradio's cache; nothing outside the workspace is served.
@@ -177,7 +178,7 @@ def launch(workspace: Workspace | str | os.PathLike | None = None, host: str = "
     try:
         app.launch(server_name=host, server_port=port, allowed_paths=[str(ws.root)], prevent_thread_lock=True,
                    show_error=False, theme=_theme(), css=CSS, footer_links=["gradio", "settings"],
-                   auth=auth, share=share, max_file_size=MAX_UPLOAD_BYTES)
+                   auth=auth, share=share, max_file_size=upload_limit)
     except OSError as error:
         raise StudioError(f"Cannot serve on {host}:{port} ({error}); is another studio running there? "
                           "Pass another --port.") from None

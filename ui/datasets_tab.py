@@ -224,7 +224,8 @@ def build(studio: Studio) -> SimpleNamespace:
 
     pick.input(on_pick, pick, view_outputs)
     refresh.click(on_refresh, pick, [pick, *view_outputs])
-    import_btn.click(on_import, [new_name, upload, folder, mode], [pick, *view_outputs, upload, folder, import_note])
+    import_btn.click(on_import, [new_name, upload, folder, mode], [pick, *view_outputs, upload, folder, import_note],
+                     api_name="import_dataset")
     gallery.select(on_select, state, [chosen_image, chosen_name, caption, state], show_progress="hidden")
     save_caption.click(on_save_caption, [state, caption], view_outputs)
     caption.submit(on_save_caption, [state, caption], view_outputs)

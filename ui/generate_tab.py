@@ -3,6 +3,7 @@ workspace/outputs with A1111 `parameters` text."""
 from __future__ import annotations
 
 import datetime
+import math
 import random
 from types import SimpleNamespace
 
@@ -32,8 +33,10 @@ def build(studio: Studio, model_choices) -> SimpleNamespace:
                                 "negative weights push away.", elem_classes="group-title")
                     for i in range(ADAPTER_ROWS):
                         with gr.Row(equal_height=True):
+                            # custom values: a name typed (or sent by an API client) is looked up in
+                            # the library like a <lora:name> tag, with the same clear error when unknown
                             name = gr.Dropdown([NONE], value=NONE, label=f"Adapter {i + 1}", scale=3,
-                                               elem_id=f"gen-adapter-{i + 1}")
+                                               allow_custom_value=True, elem_id=f"gen-adapter-{i + 1}")
                             weight = gr.Slider(-2, 2, value=1.0, step=0.05, label="Weight", scale=2,
                                                elem_id=f"gen-weight-{i + 1}")
                         rows.append((name, weight))
@@ -65,7 +68,7 @@ def build(studio: Studio, model_choices) -> SimpleNamespace:
     def on_generate(prompt_text, negative_text, model_name, scheduler_name, size_text, step_count, guidance,
                     seed_value, image_count, *row_values):
         heavy_imports()
-        from studio.generate import save_png
+        from studio.generate import save_new_png
         from studio.library import find_adapter
 
         if not (prompt_text or "").strip():
@@ -75,7 +78,7 @@ def build(studio: Studio, model_choices) -> SimpleNamespace:
         pairs = [(row_values[2 * i], row_values[2 * i + 1]) for i in range(ADAPTER_ROWS)]
         uses = h.merge_uses(h.adapter_uses(pairs, resolve), tagged)
         width, height = h.parse_size(size_text)
-        base_seed = int(seed_value) if seed_value is not None and int(seed_value) >= 0 else random.randrange(2**31)
+        base_seed = _seed(seed_value)
         request = GenerateRequest(prompt=clean_prompt, model=model_name or "builtin",
                                   negative_prompt=negative_text or "", adapters=uses, seed=base_seed,
                                   steps=int(step_count), guidance_scale=float(guidance), width=width,
@@ -87,7 +90,7 @@ def build(studio: Studio, model_choices) -> SimpleNamespace:
         gallery, saved = [], []
         for index, image in enumerate(images):
             seed_used = base_seed + index
-            path = save_png(image, folder / f"{day.strftime('%H%M%S')}-{seed_used}.png")
+            path = save_new_png(image, folder, f"{day.strftime('%H%M%S')}-{seed_used}")
             gallery.append((str(path), f"seed {seed_used}"))
             saved.append(path)
         params = images[0].info.get("parameters", "")
@@ -97,10 +100,11 @@ def build(studio: Studio, model_choices) -> SimpleNamespace:
         return gallery, text
 
     flat_rows = [c for pair in rows for c in pair]
+    # One stable API name (`/generate`) for scripts; Enter in the prompt runs the same handler.
     go.click(on_generate, [prompt, negative, model, scheduler, size, steps, cfg, seed, count, *flat_rows],
-             [results, info], concurrency_id="generate")
+             [results, info], concurrency_id="generate", api_name="generate")
     prompt.submit(on_generate, [prompt, negative, model, scheduler, size, steps, cfg, seed, count, *flat_rows],
-                  [results, info], concurrency_id="generate")
+                  [results, info], concurrency_id="generate", api_visibility="private")
 
     def refresh_adapters(*current_names):
         """New choices for the adapter dropdowns, keeping what is picked while it exists."""
@@ -118,3 +122,16 @@ def build(studio: Studio, model_choices) -> SimpleNamespace:
 
     return SimpleNamespace(tab=tab, names=[r[0] for r in rows], weights=[r[1] for r in rows], model=model,
                            refresh_adapters=refresh_adapters, put_adapter=put_adapter, prompt=prompt)
+
+
+def _seed(value) -> int:
+    """The seed field: a whole number >= 0, or -1 (or empty) for a random one."""
+    if value is None or value == "":
+        return random.randrange(2**31)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise StudioError(f"Seed {value!r} is not a number; give a whole number, or -1 for a random one.") from None
+    if not math.isfinite(number) or number != int(number):
+        raise StudioError(f"Seed {value!r} is not a whole number; give e.g. 1234, or -1 for a random one.")
+    return random.randrange(2**31) if number < 0 else int(number)

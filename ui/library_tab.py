@@ -147,7 +147,7 @@ def build(studio: Studio) -> SimpleNamespace:
 
     pick.input(on_pick, pick, detail_outputs, show_progress="hidden")
     table.select(on_row, None, [pick, *detail_outputs], show_progress="hidden")
-    import_btn.click(on_import, [upload, new_name], [*refresh_outputs, upload, new_name])
+    import_btn.click(on_import, [upload, new_name], [*refresh_outputs, upload, new_name], api_name="import_adapter")
     delete_btn.click(on_delete_ask, pick, [confirm, confirm_text])
     no_btn.click(lambda: gr.update(visible=False), None, confirm)
     yes_btn.click(on_delete, pick, refresh_outputs)

@@ -253,7 +253,7 @@ def build(studio: Studio) -> SimpleNamespace:
     for comp in watched:
         comp.change(on_change, hint_inputs, hint, show_progress="hidden", trigger_mode="always_last")
     preset.input(on_preset, preset, form_components).then(on_change, hint_inputs, hint, show_progress="hidden")
-    check_btn.click(on_check, hint_inputs, [toml_view, launch_note])
+    check_btn.click(on_check, hint_inputs, [toml_view, launch_note], api_name="check_settings")
 
     def refresh_choices(current_dataset, current_model):
         names = list_datasets(ws)
