@@ -31,3 +31,16 @@ def test_cli_refuses_listen_without_auth(tmp_path, monkeypatch):
     monkeypatch.delenv("LORA_STUDIO_AUTH", raising=False)
     result = run_cli("ui", "--listen", "--workspace", tmp_path / "ws", timeout=120)
     assert result.returncode == 2 and "without a password" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_upload_limit_from_the_environment(monkeypatch):
+    from studio.exposure import MAX_UPLOAD_BYTES, MAX_UPLOAD_ENV, max_upload_bytes
+
+    monkeypatch.delenv(MAX_UPLOAD_ENV, raising=False)
+    assert max_upload_bytes() == MAX_UPLOAD_BYTES
+    monkeypatch.setenv(MAX_UPLOAD_ENV, "1.5")
+    assert max_upload_bytes() == int(1.5 * 1024**2)
+    for bad in ("lots", "0", "-3", "nan", "inf"):
+        monkeypatch.setenv(MAX_UPLOAD_ENV, bad)
+        with pytest.raises(StudioError, match="is not a size in MiB"):
+            max_upload_bytes()
