@@ -93,14 +93,11 @@ def _checkpoint_shapes(path: Path, *, allow_pickle: bool) -> dict[str, tuple[int
         return {k: tuple(getattr(v, "shape", ())) or None for k, v in _load_pickle_state_dict(path).items()}
     if fmt == "gguf":
         raise StudioError(f"{path} is a GGUF file; only .safetensors (or opted-in .ckpt) checkpoints load here.")
-    with open(path, "rb") as handle:
-        head = handle.read(8)
-    if not head:
+    if path.stat().st_size == 0:
         raise StudioError(f"{path} is empty (0 bytes); the download or copy failed. Get the file again.")
-    raise StudioError(
-        f"{path} is not a safetensors checkpoint (it starts with bytes {head.hex(' ')}); the file is "
-        "damaged or of another kind. Download it again."
-    )
+    # The message never quotes the file's bytes: the model field takes any server path.
+    raise StudioError(f"{path} is not a safetensors checkpoint; the file is damaged or of another kind. "
+                      "Download it again.")
 
 
 # --------------------------------------------------------------------------------------
