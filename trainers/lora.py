@@ -8,6 +8,7 @@ exactly what an uninterrupted one would have done.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import random
@@ -356,6 +357,15 @@ class Trainer:
         except torch.cuda.OutOfMemoryError:
             message = ("CUDA ran out of memory. Lower training.batch_size or dataset.resolution, or turn on "
                        "training.gradient_checkpointing.")
+            self.events.emit("error", message=message)
+            raise TrainingFailed(message) from None
+        except OSError as error:
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                self.events.emit("error", message=f"{type(error).__name__}: {error}")
+                raise
+            # Every write is atomic: the file being written is dropped, the last good one stays.
+            message = (f"The disk is full ({error.filename or self.run_dir}). The last checkpoint is intact; "
+                       "free some space, then resume the run.")
             self.events.emit("error", message=message)
             raise TrainingFailed(message) from None
         except Exception as error:
