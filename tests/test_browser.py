@@ -7,18 +7,12 @@ Screenshots of every tab land in test-artifacts/. Needs /usr/bin/chromium and th
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import re
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from tests.live_server import running_server
 
 CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.exists():
@@ -32,66 +26,18 @@ ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 TRAIN_STEPS = 30
-START_TIMEOUT_S = 90
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float, proc: subprocess.Popen) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        time.sleep(0.25)
-    raise TimeoutError(f"{url} did not answer in {timeout} s")
-
-
-def _stop_workspace_processes(workspace: Path) -> None:
-    """End the detached supervisor and any worker this test's server started (by pid)."""
-    import sqlite3
-
-    pids = []
-    with contextlib.suppress(Exception):
-        pids.append(json.loads((workspace / "supervisor.lock").read_text())["pid"])
-    with contextlib.suppress(Exception):
-        with contextlib.closing(sqlite3.connect(workspace / "studio.db")) as conn:
-            pids += [row[0] for row in conn.execute("SELECT pid FROM jobs WHERE pid IS NOT NULL")]
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError, TypeError):
-            os.kill(int(pid), signal.SIGTERM)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     workspace = tmp_path_factory.mktemp("browser") / "ws"
-    port = free_port()
-    log_path = workspace.parent / "server.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "studio", "ui", "--workspace", str(workspace),
-                                 "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        wait_http(url, START_TIMEOUT_S, proc)
-        yield {"url": url, "workspace": workspace, "proc": proc, "log": log_path}
-    finally:
-        proc.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(10)
-        if proc.poll() is None:
-            proc.kill()
-        _stop_workspace_processes(workspace)
-        ARTIFACTS.mkdir(exist_ok=True)
-        with contextlib.suppress(OSError):
-            (ARTIFACTS / "server.log").write_bytes(log_path.read_bytes())
+    with running_server(workspace) as live:
+        try:
+            yield {"url": live.url + "/", "workspace": workspace, "proc": live.proc, "log": live.log}
+        finally:
+            ARTIFACTS.mkdir(exist_ok=True)
+            with contextlib.suppress(OSError):
+                (ARTIFACTS / "server.log").write_bytes(live.log.read_bytes())
 
 
 @pytest.fixture(autouse=True)
