@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from studio import toyworld
+from studio.fsutil import atomic_write_text
 from studio.builtin_model import BUILTIN_DIR, RESOLUTION, build_pipeline, save_pipeline
 
 DEFAULTS = {
@@ -71,6 +72,7 @@ MIN_SNR_GAMMA = 5.0
 EMA_DECAY = 0.999
 WEIGHT_DECAY = 1e-2
 LOG_EVERY = 100
+CHECKPOINT_EVERY = 200
 
 
 def log(message: str) -> None:
@@ -119,7 +121,7 @@ def train_vae(vae, steps: int, batch: int, lr: float, seed: int) -> dict:
     vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
     sched = one_cycle(opt, lr, steps)
-    start, running = time.time(), []
+    start, cpu_start, running = time.time(), time.process_time(), []
     for step in range(1, steps + 1):
         x = to_tensor(vae_batch(rng, batch))
         post = vae.encode(x).latent_dist
@@ -140,7 +142,8 @@ def train_vae(vae, steps: int, batch: int, lr: float, seed: int) -> dict:
             log(f"vae  step {step:5d}/{steps}  mse {m[0]:.5f}  anchor {m[1]:.5f}  "
                 f"psnr {10 * math.log10(4 / max(m[0], 1e-10)):.1f} dB  {time.time() - start:6.0f}s")
     vae.eval()
-    return {"steps": steps, "seconds": round(time.time() - start, 1)}
+    return {"steps": steps, "seconds": round(time.time() - start, 1),
+            "cpu_seconds": round(time.process_time() - cpu_start, 1)}
 
 
 def check_vae(vae, seed: int, n: int = 64) -> dict:
@@ -231,9 +234,15 @@ class Ema:
 
 
 def train_unet(pipe, scenes: list, latents, steps: int, batch: int, lr: float, seed: int,
-               callback=None, callback_every: int = 0) -> dict:
+               callback=None, callback_every: int = 0,
+               checkpoint: Path | None = None, checkpoint_every: int = 0) -> dict:
     """Train UNet and text encoder jointly; the EMA weights end up in `pipe`. `callback(step)`
-    runs every `callback_every` steps with the EMA weights swapped in (for experiments)."""
+    runs every `callback_every` steps with the EMA weights swapped in (for experiments).
+
+    With `checkpoint`, the whole training state (weights, EMA, optimizer, schedule, both
+    random generators, step) is saved there every `checkpoint_every` steps and at the end,
+    and training resumes from it if it exists: an interrupted run continues to exactly the
+    weights an uninterrupted one reaches."""
     import torch
     import torch.nn.functional as F
     from diffusers import DDPMScheduler
@@ -263,8 +272,38 @@ def train_unet(pipe, scenes: list, latents, steps: int, batch: int, lr: float, s
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=WEIGHT_DECAY)
     sched = one_cycle(opt, lr, steps)
     ema = Ema([unet, text_encoder], EMA_DECAY)
-    start, running = time.time(), []
-    for step in range(1, steps + 1):
+    first, seconds, cpu_seconds = 1, 0.0, 0.0
+    if checkpoint is not None and checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=True)
+        unet.load_state_dict(state["unet"])
+        text_encoder.load_state_dict(state["text_encoder"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["schedule"])
+        with torch.no_grad():
+            for shadow, saved in zip(ema.shadow, state["ema"]):
+                for s, v in zip(shadow, saved):
+                    s.copy_(v)
+        ema.updates = state["ema_updates"]
+        rng.bit_generator.state = json.loads(state["numpy_rng"])
+        gen.set_state(state["torch_rng"])
+        first, seconds, cpu_seconds = state["step"] + 1, state["seconds"], state["cpu_seconds"]
+        log(f"unet resumed from {checkpoint} at step {state['step']}")
+
+    def save_checkpoint(step: int) -> None:
+        from studio.fsutil import atomic_path
+
+        state = {
+            "step": step, "unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
+            "optimizer": opt.state_dict(), "schedule": sched.state_dict(),
+            "ema": ema.shadow, "ema_updates": ema.updates,
+            "numpy_rng": json.dumps(rng.bit_generator.state), "torch_rng": gen.get_state(),
+            "seconds": seconds + time.time() - start, "cpu_seconds": cpu_seconds + time.process_time() - cpu_start,
+        }
+        with atomic_path(checkpoint) as tmp:
+            torch.save(state, tmp)
+
+    start, cpu_start, running = time.time(), time.process_time(), []
+    for step in range(first, steps + 1):
         idx = rng.integers(len(scenes), size=batch)
         x0 = latents[torch.from_numpy(idx)]
         ids = torch.stack([tokens(toyworld.training_caption(scenes[i], rng)) for i in idx])
@@ -286,8 +325,10 @@ def train_unet(pipe, scenes: list, latents, steps: int, batch: int, lr: float, s
         if step % LOG_EVERY == 0 or step == steps:
             elapsed = time.time() - start
             log(f"unet step {step:5d}/{steps}  loss {np.mean(running):.4f}  "
-                f"{step / elapsed:.2f} it/s  {elapsed:6.0f}s")
+                f"{(step - first + 1) / elapsed:.2f} it/s  {seconds + elapsed:6.0f}s")
             running = []
+        if checkpoint is not None and (step == steps or (checkpoint_every and step % checkpoint_every == 0)):
+            save_checkpoint(step)
         if callback is not None and callback_every and step % callback_every == 0 and step < steps:
             unet.eval()
             text_encoder.eval()
@@ -298,7 +339,8 @@ def train_unet(pipe, scenes: list, latents, steps: int, batch: int, lr: float, s
     ema.copy_to()
     unet.eval()
     text_encoder.eval()
-    return {"steps": steps, "seconds": round(time.time() - start, 1)}
+    return {"steps": steps, "seconds": round(seconds + time.time() - start, 1),
+            "cpu_seconds": round(cpu_seconds + time.process_time() - cpu_start, 1)}
 
 
 def evaluate_pipeline(pipe, seeds: list[int], guidance: float) -> dict:
@@ -373,6 +415,8 @@ def write_report(out: Path, args: argparse.Namespace, command: str, report: dict
                           for k, row in seen["confusion"]["shape"].items())
     shared = ("\n  (the machine was shared with other work: wall time above CPU time is time spent waiting)"
               if report["wall_seconds"] > 1.1 * report["cpu_seconds"] else "")
+    resumed = ("\n  (interrupted and resumed from its checkpoints: the figures add the work of every part,"
+               " not the time lost in between)" if report.get("resumed") else "")
     vae = report["vae_check"]
     vae_rows = "\n".join(f"| {k} | {v['psnr_db']} | {pct(v['color'])} | {pct(v['background'])} | {pct(v['shape'])} |"
                          for k, v in vae.items())
@@ -386,7 +430,7 @@ studio/builtin_training.py; these files are exactly that script's output.
 - Machine: {report['machine']}, **1 thread** (`torch.set_num_threads(1)`, `OMP_NUM_THREADS=1`)
 - Wall time: {report['wall_seconds'] / 60:.1f} min in all (VAE {report['vae']['seconds']:.0f} s,
   latent bank {report['bank_seconds']:.0f} s, UNet + text encoder {report['unet']['seconds']:.0f} s,
-  evaluation {report['eval_seconds']:.0f} s); CPU time of the process {report['cpu_seconds'] / 60:.1f} min{shared}
+  evaluation {report['eval_seconds']:.0f} s); CPU time of the process {report['cpu_seconds'] / 60:.1f} min{shared}{resumed}
 - torch {report['versions']['torch']}, diffusers {report['versions']['diffusers']},
   transformers {report['versions']['transformers']}, Python {report['versions']['python']}
 - Size on disk: {report['size_bytes'] / 1e6:.2f} MB (fp32 safetensors, configs, tokenizer); parameters: VAE
@@ -470,6 +514,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--eval-every", type=int, default=0,
                         help="experiments: also score the EMA weights every N UNet steps (does not change them)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="start over even if an interrupted run with the same arguments left resume state")
     parser.add_argument("--vae-from", type=Path, default=None,
                         help="experiments: load a trained VAE folder instead of training one")
     args = parser.parse_args(argv)
@@ -489,14 +535,37 @@ def main(argv: list[str] | None = None) -> dict:
     pipe.set_progress_bar_config(disable=True)
 
     log(f"training the built-in model: seed {args.seed}, {args.threads} thread(s), out {args.out}")
-    if args.vae_from:
-        from diffusers import AutoencoderKL
+    # Resume state (trained VAE, UNet checkpoints) lives next to OUT until the run succeeds;
+    # it is used only by a run with the same arguments.
+    resume = args.out.with_name(args.out.name + ".resume")
+    key = json.dumps({k: str(v) for k, v in sorted(vars(args).items()) if k not in ("eval_every", "fresh")})
+    if resume.exists() and (args.fresh or not (resume / "args.json").exists()
+                            or (resume / "args.json").read_text() != key):
+        shutil.rmtree(resume)
+    resume.mkdir(parents=True, exist_ok=True)
+    (resume / "args.json").write_text(key)
+    restored = {"seconds": 0.0, "cpu_seconds": 0.0, "resumed": False}
 
+    from diffusers import AutoencoderKL
+
+    if args.vae_from:
         pipe.vae = AutoencoderKL.from_pretrained(args.vae_from)
-        vae_info = {"steps": 0, "seconds": 0.0, "loaded_from": str(args.vae_from)}
+        vae_info = {"steps": 0, "seconds": 0.0, "cpu_seconds": 0.0, "loaded_from": str(args.vae_from)}
+        vae_check = check_vae(pipe.vae, args.seed)
+    elif (resume / "vae.json").exists():
+        pipe.vae.load_state_dict(AutoencoderKL.from_pretrained(resume / "vae").state_dict())
+        saved = json.loads((resume / "vae.json").read_text())
+        vae_info, vae_check = saved["info"], saved["check"]
+        restored["seconds"] += vae_info["seconds"]
+        restored["cpu_seconds"] += vae_info["cpu_seconds"]
+        restored["resumed"] = True
+        log(f"vae  resumed from {resume / 'vae'}")
     else:
         vae_info = train_vae(pipe.vae, args.vae_steps, args.vae_batch, args.vae_lr, args.seed)
-    vae_check = check_vae(pipe.vae, args.seed)
+        vae_check = check_vae(pipe.vae, args.seed)
+        shutil.rmtree(resume / "vae", ignore_errors=True)
+        pipe.vae.save_pretrained(resume / "vae")
+        atomic_write_text(resume / "vae.json", json.dumps({"info": vae_info, "check": vae_check}))
     log(f"vae  reconstructions: {json.dumps(vae_check)}")
 
     t0 = time.time()
@@ -510,8 +579,16 @@ def main(argv: list[str] | None = None) -> dict:
             figures = score_prompts(pipe, toyworld.seen_prompts(), [100], guidance_scale=args.guidance)
         log(f"eval at step {step}: seen {format_figures(figures)}")
 
+    checkpoint = resume / "unet.pt"
+    if checkpoint.exists():
+        previous = torch.load(checkpoint, weights_only=True)
+        restored["seconds"] += previous["seconds"]
+        restored["cpu_seconds"] += previous["cpu_seconds"]
+        restored["resumed"] = True
+        del previous
     unet_info = train_unet(pipe, scenes, latents, args.unet_steps, args.unet_batch, args.unet_lr, args.seed,
-                           callback=look, callback_every=args.eval_every)
+                           callback=look, callback_every=args.eval_every,
+                           checkpoint=checkpoint, checkpoint_every=CHECKPOINT_EVERY)
     del latents
 
     # Everything is written to a staging folder that replaces OUT only at the very end, so an
@@ -531,8 +608,9 @@ def main(argv: list[str] | None = None) -> dict:
     evaluation = evaluate_pipeline(pipe, seeds, args.guidance)
     seconds_per_image = time_one_image(pipe, args.guidance)
     eval_seconds = time.time() - t0
-    wall = time.time() - t_start
-    cpu = time.process_time() - cpu_start
+    # Work of earlier, interrupted runs that this one resumed counts; time lost to interruptions does not.
+    wall = time.time() - t_start + restored["seconds"]
+    cpu = time.process_time() - cpu_start + restored["cpu_seconds"]
 
     report = {
         "command": command,
@@ -549,6 +627,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds_per_image": round(seconds_per_image, 3),
         "wall_seconds": round(wall, 1),
         "cpu_seconds": round(cpu, 1),
+        "resumed": restored["resumed"],
         "evaluation": {
             "seen": {k: v for k, v in evaluation["seen"].items() if k != "records"},
             "seen_images": [[r["prompt"], r["seed"], r["predicted"]["color"], r["predicted"]["background"],
@@ -566,6 +645,7 @@ def main(argv: list[str] | None = None) -> dict:
         out.rename(old)
     staging.rename(out)
     shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(resume, ignore_errors=True)
     log(f"done in {wall / 60:.1f} min ({cpu / 60:.1f} min of CPU time); model {report['size_bytes'] / 1e6:.2f} MB "
         f"in {out}; one image {seconds_per_image:.2f} s")
     return report
