@@ -28,12 +28,15 @@ _LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?>")
 @dataclass(frozen=True)
 class AdapterUse:
     """One adapter in a mix: its weight on the UNet, on the text encoder(s) (default: the
-    same) and optional LoRA Block Weights (a preset name or 17 / 12 / 26 values)."""
+    same) and optional LoRA Block Weights (a preset name or 17 / 12 / 26 values). A T-LoRA
+    adapter applies its timestep rank mask unless `tlora_masked` is False (all ranks, as
+    its plain-LoRA export)."""
 
     path: Path
     weight: float = 1.0
     te_weight: float | None = None
     block_weights: str | None = None
+    tlora_masked: bool = True
 
     @property
     def text_encoder_weight(self) -> float:
@@ -211,6 +214,7 @@ class Engine:
             adapter.enabled = name in mix
             if name in mix:
                 adapter.weight = mix[name].weight
+                adapter.masked = mix[name].tlora_masked
 
     def _block_of(self, unet, path: str) -> str | None:
         from studio.blocks import module_block

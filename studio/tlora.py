@@ -94,12 +94,14 @@ class TLoRALayer(nn.Module):
 
 
 class TLoRAAdapter(nn.Module):
-    """A T-LoRA adapter attached to a UNet through hooks; `weight` scales it (blending)."""
+    """A T-LoRA adapter attached to a UNet through hooks; `weight` scales it (blending).
+    With `masked` False every rank is on at every step: what its plain-LoRA export computes."""
 
     def __init__(self, schedule: TLoRASchedule, alpha: float, layers: dict[str, TLoRALayer]):
         super().__init__()
         self.schedule, self.alpha, self.weight = schedule, alpha, 1.0
         self.enabled = True
+        self.masked = True
         self.layers = nn.ModuleDict({path.replace(".", "__"): layer for path, layer in layers.items()})
         self._mask: torch.Tensor | None = None
         self._handles: list = []
@@ -137,7 +139,7 @@ class TLoRAAdapter(nn.Module):
             if not self.enabled or self.weight == 0 or self._mask is None:
                 return output
             x = inputs[0]
-            mask = self._mask
+            mask = self._mask if self.masked else torch.ones_like(self._mask)
             if mask.shape[0] != x.shape[0]:
                 if not bool((mask == mask[:1]).all()):
                     raise RuntimeError(f"T-LoRA: batch {x.shape[0]} does not match the timestep batch {mask.shape[0]}")
