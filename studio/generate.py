@@ -166,6 +166,7 @@ class Engine:
         loaded = self._loaded[model_key]
         if file_key not in loaded:
             name = "a" + hashlib.sha1(repr(file_key).encode()).hexdigest()[:12]
+            _restore_original_weights(pipe)  # loading a DoRA file reads the base weights
             if is_tlora_metadata(read_checked_header(path)[1]):
                 adapter = load_tlora(path).to(pipe.unet.device, pipe.unet.dtype).attach(pipe.unet)
                 if not hasattr(pipe, "_studio_tlora"):
@@ -184,9 +185,12 @@ class Engine:
         return loaded[file_key]
 
     def _activate(self, pipe, mix: dict[str, AdapterUse]) -> None:
-        """Scale every adapter layer for this request: adapter weight x block weight on the
-        UNet, text-encoder weight x BASE on the text encoders; layers of adapters not in
-        the mix are switched off (so an empty mix is the base model, bit for bit)."""
+        """Weight every adapter layer for this request: adapter weight x block weight on the
+        UNet, text-encoder weight x BASE on the text encoders. Layers whose adapters in the
+        mix have a linear delta (LoRA, LoCon, LoHa, LoKr) get the weighted sum of deltas
+        merged into their weights, so a mix costs what the fused model costs per step;
+        layers with DoRA in the mix run their adapters live; layers with nothing in the mix
+        get their original weights back (an empty mix is the base model, bit for bit)."""
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         from studio.adapters import adapter_models
@@ -195,21 +199,33 @@ class Engine:
         family = "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd15"
         lbw = {name: parse_block_weights(use.block_weights, family) if use.block_weights else None
                for name, use in mix.items()}
+        wrappers: dict[int, list[tuple[BaseTunerLayer, dict[str, float]]]] = {}  # base layer -> its adapter layers
         for component, model in adapter_models(pipe).items():
             for path, module in model.named_modules():
                 if not isinstance(module, BaseTunerLayer):
                     continue
-                here = [name for name in module._get_available_adapters() if name in mix]
-                if not here:
-                    module.enable_adapters(False)
-                    continue
                 block = "BASE" if component != "unet" else self._block_of(model, path)
-                for name in here:
-                    use = mix[name]
-                    weight = use.weight if component == "unet" else use.text_encoder_weight
-                    module.set_scale(name, weight * block_weight(lbw[name], block))
-                module.enable_adapters(True)
-                module.set_adapter(here)
+                available = module._get_available_adapters()
+                scales = {}  # in the mix's order, so live sums do not depend on which file loaded first
+                for name, use in mix.items():
+                    if name in available:
+                        weight = use.weight if component == "unet" else use.text_encoder_weight
+                        scales[name] = weight * block_weight(lbw[name], block)
+                wrappers.setdefault(id(module.get_base_layer()), []).append((module, scales))
+        for layers in wrappers.values():
+            # Adapters of different types on one layer nest (a LoHa inside a LoRA) around one base weight.
+            live = any(not _has_linear_delta(module, name) for module, scales in layers for name in scales)
+            terms = [] if live else [(module, name, scale) for module, scales in layers
+                                     for name, scale in scales.items() if scale != 0]
+            _merge_deltas(layers[0][0].get_base_layer(), terms)
+            for module, scales in layers:
+                if live and scales:
+                    for name, scale in scales.items():
+                        module.set_scale(name, scale)
+                    module.enable_adapters(True)
+                    module.set_adapter(list(scales))
+                else:
+                    module.enable_adapters(False)
         for name, adapter in self._tlora_of(pipe).items():
             adapter.enabled = name in mix
             if name in mix:
@@ -269,6 +285,49 @@ class Engine:
                 images.append(image)
             return images
 
+
+def _has_linear_delta(module, name: str) -> bool:
+    """Whether the adapter's effect on this layer is `x @ delta.T`, independent of the base
+    weight and of other adapters (DoRA's norm and a trained bias are not)."""
+    return (hasattr(module, "get_delta_weight") and name not in getattr(module, "lora_variant", {})
+            and not getattr(module, "lora_bias", {}).get(name, False))
+
+
+def _restore_original_weights(pipe) -> None:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from studio.adapters import adapter_models
+
+    for model in adapter_models(pipe).values():
+        for module in model.modules():
+            if isinstance(module, BaseTunerLayer):
+                _merge_deltas(module.get_base_layer(), [])
+
+
+def _merge_deltas(base, terms: list[tuple[object, str, float]]) -> None:
+    """Set the base layer's weight to its original plus the sum of scale x delta over the
+    (adapter layer, adapter name, scale) terms, computed in float32 from an untouched copy
+    of the original (kept on the CPU the first time the layer is merged), so any sequence
+    of mixes ends where a fresh merge would."""
+    import torch
+
+    merged = tuple(sorted((name, scale) for _, name, scale in terms))
+    if getattr(base, "_studio_merged", ()) == merged:
+        return
+    weight = base.weight
+    original = getattr(base, "_studio_original", None)
+    with torch.no_grad():
+        if not terms:
+            weight.copy_(original)
+        else:
+            if original is None:
+                original = base._studio_original = weight.detach().to("cpu", copy=True)
+            total = original.to(weight.device, torch.float32)
+            for module, name, scale in sorted(terms, key=lambda term: term[1]):
+                module.set_scale(name, scale)
+                total = total + module.get_delta_weight(name).float()
+            weight.copy_(total)
+    base._studio_merged = merged
 
 def _scheduler(pipe, name: str):
     """The scheduler `name` for this pipeline, made once from the pipeline's own scheduler

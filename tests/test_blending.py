@@ -63,6 +63,27 @@ def test_live_mix_equals_merged_weights_and_zero_is_base(two_adapters):
 
 
 @pytest.mark.slow
+def test_any_sequence_of_mixes_ends_where_a_fresh_engine_starts(two_adapters, tmp_path):
+    """Merged mixes are recomputed from the original weights: switching through mixes
+    (including a DoRA adapter, which runs live and needs the original weights back) never
+    accumulates rounding or leaves a delta behind."""
+    from studio.fidelity import train
+    from studio.workspace import Workspace
+
+    a, b = two_adapters
+    dora = train(Workspace.open(tmp_path / "ws"), name="dora", steps=4, rank=4, use_dora=True)
+    engine = Engine()
+    base = _unet_out(engine.set_mix("builtin", []))
+    mixes = ([AdapterUse(a, 0.7)], [AdapterUse(a, 0.3), AdapterUse(b, 1.1)], [AdapterUse(dora, 1.0), AdapterUse(a, 0.7)],
+             [AdapterUse(b, -2.0, te_weight=0.5)], [AdapterUse(dora, 1.0), AdapterUse(a, 0.7)], [AdapterUse(a, 0.7)])
+    for mix in mixes:
+        assert torch.equal(_unet_out(engine.set_mix("builtin", mix)), _unet_out(Engine().set_mix("builtin", mix)))
+    assert torch.equal(_unet_out(engine.set_mix("builtin", [])), base)
+    with_dora = _unet_out(engine.set_mix("builtin", mixes[2]))
+    assert (with_dora - _unet_out(engine.set_mix("builtin", mixes[0]))).abs().max() > 1e-4
+
+
+@pytest.mark.slow
 def test_block_weight_removes_exactly_one_block(two_adapters):
     a, _ = two_adapters
     engine = Engine()
