@@ -61,7 +61,7 @@ def suggest(engine, prompt: str, adapters: list[Path], *, model: str = "builtin"
         profiles.append((path, *adapter_profile(metadata, path.stem)))
     if not profiles:
         return []
-    _, pipe = engine.pipeline(model)
+    pipe = engine.set_mix(model, [])  # the base text encoder, whatever mix the engine ran last
     vectors = _embed(pipe, [prompt] + [text for _, text, _ in profiles])
     similarity = (vectors[1:] @ vectors[0]).tolist()
     words = set(prompt.lower().replace(",", " ").split())

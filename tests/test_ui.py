@@ -125,8 +125,8 @@ def test_tail_text_keeps_the_last_lines_and_folds_progress_bars(tmp_path):
 # ------------------------------------------------------------------ generate: rows -> adapters
 def test_adapter_rows_become_adapter_uses():
     resolve = lambda name: Path(f"/ws/adapters/{name}.safetensors")  # noqa: E731
-    uses = h.adapter_uses([("a", 1.0), ("", 0.5), (None, 1.0), ("b", -0.5), ("c", 0), ("d", None)], resolve)
-    assert [(u.path.stem, u.weight) for u in uses] == [("a", 1.0), ("b", -0.5), ("d", 1.0)]
+    uses = h.row_uses([("a", 1.0), ("", 0.5), (None, 1.0), ("b", -0.5), ("c", 0), ("d", None)], resolve)
+    assert [(row, u.path.stem, u.weight) for row, u in uses.items()] == [(0, "a", 1.0), (3, "b", -0.5), (5, "d", 1.0)]
 
 
 def test_an_adapter_used_twice_is_a_clear_error():

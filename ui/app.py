@@ -93,7 +93,7 @@ def build_app(workspace: Workspace | str | os.PathLike | None = None, *, allow_p
             train = train_tab.build(studio)
             runs = runs_tab.build(studio)
             gen = generate_tab.build(studio, lambda: train_tab.model_choices(studio))
-            lib = library_tab.build(studio)
+            lib = library_tab.build(studio, lambda: train_tab.model_choices(studio))
 
         timer_off = lambda: gr.Timer(active=False)  # noqa: E731
         # Tab switches refresh what the tab shows; the Runs tab's live timer runs only while it is open.
@@ -104,7 +104,7 @@ def build_app(workspace: Workspace | str | os.PathLike | None = None, *, allow_p
         runs.tab.select(friendly(lambda r, v: [*runs.refresh(r, v, force=True), gr.Timer(active=True)]),
                         [runs.pick, runs.view], [*runs.outputs, runs.timer], show_progress="hidden")
         gen.tab.select(friendly(lambda *names: [*gen.refresh_adapters(*names), gr.Timer(active=False)]),
-                       gen.names, [*gen.names, runs.timer], show_progress="hidden")
+                       gen.names, [*gen.names, gen.model, runs.timer], show_progress="hidden")
         lib.tab.select(friendly(lambda name: [*lib.refresh(name), gr.Timer(active=False)]),
                        lib.pick, [*lib.refresh_outputs, runs.timer], show_progress="hidden")
 

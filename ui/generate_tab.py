@@ -1,21 +1,20 @@
-"""Generate tab: a base model, a prompt and up to four weighted adapters -> images saved in
-workspace/outputs with A1111 `parameters` text."""
+"""Generate tab: a base model, a prompt and up to four weighted adapters (text-encoder
+weight, LoRA Block Weights, T-LoRA timestep mask) -> images saved in workspace/outputs with
+A1111 `parameters` text; suggestions from the library for the prompt; an X/Y mix grid."""
 from __future__ import annotations
 
-import datetime
-import math
-import random
 from types import SimpleNamespace
 
 import gradio as gr
 
-from studio.errors import StudioError
-from studio.generate import SCHEDULER_LABELS, SCHEDULERS, GenerateRequest, parse_prompt_loras
+from studio.blocks import SD15_PRESETS
+from studio.generate import SCHEDULER_LABELS, SCHEDULERS
 from ui import helpers as h
 from ui.common import Studio, friendly, heavy_imports
 
 ADAPTER_ROWS = 4
 NONE = ""
+BLOCK_WEIGHT_CHOICES = [NONE, *SD15_PRESETS]
 
 
 def build(studio: Studio, model_choices) -> SimpleNamespace:
@@ -27,7 +26,7 @@ def build(studio: Studio, model_choices) -> SimpleNamespace:
                                     info="Adapters below, or A1111 tags in the text: <lora:name:0.8>",
                                     elem_id="gen-prompt")
                 negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="gen-negative")
-                rows = []
+                rows, masks = [], []
                 with gr.Group(elem_id="gen-adapters"):
                     gr.Markdown("**Adapters** — pick from the library; weight 1 = full strength, "
                                 "negative weights push away.", elem_classes="group-title")
@@ -38,8 +37,30 @@ def build(studio: Studio, model_choices) -> SimpleNamespace:
                             name = gr.Dropdown([NONE], value=NONE, label=f"Adapter {i + 1}", scale=3,
                                                allow_custom_value=True, elem_id=f"gen-adapter-{i + 1}")
                             weight = gr.Slider(-2, 2, value=1.0, step=0.05, label="Weight", scale=2,
-                                               elem_id=f"gen-weight-{i + 1}")
-                        rows.append((name, weight))
+                                               info="Strength on the UNet", elem_id=f"gen-weight-{i + 1}")
+                        with gr.Row(equal_height=True):
+                            te_weight = gr.Textbox("", label="Text-encoder weight", scale=2,
+                                                   placeholder="same as Weight", info="Empty = the same as Weight",
+                                                   elem_id=f"gen-te-weight-{i + 1}")
+                            blocks = gr.Dropdown(BLOCK_WEIGHT_CHOICES, value=NONE, label="Block weights", scale=3,
+                                                 allow_custom_value=True,
+                                                 info="A preset, or 17 (SD 1.5) / 12 (SDXL) / 26 values; "
+                                                      "empty = all 1",
+                                                 elem_id=f"gen-blocks-{i + 1}")
+                            masked = gr.Checkbox(True, label="Timestep mask", scale=2, visible=False,
+                                                 info="T-LoRA: off = all ranks at every step",
+                                                 elem_id=f"gen-tlora-mask-{i + 1}")
+                        rows.append((name, weight, te_weight, blocks, masked))
+                        masks.append(masked)
+                with gr.Row(equal_height=True):
+                    suggest_btn = gr.Button("Suggest adapters for the prompt", size="sm", elem_id="gen-suggest")
+                with gr.Group(visible=False, elem_id="gen-suggestions") as suggestions_box:
+                    suggestions = gr.Dataframe(headers=h.SUGGESTION_HEADERS, type="array", interactive=False,
+                                               wrap=True, label="Suggested from the library (trigger words and "
+                                                                "what each adapter was trained on)",
+                                               elem_id="gen-suggestions-table")
+                    accept_btn = gr.Button("Accept: put them in the adapter rows", variant="primary", size="sm",
+                                           elem_id="gen-accept")
                 with gr.Accordion("Settings", open=True):
                     with gr.Row():
                         model = gr.Dropdown(model_choices(), value="builtin", allow_custom_value=True,
@@ -63,75 +84,101 @@ def build(studio: Studio, model_choices) -> SimpleNamespace:
                 info = gr.Markdown("Images are saved in `outputs/` in the workspace with their settings "
                                    "(A1111 `parameters`), so they can be read back by other tools.",
                                    elem_id="gen-info")
+        with gr.Accordion("Mix grid — the mix side by side over weights, seeds or prompts", open=False,
+                          elem_id="gen-grid"):
+            with gr.Row(equal_height=True):
+                x_axis = gr.Dropdown(h.grid_axis_choices(ADAPTER_ROWS), value="adapter0", label="X axis",
+                                     info="What changes from column to column", elem_id="gen-grid-x")
+                x_values = gr.Textbox("0, 0.5, 1", label="X values", elem_id="gen-grid-x-values",
+                                      info="Weights or seeds: comma-separated; prompts: separated by |")
+                y_axis = gr.Dropdown(h.grid_axis_choices(ADAPTER_ROWS, optional=True), value=h.GRID_NO_AXIS,
+                                     label="Y axis", info="What changes from row to row; (none) = one row",
+                                     elem_id="gen-grid-y")
+                y_values = gr.Textbox("", label="Y values", elem_id="gen-grid-y-values",
+                                      info="Same forms as X values")
+            grid_btn = gr.Button("Make grid", variant="primary", elem_id="gen-grid-go")
+            with gr.Row(equal_height=False):
+                grid_sheet = gr.Image(label="Grid", type="filepath", interactive=False, buttons=["download"],
+                                      elem_id="gen-grid-sheet")
+                grid_cells = gr.Gallery(label="Single images", columns=4, height=360, object_fit="contain",
+                                        interactive=False, elem_id="gen-grid-cells")
+            grid_info = gr.Markdown("Uses the prompt, adapters and settings above (one image per cell); the grid "
+                                    "and its single images are saved in `outputs/`.", elem_id="gen-grid-info")
+
+    settings_inputs = [prompt, negative, model, scheduler, size, steps, cfg, seed, count]
+    flat_rows = [component for row in rows for component in row]
+    names = [row[0] for row in rows]
+    weights = [row[1] for row in rows]
+
+    def form(values) -> tuple[h.GenerateSettings, list]:
+        """(settings, adapter rows) from the values of settings_inputs + flat_rows."""
+        settings = h.GenerateSettings(*values[:len(settings_inputs)])
+        row_values = values[len(settings_inputs):]
+        width = len(h.AdapterRow._fields)
+        return settings, [row_values[i:i + width] for i in range(0, len(row_values), width)]
 
     @friendly
-    def on_generate(prompt_text, negative_text, model_name, scheduler_name, size_text, step_count, guidance,
-                    seed_value, image_count, *row_values):
+    def on_generate(*values):
         heavy_imports()
-        from studio.generate import save_new_png
-        from studio.library import find_adapter
+        return h.generate_images(studio, *form(values))
 
-        if not (prompt_text or "").strip():
-            raise StudioError("Write a prompt first.")
-        resolve = lambda name: find_adapter(ws, name)  # noqa: E731
-        clean_prompt, tagged = parse_prompt_loras(prompt_text, resolve)
-        pairs = [(row_values[2 * i], row_values[2 * i + 1]) for i in range(ADAPTER_ROWS)]
-        uses = h.merge_uses(h.adapter_uses(pairs, resolve), tagged)
-        width, height = h.parse_size(size_text)
-        base_seed = _seed(seed_value)
-        request = GenerateRequest(prompt=clean_prompt, model=model_name or "builtin",
-                                  negative_prompt=negative_text or "", adapters=uses, seed=base_seed,
-                                  steps=int(step_count), guidance_scale=float(guidance), width=width,
-                                  height=height, scheduler=scheduler_name, batch_count=int(image_count))
-        request.validate()
-        images = studio.engine().generate(request)
-        day = datetime.datetime.now()
-        folder = studio.outputs_dir / day.strftime("%Y-%m-%d")
-        gallery, saved = [], []
-        for index, image in enumerate(images):
-            seed_used = base_seed + index
-            path = save_new_png(image, folder, f"{day.strftime('%H%M%S')}-{seed_used}")
-            gallery.append((str(path), f"seed {seed_used}"))
-            saved.append(path)
-        params = images[0].info.get("parameters", "")
-        where = saved[0].parent.relative_to(ws.root).as_posix()
-        text = (f"Saved {len(saved)} image(s) in `{where}/` — "
-                f"{', '.join(f'`{p.name}`' for p in saved)}\n\n```\n{params}\n```")
-        return gallery, text
+    @friendly
+    def on_grid(x_choice, x_text, y_choice, y_text, *values):
+        heavy_imports()
+        return h.mix_grid(studio, *form(values), x_choice, x_text, y_choice, y_text)
 
-    flat_rows = [c for pair in rows for c in pair]
-    # One stable API name (`/generate`) for scripts; Enter in the prompt runs the same handler.
-    go.click(on_generate, [prompt, negative, model, scheduler, size, steps, cfg, seed, count, *flat_rows],
-             [results, info], concurrency_id="generate", api_name="generate")
-    prompt.submit(on_generate, [prompt, negative, model, scheduler, size, steps, cfg, seed, count, *flat_rows],
-                  [results, info], concurrency_id="generate", api_visibility="private")
+    @friendly
+    def on_suggest(prompt_text, model_name):
+        heavy_imports()
+        found = h.suggest_adapters(studio, prompt_text, model_name)
+        if not found:
+            gr.Info("No adapter in the library matches this prompt.")
+        return gr.update(value=found), gr.update(visible=bool(found))
+
+    @friendly
+    def on_accept(suggested, *current):
+        choices = [NONE, *studio.adapter_names()]
+        new_names, new_weights, left_out = h.accept_suggestions(suggested, current[:ADAPTER_ROWS],
+                                                                current[ADAPTER_ROWS:])
+        if left_out:
+            gr.Warning(f"No empty adapter row for {', '.join(left_out)}; clear a row and accept again.")
+        return ([gr.update(choices=choices, value=n) for n in new_names] + list(new_weights)
+                + [gr.update(visible=False)])
+
+    @friendly
+    def on_adapter_picked(name):
+        return gr.update(visible=h.is_tlora_adapter(ws, name))
+
+    # One stable API name per action for scripts (`/generate`, `/grid`, `/suggest`); Enter in the
+    # prompt runs the same handler as Generate. Everything that runs the engine queues as one.
+    go.click(on_generate, [*settings_inputs, *flat_rows], [results, info], concurrency_id="generate",
+             api_name="generate")
+    prompt.submit(on_generate, [*settings_inputs, *flat_rows], [results, info], concurrency_id="generate",
+                  api_visibility="private")
+    grid_btn.click(on_grid, [x_axis, x_values, y_axis, y_values, *settings_inputs, *flat_rows],
+                   [grid_sheet, grid_cells, grid_info], concurrency_id="generate", api_name="grid")
+    suggest_btn.click(on_suggest, [prompt, model], [suggestions, suggestions_box], concurrency_id="generate",
+                      api_name="suggest")
+    accept_btn.click(on_accept, [suggestions, *names, *weights], [*names, *weights, suggestions_box],
+                     api_visibility="private")
+    for name, masked in zip(names, masks):
+        name.change(on_adapter_picked, name, masked, show_progress="hidden", api_visibility="private")
 
     def refresh_adapters(*current_names):
-        """New choices for the adapter dropdowns, keeping what is picked while it exists."""
-        names = [NONE, *studio.adapter_names()]
-        return [gr.update(choices=names, value=value if value in names else NONE) for value in current_names]
+        """New choices for the adapter dropdowns (keeping what is picked while it exists) and
+        for the base model."""
+        choices = [NONE, *studio.adapter_names()]
+        return [*(gr.update(choices=choices, value=value if value in choices else NONE) for value in current_names),
+                gr.update(choices=model_choices())]
 
     def put_adapter(name: str, *current_names):
         """Put `name` in the first empty row (or row 1) and refresh every row's choices."""
-        names = [NONE, *studio.adapter_names()]
-        values = [v if v in names else NONE for v in current_names]
+        choices = [NONE, *studio.adapter_names()]
+        values = [v if v in choices else NONE for v in current_names]
         if name not in values:
             slot = values.index(NONE) if NONE in values else 0
             values[slot] = name
-        return [gr.update(choices=names, value=v) for v in values]
+        return [gr.update(choices=choices, value=v) for v in values]
 
-    return SimpleNamespace(tab=tab, names=[r[0] for r in rows], weights=[r[1] for r in rows], model=model,
-                           refresh_adapters=refresh_adapters, put_adapter=put_adapter, prompt=prompt)
-
-
-def _seed(value) -> int:
-    """The seed field: a whole number >= 0, or -1 (or empty) for a random one."""
-    if value is None or value == "":
-        return random.randrange(2**31)
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise StudioError(f"Seed {value!r} is not a number; give a whole number, or -1 for a random one.") from None
-    if not math.isfinite(number) or number != int(number):
-        raise StudioError(f"Seed {value!r} is not a whole number; give e.g. 1234, or -1 for a random one.")
-    return random.randrange(2**31) if number < 0 else int(number)
+    return SimpleNamespace(tab=tab, names=names, weights=weights, model=model, refresh_adapters=refresh_adapters,
+                           put_adapter=put_adapter, prompt=prompt)

@@ -1,6 +1,7 @@
 """Presentation helpers for the Gradio app: turn studio data into what the page shows, and
-what the page sends back into studio inputs. No Gradio and no torch here, so these are
-quick to import and to test without a browser."""
+what the page sends back into studio inputs; and the work behind the Generate and Library
+events, calling the same studio functions as the CLI. No Gradio here, and torch only inside
+the functions that need it, so this is quick to import and to test without a browser."""
 from __future__ import annotations
 
 import base64
@@ -8,11 +9,12 @@ import datetime
 import html
 import io
 import math
+import random
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 from studio.errors import StudioError
 
@@ -516,19 +518,48 @@ def parse_size(text: str | None) -> tuple[int | None, int | None]:
     return width, height
 
 
-def adapter_uses(rows: Sequence[tuple[str | None, float | None]], resolve: Callable[[str], Path]) -> list:
-    """Adapter rows (library name, weight) -> AdapterUse list: empty rows and weight-0 rows
-    are skipped; an adapter chosen twice is an error."""
+class AdapterRow(NamedTuple):
+    """One adapter row of the Generate tab as the page sends it: library name, weight,
+    text-encoder weight (empty = the weight), LoRA Block Weights (a preset or values;
+    empty = every block 1) and, for T-LoRA files, whether the timestep mask is on."""
+
+    name: str | None
+    weight: float | None = 1.0
+    te_weight: float | str | None = None
+    block_weights: str | None = None
+    tlora_masked: bool = True
+
+
+def _optional_number(value, what: str) -> float | None:
+    """A number from a form field; None when it is empty."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise StudioError(f"{what} {value!r} is not a number; write e.g. 0.8, or leave the box empty.") from None
+
+
+def row_uses(rows: Sequence[Sequence], resolve: Callable[[str], Path], *,
+             keep_rows: Iterable[int] = ()) -> dict[int, Any]:
+    """Row index -> AdapterUse for the rows with an adapter. Rows whose weights are all 0
+    are left out, except those in `keep_rows` (a grid axis sets their weight)."""
     from studio.generate import AdapterUse
 
-    uses = []
-    for name, weight in rows:
-        if not name:
+    keep = set(keep_rows)
+    uses = {}
+    for index, values in enumerate(rows):
+        row = AdapterRow(*values)
+        if not row.name:
             continue
-        weight = 1.0 if weight is None else float(weight)
-        if weight == 0:
+        weight = _optional_number(row.weight, f"Adapter {index + 1}: the weight")
+        weight = 1.0 if weight is None else weight
+        te_weight = _optional_number(row.te_weight, f"Adapter {index + 1}: the text-encoder weight")
+        if weight == 0 and te_weight in (None, 0) and index not in keep:
             continue
-        uses.append(AdapterUse(resolve(name), weight))
+        uses[index] = AdapterUse(resolve(row.name), weight, te_weight=te_weight,
+                                 block_weights=(row.block_weights or "").strip() or None,
+                                 tlora_masked=bool(row.tlora_masked))
     return uses
 
 
@@ -544,6 +575,208 @@ def merge_uses(*groups: Sequence) -> list:
             seen[key] = use
             merged.append(use)
     return merged
+
+
+def parse_seed(value) -> int:
+    """The seed field: a whole number >= 0, or -1 (or empty) for a random one."""
+    if value is None or value == "":
+        return random.randrange(2**31)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise StudioError(f"Seed {value!r} is not a number; give a whole number, or -1 for a random one.") from None
+    if not math.isfinite(number) or number != int(number):
+        raise StudioError(f"Seed {value!r} is not a whole number; give e.g. 1234, or -1 for a random one.")
+    return random.randrange(2**31) if number < 0 else int(number)
+
+
+@dataclass(frozen=True)
+class GenerateSettings:
+    """The Generate tab's fields other than the adapter rows, as the page sends them."""
+
+    prompt: str
+    negative: str = ""
+    model: str = "builtin"
+    scheduler: str = "ddim"
+    size: str = SIZE_DEFAULT
+    steps: float = 20
+    cfg: float = 5.0
+    seed: Any = -1
+    count: float = 1
+
+
+def mix_request(studio, settings: GenerateSettings, rows: Sequence[Sequence], *,
+                weight_axis_rows: Iterable[int] = ()) -> tuple[Any, dict[int, int]]:
+    """The GenerateRequest of the fields, the rows and the prompt's `<lora:...>` tags, and
+    the position in its adapter list of each row's adapter."""
+    from studio.generate import GenerateRequest, parse_prompt_loras
+    from studio.library import find_adapter
+
+    if not (settings.prompt or "").strip():
+        raise StudioError("Write a prompt first.")
+    resolve = lambda name: find_adapter(studio.workspace, name)  # noqa: E731
+    prompt, tagged = parse_prompt_loras(settings.prompt, resolve)
+    by_row = row_uses(rows, resolve, keep_rows=weight_axis_rows)
+    width, height = parse_size(settings.size)
+    request = GenerateRequest(prompt=prompt, model=settings.model or "builtin",
+                              negative_prompt=settings.negative or "", adapters=merge_uses(by_row.values(), tagged),
+                              seed=parse_seed(settings.seed), steps=int(settings.steps),
+                              guidance_scale=float(settings.cfg), width=width, height=height,
+                              scheduler=settings.scheduler, batch_count=int(settings.count))
+    request.validate()
+    return request, {row: position for position, row in enumerate(by_row)}
+
+
+def _outputs_folder(studio) -> tuple[Path, datetime.datetime]:
+    now = datetime.datetime.now()
+    return studio.outputs_dir / now.strftime("%Y-%m-%d"), now
+
+
+def generate_images(studio, settings: GenerateSettings, rows: Sequence[Sequence]) -> tuple[list, str]:
+    """Generate tab: the images, saved in workspace/outputs/<day>/ with their A1111
+    `parameters`; returns (gallery items, Markdown note)."""
+    from studio.generate import save_new_png
+
+    request, _ = mix_request(studio, settings, rows)
+    images = studio.engine().generate(request)
+    folder, now = _outputs_folder(studio)
+    gallery, saved = [], []
+    for index, image in enumerate(images):
+        seed_used = request.seed + index
+        path = save_new_png(image, folder, f"{now.strftime('%H%M%S')}-{seed_used}")
+        gallery.append((str(path), f"seed {seed_used}"))
+        saved.append(path)
+    params = images[0].info.get("parameters", "")
+    where = saved[0].parent.relative_to(studio.workspace.root).as_posix()
+    text = (f"Saved {len(saved)} image(s) in `{where}/` — "
+            f"{', '.join(f'`{p.name}`' for p in saved)}\n\n```\n{params}\n```")
+    return gallery, text
+
+
+GRID_NO_AXIS = ""
+_GRID_VALUE_HINTS = {"weight": "numbers separated by commas, e.g. 0, 0.5, 1",
+                     "seed": "whole numbers separated by commas, e.g. 1, 2, 3",
+                     "prompt": "prompts separated by |, e.g. a red star | a blue star"}
+
+
+def grid_axis_choices(adapter_rows: int, *, optional: bool = False) -> list[tuple[str, str]]:
+    """(label, value) of the axes a mix grid can vary: each row's adapter weight, seed, prompt."""
+    choices = [(f"Adapter {i + 1} weight", f"adapter{i}") for i in range(adapter_rows)]
+    choices += [("Seed", "seed"), ("Prompt", "prompt")]
+    return [("(none)", GRID_NO_AXIS), *choices] if optional else choices
+
+
+def _axis_row(choice: str) -> int | None:
+    return int(choice[len("adapter"):]) if choice.startswith("adapter") else None
+
+
+def grid_axis(choice: str, values: str, row_positions: dict[int, int], which: str):
+    """A studio.grid.Axis from an axis choice and its values text; None for no axis."""
+    from studio.grid import Axis
+
+    if not choice:
+        return None
+    row = _axis_row(choice)
+    kind = "weight" if row is not None else choice
+    if kind not in _GRID_VALUE_HINTS:
+        raise StudioError(f"{which} axis {choice!r} is not one the grid knows; pick an adapter weight, Seed or Prompt.")
+    text = (values or "").strip()
+    if row is not None:
+        if row not in row_positions:
+            raise StudioError(f"The {which} axis is the weight of adapter {row + 1}, but row {row + 1} has no "
+                              "adapter; pick one there first.")
+        choice = f"adapter{row_positions[row]}"
+    try:
+        axis = Axis.parse(f"{choice}={text}")
+    except StudioError:
+        raise StudioError(f"{which} values {text!r}: write {_GRID_VALUE_HINTS[kind]}.") from None
+    if not axis.values:
+        raise StudioError(f"{which} values {text!r}: write {_GRID_VALUE_HINTS[kind]}.")
+    return axis
+
+
+def mix_grid(studio, settings: GenerateSettings, rows: Sequence[Sequence], x_choice: str, x_values: str,
+             y_choice: str = GRID_NO_AXIS, y_values: str = "") -> tuple[str, list, str]:
+    """Generate tab's mix grid: an X/Y plot of the mix (studio.grid), the labelled sheet and
+    every single image saved in workspace/outputs/<day>/ as the CLI's `grid` names them;
+    returns (sheet path, gallery items, Markdown note)."""
+    from studio.generate import save_new_png, save_png
+    from studio.grid import xy_grid
+
+    if not x_choice:
+        raise StudioError("Pick what the X axis varies.")
+    if x_choice == y_choice:
+        raise StudioError("The X and Y axes are the same; pick another Y axis, or (none).")
+    axis_rows = [row for row in (_axis_row(x_choice), _axis_row(y_choice or "")) if row is not None]
+    request, positions = mix_request(studio, replace(settings, count=1), rows, weight_axis_rows=axis_rows)
+    x = grid_axis(x_choice, x_values, positions, "X")
+    y = grid_axis(y_choice, y_values, positions, "Y")
+    sheet, cells = xy_grid(studio.engine(), request, x, y)
+    folder, now = _outputs_folder(studio)
+    sheet_path = save_new_png(sheet, folder, f"grid-{now.strftime('%H%M%S')}")
+    gallery = []
+    for j, row in enumerate(cells):
+        for i, image in enumerate(row):
+            path = save_png(image, sheet_path.with_name(f"{sheet_path.stem}-{j}-{i}.png"))
+            label = x.label(x.values[i], request) + (f" · {y.label(y.values[j], request)}" if y else "")
+            gallery.append((str(path), label))
+    where = sheet_path.parent.relative_to(studio.workspace.root).as_posix()
+    text = (f"Saved the grid as `{where}/{sheet_path.name}` and its {len(gallery)} single image(s) beside it "
+            f"(`{sheet_path.stem}-ROW-COLUMN.png`).")
+    return str(sheet_path), gallery, text
+
+
+SUGGESTION_HEADERS = ["Adapter", "Weight", "Why"]
+
+
+def suggest_adapters(studio, prompt: str, model: str, *, top: int = 3) -> list[list]:
+    """Generate tab: [adapter, weight, why] proposed by studio.suggest for the prompt;
+    adapters its `<lora:...>` tags already use are not proposed again."""
+    from studio.generate import parse_prompt_loras
+    from studio.library import find_adapter, list_adapters
+    from studio.suggest import suggest
+
+    clean_prompt, tagged = parse_prompt_loras(prompt or "", lambda name: find_adapter(studio.workspace, name))
+    used = {Path(use.path).resolve() for use in tagged}
+    candidates = [path for path in list_adapters(studio.workspace) if path.resolve() not in used]
+    found = suggest(studio.engine(), clean_prompt, candidates, model=model or "builtin", top=top)
+    return [[s.path.stem, s.weight, s.reason] for s in found]
+
+
+def accept_suggestions(suggested: Sequence[Sequence], names: Sequence[str | None],
+                       weights: Sequence[float | None]) -> tuple[list[str], list[float | None], list[str]]:
+    """The adapter rows with the suggestions put in: an adapter already in a row gets the
+    suggested weight there, the others take the first empty rows. Returns (names, weights,
+    the suggested adapters that found no empty row)."""
+    names, weights = [name or "" for name in names], list(weights)
+    proposals = [row for row in suggested or [] if row and row[0]]
+    if not proposals:
+        raise StudioError("Nothing to accept: press 'Suggest adapters for the prompt' first.")
+    left_out = []
+    for name, weight, *_ in proposals:
+        if name in names:
+            slot = names.index(name)
+        elif "" in names:
+            slot = names.index("")
+        else:
+            left_out.append(name)
+            continue
+        names[slot], weights[slot] = name, float(weight)
+    return names, weights, left_out
+
+
+def is_tlora_adapter(workspace, name: str | None) -> bool:
+    """Whether the library adapter `name` is a native T-LoRA file (False when unknown)."""
+    from studio.adapters import read_checked_header
+    from studio.library import find_adapter
+    from studio.tlora import is_tlora_metadata
+
+    if not name:
+        return False
+    try:
+        return is_tlora_metadata(read_checked_header(find_adapter(workspace, name))[1])
+    except StudioError:
+        return False
 
 
 # --------------------------------------------------------------------------- library
@@ -628,6 +861,129 @@ def metadata_for_display(metadata: dict) -> dict:
                 pass
         out[key] = value
     return out
+
+
+# --------------------------------------------------------------------------- library: bake, fuse, resize
+PRECISION_CHOICES = ["fp16", "bf16", "fp32"]
+RESIZE_RULES = [("Rank N", "rank"), ("sv-ratio: keep σ ≥ σmax / X", "sv_ratio"),
+                ("sv-fro: keep share X of the Frobenius norm", "sv_fro"),
+                ("sv-cumulative: keep share X of Σσ", "sv_cumulative")]
+ENERGY_HEADERS = ["Module", "Energy kept"]
+
+
+def library_mix(workspace, rows: Sequence[tuple[str | None, float | None]]) -> list[tuple[Path, float]]:
+    """(file, weight) of the mix rows with an adapter picked; an empty weight is 1."""
+    from studio.library import find_adapter
+
+    mix = []
+    for name, weight in rows:
+        if not name:
+            continue
+        value = _optional_number(weight, f"The weight of {name!r}")
+        value = 1.0 if value is None else value
+        if not math.isfinite(value):
+            raise StudioError(f"The weight of {name!r} is {value}; give a finite number such as 0.8 or -0.5.")
+        mix.append((find_adapter(workspace, name), value))
+    if not mix:
+        raise StudioError("Pick at least one adapter for the mix.")
+    return mix
+
+
+def parse_rank(value, what: str, hint: str = "") -> int:
+    number = _optional_number(value, what)
+    if number is None or not math.isfinite(number) or not number.is_integer() or number < 1:
+        raise StudioError(f"{what} must be a whole number of at least 1 (got {value!r}){hint}.")
+    return int(number)
+
+
+def new_file(folder: Path, name: str | None, what: str) -> Path:
+    """folder/<name>.safetensors for a file to be written: a valid name not taken yet."""
+    from studio.workspace import check_name
+
+    stem = (name or "").strip()
+    if stem.lower().endswith(".safetensors"):
+        stem = stem[: -len(".safetensors")]
+    if not stem:
+        raise StudioError(f"Give the new {what} a name.")
+    target = folder / f"{check_name(stem, what + ' name')}.safetensors"
+    if target.exists():
+        raise StudioError(f"{target.name} already exists in {folder}; choose another name or delete the old "
+                          "file first.")
+    return target
+
+
+def _ranks_text(ranks: Sequence[int]) -> str:
+    return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}–{ranks[-1]}"
+
+
+def _energy_text(energy: dict[str, float]) -> str:
+    values = list(energy.values())
+    return f"energy kept per module: min {min(values):.4f}, mean {sum(values) / len(values):.4f}"
+
+
+def bake_mix(studio, rows: Sequence[tuple[str | None, float | None]], name: str | None, rank,
+             precision: str) -> tuple[str, str]:
+    """Library tab: the mix as one LoRA file in the library (exact, or rank N when `rank`
+    is given); returns (the new adapter's name, Markdown note)."""
+    from studio.formats.files import PRECISIONS
+    from studio.mixing import bake
+
+    mix = library_mix(studio.workspace, rows)
+    target = new_file(studio.workspace.adapters_dir, name, "adapter")
+    exact = _optional_number(rank, "Rank") is None
+    rank_n = None if exact else parse_rank(rank, "Rank", "; leave it empty for an exact bake")
+    report = bake(mix, target, rank=rank_n, dtype=PRECISIONS[precision])
+    sources = ", ".join(f"{path.stem} × {weight:g}" for path, weight in mix)
+    text = (f"Baked **{target.stem}** from {sources}: {report.modules} modules, {_ranks_text(report.ranks)}"
+            + (f"; {_energy_text(report.energy_kept)}" if report.energy_kept else " (exact)") + ".")
+    return target.stem, text
+
+
+def fuse_mix(studio, model: str | None, rows: Sequence[tuple[str | None, float | None]], name: str | None) -> str:
+    """Library tab: the base model with the mix merged in, as a single-file checkpoint in
+    workspace/models; returns a Markdown note."""
+    from studio.mixing import fuse
+
+    mix = library_mix(studio.workspace, rows)
+    target = new_file(studio.workspace.models_dir, name, "checkpoint")
+    path = fuse(model or "builtin", mix, target, allow_pickle=studio.allow_pickle)
+    sources = ", ".join(f"{source.stem} × {weight:g}" for source, weight in mix)
+    return (f"Fused {sources} into {model or 'builtin'}: `models/{path.name}` ({format_size(path.stat().st_size)}). "
+            "Pick it as the base model in Generate or Train.")
+
+
+def resize_rule(rule: str, value) -> dict[str, float]:
+    """The keyword for studio.mixing.resize from the rule picked and its value."""
+    if rule not in dict((v, k) for k, v in RESIZE_RULES):
+        raise StudioError(f"Unknown resize rule {rule!r}; pick one of {', '.join(v for _, v in RESIZE_RULES)}.")
+    if rule == "rank":
+        return {"rank": parse_rank(value, "Rank")}
+    number = _optional_number(value, rule.replace("_", "-"))
+    if number is None or not math.isfinite(number):
+        raise StudioError(f"Give the value X for {rule.replace('_', '-')} (got {value!r}).")
+    return {rule: number}
+
+
+def resize_adapter(studio, source: str | None, rule: str, value, name: str | None,
+                   precision: str) -> tuple[str, str, list[list]]:
+    """Library tab: the adapter squeezed to a lower rank, saved in the library (default
+    name `<source>-<rule><value>`); returns (the new adapter's name, Markdown note, energy
+    kept per module, least kept first)."""
+    from studio.formats.files import PRECISIONS
+    from studio.library import find_adapter
+    from studio.mixing import resize
+
+    if not source:
+        raise StudioError("Pick the adapter to resize.")
+    path = find_adapter(studio.workspace, source)
+    keyword = resize_rule(rule, value)
+    default_name = f"{path.stem}-r{keyword['rank']}" if rule == "rank" else f"{path.stem}-{rule}{keyword[rule]:g}"
+    target = new_file(studio.workspace.adapters_dir, (name or "").strip() or default_name, "adapter")
+    report = resize(path, target, dtype=PRECISIONS[precision], **keyword)
+    energy = sorted(report.energy_kept.items(), key=lambda item: item[1])
+    text = (f"Saved **{target.stem}**: {report.modules} modules, {_ranks_text(report.ranks)}; "
+            f"{_energy_text(report.energy_kept)}. The table lists the modules that lost most first.")
+    return target.stem, text, [[module, round(kept, 6)] for module, kept in energy]
 
 
 # --------------------------------------------------------------------------- datasets

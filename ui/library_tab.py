@@ -1,4 +1,5 @@
-"""Library tab: every adapter in workspace/adapters, with details; import, export, delete."""
+"""Library tab: every adapter in workspace/adapters, with details; import, export, delete;
+bake a mix into one LoRA, fuse it into a checkpoint, resize (squeeze) an adapter's rank."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,8 +11,10 @@ from studio.errors import StudioError
 from ui import helpers as h
 from ui.common import Studio, dropdown_value, friendly, heavy_imports
 
+MIX_ROWS = 4
 
-def build(studio: Studio) -> SimpleNamespace:
+
+def build(studio: Studio, model_choices) -> SimpleNamespace:
     ws = studio.workspace
     with gr.Tab("5 · Library", id="library") as tab:
         with gr.Row(equal_height=False):
@@ -46,6 +49,63 @@ def build(studio: Studio) -> SimpleNamespace:
                         no_btn = gr.Button("Keep it", elem_id="lib-confirm-no")
                 with gr.Accordion("All metadata", open=False):
                     meta = gr.JSON(elem_id="lib-meta")
+        with gr.Accordion("Mix into one file — bake a LoRA or fuse a checkpoint", open=False, elem_id="lib-mix"):
+            gr.Markdown("A mix is several adapters with weights, as in Generate. **Bake** writes it as one LoRA "
+                        "file in the library (loads anywhere a LoRA does); **Fuse** merges it into the base model "
+                        "as a full single-file checkpoint in `models/`.", elem_classes="small-note")
+            mix_rows = []
+            with gr.Row(equal_height=True):
+                for i in range(MIX_ROWS):
+                    with gr.Column(min_width=220):
+                        mix_name = gr.Dropdown([], value=None, label=f"Adapter {i + 1}", allow_custom_value=True,
+                                               info="From the library; leave empty to skip",
+                                               elem_id=f"lib-mix-adapter-{i + 1}")
+                        mix_weight = gr.Number(1.0, label="Weight", info="Negative weights subtract",
+                                               elem_id=f"lib-mix-weight-{i + 1}")
+                    mix_rows.append((mix_name, mix_weight))
+            with gr.Row(equal_height=False):
+                with gr.Column():
+                    gr.Markdown("**Bake → LoRA**", elem_classes="group-title")
+                    bake_name = gr.Textbox(label="New adapter name", placeholder="e.g. star-mix",
+                                           info="Saved as adapters/<name>.safetensors", elem_id="lib-bake-name")
+                    with gr.Row():
+                        bake_rank = gr.Textbox("", label="Rank", placeholder="exact",
+                                               info="Empty = exact (the ranks add up); N = best rank-N fit by SVD",
+                                               elem_id="lib-bake-rank")
+                        bake_precision = gr.Dropdown(h.PRECISION_CHOICES, value="fp16", label="Precision",
+                                                     info="Tensor type in the file; fp16 is what A1111 / "
+                                                          "CivitAI expect", elem_id="lib-bake-precision")
+                    bake_btn = gr.Button("Bake", variant="primary", elem_id="lib-bake")
+                with gr.Column():
+                    gr.Markdown("**Fuse → checkpoint**", elem_classes="group-title")
+                    fuse_model = gr.Dropdown(model_choices(), value="builtin", allow_custom_value=True,
+                                             label="Base model", info="'builtin' or a model path; the mix must "
+                                                                      "be for its family", elem_id="lib-fuse-model")
+                    fuse_name = gr.Textbox(label="Checkpoint name", placeholder="e.g. star-fused",
+                                           info="Saved as models/<name>.safetensors (SD 1.5 / SDXL single-file "
+                                                "layout)", elem_id="lib-fuse-name")
+                    fuse_btn = gr.Button("Fuse", variant="primary", elem_id="lib-fuse")
+            mix_info = gr.Markdown(elem_id="lib-mix-info")
+        with gr.Accordion("Resize (squeeze) an adapter's rank", open=False, elem_id="lib-resize"):
+            with gr.Row(equal_height=True):
+                resize_source = gr.Dropdown([], value=None, label="Adapter", allow_custom_value=True,
+                                            info="The library adapter to squeeze (it is kept as it is)",
+                                            elem_id="lib-resize-source")
+                resize_rule = gr.Dropdown(h.RESIZE_RULES, value="rank", label="Rule",
+                                          info="A fixed rank, or a rank per module from its singular values",
+                                          elem_id="lib-resize-rule")
+                resize_value = gr.Number(8, label="N or X",
+                                         info="Rank N (a whole number ≥ 1); sv-ratio X ≥ 1; sv-fro and "
+                                              "sv-cumulative X in (0, 1]", elem_id="lib-resize-value")
+                resize_name = gr.Textbox(label="New adapter name", placeholder="(<adapter>-<rule><value>)",
+                                         info="Saved in the library; empty = the name shown", elem_id="lib-resize-name")
+                resize_precision = gr.Dropdown(h.PRECISION_CHOICES, value="fp16", label="Precision",
+                                               info="Tensor type in the file", elem_id="lib-resize-precision")
+            resize_btn = gr.Button("Resize", variant="primary", elem_id="lib-resize-go")
+            resize_info = gr.Markdown(elem_id="lib-resize-info")
+            energy = gr.Dataframe(headers=h.ENERGY_HEADERS, interactive=False, max_height=300,
+                                  label="Energy kept per module (share of Σσ² kept; 1 = lossless)",
+                                  elem_id="lib-resize-energy")
 
     def thumbnail(path: Path, info: dict):
         image = h.thumbnail_from_metadata(info.get("metadata") or {})
@@ -97,11 +157,16 @@ def build(studio: Studio) -> SimpleNamespace:
 
     detail_outputs = [thumb, details, use_btn, download, delete_btn, confirm, meta]
 
-    def refresh(wanted: str | None):
-        rows, names, value = listing(wanted)
-        return [rows, gr.update(choices=names, value=value), *detail(value)]
+    mix_names = [row[0] for row in mix_rows]
 
-    refresh_outputs = [table, pick, *detail_outputs]
+    def refresh(wanted: str | None):
+        """The table, the picked adapter's details, and fresh choices wherever an adapter or a
+        base model is picked (what is picked stays)."""
+        rows, names, value = listing(wanted)
+        return [rows, gr.update(choices=names, value=value), *detail(value),
+                *(gr.update(choices=names) for _ in (*mix_names, resize_source)), gr.update(choices=model_choices())]
+
+    refresh_outputs = [table, pick, *detail_outputs, *mix_names, resize_source, fuse_model]
 
     @friendly
     def on_refresh(current):
@@ -145,6 +210,36 @@ def build(studio: Studio) -> SimpleNamespace:
         gr.Info(f"Deleted {name}.")
         return refresh(None)
 
+    def mix_of(values) -> list[tuple]:
+        return [tuple(values[i:i + 2]) for i in range(0, len(values), 2)]
+
+    @friendly
+    def on_bake(name, rank, precision, *mix_values):
+        heavy_imports()
+        baked, text = h.bake_mix(studio, mix_of(mix_values), name, rank, precision)
+        gr.Info(f"Baked {baked!r} into the library.")
+        return [*refresh(baked), text]
+
+    @friendly
+    def on_fuse(model, name, *mix_values):
+        heavy_imports()
+        text = h.fuse_mix(studio, model, mix_of(mix_values), name)
+        gr.Info("Fused the mix into a checkpoint.")
+        return text, gr.update(choices=model_choices())
+
+    @friendly
+    def on_resize(source, rule, value, name, precision):
+        heavy_imports()
+        resized, text, rows = h.resize_adapter(studio, source, rule, value, name, precision)
+        gr.Info(f"Saved {resized!r} in the library.")
+        return [*refresh(resized), text, rows]
+
+    flat_mix = [component for row in mix_rows for component in row]
+    bake_btn.click(on_bake, [bake_name, bake_rank, bake_precision, *flat_mix], [*refresh_outputs, mix_info],
+                   api_name="bake")
+    fuse_btn.click(on_fuse, [fuse_model, fuse_name, *flat_mix], [mix_info, fuse_model], api_name="fuse")
+    resize_btn.click(on_resize, [resize_source, resize_rule, resize_value, resize_name, resize_precision],
+                     [*refresh_outputs, resize_info, energy], api_name="resize")
     pick.input(on_pick, pick, detail_outputs, show_progress="hidden")
     table.select(on_row, None, [pick, *detail_outputs], show_progress="hidden")
     import_btn.click(on_import, [upload, new_name], [*refresh_outputs, upload, new_name], api_name="import_adapter")
