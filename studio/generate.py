@@ -22,7 +22,7 @@ SCHEDULERS = {
     "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
 }
 SCHEDULER_LABELS = {"ddim": "DDIM", "euler": "Euler", "euler_a": "Euler a", "dpmpp_2m_karras": "DPM++ 2M Karras"}
-_LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?>")
+_LORA_TAG = re.compile(r"<lora:([^:>]+)((?::[^:>]*)*)>")
 
 
 @dataclass(frozen=True)
@@ -105,22 +105,45 @@ def _finite_weight(text: str, where: str) -> float:
 
 
 def parse_prompt_loras(prompt: str, resolve_name) -> tuple[str, list[AdapterUse]]:
-    """Take A1111 `<lora:name:weight>` tags out of a prompt; `resolve_name(name) -> Path`."""
+    """Take A1111 `<lora:name:weight>` tags out of a prompt; `resolve_name(name) -> Path`.
+    As in A1111, `<lora:name:te:unet>` gives the text-encoder and the UNet weight (the UNet
+    weight defaults to the first), named `te=`, `unet=` override them, and `lbw=` (the LoRA
+    Block Weight extension's) gives block weights: a preset or comma-separated values."""
     uses = []
     for match in _LORA_TAG.finditer(prompt):
-        name, weight = match.group(1).strip(), (match.group(2) or "1").strip()
-        if not _is_float(weight):
-            raise StudioError(f"In {match.group(0)!r}: the weight {weight!r} is not a number; write <lora:{name}:0.8>.")
-        uses.append(AdapterUse(resolve_name(name), _finite_weight(weight, match.group(0))))
+        tag, name = match.group(0), match.group(1).strip()
+        positional, named = [], {}
+        for param in match.group(2).split(":")[1:]:
+            key, eq, value = param.partition("=")
+            if eq:
+                named[key.strip()] = value.strip()
+            else:
+                positional.append(param.strip())
+        unknown = set(named) - {"te", "unet", "lbw"}
+        if unknown:
+            raise StudioError(f"In {tag!r}: unknown setting {sorted(unknown)[0]!r}; use te=, unet= or lbw=.")
+        te = named.get("te", positional[0] if positional else "1")
+        unet = named.get("unet", positional[1] if len(positional) > 1 else te)
+        for weight in (te, unet):
+            if not _is_float(weight):
+                raise StudioError(f"In {tag!r}: the weight {weight!r} is not a number; write <lora:{name}:0.8>.")
+        te_weight, unet_weight = _finite_weight(te, tag), _finite_weight(unet, tag)
+        uses.append(AdapterUse(resolve_name(name), unet_weight, te_weight if te_weight != unet_weight else None,
+                               named.get("lbw") or None))
     if "<lora:" in _LORA_TAG.sub("", prompt):
         raise StudioError("The prompt has a broken <lora:...> tag; write it as <lora:name:weight>.")
     return " ".join(_LORA_TAG.sub("", prompt).split()), uses
 
 
-def pngtext_parameters(request: GenerateRequest, seed: int, size: tuple[int, int], model_name: str,
-                       adapter_names: list[tuple[str, float]]) -> str:
+def lora_tag(name: str, use: AdapterUse) -> str:
+    """The A1111 tag that `parse_prompt_loras` reads back as `use`."""
+    weights = f"{use.weight:g}" if use.te_weight is None else f"{use.te_weight:g}:{use.weight:g}"
+    return f"<lora:{name}:{weights}" + (f":lbw={use.block_weights}" if use.block_weights else "") + ">"
+
+
+def pngtext_parameters(request: GenerateRequest, seed: int, size: tuple[int, int], model_name: str) -> str:
     """The A1111 `parameters` text stored in each PNG."""
-    prompt = request.prompt + "".join(f" <lora:{n}:{w:g}>" for n, w in adapter_names)
+    prompt = request.prompt + "".join(f" {lora_tag(use.path.stem, use)}" for use in request.adapters)
     lines = [prompt.strip()]
     if request.negative_prompt:
         lines.append(f"Negative prompt: {request.negative_prompt}")
@@ -279,9 +302,7 @@ class Engine:
                                  num_inference_steps=request.steps, guidance_scale=request.guidance_scale,
                                  width=request.width, height=request.height, generator=generator).images[0]
                 model_name = resolve_model(request.model, allow_pickle=self.allow_pickle).display_name
-                image.info["parameters"] = pngtext_parameters(
-                    request, seed, image.size, model_name,
-                    [(use.path.stem, use.weight) for use in request.adapters])
+                image.info["parameters"] = pngtext_parameters(request, seed, image.size, model_name)
                 images.append(image)
             return images
 

@@ -152,3 +152,21 @@ def test_cli_fuse_grid_suggest_resize(two_adapters, tmp_path):
     suggested = run_cli("suggest", "--prompt", "a sks shape on a black background", "--workspace", workspace)
     assert suggested.returncode == 0, suggested.stderr
     assert "<lora:a:" in suggested.stdout and "trigger word 'sks'" in suggested.stdout
+
+
+def test_a1111_tags_read_and_written_back():
+    from pathlib import Path
+
+    from studio.errors import StudioError
+    from studio.generate import lora_tag, parse_prompt_loras
+
+    prompt, uses = parse_prompt_loras(
+        "a star <lora:a:0.8> on <lora:b:0.5:1.2> white <lora:c:1:lbw=OUTD> <lora:d:unet=0.3:te=0>", Path)
+    assert prompt == "a star on white"
+    assert [(u.path.name, u.weight, u.text_encoder_weight, u.block_weights) for u in uses] == [
+        ("a", 0.8, 0.8, None), ("b", 1.2, 0.5, None), ("c", 1.0, 1.0, "OUTD"), ("d", 0.3, 0.0, None)]
+    assert parse_prompt_loras(" ".join(lora_tag(u.path.name, u) for u in uses), Path)[1] == uses
+    with pytest.raises(StudioError, match="unknown setting 'dyn'"):
+        parse_prompt_loras("<lora:a:1:dyn=4>", Path)
+    with pytest.raises(StudioError, match="'x' is not a number"):
+        parse_prompt_loras("<lora:a:1:x>", Path)
