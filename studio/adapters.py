@@ -64,11 +64,15 @@ def adapter_models(pipe) -> dict[str, torch.nn.Module]:
 
 
 def export_adapter(models: Mapping[str, torch.nn.Module], *, family: str = "sd15", adapter_name: str = "default",
-                   metadata: Mapping[str, str] | None = None) -> AdapterFile:
+                   metadata: Mapping[str, str] | None = None,
+                   initial_factors: Mapping[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] | None = None,
+                   ) -> AdapterFile:
     """The peft adapter `adapter_name` on `models` ({"unet": ..., "text_encoder": ...,
     "text_encoder_2": ...}) as an AdapterFile in kohya names, whatever its peft type (LoRA,
-    LoCon, DoRA, rsLoRA, LoHa, LoKr); rank and alpha come from the layers."""
-    modules = modules_from_models(family, models, adapter_name)
+    LoCon, DoRA, rsLoRA, LoHa, LoKr); rank and alpha come from the layers. After a PiSSA /
+    OLoRA init, `initial_factors` (see `modules_from_models`) makes it the equivalent plain
+    LoRA on the unmodified base model."""
+    modules = modules_from_models(family, models, adapter_name, initial_factors)
     return AdapterFile(modules, dict(metadata or {}), family, "peft")
 
 
@@ -106,6 +110,9 @@ def convert_adapter(src: str | Path, dst: str | Path, *, format: str = "kohya", 
     metadata = {k: v for k, v in adapter.metadata.items() if k not in dropped}
     if adapter.source_format == "tlora":
         metadata["lora_studio_adapter_type"] = "lora (plain form of a T-LoRA, timestep schedule dropped)"
+        rank = max(module.rank or 0 for module in adapter.modules.values())
+        log.warning("%s is a T-LoRA: its plain LoRA form has every rank on at every step (rank %d), so the timestep "
+                    "schedule is lost; LoRA Studio generates with the schedule from the native file.", src.name, rank)
     for key, value in updates.items():
         if value is None:
             metadata.pop(key, None)

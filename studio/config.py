@@ -87,7 +87,8 @@ class TrainingConfig(_Section):
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine",
                           "cosine_with_restarts", "polynomial"] = Field("constant", description="diffusers LR schedule.")
     lr_warmup_steps: int = Field(0, ge=0, description="Warm-up steps.")
-    optimizer: Literal["adamw", "adamw8bit"] = Field("adamw", description="AdamW; adamw8bit needs CUDA and bitsandbytes.")
+    optimizer: Literal["adamw", "adamw8bit"] = Field(
+        "adamw", description="AdamW; adamw8bit keeps the optimizer state in 8 bits (CUDA + bitsandbytes).")
     adam_beta1: float = Field(0.9, ge=0, lt=1)
     adam_beta2: float = Field(0.999, ge=0, lt=1)
     adam_epsilon: float = Field(1e-8, gt=0)
@@ -97,6 +98,10 @@ class TrainingConfig(_Section):
     noise_offset: float = Field(0.0, ge=0, le=1, description="Offset noise strength.")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Mixed precision (CUDA only).")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
+    base_weights: Literal["full", "nf4", "fp8"] = Field(
+        "full", description="Frozen base UNet weights: full; nf4 = 4-bit NormalFloat, QLoRA (QDoRA with use_dora; "
+                            "lora/locon/tlora; CUDA + bitsandbytes); fp8 = stored in float8, computed in the mixed "
+                            "precision (CUDA).")
     cache_latents: bool = Field(True, description="Encode images with the VAE once (needs center crop).")
     cache_text_embeddings: bool = Field(True, description="Encode captions once when the text encoder is frozen.")
     num_threads: int | None = Field(None, ge=1, le=256, description="CPU threads for torch (default: all cores).")
@@ -134,7 +139,43 @@ class TrainConfig(_Section):
         check_name(self.name, "adapter name")
         if self.dataset.name and self.dataset.path:
             raise ValueError("set dataset.name (a workspace dataset) or dataset.path (a folder), not both")
+        net, base_weights = self.network, self.training.base_weights
+        if base_weights == "nf4" and net.type in ("loha", "lokr"):
+            raise ValueError(f"training.base_weights = 'nf4' works with lora, locon and tlora networks, not "
+                             f"{net.type}; set base_weights = 'full' or 'fp8'")
+        if base_weights == "nf4" and net.init != "default":
+            raise ValueError(f"network.init = {net.init!r} rewrites the base weights, which is not supported on a "
+                             "4-bit base; use init = 'default', or training.base_weights = 'full' or 'fp8'")
         return self
+
+
+def check_device_support(config: TrainConfig) -> None:
+    """Refuse, before any model loads, what this machine cannot run: mixed precision, 8-bit
+    AdamW and nf4 / fp8 base weights need a CUDA GPU (nf4 and adamw8bit also bitsandbytes)."""
+    import importlib.util
+
+    import torch
+
+    t = config.training
+    needs_cuda = []
+    if t.mixed_precision != "no":
+        needs_cuda.append(f"training.mixed_precision = {t.mixed_precision!r} needs one, set it to 'no'")
+    if t.optimizer == "adamw8bit":
+        needs_cuda.append("training.optimizer = 'adamw8bit' (bitsandbytes) needs one, set it to 'adamw'")
+    if t.base_weights == "nf4":
+        needs_cuda.append("training.base_weights = 'nf4' (QLoRA / QDoRA, bitsandbytes) needs one, set it to 'full'")
+    if t.base_weights == "fp8":
+        needs_cuda.append("training.base_weights = 'fp8' (float8 base storage) needs one, set it to 'full'")
+    if needs_cuda and not torch.cuda.is_available():
+        raise StudioError(f"No CUDA GPU on this machine: {'; '.join(needs_cuda)}.")
+    uses_bitsandbytes = [f"training.{key} = {value!r}" for key, value in
+                         (("optimizer", t.optimizer), ("base_weights", t.base_weights))
+                         if value in ("adamw8bit", "nf4")]
+    if uses_bitsandbytes and importlib.util.find_spec("bitsandbytes") is None:
+        raise StudioError(f"{' and '.join(uses_bitsandbytes)} need bitsandbytes: pip install bitsandbytes.")
+    if t.base_weights == "fp8" and not (hasattr(torch, "float8_e4m3fn") and hasattr(torch, "get_autocast_dtype")):
+        raise StudioError(f"training.base_weights = 'fp8' needs torch >= 2.4 (this is {torch.__version__}); "
+                          "upgrade torch or set it to 'full'.")
 
 
 def _format_validation_error(error: ValidationError, source: str) -> str:

@@ -84,10 +84,13 @@ def quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-def load_pipeline(ref: str | ModelRef, *, allow_pickle: bool = False, torch_dtype=None):
-    """Load a base model's diffusers pipeline offline (no hub access)."""
+def load_pipeline(ref: str | ModelRef, *, allow_pickle: bool = False, torch_dtype=None, unet_dtype=None,
+                  unet_quantization=None):
+    """Load a base model's diffusers pipeline offline (no hub access). `unet_quantization`
+    (a diffusers quantization config such as BitsAndBytesConfig, CUDA only) loads the UNet
+    quantized, its other layers in `unet_dtype` (default: `torch_dtype`)."""
     import torch
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 
     model = ref if isinstance(ref, ModelRef) else resolve_model(ref, allow_pickle=allow_pickle)
     dtype = torch_dtype or torch.float32
@@ -97,10 +100,15 @@ def load_pipeline(ref: str | ModelRef, *, allow_pickle: bool = False, torch_dtyp
         from studio.checkpoint import load_single_file
 
         config_dir = _builtin_dir() if _is_builtin_architecture(model.path) else None
-        pipe = load_single_file(model.path, allow_pickle=allow_pickle, torch_dtype=dtype, config_dir=config_dir)
+        pipe = load_single_file(model.path, allow_pickle=allow_pickle, torch_dtype=dtype, config_dir=config_dir,
+                                unet_dtype=unet_dtype, unet_quantization=unet_quantization)
     else:
         cls = StableDiffusionXLPipeline if model.family == "sdxl" else StableDiffusionPipeline
         kwargs = {"safety_checker": None, "requires_safety_checker": False} if model.family == "sd15" else {}
+        if unet_quantization is not None:
+            kwargs["unet"] = UNet2DConditionModel.from_pretrained(
+                model.path, subfolder="unet", dtype=unet_dtype or dtype, local_files_only=True,
+                quantization_config=unet_quantization)
         pipe = cls.from_pretrained(model.path, dtype=dtype, local_files_only=True, **kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime
 from pathlib import Path
 
-from studio.config import TrainConfig, load_config, save_config
+from studio.config import TrainConfig, check_device_support, load_config, save_config
 from studio.errors import StudioError
 from studio.workspace import Workspace
 
@@ -22,7 +22,9 @@ def new_run_id(config: TrainConfig, workspace: Workspace) -> str:
 
 
 def create_run(config: TrainConfig, workspace: Workspace) -> Path:
-    """A new run folder holding the fully resolved config."""
+    """A new run folder holding the fully resolved config; a config this machine cannot
+    run (CUDA-only options without CUDA) is refused first."""
+    check_device_support(config)
     run_dir = workspace.run_dir(new_run_id(config, workspace))
     run_dir.mkdir(parents=True)
     save_config(config, run_dir / CONFIG_FILE)

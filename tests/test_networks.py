@@ -13,6 +13,7 @@ NETWORKS = {
     "dora": {"use_dora": True},
     "rslora+loraplus": {"use_rslora": True, "loraplus_lr_ratio": 4.0},
     "pissa": {"init": "pissa"},
+    "olora": {"init": "olora"},
     "loha": {"type": "loha", "rank": 4, "alpha": 4.0},
     "lokr": {"type": "lokr", "rank": 4, "alpha": 4.0},
     "tlora": {"type": "tlora", "rank": 8, "tlora_min_rank": 4},

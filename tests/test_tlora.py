@@ -66,3 +66,48 @@ def test_mask_is_per_sample_and_plain_factors_equal_all_ranks():
     assert torch.allclose(first, plain, atol=1e-5)
     adapter.detach()
     assert torch.allclose(net(layer_input, torch.tensor([0, 999])), base)
+
+
+@pytest.mark.slow
+def test_tlora_generation_masked_all_ranks_and_plain_export(workspace, caplog):
+    """On the built-in model: a trained T-LoRA's native file reloads with its schedule; the
+    timestep mask changes the image; the plain kohya export (rank 2r, with a warning)
+    reproduces the all-ranks image."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from studio.adapters import convert_adapter, load_adapter, read_checked_header
+    from studio.generate import AdapterUse, Engine, GenerateRequest
+    from studio.runs import create_run
+    from studio.tlora import is_tlora_metadata, load_tlora
+    from tests.conftest import demo_config
+    from trainers.lora import Trainer
+
+    config = demo_config(max_steps=30, learning_rate=3e-3)
+    config.network.type, config.network.rank, config.network.tlora_min_rank = "tlora", 8, 2
+    native = Trainer(create_run(config, workspace), show_progress=False).run()
+    assert is_tlora_metadata(read_checked_header(native)[1])
+    assert load_tlora(native).schedule == TLoRASchedule(8, 2, 1.0)
+
+    engine = Engine()
+    request = GenerateRequest("a sks shape on a white background", steps=10, seed=3)
+
+    def image(*adapters) -> np.ndarray:
+        return np.asarray(engine.generate(replace(request, adapters=list(adapters)))[0], dtype=float)
+
+    masked = image(AdapterUse(native))
+    all_ranks = image(AdapterUse(native, tlora_masked=False))
+    base = image()
+    effect = np.abs(all_ranks - base).mean()
+    assert effect > 1.0
+    assert np.abs(masked - all_ranks).mean() > max(0.5, 0.1 * effect)
+
+    plain = workspace.adapters_dir / "plain.safetensors"
+    with caplog.at_level("WARNING", logger="studio.adapters"):
+        convert_adapter(native, plain, format="kohya")
+    assert "schedule is lost" in caplog.text and "rank 16" in caplog.text
+    meta = read_checked_header(plain)[1]
+    assert not is_tlora_metadata(meta) and meta["ss_network_module"] == "networks.lora"
+    assert {module.rank for module in load_adapter(plain).modules.values()} == {16}
+    assert np.abs(image(AdapterUse(plain)) - all_ranks).max() <= 1

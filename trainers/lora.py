@@ -18,12 +18,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from studio.config import TrainConfig, load_config
+from studio.config import TrainConfig, check_device_support, load_config
 from studio.errors import StudioError
 from trainers.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from trainers.data import (BatchOrder, Example, center_crop_offsets, choose_bucket, micro_generator,
                            prepare_image)
 from trainers.events import EventLog
+from trainers.low_memory import nf4_quantization, store_in_fp8
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +57,7 @@ class Trainer:
         cfg = self.config
         if cfg.training.num_threads:
             torch.set_num_threads(cfg.training.num_threads)
-        if cfg.training.mixed_precision != "no" and not torch.cuda.is_available():
-            raise StudioError(f"mixed_precision = {cfg.training.mixed_precision!r} needs a CUDA GPU; "
-                              "set training.mixed_precision = 'no' on this machine.")
-        if cfg.training.optimizer == "adamw8bit" and not torch.cuda.is_available():
-            raise StudioError("optimizer 'adamw8bit' needs a CUDA GPU and bitsandbytes; use 'adamw' here.")
+        check_device_support(cfg)
         self.accelerator = Accelerator(
             gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
             mixed_precision=cfg.training.mixed_precision,
@@ -69,7 +66,10 @@ class Trainer:
         device = self.accelerator.device
         self.model_ref = resolve_model(cfg.base_model)
         self.sdxl = self.model_ref.family == "sdxl"
-        pipe = load_pipeline(self.model_ref)
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.training.mixed_precision, torch.float32)
+        base_weights = cfg.training.base_weights
+        pipe = load_pipeline(self.model_ref, unet_dtype=self.weight_dtype,
+                             unet_quantization=nf4_quantization(self.weight_dtype) if base_weights == "nf4" else None)
         self.pipe = pipe
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         self.vae, self.unet = pipe.vae, pipe.unet
@@ -79,7 +79,6 @@ class Trainer:
         for module in (self.vae, self.unet, *self.text_encoders):
             module.requires_grad_(False)
             module.to(device)
-        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.training.mixed_precision, torch.float32)
         if self.weight_dtype != torch.float32:
             self.vae.to(dtype=self.weight_dtype)
             if not cfg.network.train_text_encoder:
@@ -114,17 +113,23 @@ class Trainer:
                         self._text_cache[example.caption] = (hidden[0], None if pooled is None else pooled[0])
 
         # adapters
-        from trainers.networks import inject, param_groups
+        from trainers.networks import initial_factors, inject, param_groups
 
         net = cfg.network
         torch.manual_seed(cfg.seed)  # the adapters' initial weights are a function of the seed
         self.tlora = inject(self.unet, net, seed=cfg.seed)
+        moves_base = net.init != "default"  # PiSSA / OLoRA: the export needs the initial factors
+        self.initial_factors = initial_factors(self.unet, "unet") if moves_base else {}
         trainable_unet = self.tlora if self.tlora is not None else self.unet
         params = param_groups(trainable_unet, cfg.training.learning_rate, net)
         if net.train_text_encoder:
-            for encoder in self.text_encoders:
+            for component, encoder in zip(("text_encoder", "text_encoder_2"), self.text_encoders):
                 inject(encoder, net, text_encoder=True)
+                if moves_base:
+                    self.initial_factors.update(initial_factors(encoder, component))
                 params += param_groups(encoder, cfg.training.text_encoder_lr or cfg.training.learning_rate, net)
+        if base_weights == "fp8":
+            store_in_fp8(self.unet)
         self.trainable = [p for group in params for p in group["params"]]
         for p in self.trainable:
             p.data = p.data.float()
@@ -528,7 +533,7 @@ class Trainer:
             adapter = AdapterFile({path_to_name(family, "unet", path, unet.config): LoraModule(down, up, alpha)
                                    for path, (up, down, alpha) in plain_lora_factors(self.tlora).items()}, {}, family)
         else:
-            adapter = export_adapter(models, family=family)
+            adapter = export_adapter(models, family=family, initial_factors=self.initial_factors)
         samples = sorted((self.run_dir / "samples").glob("step-*.png"))
         adapter.metadata = training_metadata(
             cfg, self.model_ref, dataset_folder=self._dataset_folder(), started=started, finished=time.time(),

@@ -55,6 +55,16 @@ def inject(model: torch.nn.Module, net: NetworkConfig, *, text_encoder: bool = F
     return None
 
 
+def initial_factors(model: torch.nn.Module, component: str) -> dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]:
+    """(component, module path) -> copies of (lora_A, lora_B) as injected. Taken right after
+    a PiSSA / OLoRA injection, whose init moved the base weights: the export subtracts them."""
+    from peft.tuners.lora.layer import LoraLayer
+
+    return {(component, path): (layer.lora_A[ADAPTER_NAME].weight.detach().clone(),
+                                 layer.lora_B[ADAPTER_NAME].weight.detach().clone())
+            for path, layer in model.named_modules() if isinstance(layer, LoraLayer) and ADAPTER_NAME in layer.lora_A}
+
+
 def param_groups(model: torch.nn.Module, lr: float, net: NetworkConfig) -> list[dict]:
     """Trainable parameters of `model`; with LoRA+ the B (up) matrices get lr x ratio."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]

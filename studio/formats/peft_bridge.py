@@ -117,6 +117,15 @@ def module_from_peft(kind: str, tensors: Mapping[str, torch.Tensor], *, r: int, 
     return AdapterModule(LOKR, t, scale * dim)
 
 
+def _minus_start(end: AdapterModule, start: AdapterModule) -> AdapterModule:
+    """The LoRA module end - start (same rank and scale) as one module of twice the rank."""
+    down = torch.cat([end.down, start.down], dim=0)
+    up = torch.cat([end.up, -start.up], dim=1)
+    module = AdapterModule(LORA, {"lora_down.weight": down, "lora_up.weight": up}, end.scale * down.shape[0])
+    module.magnitude = end.magnitude
+    return module
+
+
 def _layer_state(layer, adapter_name: str):
     """(kind, tensors, r, alpha, use_rslora, magnitude) of one peft layer, or None when
     the adapter is not on it."""
@@ -141,11 +150,17 @@ def _layer_state(layer, adapter_name: str):
     return None
 
 
-def modules_from_models(family: str, models: Mapping[str, torch.nn.Module],
-                        adapter_name: str = "default") -> dict[str, AdapterModule]:
+def modules_from_models(family: str, models: Mapping[str, torch.nn.Module], adapter_name: str = "default",
+                        initial_factors: Mapping[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] | None = None,
+                        ) -> dict[str, AdapterModule]:
     """kohya name -> file module for the peft adapter `adapter_name` on the pipeline's
     models (keys of FAMILY_PARTS: unet, text_encoder, text_encoder_2). DoRA modules get both
-    their peft magnitude and the dora_scale computed from the base weight."""
+    their peft magnitude and the dora_scale computed from the base weight.
+
+    `initial_factors` {(model key, module path): (lora_A, lora_B) as injected} is for an
+    init that moved the base weights (PiSSA, OLoRA: W_res = W - s B0 A0): those modules are
+    written as the plain LoRA that turns the original W into the trained weight,
+    s (B A - B0 A0) at rank 2r."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     out: dict[str, AdapterModule] = {}
@@ -166,8 +181,17 @@ def modules_from_models(family: str, models: Mapping[str, torch.nn.Module],
                 raise StudioError(f"{part.attr}.{clean_path(path)} is a {type(base).__name__}; only Linear and "
                                   "Conv2d layers have a kohya file layout.")
             module = module_from_peft(kind, tensors, r=r, alpha=alpha, use_rslora=rslora, magnitude=magnitude)
+            initial = (initial_factors or {}).get((part.attr, path))
+            if initial is not None:
+                start = module_from_peft(kind, {"lora_A": initial[0], "lora_B": initial[1]}, r=r, alpha=alpha,
+                                         use_rslora=rslora)
+                module = _minus_start(module, start)
             if module.magnitude is not None:
-                weight = base.weight.detach()
+                from peft.utils.integrations import dequantize_module_weight
+
+                weight = dequantize_module_weight(base).detach().float()  # QDoRA: the 4-bit base, unpacked
+                if initial is not None:
+                    weight = weight + start.delta(weight.shape)  # the original weights, before the init moved them
                 module.dora_scale = dora_scale_from_magnitude(weight, module.delta(weight.shape), module.magnitude)
             name = kohya_name(part, clean_path(path), config)
             if name in out:

@@ -1,0 +1,119 @@
+"""Low-memory training options: refused without CUDA before any model loads (config,
+run creation, trainer, CLI); the float8 storage math checked on the CPU."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from studio.errors import StudioError
+from tests.conftest import demo_config, run_cli
+
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+
+CUDA_ONLY = {
+    "bf16": (("training", "mixed_precision", "bf16"), "training.mixed_precision = 'bf16' needs one, set it to 'no'"),
+    "adamw8bit": (("training", "optimizer", "adamw8bit"), "training.optimizer = 'adamw8bit'"),
+    "qlora": (("training", "base_weights", "nf4"), "training.base_weights = 'nf4' (QLoRA / QDoRA"),
+    "qdora": (("training", "base_weights", "nf4"), "training.base_weights = 'nf4' (QLoRA / QDoRA"),
+    "fp8": (("training", "base_weights", "fp8"), "training.base_weights = 'fp8' (float8 base storage) needs one"),
+}
+
+
+def _cuda_only_config(option: str):
+    (section, key, value), _ = CUDA_ONLY[option]
+    config = demo_config(max_steps=2)
+    setattr(getattr(config, section), key, value)
+    if option == "qdora":
+        config.network.use_dora = True
+    return config
+
+
+@no_cuda
+@pytest.mark.parametrize("option", list(CUDA_ONLY))
+def test_cuda_only_option_refused_before_any_model_loads(option, workspace, monkeypatch):
+    from studio.config import check_device_support
+    from studio.runs import create_run
+    from trainers.lora import Trainer
+
+    config = _cuda_only_config(option)
+    expected = CUDA_ONLY[option][1]
+    with pytest.raises(StudioError, match="^No CUDA GPU on this machine: ") as refused:
+        check_device_support(config)
+    assert expected in str(refused.value) and "\n" not in str(refused.value)
+
+    with pytest.raises(StudioError, match="No CUDA GPU"):
+        create_run(config, workspace)
+    assert not workspace.runs_dir.exists() or not any(workspace.runs_dir.iterdir())
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the CUDA check")
+
+    monkeypatch.setattr("studio.models.load_pipeline", no_loading)
+    run_dir = workspace.runs_dir / "made-elsewhere"
+    with pytest.raises(StudioError, match=re.escape(expected)):
+        Trainer(run_dir, config, show_progress=False).run()
+
+
+@no_cuda
+def test_cli_train_refuses_cuda_only_options_in_one_line(tmp_path):
+    from studio.config import save_config
+
+    config = _cuda_only_config("qlora")
+    config.training.optimizer = "adamw8bit"
+    save_config(config, tmp_path / "qlora.toml")
+    result = run_cli("train", tmp_path / "qlora.toml", "--workspace", tmp_path / "ws", "--quiet")
+    assert result.returncode == 2, result.stderr
+    line = result.stderr.strip()
+    assert "\n" not in line and line.startswith("error: No CUDA GPU on this machine: ")
+    assert "training.base_weights = 'nf4'" in line and "training.optimizer = 'adamw8bit'" in line
+    assert not (tmp_path / "ws" / "runs").exists() or not any((tmp_path / "ws" / "runs").iterdir())
+
+
+@pytest.mark.parametrize("network,message", [
+    ({"type": "loha", "rank": 4, "alpha": 4.0}, "works with lora, locon and tlora networks, not loha"),
+    ({"init": "pissa"}, "network.init = 'pissa' rewrites the base weights"),
+])
+def test_nf4_refuses_adapters_it_cannot_carry(network, message):
+    from studio.config import parse_config
+
+    data = {"network": network, "training": {"base_weights": "nf4"}}
+    with pytest.raises(StudioError, match=message):
+        parse_config(data)
+    parse_config({"network": network, "training": {"base_weights": "fp8"}})
+
+
+def test_fp8_storage_matches_full_precision_compute_on_rounded_weights():
+    """The float8 layers give the output and input gradient of the same layer with its
+    weights rounded to float8, and keep no full-precision copy of the weight."""
+    from trainers.low_memory import FP8, store_in_fp8
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.Flatten(2),
+                                torch.nn.Linear(36, 5))
+    adapter = torch.nn.Linear(5, 5)  # a trainable layer after the frozen ones, as an adapter would be
+    model.requires_grad_(False)
+    reference = torch.nn.Sequential(*[torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.Flatten(2),
+                                      torch.nn.Linear(36, 5)])
+    reference.load_state_dict(model.state_dict())
+    reference.requires_grad_(False)
+    with torch.no_grad():
+        for layer in (reference[0], reference[2]):
+            layer.weight.copy_(layer.weight.to(FP8).float())
+    assert store_in_fp8(model) == 2
+    assert model[0].weight.dtype == FP8 and model[2].weight.dtype == FP8 and model[2].bias.dtype == torch.float32
+
+    x = torch.randn(2, 4, 6, 6, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    out, out_ref = model(x), reference(x_ref)
+    assert torch.allclose(out, out_ref, atol=1e-5)
+    adapter(out).square().sum().backward()
+    grad_adapter = adapter.weight.grad.clone()
+    adapter.zero_grad()
+    adapter(out_ref).square().sum().backward()
+    assert torch.allclose(x.grad, x_ref.grad, atol=1e-5)
+    assert torch.allclose(grad_adapter, adapter.weight.grad, atol=1e-5)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(x).dtype == torch.bfloat16

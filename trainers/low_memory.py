@@ -1,0 +1,104 @@
+"""A low-memory frozen base UNet for training on CUDA: 4-bit NF4 (QLoRA, QDoRA with DoRA;
+bitsandbytes through diffusers' quantization support) or float8 weight storage.
+`studio.config.check_device_support` refuses both on a machine without CUDA.
+
+Float8 storage is done here rather than with diffusers' `enable_layerwise_casting`: that
+hook casts a layer's parameters back to float8 in place after its forward pass, so the
+weight autograd saved for the backward pass is float8 by then and the backward pass through
+the frozen layers (needed by every adapter before them) fails. Here a frozen Linear / Conv2d
+keeps its weight in float8, casts a copy for each forward pass and recasts it in backward:
+no full-precision copy lives between the two passes.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FP8 = torch.float8_e4m3fn
+#: Kept in full precision: the UNet's first and last layers are small and precision-critical.
+FP8_SKIP = ("conv_in", "conv_out")
+
+
+def nf4_quantization(compute_dtype: torch.dtype):
+    """The UNet's Linear layers in 4-bit NormalFloat with double quantization (QLoRA's
+    recipe), computed in `compute_dtype`; convolutions and norms keep their dtype."""
+    from diffusers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
+def store_in_fp8(unet: nn.Module) -> int:
+    """Store the weights of the UNet's frozen Linear and Conv2d layers in float8 (e4m3);
+    biases, norms and adapter layers stay as they are. Call it after the adapters are
+    injected (PiSSA / OLoRA init reads the full-precision weights). Returns the layer count."""
+    count = 0
+    for path, module in unet.named_modules():
+        if type(module) not in (nn.Linear, nn.Conv2d) or path in FP8_SKIP:
+            continue
+        if any(p.requires_grad for p in module.parameters()):
+            continue
+        if isinstance(module, nn.Conv2d):
+            if module.padding_mode != "zeros" or isinstance(module.padding, str):
+                continue
+            module.forward = partial(_conv2d_forward, module)
+        else:
+            module.forward = partial(_linear_forward, module)
+        module.weight.data = module.weight.data.to(FP8)
+        count += 1
+    return count
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def _bias(module: nn.Module, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if module.bias is None else module.bias.to(dtype)
+
+
+def _linear_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    dtype = _compute_dtype(x)
+    return _Fp8Linear.apply(x.to(dtype), module.weight, _bias(module, dtype))
+
+
+def _conv2d_forward(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    dtype = _compute_dtype(x)
+    return _Fp8Conv2d.apply(x.to(dtype), module.weight, _bias(module, dtype), module.stride, module.padding,
+                            module.dilation, module.groups)
+
+
+class _Fp8Linear(torch.autograd.Function):
+    """y = x W^T + b with W stored in float8; gradient for x only (W and b are frozen)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(weight)
+        return F.linear(x, weight.to(x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (weight,) = ctx.saved_tensors
+        return grad_output @ weight.to(grad_output.dtype), None, None
+
+
+class _Fp8Conv2d(torch.autograd.Function):
+    """conv2d with its weight stored in float8; gradient for the input only."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
+        ctx.save_for_backward(weight)
+        ctx.geometry = (x.shape, stride, padding, dilation, groups)
+        return F.conv2d(x, weight.to(x.dtype), bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (weight,) = ctx.saved_tensors
+        shape, stride, padding, dilation, groups = ctx.geometry
+        grad_x = torch.nn.grad.conv2d_input(shape, weight.to(grad_output.dtype), grad_output, stride, padding,
+                                            dilation, groups)
+        return grad_x, None, None, None, None, None, None
