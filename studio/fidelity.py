@@ -72,8 +72,9 @@ def write_concept_dataset(folder: Path, kind: str, *, count: int = 6, seed: int 
 
 
 def train(workspace, *, name: str, dataset: Path | None = None, steps: int = 200, model: str = "builtin",
-          **network) -> Path:
-    """Train the tiny-demo preset (optionally on another dataset / network / base model) in-process."""
+          learning_rate: float | None = None, **network) -> Path:
+    """Train the tiny-demo preset (optionally on another dataset / learning rate / network /
+    base model) in-process."""
     from studio.config import load_config
     from studio.runs import create_run
     from trainers.lora import train_run
@@ -82,6 +83,8 @@ def train(workspace, *, name: str, dataset: Path | None = None, steps: int = 200
     config.name = name
     config.base_model = model
     config.training.max_steps = steps
+    if learning_rate is not None:
+        config.training.learning_rate = learning_rate
     config.checkpoints.every_n_steps = 0
     config.sampling.every_n_steps = 0
     config.sampling.prompts = []
