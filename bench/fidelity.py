@@ -1,5 +1,6 @@
 """Does training teach and keep? On the built-in model, measured from pixels:
-concept (demo LoRA), prior kept, two LoRAs composed, and LoRA vs T-LoRA from one image.
+concept (demo LoRA), prior kept, two LoRAs composed (LoRA vs T-LoRA from one image:
+bench/tlora_single_image.py).
 
     python -m bench.fidelity [--seeds 8] [--steps 200] [--model builtin]
 """
@@ -15,8 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main(argv=None) -> dict:
-    from studio.fidelity import (composition_figures, concept_figures, single_image_figures, train,
-                                 write_concept_dataset)
+    from studio.fidelity import composition_figures, concept_figures, train, write_concept_dataset
     from studio.generate import Engine
     from studio.workspace import Workspace
 
@@ -24,7 +24,6 @@ def main(argv=None) -> dict:
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--model", default="builtin")
-    parser.add_argument("--skip-single", action="store_true", help="skip LoRA vs T-LoRA from one image")
     args = parser.parse_args(argv)
     seeds = list(range(100, 100 + args.seeds))
     started = time.time()
@@ -39,8 +38,6 @@ def main(argv=None) -> dict:
         shape = train(workspace, name="shape", steps=args.steps, model=args.model,
                       dataset=write_concept_dataset(workspace.root / "shape", "shape"))
         figures["composition"] = composition_figures(engine, color, shape, seeds, args.model)
-        if not args.skip_single:
-            figures["single_image"] = single_image_figures(workspace, engine, seeds, args.steps, args.model)
     figures["settings"] = {"seeds": len(seeds), "steps": args.steps, "model": args.model,
                            "seconds": round(time.time() - started)}
     print(json.dumps(figures, indent=1))

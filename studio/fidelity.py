@@ -3,9 +3,9 @@
 - concept: a DreamBooth LoRA from the demo dataset makes "sks" a purple star, which the
   base model never saw, while prompts without the trigger keep the base model's accuracy;
 - composition: one LoRA teaching a colour and one teaching a shape, used together,
-  give pictures with both;
-- single image: LoRA vs T-LoRA trained from one picture: concept match and whether an
-  asked-for background is obeyed (T-LoRA's claim is less overfitting).
+  give pictures with both.
+
+LoRA vs T-LoRA from one picture is bench/tlora_single_image.py.
 
 Used by tests/test_fidelity.py (few seeds) and `python -m bench.fidelity` (more seeds).
 """
@@ -142,32 +142,3 @@ def composition_figures(engine, color_adapter: Path, shape_adapter: Path, seeds:
         "shape_only": match_rates(generate(engine, [f"a red {SHAPE_TRIGGER} on a {b} background" for b in NEUTRAL],
                                            seeds, both[1:], model), Target("red", "star")),
     }
-
-
-def single_image_figures(workspace, engine, seeds: list[int], steps: int = 200, model: str = "builtin") -> dict:
-    """LoRA vs T-LoRA from one picture of a purple star on white: concept match on white,
-    and prompt following (backgrounds asked for that the picture never showed)."""
-    from studio.config import DEMO_DATASET
-    from studio.generate import AdapterUse
-
-    one = Path(workspace.root) / "one-image"
-    one.mkdir(parents=True, exist_ok=True)
-    first = sorted(DEMO_DATASET.glob("*.png"))[0]
-    (one / first.name).write_bytes(first.read_bytes())
-    (one / first.with_suffix(".txt").name).write_text(first.with_suffix(".txt").read_text())
-    results = {}
-    for label, network in (("lora", {"type": "lora"}),
-                           ("tlora", {"type": "tlora", "tlora_min_rank": 4, "tlora_ortho": True})):
-        adapter = train(workspace, name=f"single-{label}", dataset=one, steps=steps, model=model, **network)
-        use = [AdapterUse(adapter, 1.0)]
-        concept = match_rates(generate(engine, ["a sks shape on a white background"], seeds, use, model),
-                              Target("purple", "star", "white"))
-        following = {}
-        for background in ("black", "blue", "yellow"):
-            rates = match_rates(generate(engine, [f"a sks shape on a {background} background"], seeds, use, model),
-                                Target("purple", "star", background))
-            following[background] = rates
-        results[label] = {"concept": concept,
-                          "background_obeyed": float(np.mean([r["background"] for r in following.values()])),
-                          "concept_on_new_backgrounds": float(np.mean([r["all"] for r in following.values()]))}
-    return results
