@@ -335,6 +335,8 @@ def test_configs(env, capsys):
     handled(api.call("check_settings", {"train-network-type": "tlora", "train-network-tlora-min-rank": 16}),
             "tlora_min_rank (16) must not exceed rank (8)")
     handled(api.call("check_settings", {"train-dataset": None}), "Pick a dataset")
+    handled(api.call("check_settings", {"train-training-base-weights": "nf4"}),
+            "No CUDA GPU on this machine: training.base_weights = 'nf4'")
     # out of the field's range or of the wrong type: Gradio refuses the value before our handler runs
     result = api.call("check_settings", {"train-training-learning-rate": 5})
     assert result.output is None and "greater than maximum value 1.0" in result.error, result

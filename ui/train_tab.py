@@ -169,7 +169,11 @@ def build(studio: Studio) -> SimpleNamespace:
         data["dataset"].pop("path", None)
         return parse_config(data, "Settings")
 
-    def check_dataset_ready(config: TrainConfig) -> int:
+    def check_ready(config: TrainConfig) -> int:
+        """Images per epoch; raises StudioError when the dataset, base model or this machine cannot run it."""
+        from studio.config import check_device_support
+
+        check_device_support(config)
         folder = ws.dataset_dir(config.dataset.name)
         if not folder.is_dir():
             raise StudioError(f"Dataset {config.dataset.name!r} does not exist any more; pick another one.")
@@ -226,7 +230,7 @@ def build(studio: Studio) -> SimpleNamespace:
     @friendly
     def on_check(dataset_name, *values):
         config = build_config(dataset_name, values)
-        per_epoch = check_dataset_ready(config)
+        per_epoch = check_ready(config)
         gr.Info(f"Settings are valid: {config.training.max_steps} steps on {per_epoch} images per epoch.")
         return dump_config(config), "Settings are valid."
 
@@ -235,7 +239,7 @@ def build(studio: Studio) -> SimpleNamespace:
         from studio.jobs import enqueue, list_jobs
 
         config = build_config(dataset_name, values)
-        check_dataset_ready(config)
+        check_ready(config)
         if (ws.adapters_dir / f"{config.name}.safetensors").exists():
             gr.Warning(f"An adapter named {config.name!r} is in the library; this run replaces it when it "
                        "finishes. Change the adapter name to keep both.")
