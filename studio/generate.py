@@ -240,7 +240,8 @@ class Engine:
             live = any(not _has_linear_delta(module, name) for module, scales in layers for name in scales)
             terms = [] if live else [(module, name, scale) for module, scales in layers
                                      for name, scale in scales.items() if scale != 0]
-            _merge_deltas(layers[0][0].get_base_layer(), terms)
+            base = layers[0][0].get_base_layer()
+            _merge_deltas(base, terms)
             for module, scales in layers:
                 if live and scales:
                     for name, scale in scales.items():
@@ -249,6 +250,10 @@ class Engine:
                     module.set_adapter(list(scales))
                 else:
                     module.enable_adapters(False)
+                if live:
+                    module.__dict__.pop("forward", None)
+                else:  # every adapter here is merged or off: call the base layer without peft's per-call checks
+                    module.forward = base.forward
         for name, adapter in self._tlora_of(pipe).items():
             adapter.enabled = name in mix
             if name in mix:
