@@ -252,8 +252,8 @@ class Engine:
                     module.enable_adapters(False)
                 if live:
                     module.__dict__.pop("forward", None)
-                else:  # every adapter here is merged or off: call the base layer without peft's per-call checks
-                    module.forward = base.forward
+                else:  # every adapter here is merged or off: call the base layer (and its hooks, T-LoRA's
+                    module.forward = base.__call__  # among them) without peft's per-call checks
         for name, adapter in self._tlora_of(pipe).items():
             adapter.enabled = name in mix
             if name in mix:
