@@ -1,0 +1,62 @@
+"""The built-in model draws what it is told, and training teaches and keeps (issue 3).
+
+The shipped weights reproduce the figures recorded in assets/builtin/TRAINING.md, and a
+DreamBooth LoRA from the demo dataset keeps the base model's accuracy on prompts without
+its trigger. Fewer seeds than `python -m bench.fidelity`.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+SEEDS = [100, 101, 102, 103]
+
+
+@pytest.fixture(scope="module")
+def engine_and_workspace(tmp_path_factory):
+    from studio.generate import Engine
+    from studio.workspace import Workspace
+
+    return Engine(), Workspace.open(tmp_path_factory.mktemp("fidelity") / "ws")
+
+
+@pytest.mark.slow
+def test_shipped_model_draws_seen_prompts_as_recorded():
+    from studio import toyworld
+    from studio.builtin_model import BUILTIN_DIR
+    from studio.evaluate import score_prompts
+    from studio.models import load_pipeline
+
+    recorded = json.loads((BUILTIN_DIR / "evaluation.json").read_text())
+    settings = recorded["evaluation"]["seen"]["settings"]
+    pipe = load_pipeline("builtin")
+    pipe.set_progress_bar_config(disable=True)
+    figures = score_prompts(pipe, toyworld.seen_prompts(), settings["seeds"], steps=settings["steps"],
+                            guidance_scale=settings["guidance_scale"])
+    assert figures["n_images"] >= 100
+    accuracy = figures["accuracy"]
+    assert accuracy["color"] >= 0.95 and accuracy["background"] >= 0.95 and accuracy["shape"] >= 0.8, accuracy
+    assert accuracy == pytest.approx(recorded["evaluation"]["seen"]["accuracy"], abs=0.02)
+
+
+@pytest.mark.slow
+def test_demo_lora_keeps_the_prior_and_weight_zero_is_the_base(engine_and_workspace):
+    """Prompts without the trigger keep >= 90% of the base model's accuracy. (How well the
+    trigger teaches the purple star is measured by `python -m bench.fidelity`; it does not
+    reach the issue's 90% yet, see the issue notes.)"""
+    from studio.fidelity import concept_figures, train
+    from studio.generate import AdapterUse, GenerateRequest
+
+    engine, workspace = engine_and_workspace
+    adapter = train(workspace, name="demo")
+    figures = concept_figures(engine, adapter, SEEDS)
+    for attr in ("color", "background", "shape"):
+        assert figures["prior_with_lora"][attr] >= 0.9 * figures["prior_base"][attr], figures
+    assert figures["prior_base"]["shape"] >= 0.8, figures
+    request = dict(prompt="a sks shape on a white background", seed=SEEDS[0])
+    base = engine.generate(GenerateRequest(**request))[0]
+    zero = engine.generate(GenerateRequest(**request, adapters=[AdapterUse(adapter, 0.0)]))[0]
+    one = engine.generate(GenerateRequest(**request, adapters=[AdapterUse(adapter, 1.0)]))[0]
+    assert base.tobytes() == zero.tobytes()
+    assert base.tobytes() != one.tobytes()
