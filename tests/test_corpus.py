@@ -16,7 +16,6 @@ import struct
 import subprocess
 import sys
 import zipfile
-import zlib
 from pathlib import Path
 
 import httpx
@@ -24,6 +23,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import demo_config
+from tests.test_datasets import fake_png
 from tests.live_server import ROOT, Api, running_server
 
 pytestmark = pytest.mark.slow
@@ -44,17 +44,6 @@ def _jpeg(image: Image.Image, **save) -> bytes:
     return buf.getvalue()
 
 
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-
-def _bomb_png(width: int, height: int) -> bytes:
-    """A PNG header claiming width x height pixels with a few bytes of data."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(b"\0" * 64))
-            + _chunk(b"IEND", b""))
-
-
 def _noise(size=(64, 64)) -> Image.Image:
     return Image.frombytes("RGB", size, os.urandom(size[0] * size[1] * 3))
 
@@ -71,7 +60,7 @@ def _images(folder: Path) -> None:
         "zero.png": b"",
         "truncated.png": truncated[: len(truncated) // 2],
         "garbage.jpg": os.urandom(3000),
-        "bomb.png": _bomb_png(60_000, 60_000),
+        "bomb.png": fake_png(60_000, 60_000),
         "deep16.png": _png(Image.new("I;16", (32, 32), 40_000)),
         "cmyk.jpg": _jpeg(Image.new("CMYK", (32, 32), (0, 200, 200, 0))),
         "palette.png": _png(Image.new("RGB", (32, 32), (10, 200, 10)).convert("P")),
