@@ -355,6 +355,7 @@ def _merge_deltas(base, terms: list[tuple[object, str, float]]) -> None:
             weight.copy_(total)
     base._studio_merged = merged
 
+
 def _scheduler(pipe, name: str):
     """The scheduler `name` for this pipeline, made once from the pipeline's own scheduler
     config (never from the previous request's: DPM++ Karras would leave use_karras_sigmas on
