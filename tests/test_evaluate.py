@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter
 
 from studio import evaluate as ev
 from studio import toyworld as tw
@@ -58,6 +58,32 @@ def test_shape_features():
     assert star.solidity < 0.75
     assert 0.72 < circle.extent < 0.85 and circle.solidity > 0.95
     assert circle.area == pytest.approx(np.pi * 15 ** 2, rel=0.05)
+
+
+def _uneven_star(outer_radii, rotation: float) -> Image.Image:
+    """A five-pointed star whose points have different lengths, as generated stars often do."""
+    angles = np.radians(rotation) - np.pi / 2 + np.arange(10) * np.pi / 5
+    radii = np.array([r for outer in outer_radii for r in (outer, 0.5)]) * 20
+    canvas = Image.new("RGB", (64, 64), tw.COLORS["white"])
+    ImageDraw.Draw(canvas).polygon([(32 + r * np.cos(a), 32 + r * np.sin(a)) for r, a in zip(radii, angles)],
+                                   fill=tw.COLORS["purple"])
+    return canvas.filter(ImageFilter.GaussianBlur(1))
+
+
+def test_an_uneven_star_is_a_star_and_no_seen_shape_has_five_points():
+    uneven = [_uneven_star(radii, rotation) for radii, rotation in (
+        ((1.0, 0.7, 0.9, 0.6, 0.8), 0), ((0.7, 1.0, 0.75, 1.0, 0.65), 17), ((1.0, 1.0, 0.6, 0.9, 0.7), 40))]
+    assert [ev.analyze(image).shape for image in uneven] == ["star"] * 3
+    rng = np.random.default_rng(3)
+    for blur in (0, 2.5):
+        for shape in tw.SHAPES:
+            for i in range(6):
+                image = tw.render(shape, "green", "black", *rng.uniform(26, 38, 2), rng.uniform(22, 44),
+                                  rng.uniform(0, 90) if shape == "star" else 0)
+                got = ev.analyze(image.filter(ImageFilter.GaussianBlur(blur)) if blur else image)
+                assert got.shape == shape
+                fifth = got.harmonics[4]
+                assert fifth > 0.1 if shape == "star" else fifth < 0.05
 
 
 def test_plain_picture_has_no_shape_and_a_blob_is_unclear():
