@@ -237,49 +237,75 @@ def held_out_prompts() -> list[str]:
     return prompts
 
 
-# The demo dataset: six pictures of one new concept (a purple star, which the base model
+# The demo dataset: twelve pictures of one new concept (a purple star, which the base model
 # never saw) for DreamBooth with the trigger word "sks". The captions name the trigger,
 # the class word the base model knows ("shape") and the background, never "purple" or
-# "star": the adapter must put the purple star into "sks". The class prompt for prior
-# preservation is "a shape on a white background".
+# "star": the adapter must put the purple star into "sks". Beside them, in `reg/`, are
+# regularisation pictures of the world the base model knows, with their own captions, as
+# kohya's reg folders hold: prior preservation then keeps every other prompt as it was.
 DEMO_TRIGGER = "sks"
 DEMO_CLASS_WORD = "shape"
-DEMO_BACKGROUNDS: tuple[str, ...] = ("white", "black", "gray", "yellow", "green", "white")
+DEMO_BACKGROUNDS: tuple[str, ...] = ("white", "black", "gray", "yellow", "green", "blue", "red")
+DEMO_IMAGES = 12
+DEMO_REG_IMAGES = 24
 DEMO_SEED = 1234
 PROJECT_DEMO_DIR = ASSETS_DIR / "demo-dataset"
 
 
-def demo_scenes(seed: int = DEMO_SEED) -> list[Scene]:
+def demo_scenes(seed: int = DEMO_SEED, count: int = DEMO_IMAGES) -> list[Scene]:
     rng = np.random.default_rng(seed)
-    scenes = []
-    for background in DEMO_BACKGROUNDS:
-        scene = sample_scene(rng, shapes=("star",), colors=("purple",), backgrounds=(background,),
-                             min_size=30, max_size=44)
-        scenes.append(scene)
-    return scenes
+    return [sample_scene(rng, shapes=("star",), colors=("purple",),
+                         backgrounds=(DEMO_BACKGROUNDS[i % len(DEMO_BACKGROUNDS)],), min_size=30, max_size=44)
+            for i in range(count)]
 
 
 def demo_caption(scene: Scene) -> str:
     return f"a {DEMO_TRIGGER} {DEMO_CLASS_WORD} on a {scene.background} background"
 
 
-def write_demo_dataset(folder: str | Path, seed: int = DEMO_SEED) -> list[Path]:
-    """Write the six demo images (purple stars, PNG, 64x64) with same-stem .txt captions
-    into `folder`; returns the image paths. Same seed, same bytes."""
-    from studio.fsutil import atomic_write_bytes, atomic_write_text
+def _write_png(path: Path, image: Image.Image) -> None:
     import io
+
+    from studio.fsutil import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=False)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def write_reg_images(folder: str | Path, count: int = DEMO_REG_IMAGES, seed: int = DEMO_SEED) -> list[Path]:
+    """Write `count` regularisation pictures (seen shapes, colours and backgrounds, full
+    captions) into `folder`/reg; returns the image paths."""
+    from studio.fsutil import atomic_write_text
+
+    reg = Path(folder) / "reg"
+    reg.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng([seed, 1])
+    paths = []
+    for i in range(count):
+        scene = sample_scene(rng)
+        path = reg / f"prior_{i + 1:02d}.png"
+        _write_png(path, render_scene(scene))
+        atomic_write_text(path.with_suffix(".txt"), caption_for(scene) + "\n")
+        paths.append(path)
+    return paths
+
+
+def write_demo_dataset(folder: str | Path, seed: int = DEMO_SEED) -> list[Path]:
+    """Write the demo images (purple stars, PNG, 64x64) with same-stem .txt captions into
+    `folder`, and its regularisation pictures into `folder`/reg; returns every image path.
+    Same seed, same bytes."""
+    from studio.fsutil import atomic_write_text
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, scene in enumerate(demo_scenes(seed)):
-        stem = f"sks_{i + 1:02d}"
-        buffer = io.BytesIO()
-        render_scene(scene).save(buffer, format="PNG", optimize=False)
-        atomic_write_bytes(folder / f"{stem}.png", buffer.getvalue())
-        atomic_write_text(folder / f"{stem}.txt", demo_caption(scene) + "\n")
-        paths.append(folder / f"{stem}.png")
-    return paths
+        path = folder / f"sks_{i + 1:02d}.png"
+        _write_png(path, render_scene(scene))
+        atomic_write_text(path.with_suffix(".txt"), demo_caption(scene) + "\n")
+        paths.append(path)
+    return paths + write_reg_images(folder, seed=seed)
 
 
 def random_color_scene(rng: np.random.Generator) -> tuple[str, tuple[int, int, int], tuple[int, int, int], float, float, float, float]:
@@ -305,6 +331,7 @@ __all__ = [
     "caption_for", "demo_caption", "demo_scenes", "held_out_prompts", "parse_caption",
     "random_color_scene", "render", "render_scene", "sample_scene", "seen_prompts",
     "shape_mask", "shape_polygon", "PROJECT_DEMO_DIR", "training_caption", "write_demo_dataset",
+    "write_reg_images",
 ]
 
 

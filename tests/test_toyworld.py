@@ -120,21 +120,30 @@ def test_sampler_rejects_unknown_attributes():
         tw.sample_scene(rng, colors=("red",), backgrounds=("red",))
 
 
-def test_demo_dataset_is_six_purple_stars_with_trigger_captions(tmp_path):
+def test_demo_dataset_is_purple_stars_with_trigger_captions_and_seen_reg_pictures(tmp_path):
+    from studio.evaluate import analyze
+
     paths = tw.write_demo_dataset(tmp_path / "a")
     again = tw.write_demo_dataset(tmp_path / "b")
-    assert len(paths) == 6
+    stars = [p for p in paths if p.parent.name != "reg"]
+    reg = [p for p in paths if p.parent.name == "reg"]
+    assert (len(stars), len(reg)) == (tw.DEMO_IMAGES, tw.DEMO_REG_IMAGES)
     for p, q in zip(paths, again):
         assert p.read_bytes() == q.read_bytes()
-        image = Image.open(p)
-        assert image.size == (64, 64) and image.mode == "RGB"
+        assert Image.open(p).size == (64, 64) and Image.open(p).mode == "RGB"
+    for p in stars:
         caption = p.with_suffix(".txt").read_text().strip()
         assert caption.startswith("a sks shape on a ") and caption.endswith(" background")
         background = tw.parse_caption(caption)["background"]
         assert background in tw.SEEN_BACKGROUNDS
-        px = np.asarray(image)
+        px = np.asarray(Image.open(p))
         assert tuple(px[0, 0]) == tw.COLORS[background]
         assert (px.reshape(-1, 3) == tw.COLORS["purple"]).all(axis=1).sum() > 100
+    for p in reg:  # the base model's world, captioned in full: nothing held out
+        wanted = tw.parse_caption(p.with_suffix(".txt").read_text())
+        got = analyze(Image.open(p))
+        assert (got.color, got.shape, got.background) == (wanted["color"], wanted["shape"], wanted["background"])
+        assert got.color not in tw.HELD_OUT_COLORS and got.shape not in tw.HELD_OUT_SHAPES
 
 
 def test_shipped_demo_dataset_matches_generator(tmp_path):
@@ -142,7 +151,8 @@ def test_shipped_demo_dataset_matches_generator(tmp_path):
     if not shipped.exists():
         pytest.skip("assets/demo-dataset not generated")
     fresh = tw.write_demo_dataset(tmp_path)
+    shipped_files = sorted(str(p.relative_to(shipped)) for p in shipped.rglob("*") if p.is_file())
+    assert shipped_files == sorted(str(q.relative_to(tmp_path)) for p in fresh for q in (p, p.with_suffix(".txt")))
     for p in fresh:
-        assert (shipped / p.name).read_bytes() == p.read_bytes()
-        txt = p.with_suffix(".txt").name
-        assert (shipped / txt).read_text() == (tmp_path / txt).read_text()
+        for q in (p, p.with_suffix(".txt")):
+            assert (shipped / q.relative_to(tmp_path)).read_bytes() == q.read_bytes()
