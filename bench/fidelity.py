@@ -2,7 +2,7 @@
 concept (demo LoRA), prior kept, two LoRAs composed (LoRA vs T-LoRA from one image:
 bench/tlora_single_image.py).
 
-    python -m bench.fidelity [--seeds 8] [--steps 200] [--model builtin]
+    python -m bench.fidelity [--seeds 8] [--steps N (default: the tiny-demo preset's)] [--model builtin]
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def main(argv=None) -> dict:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--model", default="builtin")
     args = parser.parse_args(argv)
     seeds = list(range(100, 100 + args.seeds))

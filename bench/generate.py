@@ -55,7 +55,8 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         workspace = Workspace.open(tmp)
-        adapters = [train(workspace, name=f"bench-{i}", steps=10, rank=8 * (i + 1)) for i in range(3)]
+        adapters = [train(workspace, name=f"bench-{i}", steps=10, rank=8 * (i + 1), type="lora",
+                          prior_preservation=False) for i in range(3)]
         engine = Engine()
         mixes = {"0 adapters": [], "1 adapter": [AdapterUse(adapters[0], 0.8)],
                  "3 adapters": [AdapterUse(a, w) for a, w in zip(adapters, (0.8, 0.5, -0.3))]}

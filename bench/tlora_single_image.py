@@ -93,7 +93,8 @@ def main(argv=None) -> dict:
         adapters: dict[str, list] = {"base model": []}
         for label, network in networks.items():
             path = train(workspace, name=label.lower(), dataset=dataset, steps=args.steps, model=args.model,
-                         learning_rate=args.lr, rank=args.rank, alpha=float(args.rank), **network)
+                         learning_rate=args.lr, rank=args.rank, alpha=float(args.rank), prior_preservation=False,
+                         **network)
             adapters[label] = [AdapterUse(path)]
         for label, uses in adapters.items():
             scored = score_prompts(engine.set_mix(args.model, uses), prompts, seeds)

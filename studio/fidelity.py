@@ -19,7 +19,7 @@ import numpy as np
 
 from studio import PRESETS_DIR
 from studio.evaluate import analyze, score_prompts
-from studio.toyworld import render
+from studio.toyworld import DEMO_IMAGES, render, write_reg_images
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +47,10 @@ def match_rates(images, target: Target) -> dict[str, float]:
     return rates
 
 
-def write_concept_dataset(folder: Path, kind: str, *, count: int = 6, seed: int = 0) -> Path:
-    """Six pictures teaching one attribute under a trigger word: kind "color" (purple
-    shapes of every seen shape, captioned 'a zwx <shape> ...') or "shape" (stars of seen
-    colours, captioned 'a <colour> ohwx ...')."""
+def write_concept_dataset(folder: Path, kind: str, *, count: int = DEMO_IMAGES, seed: int = 0) -> Path:
+    """Pictures teaching one attribute under a trigger word: kind "color" (purple shapes of
+    every seen shape, captioned 'a zwx <shape> ...') or "shape" (stars of seen colours,
+    captioned 'a <colour> ohwx ...'), with the demo dataset's regularisation pictures."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     shapes, colors = ("circle", "square", "triangle"), ("red", "green", "blue", "yellow")
@@ -68,13 +68,14 @@ def write_concept_dataset(folder: Path, kind: str, *, count: int = 6, seed: int 
             raise ValueError(kind)
         render(shape, color, background, cx, cy, size, float(rng.uniform(0, 360))).save(folder / f"{kind}_{i}.png")
         (folder / f"{kind}_{i}.txt").write_text(caption)
+    write_reg_images(folder)
     return folder
 
 
-def train(workspace, *, name: str, dataset: Path | None = None, steps: int = 200, model: str = "builtin",
-          learning_rate: float | None = None, **network) -> Path:
-    """Train the tiny-demo preset (optionally on another dataset / learning rate / network /
-    base model) in-process."""
+def train(workspace, *, name: str, dataset: Path | None = None, steps: int | None = None, model: str = "builtin",
+          learning_rate: float | None = None, prior_preservation: bool = True, **network) -> Path:
+    """Train the tiny-demo preset (optionally on another dataset / step count / learning
+    rate / network / base model, or without its prior preservation) in-process."""
     from studio.config import load_config
     from studio.runs import create_run
     from trainers.lora import train_run
@@ -82,9 +83,12 @@ def train(workspace, *, name: str, dataset: Path | None = None, steps: int = 200
     config = load_config(PRESETS_DIR / "tiny-demo.toml")
     config.name = name
     config.base_model = model
-    config.training.max_steps = steps
+    if steps is not None:
+        config.training.max_steps = steps
     if learning_rate is not None:
         config.training.learning_rate = learning_rate
+    if not prior_preservation:
+        config.dataset.num_class_images = 0
     config.checkpoints.every_n_steps = 0
     config.sampling.every_n_steps = 0
     config.sampling.prompts = []

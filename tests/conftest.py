@@ -23,10 +23,17 @@ torch.set_num_threads(1)
 
 
 def demo_config(**training):
-    """The tiny-demo preset, shortened for tests."""
-    from studio.config import load_config
+    """The tiny-demo preset, shortened for tests of the training machinery: a plain rank-8
+    attention LoRA without prior preservation, as the tests below expect. (What the preset
+    itself teaches is tests/test_fidelity.py's job.)"""
+    from studio.config import NetworkConfig, load_config
 
     config = load_config(ROOT / "presets" / "tiny-demo.toml")
+    config.network = NetworkConfig(rank=8, alpha=8.0)
+    config.dataset.num_class_images = 0
+    config.training.lr_scheduler = "constant"
+    config.training.min_snr_gamma = None
+    config.training.learning_rate = 1e-3
     config.training.max_steps = training.pop("max_steps", 60)
     config.checkpoints.every_n_steps = training.pop("every_n_steps", 0)
     config.sampling.every_n_steps = 0

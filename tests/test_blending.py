@@ -15,8 +15,9 @@ def two_adapters(tmp_path_factory):
     from studio.workspace import Workspace
 
     workspace = Workspace.open(tmp_path_factory.mktemp("blend") / "ws")
-    a = train(workspace, name="a", steps=6, rank=4)
-    b = train(workspace, name="b", steps=6, rank=8, type="locon", conv_rank=4)
+    plain = dict(steps=6, alpha=8.0, prior_preservation=False)
+    a = train(workspace, name="a", rank=4, type="lora", **plain)
+    b = train(workspace, name="b", rank=8, type="locon", conv_rank=4, conv_alpha=8.0, **plain)
     return a, b
 
 
@@ -71,7 +72,8 @@ def test_any_sequence_of_mixes_ends_where_a_fresh_engine_starts(two_adapters, tm
     from studio.workspace import Workspace
 
     a, b = two_adapters
-    dora = train(Workspace.open(tmp_path / "ws"), name="dora", steps=4, rank=4, use_dora=True)
+    dora = train(Workspace.open(tmp_path / "ws"), name="dora", steps=4, rank=4, alpha=8.0, type="lora",
+                 use_dora=True, prior_preservation=False)
     engine = Engine()
     base = _unet_out(engine.set_mix("builtin", []))
     mixes = ([AdapterUse(a, 0.7)], [AdapterUse(a, 0.3), AdapterUse(b, 1.1)], [AdapterUse(dora, 1.0), AdapterUse(a, 0.7)],
