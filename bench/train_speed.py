@@ -20,9 +20,13 @@ from studio import PRESETS_DIR
 
 
 def our_config(steps: int, batch_size: int):
-    from studio.config import load_config
+    from studio.config import NetworkConfig, load_config
 
     config = load_config(PRESETS_DIR / "tiny-demo.toml")
+    # The reference loop trains a plain attention LoRA on the instance images alone: so do we.
+    config.network = NetworkConfig(rank=8, alpha=8.0)
+    config.dataset.num_class_images = 0
+    config.training.min_snr_gamma = None
     config.training.max_steps = steps
     config.training.batch_size = batch_size
     config.checkpoints.every_n_steps = 0
