@@ -321,8 +321,8 @@ def test_configs(env, capsys):
     assert api.call("check_settings").infos  # the page's own values are valid: the cases below are what fails
     handled(api.call("check_settings", {"train-name": "../evil"}), "Invalid adapter name '../evil'")
     handled(api.call("check_settings", {"train-dataset-resolution": 65}), "Input should be a multiple of 8")
-    handled(api.call("check_settings", {"train-network-type": "tlora", "train-network-tlora-min-rank": 16}),
-            "tlora_min_rank (16) must not exceed rank (8)")
+    handled(api.call("check_settings", {"train-network-type": "tlora", "train-network-tlora-min-rank": 32}),
+            "tlora_min_rank (32) must not exceed rank (16)")  # the preset's rank
     handled(api.call("check_settings", {"train-dataset": None}), "Pick a dataset")
     handled(api.call("check_settings", {"train-training-base-weights": "nf4"}),
             "No CUDA GPU on this machine: training.base_weights = 'nf4'")
