@@ -43,17 +43,17 @@ def test_shipped_model_draws_seen_prompts_as_recorded():
 @pytest.mark.slow
 def test_demo_lora_teaches_the_purple_star_keeps_the_prior_and_weight_zero_is_the_base(engine_and_workspace):
     """The tiny-demo preset on the demo dataset: "sks" prompts draw purple stars, prompts
-    without the trigger keep >= 90% of the base model's accuracy (issue 3). The issue asks
-    for 90% stars; `python -m bench.fidelity --seeds 8` measured 87.5% (10 of these 12
-    images), so the bar here is 75% until training reaches it. Two LoRAs composed are
-    measured by the bench (two more trainings)."""
+    without the trigger keep >= 90% of the base model's accuracy (issue 3). The preset's run
+    (seed 42) drew 47 of 48 stars over seeds 100-115; another training seed drew fewer
+    (bench/RESULTS.md), so a change that moves this test is worth a bench run. Two LoRAs
+    composed are measured by the bench (two more trainings)."""
     from studio.fidelity import concept_figures, train
     from studio.generate import AdapterUse, GenerateRequest
 
     engine, workspace = engine_and_workspace
     adapter = train(workspace, name="demo")
     figures = concept_figures(engine, adapter, SEEDS)
-    assert figures["concept"]["color"] >= 0.9 and figures["concept"]["shape"] >= 0.75, figures
+    assert figures["concept"]["color"] >= 0.9 and figures["concept"]["shape"] >= 0.9, figures
     for attr in ("color", "background", "shape"):
         assert figures["prior_with_lora"][attr] >= 0.9 * figures["prior_base"][attr], figures
     assert figures["prior_base"]["shape"] >= 0.8, figures
