@@ -2,7 +2,7 @@
 concept (demo LoRA), prior kept, two LoRAs composed (LoRA vs T-LoRA from one image:
 bench/tlora_single_image.py).
 
-    python -m bench.fidelity [--seeds 8] [--steps N (default: the tiny-demo preset's)] [--model builtin]
+    python -m bench.fidelity [--seeds 8] [--steps N (default: the tiny-demo preset's; 400 for the colour adapter)] [--model builtin]
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main(argv=None) -> dict:
-    from studio.fidelity import composition_figures, concept_figures, train, write_concept_dataset
+    from studio.fidelity import (COLOR_ADAPTER, COLOR_STEPS, composition_figures, concept_figures, train,
+                                 write_concept_dataset)
     from studio.generate import Engine
     from studio.workspace import Workspace
 
@@ -33,8 +34,8 @@ def main(argv=None) -> dict:
         engine = Engine()
         demo = train(workspace, name="demo", steps=args.steps, model=args.model)
         figures["concept"] = concept_figures(engine, demo, seeds, args.model)
-        color = train(workspace, name="color", steps=args.steps, model=args.model,
-                      dataset=write_concept_dataset(workspace.root / "color", "color"))
+        color = train(workspace, name="color", steps=args.steps or COLOR_STEPS, model=args.model,
+                      dataset=write_concept_dataset(workspace.root / "color", "color"), **COLOR_ADAPTER)
         shape = train(workspace, name="shape", steps=args.steps, model=args.model,
                       dataset=write_concept_dataset(workspace.root / "shape", "shape"))
         figures["composition"] = composition_figures(engine, color, shape, seeds, args.model)

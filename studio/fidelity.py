@@ -24,6 +24,12 @@ from studio.toyworld import DEMO_IMAGES, render, write_reg_images
 log = logging.getLogger(__name__)
 
 COLOR_TRIGGER, SHAPE_TRIGGER = "zwx", "ohwx"
+# The composition's colour adapter is a light attention-only LoRA (the shape adapter is the
+# preset's LoCon): the text carries a colour in through cross-attention, and a LoCon colour
+# adapter's conv deltas drew the seen shapes back over the shape adapter's stars (0% stars
+# together, against 12-25% with this one; bench/RESULTS.md).
+COLOR_ADAPTER = {"type": "lora", "rank": 4, "alpha": 4.0}
+COLOR_STEPS = 400
 NEUTRAL = ("white", "black", "gray")
 
 
