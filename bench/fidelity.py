@@ -2,7 +2,7 @@
 concept (demo LoRA), prior kept, two LoRAs composed (LoRA vs T-LoRA from one image:
 bench/tlora_single_image.py).
 
-    python -m bench.fidelity [--seeds 8] [--steps N (default: the tiny-demo preset's; 400 for the colour adapter)] [--model builtin]
+    python -m bench.fidelity [--seeds 8] [--steps N (default: the tiny-demo preset's; 800 for the colour adapter)] [--model builtin]
 """
 from __future__ import annotations
 

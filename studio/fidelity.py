@@ -19,17 +19,19 @@ import numpy as np
 
 from studio import PRESETS_DIR
 from studio.evaluate import analyze, score_prompts
-from studio.toyworld import DEMO_IMAGES, render, write_reg_images
+from studio.toyworld import (DEMO_CLASS_WORD, DEMO_IMAGES, SEEN_SHAPE_COLORS, SEEN_SHAPES, render_scene, sample_scene,
+                             write_reg_images)
 
 log = logging.getLogger(__name__)
 
 COLOR_TRIGGER, SHAPE_TRIGGER = "zwx", "ohwx"
 # The composition's colour adapter is a light attention-only LoRA (the shape adapter is the
 # preset's LoCon): the text carries a colour in through cross-attention, and a LoCon colour
-# adapter's conv deltas drew the seen shapes back over the shape adapter's stars (0% stars
-# together, against 12-25% with this one; bench/RESULTS.md).
+# adapter's conv deltas fight the shape adapter's outlines (75% purple stars together,
+# against 88-92% with this one). 800 steps, not 400: at 400 one training seed in three left
+# the stars on black pink-red (67%; bench/RESULTS.md).
 COLOR_ADAPTER = {"type": "lora", "rank": 4, "alpha": 4.0}
-COLOR_STEPS = 400
+COLOR_STEPS = 800
 NEUTRAL = ("white", "black", "gray")
 
 
@@ -56,23 +58,24 @@ def match_rates(images, target: Target) -> dict[str, float]:
 def write_concept_dataset(folder: Path, kind: str, *, count: int = DEMO_IMAGES, seed: int = 0) -> Path:
     """Pictures teaching one attribute under a trigger word: kind "color" (purple shapes of
     every seen shape, captioned 'a zwx <shape> ...') or "shape" (stars of seen colours,
-    captioned 'a <colour> ohwx ...'), with the demo dataset's regularisation pictures."""
+    captioned 'a ohwx shape ...' like the demo's 'a sks shape ...': trigger and class word,
+    the colour unnamed), with the demo dataset's regularisation pictures. Upright and sized
+    like the demo's stars: the base model never saw a rotated shape."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
-    shapes, colors = ("circle", "square", "triangle"), ("red", "green", "blue", "yellow")
     for i in range(count):
-        background = NEUTRAL[i % len(NEUTRAL)]
-        size = float(rng.uniform(30, 44))
-        cx, cy = (float(v) for v in rng.uniform(24, 40, size=2))
+        background = (NEUTRAL[i % len(NEUTRAL)],)
         if kind == "color":
-            shape, color = shapes[i % 3], "purple"
-            caption = f"a {COLOR_TRIGGER} {shape} on a {background} background"
+            scene = sample_scene(rng, shapes=(SEEN_SHAPES[i % len(SEEN_SHAPES)],), colors=("purple",),
+                                 backgrounds=background, min_size=30, max_size=44)
+            caption = f"a {COLOR_TRIGGER} {scene.shape} on a {scene.background} background"
         elif kind == "shape":
-            shape, color = "star", colors[i % 4]
-            caption = f"a {color} {SHAPE_TRIGGER} on a {background} background"
+            scene = sample_scene(rng, shapes=("star",), colors=(SEEN_SHAPE_COLORS[i % len(SEEN_SHAPE_COLORS)],),
+                                 backgrounds=background, min_size=30, max_size=44)
+            caption = f"a {SHAPE_TRIGGER} {DEMO_CLASS_WORD} on a {scene.background} background"
         else:
             raise ValueError(kind)
-        render(shape, color, background, cx, cy, size, float(rng.uniform(0, 360))).save(folder / f"{kind}_{i}.png")
+        render_scene(scene).save(folder / f"{kind}_{i}.png")
         (folder / f"{kind}_{i}.txt").write_text(caption)
     write_reg_images(folder)
     return folder
@@ -143,12 +146,12 @@ def composition_figures(engine, color_adapter: Path, shape_adapter: Path, seeds:
     """A colour LoRA and a shape LoRA at weight 1 each: pictures with both attributes."""
     from studio.generate import AdapterUse
 
-    prompts = [f"a {COLOR_TRIGGER} {SHAPE_TRIGGER} on a {b} background" for b in NEUTRAL]
+    prompts = [f"a {COLOR_TRIGGER} {SHAPE_TRIGGER} {DEMO_CLASS_WORD} on a {b} background" for b in NEUTRAL]
     both = [AdapterUse(color_adapter, 1.0), AdapterUse(shape_adapter, 1.0)]
     return {
         "both": match_rates(generate(engine, prompts, seeds, both, model), Target("purple", "star")),
         "color_only": match_rates(generate(engine, [f"a {COLOR_TRIGGER} circle on a {b} background" for b in NEUTRAL],
                                            seeds, both[:1], model), Target("purple", "circle")),
-        "shape_only": match_rates(generate(engine, [f"a red {SHAPE_TRIGGER} on a {b} background" for b in NEUTRAL],
-                                           seeds, both[1:], model), Target("red", "star")),
+        "shape_only": match_rates(generate(engine, [f"a red {SHAPE_TRIGGER} {DEMO_CLASS_WORD} on a {b} background"
+                                                    for b in NEUTRAL], seeds, both[1:], model), Target("red", "star")),
     }
