@@ -22,6 +22,23 @@ ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
 
 
+def _expected_seconds(item) -> float:
+    slow = item.get_closest_marker("slow")
+    return slow.kwargs.get("seconds", 10) if slow else 0
+
+
+def pytest_collection_modifyitems(items):
+    """Longest first, each followed by a quick test. pytest-xdist (with --maxschedchunk 1,
+    pyproject.toml) starts every worker on two consecutive tests of this order and then
+    hands out one at a time, so the minutes-long trainings start at once on separate
+    workers and the quick tests fill in around them."""
+    ranked = sorted(items, key=_expected_seconds, reverse=True)
+    slow = [item for item in ranked if _expected_seconds(item)]
+    quick = ranked[len(slow):]
+    paired = [item for pair in zip(slow, quick) for item in pair]
+    items[:] = paired + slow[len(quick):] + quick[len(slow):]
+
+
 def demo_config(**training):
     """The tiny-demo preset, shortened for tests of the training machinery: a plain rank-8
     attention LoRA without prior preservation, as the tests below expect. (What the preset

@@ -24,7 +24,7 @@ def _worker(run_dir):
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=110)
 def test_twenty_kills_resume_to_the_same_adapter(tmp_path):
     from studio.runs import create_run
     from studio.workspace import Workspace

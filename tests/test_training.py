@@ -58,7 +58,7 @@ def test_training_lowers_loss_and_adapter_changes_generation(trained_demo, tmp_p
     assert engine.pipeline_loads == 1
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=50)
 def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
     from studio.adapters import load_adapter
     from studio.config import save_config
