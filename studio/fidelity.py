@@ -19,8 +19,8 @@ import numpy as np
 
 from studio import PRESETS_DIR
 from studio.evaluate import analyze, score_prompts
-from studio.toyworld import (DEMO_CLASS_WORD, DEMO_IMAGES, SEEN_SHAPE_COLORS, SEEN_SHAPES, render_scene, sample_scene,
-                             write_reg_images)
+from studio.toyworld import (DEMO_CLASS_WORD, DEMO_IMAGES, DEMO_MAX_SIZE, DEMO_MIN_SIZE, SEEN_SHAPE_COLORS, SEEN_SHAPES,
+                             render_scene, sample_scene, write_reg_images)
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +67,11 @@ def write_concept_dataset(folder: Path, kind: str, *, count: int = DEMO_IMAGES, 
         background = (NEUTRAL[i % len(NEUTRAL)],)
         if kind == "color":
             scene = sample_scene(rng, shapes=(SEEN_SHAPES[i % len(SEEN_SHAPES)],), colors=("purple",),
-                                 backgrounds=background, min_size=30, max_size=44)
+                                 backgrounds=background, min_size=DEMO_MIN_SIZE, max_size=DEMO_MAX_SIZE)
             caption = f"a {COLOR_TRIGGER} {scene.shape} on a {scene.background} background"
         elif kind == "shape":
             scene = sample_scene(rng, shapes=("star",), colors=(SEEN_SHAPE_COLORS[i % len(SEEN_SHAPE_COLORS)],),
-                                 backgrounds=background, min_size=30, max_size=44)
+                                 backgrounds=background, min_size=DEMO_MIN_SIZE, max_size=DEMO_MAX_SIZE)
             caption = f"a {SHAPE_TRIGGER} {DEMO_CLASS_WORD} on a {scene.background} background"
         else:
             raise ValueError(kind)

@@ -247,6 +247,7 @@ DEMO_TRIGGER = "sks"
 DEMO_CLASS_WORD = "shape"
 DEMO_BACKGROUNDS: tuple[str, ...] = ("white", "black", "gray", "yellow", "green", "blue", "red")
 DEMO_IMAGES = 12
+DEMO_MIN_SIZE, DEMO_MAX_SIZE = 30, 44  # the demo stars' sizes, shared by studio.fidelity's concept pictures
 DEMO_REG_IMAGES = 24
 DEMO_SEED = 1234
 PROJECT_DEMO_DIR = ASSETS_DIR / "demo-dataset"
@@ -255,7 +256,8 @@ PROJECT_DEMO_DIR = ASSETS_DIR / "demo-dataset"
 def demo_scenes(seed: int = DEMO_SEED, count: int = DEMO_IMAGES) -> list[Scene]:
     rng = np.random.default_rng(seed)
     return [sample_scene(rng, shapes=("star",), colors=("purple",),
-                         backgrounds=(DEMO_BACKGROUNDS[i % len(DEMO_BACKGROUNDS)],), min_size=30, max_size=44)
+                         backgrounds=(DEMO_BACKGROUNDS[i % len(DEMO_BACKGROUNDS)],),
+                         min_size=DEMO_MIN_SIZE, max_size=DEMO_MAX_SIZE)
             for i in range(count)]
 
 
