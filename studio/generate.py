@@ -196,14 +196,10 @@ class Engine:
                     pipe._studio_tlora = {}
                 pipe._studio_tlora[name] = adapter
             else:
-                import warnings
-
-                with warnings.catch_warnings():  # several adapters on one model is what the engine is for
-                    warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-                    try:
-                        attach_adapter(pipe, load_adapter(path), name)
-                    except StudioError as error:  # say which file, not the engine's internal name
-                        raise StudioError(str(error).replace(f"Adapter {name!r}", f"Adapter {path.name}")) from None
+                try:
+                    attach_adapter(pipe, load_adapter(path), name)
+                except StudioError as error:  # say which file, not the engine's internal name
+                    raise StudioError(str(error).replace(f"Adapter {name!r}", f"Adapter {path.name}")) from None
             loaded[file_key] = name
         return loaded[file_key]
 

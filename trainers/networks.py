@@ -8,6 +8,7 @@ import torch
 
 from studio.config import NetworkConfig
 from studio.errors import StudioError
+from studio.formats.peft_bridge import inject_peft_adapter
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def inject(model: torch.nn.Module, net: NetworkConfig, *, text_encoder: bool = F
         return inject_tlora(model, net.target_modules, rank=net.rank, alpha=net.alpha, ortho=net.tlora_ortho,
                             schedule=TLoRASchedule(net.rank, net.tlora_min_rank, net.tlora_exponent), seed=seed)
     try:
-        model.add_adapter(peft_config(net, text_encoder=text_encoder), adapter_name=ADAPTER_NAME)
+        inject_peft_adapter(model, peft_config(net, text_encoder=text_encoder), ADAPTER_NAME)
     except ValueError as error:  # peft: "Target modules ... not found in the base model"
         raise StudioError(f"network.{'text_encoder_' if text_encoder else ''}target_modules: {error}") from None
     return None

@@ -29,7 +29,7 @@ import torch
 from studio.errors import StudioError
 from studio.formats.modules import LOHA, LOKR, LORA, AdapterModule, dora_scale_from_magnitude, \
     magnitude_from_dora_scale, parse_module
-from studio.formats.naming import (ALL_PREFIXES, Target, describe_names, name_table,
+from studio.formats.naming import (ALL_PREFIXES, Target, clip_kohya_path, describe_names, name_table,
                                    path_to_name, split_name)
 from studio.formats.peft_bridge import AdapterType, _lokr_config, _loha_config, _lora_config, _Plan, check_fit
 from studio.fsutil import atomic_write_bytes
@@ -554,11 +554,31 @@ def _write_diffusers(path: Path, per_model, metadata: Mapping[str, str]) -> None
     for attr, (config, state) in per_model.items():
         if type(config).__name__ != "LoraConfig":
             raise StudioError("The diffusers layout holds LoRA / LoCon / DoRA only; write LoHa / LoKr as kohya or peft.")
+        if attr.startswith("text_encoder"):
+            # Tensor keys with `text_model.` whatever transformers' layout: ComfyUI reads text-encoder
+            # tensors only so, and diffusers strips it for a model without that submodule. The
+            # config's paths without it, so that peft's suffix match finds both layouts.
+            state = {clip_kohya_path(k): v for k, v in state.items()}
+            config = _strip_text_model(config)
         tensors.update({f"{attr}.{k}": v for k, v in state.items()})
         packed.update({f"{attr}.{k}": v for k, v in _config_dict(config).items()})
     header = {k: v for k, v in metadata.items() if not k.startswith("sshs_")}
     header.update({"format": "pt", DIFFUSERS_METADATA_KEY: json.dumps(packed, indent=2, sort_keys=True)})
     atomic_write_bytes(path, save(tensors, metadata=header))
+
+
+def _strip_text_model(config):
+    """A copy of a LoraConfig whose module paths do not start with `text_model.`."""
+    import copy
+
+    def strip(path: str) -> str:
+        return path.removeprefix("text_model.")
+
+    config = copy.deepcopy(config)
+    config.target_modules = sorted(strip(p) for p in config.target_modules)
+    config.rank_pattern = {strip(k): v for k, v in config.rank_pattern.items()}
+    config.alpha_pattern = {strip(k): v for k, v in config.alpha_pattern.items()}
+    return config
 
 
 def _write_peft(folder: Path, per_model, metadata: Mapping[str, str]) -> None:

@@ -159,10 +159,13 @@ class AdapterModule:
         return product.reshape(shape) * self.scale
 
     def parts(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(part name, tensor) as written to a kohya / LyCORIS file."""
+        """(part name, tensor) as written to a kohya / LyCORIS file. Every module carries
+        `alpha`, because LyCORIS's loader reads `float(alpha)` of each module and rejects the
+        whole file without one; where none was set it is the rank (kohya's default, the same
+        scale), or 1 for a LoKr with two full factors, whose scale every loader fixes at 1."""
         yield from sorted(self.tensors.items())
-        if self.alpha is not None:
-            yield "alpha", torch.tensor(float(self.alpha), dtype=torch.float32)
+        alpha = self.alpha if self.alpha is not None else float(self.rank or 1)
+        yield "alpha", torch.tensor(float(alpha), dtype=torch.float32)
         if self.dora_scale is not None:
             yield "dora_scale", self.dora_scale
 

@@ -420,6 +420,22 @@ def _expose_conv_groups(model: torch.nn.Module, group: list[_Plan]) -> None:
             outer.groups = plan.layer.groups
 
 
+def inject_peft_adapter(model: torch.nn.Module, config: Any, adapter_name: str) -> None:
+    """Add a peft adapter to a diffusers UNet or a transformers text encoder.
+
+    peft's own `inject_adapter_in_model`, not the models' `add_adapter`: transformers 5.24's
+    `add_adapter` refuses every peft before 0.22, and 0.21.2 is the newest peft released,
+    while peft's function works with every version pair. The adapter is active on its layers;
+    `model.peft_config` lists it, as both libraries' `add_adapter` would."""
+    import warnings
+
+    from peft import inject_adapter_in_model
+
+    with warnings.catch_warnings():  # several adapters on one model is intended
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        inject_adapter_in_model(config, model, adapter_name=adapter_name)
+
+
 def _remove(model: torch.nn.Module, adapter_name: str) -> None:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -488,7 +504,7 @@ def attach_modules(family: str, models: Mapping[str, torch.nn.Module], modules: 
                 raise StudioError(f"An adapter named {adapter_name!r} is already loaded in the {attr}.")
             if kind == LORA:
                 _expose_conv_groups(model, group)
-            model.add_adapter(configs[(attr, kind)], adapter_name=adapter_name)
+            inject_peft_adapter(model, configs[(attr, kind)], adapter_name)
             done.append(model)
             for plan in group:
                 _load_into(_tuner_layer(model, plan.path, adapter_name), adapter_name, plan)
