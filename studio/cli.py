@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
     train = sub.add_parser("train", help="train an adapter from a TOML config")
-    train.add_argument("config", type=Path, help="training config (.toml), e.g. presets/tiny-demo.toml")
+    train.add_argument("config", type=Path, help="training config (.toml), e.g. presets/tiny-demo.toml, or a shipped preset by name (tiny-demo)")
     train.add_argument("--resume", action="store_true", help="continue the newest unfinished run of this config")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     _workspace_arg(train)
@@ -199,6 +199,8 @@ def cmd_inspect(args) -> int:
              ("prefixes", ", ".join(f"{k}: {v}" for k, v in info["prefixes"].items())),
              ("kinds", ", ".join(f"{k}: {v}" for k, v in info["kinds"].items())),
              ("ranks", info["ranks"]), ("alphas", info["alphas"]), ("conv", info["conv_modules"])]
+    if "dora_convention" in info:
+        facts.append(("dora", info["dora_convention"]))
     if "sshs_model_hash" in info:
         state = {True: "matches the header", False: "DIFFERS from the header", None: "not in the header"}
         facts.append(("data hash", f"{info['sshs_model_hash']} ({state[info['sshs_model_hash_matches']]})"))

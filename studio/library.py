@@ -29,6 +29,11 @@ def find_adapter(workspace: Workspace, name: str) -> Path:
     raise StudioError(f"No adapter named {name!r} in {workspace.adapters_dir} (known: {known}).")
 
 
+DORA_CONVENTION = ("dora_scale is written so that ComfyUI (which divides an output-axis dora_scale by the base "
+                   "weight's norm) draws what the trained peft DoRA drew; LyCORIS's own runtime divides by the "
+                   "merged weight's norm and draws it slightly differently (tests/test_interop.py measures it)")
+
+
 def describe_adapter(path: str | Path) -> dict:
     """Everything about an adapter file (or peft folder), after checking it fully: layout,
     family, type (lora / locon / loha / lokr, +dora), ranks, alphas, module count per prefix
@@ -60,6 +65,8 @@ def describe_adapter(path: str | Path) -> dict:
         "parameters": sum(m.num_parameters() for m in modules.values()),
         "metadata": adapter.metadata,
     }
+    if adapter.adapter_type.dora:
+        info["dora_convention"] = DORA_CONVENTION
     if path.is_file() and adapter.source_format == "kohya":
         stored = adapter.metadata.get("sshs_model_hash")
         actual = file_data_sha256(path)
