@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# Set up LoRA Studio in the current Python environment; safe to run again.
+# Set up LoRA Studio in the active Python environment (use a virtual environment: the
+# README's commands make one in .venv); safe to run again.
 #   scripts/setup.sh          torch (CPU build where no GPU), then the project
-#   scripts/setup.sh --tests  the same plus test tools (pytest, Playwright + Debian's Chromium)
+#   scripts/setup.sh --tests  the same plus test tools (pytest, LyCORIS, Playwright + Debian's Chromium)
+# Every other package comes at the version in constraints.txt, the set CI tests;
+# LORA_STUDIO_UNPINNED=1 takes the newest releases instead (scripts/upgrade-pins.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 pip_install() { PIP_ROOT_USER_ACTION=ignore "$PY" -m pip install --disable-pip-version-check -q "$@"; }
+pins=(-c constraints.txt)
+[ "${LORA_STUDIO_UNPINNED:-}" = 1 ] && pins=()
 
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
@@ -17,11 +22,11 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
 fi
 
 if [ "${1:-}" = "--tests" ]; then
-  pip_install -e ".[test]"
+  pip_install "${pins[@]}" -e ".[test]"
   if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
       || echo "setup: could not install Chromium; browser tests will be skipped" >&2
   fi
 else
-  pip_install -e .
+  pip_install "${pins[@]}" -e .
 fi

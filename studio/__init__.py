@@ -16,7 +16,16 @@ __version__ = "0.1.0"
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 PROJECT_ROOT = PACKAGE_ROOT.parent
-ASSETS_DIR = PROJECT_ROOT / "assets"
-PRESETS_DIR = PROJECT_ROOT / "presets"
+
+
+def _shipped(name: str) -> Path:
+    """A data folder of the project: inside the package when installed with `pip install .`
+    (pyproject.toml maps assets/ and presets/ there), beside it in a checkout."""
+    installed = PACKAGE_ROOT / name
+    return installed if installed.is_dir() else PROJECT_ROOT / name
+
+
+ASSETS_DIR = _shipped("assets")
+PRESETS_DIR = _shipped("presets")
 
 __all__ = ["StudioError", "ASSETS_DIR", "PRESETS_DIR", "PROJECT_ROOT", "__version__"]

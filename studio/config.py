@@ -12,7 +12,7 @@ from typing import Literal
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from studio import ASSETS_DIR, PROJECT_ROOT
+from studio import ASSETS_DIR, PRESETS_DIR, PROJECT_ROOT
 from studio.errors import StudioError
 
 DEMO_DATASET = ASSETS_DIR / "demo-dataset"
@@ -193,9 +193,13 @@ def parse_config(data: dict, source: str = "config") -> TrainConfig:
 
 
 def load_config(path: str | Path) -> TrainConfig:
-    """Read a TOML training config; relative dataset/model paths are taken from the
-    config's own folder, then from the project folder."""
+    """Read a TOML training config, or a shipped preset by name ("tiny-demo", as an installed
+    studio has no presets/ folder beside the caller); relative dataset/model paths are taken
+    from the config's own folder, then from the project folder."""
     path = Path(path)
+    preset = PRESETS_DIR / f"{path.name}.toml"
+    if not path.exists() and path.parent == Path(".") and not path.suffix and preset.is_file():
+        path = preset
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
