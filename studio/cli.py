@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", type=Path, help="training config (.toml), e.g. presets/tiny-demo.toml, or a shipped preset by name (tiny-demo)")
     train.add_argument("--resume", action="store_true", help="continue the newest unfinished run of this config")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument("--processes", type=int, default=None, metavar="N",
+                       help="train on N processes, data parallel (sets training.num_processes)")
     _workspace_arg(train)
 
     gen = sub.add_parser("generate", help="generate images with a base model and adapters")
@@ -138,12 +140,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args) -> int:
-    from studio.config import load_config
-    from studio.runs import create_run, latest_unfinished_run
+    from studio.config import load_config, parse_config
+    from studio.runs import create_run, latest_unfinished_run, run_config
     from studio.workspace import Workspace
     from trainers.lora import TrainingCancelled, train_run
 
     config = load_config(args.config)
+    if args.processes is not None:
+        config = parse_config({**config.model_dump(mode="json", exclude_none=True),
+                               "training": {**config.training.model_dump(mode="json", exclude_none=True),
+                                            "num_processes": args.processes}}, "--processes")
     workspace = Workspace.open(args.workspace)
     run_dir = latest_unfinished_run(config, workspace) if args.resume else None
     if args.resume and run_dir is None:
@@ -151,6 +157,8 @@ def cmd_train(args) -> int:
     if run_dir is None:
         run_dir = create_run(config, workspace)
     print(f"run: {run_dir}", file=sys.stderr)
+    if run_config(run_dir).training.num_processes > 1 or run_config(run_dir).training.accelerate_config:
+        return _train_launched(run_dir, quiet=args.quiet)
     try:
         adapter = train_run(run_dir, resume=True, show_progress=not args.quiet)
     except TrainingCancelled as stopped:
@@ -158,6 +166,31 @@ def cmd_train(args) -> int:
         return 130
     print(adapter)
     return 0
+
+
+def _train_launched(run_dir: Path, *, quiet: bool) -> int:
+    """A data-parallel run: its processes under accelerate's launcher, the outcome from the
+    run's events (which only the main process writes)."""
+    import subprocess
+
+    from studio.runs import run_outcome, worker_command
+
+    command = worker_command(run_dir, run_config(run_dir))
+    if not quiet:
+        command.remove("--quiet")
+    try:
+        subprocess.run(command, stdin=subprocess.DEVNULL)
+    except KeyboardInterrupt:  # the processes got the same Ctrl-C and save a checkpoint
+        pass
+    state, message, adapter = run_outcome(run_dir)
+    if state == "done":
+        print(adapter)
+        return 0
+    if state == "cancelled":
+        print(f"cancelled: {message}; continue with --resume", file=sys.stderr)
+        return 130
+    raise StudioError(message or f"the run's processes stopped without a word; see {run_dir}/events.jsonl, "
+                                 "then continue with --resume")
 
 
 def cmd_generate(args) -> int:

@@ -106,6 +106,12 @@ class TrainingConfig(_Section):
     cache_text_embeddings: bool = Field(True, description="Encode captions once when the text encoder is frozen.")
     num_threads: int | None = Field(None, ge=1, le=256, description="CPU threads for torch (default: all cores).")
     log_every_n_steps: int = Field(5, ge=1, description="Steps between progress events.")
+    num_processes: int = Field(
+        1, ge=1, le=64, description="Processes training together, data parallel (one per GPU; gloo on a CPU); "
+                                    "each takes batch_size pictures of the step, through accelerate launch.")
+    accelerate_config: str | None = Field(
+        None, description="An accelerate config file (`accelerate config`) for several GPUs or machines "
+                          "(plain multi-GPU / multi-node; DeepSpeed and FSDP are refused).")
 
 
 class CheckpointConfig(_Section):
@@ -176,6 +182,33 @@ def check_device_support(config: TrainConfig) -> None:
     if t.base_weights == "fp8" and not (hasattr(torch, "float8_e4m3fn") and hasattr(torch, "get_autocast_dtype")):
         raise StudioError(f"training.base_weights = 'fp8' needs torch >= 2.4 (this is {torch.__version__}); "
                           "upgrade torch or set it to 'full'.")
+    if t.accelerate_config:
+        check_accelerate_config(t.accelerate_config)
+
+
+# Why not these: the trainer saves optimizer.state_dict() and the adapter from one process
+# for exact resume; under DeepSpeed ZeRO and FSDP each process holds a shard of that state.
+REFUSED_DISTRIBUTED_TYPES = {"DEEPSPEED": "DeepSpeed", "FSDP": "FSDP", "MEGATRON_LM": "Megatron-LM"}
+
+
+def check_accelerate_config(path: str | Path) -> dict:
+    """Read an accelerate config file and refuse what the trainer cannot run exactly."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise StudioError(f"training.accelerate_config: cannot read {path} ({error}); give the file "
+                          "`accelerate config` wrote.") from None
+    if not isinstance(data, dict):
+        raise StudioError(f"training.accelerate_config: {path} is not an accelerate config (a YAML mapping).")
+    kind = str(data.get("distributed_type", "NO")).upper()
+    if kind in REFUSED_DISTRIBUTED_TYPES:
+        raise StudioError(f"training.accelerate_config: {REFUSED_DISTRIBUTED_TYPES[kind]} is not supported: each "
+                          "process would hold a shard of the optimizer state, which the run's exact resume and "
+                          "export need whole. Use distributed_type MULTI_GPU (or MULTI_CPU).")
+    return data
 
 
 def _format_validation_error(error: ValidationError, source: str) -> str:

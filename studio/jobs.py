@@ -23,6 +23,7 @@ from pathlib import Path
 
 from studio.config import TrainConfig
 from studio.errors import StudioError
+from studio.runs import run_config, run_outcome, worker_command
 from studio.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -126,8 +127,10 @@ def cancel(workspace: Workspace, job_id: str) -> Job:
     elif job.state == "running":
         _update(workspace, job_id, state="cancelling")
         if job.pid and _alive(job.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(job.pid, signal.SIGTERM)
+            # The worker leads its own session: the signal reaches every process of a
+            # data-parallel run (accelerate's launcher and its workers) at once.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(job.pid, signal.SIGTERM)
     else:
         raise StudioError(f"Job {job_id} is {job.state}; only queued or running jobs can be cancelled.")
     return get_job(workspace, job_id)
@@ -168,27 +171,6 @@ def _worker_of(pid: int, run_dir: Path) -> bool:
     return str(run_dir).encode() in cmdline
 
 
-def worker_command(run_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "trainers", str(run_dir), "--quiet"]
-
-
-def _run_outcome(run_dir: Path) -> tuple[str, str, str | None]:
-    """(state, message, adapter) from a finished worker's events."""
-    from trainers.events import iter_events
-
-    state, message, adapter = "", "", None
-    for event in iter_events(run_dir):
-        if event["type"] == "done":
-            state, adapter = "done", event.get("adapter")
-        elif event["type"] == "error":
-            state, message = "failed", event.get("message", "")
-        elif event["type"] == "cancelled":
-            state, message = "cancelled", "cancelled; resume continues from the last checkpoint"
-        elif event["type"] in ("start", "resume"):
-            state, message = "", ""
-    return state, message, adapter
-
-
 class Supervisor:
     """Runs queued jobs one after another; one supervisor per workspace (a file lock)."""
 
@@ -203,7 +185,7 @@ class Supervisor:
                 self._finish(job)
 
     def _finish(self, job: Job) -> None:
-        state, message, adapter = _run_outcome(job.run_dir(self.workspace))
+        state, message, adapter = run_outcome(job.run_dir(self.workspace))
         if job.state == "cancelling" and state != "done":
             state = "cancelled"
             message = message or "cancelled; resume continues from the last checkpoint"
@@ -222,7 +204,7 @@ class Supervisor:
     def _start(self, job: Job) -> None:
         run_dir = job.run_dir(self.workspace)
         with open(run_dir / WORKER_LOG, "ab") as out:
-            proc = subprocess.Popen(worker_command(run_dir), stdout=out, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen(worker_command(run_dir, run_config(run_dir)), stdout=out, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True,
                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self._children[job.id] = proc

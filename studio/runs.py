@@ -31,8 +31,52 @@ def create_run(config: TrainConfig, workspace: Workspace) -> Path:
     return run_dir
 
 
+def worker_command(run_dir: Path, config: TrainConfig) -> list[str]:
+    """The command that trains `run_dir`: `python -m trainers RUN_DIR`, or, for several
+    processes, the same under accelerate's own launcher (`--multi_gpu` also starts gloo
+    processes on a CPU; its `--cpu` would silently start one)."""
+    import sys
+
+    worker = ["-m", "trainers", str(run_dir), "--quiet"]
+    t = config.training
+    if t.num_processes == 1 and not t.accelerate_config:
+        return [sys.executable, *worker]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(t.num_processes)]
+    if t.accelerate_config:
+        launch += ["--config_file", str(t.accelerate_config)]
+    else:
+        launch += ["--multi_gpu", "--num_machines", "1", "--mixed_precision", t.mixed_precision,
+                   "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+    return launch + worker
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def run_config(run_dir: Path) -> TrainConfig:
     return load_config(Path(run_dir) / CONFIG_FILE)
+
+
+def run_outcome(run_dir: Path) -> tuple[str, str, str | None]:
+    """(state, message, adapter) from a finished worker's events."""
+    from trainers.events import iter_events
+
+    state, message, adapter = "", "", None
+    for event in iter_events(run_dir):
+        if event["type"] == "done":
+            state, adapter = "done", event.get("adapter")
+        elif event["type"] == "error":
+            state, message = "failed", event.get("message", "")
+        elif event["type"] == "cancelled":
+            state, message = "cancelled", "cancelled; resume continues from the last checkpoint"
+        elif event["type"] in ("start", "resume"):
+            state, message = "", ""
+    return state, message, adapter
 
 
 def is_finished(run_dir: Path) -> bool:

@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingCancelled as stopped:
         print(f"cancelled: {stopped}", file=sys.stderr)
         return EXIT_CANCELLED
-    print(path)
+    if path is not None:  # None: a process of a data-parallel run other than the main one
+        print(path)
     return 0
 
 

@@ -17,6 +17,14 @@ def micro_generator(seed: int, micro_step: int, stream: int = 0) -> torch.Genera
     return torch.Generator().manual_seed((seed * 1_000_003 + micro_step * 7919 + stream) % (2**63))
 
 
+def sample_generator(seed: int, micro_step: int, part: int, place: int) -> torch.Generator:
+    """A generator owned by one sample of a micro-batch: `part` 0 for training pictures, 1 for
+    class pictures, `place` its position in the global batch (all processes together). Each
+    sample's randomness depends on nothing else, so the processes of a data-parallel run
+    draw between them exactly what one process with the whole batch draws."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + micro_step) * 65_537 + part * 32_768 + place) % (2**63))
+
+
 @dataclass(frozen=True)
 class Example:
     path: Path

@@ -14,12 +14,18 @@ class EventLog:
     """Append-only JSON lines; each line is flushed and fsynced so a reader (or a crash)
     never sees half an event."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, *, write: bool = True):
+        """`write` False: a process of a data-parallel run other than the main one, whose
+        events the main process writes once for all."""
         self.path = Path(run_dir) / EVENTS_FILE
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.write = write
+        if write:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def emit(self, kind: str, **fields: Any) -> dict:
         event = {"type": kind, "time": round(time.time(), 3), **fields}
+        if not self.write:
+            return event
         line = json.dumps(event, default=str) + "\n"
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(line)

@@ -5,12 +5,19 @@ Read top to bottom: load -> data -> caches -> adapters -> optimizer -> resume ->
 Every step's randomness (noise, timesteps, latent sampling, dropout, crops, flips, data
 order) comes from generators seeded by (seed, micro-step), so a resumed run repeats
 exactly what an uninterrupted one would have done.
+
+Data parallel (`training.num_processes` > 1, started by `accelerate launch`): the global
+batch of a step is drawn once from (seed, step) and each process takes its slice, every
+sample with its own generator, so N processes with batch b train what one process with
+batch N*b trains. Only the main process writes events, checkpoints, samples and the
+adapter; the others wait at those points.
 """
 from __future__ import annotations
 
 import errno
 import logging
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -22,7 +29,7 @@ from studio.config import TrainConfig, check_device_support, load_config
 from studio.errors import StudioError
 from trainers.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from trainers.data import (BatchOrder, Example, center_crop_offsets, choose_bucket, micro_generator,
-                           prepare_image)
+                           prepare_image, sample_generator)
 from trainers.events import EventLog
 from trainers.low_memory import nf4_quantization, store_in_fp8
 
@@ -43,7 +50,9 @@ class Trainer:
     def __init__(self, run_dir: Path, config: TrainConfig | None = None, *, show_progress: bool = True):
         self.run_dir = Path(run_dir)
         self.config = config or load_config(self.run_dir / CONFIG_FILE)
-        self.events = EventLog(self.run_dir)
+        # accelerate launch / torchrun number the processes in RANK; the Accelerator agrees.
+        self.is_main = os.environ.get("RANK", "0") == "0"
+        self.events = EventLog(self.run_dir, write=self.is_main)
         self.show_progress = show_progress
 
     # ---------------------------------------------------------------- set-up
@@ -63,6 +72,11 @@ class Trainer:
             mixed_precision=cfg.training.mixed_precision,
             cpu=not torch.cuda.is_available(),
         )
+        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        if self.world != cfg.training.num_processes:
+            raise StudioError(f"training.num_processes is {cfg.training.num_processes} but {self.world} processes "
+                              "were started; start the run with `lora-studio train` or the queue, which launch "
+                              "the number the config asks for.")
         device = self.accelerator.device
         self.model_ref = resolve_model(cfg.base_model)
         self.sdxl = self.model_ref.family == "sdxl"
@@ -92,11 +106,12 @@ class Trainer:
         if not instance:
             raise StudioError(f"Dataset {folder} has no usable images; run `lora-studio dataset check` on it.")
         self.instance = [self._example(it.path, self._caption(it.caption), it.repeats, it.size) for it in instance]
-        self.instance_order = BatchOrder(self.instance, cfg.training.batch_size, cfg.seed)
+        global_batch = cfg.training.batch_size * self.world
+        self.instance_order = BatchOrder(self.instance, global_batch, cfg.seed)
         self.class_examples: list[Example] = []
         if cfg.dataset.class_prompt and cfg.dataset.num_class_images > 0:
             self.class_examples = self._class_images(folder, [it for it in items if it.is_regularisation])
-            self.class_order = BatchOrder(self.class_examples, cfg.training.batch_size, cfg.seed + 1)
+            self.class_order = BatchOrder(self.class_examples, global_batch, cfg.seed + 1)
         self.cache_latents = cfg.training.cache_latents and cfg.dataset.center_crop
         if cfg.training.cache_latents and not cfg.dataset.center_crop:
             log.warning("latent caching is off: random crops need a fresh VAE pass per step")
@@ -141,9 +156,14 @@ class Trainer:
         lr_scheduler = get_scheduler(cfg.training.lr_scheduler, optimizer=optimizer,
                                      num_warmup_steps=cfg.training.lr_warmup_steps,
                                      num_training_steps=cfg.training.max_steps)
-        self.unet, self.optimizer, self.lr_scheduler = self.accelerator.prepare(self.unet, optimizer, lr_scheduler)
+        # Models prepared without DDP: gradients are averaged by _average_gradients, which also
+        # covers T-LoRA's parameters (outside the UNet's module tree, attached by hooks). The
+        # LR scheduler is not handed to accelerate, whose wrapper steps it once per process.
+        self.unet = self.accelerator.prepare_model(self.unet, evaluation_mode=True)
+        self.optimizer, self.lr_scheduler = self.accelerator.prepare_optimizer(optimizer), lr_scheduler
         if net.train_text_encoder:
-            self.text_encoders = [self.accelerator.prepare(encoder) for encoder in self.text_encoders]
+            self.text_encoders = [self.accelerator.prepare_model(encoder, evaluation_mode=True)
+                                  for encoder in self.text_encoders]
 
     def _dataset_folder(self) -> Path:
         ds = self.config.dataset
@@ -176,23 +196,24 @@ class Trainer:
 
         cfg = self.config
         examples = [self._example(it.path, it.caption or cfg.dataset.class_prompt, 1, it.size) for it in existing]
-        missing = cfg.dataset.num_class_images - len(examples)
-        if missing > 0:
-            reg_dir = folder / "reg"
+        missing = range(len(examples), cfg.dataset.num_class_images)
+        reg_dir = folder / "reg"
+        if missing and self.is_main:
             reg_dir.mkdir(exist_ok=True)
-            log.info("generating %d class images for %r", missing, cfg.dataset.class_prompt)
-            self.events.emit("status", message=f"generating {missing} class images")
-            for i in range(missing):
-                index = len(examples)
+            log.info("generating %d class images for %r", len(missing), cfg.dataset.class_prompt)
+            self.events.emit("status", message=f"generating {len(missing)} class images")
+            for index in missing:
                 generator = torch.Generator().manual_seed(cfg.seed + 10_000 + index)
                 image = self.pipe(cfg.dataset.class_prompt, num_inference_steps=cfg.sampling.steps,
                                   guidance_scale=cfg.sampling.guidance_scale, generator=generator,
                                   height=cfg.dataset.resolution, width=cfg.dataset.resolution).images[0]
-                target = reg_dir / f"class_{index:05d}.png"
-                with atomic_path(target) as tmp:
+                with atomic_path(reg_dir / f"class_{index:05d}.png") as tmp:
                     image.save(tmp, format="PNG")
                 (reg_dir / f"class_{index:05d}.txt").write_text(cfg.dataset.class_prompt, encoding="utf-8")
-                examples.append(self._example(target, cfg.dataset.class_prompt, 1, image.size))
+        self.accelerator.wait_for_everyone()
+        resolution = (cfg.dataset.resolution, cfg.dataset.resolution)
+        examples += [self._example(reg_dir / f"class_{index:05d}.png", cfg.dataset.class_prompt, 1, resolution)
+                     for index in missing]
         return examples[: cfg.dataset.num_class_images]
 
     def _optimizer(self, params):
@@ -245,12 +266,12 @@ class Trainer:
                     mean, std = self._latent_dist(pixels[None])
                     self._latent_cache[(example.path, flip)] = (mean[0], std[0])
 
-    def _batch(self, examples: list[Example], indices: list[int], generator: torch.Generator):
-        """Latents, text conditioning and (SDXL) size conditioning for one micro-batch."""
+    def _batch(self, examples: list[Example], indices: list[int], generators: list[torch.Generator]):
+        """Latents, text conditioning and (SDXL) size conditioning for one micro-batch; each
+        sample's flip, crop and latent sample come from its own generator."""
         cfg = self.config
         chosen = [examples[i] for i in indices]
-        flips = [bool(torch.rand((), generator=generator) < 0.5) if cfg.dataset.random_flip else False
-                 for _ in chosen]
+        flips = [bool(torch.rand((), generator=g) < 0.5) if cfg.dataset.random_flip else False for g in generators]
         if self.cache_latents:
             stats = [self._latent_cache[(ex.path, f)] for ex, f in zip(chosen, flips)]
             mean = torch.stack([m for m, _ in stats])
@@ -258,10 +279,10 @@ class Trainer:
             crops = [center_crop_offsets(ex.size, ex.bucket) for ex in chosen]
         else:
             prepared = [prepare_image(ex.path, ex.bucket, center_crop=cfg.dataset.center_crop, flip=f,
-                                      generator=generator) for ex, f in zip(chosen, flips)]
+                                      generator=g) for ex, f, g in zip(chosen, flips, generators)]
             mean, std = self._latent_dist(torch.stack([pixels for pixels, _ in prepared]))
             crops = [crop for _, crop in prepared]
-        eps = torch.randn(mean.shape, generator=generator).to(mean.device, mean.dtype)
+        eps = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in generators]).to(mean.device, mean.dtype)
         latents = (mean + std * eps).float() * self.vae.config.scaling_factor
         captions = [ex.caption for ex in chosen]
         if self.cache_text:
@@ -277,31 +298,49 @@ class Trainer:
         return latents, text, pooled, time_ids
 
     # ---------------------------------------------------------------- loss
+    def _share(self, order: BatchOrder, micro_step: int, part: int) -> tuple[list[int], list[torch.Generator]]:
+        """This process's slice of the global micro-batch and a generator per sample. A last
+        short batch of a bucket is filled by wrapping around, so every process has batch_size
+        samples (one process keeps the short batch as it is)."""
+        indices = order.batch(micro_step)
+        size = self.config.training.batch_size
+        if self.world == 1:
+            places = list(range(len(indices)))
+        else:
+            places = [p % len(indices) for p in range(self.rank * size, (self.rank + 1) * size)]
+        return ([indices[p] for p in places],
+                [sample_generator(self.config.seed, micro_step, part, p) for p in places])
+
     def _loss(self, micro_step: int) -> torch.Tensor:
         cfg = self.config
         generator = micro_generator(cfg.seed, micro_step)
-        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))  # adapter dropout
-        batches = [self._batch(self.instance, self.instance_order.batch(micro_step), generator)]
+        # adapter dropout: its own stream per process
+        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)) + self.rank)
+        shares = [self._share(self.instance_order, micro_step, 0)]
         if self.class_examples:
-            batches.append(self._batch(self.class_examples, self.class_order.batch(micro_step), generator))
-            if batches[0][0].shape[1:] == batches[1][0].shape[1:]:  # same bucket: one UNet pass
-                n = batches[0][0].shape[0]
-                joined = [None if a is None else torch.cat([a, b]) for a, b in zip(*batches)]
-                per_sample = self._per_sample_loss(*joined, generator)
-                return per_sample[:n].mean() + cfg.dataset.prior_loss_weight * per_sample[n:].mean()
-        losses = [self._per_sample_loss(*batch, generator).mean() for batch in batches]
+            shares.append(self._share(self.class_order, micro_step, 1))
+        batches = [(*self._batch(examples, indices, generators), generators)
+                   for examples, (indices, generators) in zip((self.instance, self.class_examples), shares)]
+        if len(batches) == 2 and batches[0][0].shape[1:] == batches[1][0].shape[1:]:  # same bucket: one UNet pass
+            n = batches[0][0].shape[0]
+            joined = [None if a is None else (a + b if isinstance(a, list) else torch.cat([a, b]))
+                      for a, b in zip(*batches)]
+            per_sample = self._per_sample_loss(*joined)
+            return per_sample[:n].mean() + cfg.dataset.prior_loss_weight * per_sample[n:].mean()
+        losses = [self._per_sample_loss(*batch).mean() for batch in batches]
         return losses[0] + (cfg.dataset.prior_loss_weight * losses[1] if len(losses) > 1 else 0.0)
 
-    def _per_sample_loss(self, latents, text, pooled, time_ids, generator) -> torch.Tensor:
+    def _per_sample_loss(self, latents, text, pooled, time_ids, generators) -> torch.Tensor:
         from diffusers.training_utils import compute_snr
 
         cfg = self.config
         device = self.accelerator.device
-        noise = torch.randn(latents.shape, generator=generator)
+        noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators])
         if cfg.training.noise_offset:
-            noise += cfg.training.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                  generator=generator)
+            noise += cfg.training.noise_offset * torch.stack(
+                [torch.randn((latents.shape[1], 1, 1), generator=g) for g in generators])
+        timesteps = torch.cat([torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (1,), generator=g)
+                               for g in generators])
         noise, timesteps, latents = noise.to(device), timesteps.to(device), latents.to(device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         extra = {}
@@ -349,14 +388,14 @@ class Trainer:
                 set_peft_model_state_dict(self.accelerator.unwrap_model(model), part)
 
     # ---------------------------------------------------------------- run
-    def run(self, *, resume: bool = True) -> Path:
+    def run(self, *, resume: bool = True) -> Path | None:
         started = time.time()
         try:
             self._setup()
             return self._train(resume=resume, started=started)
         except TrainingCancelled:
             raise
-        except StudioError as error:
+        except StudioError as error:  # the same in every process (config, data, NaN loss): written once
             self.events.emit("error", message=str(error))
             raise
         except torch.cuda.OutOfMemoryError:
@@ -374,17 +413,32 @@ class Trainer:
             self.events.emit("error", message=message)
             raise TrainingFailed(message) from None
         except Exception as error:
-            self.events.emit("error", message=f"{type(error).__name__}: {error}")
+            if _is_peer_failure(error):
+                message = (f"Another process of this run stopped ({type(error).__name__}: {error}); see "
+                           "worker.log in the run folder. Resume continues from the last checkpoint.")
+                if self.is_main and not _error_since_start(self.run_dir):
+                    self.events.emit("error", message=message)
+                raise TrainingFailed(message) from None
+            self._emit_own_error(f"{type(error).__name__}: {error}")
             raise
 
-    def _train(self, *, resume: bool, started: float) -> Path:
+    def _emit_own_error(self, message: str) -> None:
+        """This process's own error, written once: by the main process, or by another
+        process that failed by itself (the main one then reports only that a peer stopped)."""
+        if self.is_main:
+            self.events.emit("error", message=message)
+        elif getattr(self, "world", 1) > 1:
+            EventLog(self.run_dir).emit("error", message=f"process {self.rank + 1} of {self.world}: {message}")
+
+    def _train(self, *, resume: bool, started: float) -> Path | None:
         from studio.fsutil import remove_stale_temp_files
         from trainers.checkpoints import checkpoint_dir
 
         cfg = self.config
-        for folder in (checkpoint_dir(self.run_dir), self.run_dir / "samples"):
-            for stale in remove_stale_temp_files(folder):
-                log.info("removed %s, left by a killed writer", stale)
+        if self.is_main:
+            for folder in (checkpoint_dir(self.run_dir), self.run_dir / "samples"):
+                for stale in remove_stale_temp_files(folder):
+                    log.info("removed %s, left by a killed writer", stale)
         start_step = 0
         checkpoint = latest_checkpoint(self.run_dir) if resume else None
         if checkpoint is not None:
@@ -417,7 +471,7 @@ class Trainer:
             if progress is not None:
                 progress.update(1)
             if done % log_every == 0 or done == cfg.training.max_steps:
-                mean_loss = float(window_loss) / window_steps
+                mean_loss = float(self.accelerator.reduce(window_loss.clone(), "mean")) / window_steps
                 if not math.isfinite(mean_loss):
                     raise TrainingFailed(
                         f"Loss became {mean_loss} at step {done}; the run stopped and kept its last good "
@@ -437,7 +491,7 @@ class Trainer:
             sample_every = cfg.sampling.every_n_steps
             if sample_every and done % sample_every == 0 and done < cfg.training.max_steps:
                 self._sample(done)
-            if stop and done < cfg.training.max_steps:
+            if self._stop_agreed(stop) and done < cfg.training.max_steps:
                 if not (every and done % every == 0):
                     self._save_checkpoint(done)
                 self.events.emit("cancelled", step=done)
@@ -445,10 +499,30 @@ class Trainer:
         if progress is not None:
             progress.close()
         self._sample(cfg.training.max_steps)
-        adapter_path = self._export(started)
+        adapter_path = self._export(started) if self.is_main else None
+        self.accelerator.wait_for_everyone()
         self.events.emit("done", step=cfg.training.max_steps, adapter=str(adapter_path),
                          seconds=round(time.time() - started, 1))
         return adapter_path
+
+    def _stop_agreed(self, stop: list[int]) -> bool:
+        """Whether any process was asked to stop: all of them stop after the same step."""
+        if self.world == 1:
+            return bool(stop)
+        flag = torch.tensor([float(bool(stop))], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, "sum").item())
+
+    def _average_gradients(self) -> None:
+        """The mean gradient over the processes, in one all-reduce of every trainable
+        parameter's gradient flattened together (a missing gradient counts as zero)."""
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.trainable]
+        flat = _flatten_dense_tensors(grads)
+        torch.distributed.all_reduce(flat)
+        flat /= self.world
+        for p, mean in zip(self.trainable, _unflatten_dense_tensors(flat, grads)):
+            p.grad = mean
 
     def _install_stop_handlers(self) -> list[int]:
         """SIGTERM / SIGINT end the run after the current step, with a checkpoint.
@@ -471,26 +545,37 @@ class Trainer:
             with self.accelerator.accumulate(self.unet):
                 loss = self._loss(step * accum + micro)
                 self.accelerator.backward(loss)
+                if self.accelerator.sync_gradients and self.world > 1:
+                    self._average_gradients()
                 if self.accelerator.sync_gradients and self.config.training.max_grad_norm > 0:
                     self.accelerator.clip_grad_norm_(self.trainable, self.config.training.max_grad_norm)
                 self.optimizer.step()
-                self.lr_scheduler.step()
+                if self.accelerator.sync_gradients:
+                    self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
             total += loss.detach().float() / accum
         return total
 
     def _save_checkpoint(self, step: int) -> None:
-        path = save_checkpoint(self.run_dir, step, {
-            "step": step,
-            "adapter": self.adapter_state(),
-            "optimizer": self.optimizer.state_dict(),
-            "lr_scheduler": self.lr_scheduler.state_dict(),
-            "python_rng": random.getstate(),
-        }, keep_last=self.config.checkpoints.keep_last)
-        self.events.emit("checkpoint", step=step, path=str(path))
+        """The main process writes it (every process holds the same state); all wait for it."""
+        if self.is_main:
+            path = save_checkpoint(self.run_dir, step, {
+                "step": step,
+                "adapter": self.adapter_state(),
+                "optimizer": self.optimizer.state_dict(),
+                "lr_scheduler": self.lr_scheduler.state_dict(),
+                "python_rng": random.getstate(),
+            }, keep_last=self.config.checkpoints.keep_last)
+            self.events.emit("checkpoint", step=step, path=str(path))
+        self.accelerator.wait_for_everyone()
 
     @torch.no_grad()
     def _sample(self, step: int) -> None:
+        if self.is_main:
+            self._write_samples(step)
+        self.accelerator.wait_for_everyone()
+
+    def _write_samples(self, step: int) -> None:
         cfg = self.config
         prompts = cfg.sampling.prompts or [self.instance[0].caption]
         sample_dir = self.run_dir / "samples"
@@ -549,6 +634,29 @@ class Trainer:
         return save_adapter(path, adapter)
 
 
+def _is_peer_failure(error: BaseException) -> bool:
+    """A collective failed because another process of the run died (gloo / NCCL)."""
+    import torch.distributed as dist
+
+    text = str(error).lower()
+    return isinstance(error, getattr(dist, "DistError", ())) or (
+        isinstance(error, RuntimeError) and any(w in text for w in ("gloo", "nccl", "connection closed by peer",
+                                                                     "connection reset by peer")))
+
+
+def _error_since_start(run_dir: Path) -> bool:
+    """An error event after the last start/resume (another process wrote it)."""
+    from trainers.events import iter_events
+
+    found = False
+    for event in iter_events(run_dir):
+        if event["type"] in ("start", "resume"):
+            found = False
+        elif event["type"] == "error":
+            found = True
+    return found
+
+
 def unique_adapter_path(folder: Path, name: str, run_id: str) -> Path:
     """adapters/<name>.safetensors, or <name>-<run id> when another run already wrote that
     name: a finished adapter is never overwritten by a different run."""
@@ -565,6 +673,7 @@ def unique_adapter_path(folder: Path, name: str, run_id: str) -> Path:
     return candidate
 
 
-def train_run(run_dir: Path, *, resume: bool = True, show_progress: bool = True) -> Path:
-    """Train the run in `run_dir` (its config.toml), resuming from its last checkpoint."""
+def train_run(run_dir: Path, *, resume: bool = True, show_progress: bool = True) -> Path | None:
+    """Train the run in `run_dir` (its config.toml), resuming from its last checkpoint.
+    Returns the adapter's path (None in the processes of a data-parallel run but the main one)."""
     return Trainer(Path(run_dir), show_progress=show_progress).run(resume=resume)

@@ -426,7 +426,8 @@ def inject_peft_adapter(model: torch.nn.Module, config: Any, adapter_name: str) 
     peft's own `inject_adapter_in_model`, not the models' `add_adapter`: transformers 5.24's
     `add_adapter` refuses every peft before 0.22, and 0.21.2 is the newest peft released,
     while peft's function works with every version pair. The adapter is active on its layers;
-    `model.peft_config` lists it, as both libraries' `add_adapter` would."""
+    `model.peft_config` lists it and the model is marked as carrying adapters, as both
+    libraries' `add_adapter` would (so diffusers' enable/disable_adapters work)."""
     import warnings
 
     from peft import inject_adapter_in_model
@@ -434,6 +435,8 @@ def inject_peft_adapter(model: torch.nn.Module, config: Any, adapter_name: str) 
     with warnings.catch_warnings():  # several adapters on one model is intended
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
         inject_adapter_in_model(config, model, adapter_name=adapter_name)
+    if hasattr(model, "_hf_peft_config_loaded"):
+        model._hf_peft_config_loaded = True
 
 
 def _remove(model: torch.nn.Module, adapter_name: str) -> None:
