@@ -39,19 +39,19 @@ from studio.formats.files import (DIFFUSERS_METADATA_KEY, FORMATS, PRECISIONS, A
                                   sshs_hashes)
 from studio.formats.modules import (LOHA, LOKR, LORA, AdapterModule, LoraModule, dora_merge, dora_scale_from_magnitude,
                                     magnitude_from_dora_scale)
-from studio.formats.naming import (ALL_PREFIXES, FAMILY_PARTS, TEXT_ENCODER_PREFIX, UNET_PREFIX, kohya_name,
-                                   name_table, pipeline_family, pipeline_models, sd_scripts_targets, split_name,
-                                   targets_for)
+from studio.families import DEFAULT, family_of_pipeline, get_family
+from studio.formats.naming import (ALL_PREFIXES, TEXT_ENCODER_PREFIX, UNET_PREFIX, kohya_name, name_table,
+                                   pipeline_models, sd_scripts_targets, split_name, targets_for)
 from studio.formats.peft_bridge import NETWORK_TYPES, AdapterType, attach_modules, modules_from_models
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "AdapterFile", "AdapterModule", "AdapterType", "LoraModule", "NETWORK_TYPES", "FORMATS", "PRECISIONS",
-    "LORA", "LOHA", "LOKR", "UNET_PREFIX", "TEXT_ENCODER_PREFIX", "ALL_PREFIXES", "FAMILY_PARTS",
+    "LORA", "LOHA", "LOKR", "UNET_PREFIX", "TEXT_ENCODER_PREFIX", "ALL_PREFIXES",
     "adapter_models", "attach_adapter", "convert_adapter", "data_sha256", "dora_merge", "dora_scale_from_magnitude",
     "edit_metadata", "export_adapter", "file_data_sha256", "fitting_models", "kohya_name", "legacy_hash",
-    "load_adapter", "magnitude_from_dora_scale", "name_table", "parse_assignments", "pipeline_family",
+    "load_adapter", "magnitude_from_dora_scale", "name_table", "parse_assignments",
     "read_checked_header", "reference_models", "save_adapter", "sd_scripts_targets", "split_name", "sshs_hashes",
     "targets_for", "training_metadata", "thumbnail_data_url", "base_model_hashes", "DIFFUSERS_METADATA_KEY",
 ]
@@ -63,7 +63,7 @@ def adapter_models(pipe) -> dict[str, torch.nn.Module]:
     return pipeline_models(pipe)
 
 
-def export_adapter(models: Mapping[str, torch.nn.Module], *, family: str = "sd15", adapter_name: str = "default",
+def export_adapter(models: Mapping[str, torch.nn.Module], *, family: str = DEFAULT.name, adapter_name: str = "default",
                    metadata: Mapping[str, str] | None = None,
                    initial_factors: Mapping[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] | None = None,
                    ) -> AdapterFile:
@@ -81,8 +81,7 @@ def attach_adapter(pipe, adapter: AdapterFile, adapter_name: str) -> None:
     `adapter_name` (LoraConfig / LoHaConfig / LoKrConfig with per-module rank and alpha,
     DoRA with its magnitude). Every module must match a layer of the right shape, else a
     StudioError lists what did not match: never a silent partial load."""
-    family = pipeline_family(pipe)
-    attach_modules(family, adapter_models(pipe), adapter.modules, adapter_name,
+    attach_modules(family_of_pipeline(pipe).name, adapter_models(pipe), adapter.modules, adapter_name,
                    adapter_family=adapter.family, source=f"Adapter {adapter_name!r}")
 
 
@@ -121,7 +120,7 @@ def convert_adapter(src: str | Path, dst: str | Path, *, format: str = "kohya", 
     adapter.metadata = metadata
     if format == "kohya":
         metadata.setdefault("ss_network_module", adapter.adapter_type.ss_network_module)
-        metadata.setdefault("ss_base_model_version", "sdxl_base_v1-0" if adapter.family == "sdxl" else "sd_v1")
+        metadata.setdefault("ss_base_model_version", get_family(adapter.family).ss_base_model_version)
     return save_adapter(dst, adapter, dtype=dtype, format=format, models=models)
 
 
@@ -173,7 +172,7 @@ def training_metadata(config, model_ref, *, dataset_folder: Path, started: float
 
     stats = dataset_stats(dataset_folder, load_items(dataset_folder))
     net, train, ds = config.network, config.training, config.dataset
-    sdxl = model_ref.family == "sdxl"
+    base = get_family(model_ref.family)
     trigger = ds.trigger_word.strip()
     if adapter is not None:
         adapter_type = adapter.adapter_type
@@ -194,7 +193,7 @@ def training_metadata(config, model_ref, *, dataset_folder: Path, started: float
     metadata = {
         "ss_v2": "False",
         "ss_output_name": config.name,
-        "ss_base_model_version": "sdxl_base_v1-0" if sdxl else "sd_v1",
+        "ss_base_model_version": base.ss_base_model_version,
         "ss_network_module": adapter_type.ss_network_module,
         "ss_network_dim": str(dim),
         "ss_network_alpha": f"{alpha:g}",
@@ -226,8 +225,8 @@ def training_metadata(config, model_ref, *, dataset_folder: Path, started: float
         "ss_num_train_images": str(stats.image_count),
         "ss_num_reg_images": str(stats.reg_image_count),
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": "stable-diffusion-xl-v1-base/lora" if sdxl else "stable-diffusion-v1/lora",
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if sdxl else "diffusers",
+        "modelspec.architecture": base.lora_architecture,
+        "modelspec.implementation": base.modelspec_implementation,
         "modelspec.title": config.name,
         "modelspec.resolution": f"{ds.resolution}x{ds.resolution}",
         "modelspec.date": date,

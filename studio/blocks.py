@@ -8,58 +8,28 @@ SD1.x vectors have 17 values, SDXL 12; any model also takes the 26-value form
 from __future__ import annotations
 
 from studio.errors import StudioError
+from studio.families import get_family
 
-SD15_BLOCKS = ["BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00",
-               "OUT03", "OUT04", "OUT05", "OUT06", "OUT07", "OUT08", "OUT09", "OUT10", "OUT11"]
-SDXL_BLOCKS = ["BASE", "IN04", "IN05", "IN07", "IN08", "M00", "OUT00", "OUT01", "OUT02", "OUT03", "OUT04", "OUT05"]
 FULL_BLOCKS = ["BASE"] + [f"IN{i:02d}" for i in range(12)] + ["M00"] + [f"OUT{i:02d}" for i in range(12)]
 
-# The extension's default SD1.x presets.
-SD15_PRESETS = {
-    "NONE": "0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0",
-    "ALL": "1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1",
-    "INS": "1,1,1,1,0,0,0,0,0,0,0,0,0,0,0,0,0",
-    "IND": "1,0,0,0,1,1,1,0,0,0,0,0,0,0,0,0,0",
-    "INALL": "1,1,1,1,1,1,1,0,0,0,0,0,0,0,0,0,0",
-    "MIDD": "1,0,0,0,1,1,1,1,1,1,1,1,0,0,0,0,0",
-    "OUTD": "1,0,0,0,0,0,0,0,1,1,1,1,0,0,0,0,0",
-    "OUTS": "1,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1",
-    "OUTALL": "1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1",
-    "ALL0.5": ",".join(["0.5"] * 17),
-}
-# The same groups on SDXL's blocks: shallow input (IN04, IN05), deep input (IN07, IN08),
-# middle, deep output (OUT00-OUT02), shallow output (OUT03-OUT05).
-SDXL_PRESETS = {
-    "NONE": "0,0,0,0,0,0,0,0,0,0,0,0",
-    "ALL": "1,1,1,1,1,1,1,1,1,1,1,1",
-    "INS": "1,1,1,0,0,0,0,0,0,0,0,0",
-    "IND": "1,0,0,1,1,0,0,0,0,0,0,0",
-    "INALL": "1,1,1,1,1,0,0,0,0,0,0,0",
-    "MIDD": "1,0,0,1,1,1,1,1,1,0,0,0",
-    "OUTD": "1,0,0,0,0,0,1,1,1,0,0,0",
-    "OUTS": "1,0,0,0,0,0,0,0,0,1,1,1",
-    "OUTALL": "1,0,0,0,0,0,1,1,1,1,1,1",
-    "ALL0.5": ",".join(["0.5"] * 12),
-}
 
-
-def parse_block_weights(spec: str | list[float], family: str) -> dict[str, float]:
-    """A preset name, or 17 (SD1.x) / 12 (SDXL) / 26 comma-separated values -> {block: weight}."""
+def parse_block_weights(spec: str | list[float], family_name: str) -> dict[str, float]:
+    """A preset name, or the family's vector (17 values on SD1.x, 12 on SDXL) or the
+    26-value form, -> {block: weight}."""
+    family = get_family(family_name)
     if isinstance(spec, str):
-        presets = SDXL_PRESETS if family == "sdxl" else SD15_PRESETS
-        text = presets.get(spec.strip().upper(), spec)
+        text = family.block_presets.get(spec.strip().upper(), spec)
         try:
             values = [float(v) for v in text.replace(" ", "").split(",") if v != ""]
         except ValueError:
-            raise StudioError(f"Block weights {spec!r}: give a preset ({', '.join(presets)}) or comma-separated "
-                              "numbers.") from None
+            raise StudioError(f"Block weights {spec!r}: give a preset ({', '.join(family.block_presets)}) or "
+                              "comma-separated numbers.") from None
     else:
         values = [float(v) for v in spec]
-    layouts = {len(SD15_BLOCKS): SD15_BLOCKS, len(SDXL_BLOCKS): SDXL_BLOCKS, len(FULL_BLOCKS): FULL_BLOCKS}
-    names = layouts.get(len(values))
-    expected = SDXL_BLOCKS if family == "sdxl" else SD15_BLOCKS
-    if names is None or (names is not FULL_BLOCKS and names is not expected):
-        raise StudioError(f"Block weights have {len(values)} values; {family} takes {len(expected)} "
+    expected = list(family.block_names)
+    names = {len(expected): expected, len(FULL_BLOCKS): FULL_BLOCKS}.get(len(values))
+    if names is None:
+        raise StudioError(f"Block weights have {len(values)} values; {family.name} takes {len(expected)} "
                           f"({','.join(expected)}) or {len(FULL_BLOCKS)}.")
     return dict(zip(names, values))
 

@@ -1,7 +1,7 @@
 """Single-file checkpoints (A1111 / CivitAI `.safetensors`) for SD 1.5 and SDXL, offline.
 
-- `detect_family(path_or_keys)`: "sd15" or "sdxl" from a checkpoint's key names (or a
-  diffusers folder's model_index.json); a StudioError naming what it saw otherwise.
+- `detect_family(path_or_keys)`: the family name (studio.families) from a checkpoint's key
+  names (or a diffusers folder's model_index.json); a StudioError naming what it saw otherwise.
 - `load_single_file(path)`: a diffusers pipeline, built with the config skeletons in
   `assets/skeletons` (studio.skeletons) so that diffusers never asks the Hub.
 - `save_single_file(pipe, path)`: the inverse, one `.safetensors` in the original LDM / sgm
@@ -14,10 +14,9 @@ Layout of a single-file checkpoint:
 
     model.diffusion_model.*                          UNet, LDM names
     first_stage_model.*                              VAE, LDM names (attention as 1x1 convs)
-    cond_stage_model.transformer.text_model.*        SD1 text encoder (CLIP-L, HF names)
-    conditioner.embedders.0.transformer.text_model.* SDXL text encoder 1 (CLIP-L, HF names)
-    conditioner.embedders.1.model.*                  SDXL text encoder 2 (OpenCLIP bigG layout:
-                                                     fused in_proj qkv, text_projection [width, dim])
+    <text encoders>                                  each family's single_file_encoders: HF CLIP
+                                                     names, or OpenCLIP's (fused in_proj qkv,
+                                                     text_projection [width, dim])
 """
 from __future__ import annotations
 
@@ -28,23 +27,19 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from studio.errors import StudioError
+from studio.families import FAMILIES, Family, family_from_pipeline_class, family_of_pipeline, get_family
 from studio.fsutil import atomic_write_with
 from studio.safetensors_file import read_safetensors_header, refuse_pickle, sniff_format
 
 log = logging.getLogger(__name__)
 
-Family = Literal["sd15", "sdxl"]
-FAMILY_LABELS = {"sd15": "Stable Diffusion 1.x", "sdxl": "SDXL"}
-MODELSPEC_ARCHITECTURE = {"sd15": "stable-diffusion-v1", "sdxl": "stable-diffusion-xl-v1-base"}
+_SUPPORTED = "only " + " and ".join(f.long_label for f in FAMILIES.values()) + " are supported"
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-SD15_TE_PREFIX = "cond_stage_model.transformer.text_model."
-SDXL_TE1_PREFIX = "conditioner.embedders.0.transformer.text_model."
-SDXL_TE2_PREFIX = "conditioner.embedders.1.model."
 
 def _load_pickle_state_dict(path: Path) -> dict[str, Any]:
     """A pickled checkpoint's tensors, unpickled with torch's weights-only loader."""
@@ -118,6 +113,7 @@ def _shape_map(keys: Iterable[str] | Mapping[str, Any]) -> dict[str, tuple[int, 
 
 
 def _family_from_shapes(shapes: Mapping[str, tuple[int, ...] | None], source: str) -> Family:
+    """The family whose single-file marker the keys have; refusals name what else it is."""
     keys = list(shapes)
     where = f"{source} " if source else ""
 
@@ -126,44 +122,39 @@ def _family_from_shapes(shapes: Mapping[str, tuple[int, ...] | None], source: st
 
     if any(k.startswith(("lora_unet_", "lora_te", "lycoris_")) or ".lora_down." in k or ".hada_w1" in k for k in keys):
         raise StudioError(f"{where}is a LoRA/LyCORIS adapter, not a base model; add it as an adapter instead.")
-    if has(SDXL_TE2_PREFIX):
-        family: Family = "sdxl"
-    elif has("conditioner.embedders.0.model."):
-        raise StudioError(
-            f"{where}looks like the SDXL refiner (one OpenCLIP text encoder, no CLIP-L); only SDXL base "
-            "models are supported."
-        )
-    elif has("cond_stage_model.model."):
-        raise StudioError(
-            f"{where}looks like Stable Diffusion 2.x (OpenCLIP ViT-H text encoder under "
-            "cond_stage_model.model.); only SD 1.x and SDXL are supported."
-        )
-    elif has("cond_stage_model.transformer."):
-        family = "sd15"
-    else:
-        sample = ", ".join(sorted(keys)[:3]) or "no tensors at all"
-        hint = ""
-        if has(UNET_PREFIX):
-            hint = " It has UNet weights (model.diffusion_model.*) but no text encoder."
-        elif has("down_blocks.") or has("encoder.down") or has("decoder.up"):
-            hint = " It looks like one component in diffusers layout (a UNet or VAE), not a full checkpoint."
-        elif has("double_blocks.") or has("joint_blocks.") or has("model.diffusion_model.joint_blocks."):
-            hint = " It looks like Flux or SD3."
-        raise StudioError(
-            f"{where}is not an SD 1.x or SDXL checkpoint: found {len(keys)} tensors such as {sample}."
-            f"{hint} Expected cond_stage_model.transformer.* (SD 1.x) or conditioner.embedders.1.model.* (SDXL)."
-        )
+    family = next((f for f in FAMILIES.values() if has(f.single_file_marker)), None)
+    if family is None:
+        raise StudioError(where + _unsupported_checkpoint(keys, has))
     conv_in = shapes.get(UNET_PREFIX + "input_blocks.0.0.weight")
     if conv_in is not None and len(conv_in) == 4 and conv_in[1] != 4:
         kind = {9: "an inpainting model", 8: "an instruct-pix2pix model"}.get(conv_in[1], "a modified UNet")
         raise StudioError(
-            f"{where}is {kind} ({FAMILY_LABELS[family]} UNet with {conv_in[1]} input channels, not 4); "
+            f"{where}is {kind} ({family.long_label} UNet with {conv_in[1]} input channels, not 4); "
             "only text-to-image base models are supported."
         )
     attn2_k = shapes.get(UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
-    if family == "sd15" and attn2_k is not None and attn2_k[-1] == 1024:
-        raise StudioError(f"{where}looks like Stable Diffusion 2.x (1024-wide cross-attention); only SD 1.x and SDXL are supported.")
+    if attn2_k is not None and attn2_k[-1] in family.foreign_cross_attention:
+        raise StudioError(f"{where}looks like {family.foreign_cross_attention[attn2_k[-1]]}; {_SUPPORTED}.")
     return family
+
+
+def _unsupported_checkpoint(keys: list[str], has) -> str:
+    """What a checkpoint of no supported family looks like, and what was expected."""
+    if has("conditioner.embedders.0.model."):
+        return "looks like the SDXL refiner (one OpenCLIP text encoder, no CLIP-L); only SDXL base models are supported."
+    if has("cond_stage_model.model."):
+        return ("looks like Stable Diffusion 2.x (OpenCLIP ViT-H text encoder under cond_stage_model.model.); "
+                f"{_SUPPORTED}.")
+    sample = ", ".join(sorted(keys)[:3]) or "no tensors at all"
+    hint = ""
+    if has(UNET_PREFIX):
+        hint = " It has UNet weights (model.diffusion_model.*) but no text encoder."
+    elif has("down_blocks.") or has("encoder.down") or has("decoder.up"):
+        hint = " It looks like one component in diffusers layout (a UNet or VAE), not a full checkpoint."
+    elif has("double_blocks.") or has("joint_blocks.") or has("model.diffusion_model.joint_blocks."):
+        hint = " It looks like Flux or SD3."
+    expected = " or ".join(f"{f.single_file_marker}* ({f.long_label})" for f in FAMILIES.values())
+    return f"is not a checkpoint of a supported model: found {len(keys)} tensors such as {sample}.{hint} Expected {expected}."
 
 
 def _family_from_folder(folder: Path) -> Family:
@@ -179,42 +170,41 @@ def _family_from_folder(folder: Path) -> Family:
     name = index.get("_class_name", "?")
     if unet_cfg.get("in_channels", 4) != 4:
         raise StudioError(f"{folder} ({name}) has a UNet with {unet_cfg['in_channels']} input channels; only text-to-image base models are supported.")
-    if name in ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"):
-        if (index.get("text_encoder") or [None])[0] is None:
-            raise StudioError(f"{folder} looks like the SDXL refiner (no first text encoder); only SDXL base models are supported.")
-        return "sdxl"
-    if name in ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"):
-        if unet_cfg.get("cross_attention_dim") == 1024:
-            raise StudioError(f"{folder} is Stable Diffusion 2.x (1024-wide cross-attention); only SD 1.x and SDXL are supported.")
-        return "sd15"
-    raise StudioError(f"{folder} holds a {name}; only StableDiffusionPipeline (SD 1.x) and StableDiffusionXLPipeline folders are supported.")
+    family = family_from_pipeline_class(name)
+    if family is None:
+        classes = ", ".join(f"{f.pipeline_classes[0]} ({f.long_label})" for f in FAMILIES.values())
+        raise StudioError(f"{folder} holds a {name}; only {classes} folders are supported.")
+    absent = [attr for attr in family.text_encoders if (index.get(attr) or [None])[0] is None]
+    if absent:
+        raise StudioError(f"{folder} has no {' or '.join(absent)} (a refiner?); only {family.long_label} base models "
+                          "are supported.")
+    width = unet_cfg.get("cross_attention_dim")
+    if width in family.foreign_cross_attention:
+        raise StudioError(f"{folder} is {family.foreign_cross_attention[width]}; {_SUPPORTED}.")
+    return family
 
 
 def detect_family(
     path_or_keys: str | os.PathLike | Iterable[str] | Mapping[str, Any], *, allow_pickle: bool = False
-) -> Family:
-    """"sd15" or "sdxl" for a single-file checkpoint (path), a diffusers folder (path with
+) -> str:
+    """The family name for a single-file checkpoint (path), a diffusers folder (path with
     model_index.json), or a checkpoint's keys (an iterable of names, or a mapping of names
     to tensors / safetensors header entries, which also lets shapes rule out inpainting
     and SD 2.x). Anything else raises a StudioError saying what it looks like."""
     if isinstance(path_or_keys, (str, os.PathLike)):
         path = Path(path_or_keys)
         if path.is_dir():
-            return _family_from_folder(path)
-        return _family_from_shapes(_checkpoint_shapes(path, allow_pickle=allow_pickle), str(path))
-    return _family_from_shapes(_shape_map(path_or_keys), "The checkpoint")
+            return _family_from_folder(path).name
+        return _family_from_shapes(_checkpoint_shapes(path, allow_pickle=allow_pickle), str(path)).name
+    return _family_from_shapes(_shape_map(path_or_keys), "The checkpoint").name
 
 
 def _check_components(shapes: Mapping[str, Any], family: Family, path: Path) -> None:
-    needed = {"UNet": UNET_PREFIX, "VAE": VAE_PREFIX}
-    if family == "sdxl":
-        needed |= {"text encoder 1 (CLIP-L)": SDXL_TE1_PREFIX, "text encoder 2 (OpenCLIP bigG)": SDXL_TE2_PREFIX}
-    else:
-        needed["text encoder (CLIP-L)"] = SD15_TE_PREFIX
+    needed = {"UNet": UNET_PREFIX, "VAE": VAE_PREFIX, **{e.description: e.prefix for e in family.single_file_encoders}}
     missing = [f"{what} ({prefix}*)" for what, prefix in needed.items() if not any(k.startswith(prefix) for k in shapes)]
     if missing:
         raise StudioError(
-            f"{path} is an incomplete {FAMILY_LABELS[family]} checkpoint: it has no weights for "
+            f"{path} is an incomplete {family.long_label} checkpoint: it has no weights for "
             f"{', '.join(missing)}. Use a full checkpoint (UNet, VAE and text encoders in one file)."
         )
 
@@ -429,7 +419,7 @@ _OPEN_CLIP_LAYER = {
 }
 
 
-def _open_clip_to_ldm(text_encoder: Any, prefix: str = SDXL_TE2_PREFIX) -> dict[str, Any]:
+def _open_clip_to_ldm(text_encoder: Any, prefix: str) -> dict[str, Any]:
     """CLIPTextModelWithProjection -> OpenCLIP names (fused qkv, [width, dim] projection)."""
     import torch
 
@@ -462,23 +452,28 @@ def _open_clip_to_ldm(text_encoder: Any, prefix: str = SDXL_TE2_PREFIX) -> dict[
             raise StudioError(f"Text encoder 2 layer {layer} lacks one of q/k/v_proj.{kind}.")
         out[f"transformer.resblocks.{layer}.attn.in_proj_{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], 0)
     if "text_projection" not in out:
-        raise StudioError("Text encoder 2 has no text_projection; SDXL needs a CLIPTextModelWithProjection.")
+        raise StudioError("Text encoder 2 has no text_projection; an OpenCLIP text encoder needs a "
+                          "CLIPTextModelWithProjection.")
     return {prefix + k: v for k, v in out.items()}
 
 
+_TEXT_ENCODER_LAYOUTS = {"clip": _clip_to_ldm, "open_clip": _open_clip_to_ldm}
+
+
 def pipeline_family(pipe: Any) -> Family:
-    """"sdxl" for a pipeline with two text encoders, "sd15" for one (SD 1.x layout)."""
+    """The family of a pipeline to save as a full checkpoint (refusing partial pipelines and
+    look-alikes the studio does not support)."""
     if getattr(pipe, "unet", None) is None or getattr(pipe, "vae", None) is None:
         raise StudioError("The pipeline has no UNet or VAE; nothing to save as a checkpoint.")
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        if getattr(pipe, "text_encoder", None) is None:
-            raise StudioError("The pipeline has only the second text encoder (SDXL refiner); only SDXL base is supported.")
-        return "sdxl"
-    if getattr(pipe, "text_encoder", None) is None:
-        raise StudioError("The pipeline has no text encoder; nothing to save as a full checkpoint.")
-    if _config_get(pipe.unet.config, "cross_attention_dim") == 1024:
-        raise StudioError("The pipeline is Stable Diffusion 2.x (1024-wide cross-attention); only SD 1.x and SDXL are supported.")
-    return "sd15"
+    family = family_of_pipeline(pipe)
+    absent = [attr for attr in family.text_encoders if getattr(pipe, attr, None) is None]
+    if absent:
+        raise StudioError(f"The pipeline has no {' or '.join(absent)} (a refiner?); nothing to save as a full "
+                          "checkpoint.")
+    width = _config_get(pipe.unet.config, "cross_attention_dim")
+    if width in family.foreign_cross_attention:
+        raise StudioError(f"The pipeline is {family.foreign_cross_attention[width]}; {_SUPPORTED}.")
+    return family
 
 
 def pipeline_to_ldm_state_dict(pipe: Any, *, dtype: Any = None) -> dict[str, Any]:
@@ -507,12 +502,8 @@ def pipeline_to_ldm_state_dict(pipe: Any, *, dtype: Any = None) -> dict[str, Any
         put(UNET_PREFIX + unet_diffusers_to_ldm(key, pipe.unet.config), tensor)
     for key, tensor in _vae_to_ldm(pipe.vae).items():
         put(key, tensor)
-    if family == "sdxl":
-        te_parts = [_clip_to_ldm(pipe.text_encoder, SDXL_TE1_PREFIX), _open_clip_to_ldm(pipe.text_encoder_2)]
-    else:
-        te_parts = [_clip_to_ldm(pipe.text_encoder, SD15_TE_PREFIX)]
-    for part in te_parts:
-        for key, tensor in part.items():
+    for encoder in family.single_file_encoders:
+        for key, tensor in _TEXT_ENCODER_LAYOUTS[encoder.layout](getattr(pipe, encoder.attr), encoder.prefix).items():
             put(key, tensor)
 
     out = {}
@@ -542,11 +533,11 @@ def save_single_file(
     state = pipeline_to_ldm_state_dict(pipe, dtype=dtype)
     header = {
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": MODELSPEC_ARCHITECTURE[family],
+        "modelspec.architecture": family.modelspec_architecture,
         **{str(k): str(v) for k, v in (metadata or {}).items()},
     }
     atomic_write_with(target, lambda tmp: save_file(state, str(tmp), metadata=header))
-    log.info("Saved %s checkpoint %s (%d tensors)", family, target, len(state))
+    log.info("Saved %s checkpoint %s (%d tensors)", family.name, target, len(state))
     return target
 
 
@@ -559,14 +550,12 @@ def _check_config_dir(config: Path, family: Family) -> None:
     if not (config / "model_index.json").is_file():
         raise StudioError(f"Config folder {config} has no model_index.json; pass a diffusers-format config folder.")
     config_family = _family_from_folder(config)
-    if config_family != family:
+    if config_family is not family:
         raise StudioError(
-            f"Config folder {config} is for {FAMILY_LABELS[config_family]} but the checkpoint is "
-            f"{FAMILY_LABELS[family]}; pass a matching config folder."
+            f"Config folder {config} is for {config_family.long_label} but the checkpoint is "
+            f"{family.long_label}; pass a matching config folder."
         )
-    needed = ["unet", "vae", "scheduler", "text_encoder", "tokenizer"]
-    if family == "sdxl":
-        needed += ["text_encoder_2", "tokenizer_2"]
+    needed = ["unet", "vae", "scheduler", *family.text_encoders, *family.tokenizers]
     missing = [name for name in needed if not (config / name).is_dir()]
     if missing:
         raise StudioError(f"Config folder {config} lacks the subfolder(s) {', '.join(missing)}.")
@@ -601,14 +590,14 @@ def _check_against_config(shapes: Mapping[str, tuple[int, ...] | None], config: 
     if wrong:
         key, got, want = wrong[0]
         raise StudioError(
-            f"{path} does not fit the {FAMILY_LABELS[family]} configs in {config}: {len(wrong)} weight(s) have "
+            f"{path} does not fit the {family.long_label} configs in {config}: {len(wrong)} weight(s) have "
             f"other shapes, e.g. {key} is {list(got)} in the file but {list(want)} in the config. The "
             "checkpoint has another architecture or size; pass a matching config folder (config_dir)."
         )
     missing = [k for k in expected if k not in shapes]
     if missing:
         raise StudioError(
-            f"{path} lacks {len(missing)} of the {len(expected)} UNet/VAE weights the {FAMILY_LABELS[family]} "
+            f"{path} lacks {len(missing)} of the {len(expected)} UNet/VAE weights the {family.long_label} "
             f"configs in {config} call for, e.g. {', '.join(missing[:3])}. The file is incomplete or "
             "damaged, or of another architecture (then pass a matching config folder, config_dir)."
         )
@@ -616,7 +605,7 @@ def _check_against_config(shapes: Mapping[str, tuple[int, ...] | None], config: 
 
 def _check_loaded(pipe: Any, path: Path) -> None:
     missing = []
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+    for name in ("unet", "vae", *family_of_pipeline(pipe).text_encoders):
         module = getattr(pipe, name, None)
         if module is None:
             continue
@@ -648,7 +637,7 @@ def load_single_file(
     Pickled checkpoints (.ckpt/.pt/.bin, detected by content) are refused unless
     `allow_pickle=True`, and even then read with torch's weights-only unpickler. Damaged,
     truncated or foreign files raise a StudioError that says what is wrong."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    import diffusers
 
     from studio.skeletons import skeleton_dir
 
@@ -656,11 +645,11 @@ def load_single_file(
     shapes = _checkpoint_shapes(path, allow_pickle=allow_pickle)
     family = _family_from_shapes(shapes, str(path))
     _check_components(shapes, family, path)
-    config = Path(config_dir).expanduser() if config_dir is not None else skeleton_dir(family)
+    config = Path(config_dir).expanduser() if config_dir is not None else skeleton_dir(family.name)
     _check_config_dir(config, family)
     _check_against_config(shapes, config, family, path)
-    pipeline_cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
-    log.info("Loading %s checkpoint %s with configs from %s", family, path, config)
+    pipeline_cls = getattr(diffusers, family.pipeline_classes[0])
+    log.info("Loading %s checkpoint %s with configs from %s", family.name, path, config)
     components = {}
     try:
         if unet_quantization is not None:
@@ -677,7 +666,7 @@ def load_single_file(
         raise
     except Exception as exc:
         raise StudioError(
-            f"Could not load {path} as a {FAMILY_LABELS[family]} checkpoint with the configs in "
+            f"Could not load {path} as a {family.long_label} checkpoint with the configs in "
             f"{config}: {type(exc).__name__}: {exc}"
         ) from exc
     _check_loaded(pipe, path)

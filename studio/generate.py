@@ -214,8 +214,9 @@ class Engine:
 
         from studio.adapters import adapter_models
         from studio.blocks import block_weight, parse_block_weights
+        from studio.families import family_of_pipeline
 
-        family = "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd15"
+        family = family_of_pipeline(pipe).name
         lbw = {name: parse_block_weights(use.block_weights, family) if use.block_weights else None
                for name, use in mix.items()}
         wrappers: dict[int, list[tuple[BaseTunerLayer, dict[str, float]]]] = {}  # base layer -> its adapter layers

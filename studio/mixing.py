@@ -16,9 +16,10 @@ import torch
 
 from studio.adapters import AdapterFile, LoraModule, load_adapter, save_adapter
 from studio.errors import StudioError
+from studio.families import family_of_pipeline, get_family
 from studio.formats.files import fitting_models
 from studio.formats.modules import LORA
-from studio.formats.naming import name_table
+from studio.formats.naming import name_table, pipeline_models
 from studio.merge import Factors, concat, factors_of_delta, squeeze
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ def _load_mix(mix: list[tuple[Path, float]]) -> tuple[str, list[tuple[AdapterFil
     if not mix:
         raise StudioError("Give at least one adapter (FILE[:WEIGHT]).")
     loaded = [(load_adapter(path), weight, Path(path).stem) for path, weight in mix]
-    families = {adapter.family or "sd15" for adapter, _, _ in loaded}
+    families = {get_family(adapter.family).name for adapter, _, _ in loaded}
     if len(families) > 1:
         raise StudioError(f"The adapters are for different model families ({', '.join(sorted(families))}); "
                           "a mix must be for one.")
@@ -110,11 +111,11 @@ def bake(mix: list[tuple[Path, float]], out: str | Path, *, rank: int | None = N
     metadata = {
         "ss_output_name": Path(out).stem,
         "ss_network_module": "networks.lora",
-        "ss_base_model_version": "sdxl_base_v1-0" if family == "sdxl" else "sd_v1",
+        "ss_base_model_version": get_family(family).ss_base_model_version,
         "ss_network_dim": str(max(m.rank for m in modules.values())),
         "ss_network_alpha": str(max(m.rank for m in modules.values())),
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": "stable-diffusion-xl-v1-base/lora" if family == "sdxl" else "stable-diffusion-v1/lora",
+        "modelspec.architecture": get_family(family).lora_architecture,
         "modelspec.title": Path(out).stem,
         "modelspec.merged_from": ", ".join(f"{name}:{weight:g}" for _, weight, name in loaded),
         "lora_studio_mix": json.dumps({"adapters": [{"name": name, "weight": weight} for _, weight, name in loaded],
@@ -157,9 +158,7 @@ def fuse(model: str, mix: list[tuple[Path, float]], out: str | Path, *, allow_pi
     from studio.models import load_pipeline
 
     pipe = load_pipeline(model, allow_pickle=allow_pickle)
-    family = "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd15"
-    models = {k: getattr(pipe, k) for k in ("unet", "text_encoder", "text_encoder_2") if getattr(pipe, k, None) is not None}
-    table = name_table(family, models)
+    table = name_table(family_of_pipeline(pipe).name, pipeline_models(pipe))
     with torch.no_grad():
         for path, weight in mix:
             adapter = load_adapter(path)

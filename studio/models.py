@@ -9,15 +9,11 @@ from pathlib import Path
 from typing import Literal
 
 from studio.errors import StudioError
+from studio.families import BUILTIN, get_family
 
 log = logging.getLogger(__name__)
 
-Family = Literal["sd15", "sdxl"]
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
-_PIPELINE_FAMILIES = {
-    "StableDiffusionPipeline": "sd15",
-    "StableDiffusionXLPipeline": "sdxl",
-}
 
 
 @dataclass(frozen=True)
@@ -26,7 +22,7 @@ class ModelRef:
 
     kind: Literal["builtin", "diffusers", "single_file"]
     path: Path
-    family: Family
+    family: str  # a studio.families name
 
     @property
     def display_name(self) -> str:
@@ -38,38 +34,22 @@ def resolve_model(ref: str, *, allow_pickle: bool = False) -> ModelRef:
     from studio.builtin_model import BUILTIN_DIR
 
     if ref in ("", "builtin"):
-        return ModelRef("builtin", BUILTIN_DIR, "sd15")
+        return ModelRef("builtin", BUILTIN_DIR, BUILTIN.name)
     path = Path(ref).expanduser()
     if not path.exists():
         raise StudioError(
             f"Base model {ref!r} not found: use 'builtin', a diffusers folder or a .safetensors checkpoint."
         )
+    from studio.checkpoint import detect_family
+
     if path.is_dir():
-        return ModelRef("diffusers", path.resolve(), _diffusers_family(path))
+        return ModelRef("diffusers", path.resolve(), detect_family(path))
     if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
         raise StudioError(
             f"{path.name} is a pickle checkpoint, which can run code when loaded. Convert it to "
             ".safetensors, or pass --allow-pickle if you trust its source."
         )
-    from studio.checkpoint import detect_family
-
     return ModelRef("single_file", path.resolve(), detect_family(path, allow_pickle=allow_pickle))
-
-
-def _diffusers_family(folder: Path) -> Family:
-    index = folder / "model_index.json"
-    if not index.is_file():
-        raise StudioError(f"{folder} is not a diffusers model folder (no model_index.json).")
-    try:
-        class_name = json.loads(index.read_text())["_class_name"]
-    except (ValueError, KeyError):
-        raise StudioError(f"{index} is not a valid diffusers model index.") from None
-    family = _PIPELINE_FAMILIES.get(class_name)
-    if family is None:
-        raise StudioError(
-            f"{folder.name} is a {class_name}; LoRA Studio trains Stable Diffusion 1.5 and SDXL models."
-        )
-    return family  # type: ignore[return-value]
 
 
 def quiet_libraries() -> None:
@@ -89,8 +69,9 @@ def load_pipeline(ref: str | ModelRef, *, allow_pickle: bool = False, torch_dtyp
     """Load a base model's diffusers pipeline offline (no hub access). `unet_quantization`
     (a diffusers quantization config such as BitsAndBytesConfig, CUDA only) loads the UNet
     quantized, its other layers in `unet_dtype` (default: `torch_dtype`)."""
+    import diffusers
     import torch
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
     model = ref if isinstance(ref, ModelRef) else resolve_model(ref, allow_pickle=allow_pickle)
     dtype = torch_dtype or torch.float32
@@ -103,8 +84,9 @@ def load_pipeline(ref: str | ModelRef, *, allow_pickle: bool = False, torch_dtyp
         pipe = load_single_file(model.path, allow_pickle=allow_pickle, torch_dtype=dtype, config_dir=config_dir,
                                 unet_dtype=unet_dtype, unet_quantization=unet_quantization)
     else:
-        cls = StableDiffusionXLPipeline if model.family == "sdxl" else StableDiffusionPipeline
-        kwargs = {"safety_checker": None, "requires_safety_checker": False} if model.family == "sd15" else {}
+        family = get_family(model.family)
+        cls = getattr(diffusers, family.pipeline_classes[0])
+        kwargs = dict(family.pipeline_kwargs)
         if unet_quantization is not None:
             kwargs["unet"] = UNet2DConditionModel.from_pretrained(
                 model.path, subfolder="unet", dtype=unet_dtype or dtype, local_files_only=True,

@@ -26,12 +26,12 @@ from pathlib import Path
 
 from studio import ASSETS_DIR
 from studio.errors import StudioError
+from studio.families import get_family
 
 log = logging.getLogger(__name__)
 
 SKELETONS_DIR = ASSETS_DIR / "skeletons"
 BPE_VOCAB_GZ = SKELETONS_DIR / "bpe_simple_vocab_16e6.txt.gz"
-FAMILIES = ("sd15", "sdxl")
 CACHE_ENV = "LORA_STUDIO_CACHE"
 CLIP_VOCAB_SIZE = 49408
 _COMPLETE_MARKER = ".complete"
@@ -98,12 +98,6 @@ def _content_hash(family: str) -> str:
     return digest.hexdigest()[:12]
 
 
-def _check_family(family: str) -> str:
-    if family not in FAMILIES:
-        raise StudioError(f"Unknown model family {family!r}; expected one of {', '.join(FAMILIES)}.")
-    return family
-
-
 def _materialise(family: str, target: Path) -> None:
     source = SKELETONS_DIR / family
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -141,7 +135,7 @@ def _skeleton_dir_cached(family: str, root: str) -> Path:
 
 
 def skeleton_dir(family: str) -> Path:
-    """A complete diffusers-format config folder (no weights) for `family` ("sd15" or
-    "sdxl"): model_index.json, component configs and tokenizer files. Built in the cache on
+    """A complete diffusers-format config folder (no weights) for the family named `family`
+    (assets/skeletons/<name>): model_index.json, component configs and tokenizer files. Built in the cache on
     first use; pass it as `config=` to `from_single_file`."""
-    return _skeleton_dir_cached(_check_family(family), str(cache_root().resolve()))
+    return _skeleton_dir_cached(get_family(family).name, str(cache_root().resolve()))

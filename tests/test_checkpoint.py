@@ -8,10 +8,11 @@ import socket
 import pytest
 import torch
 
+from studio.families.sd15 import TE_PREFIX as SD15_TE_PREFIX
+from studio.families.sdxl import TE1_PREFIX as SDXL_TE1_PREFIX
+from studio.families.sdxl import TE2_PREFIX as SDXL_TE2_PREFIX
+
 from studio.checkpoint import (
-    SD15_TE_PREFIX,
-    SDXL_TE1_PREFIX,
-    SDXL_TE2_PREFIX,
     UNET_PREFIX,
     VAE_PREFIX,
     detect_family,
@@ -342,7 +343,8 @@ def test_real_size_skeleton_layout(family):
     assert vae_ldm[VAE_PREFIX + "encoder.mid.attn_1.q.weight"].shape == (512, 512, 1, 1)
     te_prefix = SDXL_TE1_PREFIX if family == "sdxl" else SD15_TE_PREFIX
     for name, encoder in encoders.items():
-        mapped = checkpoint._open_clip_to_ldm(encoder) if name == "text_encoder_2" else checkpoint._clip_to_ldm(encoder, te_prefix)
+        mapped = (checkpoint._open_clip_to_ldm(encoder, SDXL_TE2_PREFIX) if name == "text_encoder_2"
+                  else checkpoint._clip_to_ldm(encoder, te_prefix))
         count, params = REAL_SIZES[family][name]
         assert len(mapped) == count
         assert sum(p.numel() for p in encoder.parameters()) == params

@@ -378,14 +378,15 @@ def _expected_sd_scripts_names(family, models, conv):
 def test_full_size_key_set_equals_sd_scripts(family, conv, counts, tensors, tmp_path):
     from studio.adapters import (AdapterFile, LoraModule, load_adapter, name_table, reference_models, save_adapter,
                                  targets_for)
-    from studio.formats.naming import FAMILY_PARTS, kohya_name
+    from studio.families import get_family
+    from studio.formats.naming import kohya_name
     from studio.formats.peft_bridge import check_fit
 
     label, models = reference_models(family)[-1]
     assert label in ("SD 1.5", "SDXL")
     ours = {}
     for attr, paths in targets_for(models, conv=conv).items():
-        part = next(p for p in FAMILY_PARTS[family] if p.attr == attr)
+        part = next(p for p in get_family(family).parts if p.attr == attr)
         for path in paths:
             ours[kohya_name(part, path, models["unet"].config)] = models[attr].get_submodule(path)
     expected = _expected_sd_scripts_names(family, models, conv)

@@ -67,7 +67,7 @@ def test_sdxl_lora_trains_with_buckets(tmp_path, workspace):
     config.dataset.enable_bucket = True
     trainer = Trainer(create_run(config, workspace), show_progress=False)
     trainer._setup()
-    assert trainer.sdxl and len({ex.bucket for ex in trainer.instance}) == 4
+    assert trainer.family.name == "sdxl" and len({ex.bucket for ex in trainer.instance}) == 4
 
     latents, text, pooled, time_ids = trainer._batch(trainer.instance, [1], [torch.Generator().manual_seed(0)])
     assert text.shape[-1] == sum(enc.config.hidden_size for enc in trainer.text_encoders)
@@ -126,7 +126,7 @@ def test_every_network_trains_exports_and_generates_on_sdxl(kind, tiny_sdxl_dir,
         setattr(config.network, key, value)
     trainer = Trainer(create_run(config, workspace), show_progress=False)
     trainer._setup()
-    assert trainer.sdxl
+    assert trainer.family.name == "sdxl"
     before = _fixed_loss(trainer, range(5000, 5008))
     for step in range(steps):
         trainer.train_step(step)

@@ -1,5 +1,6 @@
-"""DreamBooth-style LoRA training on the UNet (and optionally the text encoder) of an
-SD1.5-family model, driven by accelerate.
+"""DreamBooth-style LoRA training on the UNet (and optionally the text encoders) of a base
+model of any family (studio.families: its text conditioning and extra UNet inputs), driven
+by accelerate.
 
 Read top to bottom: load -> data -> caches -> adapters -> optimizer -> resume -> loop.
 Every step's randomness (noise, timesteps, latent sampling, dropout, crops, flips, data
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 
 from studio.config import TrainConfig, check_device_support, load_config
 from studio.errors import StudioError
+from studio.families import get_family
 from trainers.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from trainers.data import (BatchOrder, Example, center_crop_offsets, choose_bucket, micro_generator,
                            prepare_image, sample_generator)
@@ -79,7 +81,7 @@ class Trainer:
                               "the number the config asks for.")
         device = self.accelerator.device
         self.model_ref = resolve_model(cfg.base_model)
-        self.sdxl = self.model_ref.family == "sdxl"
+        self.family = get_family(self.model_ref.family)
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.training.mixed_precision, torch.float32)
         base_weights = cfg.training.base_weights
         pipe = load_pipeline(self.model_ref, unet_dtype=self.weight_dtype,
@@ -87,9 +89,8 @@ class Trainer:
         self.pipe = pipe
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         self.vae, self.unet = pipe.vae, pipe.unet
-        # SDXL conditions on two text encoders: penultimate hidden states of both, pooled of the second.
-        self.text_encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if self.sdxl else [])
-        self.tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if self.sdxl else [])
+        self.text_encoders = [getattr(pipe, attr) for attr in self.family.text_encoders]
+        self.tokenizers = [getattr(pipe, attr) for attr in self.family.tokenizers]
         for module in (self.vae, self.unet, *self.text_encoders):
             module.requires_grad_(False)
             module.to(device)
@@ -236,21 +237,8 @@ class Trainer:
         return Example(path, caption, repeats, size, bucket)
 
     def _encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Text conditioning: SD1.5 the last hidden state; SDXL the penultimate hidden states
-        of both encoders concatenated, and the second encoder's pooled projection."""
-        device = self.accelerator.device
-        if not self.sdxl:
-            ids = self.tokenizers[0](captions, padding="max_length", max_length=self.tokenizers[0].model_max_length,
-                                     truncation=True, return_tensors="pt").input_ids.to(device)
-            return self.text_encoders[0](ids)[0], None
-        hidden, pooled = [], None
-        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
-            ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt").input_ids.to(device)
-            out = encoder(ids, output_hidden_states=True)
-            hidden.append(out.hidden_states[-2])
-            pooled = out[0]
-        return torch.cat(hidden, dim=-1), pooled
+        """Text conditioning (and a pooled embedding where the family has one)."""
+        return self.family.encode_text(self.tokenizers, self.text_encoders, captions, self.accelerator.device)
 
     @torch.no_grad()
     def _latent_dist(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -288,14 +276,10 @@ class Trainer:
         if self.cache_text:
             cached = [self._text_cache[c] for c in captions]
             text = torch.stack([h for h, _ in cached])
-            pooled = torch.stack([p for _, p in cached]) if self.sdxl else None
+            pooled = None if cached[0][1] is None else torch.stack([p for _, p in cached])
         else:
             text, pooled = self._encode_text(captions)
-        time_ids = None
-        if self.sdxl:  # (original h, w, crop top, left, target h, w) per image
-            time_ids = torch.tensor([[ex.size[1], ex.size[0], top, left, ex.bucket[1], ex.bucket[0]]
-                                     for ex, (top, left) in zip(chosen, crops)], dtype=torch.float32)
-        return latents, text, pooled, time_ids
+        return latents, text, pooled, self.family.size_conditioning(chosen, crops)
 
     # ---------------------------------------------------------------- loss
     def _share(self, order: BatchOrder, micro_step: int, part: int) -> tuple[list[int], list[torch.Generator]]:
@@ -343,9 +327,7 @@ class Trainer:
                                for g in generators])
         noise, timesteps, latents = noise.to(device), timesteps.to(device), latents.to(device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        extra = {}
-        if self.sdxl:
-            extra["added_cond_kwargs"] = {"text_embeds": pooled.to(device), "time_ids": time_ids.to(device)}
+        extra = self.family.unet_inputs(pooled, time_ids, device)
         prediction = self.unet(noisy, timesteps, text.to(device), **extra).sample
         prediction_type = self.noise_scheduler.config.prediction_type
         target = noise if prediction_type == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, timesteps)

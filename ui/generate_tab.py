@@ -7,14 +7,14 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from studio.blocks import SD15_PRESETS
+from studio.families import DEFAULT
 from studio.generate import SCHEDULER_LABELS, SCHEDULERS
 from ui import helpers as h
 from ui.common import Studio, friendly, heavy_imports
 
 ADAPTER_ROWS = 4
 NONE = ""
-BLOCK_WEIGHT_CHOICES = [NONE, *SD15_PRESETS]
+BLOCK_WEIGHT_CHOICES = [NONE, *DEFAULT.block_presets]  # the same preset names in every family
 
 
 def build(studio: Studio, model_choices) -> SimpleNamespace:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 from studio.errors import StudioError
+from studio.families import FAMILIES
 
 # --------------------------------------------------------------------------- formatting
 def humanize(name: str) -> str:
@@ -222,14 +223,6 @@ def config_to_form(specs: Sequence[FieldSpec], config) -> list[Any]:
 
 
 # --------------------------------------------------------------------------- training hint
-#: Rough guide values for full-size models (fp16/bf16, LoRA on the UNet attention layers).
-#: They are orders of magnitude for planning, not measurements from this machine.
-_GPU_GUIDE = {
-    "sd15": {"res": 512, "base_gb": 4.0, "act_gb": 2.5, "it_s": 2.5},
-    "sdxl": {"res": 1024, "base_gb": 10.0, "act_gb": 6.0, "it_s": 1.0},
-}
-
-
 def resource_hint(*, family: str | None, builtin: bool, steps: int, batch_size: int, resolution: int,
                   grad_accum: int = 1, gradient_checkpointing: bool = False, mixed_precision: str = "no",
                   measured_it_s: float | None = None, measured_pixels: int | None = None,
@@ -250,15 +243,15 @@ def resource_hint(*, family: str | None, builtin: bool, steps: int, batch_size: 
         lines.append(f"**Time:** about {format_duration(seconds)} for {steps} steps on this CPU ({source}), "
                      "plus ~20 s to load the model.")
         lines.append("**Memory:** the built-in model is tiny — well under 1 GB of RAM, no GPU needed.")
-    elif family in _GPU_GUIDE:
-        guide = _GPU_GUIDE[family]
-        scale = pixels / (guide["res"] ** 2)
-        act = guide["act_gb"] * scale * (0.4 if gradient_checkpointing else 1.0)
-        base = guide["base_gb"] * (1.6 if mixed_precision == "no" else 1.0)
-        it_s = guide["it_s"] / scale
+    elif family in FAMILIES:
+        guide = FAMILIES[family].gpu  # rough guide values for planning, not measurements
+        scale = pixels / (guide.resolution ** 2)
+        act = guide.activations_gb * scale * (0.4 if gradient_checkpointing else 1.0)
+        base = guide.base_gb * (1.6 if mixed_precision == "no" else 1.0)
+        it_s = guide.it_s / scale
         lines.append(f"**Time:** roughly {format_duration(steps / it_s)} for {steps} steps on a recent "
                      "24 GB GPU; training a full-size model on a CPU is not practical.")
-        lines.append(f"**VRAM:** roughly {base + act:.0f} GB ({'SDXL' if family == 'sdxl' else 'SD 1.5'}, "
+        lines.append(f"**VRAM:** roughly {base + act:.0f} GB ({FAMILIES[family].label}, "
                      f"{resolution} px, batch {work}"
                      + (", gradient checkpointing" if gradient_checkpointing else "")
                      + (", fp32" if mixed_precision == "no" else f", {mixed_precision}") + ").")
@@ -797,7 +790,10 @@ def thumbnail_from_metadata(metadata: dict) -> Any:
 
 
 LIBRARY_HEADERS = ["Name", "Family", "Rank", "Alpha", "Trigger", "Size", "Modified"]
-_FAMILY_TEXT = {"sd15": "SD 1.5", "sdxl": "SDXL"}
+
+
+def _family_text(name: str | None, unknown: str) -> str:
+    return FAMILIES[name].label if name in FAMILIES else (name or unknown)
 
 
 def _numbers(values: Sequence[float]) -> str:
@@ -811,7 +807,7 @@ def library_row(path: Path, info: dict | None, error: str | None = None) -> list
                 format_time(stat.st_mtime)]
     meta = info.get("metadata") or {}
     family = info.get("family")
-    return [path.stem, _FAMILY_TEXT.get(family, family or "?"), _numbers(info.get("ranks") or []),
+    return [path.stem, _family_text(family, "?"), _numbers(info.get("ranks") or []),
             _numbers(info.get("alphas") or []), meta.get("modelspec.trigger_phrase", ""),
             format_size(stat.st_size), format_time(stat.st_mtime)]
 
@@ -824,7 +820,7 @@ def adapter_markdown(path: Path, info: dict) -> str:
         modules += f" ({info['unet_modules']} UNet, {info.get('text_encoder_modules', 0)} text encoder)"
     hash_ok = info.get("sshs_model_hash_matches")
     facts = [
-        ("Family", _FAMILY_TEXT.get(info.get("family"), info.get("family") or "unknown")),
+        ("Family", _family_text(info.get("family"), "unknown")),
         ("Type", str(info.get("type", ""))),
         ("Rank", _numbers(info.get("ranks") or [])),
         ("Alpha", _numbers(info.get("alphas") or [])),

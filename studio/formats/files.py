@@ -27,6 +27,8 @@ from typing import Any, Mapping
 import torch
 
 from studio.errors import StudioError
+from studio.families import (BUILTIN, DEFAULT, family_from_diffusers_keys, family_from_metadata, family_from_prefixes,
+                             family_from_unet_names, get_family)
 from studio.formats.modules import LOHA, LOKR, LORA, AdapterModule, dora_scale_from_magnitude, \
     magnitude_from_dora_scale, parse_module
 from studio.formats.naming import (ALL_PREFIXES, Target, clip_kohya_path, describe_names, name_table,
@@ -46,7 +48,7 @@ PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 @dataclass
 class AdapterFile:
     """An adapter in memory: modules keyed by kohya name, header metadata, the base-model
-    family ("sd15" / "sdxl") and the layout it was read from."""
+    family (a studio.families name) and the layout it was read from."""
 
     modules: dict[str, AdapterModule]
     metadata: dict[str, str] = field(default_factory=dict)
@@ -197,28 +199,10 @@ def _from_tlora(path: Path, metadata: dict[str, str]) -> AdapterFile:
     from studio.formats.modules import LoraModule
     from studio.tlora import load_tlora, plain_lora_factors
 
-    family = _check_family(_family_from_metadata(metadata), path.name) or "sd15"
+    family = (family_from_metadata(metadata, path.name) or DEFAULT).name
     modules = {path_to_name(family, "unet", p): LoraModule(down.float(), up.float(), alpha)
                for p, (up, down, alpha) in plain_lora_factors(load_tlora(path)).items()}
     return AdapterFile(modules, metadata, family, "tlora")
-
-
-def _family_from_metadata(metadata: Mapping[str, str]) -> str | None:
-    version = metadata.get("ss_base_model_version", "")
-    arch = metadata.get("modelspec.architecture", "")
-    if version.startswith("sdxl") or arch.startswith("stable-diffusion-xl"):
-        return "sdxl"
-    if version.startswith("sd_v1") or arch.startswith("stable-diffusion-v1"):
-        return "sd15"
-    if version.startswith("sd_v2") or arch.startswith("stable-diffusion-v2") or metadata.get("ss_v2") == "True":
-        return "sd2"
-    return None
-
-
-def _check_family(family: str | None, source: str) -> str | None:
-    if family == "sd2":
-        raise StudioError(f"{source} is an adapter for Stable Diffusion 2.x; only SD 1.5 and SDXL are supported.")
-    return family
 
 
 def _from_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str) -> AdapterFile:
@@ -230,17 +214,10 @@ def _from_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str], sour
         groups.setdefault(name, {})[part] = tensor
     modules = {name: parse_module(name, parts, source) for name, parts in groups.items()}
     prefixes = {split_name(n)[0] for n in modules}
-    if "lora_te" in prefixes and prefixes & {"lora_te1", "lora_te2"}:
-        raise StudioError(f"{source} mixes SD 1.5 (lora_te_) and SDXL (lora_te1_/lora_te2_) text-encoder modules.")
-    family = _check_family(_family_from_metadata(metadata), source)
-    if prefixes & {"lora_te1", "lora_te2"}:
-        family = "sdxl"
-    elif "lora_te" in prefixes:
-        family = "sd15"
-    elif family is None:
-        ldm = any(re.match(r"lora_unet_(input_blocks|middle_block|output_blocks)_", n) for n in modules)
-        family = "sdxl" if ldm else "sd15"
-    return AdapterFile(modules, metadata, family, "kohya")
+    # the text-encoder prefixes tell the family; else the metadata; else the UNet's naming
+    from_metadata = family_from_metadata(metadata, source)
+    family = family_from_prefixes(prefixes, source) or from_metadata or family_from_unet_names(list(modules))
+    return AdapterFile(modules, metadata, family.name, "kohya")
 
 
 _DIFFUSERS_KEY = re.compile(
@@ -249,10 +226,8 @@ _DIFFUSERS_KEY = re.compile(
 
 
 def _diffusers_family(attrs: set[str], paths: list[str], metadata: Mapping[str, str], source: str) -> str:
-    family = _check_family(_family_from_metadata(metadata), source)
-    if "text_encoder_2" in attrs or any(re.search(r"transformer_blocks\.[1-9]", p) for p in paths):
-        return "sdxl"
-    return family or "sd15"
+    from_metadata = family_from_metadata(metadata, source)
+    return (family_from_diffusers_keys(attrs, paths) or from_metadata or DEFAULT).name
 
 
 def _from_diffusers(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str) -> AdapterFile:
@@ -398,20 +373,23 @@ def reference_models(family: str) -> tuple[tuple[str, dict[str, torch.nn.Module]
     """(label, models) of the architectures an adapter of `family` may be for, built on the
     meta device from shipped configs: the built-in model and real SD 1.5, or real SDXL."""
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextConfig
 
     from studio.builtin_model import BUILTIN_DIR
     from studio.skeletons import skeleton_dir
 
-    folders = [("builtin", BUILTIN_DIR), ("SD 1.5", skeleton_dir("sd15"))] if family == "sd15" else [("SDXL", skeleton_dir("sdxl"))]
+    import transformers
+
+    fam = get_family(family)
+    folders = [("builtin", BUILTIN_DIR)] if fam is BUILTIN else []
+    folders.append((fam.label, skeleton_dir(fam.name)))
     out = []
     for label, folder in folders:
         with torch.device("meta"):
-            models = {"unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet")),
-                      "text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))}
-            if family == "sdxl":
-                models["text_encoder_2"] = CLIPTextModelWithProjection(
-                    CLIPTextConfig.from_pretrained(folder / "text_encoder_2"))
+            models = {"unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))}
+            for attr in fam.text_encoders:
+                config = CLIPTextConfig.from_pretrained(folder / attr)
+                models[attr] = getattr(transformers, config.architectures[0])(config)
         out.append((label, models))
     return tuple(out)
 
@@ -419,7 +397,7 @@ def reference_models(family: str) -> tuple[tuple[str, dict[str, torch.nn.Module]
 def fitting_models(adapter: AdapterFile, models: Mapping[str, torch.nn.Module] | None = None
                    ) -> tuple[str, dict[str, torch.nn.Module]]:
     """The models (given ones, else a reference architecture) every module of `adapter` fits."""
-    family = adapter.family or "sd15"
+    family = get_family(adapter.family).name
     candidates = [("the given base model", dict(models))] if models is not None else list(reference_models(family))
     reasons = []
     for label, cand in candidates:
@@ -435,7 +413,7 @@ def fitting_models(adapter: AdapterFile, models: Mapping[str, torch.nn.Module] |
 def resolve_dora(adapter: AdapterFile, models: Mapping[str, torch.nn.Module], *, need: str) -> None:
     """Fill in `dora_scale` (need="dora_scale", for kohya files) or the peft magnitude
     (need="magnitude", for diffusers / peft files) from the other, using the base weights."""
-    table = name_table(adapter.family or "sd15", models)
+    table = name_table(get_family(adapter.family).name, models)
     for name, module in adapter.modules.items():
         if not module.is_dora or getattr(module, need) is not None:
             continue
@@ -508,7 +486,7 @@ def save_adapter(path: str | Path, adapter: AdapterFile, *, dtype: torch.dtype =
 def _peft_states(adapter: AdapterFile, models: Mapping[str, torch.nn.Module], dtype: torch.dtype
                  ) -> dict[str, tuple[Any, dict[str, torch.Tensor]]]:
     """attr -> (peft config, peft state dict keyed by module path)."""
-    table = name_table(adapter.family or "sd15", models)
+    table = name_table(get_family(adapter.family).name, models)
     plans: dict[str, list[_Plan]] = {}
     for name, module in adapter.modules.items():
         target: Target = table[name]

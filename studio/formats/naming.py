@@ -22,55 +22,25 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from studio.errors import StudioError
+from studio.families import Part, all_prefixes, family_of_pipeline, get_family
 
 UNET_PREFIX = "lora_unet"
 TEXT_ENCODER_PREFIX = "lora_te"
-ALL_PREFIXES = ("lora_unet", "lora_te", "lora_te1", "lora_te2")
-
-
-@dataclass(frozen=True)
-class Part:
-    """One adapted model of a pipeline: its kohya prefix, the pipeline attribute, how its
-    names are spelled ("diffusers", "ldm" or "clip") and its diffusers-format key prefix."""
-
-    prefix: str
-    attr: str
-    naming: str
-
-    @property
-    def diffusers_prefix(self) -> str:
-        return self.attr
-
-
-FAMILY_PARTS: dict[str, tuple[Part, ...]] = {
-    "sd15": (Part("lora_unet", "unet", "diffusers"), Part("lora_te", "text_encoder", "clip")),
-    "sdxl": (Part("lora_unet", "unet", "ldm"), Part("lora_te1", "text_encoder", "clip"),
-             Part("lora_te2", "text_encoder_2", "clip")),
-}
-FAMILY_LABELS = {"sd15": "SD 1.5", "sdxl": "SDXL"}
-
-
-def part_for_prefix(family: str, prefix: str) -> Part | None:
-    return next((p for p in FAMILY_PARTS[family] if p.prefix == prefix), None)
+ALL_PREFIXES = all_prefixes()
 
 
 def split_name(name: str) -> tuple[str, str]:
     """("lora_te2", "text_model_encoder_...") from a kohya module name; StudioError if no known prefix."""
-    for prefix in sorted(ALL_PREFIXES, key=len, reverse=True):
+    for prefix in ALL_PREFIXES:
         if name.startswith(prefix + "_"):
             return prefix, name[len(prefix) + 1:]
     raise StudioError(f"module {name!r} has an unknown prefix; expected one of {', '.join(ALL_PREFIXES)}")
 
 
-def pipeline_family(pipe: Any) -> str:
-    """"sdxl" for a pipeline with two text encoders, else "sd15"."""
-    return "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd15"
-
-
 def pipeline_models(pipe: Any) -> dict[str, torch.nn.Module]:
     """The adaptable models of a pipeline by attribute (unet, text_encoder[, text_encoder_2])."""
-    family = pipeline_family(pipe)
-    return {p.attr: getattr(pipe, p.attr) for p in FAMILY_PARTS[family] if getattr(pipe, p.attr, None) is not None}
+    parts = family_of_pipeline(pipe).parts
+    return {p.attr: getattr(pipe, p.attr) for p in parts if getattr(pipe, p.attr, None) is not None}
 
 
 def clip_kohya_path(path: str) -> str:
@@ -148,11 +118,11 @@ class Target:
         return tuple(self.layer.weight.shape)
 
 
-def name_table(family: str, models: Mapping[str, torch.nn.Module]) -> dict[str, Target]:
+def name_table(family_name: str, models: Mapping[str, torch.nn.Module]) -> dict[str, Target]:
     """kohya name (and accepted alias) -> Target for every Linear / Conv2d of the models."""
     table: dict[str, Target] = {}
     aliases: dict[str, Target] = {}
-    for part in FAMILY_PARTS[family]:
+    for part in get_family(family_name).parts:
         model = models.get(part.attr)
         if model is None:
             continue
@@ -168,13 +138,13 @@ def name_table(family: str, models: Mapping[str, torch.nn.Module]) -> dict[str, 
     return {**aliases, **table}
 
 
-def path_to_name(family: str, attr: str, path: str, unet_config: Any = None) -> str:
+def path_to_name(family_name: str, attr: str, path: str, unet_config: Any = None) -> str:
     """kohya name of `path` in the pipeline attribute `attr` (for files without a model at hand)."""
-    part = next((p for p in FAMILY_PARTS[family] if p.attr == attr), None)
+    part = next((p for p in get_family(family_name).parts if p.attr == attr), None)
     if part is None:
-        raise StudioError(f"{FAMILY_LABELS[family]} has no {attr}; the file is for another model family")
+        raise StudioError(f"{get_family(family_name).label} has no {attr}; the file is for another model family")
     if part.naming == "ldm" and unet_config is None:
-        unet_config = skeleton_unet_config(family)
+        unet_config = skeleton_unet_config(family_name)
     return kohya_name(part, path, unet_config)
 
 

@@ -18,7 +18,8 @@ import torch
 from studio.errors import StudioError
 from studio.formats.modules import (LOHA, LOKR, LORA, AdapterModule, dora_axis, dora_scale_from_magnitude,
                                     magnitude_from_dora_scale)
-from studio.formats.naming import FAMILY_LABELS, FAMILY_PARTS, Target, clean_path, kohya_name, name_table
+from studio.families import FAMILIES, get_family
+from studio.formats.naming import Target, clean_path, kohya_name, name_table
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ def modules_from_models(family: str, models: Mapping[str, torch.nn.Module], adap
                         initial_factors: Mapping[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] | None = None,
                         ) -> dict[str, AdapterModule]:
     """kohya name -> file module for the peft adapter `adapter_name` on the pipeline's
-    models (keys of FAMILY_PARTS: unet, text_encoder, text_encoder_2). DoRA modules get both
+    models (the family's parts: unet, text_encoder, text_encoder_2). DoRA modules get both
     their peft magnitude and the dora_scale computed from the base weight.
 
     `initial_factors` {(model key, module path): (lora_A, lora_B) as injected} is for an
@@ -164,7 +165,7 @@ def modules_from_models(family: str, models: Mapping[str, torch.nn.Module], adap
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     out: dict[str, AdapterModule] = {}
-    for part in FAMILY_PARTS[family]:
+    for part in get_family(family).parts:
         model = models.get(part.attr)
         if model is None:
             continue
@@ -455,10 +456,10 @@ def attach_modules(family: str, models: Mapping[str, torch.nn.Module], modules: 
     Every module must name a layer of the right shape; otherwise a StudioError lists what
     did not match and nothing is loaded."""
     if adapter_family and adapter_family != family:
-        raise StudioError(f"{source} is a {FAMILY_LABELS[adapter_family]} adapter but the base model is "
-                          f"{FAMILY_LABELS[family]}; use a base model of the family it was trained for.")
+        raise StudioError(f"{source} is a {get_family(adapter_family).label} adapter but the base model is "
+                          f"{get_family(family).label}; use a base model of the family it was trained for.")
     table = name_table(family, models)
-    known_prefixes = {p.prefix for p in FAMILY_PARTS[family] if p.attr in models}
+    known_prefixes = {p.prefix for p in get_family(family).parts if p.attr in models}
     plans: dict[tuple[str, str], list[_Plan]] = {}
     problems: list[str] = []
     foreign: list[str] = []
@@ -477,11 +478,12 @@ def attach_modules(family: str, models: Mapping[str, torch.nn.Module], modules: 
             continue
         plans.setdefault((target.attr, module.kind), []).append(_Plan(target.attr, target.path, target.layer, module))
     if foreign:
-        other = "SDXL" if any(n.startswith(("lora_te1_", "lora_te2_")) for n in foreign) else "another model family"
-        raise StudioError(f"{source} does not fit this {FAMILY_LABELS[family]} base model: {len(foreign)} modules have "
+        other = next((f.label for f in FAMILIES.values() if f.name != family and all(
+            n.startswith(tuple(p.prefix + "_" for p in f.parts)) for n in foreign)), "another model family")
+        raise StudioError(f"{source} does not fit this {get_family(family).label} base model: {len(foreign)} modules have "
                           f"prefixes it has no model for, e.g. {', '.join(sorted(foreign)[:3])} (an adapter for {other}?).")
     if problems:
-        raise StudioError(f"{source} does not fit this {FAMILY_LABELS[family]} base model: {len(problems)} of "
+        raise StudioError(f"{source} does not fit this {get_family(family).label} base model: {len(problems)} of "
                           f"{len(modules)} modules do not match, e.g. {'; '.join(sorted(problems)[:3])}. "
                           "Is it for another model family or model size?")
     if not plans:
