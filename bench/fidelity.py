@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main(argv=None) -> dict:
-    from studio.fidelity import (COLOR_ADAPTER, COLOR_STEPS, composition_figures, concept_figures, train,
+    from toyworld.fidelity import (COLOR_ADAPTER, COLOR_STEPS, composition_figures, concept_figures, train,
                                  write_concept_dataset)
     from studio.generate import Engine
     from studio.workspace import Workspace

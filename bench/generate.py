@@ -45,7 +45,7 @@ def per_step_seconds(setups: dict, repeats: int, steps: int = 20) -> dict[str, f
 
 
 def main(argv=None) -> dict:
-    from studio.fidelity import train
+    from toyworld.fidelity import train
     from studio.generate import AdapterUse, Engine
     from studio.mixing import fuse
     from studio.workspace import Workspace

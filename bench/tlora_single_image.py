@@ -1,6 +1,6 @@
 """LoRA vs T-LoRA trained from ONE image of a new concept on the built-in model: the purple
 star (never seen by the base model) under the trigger "sks", same steps and learning rate.
-Read from the pixels of generated images (studio.evaluate):
+Read from the pixels of generated images (toyworld.evaluate):
 
 - concept match: images of trigger prompts that show a purple star;
 - prompt following: images of trigger prompts asking for a background the training image
@@ -27,7 +27,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from studio.toyworld import DEMO_TRIGGER, SEEN_BACKGROUNDS, parse_caption
+from toyworld.world import DEMO_TRIGGER, SEEN_BACKGROUNDS, parse_caption
 
 CONCEPT = {"color": "purple", "shape": "star"}
 
@@ -65,8 +65,8 @@ def figures(records: list[dict], trained_background: str) -> dict:
 def main(argv=None) -> dict:
     import torch
 
-    from studio.evaluate import score_prompts
-    from studio.fidelity import train
+    from toyworld.evaluate import score_prompts
+    from toyworld.fidelity import train
     from studio.generate import AdapterUse, Engine
     from studio.workspace import Workspace
 

@@ -1,7 +1,7 @@
 """The built-in tiny base model: SD-1.5-architecture diffusers components at toy size.
 
 `build_pipeline(seed)` makes the components with deterministic weights; the toy-world
-training script (studio/builtin_training.py) trains them. `save_pipeline` writes a
+training script (toyworld/builtin_training.py) trains them. `save_pipeline` writes a
 diffusers folder that `StableDiffusionPipeline.from_pretrained(dir)` loads offline.
 """
 from __future__ import annotations
@@ -100,7 +100,7 @@ TEXT_HIDDEN_SIZE = 64
 
 def build_pipeline(seed: int = 0):
     """A StableDiffusionPipeline of the built-in architecture with deterministic weights
-    (random: studio/builtin_training.py trains them)."""
+    (random: toyworld/builtin_training.py trains them)."""
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer

@@ -11,7 +11,7 @@ from studio.generate import AdapterUse, Engine, GenerateRequest
 
 @pytest.fixture(scope="module")
 def two_adapters(tmp_path_factory):
-    from studio.fidelity import train
+    from toyworld.fidelity import train
     from studio.workspace import Workspace
 
     workspace = Workspace.open(tmp_path_factory.mktemp("blend") / "ws")
@@ -68,7 +68,7 @@ def test_any_sequence_of_mixes_ends_where_a_fresh_engine_starts(two_adapters, tm
     """Merged mixes are recomputed from the original weights: switching through mixes
     (including a DoRA adapter, which runs live and needs the original weights back) never
     accumulates rounding or leaves a delta behind."""
-    from studio.fidelity import train
+    from toyworld.fidelity import train
     from studio.workspace import Workspace
 
     a, b = two_adapters

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from studio import evaluate as ev
-from studio import toyworld as tw
+from toyworld import evaluate as ev
+from toyworld import world as tw
 
 
 def _all_scenes(seed: int, n: int, rotate: bool = False) -> list[tw.Scene]:

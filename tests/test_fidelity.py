@@ -23,9 +23,9 @@ def engine_and_workspace(tmp_path_factory):
 
 @pytest.mark.slow
 def test_shipped_model_draws_seen_prompts_as_recorded():
-    from studio import toyworld
+    from toyworld import world as toyworld
     from studio.builtin_model import BUILTIN_DIR
-    from studio.evaluate import score_prompts
+    from toyworld.evaluate import score_prompts
     from studio.models import load_pipeline
 
     recorded = json.loads((BUILTIN_DIR / "evaluation.json").read_text())
@@ -46,7 +46,7 @@ def test_demo_lora_teaches_the_purple_star_keeps_the_prior_and_weight_zero_is_th
     without the trigger keep >= 90% of the base model's accuracy (issue 3). The preset's run
     (seed 42) drew 47 of 48 stars over seeds 100-115; another training seed drew fewer
     (bench/RESULTS.md), so a change that moves this test is worth a bench run."""
-    from studio.fidelity import concept_figures, train
+    from toyworld.fidelity import concept_figures, train
     from studio.generate import AdapterUse, GenerateRequest
 
     engine, workspace = engine_and_workspace
@@ -70,7 +70,7 @@ def test_a_colour_lora_and_a_shape_lora_together_draw_both(engine_and_workspace)
     seen colours, the colour unnamed); at weight 1 each, "a zwx ohwx shape" draws purple
     stars in most samples (issue 3). Three training seeds drew 88% over 24 images each
     (bench/RESULTS.md)."""
-    from studio.fidelity import COLOR_ADAPTER, COLOR_STEPS, composition_figures, train, write_concept_dataset
+    from toyworld.fidelity import COLOR_ADAPTER, COLOR_STEPS, composition_figures, train, write_concept_dataset
 
     engine, workspace = engine_and_workspace
     color = train(workspace, name="color", steps=COLOR_STEPS, **COLOR_ADAPTER,

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from studio import toyworld as tw
+from toyworld import world as tw
 from studio.errors import StudioError
 
 
@@ -121,7 +121,7 @@ def test_sampler_rejects_unknown_attributes():
 
 
 def test_demo_dataset_is_purple_stars_with_trigger_captions_and_seen_reg_pictures(tmp_path):
-    from studio.evaluate import analyze
+    from toyworld.evaluate import analyze
 
     paths = tw.write_demo_dataset(tmp_path / "a")
     again = tw.write_demo_dataset(tmp_path / "b")

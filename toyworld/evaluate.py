@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 from PIL import Image
 
-from studio.toyworld import COLORS, RESOLUTION, SHAPES, parse_caption, shape_polygon, shape_mask
+from toyworld.world import COLORS, RESOLUTION, SHAPES, parse_caption, shape_polygon, shape_mask
 
 PALETTE_NAMES: tuple[str, ...] = tuple(COLORS)
 PALETTE = np.array([COLORS[n] for n in PALETTE_NAMES], dtype=np.float32)

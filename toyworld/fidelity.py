@@ -1,4 +1,4 @@
-"""Fidelity of training on the built-in toy model, measured from pixels (studio.evaluate):
+"""Fidelity of training on the built-in toy model, measured from pixels (toyworld.evaluate):
 
 - concept: a DreamBooth LoRA from the demo dataset makes "sks" a purple star, which the
   base model never saw, while prompts without the trigger keep the base model's accuracy;
@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from studio import PRESETS_DIR
-from studio.evaluate import analyze, score_prompts
-from studio.toyworld import (DEMO_CLASS_WORD, DEMO_IMAGES, DEMO_MAX_SIZE, DEMO_MIN_SIZE, SEEN_SHAPE_COLORS, SEEN_SHAPES,
+from toyworld.evaluate import analyze, score_prompts
+from toyworld.world import (DEMO_CLASS_WORD, DEMO_IMAGES, DEMO_MAX_SIZE, DEMO_MIN_SIZE, SEEN_SHAPE_COLORS, SEEN_SHAPES,
                              render_scene, sample_scene, write_reg_images)
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """Train the built-in tiny base model from scratch on the toy world, on the CPU.
 
-    python -m studio.builtin_training [--seed 0] [--out assets/builtin]
+    python -m toyworld.builtin_training [--seed 0] [--out assets/builtin]
                                       [--vae-steps N] [--unet-steps N]
 
 Three stages, on `--threads` CPU threads (the numbers in assets/builtin/TRAINING.md come from this script):
@@ -25,7 +25,7 @@ Three stages, on `--threads` CPU threads (the numbers in assets/builtin/TRAINING
    is only 0.09M parameters, so training it costs almost nothing.
 
 At the end the pipeline (DDIM, 20 steps, CFG `--guidance`) is scored with
-studio/evaluate.py on every seen prompt and on held-out prompts, and the figures are
+toyworld/evaluate.py on every seen prompt and on held-out prompts, and the figures are
 printed and written to OUT/evaluation.json and OUT/TRAINING.md.
 """
 from __future__ import annotations
@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from studio import toyworld
+from toyworld import world
 from studio.fsutil import atomic_write_text
 from studio.builtin_model import BUILTIN_DIR, RESOLUTION, build_pipeline, save_pipeline
 
@@ -100,12 +100,12 @@ def vae_batch(rng: np.random.Generator, n: int) -> list:
     images = []
     for i in range(n):
         if i % 2 == 0:
-            scene = toyworld.sample_scene(rng, shapes=toyworld.SHAPES, colors=toyworld.SHAPE_COLORS,
-                                          backgrounds=toyworld.BACKGROUNDS)
-            images.append(toyworld.render_scene(scene))
+            scene = world.sample_scene(rng, shapes=world.SHAPES, colors=world.SHAPE_COLORS,
+                                          backgrounds=world.BACKGROUNDS)
+            images.append(world.render_scene(scene))
         else:
-            shape, fg, bg, cx, cy, size, rot = toyworld.random_color_scene(rng)
-            images.append(toyworld.render(shape, fg, bg, cx, cy, size, rot))
+            shape, fg, bg, cx, cy, size, rot = world.random_color_scene(rng)
+            images.append(world.render(shape, fg, bg, cx, cy, size, rot))
     return images
 
 
@@ -149,7 +149,7 @@ def train_vae(vae, steps: int, batch: int, lr: float, seed: int) -> dict:
 def check_vae(vae, seed: int, n: int = 64) -> dict:
     """PSNR and evaluator accuracy of VAE reconstructions: seen scenes, purple, stars."""
     import torch
-    from studio.evaluate import analyze
+    from toyworld.evaluate import analyze
 
     rng = np.random.default_rng([seed, 2])
     out = {}
@@ -159,8 +159,8 @@ def check_vae(vae, seed: int, n: int = 64) -> dict:
         "star": dict(shapes=("star",)),
     }
     for name, kwargs in groups.items():
-        scenes = [toyworld.sample_scene(rng, **kwargs) for _ in range(n)]
-        x = to_tensor([toyworld.render_scene(s) for s in scenes])
+        scenes = [world.sample_scene(rng, **kwargs) for _ in range(n)]
+        x = to_tensor([world.render_scene(s) for s in scenes])
         with torch.no_grad():
             rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
         mse = torch.mean((rec - x) ** 2).item()
@@ -180,11 +180,11 @@ def build_bank(vae, size: int, seed: int) -> tuple[list, "torch.Tensor", float]:
     import torch
 
     rng = np.random.default_rng([seed, 3])
-    scenes = [toyworld.sample_scene(rng) for _ in range(size)]
+    scenes = [world.sample_scene(rng) for _ in range(size)]
     chunks = []
     with torch.no_grad():
         for i in range(0, size, 64):
-            x = to_tensor([toyworld.render_scene(s) for s in scenes[i:i + 64]])
+            x = to_tensor([world.render_scene(s) for s in scenes[i:i + 64]])
             chunks.append(vae.encode(x).latent_dist.mean)
     latents = torch.cat(chunks)
     scaling = float(1.0 / latents.std())
@@ -306,7 +306,7 @@ def train_unet(pipe, scenes: list, latents, steps: int, batch: int, lr: float, s
     for step in range(first, steps + 1):
         idx = rng.integers(len(scenes), size=batch)
         x0 = latents[torch.from_numpy(idx)]
-        ids = torch.stack([tokens(toyworld.training_caption(scenes[i], rng)) for i in idx])
+        ids = torch.stack([tokens(world.training_caption(scenes[i], rng)) for i in idx])
         noise = torch.randn(x0.shape, generator=gen)
         noise = noise + OFFSET_NOISE * torch.randn(x0.shape[0], x0.shape[1], 1, 1, generator=gen)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch,), generator=gen)
@@ -345,10 +345,10 @@ def train_unet(pipe, scenes: list, latents, steps: int, batch: int, lr: float, s
 
 def evaluate_pipeline(pipe, seeds: list[int], guidance: float) -> dict:
     import torch
-    from studio.evaluate import format_figures, score_prompts
+    from toyworld.evaluate import format_figures, score_prompts
 
     result = {}
-    for name, prompts in (("seen", toyworld.seen_prompts()), ("held_out", toyworld.held_out_prompts())):
+    for name, prompts in (("seen", world.seen_prompts()), ("held_out", world.held_out_prompts())):
         start = time.time()
         with torch.no_grad():
             figures = score_prompts(pipe, prompts, seeds, steps=20, guidance_scale=guidance)
@@ -362,7 +362,7 @@ def evaluate_pipeline(pipe, seeds: list[int], guidance: float) -> dict:
         kind = "purple star" if (e["color"], e["shape"]) == ("purple", "star") else (
             "purple (seen shape)" if e["color"] == "purple" else "star (seen colour)")
         kinds.setdefault(kind, []).append(r)
-    from studio.evaluate import summarize
+    from toyworld.evaluate import summarize
     result["held_out_by_kind"] = {k: summarize(v)["accuracy"] for k, v in kinds.items()}
     return result
 
@@ -426,8 +426,8 @@ def write_report(out: Path, args: argparse.Namespace, command: str, report: dict
                          for k, v in vae.items())
     md = f"""# The built-in tiny base model: how it was made
 
-Trained from scratch on the procedural toy world (studio/toyworld.py) by
-studio/builtin_training.py; these files are exactly that script's output.
+Trained from scratch on the procedural toy world (toyworld/world.py) by
+toyworld/builtin_training.py; these files are exactly that script's output.
 
 - Command: `{command}`
 - Seed: {args.seed}
@@ -469,7 +469,7 @@ studio/builtin_training.py; these files are exactly that script's output.
   is trained, not frozen: the prototype measured 99-100% vs 90-95% colour+background with a
   frozen random encoder.
 
-## Evaluation (studio/evaluate.py, DDIM 20 steps, CFG {args.guidance}, seeds {args.eval_seeds})
+## Evaluation (toyworld/evaluate.py, DDIM 20 steps, CFG {args.guidance}, seeds {args.eval_seeds})
 
 Every prompt "a COLOR SHAPE on a BACKGROUND background" over seen attributes (72 prompts),
 and held-out prompts (purple shapes, stars, purple stars on white/black/gray), each with
@@ -503,7 +503,7 @@ Reproduce: `{command}` (same machine and library versions give the same files).
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m studio.builtin_training", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m toyworld.builtin_training", description=__doc__.split("\n")[0])
     parser.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     parser.add_argument("--out", type=Path, default=BUILTIN_DIR, help="output folder (diffusers format)")
     parser.add_argument("--vae-steps", type=int, default=DEFAULTS["vae_steps"])
@@ -523,14 +523,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--vae-from", type=Path, default=None,
                         help="experiments: load a trained VAE folder instead of training one")
     args = parser.parse_args(argv)
-    command = " ".join(["python -m studio.builtin_training"]
+    command = " ".join(["python -m toyworld.builtin_training"]
                        + [shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])])
 
     import diffusers
     import torch
     import transformers
 
-    from studio.evaluate import format_figures, score_prompts
+    from toyworld.evaluate import format_figures, score_prompts
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -580,7 +580,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def look(step: int) -> None:
         with torch.no_grad():
-            figures = score_prompts(pipe, toyworld.seen_prompts(), [100], guidance_scale=args.guidance)
+            figures = score_prompts(pipe, world.seen_prompts(), [100], guidance_scale=args.guidance)
         log(f"eval at step {step}: seen {format_figures(figures)}")
 
     checkpoint = resume / "unet.pt"

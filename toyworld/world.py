@@ -1,7 +1,7 @@
 """The toy world: flat shapes on plain backgrounds, drawn procedurally with captions.
 
-The built-in tiny base model is trained on this world (studio/builtin_training.py), the
-evaluator (studio/evaluate.py) reads its images back, and the demo dataset is drawn from it.
+The built-in tiny base model is trained on this world (toyworld/builtin_training.py), the
+evaluator (toyworld/evaluate.py) reads its images back, and the demo dataset is drawn from it.
 
 A scene is one shape (circle, square, triangle or star) of one colour on a plain
 background, at a random position and size. Two attributes are **held out** of the base
@@ -247,7 +247,7 @@ DEMO_TRIGGER = "sks"
 DEMO_CLASS_WORD = "shape"
 DEMO_BACKGROUNDS: tuple[str, ...] = ("white", "black", "gray", "yellow", "green", "blue", "red")
 DEMO_IMAGES = 12
-DEMO_MIN_SIZE, DEMO_MAX_SIZE = 30, 44  # the demo stars' sizes, shared by studio.fidelity's concept pictures
+DEMO_MIN_SIZE, DEMO_MAX_SIZE = 30, 44  # the demo stars' sizes, shared by toyworld.fidelity's concept pictures
 DEMO_REG_IMAGES = 24
 DEMO_SEED = 1234
 PROJECT_DEMO_DIR = ASSETS_DIR / "demo-dataset"
@@ -337,7 +337,7 @@ __all__ = [
 ]
 
 
-if __name__ == "__main__":  # python -m studio.toyworld [FOLDER]: (re)write the demo dataset
+if __name__ == "__main__":  # python -m toyworld.world [FOLDER]: (re)write the demo dataset
     import sys
 
     target = Path(sys.argv[1]) if len(sys.argv) > 1 else PROJECT_DEMO_DIR
