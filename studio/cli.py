@@ -141,9 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args) -> int:
     from studio.config import load_config, parse_config
-    from studio.runs import create_run, latest_unfinished_run, run_config
+    from studio.runs import create_run, latest_unfinished_run
     from studio.workspace import Workspace
-    from trainers.lora import TrainingCancelled, train_run
 
     config = load_config(args.config)
     if args.processes is not None:
@@ -157,31 +156,32 @@ def cmd_train(args) -> int:
     if run_dir is None:
         run_dir = create_run(config, workspace)
     print(f"run: {run_dir}", file=sys.stderr)
-    if run_config(run_dir).training.num_processes > 1 or run_config(run_dir).training.accelerate_config:
-        return _train_launched(run_dir, quiet=args.quiet)
-    try:
-        adapter = train_run(run_dir, resume=True, show_progress=not args.quiet)
-    except TrainingCancelled as stopped:
-        print(f"cancelled: {stopped}; continue with --resume", file=sys.stderr)
-        return 130
-    print(adapter)
-    return 0
+    return _run_worker(run_dir, quiet=args.quiet, verbose=args.verbose)
 
 
-def _train_launched(run_dir: Path, *, quiet: bool) -> int:
-    """A data-parallel run: its processes under accelerate's launcher, the outcome from the
-    run's events (which only the main process writes)."""
+def _run_worker(run_dir: Path, *, quiet: bool, verbose: bool) -> int:
+    """Train the run in its worker process(es), started as the queue starts them (`python -m
+    trainers`, or accelerate's launcher for several processes); the outcome comes from the
+    run's events. The worker ends with this command: it gets SIGTERM (and saves a
+    checkpoint) when this process dies, and a SIGTERM or SIGINT sent here is passed on."""
+    import signal
     import subprocess
 
-    from studio.runs import run_outcome, worker_command
+    from studio.runs import run_config, run_outcome, worker_command
 
     command = worker_command(run_dir, run_config(run_dir))
     if not quiet:
         command.remove("--quiet")
+    env = {**os.environ, "LORA_STUDIO_LOG_LEVEL": "DEBUG" if verbose else "WARNING"}
+    worker = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env,
+                              preexec_fn=_end_with_parent)
+    forward = {sig: signal.signal(sig, lambda signum, frame: worker.send_signal(signum))
+               for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        subprocess.run(command, stdin=subprocess.DEVNULL)
-    except KeyboardInterrupt:  # the processes got the same Ctrl-C and save a checkpoint
-        pass
+        code = worker.wait()
+    finally:
+        for sig, handler in forward.items():
+            signal.signal(sig, handler)
     state, message, adapter = run_outcome(run_dir)
     if state == "done":
         print(adapter)
@@ -189,8 +189,21 @@ def _train_launched(run_dir: Path, *, quiet: bool) -> int:
     if state == "cancelled":
         print(f"cancelled: {message}; continue with --resume", file=sys.stderr)
         return 130
-    raise StudioError(message or f"the run's processes stopped without a word; see {run_dir}/events.jsonl, "
-                                 "then continue with --resume")
+    if state == "failed":  # the worker said why on stderr
+        return 2
+    raise StudioError(f"the worker stopped without a word (exit status {code}); see {run_dir}/events.jsonl, "
+                      "then continue with --resume")
+
+
+def _end_with_parent() -> None:
+    """In the worker, before it starts: SIGTERM when the CLI process dies (Linux), so a
+    killed CLI leaves no training behind; the worker saves a checkpoint and stops."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def cmd_generate(args) -> int:

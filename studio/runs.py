@@ -1,15 +1,62 @@
-"""Training runs on disk: runs/<id>/config.toml (input), events.jsonl, checkpoints/,
-samples/ (output). The CLI, the job supervisor and the UI all create runs here."""
+"""Training runs on disk, the contract between the studio and the worker (trainers/):
+
+    runs/<id>/config.toml     the fully resolved config (input, written by create_run)
+    runs/<id>/events.jsonl    append-only progress, loss, samples, errors (EventLog)
+    runs/<id>/checkpoints/    step-NNNNNN.pt resumable states
+    runs/<id>/samples/        step-NNNNNN-I.png preview images
+    adapters/<name>.safetensors  where a finished run's adapter goes (adapters_dir)
+
+The CLI, the job supervisor and the UI create runs here; the worker reads and writes the
+folder through these names. Nothing here imports trainers."""
 from __future__ import annotations
 
 import datetime
+import json
+import os
+import re
+import time
 from pathlib import Path
+from typing import Any, Iterator
 
 from studio.config import TrainConfig, check_device_support, load_config, save_config
 from studio.errors import StudioError
 from studio.workspace import Workspace
 
 CONFIG_FILE = "config.toml"
+EVENTS_FILE = "events.jsonl"
+CHECKPOINT_DIR = "checkpoints"
+SAMPLES_DIR = "samples"
+_CHECKPOINT_NAME = re.compile(r"^step-(\d{6,})\.pt$")
+
+
+def run_workspace(run_dir: Path) -> Workspace:
+    """The workspace a run folder belongs to (create_run puts runs in workspace/runs)."""
+    return Workspace.open(Path(run_dir).resolve().parent.parent)
+
+
+def adapters_dir(run_dir: Path) -> Path:
+    return run_workspace(run_dir).adapters_dir
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / CHECKPOINT_DIR
+
+
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    return checkpoint_dir(run_dir) / f"step-{step:06d}.pt"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    folder = checkpoint_dir(run_dir)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _CHECKPOINT_NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
 
 
 def new_run_id(config: TrainConfig, workspace: Workspace) -> str:
@@ -64,8 +111,6 @@ def run_config(run_dir: Path) -> TrainConfig:
 
 def run_outcome(run_dir: Path) -> tuple[str, str, str | None]:
     """(state, message, adapter) from a finished worker's events."""
-    from trainers.events import iter_events
-
     state, message, adapter = "", "", None
     for event in iter_events(run_dir):
         if event["type"] == "done":
@@ -80,8 +125,6 @@ def run_outcome(run_dir: Path) -> tuple[str, str, str | None]:
 
 
 def is_finished(run_dir: Path) -> bool:
-    from trainers.events import iter_events
-
     return any(e.get("type") == "done" for e in iter_events(run_dir))
 
 
@@ -97,3 +140,49 @@ def latest_unfinished_run(config: TrainConfig, workspace: Workspace) -> Path | N
         except StudioError:
             continue
     return max(candidates, key=lambda p: (p / CONFIG_FILE).stat().st_mtime, default=None)
+
+
+# --------------------------------------------------------------------------------------
+# events.jsonl: the one-way progress channel from a run to the CLI and the UI
+# --------------------------------------------------------------------------------------
+
+
+class EventLog:
+    """Append-only JSON lines; each line is flushed and fsynced so a reader (or a crash)
+    never sees half an event."""
+
+    def __init__(self, run_dir: Path, *, write: bool = True):
+        """`write` False: a process of a data-parallel run other than the main one, whose
+        events the main process writes once for all."""
+        self.path = Path(run_dir) / EVENTS_FILE
+        self.write = write
+        if write:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def emit(self, kind: str, **fields: Any) -> dict:
+        event = {"type": kind, "time": round(time.time(), 3), **fields}
+        if not self.write:
+            return event
+        line = json.dumps(event, default=str) + "\n"
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())
+        return event
+
+
+def read_events(run_dir: Path, offset: int = 0) -> tuple[list[dict], int]:
+    """Events from byte `offset` on, and the offset after the last complete line (for tailing)."""
+    path = Path(run_dir) / EVENTS_FILE
+    if not path.exists():
+        return [], offset
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        data = handle.read()
+    end = data.rfind(b"\n") + 1
+    events = [json.loads(line) for line in data[:end].splitlines() if line.strip()]
+    return events, offset + end
+
+
+def iter_events(run_dir: Path) -> Iterator[dict]:
+    yield from read_events(run_dir)[0]

@@ -51,7 +51,7 @@ def _relative_l2(a: dict, b: dict) -> float:
 
 
 def _events(run_dir) -> list[dict]:
-    from trainers.events import iter_events
+    from studio.runs import iter_events
 
     return list(iter_events(run_dir))
 

@@ -7,41 +7,22 @@ from __future__ import annotations
 
 import io
 import logging
-import re
 from pathlib import Path
 
 import torch
 
 from studio.errors import StudioError
 from studio.fsutil import atomic_write_bytes
+from studio.runs import checkpoint_path, latest_checkpoint, list_checkpoints
+
+__all__ = ["latest_checkpoint", "list_checkpoints", "load_checkpoint", "save_checkpoint"]
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_DIR = "checkpoints"
-_NAME = re.compile(r"^step-(\d{6,})\.pt$")
-
-
-def checkpoint_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / CHECKPOINT_DIR
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    folder = checkpoint_dir(run_dir)
-    if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
-    return [p for _, p in sorted(found)]
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
-
 
 def save_checkpoint(run_dir: Path, step: int, state: dict, *, keep_last: int) -> Path:
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    path = checkpoint_dir(run_dir) / f"step-{step:06d}.pt"
+    path = checkpoint_path(run_dir, step)
     atomic_write_bytes(path, buffer.getvalue())
     for old in list_checkpoints(run_dir)[:-keep_last]:
         old.unlink(missing_ok=True)

@@ -29,15 +29,13 @@ import torch.nn.functional as F
 from studio.config import TrainConfig, check_device_support, load_config
 from studio.errors import StudioError
 from studio.families import get_family
+from studio.runs import CONFIG_FILE, SAMPLES_DIR, EventLog, adapters_dir, checkpoint_dir, run_workspace
 from trainers.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from trainers.data import (BatchOrder, Example, center_crop_offsets, choose_bucket, micro_generator,
                            prepare_image, sample_generator)
-from trainers.events import EventLog
 from trainers.low_memory import nf4_quantization, store_in_fp8
 
 log = logging.getLogger(__name__)
-
-CONFIG_FILE = "config.toml"
 
 
 class TrainingFailed(StudioError):
@@ -171,9 +169,7 @@ class Trainer:
         if ds.path:
             folder = Path(ds.path)
         elif ds.name:
-            from studio.workspace import Workspace
-
-            folder = Workspace.open(self.run_dir.parent.parent).dataset_dir(ds.name)
+            folder = run_workspace(self.run_dir).dataset_dir(ds.name)
         else:
             from studio.config import DEMO_DATASET
 
@@ -414,11 +410,10 @@ class Trainer:
 
     def _train(self, *, resume: bool, started: float) -> Path | None:
         from studio.fsutil import remove_stale_temp_files
-        from trainers.checkpoints import checkpoint_dir
 
         cfg = self.config
         if self.is_main:
-            for folder in (checkpoint_dir(self.run_dir), self.run_dir / "samples"):
+            for folder in (checkpoint_dir(self.run_dir), self.run_dir / SAMPLES_DIR):
                 for stale in remove_stale_temp_files(folder):
                     log.info("removed %s, left by a killed writer", stale)
         start_step = 0
@@ -560,7 +555,7 @@ class Trainer:
     def _write_samples(self, step: int) -> None:
         cfg = self.config
         prompts = cfg.sampling.prompts or [self.instance[0].caption]
-        sample_dir = self.run_dir / "samples"
+        sample_dir = self.run_dir / SAMPLES_DIR
         sample_dir.mkdir(exist_ok=True)
         unet = self.accelerator.unwrap_model(self.unet)
         unet.eval()
@@ -585,7 +580,6 @@ class Trainer:
         T-LoRA in its native file (schedule in the metadata), with ss_* / modelspec.* metadata."""
         from studio.adapters import AdapterFile, LoraModule, export_adapter, save_adapter, training_metadata
         from studio.formats.naming import path_to_name
-        from studio.workspace import Workspace
 
         cfg = self.config
         family = self.model_ref.family
@@ -601,13 +595,12 @@ class Trainer:
                                    for path, (up, down, alpha) in plain_lora_factors(self.tlora).items()}, {}, family)
         else:
             adapter = export_adapter(models, family=family, initial_factors=self.initial_factors)
-        samples = sorted((self.run_dir / "samples").glob("step-*.png"))
+        samples = sorted((self.run_dir / SAMPLES_DIR).glob("step-*.png"))
         adapter.metadata = training_metadata(
             cfg, self.model_ref, dataset_folder=self._dataset_folder(), started=started, finished=time.time(),
             run_id=self.run_dir.name, adapter=adapter, thumbnail=samples[-1] if samples else None,
             prediction_type=self.noise_scheduler.config.prediction_type)
-        workspace = Workspace.open(self.run_dir.parent.parent)
-        path = unique_adapter_path(workspace.adapters_dir, cfg.name, self.run_dir.name)
+        path = unique_adapter_path(adapters_dir(self.run_dir), cfg.name, self.run_dir.name)
         if self.tlora is not None:
             from studio.tlora import save_tlora
 
@@ -628,7 +621,7 @@ def _is_peer_failure(error: BaseException) -> bool:
 
 def _error_since_start(run_dir: Path) -> bool:
     """An error event after the last start/resume (another process wrote it)."""
-    from trainers.events import iter_events
+    from studio.runs import iter_events
 
     found = False
     for event in iter_events(run_dir):

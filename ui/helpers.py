@@ -349,7 +349,7 @@ def apply_events(view: dict, events: Iterable[dict], *, max_lines: int = 300) ->
 
 def tail_events(view: dict, run_dir: Path) -> bool:
     """Read the events appended since the last call; True when the view changed."""
-    from trainers.events import read_events
+    from studio.runs import read_events
 
     events, offset = read_events(run_dir, view["offset"])
     view["offset"] = offset
@@ -482,7 +482,7 @@ def tail_text(path: Path, *, max_lines: int = 40, max_bytes: int = 32 * 1024) ->
 
 def last_sample(run_dir: Path) -> Path | None:
     """The newest sample image of a run that still exists."""
-    from trainers.events import iter_events
+    from studio.runs import iter_events
 
     newest = None
     for event in iter_events(run_dir):

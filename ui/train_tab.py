@@ -62,7 +62,7 @@ def measured_speed(studio: Studio, base_model: str) -> tuple[float | None, int |
     """(steps/s, pixels per step) of the newest run of this base model that logged progress."""
     from studio.jobs import list_jobs
     from studio.runs import run_config
-    from trainers.events import iter_events
+    from studio.runs import iter_events
 
     for job in list_jobs(studio.workspace)[:10]:
         run_dir = job.run_dir(studio.workspace)
