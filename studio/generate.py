@@ -393,15 +393,11 @@ def save_new_png(image, folder: str | Path, stem: str) -> Path:
     """Like `save_png`, under a name no file has yet: `stem.png`, else `stem-2.png`, ...
     Images made in the same second with the same seed never replace each other, even when
     two processes save at once (the name is taken with a hard link, which fails if it exists)."""
-    import tempfile
-
-    from studio.fsutil import _fsync_dir
+    from studio.fsutil import _fsync_dir, create_temp_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{stem}.", suffix=".png.tmp", dir=folder)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = create_temp_file(folder, stem, ".png.tmp")
     try:
         save_png(image, tmp)  # complete and fsynced before it gets its name
         for number in range(1, 10_000):
