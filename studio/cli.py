@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -19,6 +20,17 @@ EXIT_USAGE = 2
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, no usage dump
         self.exit(EXIT_USAGE, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+def _finite(text: str) -> float:
+    """A float argument; NaN and infinity are refused here, where they enter."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
 def _workspace_arg(parser: argparse.ArgumentParser) -> None:
@@ -44,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--adapter", action="append", default=[], metavar="FILE[:WEIGHT]", help="adapter file and weight")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--steps", type=int, default=20)
-    gen.add_argument("--guidance", type=float, default=5.0, help="CFG scale")
+    gen.add_argument("--guidance", type=_finite, default=5.0, help="CFG scale")
     gen.add_argument("--width", type=int, default=None)
     gen.add_argument("--height", type=int, default=None)
     gen.add_argument("--scheduler", default="ddim", help="ddim, euler, euler_a or dpmpp_2m_karras")
@@ -103,9 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     rsz.add_argument("--out", type=Path, required=True)
     rule = rsz.add_mutually_exclusive_group(required=True)
     rule.add_argument("--rank", type=int)
-    rule.add_argument("--sv-ratio", type=float, help="keep singular values >= largest / X")
-    rule.add_argument("--sv-fro", type=float, help="keep the fewest reaching this share of the Frobenius norm")
-    rule.add_argument("--sv-cumulative", type=float, help="keep the fewest reaching this share of sum(sigma)")
+    rule.add_argument("--sv-ratio", type=_finite, help="keep singular values >= largest / X")
+    rule.add_argument("--sv-fro", type=_finite, help="keep the fewest reaching this share of the Frobenius norm")
+    rule.add_argument("--sv-cumulative", type=_finite, help="keep the fewest reaching this share of sum(sigma)")
     rsz.add_argument("--precision", choices=("fp16", "bf16", "fp32"), default="fp16")
 
     grid = sub.add_parser("grid", help="an X/Y plot over adapter weights, prompts or seeds")
@@ -115,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--y", default=None, help="a second axis, same forms")
     grid.add_argument("--model", default="builtin")
     grid.add_argument("--steps", type=int, default=20)
-    grid.add_argument("--guidance", type=float, default=5.0)
+    grid.add_argument("--guidance", type=_finite, default=5.0)
     grid.add_argument("--seed", type=int, default=0)
     grid.add_argument("--out", type=Path, required=True, help="grid PNG; single images go beside it")
 
@@ -139,11 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args) -> int:
     from studio.config import load_config
-    from studio.runs import create_run, latest_unfinished_run
+    from studio.runs import check_ready, create_run, latest_unfinished_run
     from studio.workspace import Workspace
     from trainers.lora import TrainingCancelled, train_run
 
     config = load_config(args.config)
+    check_ready(config, Workspace.open(args.workspace, create=False))  # before anything is created
     workspace = Workspace.open(args.workspace)
     run_dir = latest_unfinished_run(config, workspace) if args.resume else None
     if args.resume and run_dir is None:
@@ -330,13 +343,27 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no notes about torchvision we never use
     try:
-        return COMMANDS[args.command](args)
+        status = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, not in Python's clean-up at exit
+        return status
     except StudioError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _reader_went_away()
+
+
+def _reader_went_away() -> int:
+    """The reader of our output closed the pipe (`inspect F | head`): stop quietly, like any
+    Unix tool, with the status of a process ended by SIGPIPE. Output still buffered goes
+    to /dev/null, so Python does not complain about it at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + 13
 
 
 if __name__ == "__main__":

@@ -146,20 +146,10 @@ class Trainer:
             self.text_encoders = [self.accelerator.prepare(encoder) for encoder in self.text_encoders]
 
     def _dataset_folder(self) -> Path:
-        ds = self.config.dataset
-        if ds.path:
-            folder = Path(ds.path)
-        elif ds.name:
-            from studio.workspace import Workspace
+        from studio.runs import dataset_folder
+        from studio.workspace import Workspace
 
-            folder = Workspace.open(self.run_dir.parent.parent).dataset_dir(ds.name)
-        else:
-            from studio.config import DEMO_DATASET
-
-            folder = DEMO_DATASET
-        if not folder.is_dir():
-            raise StudioError(f"Dataset folder {folder} does not exist; import one with `lora-studio dataset import`.")
-        return folder
+        return dataset_folder(self.config, Workspace.open(self.run_dir.parent.parent))
 
     def _caption(self, caption: str) -> str:
         ds = self.config.dataset

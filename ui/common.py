@@ -109,6 +109,27 @@ def friendly(fn: Callable) -> Callable:
     return wrapper
 
 
+class RawNumber(gr.Number):
+    """A number box whose value reaches the handler as it was sent. Gradio's own range and
+    type check would refuse it first, one field at a time, in words that do not name the
+    field (and log a traceback); the handlers check every field and name them all at once.
+    `minimum` / `maximum` still guide the browser."""
+
+    is_template = True  # drawn by the page as a plain Number
+
+    def preprocess(self, payload):
+        return payload
+
+
+class RawSlider(gr.Slider):
+    """A slider whose value reaches the handler as it was sent (see RawNumber)."""
+
+    is_template = True  # drawn by the page as a plain Slider
+
+    def preprocess(self, payload):
+        return payload
+
+
 def dropdown_value(choices: list[str], wanted: str | None) -> str | None:
     """`wanted` when it is a choice, else the first choice (or None)."""
     if wanted in choices:
