@@ -162,7 +162,7 @@ def build(studio: Studio) -> SimpleNamespace:
     form_specs = main_specs + advanced_specs
     form_components = main_components + advanced
     # problems are reported under the labels the page shows, not the config's keys
-    labels = {("dataset", "name"): "Dataset", **{path: label for path, label in _MAIN_LABELS.items()},
+    labels = {("dataset", "name"): "Dataset", ("base_model",): "Base model", **{path: label for path, label in _MAIN_LABELS.items()},
               **{(spec.section,): h.SECTION_TITLES.get(spec.section, spec.section) for spec in advanced_specs},
               **{spec.path: f"{h.SECTION_TITLES.get(spec.section, spec.section)} › {spec.label}"
                  for spec in advanced_specs}}
