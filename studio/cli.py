@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from studio.errors import StudioError
+from studio.fsutil import check_output_file
 
 EXIT_USAGE = 2
 
@@ -174,6 +175,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    check_output_file(args.out)
     from studio.generate import Engine, GenerateRequest, parse_adapter_arg, parse_prompt_loras, save_png
 
     adapters = [parse_adapter_arg(a) for a in args.adapter]
@@ -225,6 +227,8 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_convert(args) -> int:
+    if args.format != "peft" and Path(args.dst).resolve() != Path(args.src).resolve():
+        check_output_file(args.dst)
     from studio.adapters import adapter_models, convert_adapter, parse_assignments
 
     models = None
@@ -258,6 +262,7 @@ def cmd_dataset(args) -> int:
 
 
 def cmd_bake(args) -> int:
+    check_output_file(args.out)
     from studio.formats.files import PRECISIONS
     from studio.mixing import bake, parse_mix_arg
 
@@ -268,6 +273,7 @@ def cmd_bake(args) -> int:
 
 
 def cmd_fuse(args) -> int:
+    check_output_file(args.out)
     from studio.mixing import fuse, parse_mix_arg
 
     print(fuse(args.model, [parse_mix_arg(a) for a in args.adapters], args.out, allow_pickle=args.allow_pickle))
@@ -275,6 +281,7 @@ def cmd_fuse(args) -> int:
 
 
 def cmd_resize(args) -> int:
+    check_output_file(args.out)
     from studio.formats.files import PRECISIONS
     from studio.mixing import resize
 
@@ -288,6 +295,7 @@ def cmd_resize(args) -> int:
 
 
 def cmd_grid(args) -> int:
+    check_output_file(args.out)
     from studio.generate import Engine, GenerateRequest, parse_adapter_arg, save_png
     from studio.grid import Axis, xy_grid
 

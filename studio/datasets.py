@@ -955,7 +955,10 @@ class ImportReport:
             "skipped": [{"source": s.source, "reason": s.reason} for s in self.skipped],
         }
 
-    def summary(self, *, examples: int = 5) -> str:
+    def summary(self, *, examples: int | None = None) -> str:
+        """A headline, then each skipped file with the reason (the first `examples` of them
+        when given)."""
+        examples = len(self.skipped) if examples is None else examples
         lines = [f"Imported {self.image_count} images and {self.caption_count} captions into dataset "
                  f"{self.name!r} ({self.folder})"
                  + (f", replacing {len(self.replaced)} files" if self.replaced else "")

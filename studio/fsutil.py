@@ -29,24 +29,27 @@ def open_regular(path: str | os.PathLike, what: str = "File") -> BinaryIO:
     NotAFile (a StudioError) naming `what` and the path. Never blocks on a FIFO."""
     path = Path(path)
     try:
+        _check_regular(os.stat(path).st_mode, path, what)  # a socket cannot even be opened
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
         raise NotAFile(f"{what} {path} does not exist; check the path.") from None
     except OSError as exc:
         raise NotAFile(f"{what} {path} cannot be read ({exc.strerror}); check its permissions.") from None
     try:
-        mode = os.fstat(fd).st_mode
-        if stat.S_ISDIR(mode):
-            raise NotAFile(f"{what} {path} is a folder, not a file; give the path of a file.")
-        if not stat.S_ISREG(mode):
-            raise NotAFile(f"{what} {path} is not a regular file (a pipe, socket or device); give the path "
-                           "of a file.")
+        _check_regular(os.fstat(fd).st_mode, path, what)  # it may have been swapped since
         if hasattr(os, "set_blocking"):
             os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
         raise
+
+
+def _check_regular(mode: int, path: Path, what: str) -> None:
+    if stat.S_ISDIR(mode):
+        raise NotAFile(f"{what} {path} is a folder, not a file; give the path of a file.")
+    if not stat.S_ISREG(mode):
+        raise NotAFile(f"{what} {path} is not a regular file (a pipe, socket or device); give the path of a file.")
 
 
 def read_regular_bytes(path: str | os.PathLike, what: str = "File") -> bytes:
@@ -79,10 +82,22 @@ def create_temp_file(folder: Path, name: str, suffix: str = ".tmp") -> Path:
     raise FileExistsError(f"no free temporary name in {folder}")
 
 
-def _writable_target(path: str | os.PathLike) -> Path:
+def check_output_file(path: str | os.PathLike) -> Path:
+    """Refuse, before any work, an output path that is an existing folder (or has a file
+    where a folder should be); creates nothing."""
     target = Path(path)
     if target.is_dir():
         raise PathInTheWay(f"{target} is a folder; give the name of a file to write instead.")
+    for parent in target.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise PathInTheWay(f"Cannot write {target}: {parent} is a file, not a folder; write somewhere else.")
+            break
+    return target
+
+
+def _writable_target(path: str | os.PathLike) -> Path:
+    target = check_output_file(path)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):

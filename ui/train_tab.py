@@ -111,8 +111,11 @@ def build(studio: Studio) -> SimpleNamespace:
         with gr.Row(equal_height=False):
             with gr.Column(scale=3):
                 with gr.Row():
+                    # custom values: a dataset made after the page was built (or named by an API client)
+                    # is checked by the handlers, with a clear message when it is not there
                     dataset = gr.Dropdown(datasets, value=dropdown_value(datasets, "demo"), label="Dataset",
-                                          info="From the Datasets tab", elem_id="train-dataset")
+                                          allow_custom_value=True, info="From the Datasets tab",
+                                          elem_id="train-dataset")
                     base_model = gr.Dropdown(model_choices(studio), value=main_values[("base_model",)],
                                              allow_custom_value=True, label="Base model",
                                              info="'builtin' (tiny, CPU), or a path: diffusers folder / "
