@@ -448,8 +448,10 @@ def test_adapter_files(env, capsys):
     folder, api, ws = env["corpus"] / "adapters", env["api"], env["ws"]
     for name, expected in ADAPTER_ERRORS.items():
         cli_error(capsys, expected, "inspect", folder / name)
-        result = api.call("import_adapter", {"lib-upload": api.upload(folder / name), "lib-new-name": ""})
+        uploaded = api.upload(folder / name)
+        result = api.call("import_adapter", {"lib-upload": uploaded, "lib-new-name": ""})
         handled(result, expected)
+        assert uploaded["path"] not in result.warning_text, result.warning_text
         assert not (ws / "adapters" / name).exists()
 
     # right format, wrong model: the library takes it; using it says which file and why

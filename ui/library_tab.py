@@ -190,7 +190,10 @@ def build(studio: Studio, model_choices) -> SimpleNamespace:
         if not file:
             raise StudioError("Choose a .safetensors file to import first.")
         source = Path(file)
-        target = import_adapter(ws, source, name or None)
+        try:
+            target = import_adapter(ws, source, name or None)
+        except StudioError as error:  # name the file as uploaded, not the server's temporary copy
+            raise StudioError(str(error).replace(str(source), source.name)) from None
         gr.Info(f"Imported {source.name} as {target.stem!r}.")
         return [*refresh(target.stem), None, ""]
 
