@@ -109,25 +109,15 @@ def friendly(fn: Callable) -> Callable:
     return wrapper
 
 
-class RawNumber(gr.Number):
-    """A number box whose value reaches the handler as it was sent. Gradio's own range and
-    type check would refuse it first, one field at a time, in words that do not name the
-    field (and log a traceback); the handlers check every field and name them all at once.
-    `minimum` / `maximum` still guide the browser."""
-
-    is_template = True  # drawn by the page as a plain Number
-
-    def preprocess(self, payload):
-        return payload
-
-
-class RawSlider(gr.Slider):
-    """A slider whose value reaches the handler as it was sent (see RawNumber)."""
-
-    is_template = True  # drawn by the page as a plain Slider
-
-    def preprocess(self, payload):
-        return payload
+def unchecked(component):
+    """`component` (a Number or Slider) with its value passed to the handler as it was sent.
+    Gradio's own range and type check would refuse it first, one field at a time, in words
+    that do not name the field, and log a traceback; the handlers check every field and
+    name them all at once. `minimum` / `maximum` still guide the browser. (An instance
+    attribute, not a subclass: Gradio writes a .pyi stub beside any module that subclasses
+    a component.)"""
+    component.preprocess = lambda payload: payload
+    return component
 
 
 def dropdown_value(choices: list[str], wanted: str | None) -> str | None:

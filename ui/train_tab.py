@@ -11,7 +11,7 @@ from studio.datasets import dataset_stats, list_datasets
 from studio.errors import StudioError
 from studio.runs import check_ready
 from ui import helpers as h
-from ui.common import RawNumber, Studio, dropdown_value, friendly
+from ui.common import Studio, dropdown_value, friendly, unchecked
 
 DEFAULT_PRESET = "tiny-demo"
 BUILTIN = "builtin"
@@ -97,8 +97,9 @@ def build(studio: Studio) -> SimpleNamespace:
         if spec.kind == "choice":
             return gr.Dropdown(list(spec.choices), value=value, **common)
         if spec.kind in ("int", "float"):
-            return RawNumber(value=value, precision=0 if spec.kind == "int" else None, minimum=spec.minimum,
-                             maximum=spec.maximum, step=_number_step(spec), **common)
+            return unchecked(gr.Number(value=value, precision=0 if spec.kind == "int" else None,
+                                       minimum=spec.minimum, maximum=spec.maximum, step=_number_step(spec),
+                                       **common))
         if spec.kind == "lines":
             return gr.Textbox(value=value, lines=3, **common)
         return gr.Textbox(value=value, **common)
