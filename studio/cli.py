@@ -7,11 +7,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
 
 from studio.errors import StudioError
+from studio.fsutil import check_output_file
 
 EXIT_USAGE = 2
 
@@ -19,6 +21,17 @@ EXIT_USAGE = 2
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, no usage dump
         self.exit(EXIT_USAGE, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+def _finite(text: str) -> float:
+    """A float argument; NaN and infinity are refused here, where they enter."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
 def _workspace_arg(parser: argparse.ArgumentParser) -> None:
@@ -46,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--adapter", action="append", default=[], metavar="FILE[:WEIGHT]", help="adapter file and weight")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--steps", type=int, default=20)
-    gen.add_argument("--guidance", type=float, default=5.0, help="CFG scale")
+    gen.add_argument("--guidance", type=_finite, default=5.0, help="CFG scale")
     gen.add_argument("--width", type=int, default=None)
     gen.add_argument("--height", type=int, default=None)
     gen.add_argument("--scheduler", default="ddim", help="ddim, euler, euler_a or dpmpp_2m_karras")
@@ -105,9 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     rsz.add_argument("--out", type=Path, required=True)
     rule = rsz.add_mutually_exclusive_group(required=True)
     rule.add_argument("--rank", type=int)
-    rule.add_argument("--sv-ratio", type=float, help="keep singular values >= largest / X")
-    rule.add_argument("--sv-fro", type=float, help="keep the fewest reaching this share of the Frobenius norm")
-    rule.add_argument("--sv-cumulative", type=float, help="keep the fewest reaching this share of sum(sigma)")
+    rule.add_argument("--sv-ratio", type=_finite, help="keep singular values >= largest / X")
+    rule.add_argument("--sv-fro", type=_finite, help="keep the fewest reaching this share of the Frobenius norm")
+    rule.add_argument("--sv-cumulative", type=_finite, help="keep the fewest reaching this share of sum(sigma)")
     rsz.add_argument("--precision", choices=("fp16", "bf16", "fp32"), default="fp16")
 
     grid = sub.add_parser("grid", help="an X/Y plot over adapter weights, prompts or seeds")
@@ -117,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--y", default=None, help="a second axis, same forms")
     grid.add_argument("--model", default="builtin")
     grid.add_argument("--steps", type=int, default=20)
-    grid.add_argument("--guidance", type=float, default=5.0)
+    grid.add_argument("--guidance", type=_finite, default=5.0)
     grid.add_argument("--seed", type=int, default=0)
     grid.add_argument("--out", type=Path, required=True, help="grid PNG; single images go beside it")
 
@@ -141,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args) -> int:
     from studio.config import load_config, parse_config
-    from studio.runs import create_run, latest_unfinished_run
+    from studio.runs import check_ready, create_run, latest_unfinished_run
     from studio.workspace import Workspace
 
     config = load_config(args.config)
@@ -149,6 +162,7 @@ def cmd_train(args) -> int:
         config = parse_config({**config.model_dump(mode="json", exclude_none=True),
                                "training": {**config.training.model_dump(mode="json", exclude_none=True),
                                             "num_processes": args.processes}}, "--processes")
+    check_ready(config, Workspace.open(args.workspace, create=False))  # before anything is created
     workspace = Workspace.open(args.workspace)
     run_dir = latest_unfinished_run(config, workspace) if args.resume else None
     if args.resume and run_dir is None:
@@ -207,6 +221,7 @@ def _end_with_parent() -> None:
 
 
 def cmd_generate(args) -> int:
+    check_output_file(args.out)
     from studio.generate import Engine, GenerateRequest, parse_adapter_arg, parse_prompt_loras, save_png
 
     adapters = [parse_adapter_arg(a) for a in args.adapter]
@@ -260,6 +275,8 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_convert(args) -> int:
+    if args.format != "peft" and Path(args.dst).resolve() != Path(args.src).resolve():
+        check_output_file(args.dst)
     from studio.adapters import adapter_models, convert_adapter, parse_assignments
 
     models = None
@@ -293,6 +310,7 @@ def cmd_dataset(args) -> int:
 
 
 def cmd_bake(args) -> int:
+    check_output_file(args.out)
     from studio.formats.files import PRECISIONS
     from studio.mixing import bake, parse_mix_arg
 
@@ -303,6 +321,7 @@ def cmd_bake(args) -> int:
 
 
 def cmd_fuse(args) -> int:
+    check_output_file(args.out)
     from studio.mixing import fuse, parse_mix_arg
 
     print(fuse(args.model, [parse_mix_arg(a) for a in args.adapters], args.out, allow_pickle=args.allow_pickle))
@@ -310,6 +329,7 @@ def cmd_fuse(args) -> int:
 
 
 def cmd_resize(args) -> int:
+    check_output_file(args.out)
     from studio.formats.files import PRECISIONS
     from studio.mixing import resize
 
@@ -323,6 +343,7 @@ def cmd_resize(args) -> int:
 
 
 def cmd_grid(args) -> int:
+    check_output_file(args.out)
     from studio.generate import Engine, GenerateRequest, parse_adapter_arg, save_png
     from studio.grid import Axis, xy_grid
 
@@ -378,13 +399,27 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no notes about torchvision we never use
     try:
-        return COMMANDS[args.command](args)
+        status = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, not in Python's clean-up at exit
+        return status
     except StudioError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _reader_went_away()
+
+
+def _reader_went_away() -> int:
+    """The reader of our output closed the pipe (`inspect F | head`): stop quietly, like any
+    Unix tool, with the status of a process ended by SIGPIPE. Output still buffered goes
+    to /dev/null, so Python does not complain about it at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + 13
 
 
 if __name__ == "__main__":

@@ -19,9 +19,11 @@ from __future__ import annotations
 import codecs
 import contextlib
 import dataclasses
+import errno
 import logging
 import os
 import re
+import shutil
 import stat
 import zipfile
 from collections import Counter
@@ -32,7 +34,8 @@ from typing import IO, Any, Callable, Iterable, Literal, Sequence
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from studio.errors import StudioError
-from studio.fsutil import atomic_path, atomic_write_text
+from studio.fsutil import NotAFile, PathInTheWay, atomic_path, atomic_write_text, name_max, open_regular
+from studio.limits import IMPORT_IMAGES
 from studio.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -46,6 +49,9 @@ DEFAULT_MAX_PIXELS = 8192 * 8192
 DEFAULT_MIN_SIZE = 256
 #: Captions longer than this are reported: kohya's longest text window is 225 tokens.
 HUGE_CAPTION_CHARS = 1000
+#: Highest repeat count of an `N_name` folder: kohya datasets use up to a few hundred, and
+#: every repeat is an entry in each epoch's shuffled order.
+MAX_REPEATS = 1000
 #: Caption files larger than this are not read at all (a caption is a line of text).
 MAX_CAPTION_BYTES = 1024 * 1024
 
@@ -85,26 +91,30 @@ def open_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS)
     return _load_image(Path(path), max_pixels).image
 
 
-def _load_image(path: Path, max_pixels: int) -> _Loaded:
+def _load_image(path: Path, max_pixels: int, *, shown_as: str | None = None) -> _Loaded:
+    """The image at `path` decoded as training uses it; messages name it `shown_as` (default:
+    the path), e.g. the name a person uploaded rather than a temporary copy."""
+    name = shown_as or str(path)
     try:
-        st = path.stat()
-    except FileNotFoundError:
-        raise ImageLoadError(f"Image {path} does not exist; check the path.", kind="missing", path=path) from None
-    except OSError as exc:
-        raise ImageLoadError(f"Cannot read image {path}: {exc}; check its permissions.",
-                             kind="unreadable", path=path) from None
-    if not stat.S_ISREG(st.st_mode):
-        raise ImageLoadError(f"{path} is not a regular file; remove it or point at an image file.",
-                             kind="unreadable", path=path)
-    if st.st_size == 0:
-        raise ImageLoadError(f"Image {path} is empty (0 bytes); copy it again from the original or delete it.",
-                             kind="empty_file", path=path)
+        handle = open_regular(path, "Image")
+    except NotAFile as exc:
+        kind = "missing" if not os.path.lexists(path) else "unreadable"
+        raise ImageLoadError(str(exc), kind=kind, path=path) from None
+    with handle:
+        if os.fstat(handle.fileno()).st_size == 0:
+            raise ImageLoadError(f"Image {name} is empty (0 bytes); copy it again from the original or delete it.",
+                                 kind="empty_file", path=path)
+        return _decode_image(handle, path, name, max_pixels)
+
+
+def _decode_image(handle: IO[bytes], path: Path, name: str, max_pixels: int) -> _Loaded:
+    suffix = Path(name).suffix or "an image"
     try:
-        with Image.open(path) as im:
+        with Image.open(handle) as im:
             width, height = im.size
             if width * height > max_pixels:
                 raise ImageLoadError(
-                    f"Image {path} claims {width}x{height} pixels ({width * height / 1e6:.0f} MP), over the "
+                    f"Image {name} claims {width}x{height} pixels ({width * height / 1e6:.0f} MP), over the "
                     f"{max_pixels / 1e6:.0f} MP limit: a decompression bomb or a huge image. Resize it "
                     "(e.g. to 2048 px on the long side) or delete it.", kind="decompression_bomb", path=path)
             rawmode = _tile_rawmode(im)
@@ -113,24 +123,23 @@ def _load_image(path: Path, max_pixels: int) -> _Loaded:
     except ImageLoadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageLoadError(f"Image {path} is too large to decode safely ({exc}); it is a decompression "
+        raise ImageLoadError(f"Image {name} is too large to decode safely ({exc}); it is a decompression "
                              "bomb or a huge image. Resize it or delete it.",
                              kind="decompression_bomb", path=path) from None
     except MemoryError:
-        raise ImageLoadError(f"Image {path} needs more memory than is available to decode; resize it or "
+        raise ImageLoadError(f"Image {name} needs more memory than is available to decode; resize it or "
                              "delete it.", kind="decompression_bomb", path=path) from None
     except UnidentifiedImageError:
-        raise ImageLoadError(f"{path} is not an image PIL can read (damaged, or not really "
-                             f"{path.suffix or 'an image'}); re-export it as PNG or JPEG, or delete it.",
-                             kind="unreadable", path=path) from None
+        raise ImageLoadError(f"{name} is not an image PIL can read (damaged, or not really {suffix}); "
+                             "re-export it as PNG or JPEG, or delete it.", kind="unreadable", path=path) from None
     except Exception as exc:  # PIL raises many types on damaged data; none may escape as a crash
         text = str(exc).lower()
         truncated = isinstance(exc, EOFError) or any(
             marker in text for marker in ("truncat", "end of file", "broken data stream", "premature end"))
         if truncated:
-            raise ImageLoadError(f"Image {path} is truncated (the file ends early: {exc}); copy it again "
+            raise ImageLoadError(f"Image {name} is truncated (the file ends early: {exc}); copy it again "
                                  "from the original or delete it.", kind="truncated", path=path) from None
-        raise ImageLoadError(f"Image {path} is damaged and cannot be decoded ({type(exc).__name__}: {exc}); "
+        raise ImageLoadError(f"Image {name} is damaged and cannot be decoded ({type(exc).__name__}: {exc}); "
                              "re-export it or delete it.", kind="unreadable", path=path) from None
 
 
@@ -265,6 +274,16 @@ def _repeats_of(name: str) -> tuple[int, str] | None:
     return int(match.group(1)), match.group(2)
 
 
+def _repeats_problem(repeats: int, rest: str) -> str | None:
+    """Why an `N_name` folder's repeat count cannot be used; None when it can."""
+    if repeats < 1:
+        return f"repeat count {repeats} is not allowed; rename it to '1_{rest}' (1 or more repeats)"
+    if repeats > MAX_REPEATS:
+        return (f"repeat count {repeats} is over the limit of {MAX_REPEATS}; rename it to "
+                f"'{MAX_REPEATS}_{rest}' or fewer (raise the training steps instead)")
+    return None
+
+
 def _is_subset_name(name: str) -> bool:
     """A folder name that carries meaning in the layout (`N_name` or `reg`)."""
     parsed = _repeats_of(name)
@@ -306,17 +325,18 @@ def _scan(folder: str | os.PathLike) -> _Scan:
                 if not sub.is_dir() or _is_hidden(sub.name):
                     continue
                 sub_parsed = _repeats_of(sub.name)
-                if sub_parsed and sub_parsed[0] >= 1:
+                if sub_parsed and _repeats_problem(*sub_parsed):
+                    scan.ignored_folders.append((f"{name}/{sub.name}", _repeats_problem(*sub_parsed)))
+                elif sub_parsed:
                     subsets.append(_Subset(Path(sub.path), f"{name}/{sub.name}", sub.name, sub_parsed[0], True))
                 else:
                     scan.ignored_folders.append((f"{name}/{sub.name}", (
                         f"folders inside {name}/ need a repeat count; rename it to '1_{sub.name}' "
                         "or move its images up into reg/")))
-        elif parsed and parsed[0] >= 1:
-            subsets.append(_Subset(Path(entry.path), name, name, parsed[0], parsed[1].lower() == REG_FOLDER))
+        elif parsed and _repeats_problem(*parsed):
+            scan.ignored_folders.append((name, _repeats_problem(*parsed)))
         elif parsed:
-            scan.ignored_folders.append((name, f"repeat count {parsed[0]} is not allowed; rename it to "
-                                               f"'1_{parsed[1]}' (1 or more repeats)"))
+            subsets.append(_Subset(Path(entry.path), name, name, parsed[0], parsed[1].lower() == REG_FOLDER))
         else:
             scan.ignored_folders.append((name, f"folder name has no repeat count; rename it to '1_{name}' "
                                                "(kohya 'N_concept' = N repeats) to train on it"))
@@ -383,8 +403,8 @@ def _decode_caption(data: bytes) -> tuple[str, str]:
 
 def _read_caption_file(path: Path) -> _CaptionText:
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as handle:
+        with open_regular(path, "Caption") as handle:
+            size = os.fstat(handle.fileno()).st_size
             data = handle.read(MAX_CAPTION_BYTES + 1)
     except OSError as exc:
         raise StudioError(f"Cannot read caption {path}: {exc}; check its permissions.") from None
@@ -935,7 +955,10 @@ class ImportReport:
             "skipped": [{"source": s.source, "reason": s.reason} for s in self.skipped],
         }
 
-    def summary(self, *, examples: int = 5) -> str:
+    def summary(self, *, examples: int | None = None) -> str:
+        """A headline, then each skipped file with the reason (the first `examples` of them
+        when given)."""
+        examples = len(self.skipped) if examples is None else examples
         lines = [f"Imported {self.image_count} images and {self.caption_count} captions into dataset "
                  f"{self.name!r} ({self.folder})"
                  + (f", replacing {len(self.replaced)} files" if self.replaced else "")
@@ -955,6 +978,7 @@ class _Candidate:
     origin: str
     open: Callable[[], IO[bytes]]
     size: int
+    zipped: bool = False
 
 
 def import_dataset(sources: str | os.PathLike | Iterable[str | os.PathLike], name: str, workspace: Workspace,
@@ -997,37 +1021,83 @@ def import_dataset(sources: str | os.PathLike | Iterable[str | os.PathLike], nam
             else:
                 candidates += _gather_file(src, paths, report)
         plan = _plan(candidates, existing_files, dest, mode, report)
+        images = sum(rel.suffix.lower() in IMAGE_EXTENSIONS for _, rel, _ in plan)
+        IMPORT_IMAGES.check(images, f"This import has {images} images")
         created = not dest.exists()
-        dest.mkdir(parents=True, exist_ok=True)
-        root = dest.resolve()
-        for cand, target_rel, replaces in plan:
-            target = dest.joinpath(*target_rel.parts)
-            if not target.resolve().is_relative_to(root):
-                report.skipped.append(Skipped(cand.origin, "path would land outside the dataset folder"))
-                continue
-            try:
-                _copy(cand, target)
-            except zipfile.BadZipFile as exc:
-                report.skipped.append(Skipped(cand.origin, f"damaged in the zip ({exc})"))
-                continue
-            except _SizeChanged:
-                report.skipped.append(Skipped(cand.origin, "more data than its declared size (changing "
-                                                           "while copied, or a forged zip entry)"))
-                continue
-            except (FileExistsError, NotADirectoryError):
-                report.skipped.append(Skipped(cand.origin, "a file of the same name is in the way of its folder"))
-                continue
-            except OSError as exc:
-                raise StudioError(f"Cannot write {target}: {exc}; check free space and permissions "
-                                  f"({len(report.imported)} files were imported before this).") from None
-            report.imported.append(target_rel.as_posix())
-            if replaces:
-                report.replaced.append(target_rel.as_posix())
-        if created and not report.imported:
-            with contextlib.suppress(OSError):
-                dest.rmdir()
+        made_dirs: list[Path] = []
+        try:
+            _make_dirs(dest, made_dirs)
+            _copy_plan(plan, dest, existing_files, report, made_dirs)
+        except BaseException:
+            if created:  # the folder is this import's own: leave nothing of it behind
+                shutil.rmtree(dest, ignore_errors=True)
+            raise
+        finally:
+            for folder in reversed(made_dirs):  # folders that only skipped files would have filled
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
     log.info("imported %d files into %s, skipped %d", len(report.imported), dest, len(report.skipped))
     return report
+
+
+#: Write errors that stop the whole import (the disk, not the file, is the problem).
+_PER_FILE_WRITE_ERRORS = frozenset({errno.ENAMETOOLONG, errno.EILSEQ, errno.EINVAL})
+
+
+def _copy_plan(plan: list[tuple[_Candidate, PurePosixPath, bool]], dest: Path, existing: list[PurePosixPath],
+               report: ImportReport, made_dirs: list[Path]) -> None:
+    """Copy the planned files (images first): each image is decoded as training will decode
+    it, and a file that cannot be read, decoded or written under its name is skipped with
+    the reason. A caption whose image was skipped is skipped too."""
+    root = dest.resolve()
+    images_here = {(rel.parent, rel.stem) for rel in existing if rel.suffix.lower() in IMAGE_EXTENSIONS}
+    for cand, target_rel, replaces in plan:
+        is_image = target_rel.suffix.lower() in IMAGE_EXTENSIONS
+        if not is_image and (target_rel.parent, target_rel.stem) not in images_here:
+            report.skipped.append(Skipped(cand.origin, "its image was skipped, so the caption was too"))
+            continue
+        target = dest.joinpath(*target_rel.parts)
+        if not target.resolve().is_relative_to(root):
+            report.skipped.append(Skipped(cand.origin, "path would land outside the dataset folder"))
+            continue
+        try:
+            _make_dirs(target.parent, made_dirs)
+            with atomic_path(target) as tmp:
+                with open(tmp, "wb") as out:
+                    _copy_data(cand, out)
+                if is_image:
+                    _load_image(tmp, DEFAULT_MAX_PIXELS, shown_as=cand.origin).image.close()
+        except (_Unreadable, ImageLoadError) as problem:
+            report.skipped.append(Skipped(cand.origin, str(problem)))
+            continue
+        except (PathInTheWay, FileExistsError, NotADirectoryError):
+            report.skipped.append(Skipped(cand.origin, "a file or folder of the same name is in the way"))
+            continue
+        except OSError as exc:
+            if exc.errno not in _PER_FILE_WRITE_ERRORS:
+                raise StudioError(f"Cannot write {target}: {exc.strerror}; check free space and permissions. "
+                                  "Nothing of this import was kept in a new dataset; files added to an existing "
+                                  f"one before this ({len(report.imported)}) were.") from None
+            report.skipped.append(Skipped(cand.origin, f"cannot be written under this name ({exc.strerror}); "
+                                                       "rename it"))
+            continue
+        if is_image:
+            images_here.add((target_rel.parent, target_rel.stem))
+        report.imported.append(target_rel.as_posix())
+        if replaces:
+            report.replaced.append(target_rel.as_posix())
+
+
+def _make_dirs(folder: Path, made: list[Path]) -> None:
+    """mkdir -p that records the folders it creates (parents first)."""
+    missing = []
+    for parent in (folder, *folder.parents):
+        if parent.exists():
+            break
+        missing.append(parent)
+    for parent in reversed(missing):
+        parent.mkdir()
+        made.append(parent)
 
 
 def _check_not_nested(src: Path, dest: Path) -> None:
@@ -1046,6 +1116,9 @@ def _existing_files(dest: Path) -> list[PurePosixPath]:
     return out
 
 
+_NOT_REGULAR = "not a regular file (a pipe, socket or device); only files are imported"
+
+
 def _gather_folder(src: Path, report: ImportReport) -> list[_Candidate]:
     prefix = PurePosixPath(src.name) if _is_subset_name(src.name) else PurePosixPath()
     out: list[_Candidate] = []
@@ -1062,24 +1135,41 @@ def _gather_folder(src: Path, report: ImportReport) -> list[_Candidate]:
         dirnames[:] = kept
         rel_dir = prefix / here.relative_to(src).as_posix()
         for f in sorted(filenames):
-            path = here / f
-            try:
-                size = path.stat().st_size
-            except OSError:
-                report.skipped.append(Skipped(str(path), "cannot be read (broken link or no permission)"))
-                continue
-            out.append(_Candidate(PurePosixPath(os.path.normpath(rel_dir / f)), str(path),
-                                  lambda p=path: open(p, "rb"), size))
+            candidate = _file_candidate(here / f, PurePosixPath(os.path.normpath(rel_dir / f)), str(here / f), report)
+            if candidate:
+                out.append(candidate)
     return out
+
+
+def _file_candidate(path: Path, rel: PurePosixPath, origin: str, report: ImportReport) -> _Candidate | None:
+    """A regular file to copy; anything else (a pipe, a device, a broken link) is reported."""
+    try:
+        st = path.stat()
+    except OSError:
+        report.skipped.append(Skipped(origin, "cannot be read (broken link or no permission)"))
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        report.skipped.append(Skipped(origin, _NOT_REGULAR))
+        return None
+    return _Candidate(rel, origin, lambda: open_regular(path), st.st_size)
 
 
 def _gather_file(src: Path, all_sources: list[Path], report: ImportReport) -> list[_Candidate]:
-    out = [_Candidate(PurePosixPath(src.name), str(src), lambda p=src: open(p, "rb"), src.stat().st_size)]
-    if src.suffix.lower() in IMAGE_EXTENSIONS:
+    """A single file (and the caption beside an image), reported by its name: the name a
+    person uploaded, not the server's temporary copy."""
+    found = [_file_candidate(src, PurePosixPath(src.name), src.name, report)]
+    if found[0] and src.suffix.lower() in IMAGE_EXTENSIONS:
         cap = caption_path(src)
         if cap.is_file() and cap not in all_sources:
-            out.append(_Candidate(PurePosixPath(cap.name), str(cap), lambda p=cap: open(p, "rb"), cap.stat().st_size))
-    return out
+            found.append(_file_candidate(cap, PurePosixPath(cap.name), cap.name, report))
+    return [c for c in found if c]
+
+
+#: Compression methods Python's zipfile reads (bzip2 and LZMA when Python has those modules).
+_ZIP_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
+_ZIP_METHOD_NAMES = {9: "Deflate64 (as Windows writes large zips)", 10: "PKWARE DCL Implode", 12: "bzip2",
+                     14: "LZMA", 93: "Zstandard", 95: "xz", 96: "JPEG (WinZip)", 97: "WavPack", 98: "PPMd",
+                     99: "AES encryption"}
 
 
 def _zip_member_problem(info: zipfile.ZipInfo, limits: ZipLimits) -> str | None:
@@ -1095,6 +1185,10 @@ def _zip_member_problem(info: zipfile.ZipInfo, limits: ZipLimits) -> str | None:
         return "path with unsafe characters (':' or control characters)"
     if info.flag_bits & 0x1:
         return "encrypted member; unzip it yourself with the password and import the folder"
+    if info.compress_type not in _ZIP_METHODS:
+        method = _ZIP_METHOD_NAMES.get(info.compress_type, f"compression method {info.compress_type}")
+        return (f"compressed with {method}, which cannot be unpacked here; unzip it yourself (or re-zip it "
+                "with ordinary Deflate) and import the result")
     if info.file_size >= limits.ratio_min_bytes and info.file_size > limits.max_ratio * max(info.compress_size, 1):
         ratio = info.file_size / max(info.compress_size, 1)
         return (f"compression ratio {ratio:.0f}:1 (limit {limits.max_ratio:.0f}:1) looks like a zip bomb; "
@@ -1104,10 +1198,11 @@ def _zip_member_problem(info: zipfile.ZipInfo, limits: ZipLimits) -> str | None:
 
 def _gather_zip(src: Path, stack: contextlib.ExitStack, limits: ZipLimits,
                 report: ImportReport) -> list[_Candidate]:
+    handle = stack.enter_context(open_regular(src, "Zip file"))
     try:
-        zf = stack.enter_context(zipfile.ZipFile(src))
+        zf = stack.enter_context(zipfile.ZipFile(handle))
         infos = zf.infolist()
-    except (zipfile.BadZipFile, OSError) as exc:
+    except Exception as exc:  # zipfile raises several types on a damaged directory; all mean the same
         raise StudioError(f"{src} is not a readable zip file ({exc}); re-download it or import the folder.") from None
     files = [i for i in infos if not i.is_dir()]
     if len(infos) > limits.max_members:
@@ -1137,7 +1232,7 @@ def _gather_zip(src: Path, stack: contextlib.ExitStack, limits: ZipLimits,
         root = next(iter(roots))
         if not _is_subset_name(root):
             kept = [(info, PurePosixPath(*rel.parts[1:])) for info, rel in kept]
-    return [_Candidate(rel, f"{src.name}:{info.filename}", lambda i=info: zf.open(i), info.file_size)
+    return [_Candidate(rel, f"{src.name}:{info.filename}", lambda i=info: zf.open(i), info.file_size, zipped=True)
             for info, rel in kept]
 
 
@@ -1151,6 +1246,7 @@ def _plan(candidates: list[_Candidate], existing: list[PurePosixPath], dest: Pat
         _canonical_dir(rel.parent, dir_case)
         file_case[rel.as_posix().casefold()] = rel
     existing_keys = set(file_case)
+    longest = name_max(dest if dest.is_dir() else dest.parent)
 
     images: list[tuple[_Candidate, PurePosixPath, bool]] = []
     captions: list[tuple[_Candidate, PurePosixPath, bool]] = []
@@ -1158,6 +1254,11 @@ def _plan(candidates: list[_Candidate], existing: list[PurePosixPath], dest: Pat
     for cand in candidates:
         if any(_is_hidden(p) for p in cand.rel.parts):
             report.skipped.append(Skipped(cand.origin, "hidden or system file"))
+            continue
+        too_long = [len(os.fsencode(p)) for p in cand.rel.parts if len(os.fsencode(p)) > longest]
+        if too_long:
+            report.skipped.append(Skipped(cand.origin, f"a name of {too_long[0]} bytes, over the file system's "
+                                                       f"limit of {longest}; give it a shorter name"))
             continue
         suffix = cand.rel.suffix.lower()
         if suffix not in IMAGE_EXTENSIONS and suffix != CAPTION_EXTENSION:
@@ -1192,7 +1293,7 @@ def _plan(candidates: list[_Candidate], existing: list[PurePosixPath], dest: Pat
             plan.append((cand, rel, replaces))
         else:
             report.skipped.append(Skipped(cand.origin, "caption without a matching image"))
-    plan.sort(key=lambda t: t[1].as_posix())
+    plan.sort(key=lambda t: (t[1].suffix.lower() not in IMAGE_EXTENSIONS, t[1].as_posix()))  # images first
     return plan
 
 
@@ -1205,17 +1306,37 @@ def _canonical_dir(rel_dir: PurePosixPath, dir_case: dict[str, PurePosixPath]) -
     return out
 
 
-class _SizeChanged(Exception):
-    pass
+class _Unreadable(Exception):
+    """A file or zip member whose data cannot be read; the message is the reason shown."""
 
 
-def _copy(cand: _Candidate, target: Path) -> None:
-    """Copy atomically, never writing more bytes than the source declared."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(target) as tmp, cand.open() as src, open(tmp, "wb") as out:
-        written = 0
-        while chunk := src.read(1024 * 1024):
+def _copy_data(cand: _Candidate, out: IO[bytes]) -> None:
+    """Copy a candidate's bytes to `out`, never more than it declared. Any failure to read
+    (damaged deflate data, a compression method Python lacks, a bad CRC, an I/O error)
+    raises _Unreadable with the reason; write errors pass through."""
+    written = 0
+    try:
+        source = cand.open()
+    except NotAFile as exc:
+        raise _Unreadable(str(exc)) from None
+    except Exception as exc:
+        raise _Unreadable(_read_failure(cand, exc)) from None
+    with source:
+        while True:
+            try:
+                chunk = source.read(1024 * 1024)
+            except Exception as exc:
+                raise _Unreadable(_read_failure(cand, exc)) from None
+            if not chunk:
+                return
             written += len(chunk)
             if written > cand.size:
-                raise _SizeChanged
+                raise _Unreadable("more data than its declared size (changing while copied, or a forged zip entry)")
             out.write(chunk)
+
+
+def _read_failure(cand: _Candidate, exc: Exception) -> str:
+    if cand.zipped:
+        return (f"cannot be unpacked ({type(exc).__name__}: {exc}): the zip is damaged here; unzip it yourself "
+                "to recover what you can, or re-create the zip")
+    return f"cannot be read ({type(exc).__name__}: {exc}); copy it again from the original"

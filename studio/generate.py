@@ -43,6 +43,14 @@ class AdapterUse:
         return self.weight if self.te_weight is None else self.te_weight
 
 
+#: Ranges of a request's numbers (the page's fields refuse the same).
+MAX_STEPS = 500
+MAX_SIDE = 4096
+MAX_BATCH_COUNT = 64
+MAX_GUIDANCE = 100.0
+MAX_SEED = 2**63 - 1
+
+
 @dataclass
 class GenerateRequest:
     prompt: str
@@ -58,19 +66,22 @@ class GenerateRequest:
     batch_count: int = 1
 
     def validate(self) -> None:
+        from studio.limits import MIX_ADAPTERS
+
         if self.scheduler not in SCHEDULERS:
             raise StudioError(f"Unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}.")
-        if not 1 <= self.steps <= 500:
-            raise StudioError(f"steps must be between 1 and 500 (got {self.steps}).")
+        if not 1 <= self.steps <= MAX_STEPS:
+            raise StudioError(f"steps must be between 1 and {MAX_STEPS} (got {self.steps}).")
         for side in (self.width, self.height):
-            if side is not None and (side < 8 or side > 4096 or side % 8):
-                raise StudioError(f"width and height must be multiples of 8 between 8 and 4096 (got {side}).")
-        if not 1 <= self.batch_count <= 64:
-            raise StudioError(f"batch count must be between 1 and 64 (got {self.batch_count}).")
-        if not math.isfinite(self.guidance_scale) or not 0 <= self.guidance_scale <= 100:
-            raise StudioError(f"CFG scale must be a number between 0 and 100 (got {self.guidance_scale}).")
-        if not 0 <= self.seed <= 2**63 - self.batch_count:
-            raise StudioError(f"seed must be a whole number between 0 and {2**63 - self.batch_count} "
+            if side is not None and (side < 8 or side > MAX_SIDE or side % 8):
+                raise StudioError(f"width and height must be multiples of 8 between 8 and {MAX_SIDE} (got {side}).")
+        if not 1 <= self.batch_count <= MAX_BATCH_COUNT:
+            raise StudioError(f"batch count must be between 1 and {MAX_BATCH_COUNT} (got {self.batch_count}).")
+        if not math.isfinite(self.guidance_scale) or not 0 <= self.guidance_scale <= MAX_GUIDANCE:
+            raise StudioError(f"CFG scale must be a number between 0 and {MAX_GUIDANCE} (got {self.guidance_scale}).")
+        MIX_ADAPTERS.check(len(self.adapters), f"This request mixes {len(self.adapters)} adapters")
+        if not 0 <= self.seed <= MAX_SEED + 1 - self.batch_count:
+            raise StudioError(f"seed must be a whole number between 0 and {MAX_SEED + 1 - self.batch_count} "
                               f"(got {self.seed}).")
         for use in self.adapters:
             for weight in (use.weight, use.text_encoder_weight):
@@ -390,15 +401,11 @@ def save_new_png(image, folder: str | Path, stem: str) -> Path:
     """Like `save_png`, under a name no file has yet: `stem.png`, else `stem-2.png`, ...
     Images made in the same second with the same seed never replace each other, even when
     two processes save at once (the name is taken with a hard link, which fails if it exists)."""
-    import tempfile
-
-    from studio.fsutil import _fsync_dir
+    from studio.fsutil import _fsync_dir, create_temp_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{stem}.", suffix=".png.tmp", dir=folder)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = create_temp_file(folder, stem, ".png.tmp")
     try:
         save_png(image, tmp)  # complete and fsynced before it gets its name
         for number in range(1, 10_000):

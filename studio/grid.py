@@ -1,10 +1,12 @@
 """X/Y plots of a mix: one labelled picture over adapter weights, prompts or seeds."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from studio.errors import StudioError
-from studio.generate import Engine, GenerateRequest
+from studio.generate import MAX_SEED, Engine, GenerateRequest
+from studio.limits import GRID_CELLS
 
 
 @dataclass(frozen=True)
@@ -24,13 +26,23 @@ class Axis:
             raise StudioError(f"Axis {text!r}: write adapterN=0,0.5,1 or seed=1,2,3 or prompt=first|second.")
         try:
             if key.startswith("adapter"):
-                return cls("weight", tuple(float(v) for v in raw.split(",")), int(key[len("adapter"):] or 0))
+                weights = tuple(float(v) for v in raw.split(","))
+                if not all(math.isfinite(w) for w in weights):
+                    raise ValueError
+                return cls("weight", weights, int(key[len("adapter"):] or 0))
             if key == "seed":
-                return cls("seed", tuple(int(v) for v in raw.split(",")))
+                seeds = tuple(int(v) for v in raw.split(","))
+                if not all(0 <= seed <= MAX_SEED for seed in seeds):
+                    raise ValueError
+                return cls("seed", seeds)
         except ValueError:
-            raise StudioError(f"Axis {text!r}: the values must be numbers.") from None
+            raise StudioError(f"Axis {text!r}: the values must be finite numbers (seeds: whole numbers from 0 to "
+                              f"{MAX_SEED}).") from None
         if key == "prompt":
-            return cls("prompt", tuple(p.strip() for p in raw.split("|") if p.strip()))
+            prompts = tuple(p.strip() for p in raw.split("|") if p.strip())
+            if not prompts:
+                raise StudioError(f"Axis {text!r}: give at least one prompt, e.g. prompt=a red star|a blue star.")
+            return cls("prompt", prompts)
         raise StudioError(f"Axis {text!r}: unknown axis {key!r}; use adapterN, seed or prompt.")
 
     def apply(self, request: GenerateRequest, value) -> GenerateRequest:
@@ -51,8 +63,15 @@ class Axis:
 
 
 def xy_grid(engine: Engine, request: GenerateRequest, x: Axis, y: Axis | None = None):
-    """(labelled grid image, [[image per x] per y]) for the request over the axes."""
+    """(labelled grid image, [[image per x] per y]) for the request over the axes; a grid
+    over the cap on cells (studio.limits) is refused before any image is made."""
     from PIL import Image, ImageDraw
+
+    cells = len(x.values) * (len(y.values) if y else 1)
+    GRID_CELLS.check(cells, f"This grid has {cells} cells" + (f" ({len(x.values)} x {len(y.values)})" if y else ""))
+    for axis in (x, y) if y else (x,):
+        for value in axis.values:
+            axis.apply(request, value).validate()
 
     rows = []
     for y_value in (y.values if y else (None,)):

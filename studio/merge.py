@@ -7,6 +7,8 @@ dW = up @ down.flatten(1). Conv factors keep their kernel dims on `down`
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -59,32 +61,38 @@ def singular_triplets(f: Factors) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return q_up @ u, s, vh @ q_down.t()
 
 
+def check_rule(*, rank: int | None = None, sv_ratio: float | None = None, sv_fro: float | None = None,
+               sv_cumulative: float | None = None) -> None:
+    """Refuse anything but exactly one rank rule with a value in its range (NaN and
+    infinity included): checked before any file is read."""
+    rules = [r for r in (rank, sv_ratio, sv_fro, sv_cumulative) if r is not None]
+    if len(rules) != 1:
+        raise StudioError("Give exactly one of --rank, --sv-ratio, --sv-fro, --sv-cumulative.")
+    if rank is not None and not rank >= 1:
+        raise StudioError(f"--rank must be at least 1 (got {rank}).")
+    if sv_ratio is not None and not (math.isfinite(sv_ratio) and sv_ratio >= 1):
+        raise StudioError(f"--sv-ratio must be a finite number of at least 1 (got {sv_ratio}).")
+    for flag, share in (("--sv-fro", sv_fro), ("--sv-cumulative", sv_cumulative)):
+        if share is not None and not 0 < share <= 1:
+            raise StudioError(f"{flag} must be in (0, 1] (got {share}).")
+
+
 def choose_rank(s: torch.Tensor, *, rank: int | None = None, sv_ratio: float | None = None,
                 sv_fro: float | None = None, sv_cumulative: float | None = None) -> int:
     """How many singular values to keep (at least 1, at most all), by one rule:
     rank N; sv_ratio X keeps sigma >= sigma_max / X; sv_fro X keeps the fewest whose
     Frobenius share sqrt(sum kept sigma^2 / sum sigma^2) reaches X; sv_cumulative X keeps
     the fewest whose share of sum(sigma) reaches X."""
-    rules = [r for r in (rank, sv_ratio, sv_fro, sv_cumulative) if r is not None]
-    if len(rules) != 1:
-        raise StudioError("Give exactly one of --rank, --sv-ratio, --sv-fro, --sv-cumulative.")
+    check_rule(rank=rank, sv_ratio=sv_ratio, sv_fro=sv_fro, sv_cumulative=sv_cumulative)
     n = s.numel()
     if rank is not None:
-        if rank < 1:
-            raise StudioError(f"--rank must be at least 1 (got {rank}).")
         keep = rank
     elif sv_ratio is not None:
-        if sv_ratio < 1:
-            raise StudioError(f"--sv-ratio must be at least 1 (got {sv_ratio}).")
         keep = int((s >= s[0] / sv_ratio).sum())
     elif sv_fro is not None:
-        if not 0 < sv_fro <= 1:
-            raise StudioError(f"--sv-fro must be in (0, 1] (got {sv_fro}).")
         share = (s.square().cumsum(0) / s.square().sum()).sqrt()
         keep = int((share < sv_fro - 1e-12).sum()) + 1
     else:
-        if not 0 < sv_cumulative <= 1:
-            raise StudioError(f"--sv-cumulative must be in (0, 1] (got {sv_cumulative}).")
         share = s.cumsum(0) / s.sum()
         keep = int((share < sv_cumulative - 1e-12).sum()) + 1
     return max(1, min(keep, n))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +21,8 @@ from studio.families import family_of_pipeline, get_family
 from studio.formats.files import fitting_models
 from studio.formats.modules import LORA
 from studio.formats.naming import name_table, pipeline_models
-from studio.merge import Factors, concat, factors_of_delta, squeeze
+from studio.limits import MIX_ADAPTERS
+from studio.merge import Factors, check_rule, concat, factors_of_delta, squeeze
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +50,18 @@ def parse_mix_arg(text: str) -> tuple[Path, float]:
     return use.path, use.weight
 
 
-def _load_mix(mix: list[tuple[Path, float]]) -> tuple[str, list[tuple[AdapterFile, float, str]]]:
+def _check_mix(mix: list[tuple[Path, float]]) -> None:
+    """Refuse an empty mix, one over the cap, or a weight that is not a finite number."""
     if not mix:
         raise StudioError("Give at least one adapter (FILE[:WEIGHT]).")
+    MIX_ADAPTERS.check(len(mix), f"This mix has {len(mix)} adapters")
+    for path, weight in mix:
+        if not math.isfinite(weight):
+            raise StudioError(f"The weight of {Path(path).name} is {weight}; give a finite number such as 0.8.")
+
+
+def _load_mix(mix: list[tuple[Path, float]]) -> tuple[str, list[tuple[AdapterFile, float, str]]]:
+    _check_mix(mix)
     loaded = [(load_adapter(path), weight, Path(path).stem) for path, weight in mix]
     families = {get_family(adapter.family).name for adapter, _, _ in loaded}
     if len(families) > 1:
@@ -128,6 +139,7 @@ def bake(mix: list[tuple[Path, float]], out: str | Path, *, rank: int | None = N
 def resize(src: str | Path, out: str | Path, *, dtype: torch.dtype = torch.float32, **rule) -> MixReport:
     """Reduce an adapter's rank by one rule (rank / sv_ratio / sv_fro / sv_cumulative);
     reports the share of each module's energy (sum of sigma^2) kept."""
+    check_rule(**rule)
     family, loaded = _load_mix([(Path(src), 1.0)])
     adapter = loaded[0][0]
     shapes = None
@@ -157,6 +169,7 @@ def fuse(model: str, mix: list[tuple[Path, float]], out: str | Path, *, allow_pi
     from studio.formats.modules import dora_merge
     from studio.models import load_pipeline
 
+    _check_mix(mix)
     pipe = load_pipeline(model, allow_pickle=allow_pickle)
     table = name_table(family_of_pipeline(pipe).name, pipeline_models(pipe))
     with torch.no_grad():

@@ -68,6 +68,38 @@ def new_run_id(config: TrainConfig, workspace: Workspace) -> str:
     return run_id
 
 
+def dataset_folder(config: TrainConfig, workspace: Workspace) -> Path:
+    """The folder a config trains on: `dataset.path`, the workspace dataset `dataset.name`,
+    else the demo dataset. Raises a StudioError when it is not a folder."""
+    from studio.config import DEMO_DATASET
+
+    ds = config.dataset
+    folder = Path(ds.path) if ds.path else workspace.dataset_dir(ds.name) if ds.name else DEMO_DATASET
+    if not folder.is_dir():
+        where = f"Dataset {ds.name!r} is not in {workspace.datasets_dir}" if ds.name and not ds.path \
+            else f"Dataset folder {folder} does not exist"
+        raise StudioError(f"{where}; import one with `lora-studio dataset import` (or the Datasets tab), or "
+                          "check the name.")
+    return folder
+
+
+def check_ready(config: TrainConfig, workspace: Workspace) -> int:
+    """Refuse what cannot start, before a run folder is made: options this machine cannot
+    run, a dataset that is missing or has no training images, a base model not found.
+    Returns the dataset's images per epoch (repeats counted)."""
+    from studio.datasets import dataset_stats
+    from studio.models import resolve_model
+
+    check_device_support(config)
+    folder = dataset_folder(config, workspace)
+    stats = dataset_stats(folder)
+    if stats.image_count == 0:
+        raise StudioError(f"Dataset {config.dataset.name or folder} has no training images; add some (the Datasets "
+                          "tab or `lora-studio dataset import`), or check it with `lora-studio dataset check`.")
+    resolve_model(config.base_model)
+    return stats.steps_per_epoch
+
+
 def create_run(config: TrainConfig, workspace: Workspace) -> Path:
     """A new run folder holding the fully resolved config; a config this machine cannot
     run (CUDA-only options without CUDA) is refused first."""

@@ -4,13 +4,18 @@ hostile or pickle file gets the same clear error everywhere."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
 
 from studio.errors import StudioError
+from studio.fsutil import open_regular
 
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
+#: Bits per element, for checking that a tensor's byte range fits its shape (sub-byte types are not checked).
+_DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "I16": 16, "U16": 16, "I32": 32, "U32": 32, "I64": 64, "U64": 64,
+               "F16": 16, "BF16": 16, "F32": 32, "F64": 64, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8, "C64": 64}
 _SAFETENSORS_DTYPES = {
     "BOOL", "U8", "I8", "I16", "U16", "I32", "U32", "I64", "U64", "F16", "BF16", "F32", "F64",
     "F8_E4M3", "F8_E5M2", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2", "C64", "U1",
@@ -22,7 +27,7 @@ FileFormat = Literal["safetensors", "pickle", "zip-pickle", "gguf", "unknown"]
 def sniff_format(path: str | os.PathLike) -> FileFormat:
     """What a file holds, judged by its first bytes (never by its name): a safetensors
     header, a pickle (legacy torch.save), a zip archive (torch.save >= 1.6), GGUF, or unknown."""
-    with open(path, "rb") as handle:
+    with open_regular(path) as handle:
         head = handle.read(16)
     if len(head) >= 9:
         header_len = int.from_bytes(head[:8], "little")
@@ -42,11 +47,11 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, dict[str
     safetensors file, checked for consistency (a truncated or damaged file raises a
     StudioError saying so) without reading any tensor data."""
     path = Path(path)
-    size = path.stat().st_size
     damaged = f"{path} is not a valid safetensors file"
-    if size < 8:
-        raise StudioError(f"{damaged}: it is only {size} bytes long. Download it again.")
-    with open(path, "rb") as handle:
+    with open_regular(path) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size < 8:
+            raise StudioError(f"{damaged}: it is only {size} bytes long. Download it again.")
         header_len = int.from_bytes(handle.read(8), "little")
         if header_len > _MAX_HEADER_BYTES:
             raise StudioError(f"{damaged}: its header claims {header_len} bytes. Download it again.")
@@ -63,6 +68,9 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, dict[str
     except (UnicodeDecodeError, ValueError) as exc:
         raise StudioError(f"{damaged}: its header is not valid JSON ({exc}). Download it again.") from exc
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise StudioError(f"{damaged}: its __metadata__ must be a JSON object of text values, but it is "
+                          f"{_json_kind(metadata)}. The file was damaged or written by a broken tool; get it again.")
     data_end = 0
     for name, info in header.items():
         try:
@@ -70,9 +78,11 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, dict[str
             shape = info["shape"]
             ok = (
                 info["dtype"] in _SAFETENSORS_DTYPES
+                and isinstance(begin, int) and isinstance(end, int)
                 and 0 <= begin <= end
                 and isinstance(shape, list)
                 and all(isinstance(d, int) and d >= 0 for d in shape)
+                and (info["dtype"] not in _DTYPE_BITS or end - begin == math.prod(shape) * _DTYPE_BITS[info["dtype"]] // 8)
             )
         except (KeyError, TypeError, ValueError):
             ok = False
@@ -86,6 +96,11 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, dict[str
             "The download or copy was cut short; get the file again."
         )
     return header, {str(k): str(v) for k, v in metadata.items()}
+
+
+def _json_kind(value: Any) -> str:
+    return {list: "a list", str: "a string", bool: "true or false", int: "a number", float: "a number",
+            dict: "an object with values that are not text"}.get(type(value), type(value).__name__)
 
 
 def refuse_pickle(path: Path, fmt: str) -> StudioError:

@@ -30,13 +30,14 @@ class Workspace:
     root: Path
 
     @classmethod
-    def open(cls, path: str | os.PathLike | None = None) -> "Workspace":
-        """Open (and create) a workspace: `path`, else $LORA_STUDIO_WORKSPACE, else ./workspace."""
+    def open(cls, path: str | os.PathLike | None = None, *, create: bool = True) -> "Workspace":
+        """Open a workspace: `path`, else $LORA_STUDIO_WORKSPACE, else ./workspace; its
+        folders are created unless `create` is False (to check input before writing)."""
         chosen = Path(path or os.environ.get(WORKSPACE_ENV) or DEFAULT_WORKSPACE).expanduser().resolve()
         if chosen.exists() and not chosen.is_dir():
             raise StudioError(f"Workspace {chosen} is a file; pass a folder with --workspace.")
         ws = cls(chosen)
-        for folder in (ws.datasets_dir, ws.runs_dir, ws.adapters_dir, ws.models_dir):
+        for folder in (ws.datasets_dir, ws.runs_dir, ws.adapters_dir, ws.models_dir) if create else ():
             folder.mkdir(parents=True, exist_ok=True)
         return ws
 

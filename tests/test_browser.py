@@ -137,7 +137,7 @@ def test_errors_are_clear_and_the_server_keeps_serving(page, server, tmp_path):
     tab(page, "2 · Train")
     set_value(page, "train-training-learning-rate", 0)
     page.locator("#train-check").click()
-    expect_toast(page, "training.learning_rate")
+    expect_toast(page, "Learning rate: Input should be greater than 0")  # the label the page shows
     set_value(page, "train-training-learning-rate", 0.001)
     close_toasts(page)
     assert server["proc"].poll() is None

@@ -272,7 +272,7 @@ def test_bad_block_weights_show_a_clear_message(studio, app_events, blocks, expe
 
 
 def test_a_text_encoder_weight_that_is_no_number_is_named(studio):
-    with pytest.raises(StudioError, match="Adapter 2: the text-encoder weight 'half' is not a number"):
+    with pytest.raises(StudioError, match="Adapter 2 · Text-encoder weight: 'half' is not a number"):
         h.generate_images(studio, _settings(), [("", 1.0), ("star", 1.0, "half")])
 
 

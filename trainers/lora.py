@@ -165,18 +165,9 @@ class Trainer:
                                   for encoder in self.text_encoders]
 
     def _dataset_folder(self) -> Path:
-        ds = self.config.dataset
-        if ds.path:
-            folder = Path(ds.path)
-        elif ds.name:
-            folder = run_workspace(self.run_dir).dataset_dir(ds.name)
-        else:
-            from studio.config import DEMO_DATASET
+        from studio.runs import dataset_folder
 
-            folder = DEMO_DATASET
-        if not folder.is_dir():
-            raise StudioError(f"Dataset folder {folder} does not exist; import one with `lora-studio dataset import`.")
-        return folder
+        return dataset_folder(self.config, run_workspace(self.run_dir))
 
     def _caption(self, caption: str) -> str:
         ds = self.config.dataset

@@ -13,11 +13,13 @@ import time
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls at run time
 
 import gradio as gr  # noqa: E402
+from starlette.middleware import Middleware  # noqa: E402
 
 from studio.errors import StudioError  # noqa: E402
+from studio.exposure import MAX_UPLOAD_ENV, max_upload_bytes  # noqa: E402
+from studio.limits import check_settings as check_caps  # noqa: E402
 from studio.workspace import Workspace  # noqa: E402
 from ui import datasets_tab, generate_tab, library_tab, runs_tab, train_tab  # noqa: E402
-from studio.exposure import max_upload_bytes  # noqa: E402
 from ui.common import Studio, friendly, heavy_imports  # noqa: E402
 
 log = logging.getLogger("ui")
@@ -147,6 +149,50 @@ def _escape(text: str) -> str:
     return html.escape(text)
 
 
+class UploadOverLimit:
+    """ASGI middleware: Gradio refuses an upload over the limit (413) while the sender is still
+    sending it, and the connection closes under the sender, who sees a broken connection
+    instead of the reason. This reads the rest of a refused request (discarding it), then
+    answers 413 with the limit and how to change it."""
+
+    def __init__(self, app, limit_bytes: int):
+        self.app = app
+        self.text = (f"The file is over the upload limit of {limit_bytes / 1024**2:g} MiB. Import it from a "
+                     f"folder on this computer instead (the Datasets tab's folder box), or restart the studio "
+                     f"with {MAX_UPLOAD_ENV} set higher.").encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") != "POST":
+            return await self.app(scope, receive, send)
+        body_done = False
+        refused = False
+
+        def note(message) -> None:
+            nonlocal body_done
+            if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                body_done = True
+
+        async def tracked_receive():
+            message = await receive()
+            note(message)
+            return message
+
+        async def worded_send(message):
+            nonlocal refused
+            if message["type"] == "http.response.start" and message["status"] == 413:
+                refused = True
+                while not body_done:
+                    note(await receive())
+                await send({"type": "http.response.start", "status": 413,
+                            "headers": [(b"content-type", b"text/plain; charset=utf-8"),
+                                        (b"content-length", str(len(self.text)).encode())]})
+                await send({"type": "http.response.body", "body": self.text})
+            elif not refused:  # Gradio's own 413 body is replaced by ours
+                await send(message)
+
+        await self.app(scope, tracked_receive, worded_send)
+
+
 _first_page = threading.Event()
 
 
@@ -170,6 +216,7 @@ def launch(workspace: Workspace | str | os.PathLike | None = None, host: str = "
     from studio.jobs import ensure_supervisor
 
     upload_limit = max_upload_bytes()  # a bad $LORA_STUDIO_MAX_UPLOAD_MB stops here, before anything starts
+    check_caps()  # and so does a bad cap setting (studio.limits)
     ws = workspace if isinstance(workspace, Workspace) else Workspace.open(workspace)
     # Workspace files (dataset images, samples, outputs, adapters) are served where they are,
     # not copied into Gradio's cache; nothing outside the workspace is served.
@@ -178,7 +225,8 @@ def launch(workspace: Workspace | str | os.PathLike | None = None, host: str = "
     try:
         app.launch(server_name=host, server_port=port, allowed_paths=[str(ws.root)], prevent_thread_lock=True,
                    show_error=False, theme=_theme(), css=CSS, footer_links=["gradio", "settings"],
-                   auth=auth, share=share, max_file_size=upload_limit)
+                   auth=auth, share=share, max_file_size=upload_limit,
+                   app_kwargs={"middleware": [Middleware(UploadOverLimit, limit_bytes=upload_limit)]})
     except OSError as error:
         raise StudioError(f"Cannot serve on {host}:{port} ({error}); is another studio running there? "
                           "Pass another --port.") from None

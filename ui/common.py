@@ -109,6 +109,17 @@ def friendly(fn: Callable) -> Callable:
     return wrapper
 
 
+def unchecked(component):
+    """`component` (a Number or Slider) with its value passed to the handler as it was sent.
+    Gradio's own range and type check would refuse it first, one field at a time, in words
+    that do not name the field, and log a traceback; the handlers check every field and
+    name them all at once. `minimum` / `maximum` still guide the browser. (An instance
+    attribute, not a subclass: Gradio writes a .pyi stub beside any module that subclasses
+    a component.)"""
+    component.preprocess = lambda payload: payload
+    return component
+
+
 def dropdown_value(choices: list[str], wanted: str | None) -> str | None:
     """`wanted` when it is a choice, else the first choice (or None)."""
     if wanted in choices:

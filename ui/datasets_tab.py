@@ -40,8 +40,10 @@ def build(studio: Studio) -> SimpleNamespace:
                 with gr.Accordion("+ New dataset / add images", open=not names):
                     new_name = gr.Textbox(label="Dataset name", placeholder="e.g. my-character", elem_id="ds-new-name",
                                           info="A new name creates a dataset; an existing one adds to it.")
-                    upload = gr.File(label="Images, .txt captions or a .zip", file_count="multiple",
-                                     file_types=["image", ".zip", ".txt"], height=140, elem_id="ds-upload")
+                    # no file_types filter: the page would drop other files without a word; the
+                    # import report names each file it skips and why
+                    upload = gr.File(label="Images, .txt captions or a .zip", file_count="multiple", height=140,
+                                     elem_id="ds-upload")
                     folder = gr.Textbox(label="…or a folder on this computer", placeholder="/path/to/images",
                                         info="Copied into the workspace; the original is only read.")
                     mode = gr.Radio(_IMPORT_MODES, value="add", label="When the dataset already exists")

@@ -10,7 +10,7 @@ import gradio as gr
 from studio.families import DEFAULT
 from studio.generate import SCHEDULER_LABELS, SCHEDULERS
 from ui import helpers as h
-from ui.common import Studio, friendly, heavy_imports
+from ui.common import Studio, friendly, heavy_imports, unchecked
 
 ADAPTER_ROWS = 4
 NONE = ""
@@ -36,8 +36,8 @@ def build(studio: Studio, model_choices) -> SimpleNamespace:
                             # the library like a <lora:name> tag, with the same clear error when unknown
                             name = gr.Dropdown([NONE], value=NONE, label=f"Adapter {i + 1}", scale=3,
                                                allow_custom_value=True, elem_id=f"gen-adapter-{i + 1}")
-                            weight = gr.Slider(-2, 2, value=1.0, step=0.05, label="Weight", scale=2,
-                                               info="Strength on the UNet", elem_id=f"gen-weight-{i + 1}")
+                            weight = unchecked(gr.Slider(-2, 2, value=1.0, step=0.05, label="Weight", scale=2,
+                                                         info="Strength on the UNet", elem_id=f"gen-weight-{i + 1}"))
                         with gr.Row(equal_height=True):
                             te_weight = gr.Textbox("", label="Text-encoder weight", scale=2,
                                                    placeholder="same as Weight", info="Empty = the same as Weight",
@@ -71,12 +71,13 @@ def build(studio: Studio, model_choices) -> SimpleNamespace:
                         size = gr.Dropdown(h.SIZE_CHOICES, value=h.SIZE_DEFAULT, allow_custom_value=True,
                                            label="Size (width × height)", elem_id="gen-size")
                     with gr.Row():
-                        steps = gr.Slider(1, 150, value=20, step=1, label="Steps", elem_id="gen-steps")
-                        cfg = gr.Slider(0, 20, value=5.0, step=0.5, label="CFG scale",
-                                        info="How strongly the prompt steers", elem_id="gen-cfg")
+                        steps = unchecked(gr.Slider(1, 150, value=20, step=1, label="Steps", elem_id="gen-steps"))
+                        cfg = unchecked(gr.Slider(0, 20, value=5.0, step=0.5, label="CFG scale",
+                                                  info="How strongly the prompt steers", elem_id="gen-cfg"))
                     with gr.Row():
-                        seed = gr.Number(-1, precision=0, label="Seed", info="-1 = random", elem_id="gen-seed")
-                        count = gr.Slider(1, 8, value=1, step=1, label="Images", elem_id="gen-count")
+                        seed = unchecked(gr.Number(-1, precision=0, label="Seed", info="-1 = random",
+                                                   elem_id="gen-seed"))
+                        count = unchecked(gr.Slider(1, 8, value=1, step=1, label="Images", elem_id="gen-count"))
             with gr.Column(scale=3):
                 go = gr.Button("Generate", variant="primary", size="lg", elem_id="gen-go")
                 results = gr.Gallery(label="Results", columns=2, height=420, object_fit="contain",

@@ -570,17 +570,60 @@ def merge_uses(*groups: Sequence) -> list:
     return merged
 
 
-def parse_seed(value) -> int:
+_REQUIRED = object()
+
+
+def _plain(number: float) -> str:
+    return str(number) if isinstance(number, int) else f"{number:g}"
+
+
+class FormProblems:
+    """What is wrong with a form's fields, collected so that one message names them all,
+    each by the label the page shows."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def number(self, value, label: str, low: float | None = None, high: float | None = None, *,
+               whole: bool = False, empty: Any = _REQUIRED) -> Any:
+        """`value` as a finite number within [low, high] (an int when `whole`); an empty field
+        gives `empty`. A bad value is noted, and None (or `empty`) returned."""
+        fallback = None if empty is _REQUIRED else empty
+        if value is None or (isinstance(value, str) and not value.strip()):
+            if empty is _REQUIRED:
+                self.problems.append(f"{label}: empty; give a number")
+            return fallback
+        try:
+            number = float(value)
+        except (TypeError, ValueError, OverflowError):
+            self.problems.append(f"{label}: {value!r} is not a number")
+            return fallback
+        in_range = (low is None or number >= low) and (high is None or number <= high)
+        if math.isfinite(number) and in_range and (number.is_integer() or not whole):
+            return int(number) if whole else number
+        wanted = "a whole number" if whole else "a finite number"
+        if low is not None and high is not None:
+            wanted += f" from {_plain(low)} to {_plain(high)}"
+        self.problems.append(f"{label}: {value!r} is not {wanted}")
+        return fallback
+
+    def raise_if_any(self) -> None:
+        if self.problems:
+            fix = "Fix it" if len(self.problems) == 1 else f"Fix these {len(self.problems)} fields"
+            raise StudioError(f"{'; '.join(self.problems)}. {fix} and try again.")
+
+
+def parse_seed(value, problems: FormProblems | None = None) -> int | None:
     """The seed field: a whole number >= 0, or -1 (or empty) for a random one."""
-    if value is None or value == "":
-        return random.randrange(2**31)
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise StudioError(f"Seed {value!r} is not a number; give a whole number, or -1 for a random one.") from None
-    if not math.isfinite(number) or number != int(number):
-        raise StudioError(f"Seed {value!r} is not a whole number; give e.g. 1234, or -1 for a random one.")
-    return random.randrange(2**31) if number < 0 else int(number)
+    from studio.generate import MAX_SEED
+
+    own = problems or FormProblems()
+    number = own.number(value, "Seed", -1, MAX_SEED, whole=True, empty=-1)
+    if problems is None:
+        own.raise_if_any()
+    if number is None:
+        return None
+    return random.randrange(2**31) if number < 0 else number
 
 
 @dataclass(frozen=True)
@@ -602,20 +645,30 @@ def mix_request(studio, settings: GenerateSettings, rows: Sequence[Sequence], *,
                 weight_axis_rows: Iterable[int] = ()) -> tuple[Any, dict[int, int]]:
     """The GenerateRequest of the fields, the rows and the prompt's `<lora:...>` tags, and
     the position in its adapter list of each row's adapter."""
-    from studio.generate import GenerateRequest, parse_prompt_loras
+    from studio.generate import MAX_BATCH_COUNT, MAX_GUIDANCE, MAX_STEPS, GenerateRequest, parse_prompt_loras
     from studio.library import find_adapter
 
     if not (settings.prompt or "").strip():
         raise StudioError("Write a prompt first.")
+    problems = FormProblems()
+    steps = problems.number(settings.steps, "Steps", 1, MAX_STEPS, whole=True)
+    cfg = problems.number(settings.cfg, "CFG scale", 0, MAX_GUIDANCE)
+    count = problems.number(settings.count, "Images", 1, MAX_BATCH_COUNT, whole=True)
+    seed = parse_seed(settings.seed, problems)
+    for index, values in enumerate(rows):
+        row = AdapterRow(*values)
+        if row.name:
+            problems.number(row.weight, f"Adapter {index + 1} · Weight", empty=1.0)
+            problems.number(row.te_weight, f"Adapter {index + 1} · Text-encoder weight", empty=None)
+    problems.raise_if_any()
     resolve = lambda name: find_adapter(studio.workspace, name)  # noqa: E731
     prompt, tagged = parse_prompt_loras(settings.prompt, resolve)
     by_row = row_uses(rows, resolve, keep_rows=weight_axis_rows)
     width, height = parse_size(settings.size)
     request = GenerateRequest(prompt=prompt, model=settings.model or "builtin",
                               negative_prompt=settings.negative or "", adapters=merge_uses(by_row.values(), tagged),
-                              seed=parse_seed(settings.seed), steps=int(settings.steps),
-                              guidance_scale=float(settings.cfg), width=width, height=height,
-                              scheduler=settings.scheduler, batch_count=int(settings.count))
+                              seed=seed, steps=steps, guidance_scale=cfg, width=width, height=height,
+                              scheduler=settings.scheduler, batch_count=count)
     request.validate()
     return request, {row: position for position, row in enumerate(by_row)}
 

@@ -24,8 +24,8 @@ def build(studio: Studio, model_choices) -> SimpleNamespace:
                                      elem_id="lib-table")
                 with gr.Accordion("Import a LoRA file (.safetensors)", open=True):
                     with gr.Row(equal_height=False):
-                        upload = gr.File(label="LoRA .safetensors", file_types=[".safetensors"], height=110,
-                                         scale=3, elem_id="lib-upload")
+                        # no file_types filter: the import says what is wrong with any other file
+                        upload = gr.File(label="LoRA .safetensors", height=110, scale=3, elem_id="lib-upload")
                         with gr.Column(scale=2):
                             new_name = gr.Textbox(label="Name in the library", placeholder="(the file's name)",
                                                   info="Used in <lora:name:w> tags", elem_id="lib-new-name")
@@ -190,7 +190,10 @@ def build(studio: Studio, model_choices) -> SimpleNamespace:
         if not file:
             raise StudioError("Choose a .safetensors file to import first.")
         source = Path(file)
-        target = import_adapter(ws, source, name or None)
+        try:
+            target = import_adapter(ws, source, name or None)
+        except StudioError as error:  # name the file as uploaded, not the server's temporary copy
+            raise StudioError(str(error).replace(str(source), source.name)) from None
         gr.Info(f"Imported {source.name} as {target.stem!r}.")
         return [*refresh(target.stem), None, ""]
 

@@ -9,8 +9,9 @@ from studio import PRESETS_DIR
 from studio.config import TrainConfig, dump_config, load_config, parse_config
 from studio.datasets import dataset_stats, list_datasets
 from studio.errors import StudioError
+from studio.runs import check_ready
 from ui import helpers as h
-from ui.common import Studio, dropdown_value, friendly
+from ui.common import Studio, dropdown_value, friendly, unchecked
 
 DEFAULT_PRESET = "tiny-demo"
 BUILTIN = "builtin"
@@ -96,8 +97,9 @@ def build(studio: Studio) -> SimpleNamespace:
         if spec.kind == "choice":
             return gr.Dropdown(list(spec.choices), value=value, **common)
         if spec.kind in ("int", "float"):
-            return gr.Number(value=value, precision=0 if spec.kind == "int" else None, minimum=spec.minimum,
-                             maximum=spec.maximum, step=_number_step(spec), **common)
+            return unchecked(gr.Number(value=value, precision=0 if spec.kind == "int" else None,
+                                       minimum=spec.minimum, maximum=spec.maximum, step=_number_step(spec),
+                                       **common))
         if spec.kind == "lines":
             return gr.Textbox(value=value, lines=3, **common)
         return gr.Textbox(value=value, **common)
@@ -110,8 +112,11 @@ def build(studio: Studio) -> SimpleNamespace:
         with gr.Row(equal_height=False):
             with gr.Column(scale=3):
                 with gr.Row():
+                    # custom values: a dataset made after the page was built (or named by an API client)
+                    # is checked by the handlers, with a clear message when it is not there
                     dataset = gr.Dropdown(datasets, value=dropdown_value(datasets, "demo"), label="Dataset",
-                                          info="From the Datasets tab", elem_id="train-dataset")
+                                          allow_custom_value=True, info="From the Datasets tab",
+                                          elem_id="train-dataset")
                     base_model = gr.Dropdown(model_choices(studio), value=main_values[("base_model",)],
                                              allow_custom_value=True, label="Base model",
                                              info="'builtin' (tiny, CPU), or a path: diffusers folder / "
@@ -160,6 +165,11 @@ def build(studio: Studio) -> SimpleNamespace:
     main_components = [main[path] for path in MAIN_ORDER]
     form_specs = main_specs + advanced_specs
     form_components = main_components + advanced
+    # problems are reported under the labels the page shows, not the config's keys
+    labels = {("dataset", "name"): "Dataset", ("base_model",): "Base model", **{path: label for path, label in _MAIN_LABELS.items()},
+              **{(spec.section,): h.SECTION_TITLES.get(spec.section, spec.section) for spec in advanced_specs},
+              **{spec.path: f"{h.SECTION_TITLES.get(spec.section, spec.section)} › {spec.label}"
+                 for spec in advanced_specs}}
 
     def build_config(dataset_name: str | None, values) -> TrainConfig:
         data = h.form_to_config_dict(form_specs, values)
@@ -167,25 +177,7 @@ def build(studio: Studio) -> SimpleNamespace:
             raise StudioError("Pick a dataset (make one in the Datasets tab first).")
         data.setdefault("dataset", {})["name"] = dataset_name
         data["dataset"].pop("path", None)
-        return parse_config(data, "Settings")
-
-    def check_ready(config: TrainConfig) -> int:
-        """Images per epoch; raises StudioError when the dataset, base model or this machine cannot run it."""
-        from studio.config import check_device_support
-
-        check_device_support(config)
-        folder = ws.dataset_dir(config.dataset.name)
-        if not folder.is_dir():
-            raise StudioError(f"Dataset {config.dataset.name!r} does not exist any more; pick another one.")
-        stats = dataset_stats(folder)
-        if stats.image_count == 0:
-            raise StudioError(f"Dataset {config.dataset.name!r} has no training images; add some in the "
-                              "Datasets tab.")
-        if config.base_model != BUILTIN:
-            from studio.models import resolve_model
-
-            resolve_model(config.base_model)
-        return stats.steps_per_epoch
+        return parse_config(data, "Settings", labels)
 
     @friendly
     def on_preset(name):
@@ -197,7 +189,7 @@ def build(studio: Studio) -> SimpleNamespace:
             data = h.form_to_config_dict(form_specs, values)
             data.setdefault("dataset", {})["name"] = dataset_name or None
             data["dataset"].pop("path", None)
-            config = parse_config(data, "Settings")
+            config = parse_config(data, "Settings", labels)
         except StudioError as error:
             return f"**Cannot estimate yet:** {error}"
         builtin = config.base_model in ("", BUILTIN)
@@ -230,7 +222,7 @@ def build(studio: Studio) -> SimpleNamespace:
     @friendly
     def on_check(dataset_name, *values):
         config = build_config(dataset_name, values)
-        per_epoch = check_ready(config)
+        per_epoch = check_ready(config, ws)
         gr.Info(f"Settings are valid: {config.training.max_steps} steps on {per_epoch} images per epoch.")
         return dump_config(config), "Settings are valid."
 
@@ -239,7 +231,7 @@ def build(studio: Studio) -> SimpleNamespace:
         from studio.jobs import enqueue, list_jobs
 
         config = build_config(dataset_name, values)
-        check_ready(config)
+        check_ready(config, ws)
         if (ws.adapters_dir / f"{config.name}.safetensors").exists():
             gr.Warning(f"An adapter named {config.name!r} is in the library; this run replaces it when it "
                        "finishes. Change the adapter name to keep both.")

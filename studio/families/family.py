@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-import torch
+if TYPE_CHECKING:  # torch loads only where a hook runs: the UI starts without it
+    import torch
 
 
 @dataclass(frozen=True)

@@ -3,9 +3,12 @@ text encoder whose last hidden state conditions the UNet; kohya names its UNet m
 their diffusers paths."""
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from studio.families.family import Family, GpuGuide, Part, SingleFileEncoder
+
+if TYPE_CHECKING:
+    import torch
 
 TE_PREFIX = "cond_stage_model.transformer.text_model."
 

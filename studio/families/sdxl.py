@@ -4,10 +4,12 @@ extra UNet inputs; kohya names its UNet modules by the LDM (sgm) layout."""
 from __future__ import annotations
 
 import re
-
-import torch
+from typing import TYPE_CHECKING
 
 from studio.families.family import Family, GpuGuide, Part, SingleFileEncoder
+
+if TYPE_CHECKING:
+    import torch
 
 TE1_PREFIX = "conditioner.embedders.0.transformer.text_model."
 TE2_PREFIX = "conditioner.embedders.1.model."
@@ -32,6 +34,8 @@ PRESETS = {
 def encode_text(tokenizers, encoders, captions: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
     """Penultimate hidden states of both encoders concatenated, and the second encoder's
     pooled projection."""
+    import torch
+
     hidden, pooled = [], None
     for tokenizer, encoder in zip(tokenizers, encoders):
         ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
@@ -44,6 +48,8 @@ def encode_text(tokenizers, encoders, captions: list[str], device) -> tuple[torc
 
 def size_conditioning(examples, crops) -> torch.Tensor:
     """(original height, width, crop top, left, target height, width) per picture."""
+    import torch
+
     return torch.tensor([[ex.size[1], ex.size[0], top, left, ex.bucket[1], ex.bucket[0]]
                          for ex, (top, left) in zip(examples, crops)], dtype=torch.float32)
 

@@ -34,7 +34,7 @@ from studio.formats.modules import LOHA, LOKR, LORA, AdapterModule, dora_scale_f
 from studio.formats.naming import (ALL_PREFIXES, Target, clip_kohya_path, describe_names, name_table,
                                    path_to_name, split_name)
 from studio.formats.peft_bridge import AdapterType, _lokr_config, _loha_config, _lora_config, _Plan, check_fit
-from studio.fsutil import atomic_write_bytes
+from studio.fsutil import atomic_write_bytes, open_regular
 from studio.safetensors_file import read_safetensors_header, refuse_pickle, sniff_format
 
 log = logging.getLogger(__name__)
@@ -132,17 +132,22 @@ def read_checked_header(path: str | Path) -> tuple[dict, dict[str, str]]:
     """The tensor table and metadata of an adapter file; a pickle (whatever its name), a
     truncated or a corrupt file raises a StudioError that says so."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise StudioError(f"Adapter file {path} not found.")
     fmt = sniff_format(path)
     if fmt in ("pickle", "zip-pickle"):
         raise refuse_pickle(path, fmt)
+    if fmt == "gguf":
+        raise StudioError(f"{path.name} is a GGUF file, not a safetensors adapter; use the .safetensors version "
+                          "of this LoRA.")
     if fmt != "safetensors":
-        with open(path, "rb") as handle:
+        with open_regular(path) as handle:
             head = handle.read(9)
-        if len(head) == 9 and head[8:9] == b"{":  # a safetensors header of an impossible size
+        if len(head) == 9 and head[8:9] == b"{":  # a safetensors header of an impossible size: say so
             read_safetensors_header(path)
-        raise StudioError(f"{path.name} is not a safetensors file; adapters must be .safetensors.")
+        raise StudioError(f"{path.name} is not a valid safetensors file: its header cannot be read (the file is "
+                          "damaged, or is some other kind of file renamed to .safetensors). Download the LoRA "
+                          "again, or export it as .safetensors from the tool that made it.")
     return read_safetensors_header(path)
 
 
