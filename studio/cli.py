@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     chk = ds_sub.add_parser("check", help="validation report of a dataset")
     chk.add_argument("name", help="dataset name in the workspace, or a folder path")
     chk.add_argument("--json", action="store_true")
+    chk.add_argument("--resolution", type=int, default=None,
+                     help="training resolution: report the images smaller than it")
     _workspace_arg(chk)
 
     bake = sub.add_parser("bake", help="bake a mix of adapters into one LoRA file")
@@ -239,7 +241,7 @@ def cmd_dataset(args) -> int:
     folder = Path(args.name) if Path(args.name).is_dir() else workspace.dataset_dir(args.name)
     if not folder.is_dir():
         raise StudioError(f"No dataset {args.name!r} in {workspace.datasets_dir}; import one first.")
-    report = check_dataset(folder)
+    report = check_dataset(folder, resolution=args.resolution)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.summary())
     return 0
 

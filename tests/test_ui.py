@@ -218,10 +218,10 @@ def test_thumbnail_from_metadata():
 def test_gallery_items_mark_repeats_and_class_images(tmp_path):
     item = lambda rel, **kw: SimpleNamespace(path=tmp_path / rel, caption=kw.get("caption", ""),  # noqa: E731
                                              repeats=kw.get("repeats", 1), is_regularisation=kw.get("reg", False))
-    items = h.gallery_items([item("a.png", caption="sks, dog"), item("10_x/b.png", repeats=10),
-                             item("reg/c.png", reg=True)], tmp_path)
-    assert items[0] == (str(tmp_path / "a.png"), "sks, dog · a.png")
-    assert items[1][1] == "[×10] (no caption) · 10_x/b.png"
+    items = h.gallery_items([item("10_x/b.png", repeats=10), item("reg/c.png", reg=True),
+                             item("sks.png", caption="sks, dog")], tmp_path)
+    assert items[0][1] == "[×10] (no caption) · 10_x/b.png"
+    assert items[1] == (str(tmp_path / "sks.png"), "sks, dog · sks.png")  # training pictures before class images
     assert items[2][1].startswith("[class image]")
 
 

@@ -1017,9 +1017,10 @@ def issue_rows(report) -> list[list[str]]:
 
 
 def gallery_items(items: Sequence, folder: Path, *, limit: int = 500) -> list[tuple[str, str]]:
-    """(image path, caption shown under it) for the dataset gallery."""
+    """(image path, caption shown under it) for the dataset gallery: the training pictures
+    first, then the class images (reg/ sorts before most names, yet matters less)."""
     out = []
-    for item in list(items)[:limit]:
+    for item in sorted(items, key=lambda item: item.is_regularisation)[:limit]:
         rel = Path(item.path).relative_to(folder).as_posix()
         tags = []
         if item.is_regularisation:
