@@ -334,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except StudioError as error:
-        print(f"error: {error}", file=sys.stderr)
+        for line in str(error).splitlines():  # several problems: one line each
+            print(f"error: {line}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

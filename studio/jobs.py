@@ -134,10 +134,14 @@ def cancel(workspace: Workspace, job_id: str) -> Job:
 
 
 def resume(workspace: Workspace, job_id: str, *, start_supervisor: bool = True) -> Job:
-    """Queue a failed or cancelled job again; it continues from its last checkpoint."""
+    """Queue a failed or cancelled job again; it continues from its last checkpoint. A job
+    that still cannot train (its dataset broken, its model gone) stays where it is."""
+    from studio.runs import check_training, run_config
+
     job = get_job(workspace, job_id)
     if job.state not in ("failed", "cancelled"):
         raise StudioError(f"Job {job_id} is {job.state}; only failed or cancelled jobs can be resumed.")
+    check_training(run_config(job.run_dir(workspace)), workspace).raise_problems()
     _update(workspace, job_id, state="queued", attempts=0, message="", finished=None)
     if start_supervisor:
         ensure_supervisor(workspace)

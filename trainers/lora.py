@@ -20,6 +20,8 @@ import torch.nn.functional as F
 
 from studio.config import TrainConfig, check_device_support, load_config
 from studio.errors import StudioError
+from studio.runs import check_training, dataset_folder
+from studio.workspace import Workspace
 from trainers.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from trainers.data import (BatchOrder, Example, center_crop_offsets, choose_bucket, micro_generator,
                            prepare_image)
@@ -89,8 +91,8 @@ class Trainer:
         folder = self._dataset_folder()
         items = load_items(folder)
         instance = [it for it in items if not it.is_regularisation]
-        if not instance:
-            raise StudioError(f"Dataset {folder} has no usable images; run `lora-studio dataset check` on it.")
+        if not instance:  # the dataset changed since the run was queued: say what is wrong as the check does
+            check_training(cfg, self._workspace()).raise_problems()
         self.instance = [self._example(it.path, self._caption(it.caption), it.repeats, it.size) for it in instance]
         self.instance_order = BatchOrder(self.instance, cfg.training.batch_size, cfg.seed)
         self.class_examples: list[Example] = []
@@ -145,20 +147,13 @@ class Trainer:
         if net.train_text_encoder:
             self.text_encoders = [self.accelerator.prepare(encoder) for encoder in self.text_encoders]
 
+    def _workspace(self) -> Workspace:
+        return Workspace(self.run_dir.parent.parent)  # runs live in <workspace>/runs/<id>
+
     def _dataset_folder(self) -> Path:
-        ds = self.config.dataset
-        if ds.path:
-            folder = Path(ds.path)
-        elif ds.name:
-            from studio.workspace import Workspace
-
-            folder = Workspace.open(self.run_dir.parent.parent).dataset_dir(ds.name)
-        else:
-            from studio.config import DEMO_DATASET
-
-            folder = DEMO_DATASET
+        folder = dataset_folder(self.config, self._workspace())
         if not folder.is_dir():
-            raise StudioError(f"Dataset folder {folder} does not exist; import one with `lora-studio dataset import`.")
+            check_training(self.config, self._workspace()).raise_problems()
         return folder
 
     def _caption(self, caption: str) -> str:

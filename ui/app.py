@@ -110,7 +110,10 @@ def build_app(workspace: Workspace | str | os.PathLike | None = None, *, allow_p
 
         @friendly
         def launch_run(*values):
-            toml_text, note, job_id = train.launch(*values)
+            queued = train.launch(*values)
+            if queued is None:  # it cannot train: its problems are shown, the page stays as it was
+                return gr.skip()
+            toml_text, note, job_id = queued
             return (toml_text, note, gr.update(choices=[job_id], value=job_id), gr.Tabs(selected="runs"),
                     gr.Timer(active=True))
 

@@ -9,8 +9,9 @@ from studio import PRESETS_DIR
 from studio.config import TrainConfig, dump_config, load_config, parse_config
 from studio.datasets import dataset_stats, list_datasets
 from studio.errors import StudioError
+from studio.runs import Problem, TrainingCheck, check_training
 from ui import helpers as h
-from ui.common import Studio, dropdown_value, friendly
+from ui.common import PROBLEM_TITLE, Studio, dropdown_value, friendly
 
 DEFAULT_PRESET = "tiny-demo"
 BUILTIN = "builtin"
@@ -45,6 +46,19 @@ def preset_config(name: str | None) -> TrainConfig:
     if not path.is_file():
         raise StudioError(f"Preset {name!r} not found in {PRESETS_DIR}.")
     return load_config(path)
+
+
+#: The Train tab's name for the config keys a problem names (studio.runs.Problem.field).
+FIELD_LABELS = {"dataset.name": "Dataset", "dataset.path": "Dataset", "base_model": "Base model",
+                "training": "All settings › Training"}
+
+
+def problem_line(problem: Problem) -> str:
+    return f"{FIELD_LABELS.get(problem.field, problem.field)}: {problem.message}"
+
+
+def warnings_note(check: TrainingCheck) -> str:
+    return "".join(f"\n\n- {warning}" for warning in check.warnings)
 
 
 def model_choices(studio: Studio) -> list[str]:
@@ -104,8 +118,9 @@ def build(studio: Studio) -> SimpleNamespace:
 
     main_values = dict(zip(MAIN_ORDER, h.config_to_form(main_specs, config)))
     with gr.Tab("2 · Train", id="train") as tab:
-        gr.Markdown("Choose what to learn from and how long. The defaults train the built-in toy model on "
-                    "the demo dataset in a few minutes on a CPU — press **Start training** to try it.",
+        gr.Markdown("Choose what to learn from and how long. The defaults teach the built-in toy model the "
+                    "demo dataset's purple star on a CPU; the box on the right says how long that takes on "
+                    "this machine. *Check settings*, then **Start training**.",
                     elem_classes="tab-intro")
         with gr.Row(equal_height=False):
             with gr.Column(scale=3):
@@ -169,23 +184,15 @@ def build(studio: Studio) -> SimpleNamespace:
         data["dataset"].pop("path", None)
         return parse_config(data, "Settings")
 
-    def check_ready(config: TrainConfig) -> int:
-        """Images per epoch; raises StudioError when the dataset, base model or this machine cannot run it."""
-        from studio.config import check_device_support
-
-        check_device_support(config)
-        folder = ws.dataset_dir(config.dataset.name)
-        if not folder.is_dir():
-            raise StudioError(f"Dataset {config.dataset.name!r} does not exist any more; pick another one.")
-        stats = dataset_stats(folder)
-        if stats.image_count == 0:
-            raise StudioError(f"Dataset {config.dataset.name!r} has no training images; add some in the "
-                              "Datasets tab.")
-        if config.base_model != BUILTIN:
-            from studio.models import resolve_model
-
-            resolve_model(config.base_model)
-        return stats.steps_per_epoch
+    def checked(config: TrainConfig) -> TrainingCheck:
+        """The training check of `config`; each problem and warning is shown as one line, all
+        of them at once (friendly's title: a problem leaves the page as it was)."""
+        check = check_training(config, ws)
+        for problem in check.problems:
+            gr.Warning(problem_line(problem), title=PROBLEM_TITLE, duration=None)
+        for warning in check.warnings:
+            gr.Warning(warning, title="Worth a look", duration=20)
+        return check
 
     @friendly
     def on_preset(name):
@@ -230,16 +237,22 @@ def build(studio: Studio) -> SimpleNamespace:
     @friendly
     def on_check(dataset_name, *values):
         config = build_config(dataset_name, values)
-        per_epoch = check_ready(config)
-        gr.Info(f"Settings are valid: {config.training.max_steps} steps on {per_epoch} images per epoch.")
-        return dump_config(config), "Settings are valid."
+        check = checked(config)
+        if check.problems:
+            return gr.skip()
+        gr.Info(f"Settings are valid: {config.training.max_steps} steps on {check.images_per_epoch} images "
+                "per epoch.")
+        return dump_config(config), "Settings are valid." + warnings_note(check)
 
     def on_launch(dataset_name, *values):
-        """Queue a run; returns (config TOML, note, job id). Raises StudioError."""
+        """Queue a run; returns (config TOML, note, job id), or None (its problems shown) when
+        it cannot train. Raises StudioError for a form it cannot read."""
         from studio.jobs import enqueue, list_jobs
 
         config = build_config(dataset_name, values)
-        check_ready(config)
+        check = checked(config)
+        if check.problems:
+            return None
         if (ws.adapters_dir / f"{config.name}.safetensors").exists():
             gr.Warning(f"An adapter named {config.name!r} is in the library; this run replaces it when it "
                        "finishes. Change the adapter name to keep both.")
@@ -247,7 +260,14 @@ def build(studio: Studio) -> SimpleNamespace:
         job = enqueue(ws, config)
         where = f" ({ahead} run(s) ahead of it)" if ahead else ""
         gr.Info(f"Queued {job.id}{where}.")
-        return dump_config(config), f"Queued **{job.id}**{where}. Follow it in the Runs tab.", job.id
+        note = f"Queued **{job.id}**{where}. Follow it in the Runs tab." + warnings_note(check)
+        return dump_config(config), note, job.id
+
+    @friendly
+    def on_dataset(dataset_name, preset_name, current_name):
+        """A new dataset names the adapter after it, unless the person typed a name of their own."""
+        automatic = {"", preset_config(preset_name).name if preset_name else "", *list_datasets(ws)}
+        return dataset_name if dataset_name and (current_name or "") in automatic else gr.skip()
 
     hint_inputs = [dataset, *form_components]
     watched = [dataset, base_model, *(main[p] for p in MAIN_ORDER if p != ("name",))]
@@ -257,6 +277,7 @@ def build(studio: Studio) -> SimpleNamespace:
     for comp in watched:
         comp.change(on_change, hint_inputs, hint, show_progress="hidden", trigger_mode="always_last")
     preset.input(on_preset, preset, form_components).then(on_change, hint_inputs, hint, show_progress="hidden")
+    dataset.input(on_dataset, [dataset, preset, main[("name",)]], main[("name",)], show_progress="hidden")
     check_btn.click(on_check, hint_inputs, [toml_view, launch_note], api_name="check_settings")
 
     def refresh_choices(current_dataset, current_model):
