@@ -110,8 +110,16 @@ def test_job_rows_and_durations():
     job = SimpleNamespace(id="a-1", name="a", state="failed", created=0.0, started=10.0, finished=75.0,
                           message="x" * 200)
     row = h.job_rows([job])[0]
-    assert row[:2] == ["a-1", "failed"] and row[3] == "1 min 05 s" and len(row[4]) <= 90
+    assert row[:2] == ["a-1", "failed"] and row[3] == "1 min 05 s" and len(row[4]) <= h.JOB_NOTE_CHARS
     assert h.format_duration(None) == "—" and h.format_duration(7200) == "2 h 00 min"
+
+
+def test_run_log_shows_the_newest_lines_first():
+    text = h.run_log(["10:00 start", "10:01 progress step 10", "10:02 done"], "loading\ntraining\n")
+    lines = text.splitlines()
+    assert lines[:3] == ["10:02 done", "10:01 progress step 10", "10:00 start"]
+    assert lines[-2:] == ["training", "loading"] and "worker.log, newest first" in text
+    assert h.run_log(["a"], "") == "a"
 
 
 def test_tail_text_keeps_the_last_lines_and_folds_progress_bars(tmp_path):

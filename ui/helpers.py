@@ -457,6 +457,8 @@ def status_html(job, view: dict, *, queue_position: int | None = None) -> str:
 
 
 JOB_HEADERS = ["Run", "State", "Queued", "Took", "Note"]
+#: The queue table's note is a glimpse; the whole message is shown above the run's chart.
+JOB_NOTE_CHARS = 40
 
 
 def job_rows(jobs: Sequence) -> list[list[str]]:
@@ -464,8 +466,17 @@ def job_rows(jobs: Sequence) -> list[list[str]]:
     for job in jobs:
         took = format_duration(job.finished - job.started) if job.started and job.finished else ""
         queued = datetime.datetime.fromtimestamp(job.created).strftime("%m-%d %H:%M") if job.created else ""
-        rows.append([job.id, job.state, queued, took, shorten(job.message or "", 90)])
+        rows.append([job.id, job.state, queued, took, shorten(job.message or "", JOB_NOTE_CHARS)])
     return rows
+
+
+def run_log(event_lines: Sequence[str], worker_output: str) -> str:
+    """The Runs tab's log, newest lines first: the run's events, then the worker's output."""
+    text = "\n".join(reversed(event_lines))
+    worker_lines = worker_output.splitlines()
+    if worker_lines:
+        text += f"\n\n── worker.log, newest first ──\n" + "\n".join(reversed(worker_lines))
+    return text
 
 
 def tail_text(path: Path, *, max_lines: int = 40, max_bytes: int = 32 * 1024) -> str:
