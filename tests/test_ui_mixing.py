@@ -230,6 +230,27 @@ def test_suggest_then_accept_fills_the_rows(studio, app_events):
     assert "press 'Suggest adapters" in _warning_of(app_events["on_accept"], [], "", "", "", "", 1, 1, 1, 1)
 
 
+def test_suggest_proposes_one_of_two_copies_and_says_so(tmp_path):
+    import shutil
+
+    from studio.adapters import load_adapter, save_adapter
+    from studio.workspace import Workspace
+    from ui.common import Studio
+
+    workspace = Workspace.open(tmp_path / "ws")
+    star = _lora_file(workspace.adapters_dir / "star.safetensors", rank=4, seed=1, trigger="sks")
+    shutil.copy(star, workspace.adapters_dir / "star-copy.safetensors")
+    # the same weights rounded to fp16: still a copy
+    save_adapter(workspace.adapters_dir / "star-half.safetensors", load_adapter(star), dtype=torch.float16)
+    _lora_file(workspace.adapters_dir / "other-star.safetensors", rank=4, seed=9, trigger="sks")  # its own weights
+    found = h.suggest_adapters(Studio(workspace), "a sks star", "builtin")
+    names = [row[0] for row in found]
+    copies = {"star", "star-copy", "star-half"}
+    assert len(copies & set(names)) == 1 and "other-star" in names, found
+    kept = next(row for row in found if row[0] in copies)
+    assert all(f"{name} holds the same weights" in kept[2] for name in copies - {kept[0]}), kept[2]
+
+
 def test_suggest_ignores_the_mix_the_engine_ran_last(studio):
     before = h.suggest_adapters(studio, "a zwx circle", "builtin")
     assert before
