@@ -197,10 +197,26 @@ def test_form_values_are_converted_and_bad_ones_named():
         parse_config(h.form_to_config_dict(specs, values), "Settings")
 
 
-def test_resource_hint():
-    text = h.resource_hint(family=None, builtin=True, steps=100, batch_size=1, resolution=64, measured_it_s=2.0,
-                           measured_pixels=64 * 64, steps_per_epoch=10, sample_prompts=2, sample_steps=10)
-    assert "50 s" in text and "last run" in text and "10.0 epochs" in text and "2 prompt(s) × 1 time(s)" in text
+def test_resource_hint_times_come_from_measured_speed():
+    from studio.config import TrainConfig
+    from studio.speed import Speed, estimate
+
+    config = TrainConfig()
+    config.training.max_steps, config.dataset.resolution = 100, 64
+    config.sampling.prompts, config.sampling.steps, config.sampling.every_n_steps = ["a", "b"], 10, 50
+    speed = Speed(2.0, 64 * 64, "5 steps measured on this machine", setup_s=4.0, sample_image_s=0.5,
+                  sample_steps=20)
+    plan = estimate(config, speed, missing_class_images=4)
+    # 100 steps at 2/s, 2 prompts x 2 rounds at 0.25 s, 4 class images at 0.25 s, 4 s loading
+    assert (plan.training_s, plan.samples_s, plan.class_images_s, plan.total_s) == (50.0, 1.0, 1.0, 56.0)
+    config.dataset.resolution, config.training.batch_size = 128, 2  # 8x the pixels per step
+    assert estimate(config, speed).training_s == 400.0
+    text = h.resource_hint(family=None, builtin=True, steps=100, batch_size=1, resolution=64, speed=speed,
+                           plan=plan, steps_per_epoch=10, sample_prompts=2)
+    assert "about 56 s for 100 steps" in text and "5 steps measured on this machine (2.00 steps/s)" in text
+    assert "10.0 epochs" in text and "4 sample picture(s)" in text
+    measuring = h.resource_hint(family=None, builtin=True, steps=100, batch_size=1, resolution=64)
+    assert "speed is not measured yet" in measuring and "for 100 steps" not in measuring
     sdxl = h.resource_hint(family="sdxl", builtin=False, steps=1000, batch_size=1, resolution=1024,
                            mixed_precision="bf16")
     assert "VRAM" in sdxl and "SDXL" in sdxl

@@ -232,32 +232,37 @@ _GPU_GUIDE = {
 
 def resource_hint(*, family: str | None, builtin: bool, steps: int, batch_size: int, resolution: int,
                   grad_accum: int = 1, gradient_checkpointing: bool = False, mixed_precision: str = "no",
-                  measured_it_s: float | None = None, measured_pixels: int | None = None,
-                  steps_per_epoch: int | None = None, sample_every: int = 0, sample_prompts: int = 0,
-                  sample_steps: int = 20) -> str:
-    """A rough time/memory estimate for a training run, as Markdown."""
+                  speed=None, plan=None, steps_per_epoch: int | None = None, sample_prompts: int = 0) -> str:
+    """A time/memory estimate for a training run, as Markdown. The time comes from `plan`
+    (studio.speed.Estimate at the measured `speed`); without one the built-in model's speed
+    is being measured, and full-size models get rough planning figures."""
     lines: list[str] = []
     work = max(1, batch_size) * max(1, grad_accum)
     pixels = resolution * resolution * work
+    if plan is not None:
+        parts = [f"training {format_duration(plan.training_s)}"]
+        if plan.setup_s is not None:
+            parts.insert(0, f"loading {format_duration(plan.setup_s)}")
+        if plan.samples_s:
+            parts.append(f"{plan.sample_pictures} sample picture(s) {format_duration(plan.samples_s)}")
+        if plan.class_images_s:
+            parts.append(f"class images {format_duration(plan.class_images_s)}")
+        lines.append(f"**Time:** about {format_duration(plan.total_s)} for {steps} steps on this machine "
+                     f"({', '.join(parts)}), from {speed.source} ({speed.steps_per_s:.2f} steps/s).")
+    elif builtin:
+        lines.append("**Time:** this machine's speed is not measured yet (a few training steps of these "
+                     "settings, timed when the dataset can train; *Check settings* says what stops it).")
     if builtin:
-        if measured_it_s and measured_pixels:
-            it_s = measured_it_s * measured_pixels / pixels
-            source = f"from your last run on this machine ({measured_it_s:.2f} steps/s)"
-        else:
-            it_s = 1.5 * (64 * 64) / pixels
-            source = "a typical 2-core CPU; your first run will measure this machine"
-        seconds = steps / it_s if it_s > 0 else None
-        lines.append(f"**Time:** about {format_duration(seconds)} for {steps} steps on this CPU ({source}), "
-                     "plus ~20 s to load the model.")
         lines.append("**Memory:** the built-in model is tiny — well under 1 GB of RAM, no GPU needed.")
     elif family in _GPU_GUIDE:
         guide = _GPU_GUIDE[family]
         scale = pixels / (guide["res"] ** 2)
         act = guide["act_gb"] * scale * (0.4 if gradient_checkpointing else 1.0)
         base = guide["base_gb"] * (1.6 if mixed_precision == "no" else 1.0)
-        it_s = guide["it_s"] / scale
-        lines.append(f"**Time:** roughly {format_duration(steps / it_s)} for {steps} steps on a recent "
-                     "24 GB GPU; training a full-size model on a CPU is not practical.")
+        if plan is None:
+            lines.append(f"**Time:** roughly {format_duration(steps / (guide['it_s'] / scale))} for {steps} steps on "
+                         "a recent 24 GB GPU (a planning figure; your first run measures this machine); training "
+                         "a full-size model on a CPU is not practical.")
         lines.append(f"**VRAM:** roughly {base + act:.0f} GB ({'SDXL' if family == 'sdxl' else 'SD 1.5'}, "
                      f"{resolution} px, batch {work}"
                      + (", gradient checkpointing" if gradient_checkpointing else "")
@@ -270,12 +275,9 @@ def resource_hint(*, family: str | None, builtin: bool, steps: int, batch_size: 
         epochs = steps * work / steps_per_epoch
         lines.append(f"**Dataset:** {steps_per_epoch} images per epoch (repeats counted) → "
                      f"{steps} steps ≈ {epochs:.1f} epochs.")
-    if sample_prompts:
-        count = ((steps - 1) // sample_every if sample_every else 0) + 1  # during training, and at the end
-        lines.append(f"**Samples:** {sample_prompts} prompt(s) × {count} time(s), {sample_steps} steps each"
-                     + (f" — adds roughly {format_duration(sample_prompts * count * sample_steps / it_s)}."
-                        if builtin and it_s > 0 else "."))
-    lines.append("<small>A rough guide; the Runs tab shows the real speed.</small>")
+    if sample_prompts and plan is not None:
+        lines.append(f"**Samples:** {sample_prompts} prompt(s), {plan.sample_pictures} picture(s) in all.")
+    lines.append("<small>The Runs tab shows the real speed as the run goes.</small>")
     return "\n\n".join(lines)
 
 
