@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     chk = ds_sub.add_parser("check", help="validation report of a dataset")
     chk.add_argument("name", help="dataset name in the workspace, or a folder path")
     chk.add_argument("--json", action="store_true")
+    chk.add_argument("--resolution", type=int, default=None,
+                     help="training resolution: report the images smaller than it")
     _workspace_arg(chk)
 
     bake = sub.add_parser("bake", help="bake a mix of adapters into one LoRA file")
@@ -154,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args) -> int:
     from studio.config import load_config, parse_config
-    from studio.runs import check_ready, create_run, latest_unfinished_run
+    from studio.runs import create_run, latest_unfinished_run
     from studio.workspace import Workspace
 
     config = load_config(args.config)
@@ -162,8 +164,7 @@ def cmd_train(args) -> int:
         config = parse_config({**config.model_dump(mode="json", exclude_none=True),
                                "training": {**config.training.model_dump(mode="json", exclude_none=True),
                                             "num_processes": args.processes}}, "--processes")
-    check_ready(config, Workspace.open(args.workspace, create=False))  # before anything is created
-    workspace = Workspace.open(args.workspace)
+    workspace = Workspace.open(args.workspace, create=False)  # create_run checks before it makes anything
     run_dir = latest_unfinished_run(config, workspace) if args.resume else None
     if args.resume and run_dir is None:
         print(f"No unfinished run of {config.name!r} to resume; starting a new one.", file=sys.stderr)
@@ -304,7 +305,7 @@ def cmd_dataset(args) -> int:
     folder = Path(args.name) if Path(args.name).is_dir() else workspace.dataset_dir(args.name)
     if not folder.is_dir():
         raise StudioError(f"No dataset {args.name!r} in {workspace.datasets_dir}; import one first.")
-    report = check_dataset(folder)
+    report = check_dataset(folder, resolution=args.resolution)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.summary())
     return 0
 
@@ -403,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # a closed pipe shows here, not in Python's clean-up at exit
         return status
     except StudioError as error:
-        print(f"error: {error}", file=sys.stderr)
+        for line in str(error).splitlines():  # several problems: one line each
+            print(f"error: {line}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

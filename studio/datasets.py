@@ -45,8 +45,6 @@ CAPTION_EXTENSION = ".txt"
 REG_FOLDER = "reg"
 #: Largest image accepted, in pixels (8192 x 8192). PIL's own bomb limit also applies.
 DEFAULT_MAX_PIXELS = 8192 * 8192
-#: Images whose short side is below this are reported as too small (they still train).
-DEFAULT_MIN_SIZE = 256
 #: Captions longer than this are reported: kohya's longest text window is 225 tokens.
 HUGE_CAPTION_CHARS = 1000
 #: Highest repeat count of an `N_name` folder: kohya datasets use up to a few hundred, and
@@ -701,10 +699,12 @@ class DatasetReport:
         return "\n".join(lines)
 
 
-def check_dataset(folder: str | os.PathLike, *, min_size: int = DEFAULT_MIN_SIZE,
+def check_dataset(folder: str | os.PathLike, *, resolution: int | None = None,
                   max_pixels: int = DEFAULT_MAX_PIXELS) -> DatasetReport:
     """Validate every file of a dataset without changing anything; problems are reported,
-    never raised (only a missing dataset folder raises)."""
+    never raised (only a missing dataset folder raises). With a training `resolution`,
+    images smaller than it are reported: training enlarges them. (Without one, size is
+    no problem: a 64-px picture is right for a 64-px model.)"""
     scan = _scan(folder)
     report = DatasetReport(scan.folder, image_count=len(scan.images))
     for entry in scan.images:
@@ -716,9 +716,10 @@ def check_dataset(folder: str | os.PathLike, *, min_size: int = DEFAULT_MIN_SIZE
         report.ok.append(entry.rel)
         width, height = loaded.image.size
         loaded.image.close()
-        if min(width, height) < min_size:
-            report.add(entry.rel, "too_small", f"{width}x{height} is below {min_size} px on the short side; "
-                                               "it will be upscaled and look soft - use a larger original")
+        if resolution and min(width, height) < resolution:
+            report.add(entry.rel, "too_small", f"{width}x{height} is below the {resolution} px training "
+                                               "resolution; it will be upscaled and look soft - use a larger "
+                                               "original")
         if loaded.conversions:
             report.add(entry.rel, "converted", "; ".join(loaded.conversions))
         if loaded.orientation != 1:
@@ -781,16 +782,18 @@ class DatasetItem:
     size: tuple[int, int]       # (width, height) after EXIF orientation
 
 
-def load_items(folder: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[DatasetItem]:
-    """The usable images of a dataset, sorted by relative path; each image is decoded once
-    to prove it loads. Bad files are skipped with a logged warning."""
+def training_items(folder: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS
+                   ) -> tuple[list[DatasetItem], list[Issue]]:
+    """What training reads from a dataset: (the usable images sorted by relative path, the
+    images it skips and why). Each image is decoded once to prove it loads."""
     scan = _scan(folder)
     items: list[DatasetItem] = []
+    skipped: list[Issue] = []
     for entry in scan.images:
         try:
             loaded = _load_image(entry.path, max_pixels)
         except ImageLoadError as exc:
-            log.warning("skipping %s: %s", entry.rel, exc)
+            skipped.append(Issue(entry.rel, exc.kind, str(exc)))
             continue
         size = loaded.image.size
         loaded.image.close()
@@ -799,17 +802,26 @@ def load_items(folder: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXEL
             try:
                 info = _read_caption_file(entry.caption)
             except StudioError as exc:
-                log.warning("skipping %s: %s", entry.rel, exc)
+                skipped.append(Issue(entry.rel, "caption_unreadable", str(exc)))
                 continue
             if info.too_big:
-                log.warning("skipping %s: caption %s is %d bytes (limit %d)", entry.rel, entry.caption.name,
-                            info.size, MAX_CAPTION_BYTES)
+                skipped.append(Issue(entry.rel, "huge_caption", f"caption {entry.caption.name} is {info.size} "
+                                                                f"bytes (limit {MAX_CAPTION_BYTES})"))
                 continue
             if info.encoding != "utf-8":
                 log.info("caption %s read as %s", entry.caption, info.encoding)
             caption = _training_caption(info.text)
         items.append(DatasetItem(entry.path, caption, entry.subset.repeats, entry.subset.is_reg,
                                  entry.subset.key, size))
+    return items, skipped
+
+
+def load_items(folder: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[DatasetItem]:
+    """The usable images of a dataset (`training_items`); bad files are skipped with a
+    logged warning."""
+    items, skipped = training_items(folder, max_pixels=max_pixels)
+    for issue in skipped:
+        log.warning("skipping %s: %s", issue.path, issue.message)
     return items
 
 

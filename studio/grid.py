@@ -62,9 +62,45 @@ class Axis:
         return f"seed {value}" if self.kind == "seed" else str(value)
 
 
+#: Space around a label, in pixels.
+LABEL_PAD = 4
+#: Small cells (the built-in model's 64 px) are enlarged at most this many times to fit their labels.
+MAX_CELL_SCALE = 8
+
+
+def label_font():
+    from PIL import ImageFont
+
+    return ImageFont.load_default()
+
+
+def fit_text(text: str, width: float, font) -> str:
+    """`text`, cut with an ellipsis where it is wider than `width` pixels."""
+    from PIL import Image, ImageDraw
+
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def cell_scale(cell_width: int, labels: list[str], font) -> int:
+    """The whole factor that makes a cell wide enough for the widest column label (pixel
+    for pixel, nearest neighbour: small images stay sharp)."""
+    from PIL import Image, ImageDraw
+
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    widest = max(draw.textlength(label, font=font) for label in labels) + 2 * LABEL_PAD
+    return max(1, min(MAX_CELL_SCALE, math.ceil(widest / cell_width)))
+
+
 def xy_grid(engine: Engine, request: GenerateRequest, x: Axis, y: Axis | None = None):
     """(labelled grid image, [[image per x] per y]) for the request over the axes; a grid
-    over the cap on cells (studio.limits) is refused before any image is made."""
+    over the cap on cells (studio.limits) is refused before any image is made. Each column's
+    label fits above it: small images are enlarged (nearest neighbour) to make room, and a
+    label longer than even that is cut with an ellipsis."""
     from PIL import Image, ImageDraw
 
     cells = len(x.values) * (len(y.values) if y else 1)
@@ -77,17 +113,24 @@ def xy_grid(engine: Engine, request: GenerateRequest, x: Axis, y: Axis | None = 
     for y_value in (y.values if y else (None,)):
         base = y.apply(request, y_value) if y else request
         rows.append([engine.generate(replace(x.apply(base, x_value), batch_count=1))[0] for x_value in x.values])
-    cell_w, cell_h = rows[0][0].size
-    pad_left = 110 if y else 0
-    pad_top = 18
+    font = label_font()
+    x_labels = [x.label(value, request) for value in x.values]
+    y_labels = [y.label(value, request) for value in y.values] if y else []
+    scale = cell_scale(rows[0][0].width, x_labels, font)
+    cell_w, cell_h = rows[0][0].width * scale, rows[0][0].height * scale
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_h = font.getbbox("Ag")[3]
+    pad_left = (math.ceil(max(measure.textlength(t, font=font) for t in y_labels)) + 2 * LABEL_PAD) if y else 0
+    pad_top = text_h + 2 * LABEL_PAD
     sheet = Image.new("RGB", (pad_left + cell_w * len(x.values), pad_top + cell_h * len(rows)), "white")
     draw = ImageDraw.Draw(sheet)
-    for i, x_value in enumerate(x.values):
-        draw.text((pad_left + i * cell_w + 2, 3), x.label(x_value, request)[:24], fill="black")
+    for i, label in enumerate(x_labels):
+        draw.text((pad_left + i * cell_w + LABEL_PAD, LABEL_PAD), fit_text(label, cell_w - 2 * LABEL_PAD, font),
+                  fill="black", font=font)
     for j, row in enumerate(rows):
         if y:
-            draw.text((2, pad_top + j * cell_h + cell_h // 2 - 5), y.label(y.values[j], request)[:18], fill="black")
+            draw.text((LABEL_PAD, pad_top + j * cell_h + (cell_h - text_h) // 2), y_labels[j], fill="black", font=font)
         for i, image in enumerate(row):
-            sheet.paste(image, (pad_left + i * cell_w, pad_top + j * cell_h))
+            cell = image.resize((cell_w, cell_h), Image.Resampling.NEAREST) if scale > 1 else image
+            sheet.paste(cell, (pad_left + i * cell_w, pad_top + j * cell_h))
     return sheet, rows
-

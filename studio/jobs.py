@@ -17,6 +17,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,8 @@ STATES = ("queued", "running", "cancelling", "done", "failed", "cancelled")
 ACTIVE = ("queued", "running", "cancelling")
 MAX_ATTEMPTS = 5
 POLL_S = 0.5
-IDLE_EXIT_S = 120.0
+#: A supervisor with nothing to do exits after this long; every enqueue or resume starts one.
+IDLE_EXIT_S = 5.0
 WORKER_LOG = "worker.log"
 
 _SCHEMA = """
@@ -137,10 +139,14 @@ def cancel(workspace: Workspace, job_id: str) -> Job:
 
 
 def resume(workspace: Workspace, job_id: str, *, start_supervisor: bool = True) -> Job:
-    """Queue a failed or cancelled job again; it continues from its last checkpoint."""
+    """Queue a failed or cancelled job again; it continues from its last checkpoint. A job
+    that still cannot train (its dataset broken, its model gone) stays where it is."""
+    from studio.runs import check_training, run_config
+
     job = get_job(workspace, job_id)
     if job.state not in ("failed", "cancelled"):
         raise StudioError(f"Job {job_id} is {job.state}; only failed or cancelled jobs can be resumed.")
+    check_training(run_config(job.run_dir(workspace)), workspace).raise_problems()
     _update(workspace, job_id, state="queued", attempts=0, message="", finished=None)
     if start_supervisor:
         ensure_supervisor(workspace)
@@ -264,9 +270,11 @@ def ensure_supervisor(workspace: Workspace) -> None:
         return
     log_path = workspace.root / "supervisor.log"
     with open(log_path, "ab") as out:
-        subprocess.Popen([sys.executable, "-m", "studio.jobs", str(workspace.root)], stdout=out,
-                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.Popen([sys.executable, "-m", "studio.jobs", str(workspace.root)], stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    # Reap it when it exits, or it stays a zombie child of this (long-lived UI) process.
+    threading.Thread(target=proc.wait, name=f"reap-supervisor-{proc.pid}", daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -278,18 +286,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s supervisor: %(message)s")
     workspace = Workspace.open(args.workspace)
-    with open(_lock_path(workspace), "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("another supervisor runs this workspace; exiting")
+    while True:
+        with open(_lock_path(workspace), "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("another supervisor runs this workspace; exiting")
+                return 0
+            handle.seek(0)
+            handle.truncate()
+            handle.write(json.dumps({"pid": os.getpid(), "started": time.time()}))
+            handle.flush()
+            Supervisor(workspace).serve(idle_exit_s=args.idle_exit)
+        # A job queued while this one was stopping saw the lock held and started no supervisor:
+        # look once more now that the lock is free, and serve it.
+        if not any(job.state == "queued" for job in list_jobs(workspace)):
             return 0
-        handle.seek(0)
-        handle.truncate()
-        handle.write(json.dumps({"pid": os.getpid(), "started": time.time()}))
-        handle.flush()
-        Supervisor(workspace).serve(idle_exit_s=args.idle_exit)
-    return 0
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ A suggestion is a proposal the person accepts or not, never applied by itself.""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -73,4 +73,46 @@ def suggest(engine, prompt: str, adapters: list[Path], *, model: str = "builtin"
             continue
         reason = f"trigger word {hits[0]!r} in the prompt" if hits else f"text similarity {sim:.2f}"
         out.append(Suggestion(path, round(score, 3), round(0.6 + 0.4 * score, 2), reason))
-    return sorted(out, key=lambda s: -s.score)[:top]
+    return _without_twins(sorted(out, key=lambda s: -s.score), top)
+
+
+#: Adapters whose weights point the same way as closely as this are copies of one another.
+TWIN_SIMILARITY = 0.99
+
+
+def _without_twins(ranked: list[Suggestion], top: int) -> list[Suggestion]:
+    """The best `top` suggestions, an adapter that holds (nearly) the same weights as a
+    better-ranked one left out: accepting both would apply the same change twice. The
+    kept one's reason says so."""
+    kept: list[Suggestion] = []
+    weights: dict[Path, dict[str, torch.Tensor] | None] = {}
+    for suggestion in ranked:
+        twin = next((i for i, k in enumerate(kept) if _same_weights(k.path, suggestion.path, weights)), None)
+        if twin is not None:
+            first = kept[twin]
+            kept[twin] = replace(first, reason=f"{first.reason}; {suggestion.path.stem} holds the same weights and "
+                                               "is not proposed (both would double the effect)")
+        elif len(kept) < top:
+            kept.append(suggestion)
+    return kept
+
+
+def _same_weights(a: Path, b: Path, cache: dict[Path, dict[str, torch.Tensor] | None]) -> bool:
+    """Whether two adapter files hold the same tensors up to rounding (a copy, or a copy
+    saved at another precision): same names and shapes, cosine similarity of all values."""
+    for path in (a, b):
+        if path not in cache:
+            try:
+                from safetensors.torch import load_file
+
+                cache[path] = load_file(str(path))
+            except Exception:  # unreadable here: never a twin (the library reports the file)
+                cache[path] = None
+    first, second = cache[a], cache[b]
+    if not first or not second or first.keys() != second.keys():
+        return False
+    if any(first[k].shape != second[k].shape for k in first):
+        return False
+    x = torch.cat([first[k].float().flatten() for k in sorted(first)])
+    y = torch.cat([second[k].float().flatten() for k in sorted(second)])
+    return float(torch.nn.functional.cosine_similarity(x, y, dim=0)) >= TWIN_SIMILARITY

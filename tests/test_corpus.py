@@ -652,7 +652,7 @@ def test_absurd_numbers(env, capsys):
     config = env["base"] / "repeats.toml"
     config.write_text('[dataset]\nname = "repeats"\n')
     with unchanged(cli_ws / "runs"):
-        cli_error(capsys, "Dataset repeats has no training images", "train", config, "--workspace", cli_ws)
+        cli_error(capsys, "'repeats' has no training image that can be read", "train", config, "--workspace", cli_ws)
 
     out_file = env["base"] / "never.safetensors"
     for args, expected in [
@@ -670,7 +670,7 @@ def test_absurd_numbers(env, capsys):
                                          str(corpus / "repeats")})
     assert result.error is None and "repeat count 100000000000000000000 is over the limit" in json.dumps(result.output)
     with unchanged(ws / "runs", ws / "adapters"):
-        handled(api.call("check_settings", {"train-dataset": "repeats"}), "Dataset repeats has no training images")
+        handled(api.call("check_settings", {"train-dataset": "repeats"}), "'repeats' has no training image that can be read")
         for value, expected in ((float("nan"), "Give the value X for sv-ratio"),
                                 (0.5, "--sv-ratio must be a finite number of at least 1")):
             handled(api.call("resize", {"lib-resize-source": "good", "lib-resize-rule": "sv_ratio",
@@ -732,7 +732,7 @@ def test_refused_work_creates_nothing(env, capsys):
         cli_error(capsys, CONFIGS[name][1], "train", corpus / name, "--workspace", fresh)
     missing = base / "missing-dataset.toml"
     missing.write_text('[dataset]\nname = "nope"\n')
-    cli_error(capsys, "Dataset 'nope' is not in", "train", missing, "--workspace", fresh)
+    cli_error(capsys, "'nope' does not exist; import one", "train", missing, "--workspace", fresh)
     assert not fresh.exists()
     with unchanged(cli_ws / "datasets"):
         for source, name in ((corpus / "garbage.zip", "g"), (corpus / "declared.zip", "d"),

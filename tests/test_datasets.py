@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from studio.datasets import (
+    MAX_CAPTION_BYTES,
     ImageLoadError,
     ZipLimits,
     add_prefix,
@@ -32,6 +33,7 @@ from studio.datasets import (
     read_caption,
     remove_tag,
     tag_frequency,
+    training_items,
     write_caption,
 )
 from studio.errors import StudioError
@@ -280,7 +282,7 @@ def test_cmyk_palette_and_alpha_become_rgb(tmp_path):
     img(tmp_path / "la.png", mode="LA", color=(0, 0))
     assert open_image(tmp_path / "la.png").getpixel((0, 0)) == WHITE
 
-    report = check_dataset(tmp_path, min_size=1)
+    report = check_dataset(tmp_path)
     converted = {i.path: i.message for i in report.issues if i.kind == "converted"}
     assert "CMYK -> RGB" in converted["cmyk.jpg"]
     assert "palette -> RGB" in converted["pal.png"]
@@ -300,7 +302,7 @@ def test_exif_orientation_is_applied_to_pixels(tmp_path):
     assert top[0] > 200 and top[2] < 60      # the left (red) edge is now on top
     assert bottom[2] > 200 and bottom[0] < 60
 
-    report = check_dataset(tmp_path, min_size=1)
+    report = check_dataset(tmp_path)
     assert "orientation 6" in next(i.message for i in report.issues if i.kind == "exif_rotated")
 
 
@@ -324,7 +326,7 @@ def test_broken_images_raise_clear_errors(tmp_path):
                      "cut.png": "truncated", "cut.jpg": "truncated", "head.jpg": "truncated"}
     assert isinstance(ImageLoadError("x", kind="k", path=Path()), StudioError)
 
-    report = check_dataset(tmp_path, min_size=1)  # reported, not raised
+    report = check_dataset(tmp_path)  # reported, not raised
     assert sorted(report.ok) == ["full.jpg", "full.png"]
     assert {i.path: i.kind for i in report.errors} == kinds
     assert [i.path.name for i in load_items(tmp_path)] == ["full.jpg", "full.png"]
@@ -364,7 +366,7 @@ def test_check_dataset_reports_everything_and_changes_nothing(tmp_path):
     img(ds / "3_cat" / "deeper" / "y.png")
     before = checksums(ds)
 
-    report = check_dataset(ds, min_size=32)
+    report = check_dataset(ds, resolution=32)
 
     assert checksums(ds) == before
     assert report.image_count == 9 and "zero.png" not in report.ok and len(report.ok) == 8
@@ -390,6 +392,28 @@ def test_check_dataset_reports_everything_and_changes_nothing(tmp_path):
     with pytest.raises(StudioError, match="does not exist"):
         check_dataset(tmp_path / "missing")
 
+
+
+def test_size_is_a_problem_only_below_the_training_resolution(tmp_path):
+    from studio.config import DEMO_DATASET
+
+    img(tmp_path / "a.png", size=(64, 64)); text(tmp_path / "a.txt", "sks")
+    assert check_dataset(tmp_path).issues == []
+    assert check_dataset(tmp_path, resolution=64).issues == []
+    report = check_dataset(tmp_path, resolution=512)
+    assert report.paths("too_small") == ["a.png"] and "512 px training resolution" in report.issues[0].message
+    # the demo's 64-px pictures are right for the 64-px built-in model: nothing to warn about
+    assert check_dataset(DEMO_DATASET).warnings == []
+
+
+def test_training_items_says_what_training_skips_and_why(tmp_path):
+    img(tmp_path / "good.png", size=(64, 64)); text(tmp_path / "good.txt", "sks, star\nsecond line")
+    text(tmp_path / "notes.png", "this is a text file with an image's name")
+    img(tmp_path / "big.png", size=(64, 64)); text(tmp_path / "big.txt", b"x" * (MAX_CAPTION_BYTES + 1))
+    items, skipped = training_items(tmp_path)
+    assert [(i.path.name, i.caption) for i in items] == [("good.png", "sks, star")]
+    assert {(s.path, s.kind) for s in skipped} == {("notes.png", "unreadable"), ("big.png", "huge_caption")}
+    assert [i.path for i in load_items(tmp_path)] == [i.path for i in items]
 
 def test_read_caption_falls_back_for_non_utf8(tmp_path):
     text(tmp_path / "a.txt", "caf\xe9, na\xefve\n".encode("cp1252"))

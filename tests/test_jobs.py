@@ -109,3 +109,18 @@ def test_supervisor_marks_dead_running_job_for_resume(tmp_path):
     jobs.Supervisor(workspace).reconcile()
     again = jobs.get_job(workspace, job.id)
     assert again.state == "queued" and "resuming" in again.message
+
+
+def test_an_idle_supervisor_exits_soon_and_is_reaped(tmp_path):
+    """Started by a long-lived process (the UI), the supervisor leaves no zombie behind and
+    does not linger for minutes once the queue is empty."""
+    from studio import jobs
+    from studio.workspace import Workspace
+
+    workspace = Workspace.open(tmp_path / "ws")
+    jobs.ensure_supervisor(workspace)
+    lock = workspace.root / "supervisor.lock"
+    pid = _wait(lambda: lock.read_text() and json.loads(lock.read_text())["pid"], timeout=30)
+    # gone from the process table: exited *and* reaped (a zombie keeps its /proc entry)
+    _wait(lambda: not os.path.exists(f"/proc/{pid}"), timeout=jobs.IDLE_EXIT_S + 20)
+    assert not jobs.supervisor_running(workspace)

@@ -110,8 +110,16 @@ def test_job_rows_and_durations():
     job = SimpleNamespace(id="a-1", name="a", state="failed", created=0.0, started=10.0, finished=75.0,
                           message="x" * 200)
     row = h.job_rows([job])[0]
-    assert row[:2] == ["a-1", "failed"] and row[3] == "1 min 05 s" and len(row[4]) <= 90
+    assert row[:2] == ["a-1", "failed"] and row[3] == "1 min 05 s" and len(row[4]) <= h.JOB_NOTE_CHARS
     assert h.format_duration(None) == "—" and h.format_duration(7200) == "2 h 00 min"
+
+
+def test_run_log_shows_the_newest_lines_first():
+    text = h.run_log(["10:00 start", "10:01 progress step 10", "10:02 done"], "loading\ntraining\n")
+    lines = text.splitlines()
+    assert lines[:3] == ["10:02 done", "10:01 progress step 10", "10:00 start"]
+    assert lines[-2:] == ["training", "loading"] and "worker.log, newest first" in text
+    assert h.run_log(["a"], "") == "a"
 
 
 def test_tail_text_keeps_the_last_lines_and_folds_progress_bars(tmp_path):
@@ -189,10 +197,26 @@ def test_form_values_are_converted_and_bad_ones_named():
         parse_config(h.form_to_config_dict(specs, values), "Settings")
 
 
-def test_resource_hint():
-    text = h.resource_hint(family=None, builtin=True, steps=100, batch_size=1, resolution=64, measured_it_s=2.0,
-                           measured_pixels=64 * 64, steps_per_epoch=10, sample_prompts=2, sample_steps=10)
-    assert "50 s" in text and "last run" in text and "10.0 epochs" in text and "2 prompt(s) × 1 time(s)" in text
+def test_resource_hint_times_come_from_measured_speed():
+    from studio.config import TrainConfig
+    from studio.speed import Speed, estimate
+
+    config = TrainConfig()
+    config.training.max_steps, config.dataset.resolution = 100, 64
+    config.sampling.prompts, config.sampling.steps, config.sampling.every_n_steps = ["a", "b"], 10, 50
+    speed = Speed(2.0, 64 * 64, "5 steps measured on this machine", setup_s=4.0, sample_image_s=0.5,
+                  sample_steps=20)
+    plan = estimate(config, speed, missing_class_images=4)
+    # 100 steps at 2/s, 2 prompts x 2 rounds at 0.25 s, 4 class images at 0.25 s, 4 s loading
+    assert (plan.training_s, plan.samples_s, plan.class_images_s, plan.total_s) == (50.0, 1.0, 1.0, 56.0)
+    config.dataset.resolution, config.training.batch_size = 128, 2  # 8x the pixels per step
+    assert estimate(config, speed).training_s == 400.0
+    text = h.resource_hint(family=None, builtin=True, steps=100, batch_size=1, resolution=64, speed=speed,
+                           plan=plan, steps_per_epoch=10, sample_prompts=2)
+    assert "about 56 s for 100 steps" in text and "5 steps measured on this machine (2.00 steps/s)" in text
+    assert "10.0 epochs" in text and "4 sample picture(s)" in text
+    measuring = h.resource_hint(family=None, builtin=True, steps=100, batch_size=1, resolution=64)
+    assert "speed is not measured yet" in measuring and "for 100 steps" not in measuring
     sdxl = h.resource_hint(family="sdxl", builtin=False, steps=1000, batch_size=1, resolution=1024,
                            mixed_precision="bf16")
     assert "VRAM" in sdxl and "SDXL" in sdxl
@@ -218,10 +242,10 @@ def test_thumbnail_from_metadata():
 def test_gallery_items_mark_repeats_and_class_images(tmp_path):
     item = lambda rel, **kw: SimpleNamespace(path=tmp_path / rel, caption=kw.get("caption", ""),  # noqa: E731
                                              repeats=kw.get("repeats", 1), is_regularisation=kw.get("reg", False))
-    items = h.gallery_items([item("a.png", caption="sks, dog"), item("10_x/b.png", repeats=10),
-                             item("reg/c.png", reg=True)], tmp_path)
-    assert items[0] == (str(tmp_path / "a.png"), "sks, dog · a.png")
-    assert items[1][1] == "[×10] (no caption) · 10_x/b.png"
+    items = h.gallery_items([item("10_x/b.png", repeats=10), item("reg/c.png", reg=True),
+                             item("sks.png", caption="sks, dog")], tmp_path)
+    assert items[0][1] == "[×10] (no caption) · 10_x/b.png"
+    assert items[1] == (str(tmp_path / "sks.png"), "sks, dog · sks.png")  # training pictures before class images
     assert items[2][1].startswith("[class image]")
 
 

@@ -148,9 +148,9 @@ def test_timestep_mask_shows_for_tlora_files_and_reaches_the_engine(studio):
 def test_grid_saves_a_labelled_sheet_and_the_single_images(studio):
     sheet_path, cells, note = h.mix_grid(studio, _settings(seed=5), [("", 1.0), ("star", 0.0)],
                                          "adapter1", "0, 1", "seed", "5, 6")
-    with Image.open(sheet_path) as sheet:
-        assert sheet.size == (110 + 2 * 64, 18 + 2 * 64)  # room for the row and column labels
     assert len(cells) == 4 and all(Image.open(path).size == (64, 64) for path, _ in cells)
+    _assert_readable_sheet(sheet_path, [path for path, _ in cells], columns=2, rows=2,
+                           column_labels=["star: 0", "star: 1"])
     assert [label for _, label in cells] == ["star: 0 · seed 5", "star: 1 · seed 5", "star: 0 · seed 6",
                                             "star: 1 · seed 6"]
     outputs = studio.outputs_dir
@@ -164,9 +164,35 @@ def test_grid_saves_a_labelled_sheet_and_the_single_images(studio):
 def test_grid_over_prompts_without_a_y_axis(studio):
     sheet_path, cells, _ = h.mix_grid(studio, _settings(), [("star", 0.7)], "prompt", "a red star | a blue circle",
                                       h.GRID_NO_AXIS)
-    with Image.open(sheet_path) as sheet:
-        assert sheet.size == (2 * 64, 18 + 64)
     assert [label for _, label in cells] == ["a red star", "a blue circle"]
+    _assert_readable_sheet(sheet_path, [path for path, _ in cells], columns=2, rows=1,
+                           column_labels=["a red star", "a blue circle"])
+
+
+def _assert_readable_sheet(sheet_path, cell_paths, *, columns, rows, column_labels):
+    """Every column label fits above its own column (no label runs into the next one) and
+    every cell is its single image enlarged pixel for pixel (nearest neighbour)."""
+    from PIL import ImageDraw
+
+    from studio.grid import LABEL_PAD, label_font
+
+    font = label_font()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    with Image.open(sheet_path) as opened:
+        sheet = opened.convert("RGB")
+    cell_w = cell_h = None
+    for index, path in enumerate(cell_paths):
+        with Image.open(path) as single:
+            single = single.convert("RGB")
+        if cell_w is None:
+            scale = (sheet.width - (sheet.width % columns if rows == 1 else 0)) // columns // single.width
+            cell_w, cell_h = single.width * scale, single.height * scale
+            left, top = sheet.width - columns * cell_w, sheet.height - rows * cell_h
+            assert all(measure.textlength(label, font=font) + 2 * LABEL_PAD <= cell_w for label in column_labels)
+        j, i = divmod(index, columns)
+        box = (left + i * cell_w, top + j * cell_h, left + (i + 1) * cell_w, top + (j + 1) * cell_h)
+        enlarged = single.resize((cell_w, cell_h), Image.Resampling.NEAREST)
+        assert np.array_equal(np.asarray(sheet.crop(box)), np.asarray(enlarged)), (path, box)
 
 
 @pytest.mark.parametrize("axes,expected", [
@@ -202,6 +228,27 @@ def test_suggest_then_accept_fills_the_rows(studio, app_events):
     assert "star" in updates[0]["choices"]
     assert updates[4:8] == [star[1], 1.0, 0.5, 1.0] and updates[8]["visible"] is False
     assert "press 'Suggest adapters" in _warning_of(app_events["on_accept"], [], "", "", "", "", 1, 1, 1, 1)
+
+
+def test_suggest_proposes_one_of_two_copies_and_says_so(tmp_path):
+    import shutil
+
+    from studio.adapters import load_adapter, save_adapter
+    from studio.workspace import Workspace
+    from ui.common import Studio
+
+    workspace = Workspace.open(tmp_path / "ws")
+    star = _lora_file(workspace.adapters_dir / "star.safetensors", rank=4, seed=1, trigger="sks")
+    shutil.copy(star, workspace.adapters_dir / "star-copy.safetensors")
+    # the same weights rounded to fp16: still a copy
+    save_adapter(workspace.adapters_dir / "star-half.safetensors", load_adapter(star), dtype=torch.float16)
+    _lora_file(workspace.adapters_dir / "other-star.safetensors", rank=4, seed=9, trigger="sks")  # its own weights
+    found = h.suggest_adapters(Studio(workspace), "a sks star", "builtin")
+    names = [row[0] for row in found]
+    copies = {"star", "star-copy", "star-half"}
+    assert len(copies & set(names)) == 1 and "other-star" in names, found
+    kept = next(row for row in found if row[0] in copies)
+    assert all(f"{name} holds the same weights" in kept[2] for name in copies - {kept[0]}), kept[2]
 
 
 def test_suggest_ignores_the_mix_the_engine_ran_last(studio):

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from studio.config import TrainConfig, check_device_support, load_config
 from studio.errors import StudioError
 from studio.families import get_family
-from studio.runs import CONFIG_FILE, SAMPLES_DIR, EventLog, adapters_dir, checkpoint_dir, run_workspace
+from studio.runs import (CONFIG_FILE, SAMPLES_DIR, EventLog, adapters_dir, check_training, checkpoint_dir,
+                         dataset_folder, run_workspace)
 from trainers.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from trainers.data import (BatchOrder, Example, center_crop_offsets, choose_bucket, micro_generator,
                            prepare_image, sample_generator)
@@ -102,8 +103,8 @@ class Trainer:
         folder = self._dataset_folder()
         items = load_items(folder)
         instance = [it for it in items if not it.is_regularisation]
-        if not instance:
-            raise StudioError(f"Dataset {folder} has no usable images; run `lora-studio dataset check` on it.")
+        if not instance:  # the dataset changed since the run was queued: say what is wrong as the check does
+            check_training(cfg, run_workspace(self.run_dir)).raise_problems()
         self.instance = [self._example(it.path, self._caption(it.caption), it.repeats, it.size) for it in instance]
         global_batch = cfg.training.batch_size * self.world
         self.instance_order = BatchOrder(self.instance, global_batch, cfg.seed)
@@ -165,9 +166,10 @@ class Trainer:
                                   for encoder in self.text_encoders]
 
     def _dataset_folder(self) -> Path:
-        from studio.runs import dataset_folder
-
-        return dataset_folder(self.config, run_workspace(self.run_dir))
+        folder = dataset_folder(self.config, run_workspace(self.run_dir))
+        if not folder.is_dir():
+            check_training(self.config, run_workspace(self.run_dir)).raise_problems()
+        return folder
 
     def _caption(self, caption: str) -> str:
         ds = self.config.dataset

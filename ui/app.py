@@ -58,7 +58,19 @@ CSS = """
 .run-message {margin-top: 6px; font-size: .9rem}
 #lib-thumb img, #ds-chosen img {width: 100%; height: 100%; object-fit: contain}
 .state-failed .run-message {color: #b91c1c}
+img.pixel-exact {image-rendering: pixelated}
+#gen-results, #gen-results .grid-wrap {height: auto !important; max-height: none !important; overflow: visible !important}
 """
+
+#: The widest picture drawn pixel for pixel.
+PIXEL_EXACT_MAX_PX = 256
+#: Small pictures (the built-in model draws 64 px) are enlarged pixel for pixel, not smoothed
+#: into a blur; large ones keep the browser's smooth scaling when shrunk to fit.
+PIXEL_EXACT_JS = """() => {
+  const mark = (img) => { if (img.naturalWidth && img.naturalWidth <= %d) img.classList.add('pixel-exact'); };
+  document.addEventListener('load', (event) => { if (event.target.tagName === 'IMG') mark(event.target); }, true);
+  document.querySelectorAll('img').forEach(mark);
+}""" % PIXEL_EXACT_MAX_PX
 
 
 def _theme():
@@ -112,7 +124,10 @@ def build_app(workspace: Workspace | str | os.PathLike | None = None, *, allow_p
 
         @friendly
         def launch_run(*values):
-            toml_text, note, job_id = train.launch(*values)
+            queued = train.launch(*values)
+            if queued is None:  # it cannot train: its problems are shown, the page stays as it was
+                return gr.skip()
+            toml_text, note, job_id = queued
             return (toml_text, note, gr.update(choices=[job_id], value=job_id), gr.Tabs(selected="runs"),
                     gr.Timer(active=True))
 
@@ -224,7 +239,7 @@ def launch(workspace: Workspace | str | os.PathLike | None = None, host: str = "
     app = build_app(ws, allow_pickle=allow_pickle)  # its queue runs one event of each handler at a time (Gradio's default)
     try:
         app.launch(server_name=host, server_port=port, allowed_paths=[str(ws.root)], prevent_thread_lock=True,
-                   show_error=False, theme=_theme(), css=CSS, footer_links=["gradio", "settings"],
+                   show_error=False, theme=_theme(), css=CSS, js=PIXEL_EXACT_JS, footer_links=["gradio", "settings"],
                    auth=auth, share=share, max_file_size=upload_limit,
                    app_kwargs={"middleware": [Middleware(UploadOverLimit, limit_bytes=upload_limit)]})
     except OSError as error:

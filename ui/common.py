@@ -15,6 +15,9 @@ from studio.workspace import Workspace
 
 log = logging.getLogger("ui")
 
+#: The title of a message saying why something was not done (the page is left as it was).
+PROBLEM_TITLE = "Cannot do that"
+
 _heavy_lock = threading.Lock()
 _heavy_done = False
 
@@ -97,7 +100,7 @@ def friendly(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except StudioError as error:
-            gr.Warning(str(error), title="Cannot do that", duration=12)
+            gr.Warning(str(error), title=PROBLEM_TITLE, duration=12)
         except gr.Error as error:
             gr.Warning(error.message, title=error.title, duration=12)
         except Exception as error:  # never a traceback in the page

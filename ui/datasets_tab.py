@@ -45,7 +45,8 @@ def build(studio: Studio) -> SimpleNamespace:
                     upload = gr.File(label="Images, .txt captions or a .zip", file_count="multiple", height=140,
                                      elem_id="ds-upload")
                     folder = gr.Textbox(label="…or a folder on this computer", placeholder="/path/to/images",
-                                        info="Copied into the workspace; the original is only read.")
+                                        info="Copied into the workspace; the original is only read.",
+                                        elem_id="ds-folder")
                     mode = gr.Radio(_IMPORT_MODES, value="add", label="When the dataset already exists")
                     import_btn = gr.Button("Import", variant="primary", elem_id="ds-import")
                     import_note = gr.Markdown(elem_id="ds-import-note")

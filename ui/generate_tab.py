@@ -80,7 +80,8 @@ def build(studio: Studio, model_choices) -> SimpleNamespace:
                         count = unchecked(gr.Slider(1, 8, value=1, step=1, label="Images", elem_id="gen-count"))
             with gr.Column(scale=3):
                 go = gr.Button("Generate", variant="primary", size="lg", elem_id="gen-go")
-                results = gr.Gallery(label="Results", columns=2, height=420, object_fit="contain",
+                # grows with its pictures (CSS in ui/app.py), so none is cut off at the bottom
+                results = gr.Gallery(label="Results", columns=2, object_fit="contain",
                                      interactive=False, elem_id="gen-results")
                 info = gr.Markdown("Images are saved in `outputs/` in the workspace with their settings "
                                    "(A1111 `parameters`), so they can be read back by other tools.",

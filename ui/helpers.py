@@ -225,32 +225,37 @@ def config_to_form(specs: Sequence[FieldSpec], config) -> list[Any]:
 # --------------------------------------------------------------------------- training hint
 def resource_hint(*, family: str | None, builtin: bool, steps: int, batch_size: int, resolution: int,
                   grad_accum: int = 1, gradient_checkpointing: bool = False, mixed_precision: str = "no",
-                  measured_it_s: float | None = None, measured_pixels: int | None = None,
-                  steps_per_epoch: int | None = None, sample_every: int = 0, sample_prompts: int = 0,
-                  sample_steps: int = 20) -> str:
-    """A rough time/memory estimate for a training run, as Markdown."""
+                  speed=None, plan=None, steps_per_epoch: int | None = None, sample_prompts: int = 0) -> str:
+    """A time/memory estimate for a training run, as Markdown. The time comes from `plan`
+    (studio.speed.Estimate at the measured `speed`); without one the built-in model's speed
+    is being measured, and full-size models get rough planning figures."""
     lines: list[str] = []
     work = max(1, batch_size) * max(1, grad_accum)
     pixels = resolution * resolution * work
+    if plan is not None:
+        parts = [f"training {format_duration(plan.training_s)}"]
+        if plan.setup_s is not None:
+            parts.insert(0, f"loading {format_duration(plan.setup_s)}")
+        if plan.samples_s:
+            parts.append(f"{plan.sample_pictures} sample picture(s) {format_duration(plan.samples_s)}")
+        if plan.class_images_s:
+            parts.append(f"class images {format_duration(plan.class_images_s)}")
+        lines.append(f"**Time:** about {format_duration(plan.total_s)} for {steps} steps on this machine "
+                     f"({', '.join(parts)}), from {speed.source} ({speed.steps_per_s:.2f} steps/s).")
+    elif builtin:
+        lines.append("**Time:** this machine's speed is not measured yet (a few training steps of these "
+                     "settings, timed when the dataset can train; *Check settings* says what stops it).")
     if builtin:
-        if measured_it_s and measured_pixels:
-            it_s = measured_it_s * measured_pixels / pixels
-            source = f"from your last run on this machine ({measured_it_s:.2f} steps/s)"
-        else:
-            it_s = 1.5 * (64 * 64) / pixels
-            source = "a typical 2-core CPU; your first run will measure this machine"
-        seconds = steps / it_s if it_s > 0 else None
-        lines.append(f"**Time:** about {format_duration(seconds)} for {steps} steps on this CPU ({source}), "
-                     "plus ~20 s to load the model.")
         lines.append("**Memory:** the built-in model is tiny — well under 1 GB of RAM, no GPU needed.")
     elif family in FAMILIES:
         guide = FAMILIES[family].gpu  # rough guide values for planning, not measurements
         scale = pixels / (guide.resolution ** 2)
         act = guide.activations_gb * scale * (0.4 if gradient_checkpointing else 1.0)
         base = guide.base_gb * (1.6 if mixed_precision == "no" else 1.0)
-        it_s = guide.it_s / scale
-        lines.append(f"**Time:** roughly {format_duration(steps / it_s)} for {steps} steps on a recent "
-                     "24 GB GPU; training a full-size model on a CPU is not practical.")
+        if plan is None:
+            lines.append(f"**Time:** roughly {format_duration(steps / (guide.it_s / scale))} for {steps} steps on "
+                         "a recent 24 GB GPU (a planning figure; your first run measures this machine); training "
+                         "a full-size model on a CPU is not practical.")
         lines.append(f"**VRAM:** roughly {base + act:.0f} GB ({FAMILIES[family].label}, "
                      f"{resolution} px, batch {work}"
                      + (", gradient checkpointing" if gradient_checkpointing else "")
@@ -263,12 +268,9 @@ def resource_hint(*, family: str | None, builtin: bool, steps: int, batch_size: 
         epochs = steps * work / steps_per_epoch
         lines.append(f"**Dataset:** {steps_per_epoch} images per epoch (repeats counted) → "
                      f"{steps} steps ≈ {epochs:.1f} epochs.")
-    if sample_prompts:
-        count = ((steps - 1) // sample_every if sample_every else 0) + 1  # during training, and at the end
-        lines.append(f"**Samples:** {sample_prompts} prompt(s) × {count} time(s), {sample_steps} steps each"
-                     + (f" — adds roughly {format_duration(sample_prompts * count * sample_steps / it_s)}."
-                        if builtin and it_s > 0 else "."))
-    lines.append("<small>A rough guide; the Runs tab shows the real speed.</small>")
+    if sample_prompts and plan is not None:
+        lines.append(f"**Samples:** {sample_prompts} prompt(s), {plan.sample_pictures} picture(s) in all.")
+    lines.append("<small>The Runs tab shows the real speed as the run goes.</small>")
     return "\n\n".join(lines)
 
 
@@ -450,6 +452,8 @@ def status_html(job, view: dict, *, queue_position: int | None = None) -> str:
 
 
 JOB_HEADERS = ["Run", "State", "Queued", "Took", "Note"]
+#: The queue table's note is a glimpse; the whole message is shown above the run's chart.
+JOB_NOTE_CHARS = 40
 
 
 def job_rows(jobs: Sequence) -> list[list[str]]:
@@ -457,8 +461,17 @@ def job_rows(jobs: Sequence) -> list[list[str]]:
     for job in jobs:
         took = format_duration(job.finished - job.started) if job.started and job.finished else ""
         queued = datetime.datetime.fromtimestamp(job.created).strftime("%m-%d %H:%M") if job.created else ""
-        rows.append([job.id, job.state, queued, took, shorten(job.message or "", 90)])
+        rows.append([job.id, job.state, queued, took, shorten(job.message or "", JOB_NOTE_CHARS)])
     return rows
+
+
+def run_log(event_lines: Sequence[str], worker_output: str) -> str:
+    """The Runs tab's log, newest lines first: the run's events, then the worker's output."""
+    text = "\n".join(reversed(event_lines))
+    worker_lines = worker_output.splitlines()
+    if worker_lines:
+        text += f"\n\n── worker.log, newest first ──\n" + "\n".join(reversed(worker_lines))
+    return text
 
 
 def tail_text(path: Path, *, max_lines: int = 40, max_bytes: int = 32 * 1024) -> str:
@@ -1066,9 +1079,10 @@ def issue_rows(report) -> list[list[str]]:
 
 
 def gallery_items(items: Sequence, folder: Path, *, limit: int = 500) -> list[tuple[str, str]]:
-    """(image path, caption shown under it) for the dataset gallery."""
+    """(image path, caption shown under it) for the dataset gallery: the training pictures
+    first, then the class images (reg/ sorts before most names, yet matters less)."""
     out = []
-    for item in list(items)[:limit]:
+    for item in sorted(items, key=lambda item: item.is_regularisation)[:limit]:
         rel = Path(item.path).relative_to(folder).as_posix()
         tags = []
         if item.is_regularisation:

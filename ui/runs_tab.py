@@ -24,7 +24,7 @@ def build(studio: Studio) -> SimpleNamespace:
                 pick = gr.Dropdown([], value=None, label="Run", info="Newest first", elem_id="runs-pick")
                 table = gr.Dataframe(headers=h.JOB_HEADERS, interactive=False, wrap=True, max_height=520,
                                      label="Queue and history — click a row to watch it",
-                                     column_widths=["38%", "16%", "18%", "13%", "15%"],
+                                     column_widths=["34%", "13%", "15%", "12%", "26%"],
                                      elem_id="runs-table")
             with gr.Column(scale=8):
                 status = gr.HTML(h.status_html(None, {}), elem_id="runs-status")
@@ -38,9 +38,9 @@ def build(studio: Studio) -> SimpleNamespace:
                                    x_title="step", y_title="loss", elem_id="runs-loss")
                 samples = gr.Gallery(label="Samples (newest first)", columns=4, height=230, object_fit="contain",
                                      interactive=False, fit_columns=False, elem_id="runs-samples")
-                log_box = gr.Textbox(label="Log — events, then the worker's output", lines=12, max_lines=12,
-                                     interactive=False, autoscroll=True, elem_id="runs-log",
-                                     elem_classes="mono")
+                log_box = gr.Textbox(label="Log, newest first — the run's events, then the worker's output",
+                                     lines=12, max_lines=12, interactive=False, autoscroll=False,
+                                     elem_id="runs-log", elem_classes="mono")
         view = gr.State(h.new_view(None))
         timer = gr.Timer(1.0, active=False)
 
@@ -78,11 +78,8 @@ def build(studio: Studio) -> SimpleNamespace:
                     if changed("shown_points", len(current["points"])) else gr.skip())
         sample_list = [tuple(s) for s in current["samples"] if Path(s[0]).is_file()]
         out_samples = list(reversed(sample_list)) if changed("shown_samples", len(sample_list)) else gr.skip()
-        log_text = "\n".join(current["lines"][-LOG_EVENT_LINES:])
-        if run_dir is not None:
-            worker = h.tail_text(run_dir / jobs_api.WORKER_LOG, max_lines=LOG_WORKER_LINES)
-            if worker.strip():
-                log_text += "\n\n── worker.log ──\n" + worker
+        worker = h.tail_text(run_dir / jobs_api.WORKER_LOG, max_lines=LOG_WORKER_LINES) if run_dir else ""
+        log_text = h.run_log(current["lines"][-LOG_EVENT_LINES:], worker)
         out_log = log_text if changed("shown_log", log_text) else gr.skip()
         state = job.state if job else None
         adapter_ok = bool(job and job.state == "done" and job.adapter and Path(job.adapter).is_file())

@@ -1,6 +1,9 @@
 """Train tab: pick a dataset, base model and preset, adjust settings, check them, queue a run."""
 from __future__ import annotations
 
+import json
+import logging
+import threading
 from types import SimpleNamespace
 
 import gradio as gr
@@ -9,9 +12,14 @@ from studio import PRESETS_DIR
 from studio.config import TrainConfig, dump_config, load_config, parse_config
 from studio.datasets import dataset_stats, list_datasets
 from studio.errors import StudioError
-from studio.runs import check_ready
+from studio.runs import TrainingCheck, check_training
 from ui import helpers as h
-from ui.common import Studio, dropdown_value, friendly, unchecked
+from ui.common import PROBLEM_TITLE, Studio, dropdown_value, friendly, heavy_imports, unchecked
+
+log = logging.getLogger("ui")
+
+#: How long a hint waits for this machine's speed to be measured (about ten seconds on the built-in model).
+MEASURE_WAIT_S = 120
 
 DEFAULT_PRESET = "tiny-demo"
 BUILTIN = "builtin"
@@ -48,6 +56,10 @@ def preset_config(name: str | None) -> TrainConfig:
     return load_config(path)
 
 
+def warnings_note(check: TrainingCheck) -> str:
+    return "".join(f"\n\n- {warning}" for warning in check.warnings)
+
+
 def model_choices(studio: Studio) -> list[str]:
     """'builtin', then diffusers folders and .safetensors checkpoints in workspace/models."""
     out = [BUILTIN]
@@ -59,29 +71,65 @@ def model_choices(studio: Studio) -> list[str]:
     return out
 
 
-def measured_speed(studio: Studio, base_model: str) -> tuple[float | None, int | None]:
-    """(steps/s, pixels per step) of the newest run of this base model that logged progress."""
-    from studio.jobs import list_jobs
-    from studio.runs import run_config
-    from studio.runs import iter_events
+class SpeedMeter:
+    """The training speed a hint quotes: the newest matching run's, else a short measurement
+    of the config (studio.speed.measure_speed), made once per model, network and dataset."""
 
-    for job in list_jobs(studio.workspace)[:10]:
-        run_dir = job.run_dir(studio.workspace)
+    def __init__(self, studio: Studio):
+        self.workspace = studio.workspace
+        self._measured: dict[str, object] = {}
+        self._running: dict[str, threading.Thread] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(config: TrainConfig) -> str:
+        """What a step's time depends on besides its pixels (scaled by studio.speed.estimate)."""
+        return json.dumps([config.base_model, config.network.model_dump(mode="json"),
+                           bool(config.dataset.class_prompt and config.dataset.num_class_images),
+                           config.training.num_threads], sort_keys=True)
+
+    def speed(self, config: TrainConfig, *, wait: float = 0):
+        """The known speed; the built-in model's is measured first (waiting up to `wait` s for
+        it), None while that goes on."""
+        from studio.speed import speed_from_runs
+
+        known = speed_from_runs(self.workspace, config)
+        if known is not None or config.base_model != BUILTIN:
+            return known
+        key = self._key(config)
+        with self._lock:
+            if key in self._measured:
+                return self._measured[key]
+            thread = self._running.get(key)
+            if thread is None:
+                thread = threading.Thread(target=self._measure, args=(key, config.model_copy(deep=True)),
+                                          name="measure-speed", daemon=True)
+                self._running[key] = thread
+                thread.start()
+        thread.join(wait)
+        with self._lock:
+            return self._measured.get(key)
+
+    def _measure(self, key: str, config: TrainConfig) -> None:
+        from studio.speed import measure_speed
+
+        speed = None
         try:
-            config = run_config(run_dir)
-        except StudioError:
-            continue
-        if config.base_model != base_model:
-            continue
-        speeds = [e["it_s"] for e in iter_events(run_dir) if e.get("type") == "progress" and e.get("it_s")]
-        if speeds:
-            work = config.training.batch_size * config.training.gradient_accumulation_steps
-            return speeds[-1], config.dataset.resolution ** 2 * work
-    return None, None
+            heavy_imports()  # under the lock the warm-up takes: two threads must not import diffusers at once
+            speed = measure_speed(config, self.workspace)
+        except StudioError as error:  # Check settings explains it; the next change tries again
+            log.info("speed not measured: %s", error)
+        except Exception:
+            log.exception("measuring the training speed failed")
+        with self._lock:
+            if speed is not None:
+                self._measured[key] = speed
+            del self._running[key]
 
 
 def build(studio: Studio) -> SimpleNamespace:
     ws = studio.workspace
+    meter = SpeedMeter(studio)
     config = preset_config(DEFAULT_PRESET if DEFAULT_PRESET in preset_names() else None)
     datasets = list_datasets(ws)
     all_main = {spec.path: spec for spec in h.config_fields() if spec.path in MAIN_ORDER}
@@ -106,8 +154,9 @@ def build(studio: Studio) -> SimpleNamespace:
 
     main_values = dict(zip(MAIN_ORDER, h.config_to_form(main_specs, config)))
     with gr.Tab("2 · Train", id="train") as tab:
-        gr.Markdown("Choose what to learn from and how long. The defaults train the built-in toy model on "
-                    "the demo dataset in a few minutes on a CPU — press **Start training** to try it.",
+        gr.Markdown("Choose what to learn from and how long. The defaults teach the built-in toy model the "
+                    "demo dataset's purple star on a CPU; the box on the right says how long that takes on "
+                    "this machine. *Check settings*, then **Start training**.",
                     elem_classes="tab-intro")
         with gr.Row(equal_height=False):
             with gr.Column(scale=3):
@@ -166,7 +215,7 @@ def build(studio: Studio) -> SimpleNamespace:
     form_specs = main_specs + advanced_specs
     form_components = main_components + advanced
     # problems are reported under the labels the page shows, not the config's keys
-    labels = {("dataset", "name"): "Dataset", ("base_model",): "Base model", **{path: label for path, label in _MAIN_LABELS.items()},
+    labels = {("dataset", "name"): "Dataset", ("dataset", "path"): "Dataset", ("base_model",): "Base model", **{path: label for path, label in _MAIN_LABELS.items()},
               **{(spec.section,): h.SECTION_TITLES.get(spec.section, spec.section) for spec in advanced_specs},
               **{spec.path: f"{h.SECTION_TITLES.get(spec.section, spec.section)} › {spec.label}"
                  for spec in advanced_specs}}
@@ -178,6 +227,17 @@ def build(studio: Studio) -> SimpleNamespace:
         data.setdefault("dataset", {})["name"] = dataset_name
         data["dataset"].pop("path", None)
         return parse_config(data, "Settings", labels)
+
+    def checked(config: TrainConfig) -> TrainingCheck:
+        """The training check of `config`; each problem and warning is shown as one line, all
+        of them at once (friendly's title: a problem leaves the page as it was)."""
+        check = check_training(config, ws)
+        for problem in check.problems:
+            where = labels.get(tuple(problem.field.split(".")), problem.field)
+            gr.Warning(f"{where}: {problem.message}", title=PROBLEM_TITLE, duration=None)
+        for warning in check.warnings:
+            gr.Warning(warning, title="Worth a look", duration=20)
+        return check
 
     @friendly
     def on_preset(name):
@@ -207,14 +267,22 @@ def build(studio: Studio) -> SimpleNamespace:
                 steps_per_epoch = dataset_stats(ws.dataset_dir(dataset_name)).steps_per_epoch or None
             except StudioError:
                 pass
-        speed, pixels = measured_speed(studio, config.base_model) if builtin else (None, None)
-        t, s = config.training, config.sampling
+        speed = meter.speed(config, wait=MEASURE_WAIT_S) if dataset_name else None
+        plan = None
+        if speed is not None:
+            from studio.speed import estimate
+
+            missing = 0
+            if config.dataset.class_prompt and config.dataset.num_class_images and ws.dataset_dir(dataset_name).is_dir():
+                reg = dataset_stats(ws.dataset_dir(dataset_name)).reg_image_count
+                missing = max(0, config.dataset.num_class_images - reg)
+            plan = estimate(config, speed, missing_class_images=missing)
+        t = config.training
         return h.resource_hint(
             family=family, builtin=builtin, steps=t.max_steps, batch_size=t.batch_size,
             resolution=config.dataset.resolution, grad_accum=t.gradient_accumulation_steps,
             gradient_checkpointing=t.gradient_checkpointing, mixed_precision=t.mixed_precision,
-            measured_it_s=speed, measured_pixels=pixels, steps_per_epoch=steps_per_epoch,
-            sample_every=s.every_n_steps, sample_prompts=len(s.prompts), sample_steps=s.steps)
+            speed=speed, plan=plan, steps_per_epoch=steps_per_epoch, sample_prompts=len(config.sampling.prompts))
 
     def on_change(dataset_name, *values):
         return hint_for(dataset_name, values)
@@ -222,16 +290,22 @@ def build(studio: Studio) -> SimpleNamespace:
     @friendly
     def on_check(dataset_name, *values):
         config = build_config(dataset_name, values)
-        per_epoch = check_ready(config, ws)
-        gr.Info(f"Settings are valid: {config.training.max_steps} steps on {per_epoch} images per epoch.")
-        return dump_config(config), "Settings are valid."
+        check = checked(config)
+        if check.problems:
+            return gr.skip()
+        gr.Info(f"Settings are valid: {config.training.max_steps} steps on {check.images_per_epoch} images "
+                "per epoch.")
+        return dump_config(config), "Settings are valid." + warnings_note(check)
 
     def on_launch(dataset_name, *values):
-        """Queue a run; returns (config TOML, note, job id). Raises StudioError."""
+        """Queue a run; returns (config TOML, note, job id), or None (its problems shown) when
+        it cannot train. Raises StudioError for a form it cannot read."""
         from studio.jobs import enqueue, list_jobs
 
         config = build_config(dataset_name, values)
-        check_ready(config, ws)
+        check = checked(config)
+        if check.problems:
+            return None
         if (ws.adapters_dir / f"{config.name}.safetensors").exists():
             gr.Warning(f"An adapter named {config.name!r} is in the library; this run replaces it when it "
                        "finishes. Change the adapter name to keep both.")
@@ -239,7 +313,14 @@ def build(studio: Studio) -> SimpleNamespace:
         job = enqueue(ws, config)
         where = f" ({ahead} run(s) ahead of it)" if ahead else ""
         gr.Info(f"Queued {job.id}{where}.")
-        return dump_config(config), f"Queued **{job.id}**{where}. Follow it in the Runs tab.", job.id
+        note = f"Queued **{job.id}**{where}. Follow it in the Runs tab." + warnings_note(check)
+        return dump_config(config), note, job.id
+
+    @friendly
+    def on_dataset(dataset_name, preset_name, current_name):
+        """A new dataset names the adapter after it, unless the person typed a name of their own."""
+        automatic = {"", preset_config(preset_name).name if preset_name else "", *list_datasets(ws)}
+        return dataset_name if dataset_name and (current_name or "") in automatic else gr.skip()
 
     hint_inputs = [dataset, *form_components]
     watched = [dataset, base_model, *(main[p] for p in MAIN_ORDER if p != ("name",))]
@@ -247,8 +328,9 @@ def build(studio: Studio) -> SimpleNamespace:
                 if spec.key in ("training.gradient_accumulation_steps", "training.gradient_checkpointing",
                                 "training.mixed_precision", "sampling.every_n_steps", "sampling.steps")]
     for comp in watched:
-        comp.change(on_change, hint_inputs, hint, show_progress="hidden", trigger_mode="always_last")
+        comp.change(on_change, hint_inputs, hint, show_progress="minimal", trigger_mode="always_last")
     preset.input(on_preset, preset, form_components).then(on_change, hint_inputs, hint, show_progress="hidden")
+    dataset.input(on_dataset, [dataset, preset, main[("name",)]], main[("name",)], show_progress="hidden")
     check_btn.click(on_check, hint_inputs, [toml_view, launch_note], api_name="check_settings")
 
     def refresh_choices(current_dataset, current_model):
