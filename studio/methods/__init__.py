@@ -1,11 +1,6 @@
-"""Adapter methods: one module per method, and the one list of them (`METHODS`).
-
-    lora.py     LoRA, with its DoRA / rsLoRA / PiSSA / OLoRA / LoRA+ options
-    locon.py    LoCon: LoRA also on the ResNet convs
-    loha.py     LoHa (LyCORIS Hadamard product)
-    lokr.py     LoKr (LyCORIS Kronecker product)
-    tlora.py    T-LoRA: timestep-dependent rank, with a file layout of its own
-    base.py     what a method provides (see there) and the shared peft machinery
+"""Adapter methods: one module per method (its docstring states its formula), and the one
+list of them, `METHODS`. base.py says what a method provides and holds the peft machinery
+the peft-based ones share.
 
 A method is how an adapter trains (network.type); the file kind (lora, loha, lokr in
 studio.formats) is what it is on disk. Adding a method: its module, its tests, and its
@@ -21,8 +16,14 @@ from studio.methods.lokr import LoKr
 from studio.methods.lora import LoRA
 from studio.methods.tlora import TLoRA
 
-# network.type -> method, in the order the Train tab offers them.
-METHODS: dict[str, Method] = {m.name: m for m in (LoRA(), LoCon(), LoHa(), LoKr(), TLoRA())}
+# network.type -> method, in the order the Train tab offers them: one line per method.
+METHODS: dict[str, Method] = {m.name: m for m in (
+    LoRA(),
+    LoCon(),
+    LoHa(),
+    LoKr(),
+    TLoRA(),
+)}
 
 __all__ = ["FORMAT_KEY", "METHODS", "Method", "NativeFileMethod", "Training", "get_method", "native_method"]
 
