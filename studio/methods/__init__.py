@@ -14,6 +14,7 @@ from studio.methods.locon import LoCon
 from studio.methods.loha import LoHa
 from studio.methods.lokr import LoKr
 from studio.methods.lora import LoRA
+from studio.methods.lora_fa import LoRAFA
 from studio.methods.tlora import TLoRA
 
 # network.type -> method, in the order the Train tab offers them: one line per method.
@@ -23,6 +24,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     LoHa(),
     LoKr(),
     TLoRA(),
+    LoRAFA(),
 )}
 
 __all__ = ["FORMAT_KEY", "METHODS", "Method", "NativeFileMethod", "Training", "get_method", "native_method"]
