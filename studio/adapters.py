@@ -10,7 +10,7 @@ CLIP text encoders; this module maps between the two. Details: studio/formats/.
 
 The API:
 
-    AdapterType(network, dora)          what the trainer trains and the file holds
+    AdapterType(network, dora)          what the file holds (its kind; the method is studio.methods)
     export_adapter(models, family, ...) the peft adapter on the models -> AdapterFile
     save_adapter(path, adapter, dtype=, format=)    write (kohya by default)
     load_adapter(path) -> AdapterFile   read any supported layout, fully checked
@@ -43,6 +43,7 @@ from studio.families import DEFAULT, family_of_pipeline, get_family
 from studio.formats.naming import (ALL_PREFIXES, TEXT_ENCODER_PREFIX, UNET_PREFIX, kohya_name, name_table,
                                    pipeline_models, sd_scripts_targets, split_name, targets_for)
 from studio.formats.peft_bridge import NETWORK_TYPES, AdapterType, attach_modules, modules_from_models
+from studio.methods import native_method
 
 log = logging.getLogger(__name__)
 
@@ -103,15 +104,10 @@ def convert_adapter(src: str | Path, dst: str | Path, *, format: str = "kohya", 
             return edit_metadata(src, updates, out=dst)
         return dst
     dtype = PRECISIONS[precision] if precision else _source_dtype(adapter)
-    dropped = {DIFFUSERS_METADATA_KEY, "format"}
-    if adapter.source_format == "tlora":  # the plain form: the schedule does not survive
-        dropped |= {"lora_studio.format", "tlora_schedule", "tlora_alpha", "tlora_ortho", "ss_network_module"}
-    metadata = {k: v for k, v in adapter.metadata.items() if k not in dropped}
-    if adapter.source_format == "tlora":
-        metadata["lora_studio_adapter_type"] = "lora (plain form of a T-LoRA, timestep schedule dropped)"
-        rank = max(module.rank or 0 for module in adapter.modules.values())
-        log.warning("%s is a T-LoRA: its plain LoRA form has every rank on at every step (rank %d), so the timestep "
-                    "schedule is lost; LoRA Studio generates with the schedule from the native file.", src.name, rank)
+    metadata = {k: v for k, v in adapter.metadata.items() if k not in (DIFFUSERS_METADATA_KEY, "format")}
+    native = native_method(adapter.source_format)
+    if native is not None:  # written in its plain form: what only the native layout means goes
+        metadata = native.plain_metadata(metadata, adapter, src.name)
     for key, value in updates.items():
         if value is None:
             metadata.pop(key, None)
@@ -164,37 +160,30 @@ def thumbnail_data_url(image_path: str | Path, size: int = 128) -> str:
 
 
 def training_metadata(config, model_ref, *, dataset_folder: Path, started: float, finished: float,
-                      run_id: str, adapter: AdapterFile | None = None, thumbnail: str | Path | None = None,
+                      run_id: str, adapter: AdapterFile, thumbnail: str | Path | None = None,
                       prediction_type: str = "epsilon") -> dict[str, str]:
     """sd-scripts `ss_*` and `modelspec.*` metadata for a trained adapter. `adapter` (the
-    exported modules) supplies the file's real rank / alpha and type; `thumbnail` an image."""
+    exported modules) supplies the file's real rank / alpha and type, the run's method
+    (network.type) the ss_network_module / ss_network_args; `thumbnail` an image."""
     from studio.datasets import dataset_stats, load_items
+    from studio.methods import get_method
 
     stats = dataset_stats(dataset_folder, load_items(dataset_folder))
     net, train, ds = config.network, config.training, config.dataset
     base = get_family(model_ref.family)
     trigger = ds.trigger_word.strip()
-    if adapter is not None:
-        adapter_type = adapter.adapter_type
-    else:
-        network = getattr(net, "type", "lora")
-        adapter_type = AdapterType(network if network in NETWORK_TYPES else "lora",
-                                   bool(getattr(net, "use_dora", False)) and network in ("lora", "locon"))
-    ranks = [m.rank for m in adapter.modules.values() if m.rank] if adapter else [net.rank]
-    alphas = [m.effective_alpha for m in adapter.modules.values() if m.effective_alpha] if adapter else [net.alpha]
+    method = get_method(net.type)
+    ranks = [m.rank for m in adapter.modules.values() if m.rank]
+    alphas = [m.effective_alpha for m in adapter.modules.values() if m.effective_alpha]
     dim = max(set(ranks), key=ranks.count) if ranks else net.rank
     alpha = max(set(alphas), key=alphas.count) if alphas else net.alpha
-    conv = [m for m in adapter.modules.values() if m.is_conv_kernel] if adapter else []
-    args = adapter_type.ss_network_args(conv_dim=conv[0].rank if conv and adapter_type.network == "locon" else None,
-                                        conv_alpha=conv[0].effective_alpha if conv else None)
-    if getattr(net, "use_rslora", False):
-        args["rs_lora"] = "True"
+    network_module, args = method.ss_network(net, adapter)
     date = datetime.datetime.fromtimestamp(finished, datetime.timezone.utc).isoformat(timespec="seconds")
     metadata = {
         "ss_v2": "False",
         "ss_output_name": config.name,
         "ss_base_model_version": base.ss_base_model_version,
-        "ss_network_module": adapter_type.ss_network_module,
+        "ss_network_module": network_module,
         "ss_network_dim": str(dim),
         "ss_network_alpha": f"{alpha:g}",
         "ss_network_args": json.dumps(args),
@@ -232,10 +221,10 @@ def training_metadata(config, model_ref, *, dataset_folder: Path, started: float
         "modelspec.date": date,
         "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else prediction_type,
         **({"modelspec.trigger_phrase": trigger} if trigger else {}),
-        "lora_studio_adapter_type": adapter_type.label,
+        "lora_studio_adapter_type": method.label(adapter),
         "lora_studio_run_id": run_id,
     }
-    if adapter_type.dora:
+    if adapter.adapter_type.dora:
         metadata["lora_studio_dora"] = ("dora_scale [out,1]: ComfyUI/Forge output-axis form, "
                                         "W' = (W + dW) * dora_scale / ||W||_row reproduces peft's DoRA")
     if thumbnail is not None and Path(thumbnail).is_file():

@@ -15,6 +15,7 @@ from pydantic_core import PydanticCustomError
 
 from studio import ASSETS_DIR, PRESETS_DIR, PROJECT_ROOT
 from studio.errors import StudioError
+from studio.methods import METHODS
 
 DEMO_DATASET = ASSETS_DIR / "demo-dataset"
 UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -50,8 +51,8 @@ UNET_CONV = ["conv1", "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.0
 
 
 class NetworkConfig(_Section):
-    type: Literal["lora", "locon", "loha", "lokr", "tlora"] = Field(
-        "lora", description="lora; locon (also the ResNet convs); loha / lokr (LyCORIS); tlora (timestep-dependent rank, arXiv 2507.05964).")
+    type: Literal[tuple(METHODS)] = Field(
+        "lora", description="; ".join(method.summary for method in METHODS.values()) + ".")
     rank: int = Field(8, ge=1, le=1024, description="Rank (dim) of each adapted layer.")
     alpha: float = Field(8.0, gt=0, le=4096, description="Alpha; the update is scaled by alpha/rank (alpha/sqrt(rank) with rsLoRA).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter path.")
@@ -76,12 +77,7 @@ class NetworkConfig(_Section):
 
     @model_validator(mode="after")
     def _check_network(self) -> "NetworkConfig":
-        if (self.use_dora or self.use_rslora or self.init != "default") and self.type not in ("lora", "locon"):
-            raise ValueError(f"use_dora, use_rslora and init apply to lora/locon, not {self.type}")
-        if self.type == "tlora" and self.tlora_min_rank > self.rank:
-            raise ValueError(f"tlora_min_rank ({self.tlora_min_rank}) must not exceed rank ({self.rank})")
-        if self.type == "tlora" and self.train_text_encoder:
-            raise ValueError("T-LoRA adapts the UNet only; set train_text_encoder = false")
+        METHODS[self.type].check(self)
         return self
 
 
@@ -154,13 +150,7 @@ class TrainConfig(_Section):
     def _check(self) -> "TrainConfig":
         if self.dataset.name and self.dataset.path:
             raise ValueError("set dataset.name (a workspace dataset) or dataset.path (a folder), not both")
-        net, base_weights = self.network, self.training.base_weights
-        if base_weights == "nf4" and net.type in ("loha", "lokr"):
-            raise ValueError(f"training.base_weights = 'nf4' works with lora, locon and tlora networks, not "
-                             f"{net.type}; set base_weights = 'full' or 'fp8'")
-        if base_weights == "nf4" and net.init != "default":
-            raise ValueError(f"network.init = {net.init!r} rewrites the base weights, which is not supported on a "
-                             "4-bit base; use init = 'default', or training.base_weights = 'full' or 'fp8'")
+        METHODS[self.network.type].check_base_weights(self.network, self.training.base_weights)
         return self
 
 

@@ -190,7 +190,7 @@ class Engine:
 
     def _adapter_name(self, model_key: str, pipe, path: Path) -> str:
         from studio.adapters import attach_adapter, load_adapter, read_checked_header
-        from studio.tlora import is_tlora_metadata, load_tlora
+        from studio.methods import FORMAT_KEY, native_method
 
         try:
             stat = path.stat()
@@ -201,11 +201,11 @@ class Engine:
         if file_key not in loaded:
             name = "a" + hashlib.sha1(repr(file_key).encode()).hexdigest()[:12]
             _restore_original_weights(pipe)  # loading a DoRA file reads the base weights
-            if is_tlora_metadata(read_checked_header(path)[1]):
-                adapter = load_tlora(path).to(pipe.unet.device, pipe.unet.dtype).attach(pipe.unet)
-                if not hasattr(pipe, "_studio_tlora"):
-                    pipe._studio_tlora = {}
-                pipe._studio_tlora[name] = adapter
+            native = native_method(read_checked_header(path)[1].get(FORMAT_KEY))
+            if native is not None:  # a layout of its own (T-LoRA): attached and weighted by its method
+                if not hasattr(pipe, "_studio_native"):
+                    pipe._studio_native = {}
+                pipe._studio_native[name] = native.attach_file(pipe, path)
             else:
                 try:
                     attach_adapter(pipe, load_adapter(path), name)
@@ -262,11 +262,8 @@ class Engine:
                     module.__dict__.pop("forward", None)
                 else:  # every adapter here is merged or off: call the base layer (and its hooks, T-LoRA's
                     module.forward = base.__call__  # among them) without peft's per-call checks
-        for name, adapter in self._tlora_of(pipe).items():
-            adapter.enabled = name in mix
-            if name in mix:
-                adapter.weight = mix[name].weight
-                adapter.masked = mix[name].tlora_masked
+        for name, adapter in self._native_of(pipe).items():
+            adapter.use(mix.get(name))
 
     def _block_of(self, unet, path: str) -> str | None:
         from studio.blocks import module_block
@@ -276,8 +273,9 @@ class Engine:
             self._blocks[key] = module_block(path, unet.config)
         return self._blocks[key]
 
-    def _tlora_of(self, pipe) -> dict:
-        return getattr(pipe, "_studio_tlora", {})
+    def _native_of(self, pipe) -> dict:
+        """Adapters attached from a method's own file layout, by adapter name."""
+        return getattr(pipe, "_studio_native", {})
 
     def set_mix(self, model: str, adapters: list[AdapterUse]):
         """Load what is missing and weight the adapters; returns the ready pipeline.

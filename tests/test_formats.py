@@ -35,15 +35,19 @@ VARIANTS = {
 def add_adapter(pipe, variant: str, name: str = "default") -> None:
     """The variant's peft adapter on the UNet (sd-scripts' targets, + convs for LyCORIS
     types) and the text encoder(s)."""
-    from studio.adapters import AdapterType, adapter_models, targets_for
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
+
+    from studio.adapters import adapter_models, targets_for
     from studio.formats.peft_bridge import inject_peft_adapter
 
     (network, dora), extra, rank, alpha = VARIANTS[variant]
-    adapter_type = AdapterType(network, dora)
     targets = targets_for(adapter_models(pipe), conv=network != "lora")
     for attr, paths in targets.items():
-        inject_peft_adapter(getattr(pipe, attr),
-                            adapter_type.peft_config(rank=rank, alpha=alpha, target_modules=paths, **extra), name)
+        if network in ("lora", "locon"):
+            config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=paths, use_dora=dora, **extra)
+        else:
+            config = (LoHaConfig if network == "loha" else LoKrConfig)(r=rank, alpha=alpha, target_modules=paths, **extra)
+        inject_peft_adapter(getattr(pipe, attr), config, name)
 
 
 def train_a_little(pipe, steps: int = 2) -> None:

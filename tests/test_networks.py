@@ -18,6 +18,7 @@ NETWORKS = {
     "lokr": {"type": "lokr", "rank": 4, "alpha": 4.0},
     "tlora": {"type": "tlora", "rank": 8, "tlora_min_rank": 4},
     "tlora-vanilla": {"type": "tlora", "rank": 8, "tlora_min_rank": 4, "tlora_ortho": False},
+    "lora_fa": {"type": "lora_fa"},
 }
 
 

@@ -50,7 +50,7 @@ def _lora_file(path, *, rank: int, seed: int, trigger: str):
 
 def _tlora_file(path, *, seed: int):
     """A random rank-4 T-LoRA (min rank 1) on the built-in UNet's self-attention queries."""
-    from studio.tlora import TLoRAAdapter, TLoRALayer, TLoRASchedule, save_tlora
+    from studio.methods.tlora_layers import TLoRAAdapter, TLoRALayer, TLoRASchedule, save_tlora
 
     generator = torch.Generator().manual_seed(seed)
     layers = {}

@@ -127,22 +127,16 @@ class Trainer:
                         hidden, pooled = self._encode_text([example.caption])
                         self._text_cache[example.caption] = (hidden[0], None if pooled is None else pooled[0])
 
-        # adapters
-        from trainers.networks import initial_factors, inject, param_groups
+        # adapters: the method (network.type) injects itself and names what trains
+        from studio.methods import get_method
 
         net = cfg.network
         torch.manual_seed(cfg.seed)  # the adapters' initial weights are a function of the seed
-        self.tlora = inject(self.unet, net, seed=cfg.seed)
-        moves_base = net.init != "default"  # PiSSA / OLoRA: the export needs the initial factors
-        self.initial_factors = initial_factors(self.unet, "unet") if moves_base else {}
-        trainable_unet = self.tlora if self.tlora is not None else self.unet
-        params = param_groups(trainable_unet, cfg.training.learning_rate, net)
+        self.adapter = get_method(net.type).training(net, seed=cfg.seed)
+        params = self.adapter.add("unet", self.unet, cfg.training.learning_rate)
         if net.train_text_encoder:
             for component, encoder in zip(("text_encoder", "text_encoder_2"), self.text_encoders):
-                inject(encoder, net, text_encoder=True)
-                if moves_base:
-                    self.initial_factors.update(initial_factors(encoder, component))
-                params += param_groups(encoder, cfg.training.text_encoder_lr or cfg.training.learning_rate, net)
+                params += self.adapter.add(component, encoder, cfg.training.text_encoder_lr or cfg.training.learning_rate)
         if base_weights == "fp8":
             store_in_fp8(self.unet)
         self.trainable = [p for group in params for p in group["params"]]
@@ -331,16 +325,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- state
     def adapter_state(self) -> dict[str, torch.Tensor]:
-        from peft.utils import get_peft_model_state_dict
-
-        if self.tlora is not None:
-            state = {f"tlora.{k}": v for k, v in self.tlora.state_dict().items()}
-        else:
-            state = {f"unet.{k}": v for k, v in get_peft_model_state_dict(self.accelerator.unwrap_model(self.unet)).items()}
-        if self.config.network.train_text_encoder:
-            for component, encoder in self._text_encoder_components():
-                state.update({f"{component}.{k}": v for k, v in get_peft_model_state_dict(encoder).items()})
-        return {k: v.detach().float().cpu().clone() for k, v in state.items()}
+        return {k: v.detach().float().cpu().clone() for k, v in self.adapter.state().items()}
 
     def _text_encoder_components(self) -> list[tuple[str, torch.nn.Module]]:
         """("text_encoder", model), ("text_encoder_2", model): the pipeline's component names."""
@@ -348,15 +333,7 @@ class Trainer:
         return [(name, self.accelerator.unwrap_model(enc)) for name, enc in zip(names, self.text_encoders)]
 
     def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
-        from peft.utils import set_peft_model_state_dict
-
-        if self.tlora is not None:
-            self.tlora.load_state_dict({k[len("tlora."):]: v for k, v in state.items() if k.startswith("tlora.")})
-        for component, model in (("unet", self.unet), *self._text_encoder_components()):
-            prefix = component + "."
-            part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-            if part:
-                set_peft_model_state_dict(self.accelerator.unwrap_model(model), part)
+        self.adapter.load_state(state)
 
     # ---------------------------------------------------------------- run
     def run(self, *, resume: bool = True) -> Path | None:
@@ -568,38 +545,19 @@ class Trainer:
         self.events.emit("sample", step=step, paths=paths, prompts=prompts)
 
     def _export(self, started: float) -> Path:
-        """Write the trained adapter to adapters/<name>.safetensors: whatever peft type is on
-        the models (LoRA, LoCon, DoRA, rsLoRA, LoHa, LoKr) in the kohya / LyCORIS layout, or a
-        T-LoRA in its native file (schedule in the metadata), with ss_* / modelspec.* metadata."""
-        from studio.adapters import AdapterFile, LoraModule, export_adapter, save_adapter, training_metadata
-        from studio.formats.naming import path_to_name
+        """Write the trained adapter to adapters/<name>.safetensors as its method exports it
+        (the kohya / LyCORIS layout, or a layout of the method's own such as T-LoRA's), with
+        ss_* / modelspec.* metadata."""
+        from studio.adapters import training_metadata
 
         cfg = self.config
-        family = self.model_ref.family
-        unet = self.accelerator.unwrap_model(self.unet)
-        models = {"unet": unet}
-        if cfg.network.train_text_encoder:
-            models.update(dict(self._text_encoder_components()))
-        if self.tlora is not None:
-            from studio.tlora import plain_lora_factors
-
-            # the plain (all ranks on) view gives the metadata its rank / alpha
-            adapter = AdapterFile({path_to_name(family, "unet", path, unet.config): LoraModule(down, up, alpha)
-                                   for path, (up, down, alpha) in plain_lora_factors(self.tlora).items()}, {}, family)
-        else:
-            adapter = export_adapter(models, family=family, initial_factors=self.initial_factors)
+        adapter = self.adapter.export(self.model_ref.family)
         samples = sorted((self.run_dir / SAMPLES_DIR).glob("step-*.png"))
         adapter.metadata = training_metadata(
             cfg, self.model_ref, dataset_folder=self._dataset_folder(), started=started, finished=time.time(),
             run_id=self.run_dir.name, adapter=adapter, thumbnail=samples[-1] if samples else None,
             prediction_type=self.noise_scheduler.config.prediction_type)
-        path = unique_adapter_path(adapters_dir(self.run_dir), cfg.name, self.run_dir.name)
-        if self.tlora is not None:
-            from studio.tlora import save_tlora
-
-            adapter.metadata["lora_studio_adapter_type"] = "tlora"
-            return save_tlora(path, self.tlora, adapter.metadata)
-        return save_adapter(path, adapter)
+        return self.adapter.save(unique_adapter_path(adapters_dir(self.run_dir), cfg.name, self.run_dir.name), adapter)
 
 
 def _is_peer_failure(error: BaseException) -> bool:

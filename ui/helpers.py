@@ -828,7 +828,7 @@ def is_tlora_adapter(workspace, name: str | None) -> bool:
     """Whether the library adapter `name` is a native T-LoRA file (False when unknown)."""
     from studio.adapters import read_checked_header
     from studio.library import find_adapter
-    from studio.tlora import is_tlora_metadata
+    from studio.methods.tlora_layers import is_tlora_metadata
 
     if not name:
         return False

@@ -35,6 +35,7 @@ from studio.formats.naming import (ALL_PREFIXES, Target, clip_kohya_path, descri
                                    path_to_name, split_name)
 from studio.formats.peft_bridge import AdapterType, _lokr_config, _loha_config, _lora_config, _Plan, check_fit
 from studio.fsutil import atomic_write_bytes, open_regular
+from studio.methods import FORMAT_KEY, NativeFileMethod, native_method
 from studio.safetensors_file import read_safetensors_header, refuse_pickle, sniff_format
 
 log = logging.getLogger(__name__)
@@ -172,8 +173,9 @@ def load_adapter(path: str | Path) -> AdapterFile:
     if path.is_dir():
         return _load_peft_folder(path)
     tensors, metadata = _read_tensors(path)
-    if metadata.get("lora_studio.format") == "tlora":
-        return _from_tlora(path, metadata)
+    native = native_method(metadata.get(FORMAT_KEY))
+    if native is not None:
+        return _from_native(native, path, metadata)
     keys = list(tensors)
     if all(k.split(".", 1)[0].startswith(tuple(p + "_" for p in ALL_PREFIXES)) for k in keys):
         return _from_kohya(tensors, metadata, path.name)
@@ -197,17 +199,11 @@ def load_adapter(path: str | Path) -> AdapterFile:
                       f"its tensors are named like {', '.join(sorted(keys)[:3])}.")
 
 
-def _from_tlora(path: Path, metadata: dict[str, str]) -> AdapterFile:
-    """A native T-LoRA file as its plain LoRA (all ranks on, rank 2r for Ortho-LoRA): what
-    other tools can load; the timestep schedule is lost in that form (the engine loads the
-    native file with its schedule, see studio.tlora)."""
-    from studio.formats.modules import LoraModule
-    from studio.tlora import load_tlora, plain_lora_factors
-
+def _from_native(method: NativeFileMethod, path: Path, metadata: dict[str, str]) -> AdapterFile:
+    """A file in a method's own layout (T-LoRA) as its plain modules: what other tools can
+    load (the engine attaches the native file itself, see studio.methods)."""
     family = (family_from_metadata(metadata, path.name) or DEFAULT).name
-    modules = {path_to_name(family, "unet", p): LoraModule(down.float(), up.float(), alpha)
-               for p, (up, down, alpha) in plain_lora_factors(load_tlora(path)).items()}
-    return AdapterFile(modules, metadata, family, "tlora")
+    return AdapterFile(method.plain_modules(path, family), metadata, family, method.native_format)
 
 
 def _from_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str) -> AdapterFile:

@@ -28,8 +28,10 @@ NETWORK_TYPES = ("lora", "locon", "loha", "lokr")
 
 @dataclass(frozen=True)
 class AdapterType:
-    """What kind of adapter: network in {lora, locon, loha, lokr} and the DoRA flag.
-    (rsLoRA only changes the scale, which the file's alpha carries.)"""
+    """What kind of adapter a file holds: network in {lora, locon, loha, lokr} and the DoRA
+    flag (rsLoRA only changes the scale, which the file's alpha carries). How it was trained
+    is the method's business (studio.methods): DoRA, PiSSA and a T-LoRA's plain form all
+    hold lora modules."""
 
     network: str = "lora"
     dora: bool = False
@@ -64,17 +66,6 @@ class AdapterType:
             args["dora_wd"] = "True"
             args["wd_on_output"] = "True"
         return args
-
-    def peft_config(self, *, rank: int, alpha: float, target_modules, dropout: float = 0.0,
-                    use_rslora: bool = False, **extra):
-        """The peft config that trains this type (LoCon = LoRA with conv targets)."""
-        from peft import LoHaConfig, LoKrConfig, LoraConfig
-
-        if self.network in ("lora", "locon"):
-            return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
-                              use_dora=self.dora, use_rslora=use_rslora, **extra)
-        cls = LoHaConfig if self.network == "loha" else LoKrConfig
-        return cls(r=rank, alpha=alpha, target_modules=target_modules, **extra)
 
     @classmethod
     def of_modules(cls, modules: Mapping[str, AdapterModule]) -> "AdapterType":

@@ -1,4 +1,6 @@
-"""T-LoRA (arXiv 2507.05964): a LoRA whose active rank depends on the diffusion timestep.
+"""T-LoRA's layers, schedule and native file (the method itself: studio.methods.tlora).
+
+T-LoRA (arXiv 2507.05964) is a LoRA whose active rank depends on the diffusion timestep.
 
     r(t) = floor(((T - t) / T) ** a * (r_max - r_min)) + r_min,   T = 1000
     delta(x) = scale * (P diag(lambda * m_t) Q x  -  P0 diag(lambda0 * m_t) Q0 x)
@@ -23,6 +25,8 @@ import torch
 from torch import nn
 
 from studio.errors import StudioError
+from studio.methods.base import FORMAT_KEY
+from studio.methods.tlora import TLoRA
 
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -121,6 +125,13 @@ class TLoRAAdapter(nn.Module):
             self._handles.append(target.register_forward_hook(self._make_hook(layer)))
         return self
 
+    def use(self, use) -> None:
+        """Weight it for one generation request: `use` is its AdapterUse (weight, and
+        tlora_masked: the timestep mask or every rank), or None to switch it off."""
+        self.enabled = use is not None
+        if use is not None:
+            self.weight, self.masked = use.weight, use.tlora_masked
+
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
@@ -181,7 +192,7 @@ def inject_tlora(unet: nn.Module, target_modules: list[str], *, rank: int, alpha
 # schedule in the metadata, so the studio reloads it with its timestep masks:
 #   unet.<path>.tlora_q [r, in], .tlora_lambda [r], .tlora_p [out, r]
 #   (+ .tlora_q0, .tlora_lambda0, .tlora_p0 for Ortho-LoRA), metadata tlora_schedule (JSON)
-FORMAT_KEY, FORMAT_VALUE = "lora_studio.format", "tlora"
+FORMAT_VALUE = TLoRA.native_format
 _PARTS = {"q": "tlora_q", "lam": "tlora_lambda", "p": "tlora_p", "q0": "tlora_q0", "lam0": "tlora_lambda0", "p0": "tlora_p0"}
 
 

@@ -1,0 +1,157 @@
+"""LoRA-FA: A stays at its random init while B trains, the optimizer holds state for B
+alone, and the file is a plain LoRA that our engine, diffusers and a mix all read."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from tests.conftest import demo_config
+from tests.test_networks import _fixed_loss
+
+STEPS = 30
+
+
+def _factors(trainer, part: str) -> dict[str, torch.Tensor]:
+    models = {"unet": trainer.accelerator.unwrap_model(trainer.unet), **dict(trainer._text_encoder_components())}
+    return {f"{component}.{name}": p for component, model in models.items()
+            for name, p in model.named_parameters() if f".{part}." in name}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A LoRA-FA run on the UNet and the text encoder: the trainer after STEPS steps, its
+    factors at the start, the fixed-draw loss before and after, and the exported file."""
+    from studio.runs import create_run
+    from studio.workspace import Workspace
+    from trainers.lora import Trainer
+
+    config = demo_config(max_steps=STEPS, learning_rate=3e-3)
+    config.network.type = "lora_fa"
+    config.network.train_text_encoder = True
+    trainer = Trainer(create_run(config, Workspace.open(tmp_path_factory.mktemp("lora_fa") / "ws")),
+                      show_progress=False)
+    trainer._setup()
+    start = {name: p.detach().clone() for part in ("lora_A", "lora_B") for name, p in _factors(trainer, part).items()}
+    before = _fixed_loss(trainer)
+    for step in range(STEPS):
+        trainer.train_step(step)
+    after = _fixed_loss(trainer)
+    trainer.accelerator.unwrap_model(trainer.unet).eval()
+    return {"trainer": trainer, "start": start, "before": before, "after": after,
+            "path": trainer._export(time.time())}
+
+
+def _unet_out(unet, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sample = torch.randn(2, 4, unet.config.sample_size, unet.config.sample_size, generator=g)
+    text = torch.randn(2, 8, unet.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        return unet(sample, torch.tensor([500, 20]), text).sample
+
+
+def test_lora_fa_is_a_network_type_with_its_help():
+    from studio.config import NetworkConfig
+    from ui import helpers as h
+
+    spec = next(s for s in h.config_fields() if s.path == ("network", "type"))
+    assert "lora_fa" in spec.choices and "lora_fa (LoRA-FA: A frozen at its random init, only B trains" in spec.info
+    NetworkConfig(type="lora_fa", use_rslora=True, train_text_encoder=True)
+    for option in ({"use_dora": True}, {"init": "pissa"}, {"loraplus_lr_ratio": 16.0}):
+        with pytest.raises(ValidationError, match="do not apply to lora_fa"):
+            NetworkConfig(type="lora_fa", **option)
+
+
+@pytest.mark.slow(seconds=60)
+def test_only_b_trains_and_the_loss_drops(trained):
+    trainer, start = trained["trainer"], trained["start"]
+    assert trained["after"] < trained["before"]
+    down, up = _factors(trainer, "lora_A"), _factors(trainer, "lora_B")
+    assert down and len(down) == len(up)
+    assert any(name.startswith("text_encoder.") for name in down)
+    for name, p in down.items():
+        assert not p.requires_grad and torch.equal(p, start[name]), name
+        assert p.abs().max() > 0  # a random projection, not zeros
+    for name, p in up.items():
+        assert not torch.equal(p, start[name]), name
+        assert not start[name].any()  # B starts at zero: the adapter starts as the base model
+
+
+@pytest.mark.slow(seconds=60)
+def test_optimizer_holds_state_for_b_alone(trained):
+    trainer = trained["trainer"]
+    down, up = _factors(trainer, "lora_A"), _factors(trainer, "lora_B")
+    state = trainer.optimizer.state
+    assert {id(p) for p in state} == {id(p) for p in up.values()}
+    held = sum(t.numel() for p in state for t in state[p].values() if torch.is_tensor(t) and t.ndim > 0)
+    b_values = sum(p.numel() for p in up.values())
+    assert held == 2 * b_values  # AdamW's two moments, of B only
+    assert held < 2 * (b_values + sum(p.numel() for p in down.values()))  # what a LoRA of this rank holds
+
+
+@pytest.mark.slow(seconds=60)
+def test_the_file_is_a_plain_lora_equal_to_the_trained_model(trained):
+    from studio.adapters import attach_adapter, load_adapter
+    from studio.library import describe_adapter
+    from studio.models import load_pipeline
+
+    info = describe_adapter(trained["path"])
+    metadata = info["metadata"]
+    assert info["type"] == "lora" and info["format"] == "kohya" and info["prefixes"]["lora_te"] > 0
+    assert metadata["ss_network_module"] == "networks.lora"
+    assert json.loads(metadata["ss_network_args"]) == {"algo": "lora_fa"}
+    assert metadata["lora_studio_adapter_type"] == "lora_fa"
+
+    trainer = trained["trainer"]
+    fresh = load_pipeline("builtin")
+    base = _unet_out(fresh.unet)
+    attach_adapter(fresh, load_adapter(trained["path"]), "fa")
+    expected = _unet_out(trainer.accelerator.unwrap_model(trainer.unet))
+    assert (expected - base).abs().max() > 1e-3
+    assert (_unet_out(fresh.unet) - expected).abs().max() <= 1e-5
+    ids = fresh.tokenizer(["a sks star"], padding="max_length", max_length=fresh.tokenizer.model_max_length,
+                          return_tensors="pt").input_ids
+    with torch.no_grad():
+        ours = fresh.text_encoder(ids)[0]
+        theirs = dict(trainer._text_encoder_components())["text_encoder"](ids)[0]
+    assert (ours - theirs).abs().max() <= 1e-5
+
+
+@pytest.mark.slow(seconds=60)
+def test_diffusers_loads_every_key(trained):
+    from studio.adapters import load_adapter
+    from studio.models import load_pipeline
+    from tests.test_formats import _diffusers_load, _lora_layers
+
+    theirs = load_pipeline("builtin")
+    messages = _diffusers_load(theirs, trained["path"])
+    problems = [m for m in messages if any(w in m.lower() for w in ("unexpected", "missing", "not been", "mismatch"))]
+    assert not problems, problems
+    assert len(_lora_layers(theirs, "d")) == len(load_adapter(trained["path"]).modules)
+    trainer = trained["trainer"]
+    assert (_unet_out(theirs.unet) - _unet_out(trainer.accelerator.unwrap_model(trainer.unet))).abs().max() <= 1e-5
+
+
+@pytest.mark.slow(seconds=60)
+def test_it_blends_with_another_adapter(trained, tmp_path):
+    from studio.adapters import adapter_models, export_adapter, save_adapter
+    from studio.generate import AdapterUse, Engine
+    from studio.models import load_pipeline
+    from tests.test_blending import _merged_base
+    from tests.test_formats import add_adapter, perturb
+
+    other = load_pipeline("builtin")
+    add_adapter(other, "locon")
+    perturb(adapter_models(other).values())
+    locon = save_adapter(tmp_path / "locon.safetensors", export_adapter(adapter_models(other)))
+
+    engine = Engine()
+    base = _unet_out(engine.set_mix("builtin", []).unet)
+    fa_only = _unet_out(engine.set_mix("builtin", [AdapterUse(trained["path"], 0.7)]).unet)
+    mixed = _unet_out(engine.set_mix("builtin", [AdapterUse(trained["path"], 0.7), AdapterUse(locon, -1.2)]).unet)
+    expected = _unet_out(_merged_base([(trained["path"], 0.7), (locon, -1.2)]).unet)
+    assert (fa_only - base).abs().max() > 1e-3 and (mixed - fa_only).abs().max() > 1e-3
+    assert (mixed - expected).abs().max() <= 1e-4
