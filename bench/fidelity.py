@@ -18,7 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def main(argv=None) -> dict:
     from toyworld.fidelity import (COLOR_ADAPTER, COLOR_STEPS, composition_figures, concept_figures, train,
                                  write_concept_dataset)
-    from studio.generate import Engine
+    from studio.generation.engine import Engine
     from studio.workspace import Workspace
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -46,8 +46,8 @@ def per_step_seconds(setups: dict, repeats: int, steps: int = 20) -> dict[str, f
 
 def main(argv=None) -> dict:
     from toyworld.fidelity import train
-    from studio.generate import AdapterUse, Engine
-    from studio.mixing import fuse
+    from studio.generation.engine import AdapterUse, Engine
+    from studio.adapters.mixing import fuse
     from studio.workspace import Workspace
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from studio.merge import Factors, squeeze
+from studio.adapters.merge import Factors, squeeze
 
 # (out, in) of SDXL UNet attention / feed-forward linears, cycled through.
 SDXL_SHAPES = [(640, 640), (640, 2048), (1280, 1280), (1280, 2048), (5120, 640), (640, 2560),

@@ -67,7 +67,7 @@ def main(argv=None) -> dict:
 
     from toyworld.evaluate import score_prompts
     from toyworld.fidelity import train
-    from studio.generate import AdapterUse, Engine
+    from studio.generation.engine import AdapterUse, Engine
     from studio.workspace import Workspace
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

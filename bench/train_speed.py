@@ -35,7 +35,7 @@ def our_config(steps: int, batch_size: int):
 
 
 def time_ours(config, steps: int, warmup: int, tmp) -> dict:
-    from studio.runs import create_run
+    from studio.jobs.runs import create_run
     from studio.workspace import Workspace
     from trainers.lora import Trainer
 

@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args) -> int:
     from studio.config import load_config, parse_config
-    from studio.runs import create_run, latest_unfinished_run
+    from studio.jobs.runs import create_run, latest_unfinished_run
     from studio.workspace import Workspace
 
     config = load_config(args.config)
@@ -182,7 +182,7 @@ def _run_worker(run_dir: Path, *, quiet: bool, verbose: bool) -> int:
     import signal
     import subprocess
 
-    from studio.runs import run_config, run_outcome, worker_command
+    from studio.jobs.runs import run_config, run_outcome, worker_command
 
     command = worker_command(run_dir, run_config(run_dir))
     if not quiet:
@@ -223,7 +223,7 @@ def _end_with_parent() -> None:
 
 def cmd_generate(args) -> int:
     check_output_file(args.out)
-    from studio.generate import Engine, GenerateRequest, parse_adapter_arg, parse_prompt_loras, save_png
+    from studio.generation.engine import Engine, GenerateRequest, parse_adapter_arg, parse_prompt_loras, save_png
 
     adapters = [parse_adapter_arg(a) for a in args.adapter]
     prompt, tagged = parse_prompt_loras(args.prompt, lambda name: _resolve_adapter_name(name, args.workspace))
@@ -242,14 +242,14 @@ def cmd_generate(args) -> int:
 
 
 def _resolve_adapter_name(name: str, workspace_dir) -> Path:
-    from studio.library import find_adapter
+    from studio.adapters.library import find_adapter
     from studio.workspace import Workspace
 
     return find_adapter(Workspace.open(workspace_dir), name)
 
 
 def cmd_inspect(args) -> int:
-    from studio.library import describe_adapter
+    from studio.adapters.library import describe_adapter
 
     info = describe_adapter(args.file)
     if args.json:
@@ -312,8 +312,8 @@ def cmd_dataset(args) -> int:
 
 def cmd_bake(args) -> int:
     check_output_file(args.out)
-    from studio.formats.files import PRECISIONS
-    from studio.mixing import bake, parse_mix_arg
+    from studio.adapters.formats.files import PRECISIONS
+    from studio.adapters.mixing import bake, parse_mix_arg
 
     report = bake([parse_mix_arg(a) for a in args.adapters], args.out, rank=args.rank,
                   dtype=PRECISIONS[args.precision])
@@ -323,7 +323,7 @@ def cmd_bake(args) -> int:
 
 def cmd_fuse(args) -> int:
     check_output_file(args.out)
-    from studio.mixing import fuse, parse_mix_arg
+    from studio.adapters.mixing import fuse, parse_mix_arg
 
     print(fuse(args.model, [parse_mix_arg(a) for a in args.adapters], args.out, allow_pickle=args.allow_pickle))
     return 0
@@ -331,8 +331,8 @@ def cmd_fuse(args) -> int:
 
 def cmd_resize(args) -> int:
     check_output_file(args.out)
-    from studio.formats.files import PRECISIONS
-    from studio.mixing import resize
+    from studio.adapters.formats.files import PRECISIONS
+    from studio.adapters.mixing import resize
 
     rule = {k: v for k, v in (("rank", args.rank), ("sv_ratio", args.sv_ratio), ("sv_fro", args.sv_fro),
                               ("sv_cumulative", args.sv_cumulative)) if v is not None}
@@ -345,8 +345,8 @@ def cmd_resize(args) -> int:
 
 def cmd_grid(args) -> int:
     check_output_file(args.out)
-    from studio.generate import Engine, GenerateRequest, parse_adapter_arg, save_png
-    from studio.grid import Axis, xy_grid
+    from studio.generation.engine import Engine, GenerateRequest, parse_adapter_arg, save_png
+    from studio.generation.grid import Axis, xy_grid
 
     request = GenerateRequest(prompt=args.prompt, model=args.model, adapters=[parse_adapter_arg(a) for a in args.adapter],
                               seed=args.seed, steps=args.steps, guidance_scale=args.guidance)
@@ -359,9 +359,9 @@ def cmd_grid(args) -> int:
 
 
 def cmd_suggest(args) -> int:
-    from studio.generate import Engine
-    from studio.library import list_adapters
-    from studio.suggest import suggest
+    from studio.generation.engine import Engine
+    from studio.adapters.library import list_adapters
+    from studio.generation.suggest import suggest
     from studio.workspace import Workspace
 
     found = suggest(Engine(), args.prompt, list_adapters(Workspace.open(args.workspace)), model=args.model, top=args.top)

@@ -15,7 +15,7 @@ from pydantic_core import PydanticCustomError
 
 from studio import ASSETS_DIR, PRESETS_DIR, PROJECT_ROOT
 from studio.errors import StudioError
-from studio.methods import METHODS
+from studio.adapters.methods import METHODS
 
 DEMO_DATASET = ASSETS_DIR / "demo-dataset"
 UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]

@@ -71,7 +71,7 @@ def workspace(tmp_path):
 @pytest.fixture(scope="session")
 def trained_demo(tmp_path_factory):
     """One short demo training run shared by the tests that need a trained adapter."""
-    from studio.runs import create_run
+    from studio.jobs.runs import create_run
     from studio.workspace import Workspace
     from trainers.lora import Trainer
 

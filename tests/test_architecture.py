@@ -1,5 +1,5 @@
 """The shape ARCHITECTURE.md promises, checked on the source: a model family is named only
-in its own module (studio/families/)."""
+in its own module (studio/models/families/)."""
 from __future__ import annotations
 
 import io
@@ -24,7 +24,7 @@ def test_no_source_outside_the_family_modules_names_a_family():
     found = []
     for package in PRODUCT:
         for path in sorted((ROOT / package).rglob("*.py")):
-            if path.is_relative_to(ROOT / "studio" / "families"):
+            if path.is_relative_to(ROOT / "studio" / "models" / "families"):
                 continue
             for line, text in _code_tokens(path):
                 if FAMILY_NAMES.search(text):
@@ -49,14 +49,14 @@ def _method_branches(path, names: set[str]):
 
 
 def test_no_source_outside_the_method_modules_branches_on_a_method_name():
-    """Adapter methods live in studio/methods; the file kinds (lora / loha / lokr layouts)
-    are studio/formats' own axis, so both are left out."""
-    from studio.methods import METHODS
+    """Adapter methods live in studio/adapters/methods; the file kinds (lora / loha / lokr
+    layouts) are studio/adapters/formats' own axis, so both are left out."""
+    from studio.adapters.methods import METHODS
 
     found = []
     for package in PRODUCT:
         for path in sorted((ROOT / package).rglob("*.py")):
-            if any(path.is_relative_to(ROOT / "studio" / home) for home in ("methods", "formats")):
+            if any(path.is_relative_to(ROOT / "studio" / "adapters" / home) for home in ("methods", "formats")):
                 continue
             found += [f"{path.relative_to(ROOT)}:{line}: {text}" for line, text in _method_branches(path, set(METHODS))]
     assert not found, "\n".join(found)

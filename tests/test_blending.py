@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from studio.generate import AdapterUse, Engine, GenerateRequest
+from studio.generation.engine import AdapterUse, Engine, GenerateRequest
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +32,8 @@ def _unet_out(pipe, seed=0):
 def _merged_base(paths_weights, blocks_off=()):
     """The base UNet with w * dW of each adapter added to its weights (except in blocks_off)."""
     from studio.adapters import load_adapter
-    from studio.blocks import module_block
-    from studio.formats.naming import name_table
+    from studio.generation.blocks import module_block
+    from studio.adapters.formats.naming import name_table
     from studio.models import load_pipeline
 
     pipe = load_pipeline("builtin")
@@ -101,7 +101,7 @@ def test_block_weight_removes_exactly_one_block(two_adapters):
 @pytest.mark.slow
 def test_bake_reproduces_the_live_mix_and_resize_to_full_rank_is_lossless(two_adapters, tmp_path):
     from studio.adapters import load_adapter
-    from studio.mixing import bake, resize
+    from studio.adapters.mixing import bake, resize
 
     a, b = two_adapters
     engine = Engine()
@@ -124,7 +124,7 @@ def test_bake_reproduces_the_live_mix_and_resize_to_full_rank_is_lossless(two_ad
 def test_cli_fuse_grid_suggest_resize(two_adapters, tmp_path):
     from PIL import Image
 
-    from studio.generate import GenerateRequest
+    from studio.generation.engine import GenerateRequest
     from tests.conftest import run_cli
 
     a, b = two_adapters
@@ -160,7 +160,7 @@ def test_a1111_tags_read_and_written_back():
     from pathlib import Path
 
     from studio.errors import StudioError
-    from studio.generate import lora_tag, parse_prompt_loras
+    from studio.generation.engine import lora_tag, parse_prompt_loras
 
     prompt, uses = parse_prompt_loras(
         "a star <lora:a:0.8> on <lora:b:0.5:1.2> white <lora:c:1:lbw=OUTD> <lora:d:unet=0.3:te=0>", Path)

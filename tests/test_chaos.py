@@ -26,7 +26,7 @@ def _worker(run_dir):
 
 @pytest.mark.slow(seconds=110)
 def test_twenty_kills_resume_to_the_same_adapter(tmp_path):
-    from studio.runs import create_run
+    from studio.jobs.runs import create_run
     from studio.workspace import Workspace
     from trainers.checkpoints import list_checkpoints, load_checkpoint
 

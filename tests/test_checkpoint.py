@@ -8,11 +8,11 @@ import socket
 import pytest
 import torch
 
-from studio.families.sd15 import TE_PREFIX as SD15_TE_PREFIX
-from studio.families.sdxl import TE1_PREFIX as SDXL_TE1_PREFIX
-from studio.families.sdxl import TE2_PREFIX as SDXL_TE2_PREFIX
+from studio.models.families.sd15 import TE_PREFIX as SD15_TE_PREFIX
+from studio.models.families.sdxl import TE1_PREFIX as SDXL_TE1_PREFIX
+from studio.models.families.sdxl import TE2_PREFIX as SDXL_TE2_PREFIX
 
-from studio.checkpoint import (
+from studio.models.single_file import (
     UNET_PREFIX,
     VAE_PREFIX,
     detect_family,
@@ -282,7 +282,7 @@ SDXL_UNET = {
 
 
 def _skeleton_config(family, name):
-    from studio.skeletons import skeleton_dir
+    from studio.models.skeletons import skeleton_dir
 
     return json.loads((skeleton_dir(family) / name / "config.json").read_text())
 
@@ -317,8 +317,8 @@ def test_real_size_skeleton_layout(family):
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from studio import checkpoint
-    from studio.skeletons import skeleton_dir
+    from studio.models import single_file as checkpoint
+    from studio.models.skeletons import skeleton_dir
 
     folder = skeleton_dir(family)
     with torch.device("meta"):
@@ -357,7 +357,7 @@ def test_real_size_skeleton_layout(family):
 def test_skeleton_tokenizers_use_the_real_clip_vocabulary(family):
     from transformers import CLIPTokenizer
 
-    from studio.skeletons import skeleton_dir
+    from studio.models.skeletons import skeleton_dir
 
     folder = skeleton_dir(family)
     assert detect_family(folder) == family
@@ -376,7 +376,7 @@ def test_cli_generates_from_single_file_of_builtin_model(tmp_path, monkeypatch):
     import numpy as np
     from PIL import Image
 
-    from studio.checkpoint import save_single_file
+    from studio.models.single_file import save_single_file
     from studio.models import load_pipeline
     from tests.conftest import run_cli
 

@@ -34,7 +34,7 @@ MIXES = [
 
 def _train_adapters(workspace) -> None:
     """Two small, different adapters, trained for real (different seeds and learning rates)."""
-    from studio.runs import create_run
+    from studio.jobs.runs import create_run
     from studio.workspace import Workspace
     from trainers.lora import Trainer
 
@@ -108,7 +108,7 @@ def test_concurrent_generations_equal_solo_ones(server):
 
 def test_a_request_does_not_depend_on_the_one_before():
     """In process: Euler after DPM++ Karras is Euler (the Karras sigmas used to stay on)."""
-    from studio.generate import Engine, GenerateRequest
+    from studio.generation.engine import Engine, GenerateRequest
 
     def image(engine, scheduler):
         request = GenerateRequest("a sks star", seed=3, steps=3, scheduler=scheduler)
@@ -121,7 +121,7 @@ def test_a_request_does_not_depend_on_the_one_before():
 
 
 def test_same_name_images_never_replace_each_other(tmp_path):
-    from studio.generate import save_new_png
+    from studio.generation.engine import save_new_png
 
     red, blue = Image.new("RGB", (8, 8), "red"), Image.new("RGB", (8, 8), "blue")
     paths = [save_new_png(red, tmp_path, "120000-7"), save_new_png(blue, tmp_path, "120000-7")]

@@ -312,7 +312,7 @@ def unchanged(*folders: Path):
 
 
 def _train_good(workspace: Path) -> None:
-    from studio.runs import create_run
+    from studio.jobs.runs import create_run
     from studio.workspace import Workspace
     from trainers.lora import Trainer
 

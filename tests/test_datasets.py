@@ -517,6 +517,31 @@ def test_add_trigger_word(tmp_path):
         add_trigger_word(ds, "a, b")
 
 
+@pytest.mark.parametrize("caption, expected", [
+    ("sks,dog", "sks,dog"),                        # the first tag is the trigger: as it is
+    ("a sks shape on white", "a sks shape on white"),  # a whole word of the first tag
+    ("sksy dog", "sks, sksy dog"),                 # not a whole word
+    ("dog, sks", "sks, dog"),                      # a later tag moves to the front
+    ("dog", "sks, dog"),
+    ("", "sks"),
+])
+def test_one_trigger_word_rule_for_the_bulk_edit_and_the_trainer(caption, expected, tmp_path):
+    from studio.datasets import caption_with_trigger
+    from tests.conftest import demo_config
+    from trainers.lora import Trainer
+
+    assert caption_with_trigger(caption, "sks") == expected
+    config = demo_config()
+    config.dataset.trigger_word, config.dataset.instance_prompt = "sks", ""
+    trainer = Trainer(tmp_path, config)
+    assert trainer._caption(caption) == expected
+    (tmp_path / "ds").mkdir()
+    Image.new("RGB", (64, 64), "white").save(tmp_path / "ds" / "a.png")
+    (tmp_path / "ds" / "a.txt").write_text(caption)
+    add_trigger_word(tmp_path / "ds", "sks")
+    assert (tmp_path / "ds" / "a.txt").read_text() == expected
+
+
 def test_remove_tag_is_exact(tmp_path):
     ds = caption_set(tmp_path / "ds")
     before = caps(ds)

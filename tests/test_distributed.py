@@ -25,7 +25,7 @@ def _config(**training):
 
 
 def _launch(run_dir) -> subprocess.Popen:
-    from studio.runs import run_config, worker_command
+    from studio.jobs.runs import run_config, worker_command
 
     return subprocess.Popen(worker_command(run_dir, run_config(run_dir)), stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -51,7 +51,7 @@ def _relative_l2(a: dict, b: dict) -> float:
 
 
 def _events(run_dir) -> list[dict]:
-    from studio.runs import iter_events
+    from studio.jobs.runs import iter_events
 
     return list(iter_events(run_dir))
 
@@ -87,7 +87,7 @@ def _wait_for(predicate, timeout: float = 240):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """An uninterrupted two-process run (batch 1 each) and a one-process run with batch 2."""
-    from studio.runs import create_run
+    from studio.jobs.runs import create_run
     from studio.workspace import Workspace
     from trainers.lora import Trainer
 
@@ -117,7 +117,7 @@ def test_two_processes_train_what_one_process_with_the_whole_batch_trains(refere
 
 @pytest.mark.slow(seconds=60)
 def test_a_killed_process_then_resume_ends_with_the_uninterrupted_adapter(reference):
-    from studio.runs import create_run
+    from studio.jobs.runs import create_run
 
     run_dir = create_run(_config(batch_size=1, num_processes=2), reference["workspace"])
     launcher = _launch(run_dir)
@@ -139,7 +139,7 @@ def test_a_killed_process_then_resume_ends_with_the_uninterrupted_adapter(refere
 
 @pytest.mark.slow(seconds=40)
 def test_a_cancel_stops_every_process_at_the_same_step_with_one_checkpoint(reference):
-    from studio.runs import create_run
+    from studio.jobs.runs import create_run
     from trainers.checkpoints import list_checkpoints
 
     config = _config(batch_size=1, num_processes=2)

@@ -15,7 +15,7 @@ SEEDS = [100, 101, 102, 103]
 
 @pytest.fixture(scope="module")
 def engine_and_workspace(tmp_path_factory):
-    from studio.generate import Engine
+    from studio.generation.engine import Engine
     from studio.workspace import Workspace
 
     return Engine(), Workspace.open(tmp_path_factory.mktemp("fidelity") / "ws")
@@ -24,7 +24,7 @@ def engine_and_workspace(tmp_path_factory):
 @pytest.mark.slow
 def test_shipped_model_draws_seen_prompts_as_recorded():
     from toyworld import world as toyworld
-    from studio.builtin_model import BUILTIN_DIR
+    from studio.models.builtin import BUILTIN_DIR
     from toyworld.evaluate import score_prompts
     from studio.models import load_pipeline
 
@@ -47,7 +47,7 @@ def test_demo_lora_teaches_the_purple_star_keeps_the_prior_and_weight_zero_is_th
     (seed 42) drew 47 of 48 stars over seeds 100-115; another training seed drew fewer
     (bench/RESULTS.md), so a change that moves this test is worth a bench run."""
     from toyworld.fidelity import concept_figures, train
-    from studio.generate import AdapterUse, GenerateRequest
+    from studio.generation.engine import AdapterUse, GenerateRequest
 
     engine, workspace = engine_and_workspace
     adapter = train(workspace, name="demo")

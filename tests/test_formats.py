@@ -38,7 +38,7 @@ def add_adapter(pipe, variant: str, name: str = "default") -> None:
     from peft import LoHaConfig, LoKrConfig, LoraConfig
 
     from studio.adapters import adapter_models, targets_for
-    from studio.formats.peft_bridge import inject_peft_adapter
+    from studio.adapters.formats.peft_bridge import inject_peft_adapter
 
     (network, dora), extra, rank, alpha = VARIANTS[variant]
     targets = targets_for(adapter_models(pipe), conv=network != "lora")
@@ -348,7 +348,7 @@ def test_diffusers_loads_our_sdxl_file(tmp_path):
 
 def _expected_sd_scripts_names(family, models, conv):
     """sd-scripts networks/lora.py create_modules, re-typed: walk the target classes."""
-    from studio.checkpoint import unet_diffusers_to_ldm
+    from studio.models.single_file import unet_diffusers_to_ldm
 
     unet_classes = ["Transformer2DModel"] + (["ResnetBlock2D", "Downsample2D", "Upsample2D"] if conv else [])
     names = {}
@@ -382,9 +382,9 @@ def _expected_sd_scripts_names(family, models, conv):
 def test_full_size_key_set_equals_sd_scripts(family, conv, counts, tensors, tmp_path):
     from studio.adapters import (AdapterFile, LoraModule, load_adapter, name_table, reference_models, save_adapter,
                                  targets_for)
-    from studio.families import get_family
-    from studio.formats.naming import kohya_name
-    from studio.formats.peft_bridge import check_fit
+    from studio.models.families import get_family
+    from studio.adapters.formats.naming import kohya_name
+    from studio.adapters.formats.peft_bridge import check_fit
 
     label, models = reference_models(family)[-1]
     assert label in ("SD 1.5", "SDXL")
@@ -522,7 +522,7 @@ def test_peft_and_diffusers_dora_need_the_base_model_for_kohya(tmp_path):
 
 def test_describe_and_inspect(tmp_path, capsys):
     from studio.adapters import adapter_models, export_adapter, save_adapter
-    from studio.library import describe_adapter
+    from studio.adapters.library import describe_adapter
 
     pipe = tiny_sd15_pipeline()
     add_adapter(pipe, "loha")
@@ -608,7 +608,7 @@ def test_hostile_files_fail_cleanly_in_the_cli(tmp_path, capsys):
 def test_engine_blends_different_adapter_types(tmp_path):
     """The engine loads LoHa and LoRA files into one pipeline and weights them."""
     from studio.adapters import adapter_models, export_adapter, save_adapter
-    from studio.generate import AdapterUse, Engine, GenerateRequest
+    from studio.generation.engine import AdapterUse, Engine, GenerateRequest
     from studio.models import load_pipeline
 
     files = []
@@ -702,9 +702,9 @@ def test_trainer_export_round_trip(network, workspace):
     """Through the trainer: the file it writes, imported, generates what the trained
     in-memory adapter generates (T-LoRA: its plain all-ranks form loads and describes)."""
     from studio.adapters import attach_adapter, load_adapter
-    from studio.library import describe_adapter
+    from studio.adapters.library import describe_adapter
     from studio.models import load_pipeline
-    from studio.runs import create_run
+    from studio.jobs.runs import create_run
     from tests.conftest import demo_config
     from trainers.lora import Trainer
 

@@ -11,7 +11,7 @@ from tests.tiny_models import generate, tiny_sd15_pipeline, tiny_sdxl_pipeline
 # DoRA: ComfyUI divides an output-axis dora_scale by the base weight's norm, and our export
 # writes dora_scale so that ComfyUI draws what peft trained (tests/test_formats.py); LyCORIS's
 # runtime divides by the merged weight's norm, so a DoRA file draws a little differently there
-# (studio.library.DORA_CONVENTION, shown by `lora-studio inspect`).
+# (studio.adapters.library.DORA_CONVENTION, shown by `lora-studio inspect`).
 CONVENTIONS_DIFFER = {"dora"}
 
 
@@ -42,7 +42,7 @@ def _lycoris_unet_output(path):
 @pytest.mark.parametrize("variant", ["lora", "locon", "loha", "lokr", "lokr-full", "lokr-both", "dora"])
 def test_lycoris_reads_our_files_as_our_engine_does(variant, tmp_path):
     from studio.adapters import adapter_models, export_adapter, load_adapter, save_adapter
-    from studio.generate import AdapterUse, Engine
+    from studio.generation.engine import AdapterUse, Engine
 
     pytest.importorskip("lycoris")
     pipe = tiny_sd15_pipeline()

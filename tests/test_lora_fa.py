@@ -25,7 +25,7 @@ def _factors(trainer, part: str) -> dict[str, torch.Tensor]:
 def trained(tmp_path_factory):
     """A LoRA-FA run on the UNet and the text encoder: the trainer after STEPS steps, its
     factors at the start, the fixed-draw loss before and after, and the exported file."""
-    from studio.runs import create_run
+    from studio.jobs.runs import create_run
     from studio.workspace import Workspace
     from trainers.lora import Trainer
 
@@ -95,7 +95,7 @@ def test_optimizer_holds_state_for_b_alone(trained):
 @pytest.mark.slow(seconds=60)
 def test_the_file_is_a_plain_lora_equal_to_the_trained_model(trained):
     from studio.adapters import attach_adapter, load_adapter
-    from studio.library import describe_adapter
+    from studio.adapters.library import describe_adapter
     from studio.models import load_pipeline
 
     info = describe_adapter(trained["path"])
@@ -138,7 +138,7 @@ def test_diffusers_loads_every_key(trained):
 @pytest.mark.slow(seconds=60)
 def test_it_blends_with_another_adapter(trained, tmp_path):
     from studio.adapters import adapter_models, export_adapter, save_adapter
-    from studio.generate import AdapterUse, Engine
+    from studio.generation.engine import AdapterUse, Engine
     from studio.models import load_pipeline
     from tests.test_blending import _merged_base
     from tests.test_formats import add_adapter, perturb

@@ -34,7 +34,7 @@ def _cuda_only_config(option: str):
 @pytest.mark.parametrize("option", list(CUDA_ONLY))
 def test_cuda_only_option_refused_before_any_model_loads(option, workspace, monkeypatch):
     from studio.config import check_device_support
-    from studio.runs import create_run
+    from studio.jobs.runs import create_run
     from trainers.lora import Trainer
 
     config = _cuda_only_config(option)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from studio.errors import StudioError
-from studio.merge import Factors, choose_rank, concat, factors_of_delta, singular_triplets, squeeze
+from studio.adapters.merge import Factors, choose_rank, concat, factors_of_delta, singular_triplets, squeeze
 
 
 def _random(out=24, inp=20, r=6, conv=False, seed=0):

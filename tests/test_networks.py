@@ -30,7 +30,7 @@ def _fixed_loss(trainer, steps=range(5000, 5012)) -> float:
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", list(NETWORKS))
 def test_network_trains(kind, workspace):
-    from studio.runs import create_run
+    from studio.jobs.runs import create_run
     from trainers.lora import Trainer
 
     config = demo_config(max_steps=30, learning_rate=3e-3)

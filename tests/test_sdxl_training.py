@@ -47,7 +47,7 @@ def test_prepare_image_crops_to_bucket(tmp_path):
 
 @pytest.mark.slow
 def test_sdxl_lora_trains_with_buckets(tmp_path, workspace):
-    from studio.runs import create_run
+    from studio.jobs.runs import create_run
     from tests.tiny_models import tiny_sdxl_pipeline
     from trainers.lora import Trainer
 
@@ -101,7 +101,7 @@ def tiny_sdxl_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sdxl_engine():
-    from studio.generate import Engine
+    from studio.generation.engine import Engine
 
     return Engine()
 
@@ -115,8 +115,8 @@ def test_every_network_trains_exports_and_generates_on_sdxl(kind, tiny_sdxl_dir,
     from dataclasses import replace
 
     from studio.adapters import read_checked_header
-    from studio.generate import AdapterUse, GenerateRequest
-    from studio.runs import create_run
+    from studio.generation.engine import AdapterUse, GenerateRequest
+    from studio.jobs.runs import create_run
     from trainers.lora import Trainer
 
     steps = 20

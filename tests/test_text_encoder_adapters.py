@@ -35,14 +35,14 @@ def te_files(tmp_path_factory):
 
 
 def _image(engine, *adapters):
-    from studio.generate import GenerateRequest
+    from studio.generation.engine import GenerateRequest
 
     request = GenerateRequest(PROMPT, steps=4, seed=3, adapters=list(adapters))
     return np.asarray(engine.generate(request)[0], dtype=np.float64) / 255
 
 
 def test_text_encoder_weight_zero_is_the_unet_only_file(te_files):
-    from studio.generate import AdapterUse, Engine
+    from studio.generation.engine import AdapterUse, Engine
 
     full, unet_only = te_files
     engine = Engine()
@@ -72,8 +72,8 @@ def test_cli_generates_with_a_text_encoder_file(te_files, tmp_path, capsys):
 
 def test_bake_and_fuse_keep_the_text_encoder_modules(te_files, tmp_path):
     from studio.adapters import load_adapter
-    from studio.generate import AdapterUse, Engine, GenerateRequest
-    from studio.mixing import bake, fuse
+    from studio.generation.engine import AdapterUse, Engine, GenerateRequest
+    from studio.adapters.mixing import bake, fuse
 
     full, _ = te_files
     engine = Engine()
@@ -105,7 +105,7 @@ def _diffusers_consumes_everything(pipe, path) -> int:
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_training_the_text_encoder_exports_modules_diffusers_loads(family, workspace, tmp_path):
     from studio.adapters import load_adapter
-    from studio.runs import create_run
+    from studio.jobs.runs import create_run
     from tests.tiny_models import tiny_sdxl_pipeline
     from trainers.lora import Trainer
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from studio.methods.tlora_layers import TLoRALayer, TLoRASchedule, inject_tlora
+from studio.adapters.methods.tlora_layers import TLoRALayer, TLoRASchedule, inject_tlora
 
 
 @pytest.mark.parametrize("rank,min_rank,exponent", [(64, 32, 1.0), (8, 2, 2.0), (16, 1, 0.5)])
@@ -78,9 +78,9 @@ def test_tlora_generation_masked_all_ranks_and_plain_export(workspace, caplog):
     import numpy as np
 
     from studio.adapters import convert_adapter, load_adapter, read_checked_header
-    from studio.generate import AdapterUse, Engine, GenerateRequest
-    from studio.runs import create_run
-    from studio.methods.tlora_layers import is_tlora_metadata, load_tlora
+    from studio.generation.engine import AdapterUse, Engine, GenerateRequest
+    from studio.jobs.runs import create_run
+    from studio.adapters.methods.tlora_layers import is_tlora_metadata, load_tlora
     from tests.conftest import demo_config
     from trainers.lora import Trainer
 

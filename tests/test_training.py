@@ -24,7 +24,7 @@ def _fixed_loss(trainer, micro_steps=range(1000, 1024)) -> float:
 @pytest.mark.slow
 def test_training_lowers_loss_and_adapter_changes_generation(trained_demo, tmp_path):
     from studio.adapters import load_adapter
-    from studio.generate import AdapterUse, Engine, GenerateRequest
+    from studio.generation.engine import AdapterUse, Engine, GenerateRequest
 
     trainer = trained_demo["trainer"]
     trained_loss = _fixed_loss(trainer)
@@ -119,7 +119,7 @@ def test_bad_config_is_one_clear_line(tmp_path):
 def test_disk_full_while_saving_keeps_the_last_checkpoint(workspace, monkeypatch):
     import errno
 
-    from studio.runs import create_run
+    from studio.jobs.runs import create_run
     from trainers import checkpoints
     from trainers.checkpoints import list_checkpoints, load_checkpoint
     from trainers.lora import Trainer, TrainingFailed

@@ -32,7 +32,7 @@ def workspace_config(name="notes", **fields):
 
 def test_every_problem_at_once_and_no_run_is_made(workspace):
     from studio.jobs import enqueue, list_jobs
-    from studio.runs import check_training, create_run
+    from studio.jobs.runs import check_training, create_run
 
     fake_png_dataset(workspace)
     config = workspace_config(base_model=MISSING_MODEL)
@@ -52,7 +52,7 @@ def test_every_problem_at_once_and_no_run_is_made(workspace):
 
 
 def test_usable_datasets_pass_with_warnings_for_what_training_skips(workspace):
-    from studio.runs import check_training
+    from studio.jobs.runs import check_training
 
     folder = fake_png_dataset(workspace, "mixed")
     Image.new("RGB", (64, 64), "purple").save(folder / "star.png")
@@ -89,7 +89,7 @@ def test_resume_refuses_a_run_that_still_cannot_train(workspace):
 
 def test_a_run_whose_dataset_broke_after_queueing_fails_with_the_same_line(workspace):
     from studio import jobs
-    from studio.runs import iter_events
+    from studio.jobs.runs import iter_events
     from trainers.lora import Trainer
 
     folder = workspace.dataset_dir("stars")

@@ -138,7 +138,7 @@ def test_adapter_rows_become_adapter_uses():
 
 
 def test_an_adapter_used_twice_is_a_clear_error():
-    from studio.generate import AdapterUse
+    from studio.generation.engine import AdapterUse
 
     rows = [AdapterUse(Path("/ws/adapters/a.safetensors"), 1.0)]
     tags = [AdapterUse(Path("/ws/adapters/a.safetensors"), 0.5)]
@@ -199,7 +199,7 @@ def test_form_values_are_converted_and_bad_ones_named():
 
 def test_resource_hint_times_come_from_measured_speed():
     from studio.config import TrainConfig
-    from studio.speed import Speed, estimate
+    from studio.jobs.speed import Speed, estimate
 
     config = TrainConfig()
     config.training.max_steps, config.dataset.resolution = 100, 64

@@ -32,7 +32,7 @@ def _builtin_layers():
 def _lora_file(path, *, rank: int, seed: int, trigger: str):
     """A random LoRA for the built-in model's attention (UNet and text encoder)."""
     from studio.adapters import AdapterFile, LoraModule, save_adapter
-    from studio.formats.naming import path_to_name
+    from studio.adapters.formats.naming import path_to_name
 
     models = _builtin_layers()
     generator = torch.Generator().manual_seed(seed)
@@ -50,7 +50,7 @@ def _lora_file(path, *, rank: int, seed: int, trigger: str):
 
 def _tlora_file(path, *, seed: int):
     """A random rank-4 T-LoRA (min rank 1) on the built-in UNet's self-attention queries."""
-    from studio.methods.tlora_layers import TLoRAAdapter, TLoRALayer, TLoRASchedule, save_tlora
+    from studio.adapters.methods.tlora_layers import TLoRAAdapter, TLoRALayer, TLoRASchedule, save_tlora
 
     generator = torch.Generator().manual_seed(seed)
     layers = {}
@@ -174,7 +174,7 @@ def _assert_readable_sheet(sheet_path, cell_paths, *, columns, rows, column_labe
     every cell is its single image enlarged pixel for pixel (nearest neighbour)."""
     from PIL import ImageDraw
 
-    from studio.grid import LABEL_PAD, label_font
+    from studio.generation.grid import LABEL_PAD, label_font
 
     font = label_font()
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))

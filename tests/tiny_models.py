@@ -18,7 +18,7 @@ Sizes (SDXL): UNet block_out_channels (32, 64, 64), layers_per_block 2, down blo
 CLIPTextModelWithProjection (hidden 64, projection 48) so cross_attention_dim = 32 + 64 = 96
 and projection_class_embeddings_input_dim = 6 * 8 + 48 = 96. The two hidden sizes differ on
 purpose: diffusers tells SDXL's two text encoders apart by width when loading a single file.
-Tokenizers use the built-in toy vocabulary (studio.builtin_model); tokenizer_2 pads with "!"
+Tokenizers use the built-in toy vocabulary (studio.models.builtin); tokenizer_2 pads with "!"
 like SDXL's OpenCLIP tokenizer.
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ SDXL_TIME_EMBED_DIM = 8
 
 def tiny_sd15_pipeline(seed: int = 0):
     """The built-in tiny SD-1.5-architecture StableDiffusionPipeline (DDIM scheduler)."""
-    from studio.builtin_model import build_pipeline
+    from studio.models.builtin import build_pipeline
 
     return build_pipeline(seed)
 
@@ -44,7 +44,7 @@ def tiny_sd15_pipeline(seed: int = 0):
 def _toy_tokenizer(pad_token: str = "<|endoftext|>"):
     from transformers import CLIPTokenizer
 
-    from studio.builtin_model import MAX_TOKENS, write_tokenizer
+    from studio.models.builtin import MAX_TOKENS, write_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         write_tokenizer(Path(tmp))
@@ -58,7 +58,7 @@ def tiny_sdxl_pipeline(seed: int = 0):
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from studio.builtin_model import MAX_TOKENS
+    from studio.models.builtin import MAX_TOKENS
 
     torch.manual_seed(seed)
     tokenizer = _toy_tokenizer()

@@ -50,7 +50,7 @@ import numpy as np
 
 from toyworld import world
 from studio.fsutil import atomic_write_text
-from studio.builtin_model import BUILTIN_DIR, RESOLUTION, build_pipeline, save_pipeline
+from studio.models.builtin import BUILTIN_DIR, RESOLUTION, build_pipeline, save_pipeline
 
 DEFAULTS = {
     "seed": 0,
@@ -247,7 +247,7 @@ def train_unet(pipe, scenes: list, latents, steps: int, batch: int, lr: float, s
     import torch.nn.functional as F
     from diffusers import DDPMScheduler
 
-    from studio.builtin_model import scheduler_config
+    from studio.models.builtin import scheduler_config
 
     unet, text_encoder, tokenizer = pipe.unet, pipe.text_encoder, pipe.tokenizer
     noise_sched = DDPMScheduler(**{k: v for k, v in scheduler_config().items()

@@ -86,7 +86,7 @@ def train(workspace, *, name: str, dataset: Path | None = None, steps: int | Non
     """Train the tiny-demo preset (optionally on another dataset / step count / learning
     rate / network / base model, or without its prior preservation) in-process."""
     from studio.config import load_config
-    from studio.runs import create_run
+    from studio.jobs.runs import create_run
     from trainers.lora import train_run
 
     config = load_config(PRESETS_DIR / "tiny-demo.toml")
@@ -110,7 +110,7 @@ def train(workspace, *, name: str, dataset: Path | None = None, steps: int | Non
 
 
 def generate(engine, prompts: list[str], seeds: list[int], adapters=(), model: str = "builtin") -> list:
-    from studio.generate import GenerateRequest
+    from studio.generation.engine import GenerateRequest
 
     images = []
     for prompt in prompts:
@@ -121,7 +121,7 @@ def generate(engine, prompts: list[str], seeds: list[int], adapters=(), model: s
 
 def concept_figures(engine, adapter: Path, seeds: list[int], model: str = "builtin") -> dict:
     """Trigger prompts -> purple stars; prompts without the trigger keep the base accuracy."""
-    from studio.generate import AdapterUse
+    from studio.generation.engine import AdapterUse
 
     with_lora = [AdapterUse(adapter, 1.0)]
     triggered = [f"a sks shape on a {b} background" for b in NEUTRAL]
@@ -144,7 +144,7 @@ def _engine_fn(engine, adapters, model):
 def composition_figures(engine, color_adapter: Path, shape_adapter: Path, seeds: list[int],
                         model: str = "builtin") -> dict:
     """A colour LoRA and a shape LoRA at weight 1 each: pictures with both attributes."""
-    from studio.generate import AdapterUse
+    from studio.generation.engine import AdapterUse
 
     prompts = [f"a {COLOR_TRIGGER} {SHAPE_TRIGGER} {DEMO_CLASS_WORD} on a {b} background" for b in NEUTRAL]
     both = [AdapterUse(color_adapter, 1.0), AdapterUse(shape_adapter, 1.0)]

@@ -1,5 +1,5 @@
 """DreamBooth-style LoRA training on the UNet (and optionally the text encoders) of a base
-model of any family (studio.families: its text conditioning and extra UNet inputs), driven
+model of any family (studio.models.families: its text conditioning and extra UNet inputs), driven
 by accelerate.
 
 Read top to bottom: load -> data -> caches -> adapters -> optimizer -> resume -> loop.
@@ -28,8 +28,8 @@ import torch.nn.functional as F
 
 from studio.config import TrainConfig, check_device_support, load_config
 from studio.errors import StudioError
-from studio.families import get_family
-from studio.runs import (CONFIG_FILE, SAMPLES_DIR, EventLog, adapters_dir, check_training, checkpoint_dir,
+from studio.models.families import get_family
+from studio.jobs.runs import (CONFIG_FILE, SAMPLES_DIR, EventLog, adapters_dir, check_training, checkpoint_dir,
                          dataset_folder, run_workspace)
 from trainers.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from trainers.data import (BatchOrder, Example, center_crop_offsets, choose_bucket, micro_generator,
@@ -128,7 +128,7 @@ class Trainer:
                         self._text_cache[example.caption] = (hidden[0], None if pooled is None else pooled[0])
 
         # adapters: the method (network.type) injects itself and names what trains
-        from studio.methods import get_method
+        from studio.adapters.methods import get_method
 
         net = cfg.network
         torch.manual_seed(cfg.seed)  # the adapters' initial weights are a function of the seed
@@ -166,12 +166,10 @@ class Trainer:
         return folder
 
     def _caption(self, caption: str) -> str:
+        from studio.datasets import caption_with_trigger
+
         ds = self.config.dataset
-        text = caption.strip() or ds.instance_prompt.strip()
-        trigger = ds.trigger_word.strip()
-        if trigger and trigger not in text.split(", ")[0].split():
-            text = f"{trigger}, {text}" if text else trigger
-        return text
+        return caption_with_trigger(caption.strip() or ds.instance_prompt.strip(), ds.trigger_word.strip())
 
     def _class_images(self, folder: Path, existing) -> list[tuple[Path, str]]:
         """Class images for prior preservation; the base model generates the missing ones
@@ -572,7 +570,7 @@ def _is_peer_failure(error: BaseException) -> bool:
 
 def _error_since_start(run_dir: Path) -> bool:
     """An error event after the last start/resume (another process wrote it)."""
-    from studio.runs import iter_events
+    from studio.jobs.runs import iter_events
 
     found = False
     for event in iter_events(run_dir):

@@ -1,4 +1,4 @@
-"""Time a few training steps of a run folder, for the studio's time estimates (studio.speed):
+"""Time a few training steps of a run folder, for the studio's time estimates (studio.jobs.speed):
 
     python -m trainers.speed RUN_DIR [--steps 5] [--warmup 2]
 

@@ -35,7 +35,7 @@ def heavy_imports() -> None:
         if _heavy_done:
             return
         started = time.time()
-        import studio.library  # noqa: F401  (torch, safetensors)
+        import studio.adapters.library  # noqa: F401  (torch, safetensors)
         from studio.models import quiet_libraries
 
         quiet_libraries()
@@ -66,14 +66,14 @@ class Studio:
         heavy_imports()
         with self._engine_lock:
             if self._engine is None:
-                from studio.generate import Engine
+                from studio.generation.engine import Engine
 
                 self._engine = Engine(allow_pickle=self.allow_pickle)
             return self._engine
 
     def describe(self, path: Path) -> dict:
         heavy_imports()
-        from studio.library import describe_adapter
+        from studio.adapters.library import describe_adapter
 
         stat = path.stat()
         key = (str(path), stat.st_size, stat.st_mtime_ns)
@@ -83,7 +83,7 @@ class Studio:
 
     def adapter_names(self) -> list[str]:
         heavy_imports()
-        from studio.library import list_adapters
+        from studio.adapters.library import list_adapters
 
         return [p.stem for p in list_adapters(self.workspace)]
 

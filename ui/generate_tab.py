@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from studio.families import DEFAULT
-from studio.generate import SCHEDULER_LABELS, SCHEDULERS
+from studio.models.families import DEFAULT
+from studio.generation.engine import SCHEDULER_LABELS, SCHEDULERS
 from ui import helpers as h
 from ui.common import Studio, friendly, heavy_imports, unchecked
 

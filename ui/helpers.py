@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 from studio.errors import StudioError
-from studio.families import FAMILIES
+from studio.models.families import FAMILIES
 
 # --------------------------------------------------------------------------- formatting
 def humanize(name: str) -> str:
@@ -227,7 +227,7 @@ def resource_hint(*, family: str | None, builtin: bool, steps: int, batch_size: 
                   grad_accum: int = 1, gradient_checkpointing: bool = False, mixed_precision: str = "no",
                   speed=None, plan=None, steps_per_epoch: int | None = None, sample_prompts: int = 0) -> str:
     """A time/memory estimate for a training run, as Markdown. The time comes from `plan`
-    (studio.speed.Estimate at the measured `speed`); without one the built-in model's speed
+    (studio.jobs.speed.Estimate at the measured `speed`); without one the built-in model's speed
     is being measured, and full-size models get rough planning figures."""
     lines: list[str] = []
     work = max(1, batch_size) * max(1, grad_accum)
@@ -351,7 +351,7 @@ def apply_events(view: dict, events: Iterable[dict], *, max_lines: int = 300) ->
 
 def tail_events(view: dict, run_dir: Path) -> bool:
     """Read the events appended since the last call; True when the view changed."""
-    from studio.runs import read_events
+    from studio.jobs.runs import read_events
 
     events, offset = read_events(run_dir, view["offset"])
     view["offset"] = offset
@@ -495,7 +495,7 @@ def tail_text(path: Path, *, max_lines: int = 40, max_bytes: int = 32 * 1024) ->
 
 def last_sample(run_dir: Path) -> Path | None:
     """The newest sample image of a run that still exists."""
-    from studio.runs import iter_events
+    from studio.jobs.runs import iter_events
 
     newest = None
     for event in iter_events(run_dir):
@@ -550,7 +550,7 @@ def row_uses(rows: Sequence[Sequence], resolve: Callable[[str], Path], *,
              keep_rows: Iterable[int] = ()) -> dict[int, Any]:
     """Row index -> AdapterUse for the rows with an adapter. Rows whose weights are all 0
     are left out, except those in `keep_rows` (a grid axis sets their weight)."""
-    from studio.generate import AdapterUse
+    from studio.generation.engine import AdapterUse
 
     keep = set(keep_rows)
     uses = {}
@@ -628,7 +628,7 @@ class FormProblems:
 
 def parse_seed(value, problems: FormProblems | None = None) -> int | None:
     """The seed field: a whole number >= 0, or -1 (or empty) for a random one."""
-    from studio.generate import MAX_SEED
+    from studio.generation.engine import MAX_SEED
 
     own = problems or FormProblems()
     number = own.number(value, "Seed", -1, MAX_SEED, whole=True, empty=-1)
@@ -658,8 +658,8 @@ def mix_request(studio, settings: GenerateSettings, rows: Sequence[Sequence], *,
                 weight_axis_rows: Iterable[int] = ()) -> tuple[Any, dict[int, int]]:
     """The GenerateRequest of the fields, the rows and the prompt's `<lora:...>` tags, and
     the position in its adapter list of each row's adapter."""
-    from studio.generate import MAX_BATCH_COUNT, MAX_GUIDANCE, MAX_STEPS, GenerateRequest, parse_prompt_loras
-    from studio.library import find_adapter
+    from studio.generation.engine import MAX_BATCH_COUNT, MAX_GUIDANCE, MAX_STEPS, GenerateRequest, parse_prompt_loras
+    from studio.adapters.library import find_adapter
 
     if not (settings.prompt or "").strip():
         raise StudioError("Write a prompt first.")
@@ -694,7 +694,7 @@ def _outputs_folder(studio) -> tuple[Path, datetime.datetime]:
 def generate_images(studio, settings: GenerateSettings, rows: Sequence[Sequence]) -> tuple[list, str]:
     """Generate tab: the images, saved in workspace/outputs/<day>/ with their A1111
     `parameters`; returns (gallery items, Markdown note)."""
-    from studio.generate import save_new_png
+    from studio.generation.engine import save_new_png
 
     request, _ = mix_request(studio, settings, rows)
     images = studio.engine().generate(request)
@@ -730,8 +730,8 @@ def _axis_row(choice: str) -> int | None:
 
 
 def grid_axis(choice: str, values: str, row_positions: dict[int, int], which: str):
-    """A studio.grid.Axis from an axis choice and its values text; None for no axis."""
-    from studio.grid import Axis
+    """A studio.generation.grid.Axis from an axis choice and its values text; None for no axis."""
+    from studio.generation.grid import Axis
 
     if not choice:
         return None
@@ -756,11 +756,11 @@ def grid_axis(choice: str, values: str, row_positions: dict[int, int], which: st
 
 def mix_grid(studio, settings: GenerateSettings, rows: Sequence[Sequence], x_choice: str, x_values: str,
              y_choice: str = GRID_NO_AXIS, y_values: str = "") -> tuple[str, list, str]:
-    """Generate tab's mix grid: an X/Y plot of the mix (studio.grid), the labelled sheet and
+    """Generate tab's mix grid: an X/Y plot of the mix (studio.generation.grid), the labelled sheet and
     every single image saved in workspace/outputs/<day>/ as the CLI's `grid` names them;
     returns (sheet path, gallery items, Markdown note)."""
-    from studio.generate import save_new_png, save_png
-    from studio.grid import xy_grid
+    from studio.generation.engine import save_new_png, save_png
+    from studio.generation.grid import xy_grid
 
     if not x_choice:
         raise StudioError("Pick what the X axis varies.")
@@ -789,11 +789,11 @@ SUGGESTION_HEADERS = ["Adapter", "Weight", "Why"]
 
 
 def suggest_adapters(studio, prompt: str, model: str, *, top: int = 3) -> list[list]:
-    """Generate tab: [adapter, weight, why] proposed by studio.suggest for the prompt;
+    """Generate tab: [adapter, weight, why] proposed by studio.generation.suggest for the prompt;
     adapters its `<lora:...>` tags already use are not proposed again."""
-    from studio.generate import parse_prompt_loras
-    from studio.library import find_adapter, list_adapters
-    from studio.suggest import suggest
+    from studio.generation.engine import parse_prompt_loras
+    from studio.adapters.library import find_adapter, list_adapters
+    from studio.generation.suggest import suggest
 
     clean_prompt, tagged = parse_prompt_loras(prompt or "", lambda name: find_adapter(studio.workspace, name))
     used = {Path(use.path).resolve() for use in tagged}
@@ -827,8 +827,8 @@ def accept_suggestions(suggested: Sequence[Sequence], names: Sequence[str | None
 def is_tlora_adapter(workspace, name: str | None) -> bool:
     """Whether the library adapter `name` is a native T-LoRA file (False when unknown)."""
     from studio.adapters import read_checked_header
-    from studio.library import find_adapter
-    from studio.methods.tlora_layers import is_tlora_metadata
+    from studio.adapters.library import find_adapter
+    from studio.adapters.methods.tlora_layers import is_tlora_metadata
 
     if not name:
         return False
@@ -935,7 +935,7 @@ ENERGY_HEADERS = ["Module", "Energy kept"]
 
 def library_mix(workspace, rows: Sequence[tuple[str | None, float | None]]) -> list[tuple[Path, float]]:
     """(file, weight) of the mix rows with an adapter picked; an empty weight is 1."""
-    from studio.library import find_adapter
+    from studio.adapters.library import find_adapter
 
     mix = []
     for name, weight in rows:
@@ -987,8 +987,8 @@ def bake_mix(studio, rows: Sequence[tuple[str | None, float | None]], name: str 
              precision: str) -> tuple[str, str]:
     """Library tab: the mix as one LoRA file in the library (exact, or rank N when `rank`
     is given); returns (the new adapter's name, Markdown note)."""
-    from studio.formats.files import PRECISIONS
-    from studio.mixing import bake
+    from studio.adapters.formats.files import PRECISIONS
+    from studio.adapters.mixing import bake
 
     mix = library_mix(studio.workspace, rows)
     target = new_file(studio.workspace.adapters_dir, name, "adapter")
@@ -1004,7 +1004,7 @@ def bake_mix(studio, rows: Sequence[tuple[str | None, float | None]], name: str 
 def fuse_mix(studio, model: str | None, rows: Sequence[tuple[str | None, float | None]], name: str | None) -> str:
     """Library tab: the base model with the mix merged in, as a single-file checkpoint in
     workspace/models; returns a Markdown note."""
-    from studio.mixing import fuse
+    from studio.adapters.mixing import fuse
 
     mix = library_mix(studio.workspace, rows)
     target = new_file(studio.workspace.models_dir, name, "checkpoint")
@@ -1015,7 +1015,7 @@ def fuse_mix(studio, model: str | None, rows: Sequence[tuple[str | None, float |
 
 
 def resize_rule(rule: str, value) -> dict[str, float]:
-    """The keyword for studio.mixing.resize from the rule picked and its value."""
+    """The keyword for studio.adapters.mixing.resize from the rule picked and its value."""
     if rule not in dict((v, k) for k, v in RESIZE_RULES):
         raise StudioError(f"Unknown resize rule {rule!r}; pick one of {', '.join(v for _, v in RESIZE_RULES)}.")
     if rule == "rank":
@@ -1031,9 +1031,9 @@ def resize_adapter(studio, source: str | None, rule: str, value, name: str | Non
     """Library tab: the adapter squeezed to a lower rank, saved in the library (default
     name `<source>-<rule><value>`); returns (the new adapter's name, Markdown note, energy
     kept per module, least kept first)."""
-    from studio.formats.files import PRECISIONS
-    from studio.library import find_adapter
-    from studio.mixing import resize
+    from studio.adapters.formats.files import PRECISIONS
+    from studio.adapters.library import find_adapter
+    from studio.adapters.mixing import resize
 
     if not source:
         raise StudioError("Pick the adapter to resize.")

@@ -124,7 +124,7 @@ def build(studio: Studio, model_choices) -> SimpleNamespace:
 
     def listing(wanted: str | None):
         heavy_imports()
-        from studio.library import list_adapters
+        from studio.adapters.library import list_adapters
 
         paths = list_adapters(ws)
         rows = []
@@ -185,7 +185,7 @@ def build(studio: Studio, model_choices) -> SimpleNamespace:
     @friendly
     def on_import(file, name):
         heavy_imports()
-        from studio.library import import_adapter
+        from studio.adapters.library import import_adapter
 
         if not file:
             raise StudioError("Choose a .safetensors file to import first.")
@@ -207,7 +207,7 @@ def build(studio: Studio, model_choices) -> SimpleNamespace:
     @friendly
     def on_delete(name):
         heavy_imports()
-        from studio.library import delete_adapter
+        from studio.adapters.library import delete_adapter
 
         delete_adapter(ws, name)
         gr.Info(f"Deleted {name}.")

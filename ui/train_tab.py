@@ -12,7 +12,7 @@ from studio import PRESETS_DIR
 from studio.config import TrainConfig, dump_config, load_config, parse_config
 from studio.datasets import dataset_stats, list_datasets
 from studio.errors import StudioError
-from studio.runs import TrainingCheck, check_training
+from studio.jobs.runs import TrainingCheck, check_training
 from ui import helpers as h
 from ui.common import PROBLEM_TITLE, Studio, dropdown_value, friendly, heavy_imports, unchecked
 
@@ -73,7 +73,7 @@ def model_choices(studio: Studio) -> list[str]:
 
 class SpeedMeter:
     """The training speed a hint quotes: the newest matching run's, else a short measurement
-    of the config (studio.speed.measure_speed), made once per model, network and dataset."""
+    of the config (studio.jobs.speed.measure_speed), made once per model, network and dataset."""
 
     def __init__(self, studio: Studio):
         self.workspace = studio.workspace
@@ -83,7 +83,7 @@ class SpeedMeter:
 
     @staticmethod
     def _key(config: TrainConfig) -> str:
-        """What a step's time depends on besides its pixels (scaled by studio.speed.estimate)."""
+        """What a step's time depends on besides its pixels (scaled by studio.jobs.speed.estimate)."""
         return json.dumps([config.base_model, config.network.model_dump(mode="json"),
                            bool(config.dataset.class_prompt and config.dataset.num_class_images),
                            config.training.num_threads], sort_keys=True)
@@ -91,7 +91,7 @@ class SpeedMeter:
     def speed(self, config: TrainConfig, *, wait: float = 0):
         """The known speed; the built-in model's is measured first (waiting up to `wait` s for
         it), None while that goes on."""
-        from studio.speed import speed_from_runs
+        from studio.jobs.speed import speed_from_runs
 
         known = speed_from_runs(self.workspace, config)
         if known is not None or config.base_model != BUILTIN:
@@ -111,7 +111,7 @@ class SpeedMeter:
             return self._measured.get(key)
 
     def _measure(self, key: str, config: TrainConfig) -> None:
-        from studio.speed import measure_speed
+        from studio.jobs.speed import measure_speed
 
         speed = None
         try:
@@ -270,7 +270,7 @@ def build(studio: Studio) -> SimpleNamespace:
         speed = meter.speed(config, wait=MEASURE_WAIT_S) if dataset_name else None
         plan = None
         if speed is not None:
-            from studio.speed import estimate
+            from studio.jobs.speed import estimate
 
             missing = 0
             if config.dataset.class_prompt and config.dataset.num_class_images and ws.dataset_dir(dataset_name).is_dir():

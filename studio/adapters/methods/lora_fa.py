@@ -1,0 +1,44 @@
+"""LoRA-FA (arXiv 2308.03303): a LoRA whose down-projection A is frozen after its random
+init (LoRA's default, Gaussian); only B (up, zero at the start) trains:
+
+    W' = W + (alpha / r) B A0
+
+With A fixed, the optimizer keeps state for B alone (less memory than a LoRA of the same
+rank), and B's gradient needs only A0 x, r values per token, not the layer's input (the
+paper's activation saving). The update stays in the row space of A0.
+
+On disk it is a plain LoRA (kind lora, ss_network_module networks.lora, which every LoRA
+loader reads); ss_network_args {"algo": "lora_fa"} records how it was trained. rsLoRA's
+scale applies; DoRA, PiSSA / OLoRA init and LoRA+ do not (they train or place A).
+"""
+from __future__ import annotations
+
+from studio.adapters.methods.base import ADAPTER_NAME
+from studio.adapters.methods.lora import LoRA, LoRATraining
+
+
+class LoRAFATraining(LoRATraining):
+    def injected(self, component, model):
+        from peft.tuners.lora.layer import LoraLayer
+
+        for layer in model.modules():
+            if isinstance(layer, LoraLayer) and ADAPTER_NAME in layer.lora_A:
+                layer.lora_A[ADAPTER_NAME].weight.requires_grad_(False)
+
+
+class LoRAFA(LoRA):
+    name = "lora_fa"
+    summary = "lora_fa (LoRA-FA: A frozen at its random init, only B trains; arXiv 2308.03303)"
+    training_class = LoRAFATraining
+
+    def check(self, net):
+        if net.use_dora or net.init != "default" or net.loraplus_lr_ratio:
+            raise ValueError("use_dora, init and loraplus_lr_ratio do not apply to lora_fa (its A is frozen at "
+                             "its random init)")
+
+    def ss_network(self, net, adapter):
+        module, args = super().ss_network(net, adapter)
+        return module, {**args, "algo": self.name}
+
+    def label(self, adapter):
+        return self.name

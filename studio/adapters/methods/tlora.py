@@ -1,0 +1,97 @@
+"""T-LoRA (arXiv 2507.05964): a LoRA on the UNet whose active rank follows the diffusion
+timestep, r(t) = floor(((T - t) / T)^a (r - r_min)) + r_min; the layers, schedule and
+native file are in `tlora_layers`.
+
+Its file has a layout of its own (the schedule in the metadata) that the engine attaches
+with its timestep masks; other tools get its plain form, a LoRA with every rank on (rank 2r
+for Ortho-LoRA), which `load_adapter` reads and `convert` writes.
+"""
+from __future__ import annotations
+
+import logging
+
+from studio.adapters.methods.base import FORMAT_KEY, NativeFileMethod, Training
+
+log = logging.getLogger(__name__)
+
+# Header entries only the native layout means: dropped from its plain form.
+_NATIVE_METADATA = ("tlora_schedule", "tlora_alpha", "tlora_ortho", "ss_network_module")
+
+
+class TLoRATraining(Training):
+    """The T-LoRA adapter on the UNet; checkpoints key its tensors `tlora.<name>`."""
+
+    def __init__(self, method: "TLoRA", net, seed: int):
+        self.method, self.net, self.seed = method, net, seed
+        self.adapter = None
+        self.unet = None
+
+    def add(self, component, model, lr):
+        from studio.adapters.methods.tlora_layers import TLoRASchedule, inject_tlora
+
+        net = self.net
+        self.adapter = inject_tlora(model, net.target_modules, rank=net.rank, alpha=net.alpha, ortho=net.tlora_ortho,
+                                    schedule=TLoRASchedule(net.rank, net.tlora_min_rank, net.tlora_exponent),
+                                    seed=self.seed)
+        self.unet = model
+        return self.method.param_groups(self.adapter, lr, net)
+
+    def state(self):
+        return {f"tlora.{k}": v for k, v in self.adapter.state_dict().items()}
+
+    def load_state(self, state):
+        self.adapter.load_state_dict({k[len("tlora."):]: v for k, v in state.items() if k.startswith("tlora.")})
+
+    def export(self, family):
+        """The plain (all ranks on) view: it gives the metadata its rank and alpha."""
+        from studio.adapters import AdapterFile, LoraModule
+        from studio.adapters.formats.naming import path_to_name
+        from studio.adapters.methods.tlora_layers import plain_lora_factors
+
+        return AdapterFile({path_to_name(family, "unet", path, self.unet.config): LoraModule(down, up, alpha)
+                            for path, (up, down, alpha) in plain_lora_factors(self.adapter).items()}, {}, family)
+
+    def save(self, path, adapter):
+        from studio.adapters.methods.tlora_layers import save_tlora
+
+        return save_tlora(path, self.adapter, adapter.metadata)
+
+
+class TLoRA(NativeFileMethod):
+    name = "tlora"
+    summary = "tlora (timestep-dependent rank, arXiv 2507.05964)"
+    native_format = "tlora"
+
+    def check(self, net):
+        super().check(net)
+        if net.tlora_min_rank > net.rank:
+            raise ValueError(f"tlora_min_rank ({net.tlora_min_rank}) must not exceed rank ({net.rank})")
+        if net.train_text_encoder:
+            raise ValueError("T-LoRA adapts the UNet only; set train_text_encoder = false")
+
+    def training(self, net, *, seed):
+        return TLoRATraining(self, net, seed)
+
+    def label(self, adapter):
+        return self.name
+
+    def plain_modules(self, path, family):
+        from studio.adapters.formats.modules import LoraModule
+        from studio.adapters.formats.naming import path_to_name
+        from studio.adapters.methods.tlora_layers import load_tlora, plain_lora_factors
+
+        return {path_to_name(family, "unet", p): LoraModule(down.float(), up.float(), alpha)
+                for p, (up, down, alpha) in plain_lora_factors(load_tlora(path)).items()}
+
+    def plain_metadata(self, metadata, adapter, source):
+        rank = max(module.rank or 0 for module in adapter.modules.values())
+        log.warning("%s is a T-LoRA: its plain LoRA form has every rank on at every step (rank %d), so the timestep "
+                    "schedule is lost; LoRA Studio generates with the schedule from the native file.", source, rank)
+        plain = {k: v for k, v in metadata.items() if k != FORMAT_KEY and k not in _NATIVE_METADATA}
+        plain["lora_studio_adapter_type"] = "lora (plain form of a T-LoRA, timestep schedule dropped)"
+        return plain
+
+    def attach_file(self, pipe, path):
+        from studio.adapters.methods.tlora_layers import load_tlora
+
+        return load_tlora(path).to(pipe.unet.device, pipe.unet.dtype).attach(pipe.unet)

@@ -1,0 +1,272 @@
+"""T-LoRA's layers, schedule and native file (the method itself: studio.adapters.methods.tlora).
+
+T-LoRA (arXiv 2507.05964) is a LoRA whose active rank depends on the diffusion timestep.
+
+    r(t) = floor(((T - t) / T) ** a * (r_max - r_min)) + r_min,   T = 1000
+    delta(x) = scale * (P diag(lambda * m_t) Q x  -  P0 diag(lambda0 * m_t) Q0 x)
+
+m_t keeps the first r(t) components, so noisy steps use few ranks. Ortho-LoRA starts
+P, lambda, Q from the *last* singular triplets of a random matrix R ~ N(0, 1/r) and
+subtracts a frozen copy (P0, lambda0, Q0) under the same mask: the initial update is
+exactly zero. Vanilla T-LoRA is the mask alone on an ordinary LoRA (Q random, P = 0).
+
+The adapter works through hooks: a forward hook on each adapted Linear adds the delta,
+and a pre-hook on the UNet reads the timestep of every call (training and sampling) and
+sets the mask per sample. Hooks compose with peft layers on the same model, so T-LoRA
+adapters blend with ordinary LoRAs at generation time.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from studio.errors import StudioError
+from studio.adapters.methods.base import FORMAT_KEY
+from studio.adapters.methods.tlora import TLoRA
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+@dataclass(frozen=True)
+class TLoRASchedule:
+    rank: int
+    min_rank: int
+    exponent: float = 1.0
+    num_train_timesteps: int = NUM_TRAIN_TIMESTEPS
+
+    def rank_at(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """r(t) for each timestep (an integer tensor of the same shape)."""
+        T = self.num_train_timesteps
+        t = timesteps.to(torch.float64).clamp(0, T)
+        span = self.rank - self.min_rank
+        return (((T - t) / T) ** self.exponent * span).floor().to(torch.long) + self.min_rank
+
+    def mask(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """[B, rank] float mask: 1 for the first r(t) components of each sample."""
+        ranks = self.rank_at(timesteps.reshape(-1))
+        return (torch.arange(self.rank, device=ranks.device)[None, :] < ranks[:, None]).to(torch.float32)
+
+    def to_dict(self) -> dict:
+        return {"rank": self.rank, "min_rank": self.min_rank, "exponent": self.exponent,
+                "num_train_timesteps": self.num_train_timesteps}
+
+
+class TLoRALayer(nn.Module):
+    """The trainable factors of one adapted Linear layer (plus the frozen Ortho-LoRA copy)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, *, ortho: bool,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        self.ortho = ortho
+        if ortho:
+            random = torch.randn(out_features, in_features, generator=generator) / math.sqrt(rank)
+            u, s, vh = torch.linalg.svd(random, full_matrices=False)
+            p, lam, q = u[:, -rank:], s[-rank:], vh[-rank:, :]
+            self.register_buffer("p0", p.clone())
+            self.register_buffer("lam0", lam.clone())
+            self.register_buffer("q0", q.clone())
+            self.p, self.lam, self.q = nn.Parameter(p.clone()), nn.Parameter(lam.clone()), nn.Parameter(q.clone())
+        else:
+            q = torch.empty(rank, in_features)
+            nn.init.kaiming_uniform_(q, a=math.sqrt(5), generator=generator)
+            self.q = nn.Parameter(q)
+            self.p = nn.Parameter(torch.zeros(out_features, rank))
+            self.register_buffer("lam", torch.ones(rank))
+
+    def delta(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x [B, ..., in], mask [B, r] (or [1, r]) -> delta [B, ..., out] (unscaled)."""
+        shape = (mask.shape[0],) + (1,) * (x.dim() - 2) + (mask.shape[1],)
+        m = mask.to(x.dtype).reshape(shape)
+        out = ((x @ self.q.t()) * (self.lam * m)) @ self.p.t()
+        if self.ortho:
+            out = out - ((x @ self.q0.t()) * (self.lam0 * m)) @ self.p0.t()
+        return out
+
+    def plain_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All ranks on, as an ordinary LoRA: up [out, r'] and down [r', in] with r' = 2r
+        for Ortho-LoRA (the frozen copy becomes the second half, negated)."""
+        up = self.p * self.lam
+        down = self.q
+        if self.ortho:
+            up = torch.cat([up, -(self.p0 * self.lam0)], dim=1)
+            down = torch.cat([down, self.q0], dim=0)
+        return up.detach(), down.detach()
+
+
+class TLoRAAdapter(nn.Module):
+    """A T-LoRA adapter attached to a UNet through hooks; `weight` scales it (blending).
+    With `masked` False every rank is on at every step: what its plain-LoRA export computes."""
+
+    def __init__(self, schedule: TLoRASchedule, alpha: float, layers: dict[str, TLoRALayer]):
+        super().__init__()
+        self.schedule, self.alpha, self.weight = schedule, alpha, 1.0
+        self.enabled = True
+        self.masked = True
+        self.layers = nn.ModuleDict({path.replace(".", "__"): layer for path, layer in layers.items()})
+        self._mask: torch.Tensor | None = None
+        self._handles: list = []
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.schedule.rank
+
+    def module_paths(self) -> list[str]:
+        return [key.replace("__", ".") for key in self.layers]
+
+    def attach(self, unet: nn.Module) -> "TLoRAAdapter":
+        modules = dict(unet.named_modules())
+        self._handles.append(unet.register_forward_pre_hook(self._set_timesteps, with_kwargs=True))
+        for key, layer in self.layers.items():
+            target = _base_layer(modules[key.replace("__", ".")])
+            self._handles.append(target.register_forward_hook(self._make_hook(layer)))
+        return self
+
+    def use(self, use) -> None:
+        """Weight it for one generation request: `use` is its AdapterUse (weight, and
+        tlora_masked: the timestep mask or every rank), or None to switch it off."""
+        self.enabled = use is not None
+        if use is not None:
+            self.weight, self.masked = use.weight, use.tlora_masked
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _set_timesteps(self, module, args, kwargs):
+        sample = args[0] if args else kwargs["sample"]
+        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+        t = torch.as_tensor(timestep, device=sample.device).reshape(-1)
+        if t.numel() == 1:
+            t = t.expand(sample.shape[0])
+        self._mask = self.schedule.mask(t)
+
+    def _make_hook(self, layer: TLoRALayer):
+        def hook(module, inputs, output):
+            if not self.enabled or self.weight == 0 or self._mask is None:
+                return output
+            x = inputs[0]
+            mask = self._mask if self.masked else torch.ones_like(self._mask)
+            if mask.shape[0] != x.shape[0]:
+                if not bool((mask == mask[:1]).all()):
+                    raise RuntimeError(f"T-LoRA: batch {x.shape[0]} does not match the timestep batch {mask.shape[0]}")
+                mask = mask[:1]
+            return output + (self.weight * self.scale) * layer.delta(x, mask).to(output.dtype)
+
+        return hook
+
+
+def _base_layer(module: nn.Module) -> nn.Module:
+    get_base = getattr(module, "get_base_layer", None)
+    return get_base() if get_base else module
+
+
+def inject_tlora(unet: nn.Module, target_modules: list[str], *, rank: int, alpha: float, ortho: bool,
+                 schedule: TLoRASchedule, seed: int = 0) -> TLoRAAdapter:
+    """Create T-LoRA layers on every Linear whose path ends with a target name and attach
+    their hooks; the caller keeps the returned adapter (its parameters are the trainables)."""
+    generator = torch.Generator().manual_seed(seed)
+    layers: dict[str, TLoRALayer] = {}
+    for path, module in unet.named_modules():
+        if not any(path == t or path.endswith("." + t) for t in target_modules):
+            continue
+        base = _base_layer(module)
+        if not isinstance(base, nn.Linear):
+            raise StudioError(f"T-LoRA adapts Linear layers; {path} is a {type(base).__name__}. "
+                              "Remove it from network.target_modules.")
+        layers[path] = TLoRALayer(base.in_features, base.out_features, rank, ortho=ortho, generator=generator)
+    if not layers:
+        raise StudioError(f"network.target_modules {target_modules} matched no Linear layer of the UNet.")
+    weight = next(unet.parameters())
+    adapter = TLoRAAdapter(schedule, alpha, layers).to(device=weight.device)
+    adapter.attach(unet)
+    return adapter
+
+
+# --------------------------------------------------------------------------- files
+# The native file keeps every factor under the UNet's diffusers module path and the
+# schedule in the metadata, so the studio reloads it with its timestep masks:
+#   unet.<path>.tlora_q [r, in], .tlora_lambda [r], .tlora_p [out, r]
+#   (+ .tlora_q0, .tlora_lambda0, .tlora_p0 for Ortho-LoRA), metadata tlora_schedule (JSON)
+FORMAT_VALUE = TLoRA.native_format
+_PARTS = {"q": "tlora_q", "lam": "tlora_lambda", "p": "tlora_p", "q0": "tlora_q0", "lam0": "tlora_lambda0", "p0": "tlora_p0"}
+
+
+def is_tlora_metadata(metadata: dict[str, str]) -> bool:
+    return metadata.get(FORMAT_KEY) == FORMAT_VALUE
+
+
+def save_tlora(path, adapter: TLoRAAdapter, metadata: dict[str, str]) -> Path:
+    """Write the native T-LoRA file atomically (with A1111's sshs hashes)."""
+    import json
+
+    from safetensors.torch import save
+
+    from studio.adapters.formats.files import data_sha256, legacy_hash
+    from studio.fsutil import atomic_write_bytes
+
+    tensors = {}
+    for key, layer in adapter.layers.items():
+        path_name = "unet." + key.replace("__", ".")
+        for attr, suffix in _PARTS.items():
+            if hasattr(layer, attr):
+                tensors[f"{path_name}.{suffix}"] = getattr(layer, attr).detach().float().contiguous()
+    meta = {k: str(v) for k, v in metadata.items() if not k.startswith("sshs_")}
+    meta.update({FORMAT_KEY: FORMAT_VALUE, "tlora_schedule": json.dumps(adapter.schedule.to_dict()),
+                 "tlora_alpha": str(adapter.alpha), "tlora_ortho": str(bool(next(iter(adapter.layers.values())).ortho)),
+                 "ss_network_module": "lora_studio.tlora"})
+    draft = save(tensors, metadata=meta)
+    meta["sshs_model_hash"], meta["sshs_legacy_hash"] = data_sha256(draft), legacy_hash(draft)
+    atomic_write_bytes(path, save(tensors, metadata=meta))
+    return Path(path)
+
+
+def load_tlora(path) -> TLoRAAdapter:
+    """A T-LoRA adapter from its native file (not yet attached to a UNet)."""
+    import json
+
+    from safetensors import safe_open
+
+    from studio.adapters.formats.files import read_checked_header
+
+    _, metadata = read_checked_header(path)
+    if not is_tlora_metadata(metadata):
+        raise StudioError(f"{path} is not a T-LoRA file.")
+    try:
+        schedule = TLoRASchedule(**json.loads(metadata["tlora_schedule"]))
+        alpha = float(metadata["tlora_alpha"])
+        ortho = metadata.get("tlora_ortho", "True") == "True"
+    except (KeyError, TypeError, ValueError) as error:
+        raise StudioError(f"{path}: the T-LoRA schedule metadata is broken ({error}).") from None
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    with safe_open(str(path), framework="pt") as handle:
+        for key in handle.keys():
+            module, _, part = key.rpartition(".")
+            if not module.startswith("unet.") or part not in _PARTS.values():
+                raise StudioError(f"{path}: unexpected tensor {key!r} in a T-LoRA file.")
+            grouped.setdefault(module[len("unet."):], {})[part] = handle.get_tensor(key)
+    layers = {}
+    for module, parts in grouped.items():
+        q, p = parts.get("tlora_q"), parts.get("tlora_p")
+        if q is None or p is None or q.shape[0] != schedule.rank or p.shape[1] != schedule.rank:
+            raise StudioError(f"{path}: module {module!r} does not hold rank-{schedule.rank} T-LoRA factors.")
+        if not all(torch.isfinite(t).all() for t in parts.values()):
+            raise StudioError(f"{path}: module {module!r} contains NaN or infinite values.")
+        layer = TLoRALayer(q.shape[1], p.shape[0], schedule.rank, ortho=ortho)
+        layer.load_state_dict({attr: parts[suffix] for attr, suffix in _PARTS.items() if hasattr(layer, attr)})
+        layers[module] = layer
+    return TLoRAAdapter(schedule, alpha, layers)
+
+
+def plain_lora_factors(adapter: TLoRAAdapter) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """module path -> (up, down, alpha) of the equivalent plain LoRA with every rank on
+    (rank 2r for Ortho-LoRA). The timestep schedule is lost in this form."""
+    out = {}
+    for key, layer in adapter.layers.items():
+        up, down = layer.plain_factors()
+        out[key.replace("__", ".")] = (up, down, adapter.scale * down.shape[0])
+    return out

@@ -1,0 +1,426 @@
+"""Generation: one cached pipeline per base model, adapters loaded once and weighted per
+request. Changing the adapter mix never reloads the base model or an unchanged file."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from studio.errors import StudioError
+
+log = logging.getLogger(__name__)
+
+SCHEDULERS = {
+    "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+}
+SCHEDULER_LABELS = {"ddim": "DDIM", "euler": "Euler", "euler_a": "Euler a", "dpmpp_2m_karras": "DPM++ 2M Karras"}
+_LORA_TAG = re.compile(r"<lora:([^:>]+)((?::[^:>]*)*)>")
+
+
+@dataclass(frozen=True)
+class AdapterUse:
+    """One adapter in a mix: its weight on the UNet, on the text encoder(s) (default: the
+    same) and optional LoRA Block Weights (a preset name or 17 / 12 / 26 values). A T-LoRA
+    adapter applies its timestep rank mask unless `tlora_masked` is False (all ranks, as
+    its plain-LoRA export)."""
+
+    path: Path
+    weight: float = 1.0
+    te_weight: float | None = None
+    block_weights: str | None = None
+    tlora_masked: bool = True
+
+    @property
+    def text_encoder_weight(self) -> float:
+        return self.weight if self.te_weight is None else self.te_weight
+
+
+#: Ranges of a request's numbers (the page's fields refuse the same).
+MAX_STEPS = 500
+MAX_SIDE = 4096
+MAX_BATCH_COUNT = 64
+MAX_GUIDANCE = 100.0
+MAX_SEED = 2**63 - 1
+
+
+@dataclass
+class GenerateRequest:
+    prompt: str
+    model: str = "builtin"
+    negative_prompt: str = ""
+    adapters: list[AdapterUse] = field(default_factory=list)
+    seed: int = 0
+    steps: int = 20
+    guidance_scale: float = 5.0
+    width: int | None = None
+    height: int | None = None
+    scheduler: str = "ddim"
+    batch_count: int = 1
+
+    def validate(self) -> None:
+        from studio.limits import MIX_ADAPTERS
+
+        if self.scheduler not in SCHEDULERS:
+            raise StudioError(f"Unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}.")
+        if not 1 <= self.steps <= MAX_STEPS:
+            raise StudioError(f"steps must be between 1 and {MAX_STEPS} (got {self.steps}).")
+        for side in (self.width, self.height):
+            if side is not None and (side < 8 or side > MAX_SIDE or side % 8):
+                raise StudioError(f"width and height must be multiples of 8 between 8 and {MAX_SIDE} (got {side}).")
+        if not 1 <= self.batch_count <= MAX_BATCH_COUNT:
+            raise StudioError(f"batch count must be between 1 and {MAX_BATCH_COUNT} (got {self.batch_count}).")
+        if not math.isfinite(self.guidance_scale) or not 0 <= self.guidance_scale <= MAX_GUIDANCE:
+            raise StudioError(f"CFG scale must be a number between 0 and {MAX_GUIDANCE} (got {self.guidance_scale}).")
+        MIX_ADAPTERS.check(len(self.adapters), f"This request mixes {len(self.adapters)} adapters")
+        if not 0 <= self.seed <= MAX_SEED + 1 - self.batch_count:
+            raise StudioError(f"seed must be a whole number between 0 and {MAX_SEED + 1 - self.batch_count} "
+                              f"(got {self.seed}).")
+        for use in self.adapters:
+            for weight in (use.weight, use.text_encoder_weight):
+                if not math.isfinite(weight):
+                    raise StudioError(f"Adapter {Path(use.path).stem!r} has weight {weight}; give a finite "
+                                      "number such as 0.8 or -0.5.")
+
+
+def parse_adapter_arg(text: str) -> AdapterUse:
+    """`FILE[:WEIGHT]` from the command line."""
+    path, sep, weight = text.rpartition(":")
+    if sep and path and _is_float(weight):
+        return AdapterUse(Path(path), _finite_weight(weight, text))
+    return AdapterUse(Path(text), 1.0)
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _finite_weight(text: str, where: str) -> float:
+    """A weight that is a number; 'nan', 'inf' and overflowing numbers (1e999) would turn
+    every pixel into NaN, so they are refused."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise StudioError(f"In {where!r}: the weight {text!r} is not a finite number; write e.g. 0.8 or -0.5.")
+    return value
+
+
+def parse_prompt_loras(prompt: str, resolve_name) -> tuple[str, list[AdapterUse]]:
+    """Take A1111 `<lora:name:weight>` tags out of a prompt; `resolve_name(name) -> Path`.
+    As in A1111, `<lora:name:te:unet>` gives the text-encoder and the UNet weight (the UNet
+    weight defaults to the first), named `te=`, `unet=` override them, and `lbw=` (the LoRA
+    Block Weight extension's) gives block weights: a preset or comma-separated values."""
+    uses = []
+    for match in _LORA_TAG.finditer(prompt):
+        tag, name = match.group(0), match.group(1).strip()
+        positional, named = [], {}
+        for param in match.group(2).split(":")[1:]:
+            key, eq, value = param.partition("=")
+            if eq:
+                named[key.strip()] = value.strip()
+            else:
+                positional.append(param.strip())
+        unknown = set(named) - {"te", "unet", "lbw"}
+        if unknown:
+            raise StudioError(f"In {tag!r}: unknown setting {sorted(unknown)[0]!r}; use te=, unet= or lbw=.")
+        te = named.get("te", positional[0] if positional else "1")
+        unet = named.get("unet", positional[1] if len(positional) > 1 else te)
+        for weight in (te, unet):
+            if not _is_float(weight):
+                raise StudioError(f"In {tag!r}: the weight {weight!r} is not a number; write <lora:{name}:0.8>.")
+        te_weight, unet_weight = _finite_weight(te, tag), _finite_weight(unet, tag)
+        uses.append(AdapterUse(resolve_name(name), unet_weight, te_weight if te_weight != unet_weight else None,
+                               named.get("lbw") or None))
+    if "<lora:" in _LORA_TAG.sub("", prompt):
+        raise StudioError("The prompt has a broken <lora:...> tag; write it as <lora:name:weight>.")
+    return " ".join(_LORA_TAG.sub("", prompt).split()), uses
+
+
+def lora_tag(name: str, use: AdapterUse) -> str:
+    """The A1111 tag that `parse_prompt_loras` reads back as `use`."""
+    weights = f"{use.weight:g}" if use.te_weight is None else f"{use.te_weight:g}:{use.weight:g}"
+    return f"<lora:{name}:{weights}" + (f":lbw={use.block_weights}" if use.block_weights else "") + ">"
+
+
+def pngtext_parameters(request: GenerateRequest, seed: int, size: tuple[int, int], model_name: str) -> str:
+    """The A1111 `parameters` text stored in each PNG."""
+    prompt = request.prompt + "".join(f" {lora_tag(use.path.stem, use)}" for use in request.adapters)
+    lines = [prompt.strip()]
+    if request.negative_prompt:
+        lines.append(f"Negative prompt: {request.negative_prompt}")
+    lines.append(", ".join([
+        f"Steps: {request.steps}", f"Sampler: {SCHEDULER_LABELS[request.scheduler]}",
+        f"CFG scale: {request.guidance_scale:g}", f"Seed: {seed}", f"Size: {size[0]}x{size[1]}",
+        f"Model: {model_name}",
+    ]))
+    return "\n".join(lines)
+
+
+class Engine:
+    """Pipelines cached per base model; adapters cached per (pipeline, file content)."""
+
+    def __init__(self, *, allow_pickle: bool = False):
+        self.allow_pickle = allow_pickle
+        self._pipes: dict[str, object] = {}
+        self._loaded: dict[str, dict[tuple, str]] = {}  # model key -> file key -> adapter name
+        self._lock = threading.Lock()
+        self._blocks: dict[tuple[int, str], str | None] = {}
+        self.pipeline_loads = 0
+
+    def pipeline(self, model: str):
+        from studio.models import load_pipeline, resolve_model
+
+        ref = resolve_model(model, allow_pickle=self.allow_pickle)
+        key = str(ref.path)
+        if key not in self._pipes:
+            self._pipes[key] = load_pipeline(ref, allow_pickle=self.allow_pickle)
+            self._loaded[key] = {}
+            self.pipeline_loads += 1
+        return key, self._pipes[key]
+
+    def _adapter_name(self, model_key: str, pipe, path: Path) -> str:
+        from studio.adapters import attach_adapter, load_adapter, read_checked_header
+        from studio.adapters.methods import FORMAT_KEY, native_method
+
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            raise StudioError(f"Adapter file {path} not found.") from None
+        file_key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        loaded = self._loaded[model_key]
+        if file_key not in loaded:
+            name = "a" + hashlib.sha1(repr(file_key).encode()).hexdigest()[:12]
+            _restore_original_weights(pipe)  # loading a DoRA file reads the base weights
+            native = native_method(read_checked_header(path)[1].get(FORMAT_KEY))
+            if native is not None:  # a layout of its own (T-LoRA): attached and weighted by its method
+                if not hasattr(pipe, "_studio_native"):
+                    pipe._studio_native = {}
+                pipe._studio_native[name] = native.attach_file(pipe, path)
+            else:
+                try:
+                    attach_adapter(pipe, load_adapter(path), name)
+                except StudioError as error:  # say which file, not the engine's internal name
+                    raise StudioError(str(error).replace(f"Adapter {name!r}", f"Adapter {path.name}")) from None
+            loaded[file_key] = name
+        return loaded[file_key]
+
+    def _activate(self, pipe, mix: dict[str, AdapterUse]) -> None:
+        """Weight every adapter layer for this request: adapter weight x block weight on the
+        UNet, text-encoder weight x BASE on the text encoders. Layers whose adapters in the
+        mix have a linear delta (LoRA, LoCon, LoHa, LoKr) get the weighted sum of deltas
+        merged into their weights, so a mix costs what the fused model costs per step;
+        layers with DoRA in the mix run their adapters live; layers with nothing in the mix
+        get their original weights back (an empty mix is the base model, bit for bit)."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        from studio.adapters import adapter_models
+        from studio.generation.blocks import block_weight, parse_block_weights
+        from studio.models.families import family_of_pipeline
+
+        family = family_of_pipeline(pipe).name
+        lbw = {name: parse_block_weights(use.block_weights, family) if use.block_weights else None
+               for name, use in mix.items()}
+        wrappers: dict[int, list[tuple[BaseTunerLayer, dict[str, float]]]] = {}  # base layer -> its adapter layers
+        for component, model in adapter_models(pipe).items():
+            for path, module in model.named_modules():
+                if not isinstance(module, BaseTunerLayer):
+                    continue
+                block = "BASE" if component != "unet" else self._block_of(model, path)
+                available = module._get_available_adapters()
+                scales = {}  # in the mix's order, so live sums do not depend on which file loaded first
+                for name, use in mix.items():
+                    if name in available:
+                        weight = use.weight if component == "unet" else use.text_encoder_weight
+                        scales[name] = weight * block_weight(lbw[name], block)
+                wrappers.setdefault(id(module.get_base_layer()), []).append((module, scales))
+        for layers in wrappers.values():
+            # Adapters of different types on one layer nest (a LoHa inside a LoRA) around one base weight.
+            live = any(not _has_linear_delta(module, name) for module, scales in layers for name in scales)
+            terms = [] if live else [(module, name, scale) for module, scales in layers
+                                     for name, scale in scales.items() if scale != 0]
+            base = layers[0][0].get_base_layer()
+            _merge_deltas(base, terms)
+            for module, scales in layers:
+                if live and scales:
+                    for name, scale in scales.items():
+                        module.set_scale(name, scale)
+                    module.enable_adapters(True)
+                    module.set_adapter(list(scales))
+                else:
+                    module.enable_adapters(False)
+                if live:
+                    module.__dict__.pop("forward", None)
+                else:  # every adapter here is merged or off: call the base layer (and its hooks, T-LoRA's
+                    module.forward = base.__call__  # among them) without peft's per-call checks
+        for name, adapter in self._native_of(pipe).items():
+            adapter.use(mix.get(name))
+
+    def _block_of(self, unet, path: str) -> str | None:
+        from studio.generation.blocks import module_block
+
+        key = (id(unet), path)
+        if key not in self._blocks:
+            self._blocks[key] = module_block(path, unet.config)
+        return self._blocks[key]
+
+    def _native_of(self, pipe) -> dict:
+        """Adapters attached from a method's own file layout, by adapter name."""
+        return getattr(pipe, "_studio_native", {})
+
+    def set_mix(self, model: str, adapters: list[AdapterUse]):
+        """Load what is missing and weight the adapters; returns the ready pipeline.
+        Switching between mixes of loaded adapters only rescales layers."""
+        with self._lock:
+            return self._set_mix(model, adapters)
+
+    def _set_mix(self, model: str, adapters: list[AdapterUse]):
+        model_key, pipe = self.pipeline(model)
+        mix: dict[str, AdapterUse] = {}
+        for use in adapters:
+            name = self._adapter_name(model_key, pipe, use.path)
+            if name in mix:
+                raise StudioError(f"Adapter {use.path.name} is in the mix twice; give it one row.")
+            mix[name] = use
+        self._activate(pipe, mix)
+        return pipe
+
+    def generate(self, request: GenerateRequest):
+        """Images (PIL) for the request, each with its A1111 `parameters` text in `.info`."""
+        import torch  # here, not at import: the UI imports this module for SCHEDULERS before torch loads
+
+        from studio.models import resolve_model
+
+        request.validate()
+        with self._lock:
+            pipe = self._set_mix(request.model, request.adapters)
+            pipe.scheduler = _scheduler(pipe, request.scheduler)
+            images = []
+            for index in range(request.batch_count):
+                seed = request.seed + index
+                generator = torch.Generator(device=pipe.device).manual_seed(seed)
+                with torch.inference_mode():
+                    image = pipe(request.prompt, negative_prompt=request.negative_prompt or None,
+                                 num_inference_steps=request.steps, guidance_scale=request.guidance_scale,
+                                 width=request.width, height=request.height, generator=generator).images[0]
+                model_name = resolve_model(request.model, allow_pickle=self.allow_pickle).display_name
+                image.info["parameters"] = pngtext_parameters(request, seed, image.size, model_name)
+                images.append(image)
+            return images
+
+
+def _has_linear_delta(module, name: str) -> bool:
+    """Whether the adapter's effect on this layer is `x @ delta.T`, independent of the base
+    weight and of other adapters (DoRA's norm and a trained bias are not)."""
+    return (hasattr(module, "get_delta_weight") and name not in getattr(module, "lora_variant", {})
+            and not getattr(module, "lora_bias", {}).get(name, False))
+
+
+def _restore_original_weights(pipe) -> None:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from studio.adapters import adapter_models
+
+    for model in adapter_models(pipe).values():
+        for module in model.modules():
+            if isinstance(module, BaseTunerLayer):
+                _merge_deltas(module.get_base_layer(), [])
+
+
+def _merge_deltas(base, terms: list[tuple[object, str, float]]) -> None:
+    """Set the base layer's weight to its original plus the sum of scale x delta over the
+    (adapter layer, adapter name, scale) terms, computed in float32 from an untouched copy
+    of the original (kept on the CPU the first time the layer is merged), so any sequence
+    of mixes ends where a fresh merge would."""
+    import torch
+
+    merged = tuple(sorted((name, scale) for _, name, scale in terms))
+    if getattr(base, "_studio_merged", ()) == merged:
+        return
+    weight = base.weight
+    original = getattr(base, "_studio_original", None)
+    with torch.no_grad():
+        if not terms:
+            weight.copy_(original)
+        else:
+            if original is None:
+                original = base._studio_original = weight.detach().to("cpu", copy=True)
+            total = original.to(weight.device, torch.float32)
+            for module, name, scale in sorted(terms, key=lambda term: term[1]):
+                module.set_scale(name, scale)
+                total = total + module.get_delta_weight(name).float()
+            weight.copy_(total)
+    base._studio_merged = merged
+
+
+def _scheduler(pipe, name: str):
+    """The scheduler `name` for this pipeline, made once from the pipeline's own scheduler
+    config (never from the previous request's: DPM++ Karras would leave use_karras_sigmas on
+    for Euler, and a request's image would depend on what ran before it)."""
+    import diffusers
+
+    made = pipe.__dict__.setdefault("_studio_schedulers", {})
+    if name not in made:
+        original = pipe.__dict__.setdefault("_studio_original_scheduler", pipe.scheduler)
+        class_name, extra = SCHEDULERS[name]
+        if type(original).__name__ == class_name and all(original.config.get(k) == v for k, v in extra.items()):
+            made[name] = original
+        else:
+            if class_name == "DDIMScheduler":
+                extra = {"clip_sample": False, "set_alpha_to_one": False, **extra}
+            made[name] = getattr(diffusers, class_name).from_config(dict(original.config), **extra)
+    return made[name]
+
+
+def save_png(image, path: str | Path) -> Path:
+    """Write a PNG atomically with its `parameters` text chunk (A1111's convention)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    from studio.fsutil import atomic_path
+
+    info = PngInfo()
+    if "parameters" in image.info:
+        info.add_text("parameters", image.info["parameters"])
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
+    return Path(path)
+
+
+def save_new_png(image, folder: str | Path, stem: str) -> Path:
+    """Like `save_png`, under a name no file has yet: `stem.png`, else `stem-2.png`, ...
+    Images made in the same second with the same seed never replace each other, even when
+    two processes save at once (the name is taken with a hard link, which fails if it exists)."""
+    from studio.fsutil import _fsync_dir, create_temp_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = create_temp_file(folder, stem, ".png.tmp")
+    try:
+        save_png(image, tmp)  # complete and fsynced before it gets its name
+        for number in range(1, 10_000):
+            target = folder / (f"{stem}.png" if number == 1 else f"{stem}-{number}.png")
+            try:
+                os.link(tmp, target)
+            except FileExistsError:
+                continue
+            except OSError:  # no hard links on this file system: reserve the name, then fill it
+                try:
+                    os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                except FileExistsError:
+                    continue
+                os.replace(tmp, target)
+            _fsync_dir(folder)
+            return target
+    finally:
+        tmp.unlink(missing_ok=True)
+    raise StudioError(f"{folder} already has 10000 images named {stem}*.png; move some away.")
+

@@ -1,0 +1,64 @@
+"""Stable Diffusion 1.x (and the built-in tiny model, which has its architecture): one CLIP
+text encoder whose last hidden state conditions the UNet; kohya names its UNet modules by
+their diffusers paths."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from studio.models.families.family import Family, GpuGuide, Part, SingleFileEncoder
+
+if TYPE_CHECKING:
+    import torch
+
+TE_PREFIX = "cond_stage_model.transformer.text_model."
+
+BLOCKS = ("BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00",
+          "OUT03", "OUT04", "OUT05", "OUT06", "OUT07", "OUT08", "OUT09", "OUT10", "OUT11")
+# The sd-webui-lora-block-weight extension's default SD1.x presets.
+PRESETS = {
+    "NONE": "0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0",
+    "ALL": "1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1",
+    "INS": "1,1,1,1,0,0,0,0,0,0,0,0,0,0,0,0,0",
+    "IND": "1,0,0,0,1,1,1,0,0,0,0,0,0,0,0,0,0",
+    "INALL": "1,1,1,1,1,1,1,0,0,0,0,0,0,0,0,0,0",
+    "MIDD": "1,0,0,0,1,1,1,1,1,1,1,1,0,0,0,0,0",
+    "OUTD": "1,0,0,0,0,0,0,0,1,1,1,1,0,0,0,0,0",
+    "OUTS": "1,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1",
+    "OUTALL": "1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1",
+    "ALL0.5": ",".join(["0.5"] * 17),
+}
+
+
+def encode_text(tokenizers, encoders, captions: list[str], device) -> tuple[torch.Tensor, None]:
+    """The text encoder's last hidden state; no pooled embedding."""
+    tokenizer, encoder = tokenizers[0], encoders[0]
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids.to(device)
+    return encoder(ids)[0], None
+
+
+def size_conditioning(examples, crops) -> None:
+    return None
+
+
+def unet_inputs(pooled, size_ids, device) -> dict:
+    return {}
+
+
+FAMILY = Family(
+    name="sd15", label="SD 1.5", long_label="Stable Diffusion 1.x",
+    pipeline_classes=("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"),
+    pipeline_kwargs={"safety_checker": None, "requires_safety_checker": False},
+    parts=(Part("lora_unet", "unet", "diffusers"), Part("lora_te", "text_encoder", "clip")),
+    tokenizers=("tokenizer",),
+    ss_base_model_version="sd_v1", modelspec_architecture="stable-diffusion-v1",
+    modelspec_implementation="diffusers", metadata_prefixes=("sd_v1", "stable-diffusion-v1"),
+    block_names=BLOCKS, block_presets=PRESETS,
+    gpu=GpuGuide(resolution=512, base_gb=4.0, activations_gb=2.5, it_s=2.5),
+    single_file_encoders=(SingleFileEncoder("text_encoder", TE_PREFIX, "clip", "text encoder (CLIP-L)"),),
+    single_file_marker="cond_stage_model.transformer.",
+    foreign_cross_attention={1024: "Stable Diffusion 2.x (1024-wide cross-attention)"},
+    unet_name_hint=None, diffusers_path_hint=None,
+    default_resolution=512,
+    encode_text=encode_text, size_conditioning=size_conditioning, unet_inputs=unet_inputs,
+)
