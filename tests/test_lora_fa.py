@@ -55,9 +55,9 @@ def _unet_out(unet, seed=0):
 
 def test_lora_fa_is_a_network_type_with_its_help():
     from studio.config import NetworkConfig
-    from ui import helpers as h
+    from ui import train_view as tv
 
-    spec = next(s for s in h.config_fields() if s.path == ("network", "type"))
+    spec = next(s for s in tv.config_fields() if s.path == ("network", "type"))
     assert "lora_fa" in spec.choices and "lora_fa (LoRA-FA: A frozen at its random init, only B trains" in spec.info
     NetworkConfig(type="lora_fa", use_rslora=True, train_text_encoder=True)
     for option in ({"use_dora": True}, {"init": "pissa"}, {"loraplus_lr_ratio": 16.0}):

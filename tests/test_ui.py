@@ -14,7 +14,12 @@ import pytest
 
 from studio.config import TrainConfig, parse_config
 from studio.errors import StudioError
-from ui import helpers as h
+from ui import datasets_view as dv
+from ui import format as fmt
+from ui import generate_view as gv
+from ui import library_view as lv
+from ui import runs_view as rv
+from ui import train_view as tv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,18 +47,18 @@ def _progress(step, loss, **extra):
 
 
 def test_loss_series_has_raw_and_smoothed_lines():
-    rows = h.loss_series([[5, 1.0], [10, 0.5], [15, 0.75]])
+    rows = rv.loss_series([[5, 1.0], [10, 0.5], [15, 0.75]])
     raw = [r for r in rows if r["series"] == "loss"]
     smooth = [r for r in rows if r["series"] == "smoothed"]
     assert [r["step"] for r in raw] == [5, 10, 15] and [r["loss"] for r in raw] == [1.0, 0.5, 0.75]
     assert smooth[0]["loss"] == pytest.approx(1.0)  # debiased: starts at the first value
     assert 0.5 < smooth[1]["loss"] < 1.0
-    assert h.loss_series([]) == []
+    assert rv.loss_series([]) == []
 
 
 def test_loss_series_thins_long_runs_but_keeps_the_newest_point():
     points = [[i, 1.0 / i] for i in range(1, 10_001)]
-    rows = h.loss_series(points, max_points=100)
+    rows = rv.loss_series(points, max_points=100)
     raw = [r for r in rows if r["series"] == "loss"]
     assert len(raw) <= 102
     assert raw[-1]["step"] == 10_000
@@ -63,28 +68,28 @@ def test_events_fold_into_the_view_incrementally(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     events = run_dir / "events.jsonl"
-    view = h.new_view("run")
+    view = rv.new_view("run")
     lines = [{"type": "start", "time": 1.0, "max_steps": 30, "images": 6}, _progress(5, 1.0), _progress(10, 0.8)]
     events.write_text("".join(json.dumps(e) + "\n" for e in lines) + '{"type": "progr')  # a half-written line
-    assert h.tail_events(view, run_dir)
+    assert rv.tail_events(view, run_dir)
     assert view["points"] == [[5, 1.0], [10, 0.8]] and view["max_steps"] == 30
-    assert not h.tail_events(view, run_dir)  # nothing new: nothing changes
+    assert not rv.tail_events(view, run_dir)  # nothing new: nothing changes
     with open(events, "a") as handle:  # the writer finishes the line and goes on
         handle.write('ess", "time": 2.0, "step": 15, "max_steps": 30, "loss": 0.7}\n')
         handle.write(json.dumps({"type": "sample", "time": 3.0, "step": 15, "paths": ["a.png", "b.png"],
                                  "prompts": ["p1", "p2"]}) + "\n")
-    assert h.tail_events(view, run_dir)
+    assert rv.tail_events(view, run_dir)
     assert view["points"][-1] == [15, 0.7]
     assert view["samples"] == [["a.png", "step 15: p1"], ["b.png", "step 15: p2"]]
     assert "1 sample" not in view["lines"][-1] and "2 sample image(s)" in view["lines"][-1]
 
 
 def test_resume_drops_points_that_are_trained_again_and_done_names_the_adapter():
-    view = h.new_view("run")
-    h.apply_events(view, [_progress(5, 1.0), _progress(10, 0.9), _progress(15, 0.8),
+    view = rv.new_view("run")
+    rv.apply_events(view, [_progress(5, 1.0), _progress(10, 0.9), _progress(15, 0.8),
                           {"type": "error", "time": 1, "message": "boom"}])
     assert view["error"] == "boom"
-    h.apply_events(view, [{"type": "resume", "time": 2, "step": 10, "checkpoint": "step-10"}, _progress(15, 0.7),
+    rv.apply_events(view, [{"type": "resume", "time": 2, "step": 10, "checkpoint": "step-10"}, _progress(15, 0.7),
                           {"type": "done", "time": 3, "step": 30, "adapter": "/ws/adapters/x.safetensors"}])
     assert view["points"] == [[5, 1.0], [10, 0.9], [15, 0.7]]
     assert view["error"] is None and view["adapter"] == "/ws/adapters/x.safetensors"
@@ -93,47 +98,47 @@ def test_resume_drops_points_that_are_trained_again_and_done_names_the_adapter()
 
 def test_status_html_shows_progress_and_escapes_text():
     job = SimpleNamespace(id="<b>run</b>", state="running", started=1.0, finished=None, message="")
-    view = h.new_view("x")
-    h.apply_events(view, [_progress(10, 0.5)])
-    text = h.status_html(job, view)
+    view = rv.new_view("x")
+    rv.apply_events(view, [_progress(10, 0.5)])
+    text = rv.status_html(job, view)
     assert "&lt;b&gt;run&lt;/b&gt;" in text and "<b>run</b>" not in text
     assert "10 / 30" in text and "2.00 it/s" in text and "ETA" in text and "width:33.3%" in text
-    h.apply_events(view, [{"type": "cancelled", "time": 2, "step": 12}])  # resumed: a new worker starts
-    restarting = h.status_html(job, view)
+    rv.apply_events(view, [{"type": "cancelled", "time": 2, "step": 12}])  # resumed: a new worker starts
+    restarting = rv.status_html(job, view)
     assert "starting" in restarting and "it/s" not in restarting and "10 / 30" in restarting
     queued = SimpleNamespace(id="r", state="queued", started=None, finished=None, message="")
-    assert "2 ahead" in h.status_html(queued, h.new_view("r"), queue_position=2)
-    assert "Pick a run" in h.status_html(None, {})
+    assert "2 ahead" in rv.status_html(queued, rv.new_view("r"), queue_position=2)
+    assert "Pick a run" in rv.status_html(None, {})
 
 
 def test_job_rows_and_durations():
     job = SimpleNamespace(id="a-1", name="a", state="failed", created=0.0, started=10.0, finished=75.0,
                           message="x" * 200)
-    row = h.job_rows([job])[0]
-    assert row[:2] == ["a-1", "failed"] and row[3] == "1 min 05 s" and len(row[4]) <= h.JOB_NOTE_CHARS
-    assert h.format_duration(None) == "—" and h.format_duration(7200) == "2 h 00 min"
+    row = rv.job_rows([job])[0]
+    assert row[:2] == ["a-1", "failed"] and row[3] == "1 min 05 s" and len(row[4]) <= rv.JOB_NOTE_CHARS
+    assert fmt.format_duration(None) == "—" and fmt.format_duration(7200) == "2 h 00 min"
 
 
 def test_run_log_shows_the_newest_lines_first():
-    text = h.run_log(["10:00 start", "10:01 progress step 10", "10:02 done"], "loading\ntraining\n")
+    text = rv.run_log(["10:00 start", "10:01 progress step 10", "10:02 done"], "loading\ntraining\n")
     lines = text.splitlines()
     assert lines[:3] == ["10:02 done", "10:01 progress step 10", "10:00 start"]
     assert lines[-2:] == ["training", "loading"] and "worker.log, newest first" in text
-    assert h.run_log(["a"], "") == "a"
+    assert rv.run_log(["a"], "") == "a"
 
 
 def test_tail_text_keeps_the_last_lines_and_folds_progress_bars(tmp_path):
     path = tmp_path / "worker.log"
     path.write_text("".join(f"line {i}\n" for i in range(100)) + "10%\r50%\r100%\n")
-    text = h.tail_text(path, max_lines=3)
+    text = rv.tail_text(path, max_lines=3)
     assert text.splitlines() == ["line 98", "line 99", "100%"]
-    assert h.tail_text(tmp_path / "missing.log") == ""
+    assert rv.tail_text(tmp_path / "missing.log") == ""
 
 
 # ------------------------------------------------------------------ generate: rows -> adapters
 def test_adapter_rows_become_adapter_uses():
     resolve = lambda name: Path(f"/ws/adapters/{name}.safetensors")  # noqa: E731
-    uses = h.row_uses([("a", 1.0), ("", 0.5), (None, 1.0), ("b", -0.5), ("c", 0), ("d", None)], resolve)
+    uses = gv.row_uses([("a", 1.0), ("", 0.5), (None, 1.0), ("b", -0.5), ("c", 0), ("d", None)], resolve)
     assert [(row, u.path.stem, u.weight) for row, u in uses.items()] == [(0, "a", 1.0), (3, "b", -0.5), (5, "d", 1.0)]
 
 
@@ -143,22 +148,22 @@ def test_an_adapter_used_twice_is_a_clear_error():
     rows = [AdapterUse(Path("/ws/adapters/a.safetensors"), 1.0)]
     tags = [AdapterUse(Path("/ws/adapters/a.safetensors"), 0.5)]
     with pytest.raises(StudioError, match="used twice"):
-        h.merge_uses(rows, tags)
+        gv.merge_uses(rows, tags)
     other = [AdapterUse(Path("/ws/adapters/b.safetensors"), 0.5)]
-    assert len(h.merge_uses(rows, other)) == 2
+    assert len(gv.merge_uses(rows, other)) == 2
 
 
 def test_parse_size():
-    assert h.parse_size(h.SIZE_DEFAULT) == (None, None)
-    assert h.parse_size("512 × 768") == (512, 768)
-    assert h.parse_size("640x480") == (640, 480)
+    assert gv.parse_size(gv.SIZE_DEFAULT) == (None, None)
+    assert gv.parse_size("512 × 768") == (512, 768)
+    assert gv.parse_size("640x480") == (640, 480)
     with pytest.raises(StudioError, match="WIDTH x HEIGHT"):
-        h.parse_size("big")
+        gv.parse_size("big")
 
 
 # ------------------------------------------------------------------ train: config <-> form
 def test_config_fields_cover_every_setting_with_help_text():
-    specs = h.config_fields()
+    specs = tv.config_fields()
     keys = {s.key for s in specs}
     assert {"training.max_steps", "network.rank", "dataset.trigger_word", "sampling.prompts", "seed"} <= keys
     by_key = {s.key: s for s in specs}
@@ -168,7 +173,7 @@ def test_config_fields_cover_every_setting_with_help_text():
     assert by_key["sampling.prompts"].kind == "lines" and by_key["network.target_modules"].kind == "list"
     assert by_key["training.max_steps"].info == TrainConfig.model_fields["training"].annotation.model_fields[
         "max_steps"].description
-    advanced = {s.key for s in h.config_fields(exclude=h.MAIN_FIELDS)}
+    advanced = {s.key for s in tv.config_fields(exclude=tv.MAIN_FIELDS)}
     assert "training.max_steps" not in advanced and "training.lr_scheduler" in advanced
 
 
@@ -176,25 +181,25 @@ def test_form_round_trip_gives_the_same_config():
     config = TrainConfig()
     config.sampling.prompts = ["a, with a comma", "second"]
     config.training.max_steps = 30
-    specs = h.config_fields()
-    values = h.config_to_form(specs, config)
-    again = parse_config(h.form_to_config_dict(specs, values), "Settings")
+    specs = tv.config_fields()
+    values = tv.config_to_form(specs, config)
+    again = parse_config(tv.form_to_config_dict(specs, values), "Settings")
     assert again == config
 
 
 def test_form_values_are_converted_and_bad_ones_named():
-    specs = h.config_fields()
-    values = h.config_to_form(specs, TrainConfig())
+    specs = tv.config_fields()
+    values = tv.config_to_form(specs, TrainConfig())
     index = {s.key: i for i, s in enumerate(specs)}
     values[index["training.max_steps"]] = 30.0           # gr.Number sends floats
     values[index["network.target_modules"]] = "to_q, to_v,"
     values[index["training.text_encoder_lr"]] = None     # empty optional box = default
-    config = parse_config(h.form_to_config_dict(specs, values), "Settings")
+    config = parse_config(tv.form_to_config_dict(specs, values), "Settings")
     assert config.training.max_steps == 30 and config.network.target_modules == ["to_q", "to_v"]
     assert config.training.text_encoder_lr is None
     values[index["training.learning_rate"]] = 0
     with pytest.raises(StudioError, match=r"Settings: training\.learning_rate"):
-        parse_config(h.form_to_config_dict(specs, values), "Settings")
+        parse_config(tv.form_to_config_dict(specs, values), "Settings")
 
 
 def test_resource_hint_times_come_from_measured_speed():
@@ -211,16 +216,16 @@ def test_resource_hint_times_come_from_measured_speed():
     assert (plan.training_s, plan.samples_s, plan.class_images_s, plan.total_s) == (50.0, 1.0, 1.0, 56.0)
     config.dataset.resolution, config.training.batch_size = 128, 2  # 8x the pixels per step
     assert estimate(config, speed).training_s == 400.0
-    text = h.resource_hint(family=None, builtin=True, steps=100, batch_size=1, resolution=64, speed=speed,
+    text = tv.resource_hint(family=None, builtin=True, steps=100, batch_size=1, resolution=64, speed=speed,
                            plan=plan, steps_per_epoch=10, sample_prompts=2)
     assert "about 56 s for 100 steps" in text and "5 steps measured on this machine (2.00 steps/s)" in text
     assert "10.0 epochs" in text and "4 sample picture(s)" in text
-    measuring = h.resource_hint(family=None, builtin=True, steps=100, batch_size=1, resolution=64)
+    measuring = tv.resource_hint(family=None, builtin=True, steps=100, batch_size=1, resolution=64)
     assert "speed is not measured yet" in measuring and "for 100 steps" not in measuring
-    sdxl = h.resource_hint(family="sdxl", builtin=False, steps=1000, batch_size=1, resolution=1024,
+    sdxl = tv.resource_hint(family="sdxl", builtin=False, steps=1000, batch_size=1, resolution=1024,
                            mixed_precision="bf16")
     assert "VRAM" in sdxl and "SDXL" in sdxl
-    checkpointed = h.resource_hint(family="sdxl", builtin=False, steps=1000, batch_size=1, resolution=1024,
+    checkpointed = tv.resource_hint(family="sdxl", builtin=False, steps=1000, batch_size=1, resolution=1024,
                                    mixed_precision="bf16", gradient_checkpointing=True)
     assert "gradient checkpointing" in checkpointed
 
@@ -232,17 +237,17 @@ def test_thumbnail_from_metadata():
     buffer = io.BytesIO()
     Image.new("RGB", (8, 8), "red").save(buffer, format="PNG")
     url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-    assert h.thumbnail_from_metadata({"modelspec.thumbnail": url}).size == (8, 8)
-    assert h.thumbnail_from_metadata({"modelspec.thumbnail": "data:image/png;base64,!!!"}) is None
-    assert h.thumbnail_from_metadata({}) is None
-    shown = h.metadata_for_display({"modelspec.thumbnail": url, "ss_tag_frequency": '{"a": {"b": 1}}'})
+    assert lv.thumbnail_from_metadata({"modelspec.thumbnail": url}).size == (8, 8)
+    assert lv.thumbnail_from_metadata({"modelspec.thumbnail": "data:image/png;base64,!!!"}) is None
+    assert lv.thumbnail_from_metadata({}) is None
+    shown = lv.metadata_for_display({"modelspec.thumbnail": url, "ss_tag_frequency": '{"a": {"b": 1}}'})
     assert shown["ss_tag_frequency"] == {"a": {"b": 1}} and "characters" in shown["modelspec.thumbnail"]
 
 
 def test_gallery_items_mark_repeats_and_class_images(tmp_path):
     item = lambda rel, **kw: SimpleNamespace(path=tmp_path / rel, caption=kw.get("caption", ""),  # noqa: E731
                                              repeats=kw.get("repeats", 1), is_regularisation=kw.get("reg", False))
-    items = h.gallery_items([item("10_x/b.png", repeats=10), item("reg/c.png", reg=True),
+    items = dv.gallery_items([item("10_x/b.png", repeats=10), item("reg/c.png", reg=True),
                              item("sks.png", caption="sks, dog")], tmp_path)
     assert items[0][1] == "[×10] (no caption) · 10_x/b.png"
     assert items[1] == (str(tmp_path / "sks.png"), "sks, dog · sks.png")  # training pictures before class images

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from studio.errors import StudioError
-from ui import helpers as h
+from ui import generate_view as gv
+from ui import library_view as lv
 
 FAST = dict(steps=2, size="64 × 64", cfg=5.0, seed=3)
 PROMPT = "a sks star on a white background"
@@ -50,7 +51,12 @@ def _lora_file(path, *, rank: int, seed: int, trigger: str):
 
 def _tlora_file(path, *, seed: int):
     """A random rank-4 T-LoRA (min rank 1) on the built-in UNet's self-attention queries."""
-    from studio.adapters.methods.tlora_layers import TLoRAAdapter, TLoRALayer, TLoRASchedule, save_tlora
+    from studio.adapters.methods.tlora_layers import (
+        TLoRAAdapter,
+        TLoRALayer,
+        TLoRASchedule,
+        save_tlora,
+    )
 
     generator = torch.Generator().manual_seed(seed)
     layers = {}
@@ -84,8 +90,8 @@ def app_events(studio):
     return {block_fn.fn.__name__: block_fn.fn for block_fn in app.fns.values() if block_fn.fn is not None}
 
 
-def _settings(**changes) -> h.GenerateSettings:
-    return h.GenerateSettings(**{"prompt": PROMPT, **FAST, **changes})
+def _settings(**changes) -> gv.GenerateSettings:
+    return gv.GenerateSettings(**{"prompt": PROMPT, **FAST, **changes})
 
 
 def _pixels(path) -> np.ndarray:
@@ -94,7 +100,7 @@ def _pixels(path) -> np.ndarray:
 
 
 def _generate(studio, rows=(), **changes) -> np.ndarray:
-    gallery, _ = h.generate_images(studio, _settings(**changes), list(rows))
+    gallery, _ = gv.generate_images(studio, _settings(**changes), list(rows))
     assert len(gallery) == 1
     return _pixels(gallery[0][0])
 
@@ -113,7 +119,7 @@ def _warning_of(event, *args) -> str:
 # ------------------------------------------------------------------ Generate: the adapter rows
 def test_row_fields_reach_adapter_use(studio):
     resolve = lambda name: studio.workspace.adapters_dir / f"{name}.safetensors"  # noqa: E731
-    uses = h.row_uses([("star", 0.8, 0.25, " OUTD ", True), ("", 1.0), ("circle", 0, 0.5, "", False),
+    uses = gv.row_uses([("star", 0.8, 0.25, " OUTD ", True), ("", 1.0), ("circle", 0, 0.5, "", False),
                        ("timed", 0, None), ("star", 0, "")], resolve, keep_rows=[4])
     assert list(uses) == [0, 2, 4]  # weight 0 with no text-encoder weight is off, unless a grid axis sets it
     assert (uses[0].weight, uses[0].te_weight, uses[0].block_weights, uses[0].tlora_masked) == (0.8, 0.25, "OUTD", True)
@@ -136,9 +142,9 @@ def test_block_weights_from_the_row_reach_the_engine(studio):
 
 
 def test_timestep_mask_shows_for_tlora_files_and_reaches_the_engine(studio):
-    assert h.is_tlora_adapter(studio.workspace, "timed")
-    assert not h.is_tlora_adapter(studio.workspace, "star")
-    assert not h.is_tlora_adapter(studio.workspace, "no-such-adapter")
+    assert gv.is_tlora_adapter(studio.workspace, "timed")
+    assert not gv.is_tlora_adapter(studio.workspace, "star")
+    assert not gv.is_tlora_adapter(studio.workspace, "no-such-adapter")
     masked = _generate(studio, [("timed", 1.0, None, "", True)])
     all_ranks = _generate(studio, [("timed", 1.0, None, "", False)])
     assert np.abs(masked - all_ranks).mean() > 0
@@ -146,7 +152,7 @@ def test_timestep_mask_shows_for_tlora_files_and_reaches_the_engine(studio):
 
 # ------------------------------------------------------------------ Generate: mix grid
 def test_grid_saves_a_labelled_sheet_and_the_single_images(studio):
-    sheet_path, cells, note = h.mix_grid(studio, _settings(seed=5), [("", 1.0), ("star", 0.0)],
+    sheet_path, cells, note = gv.mix_grid(studio, _settings(seed=5), [("", 1.0), ("star", 0.0)],
                                          "adapter1", "0, 1", "seed", "5, 6")
     assert len(cells) == 4 and all(Image.open(path).size == (64, 64) for path, _ in cells)
     _assert_readable_sheet(sheet_path, [path for path, _ in cells], columns=2, rows=2,
@@ -162,8 +168,8 @@ def test_grid_saves_a_labelled_sheet_and_the_single_images(studio):
 
 
 def test_grid_over_prompts_without_a_y_axis(studio):
-    sheet_path, cells, _ = h.mix_grid(studio, _settings(), [("star", 0.7)], "prompt", "a red star | a blue circle",
-                                      h.GRID_NO_AXIS)
+    sheet_path, cells, _ = gv.mix_grid(studio, _settings(), [("star", 0.7)], "prompt", "a red star | a blue circle",
+                                      gv.GRID_NO_AXIS)
     assert [label for _, label in cells] == ["a red star", "a blue circle"]
     _assert_readable_sheet(sheet_path, [path for path, _ in cells], columns=2, rows=1,
                            column_labels=["a red star", "a blue circle"])
@@ -205,21 +211,21 @@ def _assert_readable_sheet(sheet_path, cell_paths, *, columns, rows, column_labe
 ])
 def test_grid_bad_axes_are_clear_errors(studio, axes, expected):
     with pytest.raises(StudioError, match=re.escape(expected)):
-        h.mix_grid(studio, _settings(), [("star", 1.0)], *axes)
+        gv.mix_grid(studio, _settings(), [("star", 1.0)], *axes)
 
 
 # ------------------------------------------------------------------ Generate: suggest and accept
 def test_suggest_then_accept_fills_the_rows(studio, app_events):
-    found = h.suggest_adapters(studio, "a sks star", "builtin")
+    found = gv.suggest_adapters(studio, "a sks star", "builtin")
     star = next(row for row in found if row[0] == "star")
     assert "trigger word 'sks'" in star[2] and 0.6 <= star[1] <= 1.0
-    assert "star" not in [row[0] for row in h.suggest_adapters(studio, "a sks star <lora:star:0.5>", "builtin")]
+    assert "star" not in [row[0] for row in gv.suggest_adapters(studio, "a sks star <lora:star:0.5>", "builtin")]
 
-    names, weights, left_out = h.accept_suggestions([star], ["", "circle", "", ""], [1.0, 0.5, 1.0, 1.0])
+    names, weights, left_out = gv.accept_suggestions([star], ["", "circle", "", ""], [1.0, 0.5, 1.0, 1.0])
     assert names == ["star", "circle", "", ""] and weights == [star[1], 0.5, 1.0, 1.0] and left_out == []
-    names, weights, _ = h.accept_suggestions([["circle", 0.9, "why"]], names, weights)
+    names, weights, _ = gv.accept_suggestions([["circle", 0.9, "why"]], names, weights)
     assert names[1] == "circle" and weights[1] == 0.9  # already in a row: its weight changes there
-    _, _, left_out = h.accept_suggestions([["timed", 0.7, "why"]], ["a", "b", "c", "d"], [1, 1, 1, 1])
+    _, _, left_out = gv.accept_suggestions([["timed", 0.7, "why"]], ["a", "b", "c", "d"], [1, 1, 1, 1])
     assert left_out == ["timed"]
 
     # the page's Accept button: four name updates, four weights, the suggestion box hidden
@@ -243,7 +249,7 @@ def test_suggest_proposes_one_of_two_copies_and_says_so(tmp_path):
     # the same weights rounded to fp16: still a copy
     save_adapter(workspace.adapters_dir / "star-half.safetensors", load_adapter(star), dtype=torch.float16)
     _lora_file(workspace.adapters_dir / "other-star.safetensors", rank=4, seed=9, trigger="sks")  # its own weights
-    found = h.suggest_adapters(Studio(workspace), "a sks star", "builtin")
+    found = gv.suggest_adapters(Studio(workspace), "a sks star", "builtin")
     names = [row[0] for row in found]
     copies = {"star", "star-copy", "star-half"}
     assert len(copies & set(names)) == 1 and "other-star" in names, found
@@ -252,17 +258,17 @@ def test_suggest_proposes_one_of_two_copies_and_says_so(tmp_path):
 
 
 def test_suggest_ignores_the_mix_the_engine_ran_last(studio):
-    before = h.suggest_adapters(studio, "a zwx circle", "builtin")
+    before = gv.suggest_adapters(studio, "a zwx circle", "builtin")
     assert before
     _generate(studio, [("star", 1.0, 2.0), ("circle", 1.0, -1.5)])  # text-encoder deltas now merged or live
-    assert h.suggest_adapters(studio, "a zwx circle", "builtin") == before
+    assert gv.suggest_adapters(studio, "a zwx circle", "builtin") == before
 
 
 # ------------------------------------------------------------------ Library: bake, fuse, resize
 def test_bake_writes_a_library_adapter_with_merged_from(studio):
     from studio.adapters import load_adapter
 
-    name, note = h.bake_mix(studio, [("star", 0.8), ("", 1.0), ("circle", -0.5), (None, None)], "star-circle",
+    name, note = lv.bake_mix(studio, [("star", 0.8), ("", 1.0), ("circle", -0.5), (None, None)], "star-circle",
                             None, "fp16")
     path = studio.workspace.adapters_dir / f"{name}.safetensors"
     assert name == "star-circle" and path.is_file()
@@ -270,26 +276,26 @@ def test_bake_writes_a_library_adapter_with_merged_from(studio):
     assert baked.metadata["modelspec.merged_from"] == "star:0.8, circle:-0.5"
     assert baked.ranks == [12] and "exact" in note  # every module is in both: 4 + 8 ranks
 
-    name, note = h.bake_mix(studio, [("star", 1.0), ("circle", 1.0)], "star-circle-r2.safetensors", 2, "fp32")
+    name, note = lv.bake_mix(studio, [("star", 1.0), ("circle", 1.0)], "star-circle-r2.safetensors", 2, "fp32")
     assert name == "star-circle-r2" and load_adapter(studio.workspace.adapters_dir / f"{name}.safetensors").ranks == [2]
     assert "energy kept per module" in note
     with pytest.raises(StudioError, match="already exists"):
-        h.bake_mix(studio, [("star", 1.0)], "star-circle", None, "fp16")
+        lv.bake_mix(studio, [("star", 1.0)], "star-circle", None, "fp16")
 
 
 def test_resize_gives_the_asked_rank_and_the_energy_report(studio):
     from studio.adapters import load_adapter
 
-    name, note, energy = h.resize_adapter(studio, "circle", "rank", 3, "", "fp32")
+    name, note, energy = lv.resize_adapter(studio, "circle", "rank", 3, "", "fp32")
     assert name == "circle-r3"
     resized = load_adapter(studio.workspace.adapters_dir / "circle-r3.safetensors")
     assert resized.ranks == [3] and len(energy) == len(resized.modules)
     kept = [row[1] for row in energy]
     assert kept == sorted(kept) and 0 < kept[0] < 1 and "rank 3" in note
 
-    name, _, energy = h.resize_adapter(studio, "circle", "sv_fro", 0.999, "circle-fro", "fp16")
+    name, _, energy = lv.resize_adapter(studio, "circle", "sv_fro", 0.999, "circle-fro", "fp16")
     assert name == "circle-fro" and all(row[1] >= 0.999**2 - 1e-4 for row in energy)
-    name, _, energy = h.resize_adapter(studio, "star", "rank", 4, "", "fp32")
+    name, _, energy = lv.resize_adapter(studio, "star", "rank", 4, "", "fp32")
     assert name == "star-r4" and min(row[1] for row in energy) == pytest.approx(1.0, abs=1e-6)  # full rank: lossless
 
 
@@ -297,14 +303,14 @@ def test_fuse_writes_a_checkpoint_in_the_models_folder(studio):
     from studio.safetensors_file import read_safetensors_header
     from ui.train_tab import model_choices
 
-    note = h.fuse_mix(studio, "builtin", [("star", 0.8), ("circle", 0.3)], "star-fused")
+    note = lv.fuse_mix(studio, "builtin", [("star", 0.8), ("circle", 0.3)], "star-fused")
     path = studio.workspace.models_dir / "star-fused.safetensors"
     assert path.is_file() and "models/star-fused.safetensors" in note
     assert str(path) in model_choices(studio)
     tensors, _ = read_safetensors_header(path)
     assert any(key.startswith("model.diffusion_model.") for key in tensors)
     with pytest.raises(StudioError, match="already exists"):
-        h.fuse_mix(studio, "builtin", [("star", 1.0)], "star-fused")
+        lv.fuse_mix(studio, "builtin", [("star", 1.0)], "star-fused")
 
 
 # ------------------------------------------------------------------ bad input: a message, no traceback
@@ -320,7 +326,7 @@ def test_bad_block_weights_show_a_clear_message(studio, app_events, blocks, expe
 
 def test_a_text_encoder_weight_that_is_no_number_is_named(studio):
     with pytest.raises(StudioError, match="Adapter 2 · Text-encoder weight: 'half' is not a number"):
-        h.generate_images(studio, _settings(), [("", 1.0), ("star", 1.0, "half")])
+        gv.generate_images(studio, _settings(), [("", 1.0), ("star", 1.0, "half")])
 
 
 def test_bad_library_input_shows_a_clear_message(app_events):

@@ -8,7 +8,7 @@ import gradio as gr
 
 from studio import datasets as ds
 from studio.errors import StudioError
-from ui import helpers as h
+from ui import datasets_view as dv
 from ui.common import Studio, dropdown_value, friendly
 
 #: Datasets up to this size are checked for bad files as soon as they are opened.
@@ -89,7 +89,7 @@ def build(studio: Studio) -> SimpleNamespace:
                                     label="Tag frequency", max_height=330, elem_id="ds-tags")
         with gr.Accordion("Problems — bad-file report", open=True):
             issues_note = gr.Markdown(elem_id="ds-issues-note")
-            issues = gr.Dataframe(headers=h.ISSUE_HEADERS, interactive=False, wrap=True, max_height=300,
+            issues = gr.Dataframe(headers=dv.ISSUE_HEADERS, interactive=False, wrap=True, max_height=300,
                                   column_widths=["90px", "20%", "15%", "50%"], elem_id="ds-issues")
             check_btn = gr.Button("Check all files again", size="sm")
         state = gr.State({"name": None, "paths": [], "selected": None})
@@ -106,7 +106,7 @@ def build(studio: Studio) -> SimpleNamespace:
     def check_outputs(path: Path):
         report = ds.check_dataset(path)
         note = report.summary(examples=0).splitlines()[0]
-        return report, note, h.issue_rows(report)
+        return report, note, dv.issue_rows(report)
 
     def views(name: str | None, *, check: bool | None = None):
         """gallery, stats, tags, issues note, issues table, state, selection reset (4)."""
@@ -116,7 +116,7 @@ def build(studio: Studio) -> SimpleNamespace:
                     {"name": None, "paths": [], "selected": None}, *empty_sel]
         path = folder_of(name)
         items = ds.load_items(path)
-        gallery_items = h.gallery_items(items, path)
+        gallery_items = dv.gallery_items(items, path)
         stats_value = ds.dataset_stats(path)
         if check is None:
             check = stats_value.image_count + stats_value.reg_image_count <= AUTO_CHECK_IMAGES
@@ -124,7 +124,7 @@ def build(studio: Studio) -> SimpleNamespace:
                               else (None, "Large dataset: press *Check all files again* to look for bad files.", []))
         freq = ds.tag_frequency(path)
         new_state = {"name": name, "paths": [p for p, _ in gallery_items], "selected": None}
-        return [gallery_items, h.stats_markdown(stats_value, report), [[t, n] for t, n in freq.items()],
+        return [gallery_items, dv.stats_markdown(stats_value, report), [[t, n] for t, n in freq.items()],
                 note, rows, new_state, *empty_sel]
 
     view_outputs = [gallery, stats, tags, issues_note, issues, state, chosen_image, chosen_name, caption]

@@ -7,9 +7,9 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from studio.models.families import DEFAULT
 from studio.generation.engine import SCHEDULER_LABELS, SCHEDULERS
-from ui import helpers as h
+from studio.models.families import DEFAULT
+from ui import generate_view as gv
 from ui.common import Studio, friendly, heavy_imports, unchecked
 
 ADAPTER_ROWS = 4
@@ -55,7 +55,7 @@ def build(studio: Studio, model_choices) -> SimpleNamespace:
                 with gr.Row(equal_height=True):
                     suggest_btn = gr.Button("Suggest adapters for the prompt", size="sm", elem_id="gen-suggest")
                 with gr.Group(visible=False, elem_id="gen-suggestions") as suggestions_box:
-                    suggestions = gr.Dataframe(headers=h.SUGGESTION_HEADERS, type="array", interactive=False,
+                    suggestions = gr.Dataframe(headers=gv.SUGGESTION_HEADERS, type="array", interactive=False,
                                                wrap=True, label="Suggested from the library (trigger words and "
                                                                 "what each adapter was trained on)",
                                                elem_id="gen-suggestions-table")
@@ -68,7 +68,7 @@ def build(studio: Studio, model_choices) -> SimpleNamespace:
                                             elem_id="gen-model")
                         scheduler = gr.Dropdown([(SCHEDULER_LABELS[k], k) for k in SCHEDULERS], value="ddim",
                                                 label="Sampler", elem_id="gen-scheduler")
-                        size = gr.Dropdown(h.SIZE_CHOICES, value=h.SIZE_DEFAULT, allow_custom_value=True,
+                        size = gr.Dropdown(gv.SIZE_CHOICES, value=gv.SIZE_DEFAULT, allow_custom_value=True,
                                            label="Size (width × height)", elem_id="gen-size")
                     with gr.Row():
                         steps = unchecked(gr.Slider(1, 150, value=20, step=1, label="Steps", elem_id="gen-steps"))
@@ -89,11 +89,11 @@ def build(studio: Studio, model_choices) -> SimpleNamespace:
         with gr.Accordion("Mix grid — the mix side by side over weights, seeds or prompts", open=False,
                           elem_id="gen-grid"):
             with gr.Row(equal_height=True):
-                x_axis = gr.Dropdown(h.grid_axis_choices(ADAPTER_ROWS), value="adapter0", label="X axis",
+                x_axis = gr.Dropdown(gv.grid_axis_choices(ADAPTER_ROWS), value="adapter0", label="X axis",
                                      info="What changes from column to column", elem_id="gen-grid-x")
                 x_values = gr.Textbox("0, 0.5, 1", label="X values", elem_id="gen-grid-x-values",
                                       info="Weights or seeds: comma-separated; prompts: separated by |")
-                y_axis = gr.Dropdown(h.grid_axis_choices(ADAPTER_ROWS, optional=True), value=h.GRID_NO_AXIS,
+                y_axis = gr.Dropdown(gv.grid_axis_choices(ADAPTER_ROWS, optional=True), value=gv.GRID_NO_AXIS,
                                      label="Y axis", info="What changes from row to row; (none) = one row",
                                      elem_id="gen-grid-y")
                 y_values = gr.Textbox("", label="Y values", elem_id="gen-grid-y-values",
@@ -112,27 +112,27 @@ def build(studio: Studio, model_choices) -> SimpleNamespace:
     names = [row[0] for row in rows]
     weights = [row[1] for row in rows]
 
-    def form(values) -> tuple[h.GenerateSettings, list]:
+    def form(values) -> tuple[gv.GenerateSettings, list]:
         """(settings, adapter rows) from the values of settings_inputs + flat_rows."""
-        settings = h.GenerateSettings(*values[:len(settings_inputs)])
+        settings = gv.GenerateSettings(*values[:len(settings_inputs)])
         row_values = values[len(settings_inputs):]
-        width = len(h.AdapterRow._fields)
+        width = len(gv.AdapterRow._fields)
         return settings, [row_values[i:i + width] for i in range(0, len(row_values), width)]
 
     @friendly
     def on_generate(*values):
         heavy_imports()
-        return h.generate_images(studio, *form(values))
+        return gv.generate_images(studio, *form(values))
 
     @friendly
     def on_grid(x_choice, x_text, y_choice, y_text, *values):
         heavy_imports()
-        return h.mix_grid(studio, *form(values), x_choice, x_text, y_choice, y_text)
+        return gv.mix_grid(studio, *form(values), x_choice, x_text, y_choice, y_text)
 
     @friendly
     def on_suggest(prompt_text, model_name):
         heavy_imports()
-        found = h.suggest_adapters(studio, prompt_text, model_name)
+        found = gv.suggest_adapters(studio, prompt_text, model_name)
         if not found:
             gr.Info("No adapter in the library matches this prompt.")
         return gr.update(value=found), gr.update(visible=bool(found))
@@ -140,7 +140,7 @@ def build(studio: Studio, model_choices) -> SimpleNamespace:
     @friendly
     def on_accept(suggested, *current):
         choices = [NONE, *studio.adapter_names()]
-        new_names, new_weights, left_out = h.accept_suggestions(suggested, current[:ADAPTER_ROWS],
+        new_names, new_weights, left_out = gv.accept_suggestions(suggested, current[:ADAPTER_ROWS],
                                                                 current[ADAPTER_ROWS:])
         if left_out:
             gr.Warning(f"No empty adapter row for {', '.join(left_out)}; clear a row and accept again.")
@@ -149,7 +149,7 @@ def build(studio: Studio, model_choices) -> SimpleNamespace:
 
     @friendly
     def on_adapter_picked(name):
-        return gr.update(visible=h.is_tlora_adapter(ws, name))
+        return gr.update(visible=gv.is_tlora_adapter(ws, name))
 
     # One stable API name per action for scripts (`/generate`, `/grid`, `/suggest`); Enter in the
     # prompt runs the same handler as Generate. Everything that runs the engine queues as one.

@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import gradio as gr
 
 from studio.errors import StudioError
-from ui import helpers as h
+from ui import library_view as lv
+from ui import runs_view as rv
 from ui.common import Studio, dropdown_value, friendly, heavy_imports
 
 MIX_ROWS = 4
@@ -19,7 +20,7 @@ def build(studio: Studio, model_choices) -> SimpleNamespace:
     with gr.Tab("5 · Library", id="library") as tab:
         with gr.Row(equal_height=False):
             with gr.Column(scale=3):
-                table = gr.Dataframe(headers=h.LIBRARY_HEADERS, interactive=False, wrap=True, max_height=420,
+                table = gr.Dataframe(headers=lv.LIBRARY_HEADERS, interactive=False, wrap=True, max_height=420,
                                      label="Adapters in workspace/adapters — click a row for details",
                                      elem_id="lib-table")
                 with gr.Accordion("Import a LoRA file (.safetensors)", open=True):
@@ -72,7 +73,7 @@ def build(studio: Studio, model_choices) -> SimpleNamespace:
                         bake_rank = gr.Textbox("", label="Rank", placeholder="exact",
                                                info="Empty = exact (the ranks add up); N = best rank-N fit by SVD",
                                                elem_id="lib-bake-rank")
-                        bake_precision = gr.Dropdown(h.PRECISION_CHOICES, value="fp16", label="Precision",
+                        bake_precision = gr.Dropdown(lv.PRECISION_CHOICES, value="fp16", label="Precision",
                                                      info="Tensor type in the file; fp16 is what A1111 / "
                                                           "CivitAI expect", elem_id="lib-bake-precision")
                     bake_btn = gr.Button("Bake", variant="primary", elem_id="lib-bake")
@@ -91,7 +92,7 @@ def build(studio: Studio, model_choices) -> SimpleNamespace:
                 resize_source = gr.Dropdown([], value=None, label="Adapter", allow_custom_value=True,
                                             info="The library adapter to squeeze (it is kept as it is)",
                                             elem_id="lib-resize-source")
-                resize_rule = gr.Dropdown(h.RESIZE_RULES, value="rank", label="Rule",
+                resize_rule = gr.Dropdown(lv.RESIZE_RULES, value="rank", label="Rule",
                                           info="A fixed rank, or a rank per module from its singular values",
                                           elem_id="lib-resize-rule")
                 resize_value = gr.Number(8, label="N or X",
@@ -99,16 +100,16 @@ def build(studio: Studio, model_choices) -> SimpleNamespace:
                                               "sv-cumulative X in (0, 1]", elem_id="lib-resize-value")
                 resize_name = gr.Textbox(label="New adapter name", placeholder="(<adapter>-<rule><value>)",
                                          info="Saved in the library; empty = the name shown", elem_id="lib-resize-name")
-                resize_precision = gr.Dropdown(h.PRECISION_CHOICES, value="fp16", label="Precision",
+                resize_precision = gr.Dropdown(lv.PRECISION_CHOICES, value="fp16", label="Precision",
                                                info="Tensor type in the file", elem_id="lib-resize-precision")
             resize_btn = gr.Button("Resize", variant="primary", elem_id="lib-resize-go")
             resize_info = gr.Markdown(elem_id="lib-resize-info")
-            energy = gr.Dataframe(headers=h.ENERGY_HEADERS, interactive=False, max_height=300,
+            energy = gr.Dataframe(headers=lv.ENERGY_HEADERS, interactive=False, max_height=300,
                                   label="Energy kept per module (share of Σσ² kept; 1 = lossless)",
                                   elem_id="lib-resize-energy")
 
     def thumbnail(path: Path, info: dict):
-        image = h.thumbnail_from_metadata(info.get("metadata") or {})
+        image = lv.thumbnail_from_metadata(info.get("metadata") or {})
         if image is not None:
             return image
         run_id = (info.get("metadata") or {}).get("lora_studio_run_id")
@@ -118,7 +119,7 @@ def build(studio: Studio, model_choices) -> SimpleNamespace:
             except StudioError:
                 return None
             if run_dir.is_dir():
-                sample = h.last_sample(run_dir)
+                sample = rv.last_sample(run_dir)
                 return str(sample) if sample else None
         return None
 
@@ -130,9 +131,9 @@ def build(studio: Studio, model_choices) -> SimpleNamespace:
         rows = []
         for path in paths:
             try:
-                rows.append(h.library_row(path, studio.describe(path)))
+                rows.append(lv.library_row(path, studio.describe(path)))
             except StudioError as error:
-                rows.append(h.library_row(path, None, str(error)))
+                rows.append(lv.library_row(path, None, str(error)))
         names = [p.stem for p in paths]
         return rows, names, dropdown_value(names, wanted)
 
@@ -151,9 +152,9 @@ def build(studio: Studio, model_choices) -> SimpleNamespace:
             return [None, f"### {name}\n\n**This file cannot be used:** {error}",
                     gr.update(interactive=False), gr.update(value=str(path), interactive=True),
                     gr.update(interactive=True), gr.update(visible=False), None]
-        return [thumbnail(path, info), h.adapter_markdown(path, info), gr.update(interactive=True),
+        return [thumbnail(path, info), lv.adapter_markdown(path, info), gr.update(interactive=True),
                 gr.update(value=str(path), interactive=True), gr.update(interactive=True),
-                gr.update(visible=False), h.metadata_for_display(info.get("metadata") or {})]
+                gr.update(visible=False), lv.metadata_for_display(info.get("metadata") or {})]
 
     detail_outputs = [thumb, details, use_btn, download, delete_btn, confirm, meta]
 
@@ -219,21 +220,21 @@ def build(studio: Studio, model_choices) -> SimpleNamespace:
     @friendly
     def on_bake(name, rank, precision, *mix_values):
         heavy_imports()
-        baked, text = h.bake_mix(studio, mix_of(mix_values), name, rank, precision)
+        baked, text = lv.bake_mix(studio, mix_of(mix_values), name, rank, precision)
         gr.Info(f"Baked {baked!r} into the library.")
         return [*refresh(baked), text]
 
     @friendly
     def on_fuse(model, name, *mix_values):
         heavy_imports()
-        text = h.fuse_mix(studio, model, mix_of(mix_values), name)
+        text = lv.fuse_mix(studio, model, mix_of(mix_values), name)
         gr.Info("Fused the mix into a checkpoint.")
         return text, gr.update(choices=model_choices())
 
     @friendly
     def on_resize(source, rule, value, name, precision):
         heavy_imports()
-        resized, text, rows = h.resize_adapter(studio, source, rule, value, name, precision)
+        resized, text, rows = lv.resize_adapter(studio, source, rule, value, name, precision)
         gr.Info(f"Saved {resized!r} in the library.")
         return [*refresh(resized), text, rows]
 

@@ -8,7 +8,7 @@ import gradio as gr
 
 from studio import jobs as jobs_api
 from studio.errors import StudioError
-from ui import helpers as h
+from ui import runs_view as rv
 from ui.common import Studio, friendly
 
 LOG_EVENT_LINES = 30
@@ -22,12 +22,12 @@ def build(studio: Studio) -> SimpleNamespace:
         with gr.Row(equal_height=False):
             with gr.Column(scale=5, min_width=340):
                 pick = gr.Dropdown([], value=None, label="Run", info="Newest first", elem_id="runs-pick")
-                table = gr.Dataframe(headers=h.JOB_HEADERS, interactive=False, wrap=True, max_height=520,
+                table = gr.Dataframe(headers=rv.JOB_HEADERS, interactive=False, wrap=True, max_height=520,
                                      label="Queue and history — click a row to watch it",
                                      column_widths=["34%", "13%", "15%", "12%", "26%"],
                                      elem_id="runs-table")
             with gr.Column(scale=8):
-                status = gr.HTML(h.status_html(None, {}), elem_id="runs-status")
+                status = gr.HTML(rv.status_html(None, {}), elem_id="runs-status")
                 with gr.Row():
                     cancel_btn = gr.Button("■ Cancel", variant="stop", interactive=False, elem_id="runs-cancel")
                     resume_btn = gr.Button("↻ Resume", interactive=False, elem_id="runs-resume")
@@ -41,7 +41,7 @@ def build(studio: Studio) -> SimpleNamespace:
                 log_box = gr.Textbox(label="Log, newest first — the run's events, then the worker's output",
                                      lines=12, max_lines=12, interactive=False, autoscroll=False,
                                      elem_id="runs-log", elem_classes="mono")
-        view = gr.State(h.new_view(None))
+        view = gr.State(rv.new_view(None))
         timer = gr.Timer(1.0, active=False)
 
     outputs = [pick, table, status, plot, samples, log_box, cancel_btn, resume_btn, open_btn, view]
@@ -52,11 +52,11 @@ def build(studio: Studio) -> SimpleNamespace:
         if run_id not in ids:
             run_id = ids[0] if ids else None
         if not current or current.get("run") != run_id:
-            current, force = h.new_view(run_id), True
+            current, force = rv.new_view(run_id), True
         job = next((j for j in jobs if j.id == run_id), None)
         run_dir = ws.run_dir(job.id) if job else None
         if run_dir is not None:
-            h.tail_events(current, run_dir)
+            rv.tail_events(current, run_dir)
 
         def changed(key: str, value) -> bool:
             if force or current.get(key) != value:
@@ -65,21 +65,21 @@ def build(studio: Studio) -> SimpleNamespace:
             return False
 
         out_pick = gr.update(choices=ids, value=run_id) if changed("shown_ids", ids) else gr.skip()
-        rows = h.job_rows(jobs)
+        rows = rv.job_rows(jobs)
         out_table = rows if changed("shown_rows", rows) else gr.skip()
         position = None
         if job is not None and job.state == "queued":
             position = sum(1 for j in jobs if j.state in ("running", "cancelling")
                            or (j.state == "queued" and j.created < job.created))
-        html_text = h.status_html(job, current, queue_position=position)
+        html_text = rv.status_html(job, current, queue_position=position)
         out_status = html_text if changed("shown_status", html_text) else gr.skip()
         # None, not an empty frame: a chart first drawn from an empty frame never draws its lines
-        out_plot = ((h.loss_frame(current["points"]) if current["points"] else None)
+        out_plot = ((rv.loss_frame(current["points"]) if current["points"] else None)
                     if changed("shown_points", len(current["points"])) else gr.skip())
         sample_list = [tuple(s) for s in current["samples"] if Path(s[0]).is_file()]
         out_samples = list(reversed(sample_list)) if changed("shown_samples", len(sample_list)) else gr.skip()
-        worker = h.tail_text(run_dir / jobs_api.WORKER_LOG, max_lines=LOG_WORKER_LINES) if run_dir else ""
-        log_text = h.run_log(current["lines"][-LOG_EVENT_LINES:], worker)
+        worker = rv.tail_text(run_dir / jobs_api.WORKER_LOG, max_lines=LOG_WORKER_LINES) if run_dir else ""
+        log_text = rv.run_log(current["lines"][-LOG_EVENT_LINES:], worker)
         out_log = log_text if changed("shown_log", log_text) else gr.skip()
         state = job.state if job else None
         adapter_ok = bool(job and job.state == "done" and job.adapter and Path(job.adapter).is_file())

@@ -13,8 +13,16 @@ from studio.config import TrainConfig, dump_config, load_config, parse_config
 from studio.datasets import dataset_stats, list_datasets
 from studio.errors import StudioError
 from studio.jobs.runs import TrainingCheck, check_training
-from ui import helpers as h
-from ui.common import PROBLEM_TITLE, Studio, dropdown_value, friendly, heavy_imports, unchecked
+from ui import format as fmt
+from ui import train_view as tv
+from ui.common import (
+    PROBLEM_TITLE,
+    Studio,
+    dropdown_value,
+    friendly,
+    heavy_imports,
+    unchecked,
+)
 
 log = logging.getLogger("ui")
 
@@ -33,7 +41,7 @@ _MAIN_LABELS = {("name",): "Adapter name", ("training", "max_steps"): "Steps", (
                 ("training", "batch_size"): "Batch size", ("sampling", "prompts"): "Sample prompts"}
 
 
-def _number_step(spec: h.FieldSpec) -> float:
+def _number_step(spec: tv.FieldSpec) -> float:
     if spec.kind == "int":
         return 1
     if "lr" in spec.path[-1] or "learning_rate" in spec.path[-1]:
@@ -132,11 +140,11 @@ def build(studio: Studio) -> SimpleNamespace:
     meter = SpeedMeter(studio)
     config = preset_config(DEFAULT_PRESET if DEFAULT_PRESET in preset_names() else None)
     datasets = list_datasets(ws)
-    all_main = {spec.path: spec for spec in h.config_fields() if spec.path in MAIN_ORDER}
+    all_main = {spec.path: spec for spec in tv.config_fields() if spec.path in MAIN_ORDER}
     main_specs = [all_main[path] for path in MAIN_ORDER]
-    advanced_specs = h.config_fields(exclude=h.MAIN_FIELDS)
+    advanced_specs = tv.config_fields(exclude=tv.MAIN_FIELDS)
 
-    def component(spec: h.FieldSpec, value, *, label: str | None = None, **extra):
+    def component(spec: tv.FieldSpec, value, *, label: str | None = None, **extra):
         label = label or spec.label
         elem_id = "train-" + spec.key.replace(".", "-").replace("_", "-")
         common = {"label": label, "info": spec.info, "elem_id": elem_id, **extra}
@@ -152,7 +160,7 @@ def build(studio: Studio) -> SimpleNamespace:
             return gr.Textbox(value=value, lines=3, **common)
         return gr.Textbox(value=value, **common)
 
-    main_values = dict(zip(MAIN_ORDER, h.config_to_form(main_specs, config)))
+    main_values = dict(zip(MAIN_ORDER, tv.config_to_form(main_specs, config)))
     with gr.Tab("2 · Train", id="train") as tab:
         gr.Markdown("Choose what to learn from and how long. The defaults teach the built-in toy model the "
                     "demo dataset's purple star on a CPU; the box on the right says how long that takes on "
@@ -192,12 +200,12 @@ def build(studio: Studio) -> SimpleNamespace:
                 with gr.Accordion("All settings", open=False, elem_id="train-all-settings"):
                     gr.Markdown("Every setting of the training config, with its meaning. Hover or read the "
                                 "small text under each one.")
-                    adv_values = h.config_to_form(advanced_specs, config)
-                    sections: dict[str, list[tuple[h.FieldSpec, object]]] = {}
+                    adv_values = tv.config_to_form(advanced_specs, config)
+                    sections: dict[str, list[tuple[tv.FieldSpec, object]]] = {}
                     for spec, value in zip(advanced_specs, adv_values):
                         sections.setdefault(spec.section, []).append((spec, value))
                     for section, fields in sections.items():
-                        with gr.Accordion(h.SECTION_TITLES.get(section, h.humanize(section)), open=False):
+                        with gr.Accordion(tv.SECTION_TITLES.get(section, fmt.humanize(section)), open=False):
                             for start in range(0, len(fields), 3):
                                 with gr.Row():
                                     for spec, value in fields[start:start + 3]:
@@ -216,12 +224,12 @@ def build(studio: Studio) -> SimpleNamespace:
     form_components = main_components + advanced
     # problems are reported under the labels the page shows, not the config's keys
     labels = {("dataset", "name"): "Dataset", ("dataset", "path"): "Dataset", ("base_model",): "Base model", **{path: label for path, label in _MAIN_LABELS.items()},
-              **{(spec.section,): h.SECTION_TITLES.get(spec.section, spec.section) for spec in advanced_specs},
-              **{spec.path: f"{h.SECTION_TITLES.get(spec.section, spec.section)} › {spec.label}"
+              **{(spec.section,): tv.SECTION_TITLES.get(spec.section, spec.section) for spec in advanced_specs},
+              **{spec.path: f"{tv.SECTION_TITLES.get(spec.section, spec.section)} › {spec.label}"
                  for spec in advanced_specs}}
 
     def build_config(dataset_name: str | None, values) -> TrainConfig:
-        data = h.form_to_config_dict(form_specs, values)
+        data = tv.form_to_config_dict(form_specs, values)
         if not dataset_name:
             raise StudioError("Pick a dataset (make one in the Datasets tab first).")
         data.setdefault("dataset", {})["name"] = dataset_name
@@ -242,11 +250,11 @@ def build(studio: Studio) -> SimpleNamespace:
     @friendly
     def on_preset(name):
         loaded = preset_config(name)
-        return h.config_to_form(form_specs, loaded)
+        return tv.config_to_form(form_specs, loaded)
 
     def hint_for(dataset_name, values) -> str:
         try:
-            data = h.form_to_config_dict(form_specs, values)
+            data = tv.form_to_config_dict(form_specs, values)
             data.setdefault("dataset", {})["name"] = dataset_name or None
             data["dataset"].pop("path", None)
             config = parse_config(data, "Settings", labels)
@@ -278,7 +286,7 @@ def build(studio: Studio) -> SimpleNamespace:
                 missing = max(0, config.dataset.num_class_images - reg)
             plan = estimate(config, speed, missing_class_images=missing)
         t = config.training
-        return h.resource_hint(
+        return tv.resource_hint(
             family=family, builtin=builtin, steps=t.max_steps, batch_size=t.batch_size,
             resolution=config.dataset.resolution, grad_accum=t.gradient_accumulation_steps,
             gradient_checkpointing=t.gradient_checkpointing, mixed_precision=t.mixed_precision,

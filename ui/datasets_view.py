@@ -1,0 +1,52 @@
+"""The Datasets tab's presentation: stats, the bad-file report, the gallery. No Gradio here,
+and torch only inside the functions that need it, so this is quick to import and to test
+without a browser."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+
+def stats_markdown(stats, report=None) -> str:
+    """Counts, repeats per folder and regularisation images of a dataset."""
+    lines = [f"**{stats.image_count}** training image(s)"
+             + (f", **{stats.reg_image_count}** class/regularisation image(s)" if stats.reg_image_count else "")
+             + f" · **{stats.steps_per_epoch}** images per epoch (repeats counted)"]
+    if report is not None:
+        unusable = report.image_count - len(report.ok)
+        warnings = len(report.warnings)
+        if unusable or warnings:
+            lines.append(f"**Check:** {unusable} unusable file(s), {warnings} warning(s) — see *Problems* below.")
+        else:
+            lines.append("**Check:** no problems found.")
+    if len(stats.subsets) > 1 or any(s.repeats != 1 for s in stats.subsets):
+        lines.append("| Folder | Repeats | Images | Kind |\n|---|---|---|---|")
+        for s in stats.subsets:
+            lines[-1] += (f"\n| `{s.folder or '(top level)'}` | {s.repeats} | {s.image_count} | "
+                          f"{'class / regularisation' if s.is_regularisation else 'training'} |")
+    return "\n\n".join(lines)
+
+
+ISSUE_HEADERS = ["Severity", "File", "Problem", "Details"]
+_SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
+
+
+def issue_rows(report) -> list[list[str]]:
+    issues = sorted(report.issues, key=lambda i: (_SEVERITY_ORDER.get(i.severity, 3), i.path))
+    return [[i.severity, i.path, i.kind.replace("_", " "), i.message] for i in issues]
+
+
+def gallery_items(items: Sequence, folder: Path, *, limit: int = 500) -> list[tuple[str, str]]:
+    """(image path, caption shown under it) for the dataset gallery: the training pictures
+    first, then the class images (reg/ sorts before most names, yet matters less)."""
+    out = []
+    for item in sorted(items, key=lambda item: item.is_regularisation)[:limit]:
+        rel = Path(item.path).relative_to(folder).as_posix()
+        tags = []
+        if item.is_regularisation:
+            tags.append("class image")
+        if item.repeats != 1:
+            tags.append(f"×{item.repeats}")
+        prefix = f"[{', '.join(tags)}] " if tags else ""
+        out.append((str(item.path), f"{prefix}{item.caption or '(no caption)'} · {rel}"))
+    return out

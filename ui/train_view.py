@@ -1,0 +1,223 @@
+"""The Train tab's presentation: the config form built from the pydantic config (every field,
+its limits and help), and the time/memory hint. No Gradio here, and torch only inside the
+functions that need it, so this is quick to import and to test without a browser."""
+from __future__ import annotations
+
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+from studio.models.families import FAMILIES
+from ui.format import format_duration, humanize
+
+#: Settings shown in the Train tab's first block; everything else goes in "All settings".
+MAIN_FIELDS: tuple[tuple[str, ...], ...] = (
+    ("name",), ("base_model",), ("dataset", "name"), ("dataset", "path"),
+    ("training", "max_steps"), ("network", "rank"), ("network", "alpha"), ("training", "learning_rate"),
+    ("dataset", "resolution"), ("dataset", "trigger_word"), ("training", "batch_size"), ("sampling", "prompts"),
+)
+
+SECTION_TITLES = {"": "General", "dataset": "Dataset", "network": "Network (LoRA)", "training": "Training",
+                  "checkpoints": "Checkpoints", "sampling": "Sample images"}
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One TrainConfig field as a form input."""
+
+    path: tuple[str, ...]
+    label: str
+    kind: str                   # bool | choice | int | float | text | list | lines
+    info: str | None
+    default: Any
+    choices: tuple = ()
+    optional: bool = False      # None allowed (an empty box means "default")
+    minimum: float | None = None
+    maximum: float | None = None
+
+    @property
+    def key(self) -> str:
+        return ".".join(self.path)
+
+    @property
+    def section(self) -> str:
+        return self.path[0] if len(self.path) > 1 else ""
+
+
+def _constraints(field) -> tuple[float | None, float | None]:
+    low = high = None
+    for item in field.metadata:
+        for attr in ("ge", "gt"):
+            if getattr(item, attr, None) is not None:
+                low = getattr(item, attr)
+        for attr in ("le", "lt"):
+            if getattr(item, attr, None) is not None:
+                high = getattr(item, attr)
+    return low, high
+
+
+def _spec(path: tuple[str, ...], field) -> FieldSpec:
+    from pydantic_core import PydanticUndefined
+
+    annotation = field.annotation
+    optional = False
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(annotation))
+        annotation = args[0] if len(args) == 1 else str
+        origin = typing.get_origin(annotation)
+    choices: tuple = ()
+    if origin is typing.Literal:
+        kind, choices = "choice", typing.get_args(annotation)
+    elif origin is list:
+        kind = "lines" if path == ("sampling", "prompts") else "list"
+    elif annotation is bool:
+        kind = "bool"
+    elif annotation is int:
+        kind = "int"
+    elif annotation is float:
+        kind = "float"
+    else:
+        kind = "text"
+    if field.default_factory is not None:
+        default = field.default_factory()
+    else:
+        default = None if field.default is PydanticUndefined else field.default
+    low, high = _constraints(field)
+    info = field.description
+    if optional:
+        info = (info + " " if info else "") + "Leave empty for the default."
+    if kind == "list":
+        info = (info + " " if info else "") + "Comma-separated."
+    return FieldSpec(path, humanize(path[-1]), kind, info, default, choices, optional, low, high)
+
+
+def config_fields(exclude: Iterable[tuple[str, ...]] = ()) -> list[FieldSpec]:
+    """Every settable TrainConfig field (sections flattened), in declaration order."""
+    from pydantic import BaseModel
+
+    from studio.config import TrainConfig
+
+    skip = set(exclude)
+    specs: list[FieldSpec] = []
+
+    def walk(model: type[BaseModel], prefix: tuple[str, ...]) -> None:
+        for name, field in model.model_fields.items():
+            path = (*prefix, name)
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                walk(annotation, path)
+            elif path not in skip:
+                specs.append(_spec(path, field))
+
+    walk(TrainConfig, ())
+    return specs
+
+
+def to_form_value(spec: FieldSpec, value: Any) -> Any:
+    if value is None:
+        return None if spec.kind not in ("text", "list", "lines") else ""
+    if spec.kind == "list":
+        return ", ".join(value)
+    if spec.kind == "lines":
+        return "\n".join(value)
+    return value
+
+
+def from_form_value(spec: FieldSpec, value: Any) -> Any:
+    """A form value as the config wants it; bad input is left for pydantic to name."""
+    if spec.kind == "bool":
+        return bool(value)
+    if spec.kind in ("int", "float"):
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        if isinstance(value, (int, float)) and spec.kind == "int" and float(value).is_integer():
+            return int(value)
+        return value
+    if spec.kind == "list":
+        return [part.strip() for part in str(value or "").split(",") if part.strip()]
+    if spec.kind == "lines":
+        return [line.strip() for line in str(value or "").splitlines() if line.strip()]
+    if spec.kind == "choice":
+        return value
+    text = str(value or "").strip()
+    return None if spec.optional and not text else text
+
+
+def form_to_config_dict(specs: Sequence[FieldSpec], values: Sequence[Any]) -> dict:
+    """Nested config dict from form values (empty optional numbers are left out)."""
+    data: dict = {}
+    for spec, raw in zip(specs, values, strict=True):
+        value = from_form_value(spec, raw)
+        if value is None and spec.optional:
+            continue
+        node = data
+        for part in spec.path[:-1]:
+            node = node.setdefault(part, {})
+        node[spec.path[-1]] = value
+    return data
+
+
+def config_to_form(specs: Sequence[FieldSpec], config) -> list[Any]:
+    """Form values for a TrainConfig, in the order of `specs`."""
+    out = []
+    for spec in specs:
+        node: Any = config
+        for part in spec.path:
+            node = getattr(node, part)
+        out.append(to_form_value(spec, node))
+    return out
+
+
+# --------------------------------------------------------------------------- training hint
+def resource_hint(*, family: str | None, builtin: bool, steps: int, batch_size: int, resolution: int,
+                  grad_accum: int = 1, gradient_checkpointing: bool = False, mixed_precision: str = "no",
+                  speed=None, plan=None, steps_per_epoch: int | None = None, sample_prompts: int = 0) -> str:
+    """A time/memory estimate for a training run, as Markdown. The time comes from `plan`
+    (studio.jobs.speed.Estimate at the measured `speed`); without one the built-in model's speed
+    is being measured, and full-size models get rough planning figures."""
+    lines: list[str] = []
+    work = max(1, batch_size) * max(1, grad_accum)
+    pixels = resolution * resolution * work
+    if plan is not None:
+        parts = [f"training {format_duration(plan.training_s)}"]
+        if plan.setup_s is not None:
+            parts.insert(0, f"loading {format_duration(plan.setup_s)}")
+        if plan.samples_s:
+            parts.append(f"{plan.sample_pictures} sample picture(s) {format_duration(plan.samples_s)}")
+        if plan.class_images_s:
+            parts.append(f"class images {format_duration(plan.class_images_s)}")
+        lines.append(f"**Time:** about {format_duration(plan.total_s)} for {steps} steps on this machine "
+                     f"({', '.join(parts)}), from {speed.source} ({speed.steps_per_s:.2f} steps/s).")
+    elif builtin:
+        lines.append("**Time:** this machine's speed is not measured yet (a few training steps of these "
+                     "settings, timed when the dataset can train; *Check settings* says what stops it).")
+    if builtin:
+        lines.append("**Memory:** the built-in model is tiny — well under 1 GB of RAM, no GPU needed.")
+    elif family in FAMILIES:
+        guide = FAMILIES[family].gpu  # rough guide values for planning, not measurements
+        scale = pixels / (guide.resolution ** 2)
+        act = guide.activations_gb * scale * (0.4 if gradient_checkpointing else 1.0)
+        base = guide.base_gb * (1.6 if mixed_precision == "no" else 1.0)
+        if plan is None:
+            lines.append(f"**Time:** roughly {format_duration(steps / (guide.it_s / scale))} for {steps} steps on "
+                         "a recent 24 GB GPU (a planning figure; your first run measures this machine); training "
+                         "a full-size model on a CPU is not practical.")
+        lines.append(f"**VRAM:** roughly {base + act:.0f} GB ({FAMILIES[family].label}, "
+                     f"{resolution} px, batch {work}"
+                     + (", gradient checkpointing" if gradient_checkpointing else "")
+                     + (", fp32" if mixed_precision == "no" else f", {mixed_precision}") + ").")
+        if not gradient_checkpointing and base + act > 12:
+            lines.append("Short of memory? Turn on *Gradient checkpointing* and mixed precision in All settings.")
+    else:
+        lines.append("Pick a base model to see an estimate.")
+    if steps_per_epoch:
+        epochs = steps * work / steps_per_epoch
+        lines.append(f"**Dataset:** {steps_per_epoch} images per epoch (repeats counted) → "
+                     f"{steps} steps ≈ {epochs:.1f} epochs.")
+    if sample_prompts and plan is not None:
+        lines.append(f"**Samples:** {sample_prompts} prompt(s), {plan.sample_pictures} picture(s) in all.")
+    lines.append("<small>The Runs tab shows the real speed as the run goes.</small>")
+    return "\n\n".join(lines)
