@@ -182,8 +182,11 @@ def _run_worker(run_dir: Path, *, quiet: bool, verbose: bool) -> int:
     import signal
     import subprocess
 
-    from studio.jobs.runs import run_config, run_outcome, worker_command
+    from studio.jobs.runs import prepare_class_images, run_config, run_outcome, worker_command
 
+    made = prepare_class_images(run_dir)  # the worker only reads its inputs
+    if made:
+        print(f"generated {made} class images", file=sys.stderr)
     command = worker_command(run_dir, run_config(run_dir))
     if not quiet:
         command.remove("--quiet")

@@ -141,3 +141,33 @@ def test_disk_full_while_saving_keeps_the_last_checkpoint(workspace, monkeypatch
     assert [p.name for p in saved] == ["step-000002.pt"] and load_checkpoint(saved[0])["step"] == 2
     events = [json.loads(l) for l in (trainer.run_dir / "events.jsonl").read_text().splitlines()]
     assert events[-1]["type"] == "error" and "disk is full" in events[-1]["message"]
+
+
+@pytest.mark.slow(seconds=20)
+def test_class_images_are_made_before_the_worker_starts(tmp_path):
+    """The worker only reads its dataset: the class pictures prior preservation needs are
+    made by the studio (the queue and `lora-studio train`) before it starts."""
+    import shutil
+
+    from studio import ASSETS_DIR
+    from studio.errors import StudioError
+    from studio.jobs.runs import create_run, prepare_class_images
+    from studio.workspace import Workspace
+    from trainers.lora import Trainer
+
+    dataset = tmp_path / "ds"
+    shutil.copytree(ASSETS_DIR / "demo-dataset", dataset, ignore=shutil.ignore_patterns("reg"))
+    config = demo_config(max_steps=2)
+    config.dataset.path, config.dataset.class_prompt, config.dataset.num_class_images = str(dataset), "a shape", 3
+    config.sampling.steps = 2
+    run_dir = create_run(config, Workspace.open(tmp_path / "ws"))
+    with pytest.raises(StudioError, match="num_class_images asks for 3"):
+        Trainer(run_dir, show_progress=False).run()
+    assert not (dataset / "reg").exists()
+
+    assert prepare_class_images(run_dir) == 3
+    made = sorted((dataset / "reg").glob("class_*.png"))
+    assert [p.name for p in made] == ["class_00000.png", "class_00001.png", "class_00002.png"]
+    assert all(p.with_suffix(".txt").read_text() == "a shape" for p in made)
+    assert prepare_class_images(run_dir) == 0
+    assert Trainer(run_dir, show_progress=False).run().is_file()

@@ -171,31 +171,15 @@ class Trainer:
         ds = self.config.dataset
         return caption_with_trigger(caption.strip() or ds.instance_prompt.strip(), ds.trigger_word.strip())
 
-    def _class_images(self, folder: Path, existing) -> list[tuple[Path, str]]:
-        """Class images for prior preservation; the base model generates the missing ones
-        into the dataset's `reg/` folder (kept for the next run)."""
-        from studio.fsutil import atomic_path
-
+    def _class_images(self, folder: Path, existing) -> list[Example]:
+        """The dataset's class pictures for prior preservation, made before the worker
+        started (studio.jobs.runs.prepare_class_images, by `lora-studio train` and the queue)."""
         cfg = self.config
+        if len(existing) < cfg.dataset.num_class_images:
+            raise StudioError(f"dataset.num_class_images asks for {cfg.dataset.num_class_images} class pictures and "
+                              f"{folder / 'reg'} has {len(existing)}; start the run with `lora-studio train` or "
+                              "the queue, which generate the missing ones first.")
         examples = [self._example(it.path, it.caption or cfg.dataset.class_prompt, 1, it.size) for it in existing]
-        missing = range(len(examples), cfg.dataset.num_class_images)
-        reg_dir = folder / "reg"
-        if missing and self.is_main:
-            reg_dir.mkdir(exist_ok=True)
-            log.info("generating %d class images for %r", len(missing), cfg.dataset.class_prompt)
-            self.events.emit("status", message=f"generating {len(missing)} class images")
-            for index in missing:
-                generator = torch.Generator().manual_seed(cfg.seed + 10_000 + index)
-                image = self.pipe(cfg.dataset.class_prompt, num_inference_steps=cfg.sampling.steps,
-                                  guidance_scale=cfg.sampling.guidance_scale, generator=generator,
-                                  height=cfg.dataset.resolution, width=cfg.dataset.resolution).images[0]
-                with atomic_path(reg_dir / f"class_{index:05d}.png") as tmp:
-                    image.save(tmp, format="PNG")
-                (reg_dir / f"class_{index:05d}.txt").write_text(cfg.dataset.class_prompt, encoding="utf-8")
-        self.accelerator.wait_for_everyone()
-        resolution = (cfg.dataset.resolution, cfg.dataset.resolution)
-        examples += [self._example(reg_dir / f"class_{index:05d}.png", cfg.dataset.class_prompt, 1, resolution)
-                     for index in missing]
         return examples[: cfg.dataset.num_class_images]
 
     def _optimizer(self, params):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from studio.config import TrainConfig
 from studio.errors import StudioError
-from studio.jobs.runs import run_config, run_outcome, worker_command
+from studio.jobs.runs import EventLog, prepare_class_images, run_config, run_outcome, worker_command
 from studio.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -209,6 +209,14 @@ class Supervisor:
 
     def _start(self, job: Job) -> None:
         run_dir = job.run_dir(self.workspace)
+        try:  # the worker only reads its inputs: class pictures are made here first
+            prepare_class_images(run_dir)
+        except StudioError as error:
+            EventLog(run_dir).emit("error", message=str(error))
+            _update(self.workspace, job.id, state="failed", finished=time.time(), message=str(error))
+            return
+        if get_job(self.workspace, job.id).state != "queued":  # cancelled meanwhile
+            return
         with open(run_dir / WORKER_LOG, "ab") as out:
             proc = subprocess.Popen(worker_command(run_dir, run_config(run_dir)), stdout=out, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True,

@@ -178,6 +178,47 @@ def create_run(config: TrainConfig, workspace: Workspace) -> Path:
     return run_dir
 
 
+def class_image_path(folder: Path, index: int) -> Path:
+    """Where class picture `index` of a dataset goes (its reg/ folder, kept for later runs)."""
+    return folder / "reg" / f"class_{index:05d}.png"
+
+
+def prepare_class_images(run_dir: Path) -> int:
+    """Generate, with the base model, the class pictures for prior preservation that the run's
+    config asks for and its dataset lacks (each from seed + 10000 + its index, at the sampling
+    settings), before the worker starts: the worker only reads its inputs. Returns how many
+    were made."""
+    from studio.datasets import load_items
+    from studio.fsutil import atomic_path, atomic_write_text
+
+    config = run_config(run_dir)
+    ds = config.dataset
+    if not (ds.class_prompt and ds.num_class_images):
+        return 0
+    folder = dataset_folder(config, run_workspace(run_dir))
+    present = sum(item.is_regularisation for item in load_items(folder))
+    missing = range(present, ds.num_class_images)
+    if not missing:
+        return 0
+    import torch
+
+    from studio.models import load_pipeline
+
+    EventLog(run_dir).emit("status", message=f"generating {len(missing)} class images")
+    pipe = load_pipeline(config.base_model)
+    (folder / "reg").mkdir(exist_ok=True)
+    for index in missing:
+        generator = torch.Generator().manual_seed(config.seed + 10_000 + index)
+        image = pipe(ds.class_prompt, num_inference_steps=config.sampling.steps,
+                     guidance_scale=config.sampling.guidance_scale, generator=generator,
+                     height=ds.resolution, width=ds.resolution).images[0]
+        target = class_image_path(folder, index)
+        with atomic_path(target) as tmp:
+            image.save(tmp, format="PNG")
+        atomic_write_text(target.with_suffix(".txt"), ds.class_prompt)
+    return len(missing)
+
+
 def worker_command(run_dir: Path, config: TrainConfig) -> list[str]:
     """The command that trains `run_dir`: `python -m trainers RUN_DIR`, or, for several
     processes, the same under accelerate's own launcher (`--multi_gpu` also starts gloo
