@@ -228,6 +228,9 @@ def test_resource_hint_times_come_from_measured_speed():
     checkpointed = tv.resource_hint(family="sdxl", builtin=False, steps=1000, batch_size=1, resolution=1024,
                                    mixed_precision="bf16", gradient_checkpointing=True)
     assert "gradient checkpointing" in checkpointed
+    two = tv.resource_hint(family="sdxl", builtin=False, steps=1000, batch_size=2, resolution=1024, processes=2,
+                           steps_per_epoch=40)
+    assert "**Processes:** 2" in two and "2 × 2 pictures" in two and "per GPU" in two and "100.0 epochs" in two
 
 
 # ------------------------------------------------------------------ library, datasets

@@ -290,7 +290,8 @@ def build(studio: Studio) -> SimpleNamespace:
             family=family, builtin=builtin, steps=t.max_steps, batch_size=t.batch_size,
             resolution=config.dataset.resolution, grad_accum=t.gradient_accumulation_steps,
             gradient_checkpointing=t.gradient_checkpointing, mixed_precision=t.mixed_precision,
-            speed=speed, plan=plan, steps_per_epoch=steps_per_epoch, sample_prompts=len(config.sampling.prompts))
+            speed=speed, plan=plan, steps_per_epoch=steps_per_epoch, sample_prompts=len(config.sampling.prompts),
+            processes=t.num_processes)
 
     def on_change(dataset_name, *values):
         return hint_for(dataset_name, values)

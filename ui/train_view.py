@@ -174,10 +174,12 @@ def config_to_form(specs: Sequence[FieldSpec], config) -> list[Any]:
 # --------------------------------------------------------------------------- training hint
 def resource_hint(*, family: str | None, builtin: bool, steps: int, batch_size: int, resolution: int,
                   grad_accum: int = 1, gradient_checkpointing: bool = False, mixed_precision: str = "no",
-                  speed=None, plan=None, steps_per_epoch: int | None = None, sample_prompts: int = 0) -> str:
+                  speed=None, plan=None, steps_per_epoch: int | None = None, sample_prompts: int = 0,
+                  processes: int = 1) -> str:
     """A time/memory estimate for a training run, as Markdown. The time comes from `plan`
     (studio.jobs.speed.Estimate at the measured `speed`); without one the built-in model's speed
-    is being measured, and full-size models get rough planning figures."""
+    is being measured, and full-size models get rough planning figures. With several
+    processes (data parallel) a step trains `processes` times the pictures; memory is per GPU."""
     lines: list[str] = []
     work = max(1, batch_size) * max(1, grad_accum)
     pixels = resolution * resolution * work
@@ -213,8 +215,12 @@ def resource_hint(*, family: str | None, builtin: bool, steps: int, batch_size: 
             lines.append("Short of memory? Turn on *Gradient checkpointing* and mixed precision in All settings.")
     else:
         lines.append("Pick a base model to see an estimate.")
+    if processes > 1:
+        lines.append(f"**Processes:** {processes}, data parallel (one per GPU; gloo processes on a CPU): each step "
+                     f"trains {processes} × {work} pictures" + (", and the memory above is per GPU" if not builtin
+                                                                 else "") + ". The time was measured with one process.")
     if steps_per_epoch:
-        epochs = steps * work / steps_per_epoch
+        epochs = steps * work * processes / steps_per_epoch
         lines.append(f"**Dataset:** {steps_per_epoch} images per epoch (repeats counted) → "
                      f"{steps} steps ≈ {epochs:.1f} epochs.")
     if sample_prompts and plan is not None:
