@@ -23,7 +23,8 @@ def build(studio: Studio, model_choices) -> SimpleNamespace:
         with gr.Row(equal_height=False):
             with gr.Column(scale=3):
                 prompt = gr.Textbox(label="Prompt", lines=3, value="a sks star on a white background",
-                                    info="Adapters below, or A1111 tags in the text: <lora:name:0.8>",
+                                    info="Adapters below, or A1111 tags in the text: <lora:name:0.8>; add "
+                                         ":start=N:stop=M (steps) or :curve=1,0 to schedule one over the steps",
                                     elem_id="gen-prompt")
                 negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="gen-negative")
                 rows, masks = [], []

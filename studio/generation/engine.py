@@ -8,7 +8,7 @@ import math
 import os
 import re
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from studio.errors import StudioError
@@ -30,17 +30,51 @@ class AdapterUse:
     """One adapter in a mix: its weight on the UNet, on the text encoder(s) (default: the
     same) and optional LoRA Block Weights (a preset name or 17 / 12 / 26 values). A T-LoRA
     adapter applies its timestep rank mask unless `tlora_masked` is False (all ranks, as
-    its plain-LoRA export)."""
+    its plain-LoRA export).
+
+    A schedule over the denoising steps scales the UNet weight per step: the adapter acts
+    from step `start` (0-based) until before step `stop` (None: to the end), as the LoRA
+    Block Weight extension's `start=` / `stop=`, and `curve` (multipliers placed evenly from
+    the first to the last step, linear in between) shapes it: weight_i = weight x
+    [start <= i < stop] x curve(i / (steps - 1)). The text encoders run once, before the
+    steps, at `text_encoder_weight`; T-LoRA's rank mask applies on top, per timestep."""
 
     path: Path
     weight: float = 1.0
     te_weight: float | None = None
     block_weights: str | None = None
     tlora_masked: bool = True
+    start: int = 0
+    stop: int | None = None
+    curve: tuple[float, ...] = ()
 
     @property
     def text_encoder_weight(self) -> float:
         return self.weight if self.te_weight is None else self.te_weight
+
+    @property
+    def scheduled(self) -> bool:
+        return self.start > 0 or self.stop is not None or bool(self.curve)
+
+    def weight_at(self, step: int, steps: int) -> float:
+        """The UNet weight at denoising step `step` of `steps` (see the class doc)."""
+        if step < self.start or (self.stop is not None and step >= self.stop):
+            return 0.0
+        if not self.curve:
+            return self.weight
+        if len(self.curve) == 1 or steps == 1:
+            return self.weight * self.curve[0]
+        where = step / (steps - 1) * (len(self.curve) - 1)
+        low = min(int(where), len(self.curve) - 2)
+        frac = where - low
+        return self.weight * (self.curve[low] * (1 - frac) + self.curve[low + 1] * frac)
+
+    def check_schedule(self, where: str) -> None:
+        if self.start < 0 or (self.stop is not None and self.stop <= self.start):
+            raise StudioError(f"In {where}: the steps start={self.start} stop={self.stop} leave no step; "
+                              "give 0 <= start < stop.")
+        if not all(math.isfinite(v) for v in self.curve):
+            raise StudioError(f"In {where}: the curve {','.join(map(str, self.curve))} is not finite numbers.")
 
 
 #: Ranges of a request's numbers (the page's fields refuse the same).
@@ -88,6 +122,7 @@ class GenerateRequest:
                 if not math.isfinite(weight):
                     raise StudioError(f"Adapter {Path(use.path).stem!r} has weight {weight}; give a finite "
                                       "number such as 0.8 or -0.5.")
+            use.check_schedule(f"adapter {Path(use.path).stem!r}")
 
 
 def parse_adapter_arg(text: str) -> AdapterUse:
@@ -130,26 +165,48 @@ def parse_prompt_loras(prompt: str, resolve_name) -> tuple[str, list[AdapterUse]
                 named[key.strip()] = value.strip()
             else:
                 positional.append(param.strip())
-        unknown = set(named) - {"te", "unet", "lbw"}
+        unknown = set(named) - {"te", "unet", "lbw", "start", "stop", "curve"}
         if unknown:
-            raise StudioError(f"In {tag!r}: unknown setting {sorted(unknown)[0]!r}; use te=, unet= or lbw=.")
+            raise StudioError(f"In {tag!r}: unknown setting {sorted(unknown)[0]!r}; use te=, unet=, lbw=, start=, "
+                              "stop= or curve=.")
         te = named.get("te", positional[0] if positional else "1")
         unet = named.get("unet", positional[1] if len(positional) > 1 else te)
         for weight in (te, unet):
             if not _is_float(weight):
                 raise StudioError(f"In {tag!r}: the weight {weight!r} is not a number; write <lora:{name}:0.8>.")
         te_weight, unet_weight = _finite_weight(te, tag), _finite_weight(unet, tag)
-        uses.append(AdapterUse(resolve_name(name), unet_weight, te_weight if te_weight != unet_weight else None,
-                               named.get("lbw") or None))
+        use = AdapterUse(resolve_name(name), unet_weight, te_weight if te_weight != unet_weight else None,
+                         named.get("lbw") or None, **_tag_schedule(named, tag))
+        use.check_schedule(repr(tag))
+        uses.append(use)
     if "<lora:" in _LORA_TAG.sub("", prompt):
         raise StudioError("The prompt has a broken <lora:...> tag; write it as <lora:name:weight>.")
     return " ".join(_LORA_TAG.sub("", prompt).split()), uses
 
 
+def _tag_schedule(named: dict[str, str], tag: str) -> dict:
+    """start= / stop= (steps, whole numbers) and curve= (comma-separated multipliers) of a tag."""
+    out: dict = {}
+    for key in ("start", "stop"):
+        if key in named:
+            if not named[key].isdigit():
+                raise StudioError(f"In {tag!r}: {key}={named[key]!r} is not a step number; write e.g. {key}=10.")
+            out[key] = int(named[key])
+    if "curve" in named:
+        values = [v for v in named["curve"].split(",") if v.strip()]
+        if not values or not all(_is_float(v) for v in values):
+            raise StudioError(f"In {tag!r}: curve={named['curve']!r} is not numbers; write e.g. curve=1,0.5,0.")
+        out["curve"] = tuple(_finite_weight(v, tag) for v in values)
+    return out
+
+
 def lora_tag(name: str, use: AdapterUse) -> str:
     """The A1111 tag that `parse_prompt_loras` reads back as `use`."""
     weights = f"{use.weight:g}" if use.te_weight is None else f"{use.te_weight:g}:{use.weight:g}"
-    return f"<lora:{name}:{weights}" + (f":lbw={use.block_weights}" if use.block_weights else "") + ">"
+    extra = (f":lbw={use.block_weights}" if use.block_weights else "") + (f":start={use.start}" if use.start else "") \
+        + (f":stop={use.stop}" if use.stop is not None else "") \
+        + (f":curve={','.join(f'{v:g}' for v in use.curve)}" if use.curve else "")
+    return f"<lora:{name}:{weights}{extra}>"
 
 
 def pngtext_parameters(request: GenerateRequest, seed: int, size: tuple[int, int], model_name: str) -> str:
@@ -265,6 +322,26 @@ class Engine:
         for name, adapter in self._native_of(pipe).items():
             adapter.use(mix.get(name))
 
+    def _step_weights(self, pipe, mix: dict[str, AdapterUse], steps: int):
+        """For a mix with a schedule: a callback that, after each denoising step, weights the
+        layers for the next step (only when a weight changes), having weighted them for step
+        0; else None. The text encoders keep their weight: they ran before the steps."""
+        if not any(use.scheduled for use in mix.values()):
+            return None
+        plan = [tuple(use.weight_at(step, steps) for use in mix.values()) for step in range(steps)]
+
+        def weigh(step: int) -> None:
+            self._activate(pipe, {name: replace(use, weight=weight, te_weight=use.text_encoder_weight)
+                                  for (name, use), weight in zip(mix.items(), plan[step])})
+
+        def after_step(_pipe, step: int, _timestep, _kwargs) -> dict:
+            if step + 1 < steps and plan[step + 1] != plan[step]:
+                weigh(step + 1)
+            return {}
+
+        weigh(0)
+        return after_step
+
     def _block_of(self, unet, path: str) -> str | None:
         from studio.generation.blocks import module_block
 
@@ -281,9 +358,10 @@ class Engine:
         """Load what is missing and weight the adapters; returns the ready pipeline.
         Switching between mixes of loaded adapters only rescales layers."""
         with self._lock:
-            return self._set_mix(model, adapters)
+            return self._mix_pipeline(model, adapters)[0]
 
-    def _set_mix(self, model: str, adapters: list[AdapterUse]):
+    def _mix_pipeline(self, model: str, adapters: list[AdapterUse]):
+        """(pipeline, {engine adapter name: use}) with the mix weighted."""
         model_key, pipe = self.pipeline(model)
         mix: dict[str, AdapterUse] = {}
         for use in adapters:
@@ -292,7 +370,7 @@ class Engine:
                 raise StudioError(f"Adapter {use.path.name} is in the mix twice; give it one row.")
             mix[name] = use
         self._activate(pipe, mix)
-        return pipe
+        return pipe, mix
 
     def generate(self, request: GenerateRequest):
         """Images (PIL) for the request, each with its A1111 `parameters` text in `.info`."""
@@ -302,16 +380,19 @@ class Engine:
 
         request.validate()
         with self._lock:
-            pipe = self._set_mix(request.model, request.adapters)
+            pipe, mix = self._mix_pipeline(request.model, request.adapters)
             pipe.scheduler = _scheduler(pipe, request.scheduler)
             images = []
             for index in range(request.batch_count):
                 seed = request.seed + index
                 generator = torch.Generator(device=pipe.device).manual_seed(seed)
+                after_step = self._step_weights(pipe, mix, request.steps)
+                schedule = {"callback_on_step_end": after_step} if after_step else {}
                 with torch.inference_mode():
                     image = pipe(request.prompt, negative_prompt=request.negative_prompt or None,
                                  num_inference_steps=request.steps, guidance_scale=request.guidance_scale,
-                                 width=request.width, height=request.height, generator=generator).images[0]
+                                 width=request.width, height=request.height, generator=generator,
+                                 **schedule).images[0]
                 model_name = resolve_model(request.model, allow_pickle=self.allow_pickle).display_name
                 image.info["parameters"] = pngtext_parameters(request, seed, image.size, model_name)
                 images.append(image)
