@@ -59,7 +59,7 @@ class NetworkConfig(_Section):
     target_modules: list[str] = Field(default_factory=lambda: list(UNET_ATTENTION),
                                       description="UNet module names to adapt (attn1 and attn2 of every transformer block).")
     conv_target_modules: list[str] = Field(default_factory=lambda: list(UNET_CONV),
-                                           description="Extra UNet modules for locon (ResNet convs, time projections, resamplers).")
+                                           description="Extra UNet modules for locon, and for tlora with tlora_conv (ResNet convs, time projections, resamplers).")
     conv_rank: int | None = Field(None, ge=1, le=1024, description="Rank of the conv layers for locon (default: rank).")
     conv_alpha: float | None = Field(None, gt=0, le=4096, description="Alpha of the conv layers for locon (default: alpha).")
     use_dora: bool = Field(False, description="DoRA: learn a per-output magnitude besides the direction (lora/locon).")
@@ -71,6 +71,8 @@ class NetworkConfig(_Section):
     tlora_min_rank: int = Field(4, ge=1, le=1024, description="T-LoRA: rank used at the noisiest step (the paper uses rank/2).")
     tlora_exponent: float = Field(1.0, gt=0, le=10, description="T-LoRA: exponent a of the rank schedule r(t) = ((T-t)/T)^a (r - r_min) + r_min.")
     tlora_ortho: bool = Field(True, description="T-LoRA: Ortho-LoRA initialisation (off = vanilla T-LoRA, mask only).")
+    tlora_conv: bool = Field(False, description="T-LoRA: also the ResNet convs and resamplers (conv_target_modules), "
+                                                "as LoCon: the mask on the conv LoRA's inner channels.")
     train_text_encoder: bool = Field(False, description="Also train the adapter on the text encoder(s).")
     text_encoder_target_modules: list[str] = Field(default_factory=lambda: list(TEXT_ENCODER_ATTENTION),
                                                    description="Text-encoder module names to adapt.")

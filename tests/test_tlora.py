@@ -68,11 +68,67 @@ def test_mask_is_per_sample_and_plain_factors_equal_all_ranks():
     assert torch.allclose(net(layer_input, torch.tensor([0, 999])), base)
 
 
+class ConvNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(6, 10, 3, padding=1, stride=2)
+
+    def forward(self, sample, timestep):
+        return self.conv1(sample)
+
+
+def _conv_adapter(ortho: bool, perturb: bool):
+    torch.manual_seed(0)
+    net = ConvNet()
+    adapter = inject_tlora(net, ["conv1"], rank=8, alpha=4.0, ortho=ortho, schedule=TLoRASchedule(8, 2, 2.0))
+    layer = next(iter(adapter.layers.values()))
+    if perturb:
+        with torch.no_grad():
+            for param in layer.parameters():
+                param.add_(torch.randn_like(param) * 0.1)
+    return net, adapter, layer
+
+
+@pytest.mark.parametrize("ortho", [True, False])
+def test_conv_mask_keeps_the_first_ranks_the_formula_gives(ortho):
+    """On a Conv2d the mask keeps the first r(t) inner channels of the conv LoRA."""
+    import torch.nn.functional as F
+
+    net, adapter, layer = _conv_adapter(ortho, perturb=True)
+    x = torch.randn(1, 6, 9, 9)
+    base = net.conv1(x)
+    for t in (0, 300, 700, 999):
+        r = math.floor(((1000 - t) / 1000) ** 2.0 * (8 - 2)) + 2
+        geometry = {"stride": 2, "padding": 1}
+        expected = F.conv2d(F.conv2d(x, layer.q[:r], **geometry) * layer.lam[:r, None, None],
+                            layer.p[:, :r, None, None])
+        if ortho:
+            expected -= F.conv2d(F.conv2d(x, layer.q0[:r], **geometry) * layer.lam0[:r, None, None],
+                                 layer.p0[:, :r, None, None])
+        got = net(x, torch.tensor([t])) - base
+        assert torch.allclose(got, adapter.scale * expected, atol=1e-5), t
+    # every rank on is the plain LoCon-shaped pair
+    up, down = layer.plain_factors()
+    assert up.shape == (10, 16 if ortho else 8, 1, 1) and down.shape == (16 if ortho else 8, 6, 3, 3)
+    plain = F.conv2d(F.conv2d(x, down, stride=2, padding=1), up)
+    assert torch.allclose(net(x, torch.tensor([0])) - base, adapter.scale * plain, atol=1e-5)
+
+
+def test_conv_ortho_init_delta_is_zero():
+    net, adapter, layer = _conv_adapter(ortho=True, perturb=False)
+    x = torch.randn(2, 6, 9, 9)
+    assert (net(x, torch.tensor([10, 990])) - net.conv1(x)).abs().max() <= 1e-6
+    adapter.detach()
+    assert layer.q.shape == (8, 6, 3, 3) and layer.p.shape == (10, 8)
+
+
 @pytest.mark.slow
-def test_tlora_generation_masked_all_ranks_and_plain_export(workspace, caplog):
+@pytest.mark.parametrize("conv", [False, True])
+def test_tlora_generation_masked_all_ranks_and_plain_export(conv, workspace, caplog):
     """On the built-in model: a trained T-LoRA's native file reloads with its schedule; the
     timestep mask changes the image; the plain kohya export (rank 2r, with a warning)
-    reproduces the all-ranks image."""
+    reproduces the all-ranks image. With `tlora_conv` the ResNet convs are adapted too and
+    the plain export holds LoCon-shaped conv modules."""
     from dataclasses import replace
 
     import numpy as np
@@ -86,7 +142,10 @@ def test_tlora_generation_masked_all_ranks_and_plain_export(workspace, caplog):
 
     config = demo_config(max_steps=30, learning_rate=3e-3)
     config.network.type, config.network.rank, config.network.tlora_min_rank = "tlora", 8, 2
+    config.network.tlora_conv = conv
     native = Trainer(create_run(config, workspace), show_progress=False).run()
+    convs = [name for name, module in load_adapter(native).modules.items() if module.is_conv_kernel]
+    assert bool(convs) == conv and (not conv or any("resnets" in name for name in convs))
     assert is_tlora_metadata(read_checked_header(native)[1])
     assert load_tlora(native).schedule == TLoRASchedule(8, 2, 1.0)
 

@@ -30,7 +30,8 @@ class TLoRATraining(Training):
         from studio.adapters.methods.tlora_layers import TLoRASchedule, inject_tlora
 
         net = self.net
-        self.adapter = inject_tlora(model, net.target_modules, rank=net.rank, alpha=net.alpha, ortho=net.tlora_ortho,
+        targets = list(net.target_modules) + (list(net.conv_target_modules) if net.tlora_conv else [])
+        self.adapter = inject_tlora(model, targets, rank=net.rank, alpha=net.alpha, ortho=net.tlora_ortho,
                                     schedule=TLoRASchedule(net.rank, net.tlora_min_rank, net.tlora_exponent),
                                     seed=self.seed)
         self.unet = model

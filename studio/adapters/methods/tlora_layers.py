@@ -10,6 +10,10 @@ P, lambda, Q from the *last* singular triplets of a random matrix R ~ N(0, 1/r) 
 subtracts a frozen copy (P0, lambda0, Q0) under the same mask: the initial update is
 exactly zero. Vanilla T-LoRA is the mask alone on an ordinary LoRA (Q random, P = 0).
 
+On a Conv2d (LoCon's layers: ResNet convs, resamplers) Q is a conv with the layer's kernel,
+stride and padding into r channels and P a 1x1 conv out of them, as LoCon's down / up; the
+mask keeps the first r(t) of those inner channels. R is then [out, in * kh * kw].
+
 The adapter works through hooks: a forward hook on each adapted Linear adds the delta,
 and a pre-hook on the UNet reads the timestep of every call (training and sampling) and
 sets the mask per sample. Hooks compose with peft layers on the same model, so T-LoRA
@@ -22,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from studio.errors import StudioError
@@ -56,29 +61,46 @@ class TLoRASchedule:
 
 
 class TLoRALayer(nn.Module):
-    """The trainable factors of one adapted Linear layer (plus the frozen Ortho-LoRA copy)."""
+    """The trainable factors of one adapted Linear or Conv2d layer (plus the frozen
+    Ortho-LoRA copy). `kernel` (kh, kw) makes it a conv layer's: Q is [r, in, kh, kw]."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, *, ortho: bool,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, kernel: tuple[int, int] | None = None):
         super().__init__()
         self.ortho = ortho
+        q_shape = (rank, in_features, *kernel) if kernel else (rank, in_features)
         if ortho:
-            random = torch.randn(out_features, in_features, generator=generator) / math.sqrt(rank)
+            fan_in = math.prod(q_shape[1:])
+            random = torch.randn(out_features, fan_in, generator=generator) / math.sqrt(rank)
             u, s, vh = torch.linalg.svd(random, full_matrices=False)
-            p, lam, q = u[:, -rank:], s[-rank:], vh[-rank:, :]
+            p, lam, q = u[:, -rank:], s[-rank:], vh[-rank:, :].reshape(q_shape)
             self.register_buffer("p0", p.clone())
             self.register_buffer("lam0", lam.clone())
             self.register_buffer("q0", q.clone())
             self.p, self.lam, self.q = nn.Parameter(p.clone()), nn.Parameter(lam.clone()), nn.Parameter(q.clone())
         else:
-            q = torch.empty(rank, in_features)
+            q = torch.empty(q_shape)
             nn.init.kaiming_uniform_(q, a=math.sqrt(5), generator=generator)
             self.q = nn.Parameter(q)
             self.p = nn.Parameter(torch.zeros(out_features, rank))
             self.register_buffer("lam", torch.ones(rank))
 
-    def delta(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """x [B, ..., in], mask [B, r] (or [1, r]) -> delta [B, ..., out] (unscaled)."""
+    @property
+    def is_conv(self) -> bool:
+        return self.q.dim() == 4
+
+    def delta(self, x: torch.Tensor, mask: torch.Tensor, conv: nn.Conv2d | None = None) -> torch.Tensor:
+        """Linear: x [B, ..., in] -> [B, ..., out]; conv (`conv` the adapted layer, for its
+        stride, padding and dilation): x [B, in, H, W] -> [B, out, H', W']. mask [B, r] (or
+        [1, r]). Unscaled."""
+        if self.is_conv:
+            m = mask.to(x.dtype)[:, :, None, None]
+            geometry = {"stride": conv.stride, "padding": conv.padding, "dilation": conv.dilation}
+            out = F.conv2d(F.conv2d(x, self.q, **geometry) * (self.lam[:, None, None] * m), self.p[:, :, None, None])
+            if self.ortho:
+                out = out - F.conv2d(F.conv2d(x, self.q0, **geometry) * (self.lam0[:, None, None] * m),
+                                     self.p0[:, :, None, None])
+            return out
         shape = (mask.shape[0],) + (1,) * (x.dim() - 2) + (mask.shape[1],)
         m = mask.to(x.dtype).reshape(shape)
         out = ((x @ self.q.t()) * (self.lam * m)) @ self.p.t()
@@ -88,12 +110,15 @@ class TLoRALayer(nn.Module):
 
     def plain_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All ranks on, as an ordinary LoRA: up [out, r'] and down [r', in] with r' = 2r
-        for Ortho-LoRA (the frozen copy becomes the second half, negated)."""
+        for Ortho-LoRA (the frozen copy becomes the second half, negated); a conv layer's
+        as LoCon's: up [out, r', 1, 1], down [r', in, kh, kw]."""
         up = self.p * self.lam
         down = self.q
         if self.ortho:
             up = torch.cat([up, -(self.p0 * self.lam0)], dim=1)
             down = torch.cat([down, self.q0], dim=0)
+        if self.is_conv:
+            up = up[:, :, None, None]
         return up.detach(), down.detach()
 
 
@@ -155,7 +180,8 @@ class TLoRAAdapter(nn.Module):
                 if not bool((mask == mask[:1]).all()):
                     raise RuntimeError(f"T-LoRA: batch {x.shape[0]} does not match the timestep batch {mask.shape[0]}")
                 mask = mask[:1]
-            return output + (self.weight * self.scale) * layer.delta(x, mask).to(output.dtype)
+            delta = layer.delta(x, mask, module if layer.is_conv else None)
+            return output + (self.weight * self.scale) * delta.to(output.dtype)
 
         return hook
 
@@ -167,20 +193,25 @@ def _base_layer(module: nn.Module) -> nn.Module:
 
 def inject_tlora(unet: nn.Module, target_modules: list[str], *, rank: int, alpha: float, ortho: bool,
                  schedule: TLoRASchedule, seed: int = 0) -> TLoRAAdapter:
-    """Create T-LoRA layers on every Linear whose path ends with a target name and attach
-    their hooks; the caller keeps the returned adapter (its parameters are the trainables)."""
+    """Create T-LoRA layers on every Linear or Conv2d whose path ends with a target name and
+    attach their hooks; the caller keeps the returned adapter (its parameters are the
+    trainables)."""
     generator = torch.Generator().manual_seed(seed)
     layers: dict[str, TLoRALayer] = {}
     for path, module in unet.named_modules():
         if not any(path == t or path.endswith("." + t) for t in target_modules):
             continue
         base = _base_layer(module)
-        if not isinstance(base, nn.Linear):
-            raise StudioError(f"T-LoRA adapts Linear layers; {path} is a {type(base).__name__}. "
-                              "Remove it from network.target_modules.")
-        layers[path] = TLoRALayer(base.in_features, base.out_features, rank, ortho=ortho, generator=generator)
+        if isinstance(base, nn.Linear):
+            layers[path] = TLoRALayer(base.in_features, base.out_features, rank, ortho=ortho, generator=generator)
+        elif isinstance(base, nn.Conv2d) and base.groups == 1:
+            layers[path] = TLoRALayer(base.in_channels, base.out_channels, rank, ortho=ortho, generator=generator,
+                                      kernel=tuple(base.kernel_size))
+        else:
+            raise StudioError(f"T-LoRA adapts Linear and Conv2d layers; {path} is a {type(base).__name__}. "
+                              "Remove it from the network's target modules.")
     if not layers:
-        raise StudioError(f"network.target_modules {target_modules} matched no Linear layer of the UNet.")
+        raise StudioError(f"network.target_modules {target_modules} matched no Linear or Conv2d layer of the UNet.")
     weight = next(unet.parameters())
     adapter = TLoRAAdapter(schedule, alpha, layers).to(device=weight.device)
     adapter.attach(unet)
@@ -256,7 +287,8 @@ def load_tlora(path) -> TLoRAAdapter:
             raise StudioError(f"{path}: module {module!r} does not hold rank-{schedule.rank} T-LoRA factors.")
         if not all(torch.isfinite(t).all() for t in parts.values()):
             raise StudioError(f"{path}: module {module!r} contains NaN or infinite values.")
-        layer = TLoRALayer(q.shape[1], p.shape[0], schedule.rank, ortho=ortho)
+        layer = TLoRALayer(q.shape[1], p.shape[0], schedule.rank, ortho=ortho,
+                           kernel=tuple(q.shape[2:]) if q.dim() == 4 else None)
         layer.load_state_dict({attr: parts[suffix] for attr, suffix in _PARTS.items() if hasattr(layer, attr)})
         layers[module] = layer
     return TLoRAAdapter(schedule, alpha, layers)
