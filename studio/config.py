@@ -59,7 +59,8 @@ class NetworkConfig(_Section):
     target_modules: list[str] = Field(default_factory=lambda: list(UNET_ATTENTION),
                                       description="UNet module names to adapt (attn1 and attn2 of every transformer block).")
     conv_target_modules: list[str] = Field(default_factory=lambda: list(UNET_CONV),
-                                           description="Extra UNet modules for locon, and for tlora with tlora_conv (ResNet convs, time projections, resamplers).")
+                                           description="Extra UNet modules for locon, and for tlora with tlora_conv "
+                                                       "(ResNet convs, time projections, resamplers).")
     conv_rank: int | None = Field(None, ge=1, le=1024, description="Rank of the conv layers for locon (default: rank).")
     conv_alpha: float | None = Field(None, gt=0, le=4096, description="Alpha of the conv layers for locon (default: alpha).")
     use_dora: bool = Field(False, description="DoRA: learn a per-output magnitude besides the direction (lora/locon).")

@@ -109,3 +109,21 @@ def test_diffusers_layout_names_every_text_encoder_with_text_model(family, tmp_p
 
     attach_adapter(ours, original, "x")
     assert max_pixel_diff(generate(theirs), generate(ours)) <= 1 / 255
+
+
+def test_a_lycoris_tlora_file_is_refused_with_the_reason(tmp_path, capsys):
+    """LyCORIS (algo=tlora) saves only the trained factors; the frozen copy its update is
+    measured against comes from the base weights at load time, so the file is refused."""
+    lycoris = pytest.importorskip("lycoris")
+
+    pipe = tiny_sd15_pipeline()
+    # two layers are enough for the file's layout (LyCORIS's SVD init of every layer takes long)
+    lycoris.LycorisNetwork.apply_preset({"target_module": [], "target_name": [
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", "down_blocks.0.resnets.0.conv1"]})
+    network = lycoris.create_lycoris(pipe.unet, 1.0, linear_dim=4, linear_alpha=2.0, algo="tlora")
+    network.apply_to()
+    path = tmp_path / "lycoris-tlora.safetensors"
+    network.save_weights(str(path), torch.float32, {"ss_network_module": "lycoris.kohya"})
+    code, _, err = cli(capsys, "inspect", path)
+    assert code == 2 and err.count("\n") == 1
+    assert "is a LyCORIS T-LoRA file (algo=tlora)" in err and "frozen copy" in err

@@ -35,7 +35,7 @@ from studio.adapters.formats.naming import (ALL_PREFIXES, Target, clip_kohya_pat
                                    path_to_name, split_name)
 from studio.adapters.formats.peft_bridge import AdapterType, _lokr_config, _loha_config, _lora_config, _Plan, check_fit
 from studio.fsutil import atomic_write_bytes, open_regular
-from studio.adapters.methods import FORMAT_KEY, NativeFileMethod, native_method
+from studio.adapters.methods import FORMAT_KEY, METHODS, NativeFileMethod, native_method
 from studio.safetensors_file import read_safetensors_header, refuse_pickle, sniff_format
 
 log = logging.getLogger(__name__)
@@ -195,6 +195,11 @@ def load_adapter(path: str | Path) -> AdapterFile:
                           f"e.g. {', '.join(other[:3])}.")
     if any(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")) for k in keys):
         raise StudioError(f"{path.name} is a base-model checkpoint, not an adapter; use it as the base model.")
+    parts = {k.split(".", 1)[1] for k in keys if "." in k}
+    for method in METHODS.values():
+        why = method.foreign_file(path.name, parts)
+        if why:
+            raise StudioError(why)
     raise StudioError(f"{path.name} is not an adapter in a known layout (kohya/LyCORIS, diffusers or peft): "
                       f"its tensors are named like {', '.join(sorted(keys)[:3])}.")
 

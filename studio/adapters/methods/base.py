@@ -111,6 +111,11 @@ class Method(ABC):
         """`lora_studio_adapter_type`: what was trained, in the file's terms (lora, locon+dora, ...)."""
         return adapter.adapter_type.label
 
+    def foreign_file(self, name: str, parts: set[str]) -> str | None:
+        """Why a file of this method written by another tool (its tensors' part names
+        `parts`) cannot be read here, or None when the parts are not such a file's."""
+        return None
+
 
 class NativeFileMethod(Method):
     """A method whose files have a layout of their own, named by `FORMAT_KEY` in the header."""

@@ -92,6 +92,19 @@ class TLoRA(NativeFileMethod):
         plain["lora_studio_adapter_type"] = "lora (plain form of a T-LoRA, timestep schedule dropped)"
         return plain
 
+    def foreign_file(self, name, parts):
+        """LyCORIS's `algo=tlora` files (SimpleTuner trains them) hold only the trained
+        factors (q_layer, p_layer, lambda_layer): the frozen copy that its delta subtracts is
+        recomputed at load time by an SVD of the base model's own weights (its default init),
+        and its conv factors are 1x1. Without that copy the delta is undefined, so such a file
+        is refused with the reason rather than read wrongly."""
+        if {"q_layer.weight", "p_layer.weight", "lambda_layer"} <= parts:
+            return (f"{name} is a LyCORIS T-LoRA file (algo=tlora): it stores only the trained factors, and LyCORIS "
+                    "rebuilds the frozen copy they are measured against from the base model's weights when it "
+                    "loads the file, so other loaders cannot compute its update. Use it with LyCORIS (as SimpleTuner "
+                    "does), or train T-LoRA here, whose files keep both.")
+        return None
+
     def attach_file(self, pipe, path):
         from studio.adapters.methods.tlora_layers import load_tlora
 
