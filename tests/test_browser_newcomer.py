@@ -37,11 +37,17 @@ def result_image(page) -> bytes:
 
 
 def generate(page, previous: str | None) -> str:
-    """Press Generate; returns the note under the results once it differs from `previous`."""
+    """Press Generate; returns the note under the results once it names a new picture.
+    (While a request runs Gradio shows a timer over the old note, so "differs from the
+    previous text" alone would catch the old note.)"""
     page.locator("#gen-go").click()
     info = page.locator("#gen-info")
-    page.wait_for_function("([prev]) => { const t = document.querySelector('#gen-info').innerText;"
-                           " return t.includes('Saved 1 image') && t !== prev; }", arg=[previous], timeout=120_000)
+    page.wait_for_function(
+        """([prev]) => {
+            const t = document.querySelector('#gen-info').innerText;
+            const saved = (text) => (text || '').match(/[0-9-]+\.png/g)?.join() ?? null;
+            return t.includes('Saved 1 image') && !/^\s*[0-9.]+s\b/.test(t) && saved(t) !== saved(prev);
+        }""", arg=[previous], timeout=120_000)
     return info.inner_text()
 
 
