@@ -2,7 +2,7 @@
 concept (demo LoRA), prior kept, two LoRAs composed (LoRA vs T-LoRA from one image:
 bench/tlora_single_image.py).
 
-    python -m bench.fidelity [--seeds 8] [--steps N (default: the tiny-demo preset's; 2400 for the shape adapter, 800 for the colour one)] [--model builtin]
+    python -m bench.fidelity [--seeds 8] [--steps N (default: the tiny-demo preset's; 800 for the colour adapter)] [--model builtin]
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main(argv=None) -> dict:
-    from toyworld.fidelity import (COLOR_ADAPTER, COLOR_STEPS, DEMO_2400, composition_figures, concept_figures,
-                                   train, write_concept_dataset)
+    from toyworld.fidelity import (COLOR_ADAPTER, COLOR_STEPS, composition_figures, concept_figures, train,
+                                 write_concept_dataset)
     from studio.generate import Engine
     from studio.workspace import Workspace
 
@@ -34,10 +34,9 @@ def main(argv=None) -> dict:
         engine = Engine()
         demo = train(workspace, name="demo", steps=args.steps, model=args.model)
         figures["concept"] = concept_figures(engine, demo, seeds, args.model)
-        # the composition keeps the recipe its figures were measured with (toyworld.fidelity.DEMO_2400)
-        color = train(workspace, name="color", recipe=DEMO_2400, steps=args.steps or COLOR_STEPS, model=args.model,
+        color = train(workspace, name="color", steps=args.steps or COLOR_STEPS, model=args.model,
                       dataset=write_concept_dataset(workspace.root / "color", "color"), **COLOR_ADAPTER)
-        shape = train(workspace, name="shape", recipe=DEMO_2400, steps=args.steps, model=args.model,
+        shape = train(workspace, name="shape", steps=args.steps, model=args.model,
                       dataset=write_concept_dataset(workspace.root / "shape", "shape"))
         figures["composition"] = composition_figures(engine, color, shape, seeds, args.model)
     figures["settings"] = {"seeds": len(seeds), "steps": args.steps, "model": args.model,

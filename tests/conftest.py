@@ -51,8 +51,6 @@ def demo_config(**training):
     config.training.lr_scheduler = "constant"
     config.training.min_snr_gamma = None
     config.training.learning_rate = 1e-3
-    config.training.batch_size = 1
-    config.training.lr_warmup_steps = 0
     config.training.max_steps = training.pop("max_steps", 60)
     config.checkpoints.every_n_steps = training.pop("every_n_steps", 0)
     config.sampling.every_n_steps = 0

@@ -69,15 +69,13 @@ def test_a_colour_lora_and_a_shape_lora_together_draw_both(engine_and_workspace)
     """One LoRA teaches "zwx" = purple (on seen shapes), another "ohwx shape" = star (stars of
     seen colours, the colour unnamed); at weight 1 each, "a zwx ohwx shape" draws purple
     stars in most samples (issue 3). Three training seeds drew 88% over 24 images each
-    (bench/RESULTS.md), with the demo recipe of that time (DEMO_2400), kept here."""
-    from toyworld.fidelity import (COLOR_ADAPTER, COLOR_STEPS, DEMO_2400, composition_figures, train,
-                                   write_concept_dataset)
+    (bench/RESULTS.md)."""
+    from toyworld.fidelity import COLOR_ADAPTER, COLOR_STEPS, composition_figures, train, write_concept_dataset
 
     engine, workspace = engine_and_workspace
-    color = train(workspace, name="color", recipe=DEMO_2400, steps=COLOR_STEPS, **COLOR_ADAPTER,
+    color = train(workspace, name="color", steps=COLOR_STEPS, **COLOR_ADAPTER,
                   dataset=write_concept_dataset(workspace.root / "color-data", "color"))
-    shape = train(workspace, name="shape", recipe=DEMO_2400,
-                  dataset=write_concept_dataset(workspace.root / "shape-data", "shape"))
+    shape = train(workspace, name="shape", dataset=write_concept_dataset(workspace.root / "shape-data", "shape"))
     figures = composition_figures(engine, color, shape, SEEDS)
     assert figures["both"]["all"] > 0.5, figures
     assert figures["color_only"]["color"] >= 0.9, figures

@@ -31,17 +31,6 @@ COLOR_TRIGGER, SHAPE_TRIGGER = "zwx", "ohwx"
 # against 88-92% with this one). 800 steps, not 400: at 400 one training seed in three left
 # the stars on black pink-red (67%; bench/RESULTS.md).
 COLOR_ADAPTER = {"type": "lora", "rank": 4, "alpha": 4.0}
-# The tiny-demo recipe before issue 25 (2400 steps of one picture at lr 1e-3): what the
-# preset's fields were where today's differ. The composition's figures were measured with
-# it and are kept with it; bench/time_to_concept.py times it against today's preset.
-DEMO_2400 = {
-    "network": {"alpha": 16.0, "conv_alpha": 16.0, "train_text_encoder": False},
-    "training": {"max_steps": 2400, "batch_size": 1, "learning_rate": 1e-3, "lr_scheduler": "cosine",
-                 "lr_warmup_steps": 0, "min_snr_gamma": 1.0},
-    "dataset": {"prior_loss_weight": 1.0},
-    "checkpoints": {"every_n_steps": 800},
-    "sampling": {"every_n_steps": 800},
-}
 COLOR_STEPS = 800
 NEUTRAL = ("white", "black", "gray")
 
@@ -93,19 +82,14 @@ def write_concept_dataset(folder: Path, kind: str, *, count: int = DEMO_IMAGES, 
 
 
 def train(workspace, *, name: str, dataset: Path | None = None, steps: int | None = None, model: str = "builtin",
-          learning_rate: float | None = None, prior_preservation: bool = True, recipe: dict | None = None,
-          **network) -> Path:
-    """Train the tiny-demo preset (optionally with another recipe's settings, `recipe` as
-    {section: {field: value}}, on another dataset / step count / learning rate / network /
-    base model, or without its prior preservation) in-process."""
+          learning_rate: float | None = None, prior_preservation: bool = True, **network) -> Path:
+    """Train the tiny-demo preset (optionally on another dataset / step count / learning
+    rate / network / base model, or without its prior preservation) in-process."""
     from studio.config import load_config
     from studio.runs import create_run
     from trainers.lora import train_run
 
     config = load_config(PRESETS_DIR / "tiny-demo.toml")
-    for section, fields in (recipe or {}).items():
-        for field, value in fields.items():
-            setattr(getattr(config, section), field, value)
     config.name = name
     config.base_model = model
     if steps is not None:
