@@ -1,0 +1,307 @@
+"""LoRA training on a GPU: SD1.5-size (512 px, batch 4) and SDXL-size (1024 px, batch 1,
+gradient checkpointing) steps, our trainer against a loop equivalent to diffusers'
+DreamBooth LoRA examples, each with its it/s and peak CUDA memory, for fp32, bf16, bf16 with
+8-bit AdamW, bf16 over an NF4 base (QLoRA) and bf16 over an fp8 base.
+
+    python -m bench.gpu [--steps 10] [--warmup 3] [--family sd15 sdxl]
+    python -m bench.gpu --tiny        # the same code on the built-in model (runs on a CPU too)
+
+The models have random weights built from the SD1.5 / SDXL config skeletons
+(assets/skeletons): speed and memory do not depend on the weights, and nothing is
+downloaded. The reference loop has no NF4 or fp8 base, so those rows have no reference.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+import torch.nn.functional as F
+
+from studio import ASSETS_DIR
+
+RANK = 16
+ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+@dataclass(frozen=True)
+class Size:
+    family: str
+    resolution: int
+    batch_size: int
+    gradient_checkpointing: bool
+
+
+SIZES = {"sd15": Size("sd15", 512, 4, False), "sdxl": Size("sdxl", 1024, 1, True)}
+TINY = Size("sd15", 64, 4, False)
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    mixed_precision: str = "no"
+    optimizer: str = "adamw"
+    base_weights: str = "full"
+    has_reference: bool = True  # the diffusers examples have no NF4 / fp8 base
+
+
+CASES = (
+    Case("fp32"),
+    Case("bf16", mixed_precision="bf16"),
+    Case("bf16 + 8-bit AdamW", mixed_precision="bf16", optimizer="adamw8bit"),
+    Case("bf16 + NF4 base (QLoRA)", mixed_precision="bf16", base_weights="nf4", has_reference=False),
+    Case("bf16 + fp8 base", mixed_precision="bf16", base_weights="fp8", has_reference=False),
+)
+
+
+def random_model(family: str, folder: Path) -> Path:
+    """A diffusers folder of the family's real architecture (assets/skeletons) with random
+    weights, saved in fp16: built on the GPU when there is one (seconds for SDXL's 3.5B
+    parameters instead of minutes of CPU init)."""
+    import diffusers
+    import transformers
+
+    from studio.models.skeletons import skeleton_dir
+
+    skeleton = skeleton_dir(family)
+    shutil.copytree(skeleton, folder)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    for component in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        if not (skeleton / component).is_dir():
+            continue
+        with torch.device(device):
+            if component in ("unet", "vae"):
+                cls = diffusers.UNet2DConditionModel if component == "unet" else diffusers.AutoencoderKL
+                model = cls.from_config(cls.load_config(skeleton / component))
+            else:
+                config = transformers.AutoConfig.from_pretrained(skeleton / component)
+                model = getattr(transformers, config.architectures[0])(config)
+        model.to(torch.float16).save_pretrained(folder / component)
+        del model
+    return folder
+
+
+def _release() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _peak_gb() -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
+def our_config(model: Path, size: Size, case: Case, steps: int):
+    from studio.config import NetworkConfig, TrainConfig
+
+    config = TrainConfig(name="gpu-bench", base_model=str(model))
+    config.dataset.path = str(ASSETS_DIR / "demo-dataset")
+    config.dataset.resolution = size.resolution
+    config.network = NetworkConfig(type="lora", rank=RANK, alpha=float(RANK), target_modules=ATTENTION)
+    t = config.training
+    t.max_steps, t.batch_size, t.gradient_checkpointing = steps, size.batch_size, size.gradient_checkpointing
+    t.mixed_precision, t.optimizer, t.base_weights = case.mixed_precision, case.optimizer, case.base_weights
+    config.checkpoints.every_n_steps = 0
+    return config
+
+
+def time_ours(model: Path, size: Size, case: Case, steps: int, warmup: int) -> dict:
+    """Our trainer's set-up (load, cache latents and captions, inject the adapter), then
+    `warmup` untimed steps and `steps` timed ones."""
+    from studio.jobs.runs import create_run
+    from studio.workspace import Workspace
+    from trainers.lora import Trainer
+
+    _release()
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(create_run(our_config(model, size, case, warmup + steps), Workspace.open(tmp)),
+                          show_progress=False)
+        trainer._setup()
+        for step in range(warmup):
+            trainer.train_step(step)
+        _sync()
+        started = time.perf_counter()
+        for step in range(warmup, warmup + steps):
+            trainer.train_step(step)
+        _sync()
+        it_s = steps / (time.perf_counter() - started)
+        del trainer
+    return {"it_s": it_s, "peak_gb": _peak_gb()}
+
+
+def time_reference(model: Path, size: Size, case: Case, steps: int, warmup: int) -> dict:
+    """The inner loop of diffusers' examples/dreambooth/train_dreambooth_lora.py (SD1.5) and
+    train_dreambooth_lora_sdxl.py (SDXL), defaults kept: frozen models cast to the mixed
+    precision (SDXL's VAE stays fp32, as the example keeps it), LoRA weights fp32, autocast;
+    per step the pictures are transformed and VAE-encoded; SD1.5 tokenizes and text-encodes
+    the prompt every step, SDXL encodes its one instance prompt once, as its example does."""
+    import numpy as np
+    from diffusers import DDPMScheduler, DiffusionPipeline
+    from diffusers.optimization import get_scheduler
+    from peft import LoraConfig
+    from PIL import Image
+
+    _release()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(case.mixed_precision, torch.float32)
+    pipe = DiffusionPipeline.from_pretrained(model, local_files_only=True)
+    sdxl = size.family == "sdxl"
+    unet, vae = pipe.unet, pipe.vae
+    encoders = [e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None]
+    tokenizers = [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None]
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    for module in (unet, vae, *encoders):
+        module.requires_grad_(False)
+    unet.to(device, dtype)
+    vae.to(device, torch.float32 if sdxl else dtype)
+    for encoder in encoders:
+        encoder.to(device, dtype)
+    unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian", target_modules=ATTENTION))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    if size.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if case.optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+
+        optimizer = bnb.optim.AdamW8bit(params, lr=1e-4)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=1e-4)
+    lr_scheduler = get_scheduler("constant", optimizer=optimizer)
+    images = sorted((ASSETS_DIR / "demo-dataset").glob("sks_*.png"))
+    res, batch = size.resolution, size.batch_size
+    prompt = "a photo of sks shape"
+
+    def pixels(k):
+        def one(i):
+            image = Image.open(images[i % len(images)]).convert("RGB").resize((res, res), Image.Resampling.BILINEAR)
+            return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+
+        return torch.stack([one(k * batch + j) for j in range(batch)]).to(device)
+
+    def encode_prompt():
+        hidden, pooled = [], None
+        for tokenizer, encoder in zip(tokenizers, encoders):
+            ids = tokenizer([prompt] * batch, padding="max_length", truncation=True,
+                            max_length=tokenizer.model_max_length, return_tensors="pt").input_ids.to(device)
+            out = encoder(ids, output_hidden_states=sdxl)
+            hidden.append(out.hidden_states[-2] if sdxl else out[0])
+            pooled = out[0]
+        return torch.cat(hidden, dim=-1), pooled
+
+    with torch.no_grad():
+        sdxl_prompt = encode_prompt() if sdxl else None
+    time_ids = torch.tensor([[res, res, 0, 0, res, res]] * batch, device=device, dtype=dtype)
+
+    def step(k):
+        with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+            with torch.no_grad():
+                latents = vae.encode(pixels(k).to(vae.dtype)).latent_dist.sample() * vae.config.scaling_factor
+                hidden, pooled = sdxl_prompt or encode_prompt()
+            latents = latents.to(dtype)
+            noise = torch.randn_like(latents)
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,), device=device)
+            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+            extra = {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}} if sdxl else {}
+            pred = unet(noisy, timesteps, hidden, **extra).sample
+            loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad()
+
+    unet.train()
+    for k in range(warmup):
+        step(k)
+    _sync()
+    started = time.perf_counter()
+    for k in range(warmup, warmup + steps):
+        step(k)
+    _sync()
+    it_s = steps / (time.perf_counter() - started)
+    del pipe, unet, vae, encoders, optimizer, params
+    return {"it_s": it_s, "peak_gb": _peak_gb()}
+
+
+def runnable_cases() -> tuple[Case, ...]:
+    """Every case on CUDA; fp32 alone without it (the others need CUDA, studio.config says)."""
+    return CASES if torch.cuda.is_available() else CASES[:1]
+
+
+def bench_size(model: Path, size: Size, steps: int, warmup: int) -> list[dict]:
+    from studio.errors import StudioError
+
+    rows = []
+    for case in runnable_cases():
+        label = (f"{size.family} {size.resolution} px, batch {size.batch_size}"
+                 + (", checkpointing" if size.gradient_checkpointing else ""))
+        try:
+            ours = time_ours(model, size, case, steps, warmup)
+            reference = time_reference(model, size, case, steps, warmup) if case.has_reference else None
+        except (StudioError, ImportError) as error:  # e.g. no bitsandbytes there: the other cases still run
+            print(f"| {label} | {case.name} | skipped: {error} |", flush=True)
+            continue
+        rows.append({"size": label, "case": case.name, "ours": ours, "reference": reference})
+        print(_row(rows[-1]), flush=True)
+    return rows
+
+
+def _gb(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _row(row: dict) -> str:
+    ours, ref = row["ours"], row["reference"]
+    cells = [row["size"], row["case"], f"{ours['it_s']:.2f}", _gb(ours["peak_gb"]),
+             "-" if ref is None else f"{ref['it_s']:.2f}", "-" if ref is None else _gb(ref["peak_gb"]),
+             "-" if ref is None else f"{ours['it_s'] / ref['it_s']:.2f}x"]
+    return "| " + " | ".join(cells) + " |"
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--family", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--tiny", action="store_true",
+                        help="the built-in model at 64 px instead of the full-size random models")
+    args = parser.parse_args(argv)
+    if not args.tiny and not torch.cuda.is_available():
+        print("bench.gpu: no CUDA GPU on this machine; run it on one (or `python -m bench.gpu --tiny` here).",
+              file=sys.stderr)
+        raise SystemExit(2)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    print(f"bench.gpu on {device}, torch {torch.__version__}, {args.steps} timed steps after {args.warmup}")
+    print("| size | case | ours it/s | ours peak GB | reference it/s | reference peak GB | ratio |")
+    print("|---|---|---|---|---|---|---|")
+    if args.tiny:
+        return bench_size(ASSETS_DIR / "builtin", TINY, args.steps, args.warmup)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for family in args.family:
+            model = random_model(family, Path(tmp) / family)
+            rows += bench_size(model, SIZES[family], args.steps, args.warmup)
+            shutil.rmtree(model)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

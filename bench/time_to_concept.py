@@ -1,0 +1,134 @@
+"""Time to the demo concept: a fast candidate recipe against the tiny-demo preset (2400
+steps of one picture at lr 1e-3), each trained from the demo dataset in the same run on the
+same machine with one torch thread, checkpoints and sample pictures included as the configs
+ask. Per training seed: wall time, UNet passes, pictures through the UNet, and the
+concept's figures (toyworld.fidelity.concept_figures); the headline is the ratio of the
+wall times. Also the Train tab's estimate for the candidate (studio.jobs.speed), to compare with
+its measured time.
+
+    python -m bench.time_to_concept [--train-seeds 42 7 1] [--eval-seeds 16] [--preset-seeds 42]
+
+The candidate replaces the preset once it holds the preset's fidelity targets (>= 90%
+purple and star over training seeds, prior kept); it does not yet (bench/RESULTS.md).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+from studio import PRESETS_DIR
+
+# The fastest recipe found in issue 25 that still draws purple stars most of the time: 250
+# steps of 4 pictures (and 4 class pictures) at lr 5e-3, the text encoder's LoRA trained
+# too, alpha 2x rank, half-weight prior loss. What differs from the preset.
+CANDIDATE = {
+    "network": {"alpha": 32.0, "conv_alpha": 32.0, "train_text_encoder": True},
+    "training": {"max_steps": 250, "batch_size": 4, "learning_rate": 5e-3},
+    "dataset": {"prior_loss_weight": 0.5},
+    "checkpoints": {"every_n_steps": 100},
+    "sampling": {"every_n_steps": 100},
+}
+RECIPES = {"candidate": CANDIDATE, "tiny-demo preset": {}}
+
+
+def recipe_config(overrides: dict, seed: int):
+    from studio.config import load_config
+
+    config = load_config(PRESETS_DIR / "tiny-demo.toml")
+    config.seed = seed
+    config.training.num_threads = 1
+    for section, fields in overrides.items():
+        for field, value in fields.items():
+            setattr(getattr(config, section), field, value)
+    return config
+
+
+def unet_passes(config) -> dict:
+    """UNet forward + backward passes, and the pictures they carry (instance and class
+    pictures share one pass when prior preservation is on)."""
+    t = config.training
+    passes = t.max_steps * t.gradient_accumulation_steps
+    with_class = bool(config.dataset.class_prompt and config.dataset.num_class_images)
+    return {"passes": passes, "pictures": passes * t.batch_size * (2 if with_class else 1)}
+
+
+def train_and_time(config, workspace) -> tuple:
+    from studio.jobs.runs import create_run
+    from trainers.lora import train_run
+
+    run_dir = create_run(config, workspace)
+    started = time.perf_counter()
+    adapter = train_run(run_dir, show_progress=False)
+    return adapter, time.perf_counter() - started
+
+
+def train_tab_estimate_s(config, workspace) -> float:
+    """What the Train tab shows before a run: a few steps timed here, scaled to the config."""
+    from studio.jobs.speed import estimate, measure_speed
+
+    return estimate(config, measure_speed(config, workspace)).total_s
+
+
+def main(argv=None) -> dict:
+    from studio.generation.engine import Engine
+    from studio.workspace import Workspace
+    from toyworld.fidelity import concept_figures
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train-seeds", type=int, nargs="+", default=[42, 7, 1])
+    parser.add_argument("--eval-seeds", type=int, default=16)
+    parser.add_argument("--preset-seeds", type=int, nargs="*", default=None,
+                        help="training seeds of the preset (default: --train-seeds); its time does not depend "
+                             "on the seed, so one is enough for the ratio")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    eval_seeds = list(range(100, 100 + args.eval_seeds))
+    engine = Engine()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        workspace = Workspace.open(tmp)
+        estimate_s = train_tab_estimate_s(recipe_config(CANDIDATE, args.train_seeds[0]), workspace)
+        for seed in args.train_seeds:
+            for name, overrides in RECIPES.items():
+                if not overrides and args.preset_seeds is not None and seed not in args.preset_seeds:
+                    continue
+                config = recipe_config(overrides, seed)
+                config.name = f"demo-{seed}-{config.training.max_steps}-steps"
+                adapter, wall_s = train_and_time(config, workspace)
+                figures = concept_figures(engine, adapter, eval_seeds)
+                rows.append({"recipe": name, "seed": seed, "wall_s": wall_s, **unet_passes(config),
+                             "purple": figures["concept"]["color"], "star": figures["concept"]["shape"],
+                             "prior_base": figures["prior_base"], "prior_with_lora": figures["prior_with_lora"]})
+                print(json.dumps(rows[-1]), flush=True)
+    return report(rows, estimate_s, len(eval_seeds))
+
+
+def report(rows: list[dict], estimate_s: float, eval_seeds: int) -> dict:
+    fast, preset = RECIPES
+    wall = {name: sum(r["wall_s"] for r in rows if r["recipe"] == name) / sum(r["recipe"] == name for r in rows)
+            for name in RECIPES}
+    ratio = wall[preset] / wall[fast]
+    print(f"\n{eval_seeds} evaluation seeds x 3 trigger prompts per adapter; prior: 4 prompts without the trigger")
+    print("| recipe | training seed | wall s | UNet passes | pictures | purple | star | "
+          "prior with the adapter, % of base (colour / shape / background) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        kept = " / ".join(f"{100 * r['prior_with_lora'][a] / max(r['prior_base'][a], 1e-9):.0f}"
+                          for a in ("color", "shape", "background"))
+        print(f"| {r['recipe']} | {r['seed']} | {r['wall_s']:.1f} | {r['passes']} | {r['pictures']} | "
+              f"{100 * r['purple']:.1f}% | {100 * r['star']:.1f}% | {kept} |")
+    print(f"\nwall time (mean over training seeds): candidate {wall[fast]:.1f} s, preset {wall[preset]:.1f} s: "
+          f"{ratio:.2f}x (target >= 4x)")
+    print(f"Train tab estimate for the candidate: {estimate_s:.1f} s, measured {wall[fast]:.1f} s "
+          f"({100 * (estimate_s / wall[fast] - 1):+.0f}%; target within 30%)")
+    return {"rows": rows, "ratio": ratio, "estimate_s": estimate_s, "wall_s": wall}
+
+if __name__ == "__main__":
+    main()
