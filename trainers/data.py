@@ -17,14 +17,6 @@ def micro_generator(seed: int, micro_step: int, stream: int = 0) -> torch.Genera
     return torch.Generator().manual_seed((seed * 1_000_003 + micro_step * 7919 + stream) % (2**63))
 
 
-def sample_generator(seed: int, micro_step: int, part: int, place: int) -> torch.Generator:
-    """A generator owned by one sample of a micro-batch: `part` 0 for training pictures, 1 for
-    class pictures, `place` its position in the global batch (all processes together). Each
-    sample's randomness depends on nothing else, so the processes of a data-parallel run
-    draw between them exactly what one process with the whole batch draws."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + micro_step) * 65_537 + part * 32_768 + place) % (2**63))
-
-
 @dataclass(frozen=True)
 class Example:
     path: Path
@@ -81,6 +73,15 @@ def center_crop_offsets(size: tuple[int, int], bucket: tuple[int, int]) -> tuple
     return ((resized[1] - bucket[1]) // 2, (resized[0] - bucket[0]) // 2)
 
 
+def random_crop_offsets(size: tuple[int, int], bucket: tuple[int, int], generator: torch.Generator) -> tuple[int, int]:
+    """(top, left) of a random `bucket` crop of an image of `size` after cover_size (left
+    drawn first); computable without the image, so every process draws every crop."""
+    resized = cover_size(size, bucket)
+    left = int(torch.randint(0, resized[0] - bucket[0] + 1, (1,), generator=generator))
+    top = int(torch.randint(0, resized[1] - bucket[1] + 1, (1,), generator=generator))
+    return top, left
+
+
 def prepare_image(path: Path, bucket: tuple[int, int], *, center_crop: bool, flip: bool,
                   generator: torch.Generator | None) -> tuple[torch.Tensor, tuple[int, int]]:
     """Load an image, scale it to cover `bucket`, crop to it, optionally mirror it.
@@ -97,8 +98,7 @@ def prepare_image(path: Path, bucket: tuple[int, int], *, center_crop: bool, fli
     if center_crop or generator is None:
         top, left = center_crop_offsets(original, bucket)
     else:
-        left = int(torch.randint(0, image.width - width + 1, (1,), generator=generator))
-        top = int(torch.randint(0, image.height - height + 1, (1,), generator=generator))
+        top, left = random_crop_offsets(original, bucket, generator)
     image = image.crop((left, top, left + width, top + height))
     tensor = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
     return (tensor.flip(-1) if flip else tensor), (top, left)

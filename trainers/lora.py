@@ -8,9 +8,9 @@ order) comes from generators seeded by (seed, micro-step), so a resumed run repe
 exactly what an uninterrupted one would have done.
 
 Data parallel (`training.num_processes` > 1, started by `accelerate launch`): the global
-batch of a step is drawn once from (seed, step) and each process takes its slice, every
-sample with its own generator, so N processes with batch b train what one process with
-batch N*b trains. Only the main process writes events, checkpoints, samples and the
+batch of a step and all its random draws come from (seed, step) in the order one process
+draws them, and each process keeps its slice, so N processes with batch b train what one
+process with batch N*b trains (and one process trains as before data parallelism came). Only the main process writes events, checkpoints, samples and the
 adapter; the others wait at those points.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ from studio.jobs.runs import (CONFIG_FILE, SAMPLES_DIR, EventLog, adapters_dir, 
                          dataset_folder, run_workspace)
 from trainers.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from trainers.data import (BatchOrder, Example, center_crop_offsets, choose_bucket, micro_generator,
-                           prepare_image, sample_generator)
+                           prepare_image, random_crop_offsets)
 from trainers.low_memory import nf4_quantization, store_in_fp8
 
 log = logging.getLogger(__name__)
@@ -219,77 +219,82 @@ class Trainer:
                     mean, std = self._latent_dist(pixels[None])
                     self._latent_cache[(example.path, flip)] = (mean[0], std[0])
 
-    def _batch(self, examples: list[Example], indices: list[int], generators: list[torch.Generator]):
-        """Latents, text conditioning and (SDXL) size conditioning for one micro-batch; each
-        sample's flip, crop and latent sample come from its own generator."""
+    def _mine(self, count: int) -> list[int]:
+        """This process's places in a global micro-batch of `count` samples: all of them for
+        one process; else batch_size places from rank x batch_size on, wrapping around in a
+        bucket's last short batch so that every process has batch_size samples."""
+        if self.world == 1:
+            return list(range(count))
+        size = self.config.training.batch_size
+        return [place % count for place in range(self.rank * size, (self.rank + 1) * size)]
+
+    def _batch(self, examples: list[Example], indices: list[int], generator: torch.Generator):
+        """Latents, text conditioning and (SDXL) size conditioning of this process's share of
+        a global micro-batch, with the batch's size and the share's places in it. Every
+        random choice (flips, crops, latent samples) is drawn for the whole global batch from
+        the micro-step's generator, in the order one process draws them, and each process
+        keeps its share's: so N processes train what one process with the whole batch trains."""
         cfg = self.config
         chosen = [examples[i] for i in indices]
-        flips = [bool(torch.rand((), generator=g) < 0.5) if cfg.dataset.random_flip else False for g in generators]
+        mine = self._mine(len(chosen))
+        flips = [bool(torch.rand((), generator=generator) < 0.5) if cfg.dataset.random_flip else False
+                 for _ in chosen]
         if self.cache_latents:
-            stats = [self._latent_cache[(ex.path, f)] for ex, f in zip(chosen, flips)]
+            stats = [self._latent_cache[(chosen[p].path, flips[p])] for p in mine]
             mean = torch.stack([m for m, _ in stats])
             std = torch.stack([s for _, s in stats])
-            crops = [center_crop_offsets(ex.size, ex.bucket) for ex in chosen]
+            crops = [center_crop_offsets(chosen[p].size, chosen[p].bucket) for p in mine]
         else:
-            prepared = [prepare_image(ex.path, ex.bucket, center_crop=cfg.dataset.center_crop, flip=f,
-                                      generator=g) for ex, f, g in zip(chosen, flips, generators)]
-            mean, std = self._latent_dist(torch.stack([pixels for pixels, _ in prepared]))
-            crops = [crop for _, crop in prepared]
-        eps = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in generators]).to(mean.device, mean.dtype)
+            prepared = {}
+            for place, (example, flip) in enumerate(zip(chosen, flips)):
+                if place in mine:
+                    prepared[place] = prepare_image(example.path, example.bucket, center_crop=cfg.dataset.center_crop,
+                                                    flip=flip, generator=generator)
+                elif not cfg.dataset.center_crop:  # the crop another process draws for it
+                    random_crop_offsets(example.size, example.bucket, generator)
+            mean, std = self._latent_dist(torch.stack([prepared[p][0] for p in mine]))
+            crops = [prepared[p][1] for p in mine]
+        eps = torch.randn((len(chosen), *mean.shape[1:]), generator=generator)[mine].to(mean.device, mean.dtype)
         latents = (mean + std * eps).float() * self.vae.config.scaling_factor
-        captions = [ex.caption for ex in chosen]
+        captions = [chosen[p].caption for p in mine]
         if self.cache_text:
             cached = [self._text_cache[c] for c in captions]
             text = torch.stack([h for h, _ in cached])
             pooled = None if cached[0][1] is None else torch.stack([p for _, p in cached])
         else:
             text, pooled = self._encode_text(captions)
-        return latents, text, pooled, self.family.size_conditioning(chosen, crops)
+        return latents, text, pooled, self.family.size_conditioning([chosen[p] for p in mine], crops), len(chosen), mine
 
     # ---------------------------------------------------------------- loss
-    def _share(self, order: BatchOrder, micro_step: int, part: int) -> tuple[list[int], list[torch.Generator]]:
-        """This process's slice of the global micro-batch and a generator per sample. A last
-        short batch of a bucket is filled by wrapping around, so every process has batch_size
-        samples (one process keeps the short batch as it is)."""
-        indices = order.batch(micro_step)
-        size = self.config.training.batch_size
-        if self.world == 1:
-            places = list(range(len(indices)))
-        else:
-            places = [p % len(indices) for p in range(self.rank * size, (self.rank + 1) * size)]
-        return ([indices[p] for p in places],
-                [sample_generator(self.config.seed, micro_step, part, p) for p in places])
-
     def _loss(self, micro_step: int) -> torch.Tensor:
         cfg = self.config
         generator = micro_generator(cfg.seed, micro_step)
         # adapter dropout: its own stream per process
         torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)) + self.rank)
-        shares = [self._share(self.instance_order, micro_step, 0)]
+        batches = [self._batch(self.instance, self.instance_order.batch(micro_step), generator)]
         if self.class_examples:
-            shares.append(self._share(self.class_order, micro_step, 1))
-        batches = [(*self._batch(examples, indices, generators), generators)
-                   for examples, (indices, generators) in zip((self.instance, self.class_examples), shares)]
-        if len(batches) == 2 and batches[0][0].shape[1:] == batches[1][0].shape[1:]:  # same bucket: one UNet pass
-            n = batches[0][0].shape[0]
-            joined = [None if a is None else (a + b if isinstance(a, list) else torch.cat([a, b]))
-                      for a, b in zip(*batches)]
-            per_sample = self._per_sample_loss(*joined)
-            return per_sample[:n].mean() + cfg.dataset.prior_loss_weight * per_sample[n:].mean()
-        losses = [self._per_sample_loss(*batch).mean() for batch in batches]
+            batches.append(self._batch(self.class_examples, self.class_order.batch(micro_step), generator))
+            (*instance, count, mine), (*prior, class_count, class_mine) = batches
+            if instance[0].shape[1:] == prior[0].shape[1:]:  # same bucket: one UNet pass
+                joined = [None if a is None else torch.cat([a, b]) for a, b in zip(instance, prior)]
+                per_sample = self._per_sample_loss(*joined, generator, count + class_count,
+                                                   mine + [count + p for p in class_mine])
+                n = len(mine)
+                return per_sample[:n].mean() + cfg.dataset.prior_loss_weight * per_sample[n:].mean()
+        losses = [self._per_sample_loss(*batch[:4], generator, *batch[4:]).mean() for batch in batches]
         return losses[0] + (cfg.dataset.prior_loss_weight * losses[1] if len(losses) > 1 else 0.0)
 
-    def _per_sample_loss(self, latents, text, pooled, time_ids, generators) -> torch.Tensor:
+    def _per_sample_loss(self, latents, text, pooled, time_ids, generator, count: int, mine: list[int]) -> torch.Tensor:
+        """Per-sample loss of this process's share; noise and timesteps drawn for the whole
+        global batch of `count` samples (see _batch), the share's at places `mine`."""
         from diffusers.training_utils import compute_snr
 
         cfg = self.config
         device = self.accelerator.device
-        noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators])
+        noise = torch.randn((count, *latents.shape[1:]), generator=generator)[mine]
         if cfg.training.noise_offset:
-            noise += cfg.training.noise_offset * torch.stack(
-                [torch.randn((latents.shape[1], 1, 1), generator=g) for g in generators])
-        timesteps = torch.cat([torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (1,), generator=g)
-                               for g in generators])
+            noise += cfg.training.noise_offset * torch.randn((count, latents.shape[1], 1, 1), generator=generator)[mine]
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (count,), generator=generator)[mine]
         noise, timesteps, latents = noise.to(device), timesteps.to(device), latents.to(device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         extra = self.family.unet_inputs(pooled, time_ids, device)
