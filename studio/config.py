@@ -81,6 +81,11 @@ class NetworkConfig(_Section):
         return self
 
 
+# Prodigy's learning rate is a multiplier of its own step size d; an AdamW-sized rate there
+# (1e-3) is a mistake, not a choice.
+PRODIGY_MIN_LR = 0.1
+
+
 class TrainingConfig(_Section):
     max_steps: int = Field(200, ge=1, le=1_000_000, description="Optimizer steps.")
     batch_size: int = Field(1, ge=1, le=256, description="Images per step (per device).")
@@ -90,8 +95,11 @@ class TrainingConfig(_Section):
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine",
                           "cosine_with_restarts", "polynomial"] = Field("constant", description="diffusers LR schedule.")
     lr_warmup_steps: int = Field(0, ge=0, le=1_000_000, description="Warm-up steps.")
-    optimizer: Literal["adamw", "adamw8bit"] = Field(
-        "adamw", description="AdamW; adamw8bit keeps the optimizer state in 8 bits (CUDA + bitsandbytes).")
+    optimizer: Literal["adamw", "adamw8bit", "prodigy", "adafactor"] = Field(
+        "adamw", description="AdamW; adamw8bit keeps the optimizer state in 8 bits (CUDA + bitsandbytes); prodigy "
+                             "estimates its own step size d (learning rates then multiply d: use 1.0); adafactor "
+                             "(factored second moments, less memory) at the learning rate and schedule set here.")
+    prodigy_d_coef: float = Field(1.0, gt=0, le=100, description="Prodigy: d_coef, a factor on the step size d it estimates (below 1 = gentler).")
     adam_beta1: float = Field(0.9, ge=0, lt=1)
     adam_beta2: float = Field(0.999, ge=0, lt=1)
     adam_epsilon: float = Field(1e-8, gt=0, le=1)
@@ -115,6 +123,18 @@ class TrainingConfig(_Section):
     accelerate_config: str | None = Field(
         None, description="An accelerate config file (`accelerate config`) for several GPUs or machines "
                           "(plain multi-GPU / multi-node; DeepSpeed and FSDP are refused).")
+
+    @model_validator(mode="after")
+    def _check_optimizer(self) -> "TrainingConfig":
+        if self.optimizer == "prodigy":
+            low = [f"{key} = {lr:g}" for key, lr in (("learning_rate", self.learning_rate),
+                                                     ("text_encoder_lr", self.text_encoder_lr))
+                   if lr is not None and lr < PRODIGY_MIN_LR]
+            if low:
+                raise ValueError(f"with optimizer 'prodigy' the learning rate multiplies the step size Prodigy "
+                                 f"estimates, so {' and '.join(low)} would barely train; set it to 1.0 "
+                                 f"(at least {PRODIGY_MIN_LR:g})")
+        return self
 
 
 class CheckpointConfig(_Section):

@@ -183,7 +183,31 @@ class Trainer:
         return examples[: cfg.dataset.num_class_images]
 
     def _optimizer(self, params):
+        """The configured optimizer over the adapter's parameter groups. Every choice is stepped
+        by the one LR schedule (training.lr_scheduler), which scales each group's `lr`:
+
+        - prodigy: the update is lr * d, d being Prodigy's running estimate of the distance to
+          the solution (times d_coef); lr = 1 is its authors' setting, so the schedule is a
+          multiplier of d. Bias correction on and, with warm-up, safeguard_warmup (keeps the
+          small early lr out of d's estimate): the settings its authors advise for diffusion.
+        - adafactor: relative_step off, the configured lr and schedule, no parameter scaling
+          (scale_parameter off) and no first moment (beta1 None): kohya's and OneTrainer's
+          LoRA recipe. Its own relative-step schedule (lr = min(1e-2, 1/sqrt(step)) x RMS(p))
+          ignores training.learning_rate and was made for full-model training, where an
+          adapter's B = 0 start would give it an RMS of zero to scale by.
+        """
         t = self.config.training
+        if t.optimizer == "prodigy":
+            from prodigyopt import Prodigy
+
+            return Prodigy(params, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon,
+                           weight_decay=t.weight_decay, d_coef=t.prodigy_d_coef, use_bias_correction=True,
+                           safeguard_warmup=t.lr_warmup_steps > 0)
+        if t.optimizer == "adafactor":
+            from transformers.optimization import Adafactor
+
+            return Adafactor(params, lr=t.learning_rate, relative_step=False, scale_parameter=False,
+                             warmup_init=False, beta1=None, weight_decay=t.weight_decay)
         kwargs = dict(betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, weight_decay=t.weight_decay)
         if t.optimizer == "adamw8bit":
             try:
@@ -408,7 +432,7 @@ class Trainer:
                 elapsed = time.time() - loop_start
                 rate = steps_done / elapsed if elapsed > 0 else 0.0
                 self.events.emit("progress", step=done, max_steps=cfg.training.max_steps, loss=mean_loss,
-                                 lr=self.lr_scheduler.get_last_lr()[0], it_s=round(rate, 3),
+                                 lr=self.step_size(), it_s=round(rate, 3),
                                  eta_s=round((cfg.training.max_steps - done) / rate, 1) if rate else None)
                 if progress is not None:
                     progress.set_postfix(loss=f"{mean_loss:.4f}")
@@ -433,6 +457,11 @@ class Trainer:
         self.events.emit("done", step=cfg.training.max_steps, adapter=str(adapter_path),
                          seconds=round(time.time() - started, 1))
         return adapter_path
+
+    def step_size(self) -> float:
+        """The UNet adapter's current learning rate: the scheduled lr, times d for Prodigy."""
+        group = self.optimizer.param_groups[0]
+        return float(group["lr"] * group.get("d", 1.0))
 
     def _stop_agreed(self, stop: list[int]) -> bool:
         """Whether any process was asked to stop: all of them stop after the same step."""
