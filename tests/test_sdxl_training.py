@@ -69,7 +69,8 @@ def test_sdxl_lora_trains_with_buckets(tmp_path, workspace):
     trainer._setup()
     assert trainer.family.name == "sdxl" and len({ex.bucket for ex in trainer.instance}) == 4
 
-    latents, text, pooled, time_ids = trainer._batch(trainer.instance, [1], [torch.Generator().manual_seed(0)])
+    latents, text, pooled, time_ids = trainer._batch(trainer.instance, [1], [torch.Generator().manual_seed(0)],
+                                                        vary_captions=False)
     assert text.shape[-1] == sum(enc.config.hidden_size for enc in trainer.text_encoders)
     assert pooled.shape == (1, trainer.text_encoders[1].config.projection_dim)
     width, height = trainer.instance[1].bucket
@@ -134,7 +135,8 @@ def test_every_network_trains_exports_and_generates_on_sdxl(kind, tiny_sdxl_dir,
     path = trainer._export(time.time())
     assert read_checked_header(path)[1]["ss_base_model_version"] == "sdxl_base_v1-0"
 
-    latents, text, pooled, time_ids = trainer._batch(trainer.instance, [0], [torch.Generator().manual_seed(0)])
+    latents, text, pooled, time_ids = trainer._batch(trainer.instance, [0], [torch.Generator().manual_seed(0)],
+                                                        vary_captions=False)
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(1))
     timestep = torch.tensor([300])
     noisy = trainer.noise_scheduler.add_noise(latents, noise, timestep)

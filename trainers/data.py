@@ -25,6 +25,24 @@ def sample_generator(seed: int, micro_step: int, part: int, place: int) -> torch
     return torch.Generator().manual_seed(((seed * 1_000_003 + micro_step) * 65_537 + part * 32_768 + place) % (2**63))
 
 
+def caption_variant(caption: str, generator: torch.Generator, *, dropout_rate: float, shuffle: bool,
+                    keep: int) -> str:
+    """The caption one sample trains with. With probability `dropout_rate` the whole caption
+    is dropped ("": the unconditional prompt, kohya's caption_dropout_rate); otherwise, with
+    `shuffle`, its comma-separated tags after the first `keep` come in a random order (kohya's
+    shuffle_caption / keep_tokens). Draws from `generator` only for what is on: one uniform
+    number for the dropout, one permutation for the shuffle."""
+    from studio.datasets import split_tags
+
+    if dropout_rate and float(torch.rand((), generator=generator)) < dropout_rate:
+        return ""
+    if not shuffle:
+        return caption
+    tags = split_tags(caption)
+    kept, rest = tags[:keep], tags[keep:]
+    return ", ".join(kept + [rest[int(i)] for i in torch.randperm(len(rest), generator=generator)])
+
+
 @dataclass(frozen=True)
 class Example:
     path: Path

@@ -32,8 +32,8 @@ from studio.models.families import get_family
 from studio.jobs.runs import (CONFIG_FILE, SAMPLES_DIR, EventLog, adapters_dir, check_training, checkpoint_dir,
                          dataset_folder, run_workspace)
 from trainers.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
-from trainers.data import (BatchOrder, Example, center_crop_offsets, choose_bucket, micro_generator,
-                           prepare_image, sample_generator)
+from trainers.data import (BatchOrder, Example, caption_variant, center_crop_offsets, choose_bucket,
+                           micro_generator, prepare_image, sample_generator)
 from trainers.low_memory import nf4_quantization, store_in_fp8
 
 log = logging.getLogger(__name__)
@@ -115,17 +115,23 @@ class Trainer:
         self.cache_latents = cfg.training.cache_latents and cfg.dataset.center_crop
         if cfg.training.cache_latents and not cfg.dataset.center_crop:
             log.warning("latent caching is off: random crops need a fresh VAE pass per step")
-        self.cache_text = cfg.training.cache_text_embeddings and not cfg.network.train_text_encoder
+        # Shuffled tags make more variants than are worth caching: those captions are encoded
+        # every step. Dropout has one variant, the empty caption, which is cached.
+        self.cache_text = (cfg.training.cache_text_embeddings and not cfg.network.train_text_encoder
+                           and not cfg.dataset.shuffle_tags)
+        # The trigger word's tag (first, by caption_with_trigger) never moves.
+        self.keep_tags = max(cfg.dataset.keep_tokens, 1 if cfg.dataset.trigger_word.strip() else 0)
         self._latent_cache: dict[tuple[Path, bool], tuple[torch.Tensor, torch.Tensor]] = {}
         self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         if self.cache_latents:
             self._fill_latent_cache()
         if self.cache_text:
             with torch.no_grad():
-                for example in self.instance + self.class_examples:
-                    if example.caption not in self._text_cache:
-                        hidden, pooled = self._encode_text([example.caption])
-                        self._text_cache[example.caption] = (hidden[0], None if pooled is None else pooled[0])
+                dropped = [""] if cfg.dataset.caption_dropout_rate else []
+                for caption in [example.caption for example in self.instance + self.class_examples] + dropped:
+                    if caption not in self._text_cache:
+                        hidden, pooled = self._encode_text([caption])
+                        self._text_cache[caption] = (hidden[0], None if pooled is None else pooled[0])
 
         # adapters: the method (network.type) injects itself and names what trains
         from studio.adapters.methods import get_method
@@ -243,9 +249,11 @@ class Trainer:
                     mean, std = self._latent_dist(pixels[None])
                     self._latent_cache[(example.path, flip)] = (mean[0], std[0])
 
-    def _batch(self, examples: list[Example], indices: list[int], generators: list[torch.Generator]):
+    def _batch(self, examples: list[Example], indices: list[int], generators: list[torch.Generator], *,
+               vary_captions: bool):
         """Latents, text conditioning and (SDXL) size conditioning for one micro-batch; each
-        sample's flip, crop and latent sample come from its own generator."""
+        sample's flip, crop, latent sample and (with `vary_captions`, for training pictures)
+        caption dropout and tag order come from its own generator."""
         cfg = self.config
         chosen = [examples[i] for i in indices]
         flips = [bool(torch.rand((), generator=g) < 0.5) if cfg.dataset.random_flip else False for g in generators]
@@ -261,7 +269,10 @@ class Trainer:
             crops = [crop for _, crop in prepared]
         eps = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in generators]).to(mean.device, mean.dtype)
         latents = (mean + std * eps).float() * self.vae.config.scaling_factor
-        captions = [ex.caption for ex in chosen]
+        ds = cfg.dataset
+        captions = [caption_variant(ex.caption, g, dropout_rate=ds.caption_dropout_rate, shuffle=ds.shuffle_tags,
+                                    keep=self.keep_tags) if vary_captions else ex.caption
+                    for ex, g in zip(chosen, generators)]
         if self.cache_text:
             cached = [self._text_cache[c] for c in captions]
             text = torch.stack([h for h, _ in cached])
@@ -292,8 +303,9 @@ class Trainer:
         shares = [self._share(self.instance_order, micro_step, 0)]
         if self.class_examples:
             shares.append(self._share(self.class_order, micro_step, 1))
-        batches = [(*self._batch(examples, indices, generators), generators)
-                   for examples, (indices, generators) in zip((self.instance, self.class_examples), shares)]
+        parts = zip((self.instance, self.class_examples), shares)
+        batches = [(*self._batch(examples, indices, generators, vary_captions=part == 0), generators)
+                   for part, (examples, (indices, generators)) in enumerate(parts)]
         if len(batches) == 2 and batches[0][0].shape[1:] == batches[1][0].shape[1:]:  # same bucket: one UNet pass
             n = batches[0][0].shape[0]
             joined = [None if a is None else (a + b if isinstance(a, list) else torch.cat([a, b]))
