@@ -94,7 +94,10 @@ PRODIGY_MIN_LR = 0.1
 
 
 class TrainingConfig(_Section):
-    max_steps: int = Field(200, ge=1, le=1_000_000, description="Optimizer steps.")
+    max_steps: int = Field(200, ge=1, le=1_000_000, description="Optimizer steps (unless max_epochs is set).")
+    max_epochs: int | None = Field(
+        None, ge=1, le=100_000, description="Train this many epochs (passes over the training pictures, repeats counted) "
+                                            "instead of max_steps; the worker counts the steps from the dataset.")
     batch_size: int = Field(1, ge=1, le=256, description="Images per step (per device).")
     gradient_accumulation_steps: int = Field(1, ge=1, le=256, description="Micro-batches per optimizer step.")
     learning_rate: float = Field(1e-3, gt=0, le=1.0, description="Learning rate of the UNet LoRA.")
@@ -148,6 +151,7 @@ class TrainingConfig(_Section):
 
 class CheckpointConfig(_Section):
     every_n_steps: int = Field(50, ge=0, le=1_000_000, description="Save a resumable checkpoint every N steps (0 = only at the end).")
+    every_n_epochs: int = Field(0, ge=0, le=100_000, description="Also save one at the end of every N-th epoch (0 = off).")
     keep_last: int = Field(2, ge=1, le=1000, description="Checkpoints kept on disk.")
 
 

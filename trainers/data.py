@@ -122,6 +122,18 @@ def prepare_image(path: Path, bucket: tuple[int, int], *, center_crop: bool, fli
     return (tensor.flip(-1) if flip else tensor), (top, left)
 
 
+def steps_for_epochs(epochs: int, batches_per_epoch: int, accumulation: int) -> int:
+    """Optimizer steps of `epochs` epochs: ceil(epochs x batches_per_epoch / accumulation),
+    each step taking `accumulation` micro-batches of the order."""
+    return -(-epochs * batches_per_epoch // accumulation)
+
+
+def epochs_done(step: int, batches_per_epoch: int, accumulation: int) -> int:
+    """Epochs whose every micro-batch is in the first `step` optimizer steps:
+    floor(step x accumulation / batches_per_epoch)."""
+    return step * accumulation // batches_per_epoch
+
+
 class BatchOrder:
     """Which examples make up micro-batch k. Each epoch: the repeat-expanded examples of
     every bucket shuffled and cut into batches (a batch never mixes buckets), then the

@@ -32,8 +32,8 @@ from studio.models.families import get_family
 from studio.jobs.runs import (CONFIG_FILE, SAMPLES_DIR, EventLog, adapters_dir, check_training, checkpoint_dir,
                          dataset_folder, run_workspace)
 from trainers.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
-from trainers.data import (BatchOrder, Example, caption_variant, center_crop_offsets, choose_bucket,
-                           micro_generator, prepare_image, sample_generator)
+from trainers.data import (BatchOrder, Example, caption_variant, center_crop_offsets, choose_bucket, epochs_done,
+                           micro_generator, prepare_image, sample_generator, steps_for_epochs)
 from trainers.low_memory import nf4_quantization, store_in_fp8
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,9 @@ class Trainer:
         self.instance = [self._example(it.path, self._caption(it.caption), it.repeats, it.size) for it in instance]
         global_batch = cfg.training.batch_size * self.world
         self.instance_order = BatchOrder(self.instance, global_batch, cfg.seed)
+        if cfg.training.max_epochs:  # from here on the run is max_steps long, in its events and metadata too
+            cfg.training.max_steps = steps_for_epochs(cfg.training.max_epochs, self.instance_order.batches_per_epoch,
+                                                      cfg.training.gradient_accumulation_steps)
         self.class_examples: list[Example] = []
         if cfg.dataset.class_prompt and cfg.dataset.num_class_images > 0:
             self.class_examples = self._class_images(folder, [it for it in items if it.is_regularisation])
@@ -450,14 +453,14 @@ class Trainer:
                     progress.set_postfix(loss=f"{mean_loss:.4f}")
                 window_loss.zero_()
                 window_steps = 0
-            every = cfg.checkpoints.every_n_steps
-            if every and done % every == 0 and done < cfg.training.max_steps:
+            saved = self._checkpoint_due(done)
+            if saved:
                 self._save_checkpoint(done)
             sample_every = cfg.sampling.every_n_steps
             if sample_every and done % sample_every == 0 and done < cfg.training.max_steps:
                 self._sample(done)
             if self._stop_agreed(stop) and done < cfg.training.max_steps:
-                if not (every and done % every == 0):
+                if not saved:
                     self._save_checkpoint(done)
                 self.events.emit("cancelled", step=done)
                 raise TrainingCancelled(f"stopped at step {done}; resume continues from there")
@@ -469,6 +472,18 @@ class Trainer:
         self.events.emit("done", step=cfg.training.max_steps, adapter=str(adapter_path),
                          seconds=round(time.time() - started, 1))
         return adapter_path
+
+    def _checkpoint_due(self, done: int) -> bool:
+        """After step `done` (not the last): every checkpoints.every_n_steps steps, and at the
+        end of every checkpoints.every_n_epochs-th epoch."""
+        cfg, order = self.config, self.instance_order
+        if done >= cfg.training.max_steps:
+            return False
+        every, every_epochs = cfg.checkpoints.every_n_steps, cfg.checkpoints.every_n_epochs
+        accumulation = cfg.training.gradient_accumulation_steps
+        epoch_ended = every_epochs and (epochs_done(done, order.batches_per_epoch, accumulation) // every_epochs
+                                        > epochs_done(done - 1, order.batches_per_epoch, accumulation) // every_epochs)
+        return bool((every and done % every == 0) or epoch_ended)
 
     def step_size(self) -> float:
         """The UNet adapter's current learning rate: the scheduled lr, times d for Prodigy."""
