@@ -102,6 +102,11 @@ class TrainingConfig(_Section):
     gradient_accumulation_steps: int = Field(1, ge=1, le=256, description="Micro-batches per optimizer step.")
     learning_rate: float = Field(1e-3, gt=0, le=1.0, description="Learning rate of the UNet LoRA.")
     text_encoder_lr: float | None = Field(None, gt=0, le=1.0, description="Learning rate of the text-encoder LoRA (default: learning_rate).")
+    # sd-scripts' down_lr_weight / mid_lr_weight / up_lr_weight, one value a section: multipliers,
+    # so they follow the LR schedule, LoRA+'s ratio and Prodigy's d as learning_rate does.
+    block_lr_down: float = Field(1.0, ge=0, le=100, description="Learning rate x this in the UNet's down blocks (0 = not trained).")
+    block_lr_mid: float = Field(1.0, ge=0, le=100, description="Learning rate x this in the UNet's mid block (0 = not trained).")
+    block_lr_up: float = Field(1.0, ge=0, le=100, description="Learning rate x this in the UNet's up blocks (0 = not trained).")
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine",
                           "cosine_with_restarts", "polynomial"] = Field("constant", description="diffusers LR schedule.")
     lr_warmup_steps: int = Field(0, ge=0, le=1_000_000, description="Warm-up steps.")

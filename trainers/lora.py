@@ -142,7 +142,7 @@ class Trainer:
         net = cfg.network
         torch.manual_seed(cfg.seed)  # the adapters' initial weights are a function of the seed
         self.adapter = get_method(net.type).training(net, seed=cfg.seed)
-        params = self.adapter.add("unet", self.unet, cfg.training.learning_rate)
+        params = self.block_groups(self.adapter.add("unet", self.unet, cfg.training.learning_rate))
         if net.train_text_encoder:
             for component, encoder in zip(("text_encoder", "text_encoder_2"), self.text_encoders):
                 params += self.adapter.add(component, encoder, cfg.training.text_encoder_lr or cfg.training.learning_rate)
@@ -190,6 +190,26 @@ class Trainer:
                               "the queue, which generate the missing ones first.")
         examples = [self._example(it.path, it.caption or cfg.dataset.class_prompt, 1, it.size) for it in existing]
         return examples[: cfg.dataset.num_class_images]
+
+    def block_groups(self, groups: list[dict]) -> list[dict]:
+        """The UNet adapter's parameter groups split by UNet section: a parameter in the down
+        blocks trains at its group's lr x training.block_lr_down, in the mid block x
+        block_lr_mid, in the up blocks x block_lr_up; elsewhere (conv_in, time embedding,
+        conv_out) at its group's lr. Each group says its section under "block". With every
+        multiplier 1 the groups stay as the method made them (earlier runs' checkpoints resume)."""
+        t = self.config.training
+        weights = {"down_blocks": t.block_lr_down, "mid_block": t.block_lr_mid, "up_blocks": t.block_lr_up}
+        if all(w == 1.0 for w in weights.values()):
+            return groups
+        section = {id(p): name.split(".")[0] for name, p in self.adapter.named_parameters("unet")}
+        split = []
+        for group in groups:
+            by_section: dict[str, list] = {}
+            for p in group["params"]:
+                by_section.setdefault(section[id(p)] if section[id(p)] in weights else "other", []).append(p)
+            split += [{**group, "params": params, "block": name, "lr": group["lr"] * weights.get(name, 1.0)}
+                      for name, params in by_section.items()]
+        return split
 
     def _optimizer(self, params):
         """The configured optimizer over the adapter's parameter groups. Every choice is stepped

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Iterator, Mapping
 
 from studio.errors import StudioError
 
@@ -44,6 +44,12 @@ class Training(ABC):
     def add(self, component: str, model: "torch.nn.Module", lr: float) -> list[dict]:
         """Inject into `model` (the pipeline component `component`: unet, text_encoder,
         text_encoder_2) and return its optimizer parameter groups at learning rate `lr`."""
+
+    @abstractmethod
+    def named_parameters(self, component: str) -> "Iterator[tuple[str, torch.nn.Parameter]]":
+        """The adapter's parameters on `component`, each named by the path of the module of
+        that component it adapts (then the adapter's own names): what block-wise settings
+        read."""
 
     @abstractmethod
     def state(self) -> dict[str, "torch.Tensor"]:
@@ -158,6 +164,9 @@ class PeftTraining(Training):
 
     def injected(self, component: str, model: "torch.nn.Module") -> None:
         """Called right after the injection into `model`, before its parameters are grouped."""
+
+    def named_parameters(self, component):
+        return ((name, p) for name, p in self.models[component].named_parameters() if p.requires_grad)
 
     def state(self):
         from peft.utils import get_peft_model_state_dict

@@ -36,6 +36,11 @@ class TLoRATraining(Training):
         self.unet = model
         return self.method.param_groups(self.adapter, lr, net)
 
+    def named_parameters(self, component):
+        # the adapter's ModuleDict keys are UNet module paths with "__" for "."
+        return ((name.removeprefix("layers.").replace("__", "."), p) for name, p in self.adapter.named_parameters()
+                if p.requires_grad)
+
     def state(self):
         return {f"tlora.{k}": v for k, v in self.adapter.state_dict().items()}
 
