@@ -134,6 +134,8 @@ class TrainingConfig(_Section):
                           "too; not with shuffled tags).")
     num_threads: int | None = Field(None, ge=1, le=256, description="CPU threads for torch (default: all cores).")
     log_every_n_steps: int = Field(5, ge=1, le=1_000_000, description="Steps between progress events.")
+    tensorboard: bool = Field(True, description="Also write loss, lr and sample images as TensorBoard event files in the run "
+                                                "folder (`tensorboard --logdir workspace/runs`).")
     num_processes: int = Field(
         1, ge=1, le=64, description="Processes training together, data parallel (one per GPU; gloo on a CPU); "
                                     "each takes batch_size pictures of the step, through accelerate launch.")

@@ -35,6 +35,7 @@ from trainers.checkpoints import latest_checkpoint, load_checkpoint, save_checkp
 from trainers.data import (BatchOrder, Example, caption_variant, center_crop_offsets, choose_bucket, epochs_done,
                            micro_generator, prepare_image, sample_generator, steps_for_epochs)
 from trainers.low_memory import nf4_quantization, store_in_fp8
+from trainers.tensorboard import TensorBoardLog
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,8 @@ class Trainer:
         # accelerate launch / torchrun number the processes in RANK; the Accelerator agrees.
         self.is_main = os.environ.get("RANK", "0") == "0"
         self.events = EventLog(self.run_dir, write=self.is_main)
+        # opened by the training loop, which knows the step it starts at
+        self.tensorboard = TensorBoardLog(self.run_dir, write=False, start_step=0)
         self.show_progress = show_progress
 
     # ---------------------------------------------------------------- set-up
@@ -410,6 +413,8 @@ class Trainer:
                 raise TrainingFailed(message) from None
             self._emit_own_error(f"{type(error).__name__}: {error}")
             raise
+        finally:
+            self.tensorboard.close()
 
     def _emit_own_error(self, message: str) -> None:
         """This process's own error, written once: by the main process, or by another
@@ -441,6 +446,8 @@ class Trainer:
         else:
             self.events.emit("start", max_steps=cfg.training.max_steps, run_dir=str(self.run_dir),
                              base_model=cfg.base_model, images=len(self.instance))
+        self.tensorboard = TensorBoardLog(self.run_dir, write=self.is_main and cfg.training.tensorboard,
+                                          start_step=start_step)
         progress = None
         if self.show_progress:
             from tqdm.auto import tqdm
@@ -466,9 +473,11 @@ class Trainer:
                         "checkpoint. Lower training.learning_rate or turn off fp16, then resume.")
                 elapsed = time.time() - loop_start
                 rate = steps_done / elapsed if elapsed > 0 else 0.0
+                lr = self.step_size()
                 self.events.emit("progress", step=done, max_steps=cfg.training.max_steps, loss=mean_loss,
-                                 lr=self.step_size(), it_s=round(rate, 3),
+                                 lr=lr, it_s=round(rate, 3),
                                  eta_s=round((cfg.training.max_steps - done) / rate, 1) if rate else None)
+                self.tensorboard.scalars(done, loss=mean_loss, lr=lr)
                 if progress is not None:
                     progress.set_postfix(loss=f"{mean_loss:.4f}")
                 window_loss.zero_()
@@ -598,6 +607,7 @@ class Trainer:
                               generator=generator, height=cfg.dataset.resolution, width=cfg.dataset.resolution).images[0]
             path = sample_dir / f"step-{step:06d}-{i}.png"
             image.save(path)
+            self.tensorboard.image(f"samples/{i}", image, step)
             paths.append(str(path))
         unet.train()
         self.events.emit("sample", step=step, paths=paths, prompts=prompts)
