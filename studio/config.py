@@ -120,6 +120,13 @@ class TrainingConfig(_Section):
     adam_epsilon: float = Field(1e-8, gt=0, le=1)
     weight_decay: float = Field(1e-2, ge=0, le=10)
     max_grad_norm: float = Field(1.0, ge=0, le=1e6, description="Gradient clipping (0 = off).")
+    ema_decay: float | None = Field(
+        None, gt=0, lt=1, description="EMA of the adapter weights: ema = decay x ema + (1 - decay) x weights after every "
+                                      "step (0.999 is common); off when unset.")
+    ema_start_step: int = Field(0, ge=0, le=1_000_000, description="The EMA starts as the weights after this step.")
+    ema_export: Literal["beside", "as_adapter"] = Field(
+        "beside", description="beside: the EMA weights also go to adapters/<name>-ema.safetensors; as_adapter: the "
+                              "adapter file holds them.")
     min_snr_gamma: float | None = Field(None, gt=0, le=1000, description="Min-SNR loss weighting gamma (5 is common); off when unset.")
     noise_offset: float = Field(0.0, ge=0, le=1, description="Offset noise strength.")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Mixed precision (CUDA only).")

@@ -15,6 +15,7 @@ adapter; the others wait at those points.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import math
@@ -154,6 +155,12 @@ class Trainer:
         self.trainable = [p for group in params for p in group["params"]]
         for p in self.trainable:
             p.data = p.data.float()
+        t = cfg.training
+        if t.ema_decay is not None and t.ema_start_step >= t.max_steps:
+            raise StudioError(f"training.ema_start_step is {t.ema_start_step} but the run is {t.max_steps} steps "
+                              "long; start the EMA earlier or unset training.ema_decay.")
+        self.ema: list[torch.Tensor] | None = None
+        self._update_ema(0)
         if cfg.training.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.unet.train()
@@ -441,6 +448,8 @@ class Trainer:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
             start_step = state["step"]
             random.setstate(state["python_rng"])
+            if "ema" in state:
+                self.ema = [e.to(p.device) for e, p in zip(state["ema"], self.trainable)]
             self.events.emit("resume", step=start_step, checkpoint=checkpoint.name)
             log.info("resumed from %s at step %d", checkpoint, start_step)
         else:
@@ -568,7 +577,37 @@ class Trainer:
                     self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
             total += loss.detach().float() / accum
+        self._update_ema(step + 1)
         return total
+
+    @torch.no_grad()
+    def _update_ema(self, done: int) -> None:
+        """After `done` steps, with training.ema_decay d: the EMA becomes the weights θ at
+        done = ema_start_step s, then ema = d·ema + (1 − d)·θ_done, so that
+        ema_T = d^(T−s)·θ_s + Σ_{k=s+1..T} (1 − d)·d^(T−k)·θ_k."""
+        t = self.config.training
+        if t.ema_decay is None or done < t.ema_start_step:
+            return
+        weights = [p.detach() for p in self.trainable]
+        if done == t.ema_start_step:
+            self.ema = [w.clone() for w in weights]
+        else:
+            for ema, weight in zip(self.ema, weights):
+                ema.lerp_(weight, 1.0 - t.ema_decay)
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """The adapter holds the EMA weights inside the block, its own weights again after."""
+        own = [p.detach().clone() for p in self.trainable]
+        with torch.no_grad():
+            for p, e in zip(self.trainable, self.ema):
+                p.copy_(e)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, w in zip(self.trainable, own):
+                    p.copy_(w)
 
     def _save_checkpoint(self, step: int) -> None:
         """The main process writes it (every process holds the same state); all wait for it."""
@@ -579,6 +618,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(),
                 "lr_scheduler": self.lr_scheduler.state_dict(),
                 "python_rng": random.getstate(),
+                **({"ema": [e.cpu() for e in self.ema]} if self.ema is not None else {}),
             }, keep_last=self.config.checkpoints.keep_last)
             self.events.emit("checkpoint", step=step, path=str(path))
         self.accelerator.wait_for_everyone()
@@ -613,9 +653,24 @@ class Trainer:
         self.events.emit("sample", step=step, paths=paths, prompts=prompts)
 
     def _export(self, started: float) -> Path:
-        """Write the trained adapter to adapters/<name>.safetensors as its method exports it
-        (the kohya / LyCORIS layout, or a layout of the method's own such as T-LoRA's), with
-        ss_* / modelspec.* metadata."""
+        """Write the trained adapter to adapters/<name>.safetensors; with an EMA
+        (training.ema_decay), the EMA weights go there instead (ema_export "as_adapter") or
+        to adapters/<name>-ema.safetensors beside it ("beside")."""
+        t = self.config.training
+        if t.ema_decay is None:
+            return self._export_adapter(started, self.config.name)
+        if t.ema_export == "as_adapter":
+            with self.ema_weights():
+                return self._export_adapter(started, self.config.name)
+        path = self._export_adapter(started, self.config.name)
+        with self.ema_weights():
+            self._export_adapter(started, f"{self.config.name}-ema")
+        return path
+
+    def _export_adapter(self, started: float, name: str) -> Path:
+        """Write the adapter's current weights to adapters/<name>.safetensors as its method
+        exports them (the kohya / LyCORIS layout, or a layout of the method's own such as
+        T-LoRA's), with ss_* / modelspec.* metadata."""
         from studio.adapters import training_metadata
 
         cfg = self.config
@@ -625,7 +680,7 @@ class Trainer:
             cfg, self.model_ref, dataset_folder=self._dataset_folder(), started=started, finished=time.time(),
             run_id=self.run_dir.name, adapter=adapter, thumbnail=samples[-1] if samples else None,
             prediction_type=self.noise_scheduler.config.prediction_type)
-        return self.adapter.save(unique_adapter_path(adapters_dir(self.run_dir), cfg.name, self.run_dir.name), adapter)
+        return self.adapter.save(unique_adapter_path(adapters_dir(self.run_dir), name, self.run_dir.name), adapter)
 
 
 def _is_peer_failure(error: BaseException) -> bool:
