@@ -67,6 +67,9 @@ class NetworkConfig(_Section):
                                       description="UNet module names to adapt (attn1 and attn2 of every transformer block).")
     conv_target_modules: list[str] = Field(default_factory=lambda: list(UNET_CONV),
                                            description="Extra UNet modules for locon (ResNet convs, time projections, resamplers).")
+    block_rank_down: int | None = Field(None, ge=1, le=1024, description="Rank of the adapted attention layers in the UNet's down blocks (default: rank).")
+    block_rank_mid: int | None = Field(None, ge=1, le=1024, description="Rank of the adapted attention layers in the UNet's mid block (default: rank).")
+    block_rank_up: int | None = Field(None, ge=1, le=1024, description="Rank of the adapted attention layers in the UNet's up blocks (default: rank).")
     conv_rank: int | None = Field(None, ge=1, le=1024, description="Rank of the conv layers for locon (default: rank).")
     conv_alpha: float | None = Field(None, gt=0, le=4096, description="Alpha of the conv layers for locon (default: alpha).")
     use_dora: bool = Field(False, description="DoRA: learn a per-output magnitude besides the direction (lora/locon).")

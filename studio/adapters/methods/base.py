@@ -201,6 +201,21 @@ class PeftMethod(Method):
     def training(self, net, *, seed):
         return self.training_class(self, net)
 
+    def rank_patterns(self, net, *, text_encoder: bool) -> dict:
+        """peft's rank_pattern and alpha_pattern (first matching pattern wins): the UNet's
+        attention layers (network.target_modules) in its down blocks, mid block and up blocks
+        at block_rank_down / _mid / _up where set, as sd-scripts' block_dims; alpha stays
+        network.alpha, so each block scales by alpha / its rank."""
+        import re
+
+        if text_encoder:
+            return {"rank_pattern": {}, "alpha_pattern": {}}
+        targets = "|".join(re.escape(name) for name in net.target_modules)
+        sections = (("down_blocks", net.block_rank_down), ("mid_block", net.block_rank_mid),
+                    ("up_blocks", net.block_rank_up))
+        return {"rank_pattern": {rf"^{section}\..*\.(?:{targets})$": rank for section, rank in sections if rank},
+                "alpha_pattern": {}}
+
     def targets(self, net, *, text_encoder: bool) -> list[str]:
         """The module names peft adapts."""
         return list(net.text_encoder_target_modules if text_encoder else net.target_modules)

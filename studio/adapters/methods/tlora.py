@@ -73,6 +73,8 @@ class TLoRA(NativeFileMethod):
             raise ValueError(f"tlora_min_rank ({net.tlora_min_rank}) must not exceed rank ({net.rank})")
         if net.train_text_encoder:
             raise ValueError("T-LoRA adapts the UNet only; set train_text_encoder = false")
+        if net.block_rank_down or net.block_rank_mid or net.block_rank_up:
+            raise ValueError("T-LoRA has one rank schedule for every layer; unset block_rank_down / _mid / _up")
 
     def training(self, net, *, seed):
         return TLoRATraining(self, net, seed)
