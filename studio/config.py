@@ -204,6 +204,31 @@ class TrainConfig(_Section):
         return self
 
 
+MAX_STEPS = 1_000_000
+
+
+def steps_for_epochs(epochs: int, batches_per_epoch: int, accumulation: int) -> int:
+    """Optimizer steps of `epochs` epochs: ceil(epochs x batches_per_epoch / accumulation),
+    each step taking `accumulation` micro-batches; refused above MAX_STEPS."""
+    steps = -(-epochs * batches_per_epoch // accumulation)
+    if steps > MAX_STEPS:
+        raise StudioError(f"training.max_epochs = {epochs} makes {steps} steps of this dataset, more than the "
+                          f"{MAX_STEPS} a run may train; lower it.")
+    return steps
+
+
+def planned_steps(training: TrainingConfig, images_per_epoch: int) -> int:
+    """The steps a run trains: max_steps, or with max_epochs those of that many epochs of
+    `images_per_epoch` pictures (repeats counted) in global batches of batch_size x
+    num_processes. Exact without aspect-ratio buckets; with them each bucket's short last
+    batch adds a batch, which the worker counts from its batch order."""
+    t = training
+    if t.max_epochs is None:
+        return t.max_steps
+    batches = -(-images_per_epoch // (t.batch_size * t.num_processes))
+    return steps_for_epochs(t.max_epochs, batches, t.gradient_accumulation_steps)
+
+
 def check_device_support(config: TrainConfig) -> None:
     """Refuse, before any model loads, what this machine cannot run: mixed precision, 8-bit
     AdamW and nf4 / fp8 base weights need a CUDA GPU (nf4 and adamw8bit also bitsandbytes)."""

@@ -9,13 +9,21 @@ from tests.conftest import demo_config
 
 
 def test_epoch_arithmetic():
-    from trainers.data import epochs_done, steps_for_epochs
+    from studio.config import TrainingConfig, planned_steps, steps_for_epochs
+    from studio.errors import StudioError
+    from trainers.data import epochs_done
 
     assert steps_for_epochs(3, 12, 1) == 36
     assert steps_for_epochs(3, 12, 5) == 8          # 36 micro-batches in steps of 5: the last step ends the third
     assert steps_for_epochs(1, 7, 2) == 4
     assert [epochs_done(s, 12, 5) for s in (2, 3, 4, 5, 7, 8)] == [0, 1, 1, 2, 2, 3]
     assert [epochs_done(s, 6, 1) for s in (5, 6, 11, 12)] == [0, 1, 1, 2]
+    with pytest.raises(StudioError, match="max_epochs = 100000 makes 1200000 steps"):
+        steps_for_epochs(100_000, 12, 1)
+    # what the Train tab and `check` say before the run: 13 pictures (repeats counted), 2 processes x batch 3
+    training = TrainingConfig(max_steps=50, max_epochs=4, batch_size=3, num_processes=2, gradient_accumulation_steps=2)
+    assert planned_steps(training, 13) == 6        # ceil(13 / 6) = 3 batches an epoch, 12 micro-batches, 2 a step
+    assert planned_steps(TrainingConfig(max_steps=50), 13) == 50
 
 
 @pytest.mark.slow(seconds=15)

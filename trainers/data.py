@@ -122,12 +122,6 @@ def prepare_image(path: Path, bucket: tuple[int, int], *, center_crop: bool, fli
     return (tensor.flip(-1) if flip else tensor), (top, left)
 
 
-def steps_for_epochs(epochs: int, batches_per_epoch: int, accumulation: int) -> int:
-    """Optimizer steps of `epochs` epochs: ceil(epochs x batches_per_epoch / accumulation),
-    each step taking `accumulation` micro-batches of the order."""
-    return -(-epochs * batches_per_epoch // accumulation)
-
-
 def epochs_done(step: int, batches_per_epoch: int, accumulation: int) -> int:
     """Epochs whose every micro-batch is in the first `step` optimizer steps:
     floor(step x accumulation / batches_per_epoch)."""

@@ -27,14 +27,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from studio.config import TrainConfig, check_device_support, load_config
+from studio.config import TrainConfig, check_device_support, load_config, steps_for_epochs
 from studio.errors import StudioError
 from studio.models.families import get_family
 from studio.jobs.runs import (CONFIG_FILE, SAMPLES_DIR, EventLog, adapters_dir, check_training, checkpoint_dir,
                          dataset_folder, run_workspace)
 from trainers.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from trainers.data import (BatchOrder, Example, caption_variant, center_crop_offsets, choose_bucket, epochs_done,
-                           micro_generator, prepare_image, sample_generator, steps_for_epochs)
+                           micro_generator, prepare_image, sample_generator)
 from trainers.low_memory import nf4_quantization, store_in_fp8
 from trainers.tensorboard import TensorBoardLog
 
