@@ -2,6 +2,8 @@
 the run went through (its checkpoints), and it resumes exactly."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -45,6 +47,8 @@ def test_ema_is_the_closed_form_ema_of_the_saved_trajectory_and_resumes_exactly(
 
     # The file beside the adapter holds the EMA: the export of the closed form.
     ema_file = load_adapter(adapter_path.with_name(f"{config.name}-ema.safetensors"))
+    assert json.loads(ema_file.metadata["lora_studio_ema"]) == {"decay": DECAY, "start_step": START}
+    assert "lora_studio_ema" not in load_adapter(adapter_path).metadata
     trainer.load_adapter_state(expected)
     closed = trainer.adapter.export(trainer.model_ref.family)
     assert ema_file.modules.keys() == closed.modules.keys()

@@ -658,16 +658,16 @@ class Trainer:
         to adapters/<name>-ema.safetensors beside it ("beside")."""
         t = self.config.training
         if t.ema_decay is None:
-            return self._export_adapter(started, self.config.name)
+            return self._export_adapter(started, self.config.name, ema=False)
         if t.ema_export == "as_adapter":
             with self.ema_weights():
-                return self._export_adapter(started, self.config.name)
-        path = self._export_adapter(started, self.config.name)
+                return self._export_adapter(started, self.config.name, ema=True)
+        path = self._export_adapter(started, self.config.name, ema=False)
         with self.ema_weights():
-            self._export_adapter(started, f"{self.config.name}-ema")
+            self._export_adapter(started, f"{self.config.name}-ema", ema=True)
         return path
 
-    def _export_adapter(self, started: float, name: str) -> Path:
+    def _export_adapter(self, started: float, name: str, *, ema: bool) -> Path:
         """Write the adapter's current weights to adapters/<name>.safetensors as its method
         exports them (the kohya / LyCORIS layout, or a layout of the method's own such as
         T-LoRA's), with ss_* / modelspec.* metadata."""
@@ -679,7 +679,7 @@ class Trainer:
         adapter.metadata = training_metadata(
             cfg, self.model_ref, dataset_folder=self._dataset_folder(), started=started, finished=time.time(),
             run_id=self.run_dir.name, adapter=adapter, thumbnail=samples[-1] if samples else None,
-            prediction_type=self.noise_scheduler.config.prediction_type)
+            prediction_type=self.noise_scheduler.config.prediction_type, ema=ema)
         return self.adapter.save(unique_adapter_path(adapters_dir(self.run_dir), name, self.run_dir.name), adapter)
 
 
