@@ -43,6 +43,15 @@ def caption_variant(caption: str, generator: torch.Generator, *, dropout_rate: f
     return ", ".join(kept + [rest[int(i)] for i in torch.randperm(len(rest), generator=generator)])
 
 
+def validation_indices(count: int, share: float, seed: int) -> list[int]:
+    """The pictures (of `count`) held out for validation: round(share x count), at least
+    one when share > 0, drawn by the seed; sorted."""
+    if not share:
+        return []
+    held_out = max(1, round(share * count))
+    return sorted(int(i) for i in torch.randperm(count, generator=torch.Generator().manual_seed(seed + 2))[:held_out])
+
+
 @dataclass(frozen=True)
 class Example:
     path: Path

@@ -34,11 +34,16 @@ from studio.jobs.runs import (CONFIG_FILE, SAMPLES_DIR, EventLog, adapters_dir, 
                          dataset_folder, run_workspace)
 from trainers.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from trainers.data import (BatchOrder, Example, caption_variant, center_crop_offsets, choose_bucket, epochs_done,
-                           micro_generator, prepare_image, sample_generator)
+                           micro_generator, prepare_image, sample_generator, validation_indices)
 from trainers.low_memory import nf4_quantization, store_in_fp8
 from trainers.tensorboard import TensorBoardLog
 
 log = logging.getLogger(__name__)
+
+
+# (noise, timestep) draws per held-out picture in the validation loss: enough that its value
+# follows the weights rather than which timesteps were drawn.
+VALIDATION_DRAWS = 4
 
 
 class TrainingFailed(StudioError):
@@ -109,7 +114,13 @@ class Trainer:
         instance = [it for it in items if not it.is_regularisation]
         if not instance:  # the dataset changed since the run was queued: say what is wrong as the check does
             check_training(cfg, run_workspace(self.run_dir)).raise_problems()
-        self.instance = [self._example(it.path, self._caption(it.caption), it.repeats, it.size) for it in instance]
+        examples = [self._example(it.path, self._caption(it.caption), it.repeats, it.size) for it in instance]
+        held_out = validation_indices(len(examples), cfg.dataset.validation_split, cfg.seed)
+        if held_out and len(held_out) >= len(examples):
+            raise StudioError(f"dataset.validation_split = {cfg.dataset.validation_split:g} holds out every one of the "
+                              f"{len(examples)} training pictures; lower it or add pictures.")
+        self.validation = [examples[i] for i in held_out]
+        self.instance = [example for i, example in enumerate(examples) if i not in held_out]
         global_batch = cfg.training.batch_size * self.world
         self.instance_order = BatchOrder(self.instance, global_batch, cfg.seed)
         if cfg.training.max_epochs:  # from here on the run is max_steps long, in its events and metadata too
@@ -135,7 +146,8 @@ class Trainer:
         if self.cache_text:
             with torch.no_grad():
                 dropped = [""] if cfg.dataset.caption_dropout_rate else []
-                for caption in [example.caption for example in self.instance + self.class_examples] + dropped:
+                captions = [example.caption for example in self.instance + self.class_examples + self.validation]
+                for caption in captions + dropped:
                     if caption not in self._text_cache:
                         hidden, pooled = self._encode_text([caption])
                         self._text_cache[caption] = (hidden[0], None if pooled is None else pooled[0])
@@ -275,7 +287,7 @@ class Trainer:
 
     def _fill_latent_cache(self) -> None:
         flips = (False, True) if self.config.dataset.random_flip else (False,)
-        for example in self.instance + self.class_examples:
+        for example in self.instance + self.class_examples + self.validation:
             for flip in flips:
                 if (example.path, flip) not in self._latent_cache:
                     pixels, _ = prepare_image(example.path, example.bucket, center_crop=True, flip=flip, generator=None)
@@ -374,6 +386,34 @@ class Trainer:
             per_sample = per_sample * weight
         return per_sample
 
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        """Mean loss over the held-out pictures (dataset.validation_split), VALIDATION_DRAWS
+        draws each (latent sample, noise, timestep, flip) from generators of their own (part
+        2 of micro-step 0), captions as written, no adapter dropout: the same draws at every
+        evaluation, so the value changes only with the weights."""
+        models = [self.accelerator.unwrap_model(self.unet)] + [m for _, m in self._text_encoder_components()]
+        modes = [model.training for model in models]
+        for model in models:
+            model.eval()
+        losses = []
+        for i in range(len(self.validation)):
+            generators = [sample_generator(self.config.seed, 0, 2, i * VALIDATION_DRAWS + j)
+                          for j in range(VALIDATION_DRAWS)]
+            batch = self._batch(self.validation, [i] * VALIDATION_DRAWS, generators, vary_captions=False)
+            losses.append(self._per_sample_loss(*batch, generators))
+        for model, mode in zip(models, modes):
+            model.train(mode)
+        return float(torch.cat(losses).mean())
+
+    def _validate(self, step: int) -> None:
+        """The main process evaluates and writes the validation loss; all wait for it."""
+        if self.is_main:
+            loss = self.validation_loss()
+            self.events.emit("validation", step=step, loss=loss)
+            self.tensorboard.scalars(step, validation_loss=loss)
+        self.accelerator.wait_for_everyone()
+
     # ---------------------------------------------------------------- state
     def adapter_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().float().cpu().clone() for k, v in self.adapter.state().items()}
@@ -454,7 +494,8 @@ class Trainer:
             log.info("resumed from %s at step %d", checkpoint, start_step)
         else:
             self.events.emit("start", max_steps=cfg.training.max_steps, run_dir=str(self.run_dir),
-                             base_model=cfg.base_model, images=len(self.instance))
+                             base_model=cfg.base_model, images=len(self.instance),
+                             validation_images=len(self.validation))
         self.tensorboard = TensorBoardLog(self.run_dir, write=self.is_main and cfg.training.tensorboard,
                                           start_step=start_step)
         progress = None
@@ -497,6 +538,9 @@ class Trainer:
             sample_every = cfg.sampling.every_n_steps
             if sample_every and done % sample_every == 0 and done < cfg.training.max_steps:
                 self._sample(done)
+            validate_every = cfg.training.validate_every_n_steps
+            if self.validation and validate_every and done % validate_every == 0 and done < cfg.training.max_steps:
+                self._validate(done)
             if self._stop_agreed(stop) and done < cfg.training.max_steps:
                 if not saved:
                     self._save_checkpoint(done)
@@ -504,6 +548,8 @@ class Trainer:
                 raise TrainingCancelled(f"stopped at step {done}; resume continues from there")
         if progress is not None:
             progress.close()
+        if self.validation:
+            self._validate(cfg.training.max_steps)
         self._sample(cfg.training.max_steps)
         adapter_path = self._export(started) if self.is_main else None
         self.accelerator.wait_for_everyone()

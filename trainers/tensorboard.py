@@ -1,6 +1,6 @@
 """TensorBoard event files in the run folder (runs/<id>/tensorboard): the progress events'
-loss and lr, and the sample pictures, for `tensorboard --logdir workspace/runs`. The Runs
-tab reads events.jsonl, not these."""
+loss and lr, the validation loss and the sample pictures, for `tensorboard --logdir
+workspace/runs`. The Runs tab reads events.jsonl, not these."""
 from __future__ import annotations
 
 from pathlib import Path
