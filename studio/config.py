@@ -161,14 +161,10 @@ class TrainingConfig(_Section):
 
     @model_validator(mode="after")
     def _check_optimizer(self) -> "TrainingConfig":
-        if self.optimizer == "prodigy":
-            low = [f"{key} = {lr:g}" for key, lr in (("learning_rate", self.learning_rate),
-                                                     ("text_encoder_lr", self.text_encoder_lr))
-                   if lr is not None and lr < PRODIGY_MIN_LR]
-            if low:
-                raise ValueError(f"with optimizer 'prodigy' the learning rate multiplies the step size Prodigy "
-                                 f"estimates, so {' and '.join(low)} would barely train; set it to 1.0 "
-                                 f"(at least {PRODIGY_MIN_LR:g})")
+        if self.optimizer == "prodigy" and self.learning_rate < PRODIGY_MIN_LR:
+            raise ValueError(f"with optimizer 'prodigy' the learning rate multiplies the step size Prodigy "
+                             f"estimates, so learning_rate = {self.learning_rate:g} would barely train; set it to 1.0 "
+                             f"(at least {PRODIGY_MIN_LR:g})")
         return self
 
 
@@ -207,7 +203,25 @@ class TrainConfig(_Section):
         if self.dataset.name and self.dataset.path:
             raise ValueError("set dataset.name (a workspace dataset) or dataset.path (a folder), not both")
         METHODS[self.network.type].check_base_weights(self.network, self.training.base_weights)
+        if self.training.optimizer == "prodigy":
+            _check_one_prodigy_rate(self.training, self.network)
         return self
+
+
+def _check_one_prodigy_rate(t: TrainingConfig, net: NetworkConfig) -> None:
+    """Prodigy estimates one step size for all parameters and refuses parameter groups at
+    different learning rates (0, a group that does not train, excepted)."""
+    other = []
+    if net.loraplus_lr_ratio:
+        other.append(f"network.loraplus_lr_ratio = {net.loraplus_lr_ratio:g}")
+    if net.train_text_encoder and t.text_encoder_lr not in (None, t.learning_rate):
+        other.append(f"training.text_encoder_lr = {t.text_encoder_lr:g}")
+    other += [f"training.{key} = {value:g}" for key, value in
+              (("block_lr_down", t.block_lr_down), ("block_lr_mid", t.block_lr_mid), ("block_lr_up", t.block_lr_up))
+              if value not in (0.0, 1.0)]
+    if other:
+        raise ValueError(f"optimizer 'prodigy' trains every parameter at one learning rate (a block multiplier of 0 "
+                         f"or 1 excepted); unset {', '.join(other)} or choose adamw / adafactor")
 
 
 MAX_STEPS = 1_000_000

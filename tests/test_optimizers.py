@@ -80,3 +80,34 @@ def test_prodigy_with_an_adamw_learning_rate_is_refused_in_one_line():
     assert "\n" not in message and "training" in message and "learning_rate = 0.001" in message
     assert "set it to 1.0" in message
     assert parse_config({"training": {"optimizer": "prodigy", "learning_rate": 1.0}}).training.optimizer == "prodigy"
+
+
+@pytest.mark.parametrize("network, training, named", [
+    ({"loraplus_lr_ratio": 16.0}, {}, "network.loraplus_lr_ratio = 16"),
+    ({"train_text_encoder": True}, {"text_encoder_lr": 0.5}, "training.text_encoder_lr = 0.5"),
+    ({}, {"block_lr_mid": 0.5}, "training.block_lr_mid = 0.5"),
+])
+def test_prodigy_refuses_parameter_groups_at_different_rates(network, training, named):
+    from studio.config import parse_config
+    from studio.errors import StudioError
+
+    with pytest.raises(StudioError, match="one learning rate") as error:
+        parse_config({"network": network, "training": {"optimizer": "prodigy", "learning_rate": 1.0, **training}})
+    assert named in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.slow(seconds=5)
+def test_prodigy_with_a_block_turned_off_trains_the_others(workspace):
+    from studio.jobs.runs import create_run
+    from trainers.lora import Trainer
+
+    config = demo_config(max_steps=3, block_lr_up=0.0, **OPTIMIZERS["prodigy"])
+    trainer = Trainer(create_run(config, workspace), show_progress=False)
+    trainer._setup()
+    start = trainer.adapter_state()
+    for step in range(3):
+        trainer.train_step(step)
+    end = trainer.adapter_state()
+    moved = {key: float((end[key] - start[key]).abs().max()) for key in start}
+    assert all(v == 0 for k, v in moved.items() if ".up_blocks." in f".{k}")
+    assert any(v > 0 for k, v in moved.items() if ".down_blocks." in f".{k}")

@@ -239,8 +239,9 @@ class Trainer:
 
         - prodigy: the update is lr * d, d being Prodigy's running estimate of the distance to
           the solution (times d_coef); lr = 1 is its authors' setting, so the schedule is a
-          multiplier of d. Bias correction on and, with warm-up, safeguard_warmup (keeps the
-          small early lr out of d's estimate): the settings its authors advise for diffusion.
+          multiplier of d, one for every group (the config refuses groups at other rates).
+          Adam's bias correction on, as kohya's Prodigy recipes for diffusion LoRAs set it;
+          with warm-up, safeguard_warmup keeps the small early lr out of d's estimate.
         - adafactor: relative_step off, the configured lr and schedule, no parameter scaling
           (scale_parameter off) and no first moment (beta1 None): kohya's and OneTrainer's
           LoRA recipe. Its own relative-step schedule (lr = min(1e-2, 1/sqrt(step)) x RMS(p))
