@@ -203,8 +203,11 @@ class TrainConfig(_Section):
         if self.dataset.name and self.dataset.path:
             raise ValueError("set dataset.name (a workspace dataset) or dataset.path (a folder), not both")
         METHODS[self.network.type].check_base_weights(self.network, self.training.base_weights)
-        if self.training.optimizer == "prodigy":
-            _check_one_prodigy_rate(self.training, self.network)
+        t = self.training
+        if t.block_lr_down == t.block_lr_mid == t.block_lr_up == 0 and not self.network.train_text_encoder:
+            raise ValueError("training.block_lr_down, block_lr_mid and block_lr_up are all 0: nothing would train")
+        if t.optimizer == "prodigy":
+            _check_one_prodigy_rate(t, self.network)
         return self
 
 

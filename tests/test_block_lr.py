@@ -33,6 +33,7 @@ def test_block_lr_puts_the_configured_lr_in_each_parameter_group(network, worksp
         assert group["lr"] in (pytest.approx(2e-3 * multiplier), pytest.approx(2e-3 * multiplier * ratio))
         seen.add(group["block"])
     assert SECTIONS.keys() <= seen
+    assert trainer.step_size() == pytest.approx(2e-3)  # what progress events report: the configured rate
     assert sum(len(g["params"]) for g in groups) == len(names)
 
     # The effect: after a few steps the up blocks (x0) are where they started, the rest moved.
@@ -52,3 +53,5 @@ def test_block_lr_multipliers_are_validated():
 
     with pytest.raises(StudioError, match="training.block_lr_mid"):
         parse_config({"training": {"block_lr_mid": -1.0}})
+    with pytest.raises(StudioError, match="all 0: nothing would train"):
+        parse_config({"training": {"block_lr_down": 0.0, "block_lr_mid": 0.0, "block_lr_up": 0.0}})

@@ -571,9 +571,10 @@ class Trainer:
         return bool((every and done % every == 0) or epoch_ended)
 
     def step_size(self) -> float:
-        """The UNet adapter's current learning rate: the scheduled lr, times d for Prodigy."""
-        group = self.optimizer.param_groups[0]
-        return float(group["lr"] * group.get("d", 1.0))
+        """The current learning rate: training.learning_rate x the schedule's factor now (a
+        group's lr / its initial lr, the same for every group), times d for Prodigy."""
+        group = next(g for g in self.optimizer.param_groups if g["initial_lr"] > 0)
+        return float(self.config.training.learning_rate * group["lr"] / group["initial_lr"] * group.get("d", 1.0))
 
     def _stop_agreed(self, stop: list[int]) -> bool:
         """Whether any process was asked to stop: all of them stop after the same step."""
