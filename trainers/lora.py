@@ -703,22 +703,24 @@ class Trainer:
     def _export(self, started: float) -> Path:
         """Write the trained adapter to adapters/<name>.safetensors; with an EMA
         (training.ema_decay), the EMA weights go there instead (ema_export "as_adapter") or
-        to adapters/<name>-ema.safetensors beside it ("beside")."""
+        to the adapter's name + "-ema" beside it ("beside")."""
         t = self.config.training
+        folder = adapters_dir(self.run_dir)
+        path = unique_adapter_path(folder, self.config.name, self.run_dir.name)
         if t.ema_decay is None:
-            return self._export_adapter(started, self.config.name, ema=False)
+            return self._export_adapter(started, path, ema=False)
         if t.ema_export == "as_adapter":
             with self.ema_weights():
-                return self._export_adapter(started, self.config.name, ema=True)
-        path = self._export_adapter(started, self.config.name, ema=False)
+                return self._export_adapter(started, path, ema=True)
+        self._export_adapter(started, path, ema=False)
         with self.ema_weights():
-            self._export_adapter(started, f"{self.config.name}-ema", ema=True)
+            self._export_adapter(started, unique_adapter_path(folder, f"{path.stem}-ema", self.run_dir.name), ema=True)
         return path
 
-    def _export_adapter(self, started: float, name: str, *, ema: bool) -> Path:
-        """Write the adapter's current weights to adapters/<name>.safetensors as its method
-        exports them (the kohya / LyCORIS layout, or a layout of the method's own such as
-        T-LoRA's), with ss_* / modelspec.* metadata."""
+    def _export_adapter(self, started: float, path: Path, *, ema: bool) -> Path:
+        """Write the adapter's current weights to `path` as its method exports them (the kohya
+        / LyCORIS layout, or a layout of the method's own such as T-LoRA's), with ss_* /
+        modelspec.* metadata."""
         from studio.adapters import training_metadata
 
         cfg = self.config
@@ -728,7 +730,7 @@ class Trainer:
             cfg, self.model_ref, dataset_folder=self._dataset_folder(), started=started, finished=time.time(),
             run_id=self.run_dir.name, adapter=adapter, thumbnail=samples[-1] if samples else None,
             prediction_type=self.noise_scheduler.config.prediction_type, ema=ema)
-        return self.adapter.save(unique_adapter_path(adapters_dir(self.run_dir), name, self.run_dir.name), adapter)
+        return self.adapter.save(path, adapter)
 
 
 def _is_peer_failure(error: BaseException) -> bool:
