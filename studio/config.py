@@ -20,6 +20,7 @@ from studio.adapters.methods import METHODS
 DEMO_DATASET = ASSETS_DIR / "demo-dataset"
 UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]
+MAX_STEPS = 1_000_000  # the longest run, in optimizer steps
 
 
 class _Section(BaseModel):
@@ -100,7 +101,7 @@ PRODIGY_MIN_LR = 0.1
 
 
 class TrainingConfig(_Section):
-    max_steps: int = Field(200, ge=1, le=1_000_000, description="Optimizer steps (unless max_epochs is set).")
+    max_steps: int = Field(200, ge=1, le=MAX_STEPS, description="Optimizer steps (unless max_epochs is set).")
     max_epochs: int | None = Field(
         None, ge=1, le=100_000, description="Train this many epochs (passes over the training pictures, repeats counted) "
                                             "instead of max_steps; the worker counts the steps from the dataset.")
@@ -225,9 +226,6 @@ def _check_one_prodigy_rate(t: TrainingConfig, net: NetworkConfig) -> None:
     if other:
         raise ValueError(f"optimizer 'prodigy' trains every parameter at one learning rate (a block multiplier of 0 "
                          f"or 1 excepted); unset {', '.join(other)} or choose adamw / adafactor")
-
-
-MAX_STEPS = 1_000_000
 
 
 def steps_for_epochs(epochs: int, batches_per_epoch: int, accumulation: int) -> int:
