@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -155,6 +156,46 @@ def test_a_cancel_stops_every_process_at_the_same_step_with_one_checkpoint(refer
     checkpoints = list_checkpoints(run_dir)
     assert [p.name for p in checkpoints] == [f"step-{cancelled[0]['step']:06d}.pt"]
     assert not any(e["type"] == "error" for e in _events(run_dir))
+
+
+@pytest.mark.slow(seconds=70)
+def test_two_processes_with_shuffled_captions_ema_and_validation_match_one_process(tmp_path):
+    """Caption dropout and tag order come from the per-sample generators, so two processes
+    train what one does; the EMA, the validation loss and TensorBoard are written once."""
+    import shutil
+
+    from studio import ASSETS_DIR
+    from studio.jobs.runs import TENSORBOARD_DIR, create_run
+    from studio.workspace import Workspace
+    from trainers.lora import Trainer
+
+    folder = tmp_path / "tagged"
+    shutil.copytree(ASSETS_DIR / "demo-dataset", folder, ignore=shutil.ignore_patterns("reg"))
+    for i, caption in enumerate(sorted(folder.glob("*.txt"))):
+        caption.write_text(f"a sks shape, purple, {'white' if i % 2 else 'black'} background, centered, small")
+    workspace = Workspace.open(tmp_path / "ws")
+
+    def config(**training):
+        c = _config(ema_decay=0.5, ema_start_step=2, validate_every_n_steps=3, **training)
+        c.dataset.path, c.dataset.shuffle_tags, c.dataset.caption_dropout_rate = str(folder), True, 0.3
+        c.dataset.validation_split = 0.2
+        return c
+
+    two = create_run(config(batch_size=1, num_processes=2), workspace)
+    _finish(_launch(two))
+    (done,) = [e for e in _events(two) if e["type"] == "done"]
+    one = create_run(config(batch_size=2), workspace)
+    one_adapter = Trainer(one, show_progress=False).run()
+    assert _relative_l2(_tensors(one_adapter), _tensors(done["adapter"])) < 1e-4
+    ema_one = one_adapter.with_name(one_adapter.stem + "-ema.safetensors")
+    ema_two = Path(done["adapter"]).with_name(Path(done["adapter"]).stem + "-ema.safetensors")
+    assert _relative_l2(_tensors(ema_one), _tensors(ema_two)) < 1e-4
+    assert _losses(two) == pytest.approx(_losses(one), rel=1e-4)
+    validation = [(e["step"], e["loss"]) for e in _events(two) if e["type"] == "validation"]
+    assert [step for step, _ in validation] == [3, 6]
+    assert [loss for _, loss in validation] == pytest.approx(
+        [e["loss"] for e in _events(one) if e["type"] == "validation"], rel=1e-4)
+    assert len(list((two / TENSORBOARD_DIR).glob("events.out.tfevents.*"))) == 1
 
 
 def test_deepspeed_and_fsdp_configs_are_refused_with_the_reason(tmp_path):

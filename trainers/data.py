@@ -17,6 +17,42 @@ def micro_generator(seed: int, micro_step: int, stream: int = 0) -> torch.Genera
     return torch.Generator().manual_seed((seed * 1_000_003 + micro_step * 7919 + stream) % (2**63))
 
 
+def sample_generator(seed: int, micro_step: int, part: int, place: int) -> torch.Generator:
+    """A generator owned by one sample of a micro-batch, apart from the micro-step's own
+    stream (which draws crops, latent samples, noise and timesteps): `part` 0 for training
+    pictures, 2 for validation draws, `place` its position in the global batch (all
+    processes together). What it draws (caption dropout, tag order) depends on nothing
+    else, and turning those options on leaves the micro-step's stream as it was."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + micro_step) * 65_537 + part * 32_768 + place) % (2**63))
+
+
+def caption_variant(caption: str, generator: torch.Generator, *, dropout_rate: float, shuffle: bool,
+                    keep: int) -> str:
+    """The caption one sample trains with. With probability `dropout_rate` the whole caption
+    is dropped ("": the unconditional prompt, kohya's caption_dropout_rate); otherwise, with
+    `shuffle`, its comma-separated tags after the first `keep` come in a random order (kohya's
+    shuffle_caption / keep_tokens). Draws from `generator` only for what is on: one uniform
+    number for the dropout, one permutation for the shuffle."""
+    from studio.datasets import split_tags
+
+    if dropout_rate and float(torch.rand((), generator=generator)) < dropout_rate:
+        return ""
+    if not shuffle:
+        return caption
+    tags = split_tags(caption)
+    kept, rest = tags[:keep], tags[keep:]
+    return ", ".join(kept + [rest[int(i)] for i in torch.randperm(len(rest), generator=generator)])
+
+
+def validation_indices(count: int, share: float, seed: int) -> list[int]:
+    """The pictures (of `count`) held out for validation: round(share x count), at least
+    one when share > 0, drawn by the seed; sorted."""
+    if not share:
+        return []
+    held_out = max(1, round(share * count))
+    return sorted(int(i) for i in torch.randperm(count, generator=torch.Generator().manual_seed(seed + 2))[:held_out])
+
+
 @dataclass(frozen=True)
 class Example:
     path: Path
@@ -102,6 +138,12 @@ def prepare_image(path: Path, bucket: tuple[int, int], *, center_crop: bool, fli
     image = image.crop((left, top, left + width, top + height))
     tensor = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
     return (tensor.flip(-1) if flip else tensor), (top, left)
+
+
+def epochs_done(step: int, batches_per_epoch: int, accumulation: int) -> int:
+    """Epochs whose every micro-batch is in the first `step` optimizer steps:
+    floor(step x accumulation / batches_per_epoch)."""
+    return step * accumulation // batches_per_epoch
 
 
 class BatchOrder:

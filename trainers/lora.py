@@ -15,6 +15,7 @@ adapter; the others wait at those points.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import math
@@ -26,17 +27,23 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from studio.config import TrainConfig, check_device_support, load_config
+from studio.config import TrainConfig, check_device_support, load_config, steps_for_epochs
 from studio.errors import StudioError
 from studio.models.families import get_family
 from studio.jobs.runs import (CONFIG_FILE, SAMPLES_DIR, EventLog, adapters_dir, check_training, checkpoint_dir,
                          dataset_folder, run_workspace)
 from trainers.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
-from trainers.data import (BatchOrder, Example, center_crop_offsets, choose_bucket, micro_generator,
-                           prepare_image, random_crop_offsets)
+from trainers.data import (BatchOrder, Example, caption_variant, center_crop_offsets, choose_bucket, epochs_done,
+                           micro_generator, prepare_image, random_crop_offsets, sample_generator, validation_indices)
 from trainers.low_memory import nf4_quantization, store_in_fp8
+from trainers.tensorboard import TensorBoardLog
 
 log = logging.getLogger(__name__)
+
+
+# (noise, timestep) draws per held-out picture in the validation loss: enough that its value
+# follows the weights rather than which timesteps were drawn.
+VALIDATION_DRAWS = 4
 
 
 class TrainingFailed(StudioError):
@@ -54,6 +61,8 @@ class Trainer:
         # accelerate launch / torchrun number the processes in RANK; the Accelerator agrees.
         self.is_main = os.environ.get("RANK", "0") == "0"
         self.events = EventLog(self.run_dir, write=self.is_main)
+        # opened by the training loop, which knows the step it starts at
+        self.tensorboard = TensorBoardLog(self.run_dir, write=False, start_step=0)
         self.show_progress = show_progress
 
     # ---------------------------------------------------------------- set-up
@@ -105,9 +114,18 @@ class Trainer:
         instance = [it for it in items if not it.is_regularisation]
         if not instance:  # the dataset changed since the run was queued: say what is wrong as the check does
             check_training(cfg, run_workspace(self.run_dir)).raise_problems()
-        self.instance = [self._example(it.path, self._caption(it.caption), it.repeats, it.size) for it in instance]
+        examples = [self._example(it.path, self._caption(it.caption), it.repeats, it.size) for it in instance]
+        held_out = validation_indices(len(examples), cfg.dataset.validation_split, cfg.seed)
+        if held_out and len(held_out) >= len(examples):
+            raise StudioError(f"dataset.validation_split = {cfg.dataset.validation_split:g} holds out every one of the "
+                              f"{len(examples)} training pictures; lower it or add pictures.")
+        self.validation = [examples[i] for i in held_out]
+        self.instance = [example for i, example in enumerate(examples) if i not in held_out]
         global_batch = cfg.training.batch_size * self.world
         self.instance_order = BatchOrder(self.instance, global_batch, cfg.seed)
+        if cfg.training.max_epochs:  # from here on the run is max_steps long, in its events and metadata too
+            cfg.training.max_steps = steps_for_epochs(cfg.training.max_epochs, self.instance_order.batches_per_epoch,
+                                                      cfg.training.gradient_accumulation_steps)
         self.class_examples: list[Example] = []
         if cfg.dataset.class_prompt and cfg.dataset.num_class_images > 0:
             self.class_examples = self._class_images(folder, [it for it in items if it.is_regularisation])
@@ -115,17 +133,24 @@ class Trainer:
         self.cache_latents = cfg.training.cache_latents and cfg.dataset.center_crop
         if cfg.training.cache_latents and not cfg.dataset.center_crop:
             log.warning("latent caching is off: random crops need a fresh VAE pass per step")
-        self.cache_text = cfg.training.cache_text_embeddings and not cfg.network.train_text_encoder
+        # Shuffled tags make more variants than are worth caching: those captions are encoded
+        # every step. Dropout has one variant, the empty caption, which is cached.
+        self.cache_text = (cfg.training.cache_text_embeddings and not cfg.network.train_text_encoder
+                           and not cfg.dataset.shuffle_tags)
+        # The trigger word's tag (first, by caption_with_trigger) never moves.
+        self.keep_tags = max(cfg.dataset.keep_tokens, 1 if cfg.dataset.trigger_word.strip() else 0)
         self._latent_cache: dict[tuple[Path, bool], tuple[torch.Tensor, torch.Tensor]] = {}
         self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         if self.cache_latents:
             self._fill_latent_cache()
         if self.cache_text:
             with torch.no_grad():
-                for example in self.instance + self.class_examples:
-                    if example.caption not in self._text_cache:
-                        hidden, pooled = self._encode_text([example.caption])
-                        self._text_cache[example.caption] = (hidden[0], None if pooled is None else pooled[0])
+                dropped = [""] if cfg.dataset.caption_dropout_rate else []
+                captions = [example.caption for example in self.instance + self.class_examples + self.validation]
+                for caption in captions + dropped:
+                    if caption not in self._text_cache:
+                        hidden, pooled = self._encode_text([caption])
+                        self._text_cache[caption] = (hidden[0], None if pooled is None else pooled[0])
 
         # adapters: the method (network.type) injects itself and names what trains
         from studio.adapters.methods import get_method
@@ -133,7 +158,7 @@ class Trainer:
         net = cfg.network
         torch.manual_seed(cfg.seed)  # the adapters' initial weights are a function of the seed
         self.adapter = get_method(net.type).training(net, seed=cfg.seed)
-        params = self.adapter.add("unet", self.unet, cfg.training.learning_rate)
+        params = self.block_groups(self.adapter.add("unet", self.unet, cfg.training.learning_rate))
         if net.train_text_encoder:
             for component, encoder in zip(("text_encoder", "text_encoder_2"), self.text_encoders):
                 params += self.adapter.add(component, encoder, cfg.training.text_encoder_lr or cfg.training.learning_rate)
@@ -142,6 +167,12 @@ class Trainer:
         self.trainable = [p for group in params for p in group["params"]]
         for p in self.trainable:
             p.data = p.data.float()
+        t = cfg.training
+        if t.ema_decay is not None and t.ema_start_step >= t.max_steps:
+            raise StudioError(f"training.ema_start_step is {t.ema_start_step} but the run is {t.max_steps} steps "
+                              "long; start the EMA earlier or unset training.ema_decay.")
+        self.ema: list[torch.Tensor] | None = None
+        self._update_ema(0)
         if cfg.training.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.unet.train()
@@ -182,8 +213,53 @@ class Trainer:
         examples = [self._example(it.path, it.caption or cfg.dataset.class_prompt, 1, it.size) for it in existing]
         return examples[: cfg.dataset.num_class_images]
 
-    def _optimizer(self, params):
+    def block_groups(self, groups: list[dict]) -> list[dict]:
+        """The UNet adapter's parameter groups split by UNet section: a parameter in the down
+        blocks trains at its group's lr x training.block_lr_down, in the mid block x
+        block_lr_mid, in the up blocks x block_lr_up; elsewhere (conv_in, time embedding,
+        conv_out) at its group's lr. Each group says its section under "block". With every
+        multiplier 1 the groups stay as the method made them (earlier runs' checkpoints resume)."""
         t = self.config.training
+        weights = {"down_blocks": t.block_lr_down, "mid_block": t.block_lr_mid, "up_blocks": t.block_lr_up}
+        if all(w == 1.0 for w in weights.values()):
+            return groups
+        section = {id(p): name.split(".")[0] for name, p in self.adapter.named_parameters("unet")}
+        split = []
+        for group in groups:
+            by_section: dict[str, list] = {}
+            for p in group["params"]:
+                by_section.setdefault(section[id(p)] if section[id(p)] in weights else "other", []).append(p)
+            split += [{**group, "params": params, "block": name, "lr": group["lr"] * weights.get(name, 1.0)}
+                      for name, params in by_section.items()]
+        return split
+
+    def _optimizer(self, params):
+        """The configured optimizer over the adapter's parameter groups. Every choice is stepped
+        by the one LR schedule (training.lr_scheduler), which scales each group's `lr`:
+
+        - prodigy: the update is lr * d, d being Prodigy's running estimate of the distance to
+          the solution (times d_coef); lr = 1 is its authors' setting, so the schedule is a
+          multiplier of d, one for every group (the config refuses groups at other rates).
+          Adam's bias correction on, as kohya's Prodigy recipes for diffusion LoRAs set it;
+          with warm-up, safeguard_warmup keeps the small early lr out of d's estimate.
+        - adafactor: relative_step off, the configured lr and schedule, no parameter scaling
+          (scale_parameter off) and no first moment (beta1 None): kohya's and OneTrainer's
+          LoRA recipe. Its own relative-step schedule (lr = min(1e-2, 1/sqrt(step)) x RMS(p))
+          ignores training.learning_rate and was made for full-model training, where an
+          adapter's B = 0 start would give it an RMS of zero to scale by.
+        """
+        t = self.config.training
+        if t.optimizer == "prodigy":
+            from prodigyopt import Prodigy
+
+            return Prodigy(params, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon,
+                           weight_decay=t.weight_decay, d_coef=t.prodigy_d_coef, use_bias_correction=True,
+                           safeguard_warmup=t.lr_warmup_steps > 0)
+        if t.optimizer == "adafactor":
+            from transformers.optimization import Adafactor
+
+            return Adafactor(params, lr=t.learning_rate, relative_step=False, scale_parameter=False,
+                             warmup_init=False, beta1=None, weight_decay=t.weight_decay)
         kwargs = dict(betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, weight_decay=t.weight_decay)
         if t.optimizer == "adamw8bit":
             try:
@@ -212,7 +288,7 @@ class Trainer:
 
     def _fill_latent_cache(self) -> None:
         flips = (False, True) if self.config.dataset.random_flip else (False,)
-        for example in self.instance + self.class_examples:
+        for example in self.instance + self.class_examples + self.validation:
             for flip in flips:
                 if (example.path, flip) not in self._latent_cache:
                     pixels, _ = prepare_image(example.path, example.bucket, center_crop=True, flip=flip, generator=None)
@@ -228,15 +304,19 @@ class Trainer:
         size = self.config.training.batch_size
         return [place % count for place in range(self.rank * size, (self.rank + 1) * size)]
 
-    def _batch(self, examples: list[Example], indices: list[int], generator: torch.Generator):
+    def _batch(self, examples: list[Example], indices: list[int], generator: torch.Generator, *,
+               varied_at: int | None = None, whole: bool = False):
         """Latents, text conditioning and (SDXL) size conditioning of this process's share of
-        a global micro-batch, with the batch's size and the share's places in it. Every
-        random choice (flips, crops, latent samples) is drawn for the whole global batch from
-        the micro-step's generator, in the order one process draws them, and each process
-        keeps its share's: so N processes train what one process with the whole batch trains."""
+        a global micro-batch (`whole`: of all of it), with the batch's size and the share's
+        places in it. Every random choice (flips, crops, latent samples) is drawn for the
+        whole global batch from the micro-step's generator, in the order one process draws
+        them, and each process keeps its share's: so N processes train what one process with
+        the whole batch trains. `varied_at` (the micro-step, for training pictures): caption
+        dropout and tag order from each sample's own generator (sample_generator), apart
+        from that stream."""
         cfg = self.config
         chosen = [examples[i] for i in indices]
-        mine = self._mine(len(chosen))
+        mine = list(range(len(chosen))) if whole else self._mine(len(chosen))
         flips = [bool(torch.rand((), generator=generator) < 0.5) if cfg.dataset.random_flip else False
                  for _ in chosen]
         if self.cache_latents:
@@ -256,7 +336,11 @@ class Trainer:
             crops = [prepared[p][1] for p in mine]
         eps = torch.randn((len(chosen), *mean.shape[1:]), generator=generator)[mine].to(mean.device, mean.dtype)
         latents = (mean + std * eps).float() * self.vae.config.scaling_factor
-        captions = [chosen[p].caption for p in mine]
+        ds = cfg.dataset
+        captions = [chosen[p].caption if varied_at is None else
+                    caption_variant(chosen[p].caption, sample_generator(cfg.seed, varied_at, 0, p),
+                                    dropout_rate=ds.caption_dropout_rate, shuffle=ds.shuffle_tags, keep=self.keep_tags)
+                    for p in mine]
         if self.cache_text:
             cached = [self._text_cache[c] for c in captions]
             text = torch.stack([h for h, _ in cached])
@@ -271,7 +355,7 @@ class Trainer:
         generator = micro_generator(cfg.seed, micro_step)
         # adapter dropout: its own stream per process
         torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)) + self.rank)
-        batches = [self._batch(self.instance, self.instance_order.batch(micro_step), generator)]
+        batches = [self._batch(self.instance, self.instance_order.batch(micro_step), generator, varied_at=micro_step)]
         if self.class_examples:
             batches.append(self._batch(self.class_examples, self.class_order.batch(micro_step), generator))
             (*instance, count, mine), (*prior, class_count, class_mine) = batches
@@ -309,6 +393,33 @@ class Trainer:
                 weight = weight * snr / (snr + 1)
             per_sample = per_sample * weight
         return per_sample
+
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        """Mean loss over the held-out pictures (dataset.validation_split), VALIDATION_DRAWS
+        draws each (latent sample, noise, timestep, flip) from a generator of the picture's
+        own (stream 2 of micro-generator i), captions as written, no adapter dropout: the
+        same draws at every evaluation, so the value changes only with the weights."""
+        models = [self.accelerator.unwrap_model(self.unet)] + [m for _, m in self._text_encoder_components()]
+        modes = [model.training for model in models]
+        for model in models:
+            model.eval()
+        losses = []
+        for i in range(len(self.validation)):
+            generator = micro_generator(self.config.seed, i, stream=2)
+            *batch, count, places = self._batch(self.validation, [i] * VALIDATION_DRAWS, generator, whole=True)
+            losses.append(self._per_sample_loss(*batch, generator, count, places))
+        for model, mode in zip(models, modes):
+            model.train(mode)
+        return float(torch.cat(losses).mean())
+
+    def _validate(self, step: int) -> None:
+        """The main process evaluates and writes the validation loss; all wait for it."""
+        if self.is_main:
+            loss = self.validation_loss()
+            self.events.emit("validation", step=step, loss=loss)
+            self.tensorboard.scalars(step, validation_loss=loss)
+        self.accelerator.wait_for_everyone()
 
     # ---------------------------------------------------------------- state
     def adapter_state(self) -> dict[str, torch.Tensor]:
@@ -356,6 +467,8 @@ class Trainer:
                 raise TrainingFailed(message) from None
             self._emit_own_error(f"{type(error).__name__}: {error}")
             raise
+        finally:
+            self.tensorboard.close()
 
     def _emit_own_error(self, message: str) -> None:
         """This process's own error, written once: by the main process, or by another
@@ -382,18 +495,23 @@ class Trainer:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
             start_step = state["step"]
             random.setstate(state["python_rng"])
+            if "ema" in state:
+                self.ema = [e.to(p.device) for e, p in zip(state["ema"], self.trainable)]
             self.events.emit("resume", step=start_step, checkpoint=checkpoint.name)
             log.info("resumed from %s at step %d", checkpoint, start_step)
         else:
             self.events.emit("start", max_steps=cfg.training.max_steps, run_dir=str(self.run_dir),
-                             base_model=cfg.base_model, images=len(self.instance))
+                             base_model=cfg.base_model, images=len(self.instance),
+                             validation_images=len(self.validation))
+        self.tensorboard = TensorBoardLog(self.run_dir, write=self.is_main and cfg.training.tensorboard,
+                                          start_step=start_step)
         progress = None
         if self.show_progress:
             from tqdm.auto import tqdm
 
             progress = tqdm(total=cfg.training.max_steps, initial=start_step, desc=cfg.name, unit="step")
         window_loss = torch.zeros((), device=self.accelerator.device)
-        window_start, window_steps = time.time(), 0
+        window_steps = 0
         loop_start, steps_done = time.time(), 0
         log_every = cfg.training.log_every_n_steps
         stop = self._install_stop_handlers()
@@ -412,32 +530,57 @@ class Trainer:
                         "checkpoint. Lower training.learning_rate or turn off fp16, then resume.")
                 elapsed = time.time() - loop_start
                 rate = steps_done / elapsed if elapsed > 0 else 0.0
+                lr = self.step_size()
                 self.events.emit("progress", step=done, max_steps=cfg.training.max_steps, loss=mean_loss,
-                                 lr=self.lr_scheduler.get_last_lr()[0], it_s=round(rate, 3),
+                                 lr=lr, it_s=round(rate, 3),
                                  eta_s=round((cfg.training.max_steps - done) / rate, 1) if rate else None)
+                self.tensorboard.scalars(done, loss=mean_loss, lr=lr)
                 if progress is not None:
                     progress.set_postfix(loss=f"{mean_loss:.4f}")
                 window_loss.zero_()
                 window_steps = 0
-            every = cfg.checkpoints.every_n_steps
-            if every and done % every == 0 and done < cfg.training.max_steps:
+            saved = self._checkpoint_due(done)
+            if saved:
                 self._save_checkpoint(done)
             sample_every = cfg.sampling.every_n_steps
             if sample_every and done % sample_every == 0 and done < cfg.training.max_steps:
                 self._sample(done)
+            validate_every = cfg.training.validate_every_n_steps
+            if self.validation and validate_every and done % validate_every == 0 and done < cfg.training.max_steps:
+                self._validate(done)
             if self._stop_agreed(stop) and done < cfg.training.max_steps:
-                if not (every and done % every == 0):
+                if not saved:
                     self._save_checkpoint(done)
                 self.events.emit("cancelled", step=done)
                 raise TrainingCancelled(f"stopped at step {done}; resume continues from there")
         if progress is not None:
             progress.close()
+        if self.validation:
+            self._validate(cfg.training.max_steps)
         self._sample(cfg.training.max_steps)
         adapter_path = self._export(started) if self.is_main else None
         self.accelerator.wait_for_everyone()
         self.events.emit("done", step=cfg.training.max_steps, adapter=str(adapter_path),
                          seconds=round(time.time() - started, 1))
         return adapter_path
+
+    def _checkpoint_due(self, done: int) -> bool:
+        """After step `done` (not the last): every checkpoints.every_n_steps steps, and at the
+        end of every checkpoints.every_n_epochs-th epoch."""
+        cfg, order = self.config, self.instance_order
+        if done >= cfg.training.max_steps:
+            return False
+        every, every_epochs = cfg.checkpoints.every_n_steps, cfg.checkpoints.every_n_epochs
+        accumulation = cfg.training.gradient_accumulation_steps
+        epoch_ended = every_epochs and (epochs_done(done, order.batches_per_epoch, accumulation) // every_epochs
+                                        > epochs_done(done - 1, order.batches_per_epoch, accumulation) // every_epochs)
+        return bool((every and done % every == 0) or epoch_ended)
+
+    def step_size(self) -> float:
+        """The current learning rate: training.learning_rate x the schedule's factor now (a
+        group's lr / its initial lr, the same for every group), times d for Prodigy."""
+        group = next(g for g in self.optimizer.param_groups if g["initial_lr"] > 0)
+        return float(self.config.training.learning_rate * group["lr"] / group["initial_lr"] * group.get("d", 1.0))
 
     def _stop_agreed(self, stop: list[int]) -> bool:
         """Whether any process was asked to stop: all of them stop after the same step."""
@@ -488,7 +631,37 @@ class Trainer:
                     self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
             total += loss.detach().float() / accum
+        self._update_ema(step + 1)
         return total
+
+    @torch.no_grad()
+    def _update_ema(self, done: int) -> None:
+        """After `done` steps, with training.ema_decay d: the EMA becomes the weights θ at
+        done = ema_start_step s, then ema = d·ema + (1 − d)·θ_done, so that
+        ema_T = d^(T−s)·θ_s + Σ_{k=s+1..T} (1 − d)·d^(T−k)·θ_k."""
+        t = self.config.training
+        if t.ema_decay is None or done < t.ema_start_step:
+            return
+        weights = [p.detach() for p in self.trainable]
+        if done == t.ema_start_step:
+            self.ema = [w.clone() for w in weights]
+        else:
+            for ema, weight in zip(self.ema, weights):
+                ema.lerp_(weight, 1.0 - t.ema_decay)
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """The adapter holds the EMA weights inside the block, its own weights again after."""
+        own = [p.detach().clone() for p in self.trainable]
+        with torch.no_grad():
+            for p, e in zip(self.trainable, self.ema):
+                p.copy_(e)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, w in zip(self.trainable, own):
+                    p.copy_(w)
 
     def _save_checkpoint(self, step: int) -> None:
         """The main process writes it (every process holds the same state); all wait for it."""
@@ -499,6 +672,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(),
                 "lr_scheduler": self.lr_scheduler.state_dict(),
                 "python_rng": random.getstate(),
+                **({"ema": [e.cpu() for e in self.ema]} if self.ema is not None else {}),
             }, keep_last=self.config.checkpoints.keep_last)
             self.events.emit("checkpoint", step=step, path=str(path))
         self.accelerator.wait_for_everyone()
@@ -527,14 +701,32 @@ class Trainer:
                               generator=generator, height=cfg.dataset.resolution, width=cfg.dataset.resolution).images[0]
             path = sample_dir / f"step-{step:06d}-{i}.png"
             image.save(path)
+            self.tensorboard.image(f"samples/{i}", image, step)
             paths.append(str(path))
         unet.train()
         self.events.emit("sample", step=step, paths=paths, prompts=prompts)
 
     def _export(self, started: float) -> Path:
-        """Write the trained adapter to adapters/<name>.safetensors as its method exports it
-        (the kohya / LyCORIS layout, or a layout of the method's own such as T-LoRA's), with
-        ss_* / modelspec.* metadata."""
+        """Write the trained adapter to adapters/<name>.safetensors; with an EMA
+        (training.ema_decay), the EMA weights go there instead (ema_export "as_adapter") or
+        to the adapter's name + "-ema" beside it ("beside")."""
+        t = self.config.training
+        folder = adapters_dir(self.run_dir)
+        path = unique_adapter_path(folder, self.config.name, self.run_dir.name)
+        if t.ema_decay is None:
+            return self._export_adapter(started, path, ema=False)
+        if t.ema_export == "as_adapter":
+            with self.ema_weights():
+                return self._export_adapter(started, path, ema=True)
+        self._export_adapter(started, path, ema=False)
+        with self.ema_weights():
+            self._export_adapter(started, unique_adapter_path(folder, f"{path.stem}-ema", self.run_dir.name), ema=True)
+        return path
+
+    def _export_adapter(self, started: float, path: Path, *, ema: bool) -> Path:
+        """Write the adapter's current weights to `path` as its method exports them (the kohya
+        / LyCORIS layout, or a layout of the method's own such as T-LoRA's), with ss_* /
+        modelspec.* metadata."""
         from studio.adapters import training_metadata
 
         cfg = self.config
@@ -543,8 +735,8 @@ class Trainer:
         adapter.metadata = training_metadata(
             cfg, self.model_ref, dataset_folder=self._dataset_folder(), started=started, finished=time.time(),
             run_id=self.run_dir.name, adapter=adapter, thumbnail=samples[-1] if samples else None,
-            prediction_type=self.noise_scheduler.config.prediction_type)
-        return self.adapter.save(unique_adapter_path(adapters_dir(self.run_dir), cfg.name, self.run_dir.name), adapter)
+            prediction_type=self.noise_scheduler.config.prediction_type, ema=ema)
+        return self.adapter.save(path, adapter)
 
 
 def _is_peer_failure(error: BaseException) -> bool:

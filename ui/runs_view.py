@@ -35,6 +35,8 @@ def event_line(event: dict) -> str:
         text = ", ".join(parts)
     elif kind == "sample":
         text = f"step {event.get('step')}: {len(event.get('paths', []))} sample image(s)"
+    elif kind == "validation":
+        text = f"step {event.get('step')}: validation loss {event.get('loss', float('nan')):.4f}"
     elif kind == "checkpoint":
         text = f"step {event.get('step')}: checkpoint {Path(str(event.get('path', ''))).name}"
     elif kind == "done":

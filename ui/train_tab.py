@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import gradio as gr
 
 from studio import PRESETS_DIR
-from studio.config import TrainConfig, dump_config, load_config, parse_config
+from studio.config import TrainConfig, dump_config, load_config, parse_config, planned_steps
 from studio.datasets import dataset_stats, list_datasets
 from studio.errors import StudioError
 from studio.jobs.runs import TrainingCheck, check_training
@@ -94,7 +94,8 @@ class SpeedMeter:
         """What a step's time depends on besides its pixels (scaled by studio.jobs.speed.estimate)."""
         return json.dumps([config.base_model, config.network.model_dump(mode="json"),
                            bool(config.dataset.class_prompt and config.dataset.num_class_images),
-                           config.training.num_threads], sort_keys=True)
+                           config.training.num_threads, config.training.optimizer,
+                           config.dataset.shuffle_tags], sort_keys=True)  # shuffled captions: encoded every step
 
     def speed(self, config: TrainConfig, *, wait: float = 0):
         """The known speed; the built-in model's is measured first (waiting up to `wait` s for
@@ -275,6 +276,11 @@ def build(studio: Studio) -> SimpleNamespace:
                 steps_per_epoch = dataset_stats(ws.dataset_dir(dataset_name)).steps_per_epoch or None
             except StudioError:
                 pass
+        if config.training.max_epochs and steps_per_epoch:  # time and hint for the steps the run will train
+            try:
+                config.training.max_steps = planned_steps(config.training, steps_per_epoch)
+            except StudioError as error:
+                return f"**Cannot estimate yet:** {error}"
         speed = meter.speed(config, wait=MEASURE_WAIT_S) if dataset_name else None
         plan = None
         if speed is not None:
@@ -302,8 +308,8 @@ def build(studio: Studio) -> SimpleNamespace:
         check = checked(config)
         if check.problems:
             return gr.skip()
-        gr.Info(f"Settings are valid: {config.training.max_steps} steps on {check.images_per_epoch} images "
-                "per epoch.")
+        gr.Info(f"Settings are valid: {planned_steps(config.training, check.images_per_epoch)} steps on "
+                f"{check.images_per_epoch} images per epoch.")
         return dump_config(config), "Settings are valid." + warnings_note(check)
 
     def on_launch(dataset_name, *values):

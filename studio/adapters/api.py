@@ -162,10 +162,11 @@ def thumbnail_data_url(image_path: str | Path, size: int = 128) -> str:
 
 def training_metadata(config, model_ref, *, dataset_folder: Path, started: float, finished: float,
                       run_id: str, adapter: AdapterFile, thumbnail: str | Path | None = None,
-                      prediction_type: str = "epsilon") -> dict[str, str]:
+                      prediction_type: str = "epsilon", ema: bool = False) -> dict[str, str]:
     """sd-scripts `ss_*` and `modelspec.*` metadata for a trained adapter. `adapter` (the
     exported modules) supplies the file's real rank / alpha and type, the run's method
-    (network.type) the ss_network_module / ss_network_args; `thumbnail` an image."""
+    (network.type) the ss_network_module / ss_network_args; `thumbnail` an image; `ema`
+    says the file holds the EMA of the weights (training.ema_decay)."""
     from studio.datasets import dataset_stats, load_items
     from studio.adapters.methods import get_method
 
@@ -198,6 +199,7 @@ def training_metadata(config, model_ref, *, dataset_folder: Path, started: float
         "ss_text_encoder_lr": str(train.text_encoder_lr or train.learning_rate) if net.train_text_encoder else "0",
         "ss_unet_lr": str(train.learning_rate),
         "ss_network_train_unet_only": str(not net.train_text_encoder),
+        "ss_optimizer": train.optimizer,
         "ss_lr_scheduler": train.lr_scheduler,
         "ss_lr_warmup_steps": str(train.lr_warmup_steps),
         "ss_batch_size_per_device": str(train.batch_size),
@@ -206,6 +208,10 @@ def training_metadata(config, model_ref, *, dataset_folder: Path, started: float
         "ss_min_snr_gamma": str(train.min_snr_gamma),
         "ss_noise_offset": str(train.noise_offset),
         "ss_prior_loss_weight": str(ds.prior_loss_weight),
+        "ss_caption_dropout_rate": str(ds.caption_dropout_rate),
+        "ss_shuffle_caption": str(ds.shuffle_tags),
+        "ss_keep_tokens": str(ds.keep_tokens),
+        **({"ss_num_epochs": str(train.max_epochs)} if train.max_epochs else {}),
         "ss_seed": str(config.seed),
         "ss_training_started_at": str(started),
         "ss_training_finished_at": str(finished),
@@ -225,6 +231,8 @@ def training_metadata(config, model_ref, *, dataset_folder: Path, started: float
         "lora_studio_adapter_type": method.label(adapter),
         "lora_studio_run_id": run_id,
     }
+    if ema:
+        metadata["lora_studio_ema"] = json.dumps({"decay": train.ema_decay, "start_step": train.ema_start_step})
     if adapter.adapter_type.dora:
         metadata["lora_studio_dora"] = ("dora_scale [out,1]: ComfyUI/Forge output-axis form, "
                                         "W' = (W + dW) * dora_scale / ||W||_row reproduces peft's DoRA")

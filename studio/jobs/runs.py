@@ -1,9 +1,11 @@
 """Training runs on disk, the contract between the studio and the worker (trainers/):
 
     runs/<id>/config.toml     the fully resolved config (input, written by create_run)
-    runs/<id>/events.jsonl    append-only progress, loss, samples, errors (EventLog)
+    runs/<id>/events.jsonl    append-only progress, loss, validation loss, samples, errors (EventLog)
     runs/<id>/checkpoints/    step-NNNNNN.pt resumable states
     runs/<id>/samples/        step-NNNNNN-I.png preview images
+    runs/<id>/tensorboard/    TensorBoard event files: loss, validation loss, lr, sample images
+                              (`tensorboard --logdir workspace/runs` shows every run)
     adapters/<name>.safetensors  where a finished run's adapter goes (adapters_dir)
 
 The CLI, the job supervisor and the UI create runs here; the worker reads and writes the
@@ -27,6 +29,7 @@ CONFIG_FILE = "config.toml"
 EVENTS_FILE = "events.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 SAMPLES_DIR = "samples"
+TENSORBOARD_DIR = "tensorboard"
 _CHECKPOINT_NAME = re.compile(r"^step-(\d{6,})\.pt$")
 
 

@@ -76,7 +76,7 @@ def measure_speed(config: TrainConfig, workspace: Workspace, *, steps: int = MEA
     folder = dataset_folder(config, workspace)
     trial = config.model_copy(deep=True)
     trial.dataset.path, trial.dataset.name = str(folder), None
-    trial.training.max_steps = warmup + steps
+    trial.training.max_steps, trial.training.max_epochs = warmup + steps, None
     trial.checkpoints.every_n_steps = trial.sampling.every_n_steps = 0
     with_class = False
     if _prior_preservation(config):

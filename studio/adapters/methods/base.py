@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Iterator, Mapping
 
 from studio.errors import StudioError
 
@@ -44,6 +44,12 @@ class Training(ABC):
     def add(self, component: str, model: "torch.nn.Module", lr: float) -> list[dict]:
         """Inject into `model` (the pipeline component `component`: unet, text_encoder,
         text_encoder_2) and return its optimizer parameter groups at learning rate `lr`."""
+
+    @abstractmethod
+    def named_parameters(self, component: str) -> "Iterator[tuple[str, torch.nn.Parameter]]":
+        """The adapter's parameters on `component`, each named by the path of the module of
+        that component it adapts (then the adapter's own names): what block-wise settings
+        read."""
 
     @abstractmethod
     def state(self) -> dict[str, "torch.Tensor"]:
@@ -164,6 +170,9 @@ class PeftTraining(Training):
     def injected(self, component: str, model: "torch.nn.Module") -> None:
         """Called right after the injection into `model`, before its parameters are grouped."""
 
+    def named_parameters(self, component):
+        return ((name, p) for name, p in self.models[component].named_parameters() if p.requires_grad)
+
     def state(self):
         from peft.utils import get_peft_model_state_dict
 
@@ -196,6 +205,21 @@ class PeftMethod(Method):
 
     def training(self, net, *, seed):
         return self.training_class(self, net)
+
+    def rank_patterns(self, net, *, text_encoder: bool) -> dict:
+        """peft's rank_pattern and alpha_pattern (first matching pattern wins): the UNet's
+        attention layers (network.target_modules) in its down blocks, mid block and up blocks
+        at block_rank_down / _mid / _up where set, as sd-scripts' block_dims; alpha stays
+        network.alpha, so each block scales by alpha / its rank."""
+        import re
+
+        if text_encoder:
+            return {"rank_pattern": {}, "alpha_pattern": {}}
+        targets = "|".join(re.escape(name) for name in net.target_modules)
+        sections = (("down_blocks", net.block_rank_down), ("mid_block", net.block_rank_mid),
+                    ("up_blocks", net.block_rank_up))
+        return {"rank_pattern": {rf"^{section}\..*\.(?:{targets})$": rank for section, rank in sections if rank},
+                "alpha_pattern": {}}
 
     def targets(self, net, *, text_encoder: bool) -> list[str]:
         """The module names peft adapts."""

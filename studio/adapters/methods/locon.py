@@ -14,9 +14,11 @@ class LoCon(LoRA):
     def targets(self, net, *, text_encoder):
         return super().targets(net, text_encoder=text_encoder) + ([] if text_encoder else list(net.conv_target_modules))
 
-    def conv_patterns(self, net, *, text_encoder):
+    def rank_patterns(self, net, *, text_encoder):
+        """The conv layers at conv_rank / conv_alpha where set, then the block ranks."""
+        blocks = super().rank_patterns(net, text_encoder=text_encoder)
         if text_encoder:
-            return {}
+            return blocks
         rank_pattern, alpha_pattern = {}, {}
         for name in net.conv_target_modules:
             pattern = rf"^(.*\.)?{name.replace('.', chr(92) + '.')}$"
@@ -24,4 +26,5 @@ class LoCon(LoRA):
                 rank_pattern[pattern] = net.conv_rank
             if net.conv_alpha:
                 alpha_pattern[pattern] = net.conv_alpha
-        return {"rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern}
+        return {"rank_pattern": {**rank_pattern, **blocks["rank_pattern"]},
+                "alpha_pattern": {**alpha_pattern, **blocks["alpha_pattern"]}}

@@ -15,4 +15,5 @@ class LoHa(PeftMethod):
         from peft import LoHaConfig
 
         return LoHaConfig(r=net.rank, alpha=net.alpha, rank_dropout=net.dropout,
-                          target_modules=self.targets(net, text_encoder=text_encoder))
+                          target_modules=self.targets(net, text_encoder=text_encoder),
+                          **self.rank_patterns(net, text_encoder=text_encoder))

@@ -17,4 +17,5 @@ class LoKr(PeftMethod):
 
         return LoKrConfig(r=net.rank, alpha=net.alpha, rank_dropout=net.dropout,
                           target_modules=self.targets(net, text_encoder=text_encoder),
+                          **self.rank_patterns(net, text_encoder=text_encoder),
                           decompose_factor=net.lokr_factor)

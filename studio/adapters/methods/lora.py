@@ -58,11 +58,7 @@ class LoRA(PeftMethod):
         init = {"default": "gaussian", "pissa": "pissa", "olora": "olora"}[net.init]
         return LoraConfig(r=net.rank, lora_alpha=net.alpha, lora_dropout=net.dropout, init_lora_weights=init,
                           target_modules=self.targets(net, text_encoder=text_encoder), use_dora=net.use_dora,
-                          use_rslora=net.use_rslora, **self.conv_patterns(net, text_encoder=text_encoder))
-
-    def conv_patterns(self, net, *, text_encoder: bool) -> dict:
-        """Extra LoraConfig arguments for conv layers (none: plain LoRA adapts the attention)."""
-        return {}
+                          use_rslora=net.use_rslora, **self.rank_patterns(net, text_encoder=text_encoder))
 
     def param_groups(self, model, lr, net):
         """With LoRA+ the B (up) matrices get lr x ratio."""

@@ -37,6 +37,11 @@ class TLoRATraining(Training):
         self.unet = model
         return self.method.param_groups(self.adapter, lr, net)
 
+    def named_parameters(self, component):
+        # the adapter's ModuleDict keys are UNet module paths with "__" for "."
+        return ((name.removeprefix("layers.").replace("__", "."), p) for name, p in self.adapter.named_parameters()
+                if p.requires_grad)
+
     def state(self):
         return {f"tlora.{k}": v for k, v in self.adapter.state_dict().items()}
 
@@ -69,6 +74,8 @@ class TLoRA(NativeFileMethod):
             raise ValueError(f"tlora_min_rank ({net.tlora_min_rank}) must not exceed rank ({net.rank})")
         if net.train_text_encoder:
             raise ValueError("T-LoRA adapts the UNet only; set train_text_encoder = false")
+        if net.block_rank_down or net.block_rank_mid or net.block_rank_up:
+            raise ValueError("T-LoRA has one rank schedule for every layer; unset block_rank_down / _mid / _up")
 
     def training(self, net, *, seed):
         return TLoRATraining(self, net, seed)

@@ -1,0 +1,57 @@
+"""Block-wise learning rates: each UNet section's adapter parameters in a group of their own
+at learning_rate x the section's multiplier."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import demo_config
+
+SECTIONS = {"down_blocks": "block_lr_down", "mid_block": "block_lr_mid", "up_blocks": "block_lr_up"}
+
+
+@pytest.mark.slow(seconds=5)
+@pytest.mark.parametrize("network", [{}, {"type": "locon", "loraplus_lr_ratio": 4.0}, {"type": "tlora"}])
+def test_block_lr_puts_the_configured_lr_in_each_parameter_group(network, workspace):
+    from studio.jobs.runs import create_run
+    from trainers.lora import Trainer
+
+    config = demo_config(learning_rate=2e-3, block_lr_down=0.5, block_lr_mid=3.0, block_lr_up=0.0)
+    for key, value in network.items():
+        setattr(config.network, key, value)
+    trainer = Trainer(create_run(config, workspace), show_progress=False)
+    trainer._setup()
+    names = {id(p): name for name, p in trainer.adapter.named_parameters("unet")}
+    ratio = config.network.loraplus_lr_ratio or 1.0
+    groups = trainer.optimizer.param_groups
+    seen = set()
+    for group in groups:
+        blocks = {names[id(p)].split(".")[0] for p in group["params"]}
+        assert blocks == {group["block"]} or (group["block"] == "other" and not blocks & SECTIONS.keys())
+        multiplier = getattr(config.training, SECTIONS[group["block"]]) if group["block"] in SECTIONS else 1.0
+        # LoRA+ groups (the B matrices) keep their ratio on top of the block's multiplier
+        assert group["lr"] in (pytest.approx(2e-3 * multiplier), pytest.approx(2e-3 * multiplier * ratio))
+        seen.add(group["block"])
+    assert SECTIONS.keys() <= seen
+    assert trainer.step_size() == pytest.approx(2e-3)  # what progress events report: the configured rate
+    assert sum(len(g["params"]) for g in groups) == len(names)
+
+    # The effect: after a few steps the up blocks (x0) are where they started, the rest moved.
+    start = {id(p): p.detach().clone() for g in groups for p in g["params"]}
+    for step in range(3):
+        trainer.train_step(step)
+    moved: dict[str, float] = {}
+    for g in groups:
+        change = max(float((p.detach() - start[id(p)]).abs().max()) for p in g["params"])
+        moved[g["block"]] = max(moved.get(g["block"], 0.0), change)
+    assert moved["up_blocks"] == 0.0 and moved["down_blocks"] > 0 and moved["mid_block"] > 0
+
+
+def test_block_lr_multipliers_are_validated():
+    from studio.config import parse_config
+    from studio.errors import StudioError
+
+    with pytest.raises(StudioError, match="training.block_lr_mid"):
+        parse_config({"training": {"block_lr_mid": -1.0}})
+    with pytest.raises(StudioError, match="all 0: nothing would train"):
+        parse_config({"training": {"block_lr_down": 0.0, "block_lr_mid": 0.0, "block_lr_up": 0.0}})
