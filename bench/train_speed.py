@@ -35,21 +35,13 @@ def our_config(steps: int, batch_size: int):
 
 
 def time_ours(config, steps: int, warmup: int, tmp) -> dict:
+    """The trainer timed as the Train tab times it (trainers.speed), in this process."""
     from studio.jobs.runs import create_run
     from studio.workspace import Workspace
-    from trainers.lora import Trainer
+    from trainers.speed import measure
 
-    trainer = Trainer(create_run(config, Workspace.open(tmp)), show_progress=False)
-    t0 = time.perf_counter()
-    trainer._setup()
-    setup = time.perf_counter() - t0
-    for step in range(warmup):
-        trainer.train_step(step)
-    t0 = time.perf_counter()
-    for step in range(warmup, warmup + steps):
-        loss = trainer.train_step(step)
-    float(loss)
-    return {"steps_per_s": steps / (time.perf_counter() - t0), "setup_s": setup}
+    timed = measure(create_run(config, Workspace.open(tmp)), steps=steps, warmup=warmup, samples=False)
+    return {"steps_per_s": timed["steps_per_s"], "setup_s": timed["setup_s"]}
 
 
 def time_reference(config, steps: int, warmup: int) -> dict:

@@ -15,9 +15,9 @@ from pathlib import Path
 from studio.errors import StudioError
 
 
-def measure(run_dir: Path, *, steps: int, warmup: int) -> dict:
-    """Set up the run's trainer, train `warmup` untimed steps, time `steps` more and one
-    round of sample pictures. Writes only inside `run_dir`."""
+def measure(run_dir: Path, *, steps: int, warmup: int, samples: bool = True) -> dict:
+    """Set up the run's trainer, train `warmup` untimed steps, time `steps` more and (with
+    `samples`) one round of sample pictures. Writes only inside `run_dir`."""
     from trainers.lora import Trainer
 
     trainer = Trainer(run_dir, show_progress=False)
@@ -33,7 +33,7 @@ def measure(run_dir: Path, *, steps: int, warmup: int) -> dict:
     steps_per_s = steps / (time.perf_counter() - started)
     sample_image_s = None
     prompts = trainer.config.sampling.prompts
-    if prompts:
+    if samples and prompts:
         started = time.perf_counter()
         trainer._sample(warmup + steps)
         sample_image_s = (time.perf_counter() - started) / len(prompts)
