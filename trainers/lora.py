@@ -621,7 +621,8 @@ class Trainer:
         for micro in range(accum):
             with self.accelerator.accumulate(self.unet):
                 loss = self._loss(step * accum + micro)
-                self.accelerator.backward(loss)
+                penalty = self.adapter.regularization()
+                self.accelerator.backward(loss if penalty is None else loss + penalty)
                 if self.accelerator.sync_gradients and self.world > 1:
                     self._average_gradients()
                 if self.accelerator.sync_gradients and self.config.training.max_grad_norm > 0:
@@ -631,6 +632,7 @@ class Trainer:
                     self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
             total += loss.detach().float() / accum
+        self.adapter.after_step(step + 1)
         self._update_ema(step + 1)
         return total
 

@@ -59,6 +59,15 @@ class Training(ABC):
     def load_state(self, state: Mapping[str, "torch.Tensor"]) -> None:
         """Put back what `state` returned (resume)."""
 
+    def regularization(self) -> "torch.Tensor | None":
+        """A penalty the method adds to each micro-batch's loss (AdaLoRA's orthogonality,
+        ARD-LoRA's sparsity), or None."""
+        return None
+
+    def after_step(self, done: int) -> None:
+        """Called after optimizer step `done` (1-based, gradients cleared): where a method
+        prunes or reallocates ranks. What it changes must be in `state()` for exact resume."""
+
     @abstractmethod
     def export(self, family: str) -> "AdapterFile":
         """The trained adapter as file modules (kohya names), metadata still empty."""
