@@ -155,3 +155,10 @@ def test_it_blends_with_another_adapter(trained, tmp_path):
     expected = _unet_out(_merged_base([(trained["path"], 0.7), (locon, -1.2)]).unet)
     assert (fa_only - base).abs().max() > 1e-3 and (mixed - fa_only).abs().max() > 1e-3
     assert (mixed - expected).abs().max() <= 1e-4
+
+
+@pytest.mark.slow(seconds=20)
+def test_generate_reproduces_the_runs_last_sample(trained, tmp_path):
+    from tests.sample_check import assert_generate_reproduces_sample
+
+    assert_generate_reproduces_sample(trained["trainer"], trained["path"], tmp_path, step=STEPS)
