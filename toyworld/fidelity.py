@@ -81,17 +81,19 @@ def write_concept_dataset(folder: Path, kind: str, *, count: int = DEMO_IMAGES, 
     return folder
 
 
-def train(workspace, *, name: str, dataset: Path | None = None, steps: int | None = None, model: str = "builtin",
-          learning_rate: float | None = None, prior_preservation: bool = True, **network) -> Path:
-    """Train the tiny-demo preset (optionally on another dataset / step count / learning
-    rate / network / base model, or without its prior preservation) in-process."""
+def demo_config(*, name: str, dataset: Path | None = None, steps: int | None = None, model: str = "builtin",
+                learning_rate: float | None = None, prior_preservation: bool = True, seed: int | None = None,
+                **network):
+    """The tiny-demo preset's config (optionally on another dataset / step count / learning
+    rate / network / base model / seed, or without its prior preservation), with no
+    checkpoints or sample pictures: what the benches train."""
     from studio.config import load_config
-    from studio.jobs.runs import create_run
-    from trainers.lora import train_run
 
     config = load_config(PRESETS_DIR / "tiny-demo.toml")
     config.name = name
     config.base_model = model
+    if seed is not None:
+        config.seed = seed
     if steps is not None:
         config.training.max_steps = steps
     if learning_rate is not None:
@@ -106,7 +108,15 @@ def train(workspace, *, name: str, dataset: Path | None = None, steps: int | Non
         config.dataset.trigger_word = ""
     for key, value in network.items():
         setattr(config.network, key, value)
-    return train_run(create_run(config, workspace), show_progress=False)
+    return config
+
+
+def train(workspace, **settings) -> Path:
+    """Train `demo_config(**settings)` in-process; returns the adapter file."""
+    from studio.jobs.runs import create_run
+    from trainers.lora import train_run
+
+    return train_run(create_run(demo_config(**settings), workspace), show_progress=False)
 
 
 def generate(engine, prompts: list[str], seeds: list[int], adapters=(), model: str = "builtin") -> list:
