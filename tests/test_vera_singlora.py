@@ -120,7 +120,44 @@ def test_conv_targets_are_refused_with_the_setting_to_change(method):
         training.add("unet", unet, 1e-3)
 
 
-@pytest.mark.slow(seconds=60)
+def test_vera_layers_compute_what_peft_vera_computes():
+    """Same seed, same projections: our hook layers and peft's VeRA (through get_peft_model,
+    which peft allows for VeRA) give the same A, B and outputs for the same d and b."""
+    import copy
+
+    from peft import VeraConfig, get_peft_model
+
+    from studio.adapters.methods import get_method
+    from studio.config import NetworkConfig
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 20), torch.nn.GELU(), torch.nn.Linear(20, 7))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 12, generator=g)
+    with torch.no_grad():
+        base = model(x)
+    ours = copy.deepcopy(model)
+    theirs = get_peft_model(model, VeraConfig(r=5, target_modules=["0", "2"], projection_prng_key=123))
+    net = NetworkConfig(type="vera", rank=5, text_encoder_target_modules=["0", "2"])
+    training = get_method("vera").training(net, seed=123)
+    training.add("text_encoder", ours, 1e-3)
+    a, b = training.projections["text_encoder"]
+    assert torch.equal(a, theirs.base_model.vera_A["default"]) and torch.equal(b, theirs.base_model.vera_B["default"])
+    with torch.no_grad():
+        for index in ("0", "2"):
+            layer = theirs.base_model.model[int(index)]
+            for name in ("vera_lambda_d", "vera_lambda_b"):
+                value = torch.randn(getattr(layer, name)["default"].shape, generator=g)
+                getattr(layer, name)["default"].copy_(value)
+                training.params["text_encoder"][index][name].copy_(value)
+        assert (ours(x) - theirs(x)).abs().max() <= 1e-6 and (ours(x) - base).abs().max() > 1e-2
+        for index in ("0", "2"):
+            down, up = training.factors("text_encoder", index)
+            delta = theirs.base_model.model[int(index)].get_delta_weight("default")
+            assert (up @ down - delta).abs().max() <= 1e-6
+
+
+@pytest.mark.slow(seconds=20)
 @pytest.mark.parametrize("method,family", CASES)
 def test_it_starts_as_the_base_model_and_the_loss_drops(runs, method, family):
     from studio.models import load_pipeline
@@ -131,7 +168,7 @@ def test_it_starts_as_the_base_model_and_the_loss_drops(runs, method, family):
     assert trained["after"] < trained["before"], (trained["before"], trained["after"])
 
 
-@pytest.mark.slow(seconds=60)
+@pytest.mark.slow(seconds=20)
 @pytest.mark.parametrize("method,family", CASES)
 def test_the_file_is_a_plain_lora_equal_to_the_trained_model(runs, method, family, capsys):
     from studio.adapters import attach_adapter, load_adapter
@@ -166,7 +203,7 @@ def test_the_file_is_a_plain_lora_equal_to_the_trained_model(runs, method, famil
         assert (ours - theirs).abs().max() <= 1e-5, component
 
 
-@pytest.mark.slow(seconds=60)
+@pytest.mark.slow(seconds=20)
 @pytest.mark.parametrize("method,family", CASES)
 def test_diffusers_loads_every_key(runs, method, family):
     from studio.adapters import load_adapter
@@ -200,7 +237,7 @@ def _merged_base(model: str, paths_weights):
     return pipe
 
 
-@pytest.mark.slow(seconds=90)
+@pytest.mark.slow(seconds=40)
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_they_blend_with_each_other_in_the_engine(runs, family):
     from studio.generation.engine import AdapterUse, Engine
@@ -217,7 +254,7 @@ def test_they_blend_with_each_other_in_the_engine(runs, family):
     assert (mixed - expected).abs().max() <= 1e-4
 
 
-@pytest.mark.slow(seconds=40)
+@pytest.mark.slow(seconds=20)
 @pytest.mark.parametrize("method,family", CASES)
 def test_generate_reproduces_the_runs_last_sample(runs, method, family, tmp_path):
     from tests.sample_check import assert_generate_reproduces_sample
@@ -226,7 +263,7 @@ def test_generate_reproduces_the_runs_last_sample(runs, method, family, tmp_path
     assert_generate_reproduces_sample(trained["trainer"], trained["path"], tmp_path, step=STEPS)
 
 
-@pytest.mark.slow(seconds=30)
+@pytest.mark.slow(seconds=15)
 def test_vera_trains_only_its_vectors_over_shared_frozen_projections(runs):
     from studio.adapters import load_adapter
     from studio.adapters.formats.naming import path_to_name
@@ -251,7 +288,7 @@ def test_vera_trains_only_its_vectors_over_shared_frozen_projections(runs):
             assert (down - group[0]).abs().max() <= 1e-4 * group[0].abs().max()
 
 
-@pytest.mark.slow(seconds=30)
+@pytest.mark.slow(seconds=15)
 def test_singlora_update_is_symmetric_psd_with_half_loras_parameters(runs):
     from studio.adapters import load_adapter
 
@@ -271,7 +308,7 @@ def test_singlora_update_is_symmetric_psd_with_half_loras_parameters(runs):
         assert eigenvalues.min() >= -1e-6 * eigenvalues.max() and eigenvalues.max() > 0
 
 
-@pytest.mark.slow(seconds=60)
+@pytest.mark.slow(seconds=20)
 def test_singlora_resumes_exactly_mid_ramp(workspace):
     """Stopped at step 3 of a 6-step ramp, the resumed run continues u(t) where it was (the
     step count is in the checkpoint) and ends with the uninterrupted run's weights."""
