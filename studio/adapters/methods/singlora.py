@@ -8,11 +8,12 @@ A[:out] A[:in]ᵀ; on a square layer ΔW is symmetric positive semi-definite. A 
 max(out, in)·r values, half of a rank-r LoRA's (out + in)·r on a square layer.
 
 A starts non-zero, so the ramp from u(0) = 0 is what makes the start the base model (the
-paper's reason for u). Aᵀ [r, n] is drawn as LoRA's down matrix (Kaiming-uniform, a = sqrt 5:
-U(±1/sqrt n)) from a generator seeded by the run's seed: (A Aᵀ) then has off-diagonal entries
-of standard deviation sqrt(r) / (3n) and a diagonal of r / (3n), below the ~1/sqrt(n) of the
-base weights, where a fan-in of r (U(±1/sqrt r)) would give a diagonal of 1/3, many times
-the base weights of an attention layer. The step count behind u is part of the resumable
+paper's reason for u). A's initial distribution is not checked against the paper (its full
+text was not at hand): Aᵀ [r, n] is drawn as LoRA's down matrix (Kaiming-uniform, a = sqrt 5:
+U(±1/sqrt n)) from a generator seeded by the run's seed. A Aᵀ then has off-diagonal entries of
+standard deviation sqrt(r) / (3n) and a diagonal of r / (3n), below nn.Linear's own weight
+scale 1/sqrt(n); a fan-in of r instead (U(±1/sqrt r)) would give a diagonal of 1/3, many
+times the weights of an attention layer. The step count behind u is part of the resumable
 state.
 
 Not in peft: the layers are the method's own, applied by forward hooks
