@@ -88,6 +88,8 @@ class NetworkConfig(_Section):
     tlora_ortho: bool = Field(True, description="T-LoRA: Ortho-LoRA initialisation (off = vanilla T-LoRA, mask only).")
     tlora_conv: bool = Field(False, description="T-LoRA: also the ResNet convs and resamplers (conv_target_modules), "
                                                 "as LoCon: the mask on the conv LoRA's inner channels.")
+    singlora_ramp_steps: int = Field(100, ge=1, le=1_000_000, description="SingLoRA: steps T of the ramp u(t) = min(t/T, 1) "
+                                                                          "that fades the update in (the start is the base model).")
     train_text_encoder: bool = Field(False, description="Also train the adapter on the text encoder(s).")
     text_encoder_target_modules: list[str] = Field(default_factory=lambda: list(TEXT_ENCODER_ATTENTION),
                                                    description="Text-encoder module names to adapt.")

@@ -15,7 +15,9 @@ from studio.adapters.methods.loha import LoHa
 from studio.adapters.methods.lokr import LoKr
 from studio.adapters.methods.lora import LoRA
 from studio.adapters.methods.lora_fa import LoRAFA
+from studio.adapters.methods.singlora import SingLoRA
 from studio.adapters.methods.tlora import TLoRA
+from studio.adapters.methods.vera import VeRA
 
 # network.type -> method, in the order the Train tab offers them: one line per method.
 METHODS: dict[str, Method] = {m.name: m for m in (
@@ -25,6 +27,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     LoKr(),
     TLoRA(),
     LoRAFA(),
+    VeRA(),
+    SingLoRA(),
 )}
 
 __all__ = ["FORMAT_KEY", "METHODS", "Method", "NativeFileMethod", "Training", "get_method", "native_method"]

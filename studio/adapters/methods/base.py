@@ -13,6 +13,10 @@ A method with a file layout of its own (T-LoRA) is a `NativeFileMethod`: it also
 that file as plain modules and attaches it for generation. Everything else attaches
 through the file kinds (studio.adapters.attach_adapter).
 
+Methods whose update is a plain LoRA once trained but which peft cannot inject through
+studio.adapters.formats.peft_bridge (VeRA, SingLoRA) train as `LinearHookTraining`: their own
+parameters on each adapted Linear, applied by a forward hook, exported as that plain LoRA.
+
 Nothing here imports torch, peft or the formats at module level: studio.config lists
 the methods, and the UI builds its form from studio.config without loading torch.
 """
@@ -233,3 +237,122 @@ class PeftMethod(Method):
     def targets(self, net, *, text_encoder: bool) -> list[str]:
         """The module names peft adapts."""
         return list(net.text_encoder_target_modules if text_encoder else net.target_modules)
+
+
+def options_set(net, names: tuple[str, ...]) -> list[str]:
+    """The network options among `names` that hold a value other than their default: what
+    a method that does not take them refuses."""
+    fields = type(net).model_fields
+    return [name for name in names if getattr(net, name) != fields[name].get_default(call_default_factory=True)]
+
+
+# --------------------------------------------------------------------------------------
+# methods with their own Linear layers, applied by forward hooks
+# --------------------------------------------------------------------------------------
+
+
+def linear_targets(model: "torch.nn.Module", targets: list[str], method: str, setting: str) -> dict[str, "torch.nn.Module"]:
+    """path -> layer for every module of `model` whose path is a target name or ends with
+    "." + one (peft's rule); each must be a Linear. `setting` names the option in errors."""
+    import torch
+
+    found = {}
+    for path, module in model.named_modules():
+        if not any(path == t or path.endswith("." + t) for t in targets):
+            continue
+        if type(module) is not torch.nn.Linear:
+            raise StudioError(f"{method} adapts Linear layers only; {setting} matches {path}, a "
+                              f"{type(module).__name__}. Remove it from {setting}.")
+        found[path] = module
+    if not found:
+        raise StudioError(f"{setting} {targets} matched no Linear layer of the model.")
+    return found
+
+
+class LinearHookTraining(Training):
+    """An adapter of its own on the Linear layers of each model it is added to: per layer a
+    few parameters (`create`), added to the layer's output by a forward hook as
+    delta(x) (`delta`, dropout on x first), and written as the plain LoRA
+    up @ down = delta's weight at scale 1 (`factors`, file alpha = rank). The parameters
+    stay outside the models (as T-LoRA's), so the models' own state dicts are untouched;
+    checkpoints key them `<component>.<module path>.<name>`. Initial values come from a
+    generator seeded by the run's seed, one per component, drawn in module order."""
+
+    def __init__(self, method: "Method", net, seed: int):
+        self.method, self.net, self.seed = method, net, seed
+        self.layers: dict[str, dict[str, "torch.nn.Module"]] = {}
+        self.params: dict[str, dict[str, dict[str, "torch.nn.Parameter"]]] = {}
+        self.unet_config = None
+
+    @abstractmethod
+    def create(self, component: str, layers: dict[str, "torch.nn.Module"],
+               generator: "torch.Generator") -> dict[str, dict[str, "torch.Tensor"]]:
+        """The initial trainable tensors of each layer (path -> name -> tensor, on the CPU)."""
+
+    @abstractmethod
+    def delta(self, component: str, path: str, x: "torch.Tensor") -> "torch.Tensor":
+        """What the adapter adds to the output of layer `path` for input x [..., in]."""
+
+    @abstractmethod
+    def factors(self, component: str, path: str) -> tuple["torch.Tensor", "torch.Tensor"]:
+        """(down [r, in], up [out, r]) with up @ down the layer's update."""
+
+    def add(self, component, model, lr):
+        import torch
+
+        text_encoder = component != "unet"
+        setting = f"network.{'text_encoder_' if text_encoder else ''}target_modules"
+        targets = list(self.net.text_encoder_target_modules if text_encoder else self.net.target_modules)
+        layers = linear_targets(model, targets, self.method.name, setting)
+        generator = torch.Generator().manual_seed(self.seed)
+        device = next(model.parameters()).device
+        initial = self.create(component, layers, generator)
+        self.layers[component] = layers
+        self.params[component] = {path: {name: torch.nn.Parameter(t.to(device)) for name, t in parts.items()}
+                                  for path, parts in initial.items()}
+        if component == "unet":
+            self.unet_config = model.config
+        for path, layer in layers.items():
+            layer.register_forward_hook(self._hook(component, path))
+        return [{"params": [p for parts in self.params[component].values() for p in parts.values()], "lr": lr}]
+
+    def _hook(self, component: str, path: str):
+        import torch.nn.functional as F
+
+        def hook(module, inputs, output):
+            x = F.dropout(inputs[0], self.net.dropout, training=module.training) if self.net.dropout else inputs[0]
+            dtype = next(iter(self.params[component][path].values())).dtype
+            return output + self.delta(component, path, x.to(dtype)).to(output.dtype)
+
+        return hook
+
+    def named_parameters(self, component):
+        return ((f"{path}.{name}", p) for path, parts in self.params.get(component, {}).items()
+                for name, p in parts.items())
+
+    def _param_state(self) -> dict[str, "torch.nn.Parameter"]:
+        return {f"{component}.{name}": p for component in self.params for name, p in self.named_parameters(component)}
+
+    def state(self):
+        return self._param_state()
+
+    def load_state(self, state):
+        import torch
+
+        with torch.no_grad():
+            for key, p in self._param_state().items():
+                if key not in state:
+                    raise StudioError(f"The checkpoint has no {key}; it was saved by another network setting.")
+                p.copy_(state[key])
+
+    def export(self, family):
+        from studio.adapters import AdapterFile, LoraModule
+        from studio.adapters.formats.naming import path_to_name
+
+        modules = {}
+        for component, layers in self.layers.items():
+            for path in layers:
+                down, up = (t.detach().float().cpu().clone() for t in self.factors(component, path))
+                config = self.unet_config if component == "unet" else None
+                modules[path_to_name(family, component, path, config)] = LoraModule(down, up, float(down.shape[0]))
+        return AdapterFile(modules, {}, family)
