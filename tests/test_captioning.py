@@ -1,0 +1,235 @@
+"""Auto-captioning: the shipped toy captioner reads the toy world, transformers image-to-text
+folders and WD14 taggers caption offline, and the modes keep what they must."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from studio.datasets import read_caption
+from studio.datasets.captioning import (CHARACTER_THRESHOLD, caption_dataset, load_captioner, merge_caption)
+from studio.errors import StudioError
+from toyworld import world
+
+DEMO = world.PROJECT_DEMO_DIR
+
+
+def _truth(caption: str) -> tuple:
+    parsed = world.parse_caption(caption)
+    return parsed["color"], parsed["shape"], parsed["background"]
+
+
+@pytest.fixture(scope="module")
+def builtin():
+    return load_captioner("builtin")
+
+
+# --------------------------------------------------------------------------- the toy captioner
+def test_builtin_captioner_reads_fresh_toy_world_pictures(builtin):
+    """Every colour, shape and background (purple and star too), the world's sizes: >= 95%
+    of captions name all three right."""
+    rng = np.random.default_rng(2024)
+    scenes = [world.sample_scene(rng, shapes=world.SHAPES, colors=world.SHAPE_COLORS, backgrounds=world.BACKGROUNDS)
+              for _ in range(300)]
+    captions = builtin.caption([world.render_scene(s) for s in scenes])
+    right = [_truth(c) == (s.color, s.shape, s.background) for c, s in zip(captions, scenes)]
+    assert np.mean(right) >= 0.95, [(c, s) for c, s, r in zip(captions, scenes, right) if not r]
+    for attribute, index in (("color", 0), ("shape", 1), ("background", 2)):
+        values = {getattr(s, attribute) for s in scenes}
+        assert values == {_truth(c)[index] for c in captions}, attribute  # no value is never or always said
+
+
+def test_builtin_captioner_reads_the_shipped_demo_dataset(builtin):
+    """The demo's purple stars (their captions hide colour and shape behind "sks shape")
+    and its regularisation pictures: >= 95% all three right."""
+    stars = sorted(DEMO.glob("sks_*.png"))
+    reg = sorted((DEMO / "reg").glob("*.png"))
+    captions = builtin.caption([Image.open(p) for p in stars + reg])
+    wanted = [("purple", "star", s.background) for s in world.demo_scenes()]
+    wanted += [_truth(p.with_suffix(".txt").read_text()) for p in reg]
+    right = [_truth(c) == w for c, w in zip(captions, wanted)]
+    assert len(right) == 36 and np.mean(right) >= 0.95, list(zip(captions, wanted))
+
+
+# --------------------------------------------------------------------------- modes
+def test_merge_caption_modes():
+    assert merge_caption("", "a red circle", "fill") == "a red circle"
+    assert merge_caption("mine", "a red circle", "fill") == "mine"
+    assert merge_caption("mine", "a red circle", "overwrite") == "a red circle"
+    assert merge_caption("sks, smiling", "smiling, red hair", "prepend") == "red hair, sks, smiling"
+    assert merge_caption("sks, smiling", "smiling, red hair", "append") == "sks, smiling, red hair"
+    assert merge_caption("sks, red hair", "red hair", "append") == "sks, red hair"  # twice adds nothing
+    # the line training reads changes; the others stay
+    assert merge_caption("\nfirst\nsecond note", "tag", "append") == "first, tag\nsecond note"
+    with pytest.raises(StudioError, match="fill, overwrite, prepend, append"):
+        merge_caption("x", "y", "replace")
+
+
+@pytest.fixture
+def demo_copy(tmp_path) -> Path:
+    folder = tmp_path / "demo"
+    shutil.copytree(DEMO, folder)
+    return folder
+
+
+def test_caption_dataset_modes_on_files(demo_copy, builtin):
+    stars = sorted(demo_copy.glob("sks_*.png"))
+    reg_before = {p: p.read_bytes() for p in (demo_copy / "reg").glob("*.txt")}
+    stars[0].with_suffix(".txt").unlink()
+    stars[1].with_suffix(".txt").write_text("")
+    stars[2].with_suffix(".txt").write_text("hand written\nsecond line\n")
+    (demo_copy / "broken.png").write_bytes(b"not a png")
+    calls = []
+
+    report = caption_dataset(demo_copy, builtin, mode="fill", progress=lambda d, t: calls.append((d, t)))
+    # fill: only the missing and the empty captions; the broken picture is reported, not fatal
+    assert sorted(report.written) == ["sks_01.png", "sks_02.png"]
+    assert [rel for rel, _ in report.failed] == ["broken.png"] and "broken.png" in report.summary()
+    want = [f"a purple star on a {s.background} background" for s in world.demo_scenes()]
+    assert [read_caption(stars[i]) for i in (0, 1)] == want[:2]
+    assert stars[2].with_suffix(".txt").read_text() == "hand written\nsecond line\n"
+    assert calls[0] == (0, 3) and calls[-1] == (3, 3)
+    assert {p: p.read_bytes() for p in (demo_copy / "reg").glob("*.txt")} == reg_before  # reg left alone
+
+    report = caption_dataset(demo_copy, builtin, mode="append", trigger="sks")
+    assert read_caption(stars[2]) == f"sks, hand written, {want[2]}\nsecond line"
+    assert read_caption(stars[3]) == f"a sks shape on a {world.demo_scenes()[3].background} background, {want[3]}"
+    again = caption_dataset(demo_copy, builtin, mode="append", trigger="sks")
+    assert again.written == [] and len(again.unchanged) == 12  # nothing twice
+
+    caption_dataset(demo_copy, builtin, mode="overwrite", include_regularisation=True)
+    assert [read_caption(p) for p in stars] == want[:2] + [want[2] + "\nsecond line"] + want[3:]
+    for p in (demo_copy / "reg").glob("*.png"):  # reg pictures are seen pictures, captioned in full
+        assert _truth(read_caption(p)) == _truth(reg_before[p.with_suffix(".txt")].decode())
+    assert not list(demo_copy.rglob("*.tmp"))
+
+    caption_dataset(demo_copy, builtin, mode="prepend")
+    assert read_caption(stars[0]) == want[0]  # its own text, not repeated
+
+
+# --------------------------------------------------------------------------- captioners a person points at
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "blue", "circle", "square", "on",
+         "background", "picture", "of"]
+
+
+@pytest.fixture(scope="module")
+def image_to_text_folders(tmp_path_factory) -> dict[str, Path]:
+    """A tiny BLIP and a tiny GIT, random weights, saved as a person's download would be."""
+    from transformers import (BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor,
+                              BlipProcessor, CLIPImageProcessor, GitConfig, GitForCausalLM, GitProcessor)
+
+    root = tmp_path_factory.mktemp("i2t")
+    (root / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    tokenizer = BertTokenizer(str(root / "vocab.txt"))
+    tiny = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37)
+    vision = dict(tiny, image_size=32, patch_size=8)
+    ids = dict(bos_token_id=2, eos_token_id=3, pad_token_id=0)
+    torch.manual_seed(0)
+    blip = BlipForConditionalGeneration(BlipConfig(
+        text_config=dict(tiny, vocab_size=len(VOCAB), max_position_embeddings=64, sep_token_id=3, **ids),
+        vision_config=vision, projection_dim=32))
+    blip.save_pretrained(root / "blip")
+    BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}),
+                  tokenizer=tokenizer).save_pretrained(root / "blip")
+    git = GitForCausalLM(GitConfig(vision_config=vision, vocab_size=len(VOCAB), max_position_embeddings=64,
+                                   **tiny, **ids))
+    git.save_pretrained(root / "git")
+    GitProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                 tokenizer=tokenizer).save_pretrained(root / "git")
+    return {"blip": root / "blip", "git": root / "git"}
+
+
+@pytest.mark.parametrize("kind", ["blip", "git"])
+def test_transformers_image_to_text_folder_captions_offline(kind, image_to_text_folders, tmp_path):
+    """The caption written is what the model itself generates for that picture (greedy),
+    decoded without special tokens; loaded with local files only."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    folder = image_to_text_folders[kind]
+    data = tmp_path / "data"
+    data.mkdir()
+    pictures = [world.render("circle", "red", "blue"), world.render("square", "yellow", "black")]
+    for i, picture in enumerate(pictures):
+        picture.save(data / f"{i}.png")
+    report = caption_dataset(data, folder, mode="overwrite", batch_size=1)
+    assert report.written == ["0.png", "1.png"] and report.model == str(folder)
+
+    model = AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True).eval()
+    processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
+    for i, picture in enumerate(pictures):
+        out = model.generate(**processor(images=[picture], return_tensors="pt"), max_new_tokens=75, do_sample=False)
+        expected = " ".join(processor.batch_decode(out, skip_special_tokens=True)[0].split())
+        assert expected and read_caption(data / f"{i}.png") == expected
+
+
+# The tagger's tags: (name, category); scores from the tiny ONNX model below.
+TAGS = [("general", 9), ("red_hair", 0), ("blue_sky", 0), ("^_^", 0), ("hatsune_miku", 4), ("other_girl", 4),
+        ("white_border", 0)]
+
+
+class _TinyTagger(torch.nn.Module):
+    """NHWC BGR 0-255 in, one probability per tag out, as WD14 taggers: red_hair lights up
+    when the picture is redder than blue, blue_sky the other way round (so reading RGB as
+    BGR or 0-1 instead of 0-255 gives other tags), white_border when the top-left pixel is
+    white (the padding of a picture that is not square); the rest are constants."""
+
+    def forward(self, x):
+        mean = x.mean(dim=(1, 2)) / 255.0  # B, G, R
+        red_minus_blue = mean[:, 2] - mean[:, 0]
+        one = torch.ones_like(red_minus_blue)
+        return torch.stack([0.99 * one, torch.sigmoid(20 * red_minus_blue - 5), torch.sigmoid(-20 * red_minus_blue - 5),
+                            0.5 * one, 0.9 * one, (CHARACTER_THRESHOLD - 0.05) * one,
+                            torch.sigmoid(20 * x[:, 0, 0, :].mean(dim=1) / 255.0 - 10)], dim=1)
+
+
+@pytest.fixture(scope="module")
+def tagger_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("wd14")
+    torch.onnx.export(_TinyTagger(), (torch.zeros(1, 32, 32, 3),), str(folder / "model.onnx"), dynamo=False,
+                      input_names=["input_1"], output_names=["predictions_sigmoid"],
+                      dynamic_axes={"input_1": {0: "batch"}, "predictions_sigmoid": {0: "batch"}})
+    (folder / "selected_tags.csv").write_text("tag_id,name,category,count\n" + "".join(
+        f"{i},{name},{category},{100 - i}\n" for i, (name, category) in enumerate(TAGS)))
+    return folder
+
+
+def test_wd14_tagger_threshold_categories_and_pixel_convention(tagger_folder, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    world.render("circle", "blue", "red").save(data / "red.png")
+    world.render("circle", "red", "blue").resize((64, 40)).save(data / "blue.png")
+    (data / "blue.txt").write_text("1girl")
+
+    caption_dataset(data, tagger_folder, mode="append")
+    # most probable first; rating never; a character only over CHARACTER_THRESHOLD; kaomoji keep "_"
+    assert read_caption(data / "red.png") == "red hair, hatsune miku, ^_^"
+    # padded with white to a square: a white border, and less blue (blue_sky 0.65)
+    assert read_caption(data / "blue.png") == "1girl, white border, hatsune miku, blue sky, ^_^"
+    caption_dataset(data, tagger_folder, mode="overwrite", threshold=0.6)
+    assert read_caption(data / "red.png") == "red hair, hatsune miku"
+    with pytest.raises(StudioError, match="outside"):
+        caption_dataset(data, tagger_folder, threshold=1.5)
+
+
+# --------------------------------------------------------------------------- bad input
+def test_bad_model_folders_say_one_clear_line(tmp_path, tagger_folder):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bogus = tmp_path / "bogus"
+    bogus.mkdir()
+    (bogus / "config.json").write_text('{"model_type": "bert", "hidden_size": 8}')
+    no_tags = tmp_path / "no-tags"
+    no_tags.mkdir()
+    shutil.copy(tagger_folder / "model.onnx", no_tags / "model.onnx")
+    cases = [(tmp_path / "missing", "is not a folder"), (empty, "holds no captioning model"),
+             (bogus, "not an image-to-text model"), (no_tags, "no selected_tags.csv")]
+    for model, message in cases:
+        with pytest.raises(StudioError, match=message) as caught:
+            load_captioner(model)
+        assert "\n" not in str(caught.value)
+    with pytest.raises(StudioError, match="WD14 tagger only"):
+        load_captioner("builtin", threshold=0.5)
