@@ -1,5 +1,6 @@
 """Auto-captioning: the shipped toy captioner reads the toy world, transformers image-to-text
-folders and WD14 taggers caption offline, and the modes keep what they must."""
+folders and WD14 taggers caption offline, the modes keep what they must, and the CLI and the
+Datasets tab's view run the same function."""
 from __future__ import annotations
 
 import shutil
@@ -233,3 +234,40 @@ def test_bad_model_folders_say_one_clear_line(tmp_path, tagger_folder):
         assert "\n" not in str(caught.value)
     with pytest.raises(StudioError, match="WD14 tagger only"):
         load_captioner("builtin", threshold=0.5)
+
+
+# --------------------------------------------------------------------------- CLI and the Datasets tab
+def test_cli_dataset_caption(tmp_path, capsys, tagger_folder):
+    from studio.cli import main
+
+    folder = tmp_path / "ws" / "datasets" / "shapes"
+    folder.mkdir(parents=True)
+    for i, (shape, colour, background) in enumerate([("circle", "red", "white"), ("star", "purple", "gray")]):
+        world.render(shape, colour, background).save(folder / f"{i}.png")
+    capsys.readouterr()
+    assert main(["dataset", "caption", "shapes", "--workspace", str(tmp_path / "ws")]) == 0
+    out, err = capsys.readouterr()
+    assert read_caption(folder / "0.png") == "a red circle on a white background"
+    assert read_caption(folder / "1.png") == "a purple star on a gray background"
+    assert "2 caption file(s) written" in out and "2/2" in err  # the progress bar is on stderr
+    assert main(["dataset", "caption", str(folder), "--model", str(tagger_folder), "--mode", "prepend",
+                 "--threshold", "0.6", "--trigger", "sks"]) == 0
+    assert read_caption(folder / "0.png") == "sks, white border, hatsune miku, a red circle on a white background"
+    capsys.readouterr()
+    assert main(["dataset", "caption", str(folder), "--threshold", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "WD14 tagger only" in err
+
+
+def test_datasets_view_caption_action(demo_copy):
+    from ui import datasets_view as dv
+
+    seen = []
+    for p in demo_copy.glob("sks_*.txt"):
+        p.unlink()
+    note = dv.auto_caption(demo_copy, "builtin", "fill", None, False, "sks", lambda share, desc: seen.append(share))
+    assert "12 caption file(s) written" in note
+    assert read_caption(demo_copy / "sks_01.png").startswith("sks, a purple star on a")
+    assert seen[0] == 0.0 and seen[-1] == 1.0
+    with pytest.raises(StudioError, match="WD14 tagger only"):
+        dv.auto_caption(demo_copy, "builtin", "fill", 0.5, False, "", lambda share, desc: None)
