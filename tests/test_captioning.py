@@ -271,3 +271,21 @@ def test_datasets_view_caption_action(demo_copy):
     assert seen[0] == 0.0 and seen[-1] == 1.0
     with pytest.raises(StudioError, match="WD14 tagger only"):
         dv.auto_caption(demo_copy, "builtin", "fill", 0.5, False, "", lambda share, desc: None)
+
+
+def test_the_training_script_writes_a_folder_the_product_loads(tmp_path):
+    """toyworld/train_captioner.py at toy size: its folder loads with load_captioner, its
+    record names the command and the figures, and the same seed gives the same weights."""
+    from toyworld.train_captioner import main
+
+    small = ["--bank", "64", "--steps", "3", "--batch", "8", "--eval-images", "16"]
+    first = main(small + ["--out", str(tmp_path / "a")])
+    main(small + ["--out", str(tmp_path / "b")])
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    captioner = load_captioner(tmp_path / "a")
+    assert captioner.heads == {"color": list(world.SHAPE_COLORS), "shape": list(world.SHAPES),
+                               "background": list(world.BACKGROUNDS)}
+    assert len(captioner.caption([world.render("star", "purple", "white")])[0].split()) == 7
+    record = (tmp_path / "a" / "TRAINING.md").read_text()
+    assert "python -m toyworld.train_captioner --bank 64" in record
+    assert first["evaluation"]["demo_dataset"]["n"] == 36
