@@ -28,6 +28,7 @@ atomically as soon as its batch is done, so an interrupted run keeps what it wro
 """
 from __future__ import annotations
 
+import abc
 import csv
 import json
 import logging
@@ -64,14 +65,15 @@ ProgressFn = Callable[[int, int], None]
 
 
 # --------------------------------------------------------------------------- captioners
-class Captioner:
-    """A loaded captioning model: `caption(images)` -> one caption per RGB picture."""
+class Captioner(abc.ABC):
+    """A loaded captioning model: `caption(images)` -> one caption per RGB picture; `name`
+    says which model in reports."""
 
     name: str = ""
-    uses_threshold = False
 
+    @abc.abstractmethod
     def caption(self, images: Sequence[Image.Image]) -> list[str]:
-        raise NotImplementedError
+        """One caption per picture, in order."""
 
 
 def toy_network(widths: Sequence[int], heads: dict[str, Sequence[str]]):
@@ -198,8 +200,6 @@ class _Tag:
 
 class TaggerCaptioner(Captioner):
     """A WD14-style ONNX tagger (see the module docstring)."""
-
-    uses_threshold = True
 
     def __init__(self, folder: Path, threshold: float = DEFAULT_THRESHOLD) -> None:
         try:
