@@ -259,18 +259,21 @@ def test_cli_dataset_caption(tmp_path, capsys, tagger_folder):
     assert err.count("\n") == 1 and "WD14 tagger only" in err
 
 
-def test_datasets_view_caption_action(demo_copy):
+def test_datasets_view_caption_action(demo_copy, tagger_folder):
     from ui import datasets_view as dv
 
     seen = []
     for p in demo_copy.glob("sks_*.txt"):
         p.unlink()
-    note = dv.auto_caption(demo_copy, "builtin", "fill", None, False, "sks", lambda share, desc: seen.append(share))
+    # the slider's threshold always comes; only a tagger gets it
+    note = dv.auto_caption(demo_copy, "builtin", "fill", 0.35, False, "sks", lambda share, desc: seen.append(share))
     assert "12 caption file(s) written" in note
     assert read_caption(demo_copy / "sks_01.png").startswith("sks, a purple star on a")
     assert seen[0] == 0.0 and seen[-1] == 1.0
-    with pytest.raises(StudioError, match="WD14 tagger only"):
-        dv.auto_caption(demo_copy, "builtin", "fill", 0.5, False, "", lambda share, desc: None)
+    dv.auto_caption(demo_copy, str(tagger_folder), "overwrite", 0.6, False, "", lambda share, desc: None)
+    assert read_caption(demo_copy / "sks_01.png") == "white border, hatsune miku"  # 0.6: without ^_^ (0.5)
+    with pytest.raises(StudioError, match="is not a folder"):
+        dv.auto_caption(demo_copy, "no/such/model", "fill", 0.35, False, "", lambda share, desc: None)
 
 
 def test_the_training_script_writes_a_folder_the_product_loads(tmp_path):

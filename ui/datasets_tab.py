@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import gradio as gr
 
 from studio import datasets as ds
+from studio.datasets.captioning import DEFAULT_THRESHOLD
 from studio.errors import StudioError
 from ui import datasets_view as dv
 from ui.common import Studio, dropdown_value, friendly
@@ -90,8 +91,9 @@ def build(studio: Studio) -> SimpleNamespace:
                                                info="'builtin' (toy world), or a folder on this computer: a "
                                                     "transformers image-to-text model (BLIP, GIT, Florence-2) or a "
                                                     "WD14 tagger (model.onnx + selected_tags.csv). Never downloads.")
-                        cap_threshold = gr.Number(None, label="Tag threshold", minimum=0, maximum=1, step=0.05,
-                                                  scale=1, info="WD14 taggers only; empty = 0.35.")
+                        cap_threshold = gr.Slider(0.05, 0.95, value=DEFAULT_THRESHOLD, step=0.05, scale=1,
+                                                  label="Tag threshold", elem_id="ds-cap-threshold",
+                                                  info="WD14 taggers: keep tags at least this probable.")
                     cap_mode = gr.Radio(dv.CAPTION_MODES, value="fill", label="Which captions", elem_id="ds-cap-mode")
                     with gr.Row():
                         cap_trigger = gr.Textbox(label="Trigger word (optional)", scale=3,
@@ -234,9 +236,7 @@ def build(studio: Studio) -> SimpleNamespace:
         name = current.get("name")
         note = dv.auto_caption(folder_of(name), model, cap_mode_value, threshold, reg, word, progress)
         gr.Info(note.splitlines()[1])
-        result = views(name, check=False)
-        result[3], result[4] = gr.skip(), gr.skip()  # the bad-file report does not change
-        return [*result, note]
+        return [*views(name), note]  # checked again: missing captions may be there now
 
     @friendly
     def on_tag_pick(evt: gr.SelectData):

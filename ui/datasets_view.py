@@ -61,17 +61,20 @@ CAPTION_MODES = [
 ]
 
 
-def auto_caption(folder: Path, model: str, mode: str, threshold: float | None, include_regularisation: bool,
+def auto_caption(folder: Path, model: str, mode: str, threshold: float, include_regularisation: bool,
                  trigger: str, progress: Callable[..., object]) -> str:
     """Caption the dataset in `folder` with `studio.datasets.captioning.caption_dataset`, the
-    CLI's function; `progress(share, desc=...)` is gradio's progress bar. Returns the
-    report, for the note under the button."""
-    from studio.datasets.captioning import BUILTIN_CAPTIONER, caption_dataset
+    CLI's function; `threshold` (the tab's slider, which always has a value) is passed on
+    only to a WD14 tagger; `progress(share, desc=...)` is gradio's progress bar. Returns
+    the report, for the note under the button."""
+    from studio.datasets.captioning import BUILTIN_CAPTIONER, caption_dataset, captioner_kind
 
     def show(done: int, total: int) -> None:
         progress(done / total if total else 1.0, desc=f"Captioning {done}/{total} pictures")
 
-    report = caption_dataset(folder, (model or "").strip() or BUILTIN_CAPTIONER, mode=mode, threshold=threshold,
+    model = (model or "").strip() or BUILTIN_CAPTIONER
+    threshold = threshold if captioner_kind(model)[0] == "tagger" else None
+    report = caption_dataset(folder, model, mode=mode, threshold=threshold,
                              trigger=(trigger or "").strip() or None,
                              include_regularisation=include_regularisation, progress=show)
     return "```\n" + report.summary() + "\n```"

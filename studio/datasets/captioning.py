@@ -274,30 +274,34 @@ def _read_tags(path: Path) -> list[_Tag]:
         raise StudioError(f"{path} has a category that is not a number; use the tagger's own selected_tags.csv.") from None
 
 
-def load_captioner(model: str | os.PathLike = BUILTIN_CAPTIONER, *, threshold: float | None = None,
-                   prompt: str | None = None) -> Captioner:
-    """The captioning model `model` names: "builtin", a WD14 tagger folder (a .onnx model
-    and selected_tags.csv) or a transformers image-to-text folder (config.json). `threshold`
-    is the tagger's general-tag threshold; `prompt` the text a transformers model gets
-    beside each picture (default: its task token, if it needs one)."""
+def captioner_kind(model: str | os.PathLike = BUILTIN_CAPTIONER) -> tuple[str, Path]:
+    """(kind, folder) of the captioning model `model` names, without loading it: kind "toy"
+    ("builtin" or a folder the toy script wrote), "tagger" (a .onnx model or
+    selected_tags.csv) or "transformers" (any other folder with config.json)."""
     text = str(model).strip()
     if text == BUILTIN_CAPTIONER:
         if not (BUILTIN_CAPTIONER_DIR / "model.safetensors").is_file():
             raise StudioError(f"The built-in captioner is missing from {BUILTIN_CAPTIONER_DIR}; reinstall, or "
                               "run `python -m toyworld.train_captioner` in a checkout.")
-        folder, kind = BUILTIN_CAPTIONER_DIR, "toy"
-    else:
-        folder = Path(text).expanduser()
-        if not folder.is_dir():
-            raise StudioError(f"Captioning model {text!r} is not a folder: use 'builtin', a local transformers "
-                              "image-to-text folder (BLIP, GIT, Florence-2) or a WD14 tagger folder.")
-        if (folder / "selected_tags.csv").exists() or any(folder.glob("*.onnx")):
-            kind = "tagger"
-        elif (folder / "config.json").is_file():
-            kind = "toy" if (folder / "model.safetensors").is_file() and _is_toy_config(folder) else "transformers"
-        else:
-            raise StudioError(f"{folder} holds no captioning model: expected config.json (a transformers "
-                              "image-to-text model) or model.onnx + selected_tags.csv (a WD14 tagger).")
+        return "toy", BUILTIN_CAPTIONER_DIR
+    folder = Path(text).expanduser()
+    if not folder.is_dir():
+        raise StudioError(f"Captioning model {text!r} is not a folder: use 'builtin', a local transformers "
+                          "image-to-text folder (BLIP, GIT, Florence-2) or a WD14 tagger folder.")
+    if (folder / "selected_tags.csv").exists() or any(folder.glob("*.onnx")):
+        return "tagger", folder
+    if (folder / "config.json").is_file():
+        return ("toy" if (folder / "model.safetensors").is_file() and _is_toy_config(folder) else "transformers"), folder
+    raise StudioError(f"{folder} holds no captioning model: expected config.json (a transformers "
+                      "image-to-text model) or model.onnx + selected_tags.csv (a WD14 tagger).")
+
+
+def load_captioner(model: str | os.PathLike = BUILTIN_CAPTIONER, *, threshold: float | None = None,
+                   prompt: str | None = None) -> Captioner:
+    """The captioning model `model` names (see `captioner_kind`). `threshold` is a tagger's
+    general-tag threshold; `prompt` the text a transformers model gets beside each picture
+    (default: its task token, if it needs one); either for another kind is refused."""
+    kind, folder = captioner_kind(model)
     if threshold is not None and kind != "tagger":
         raise StudioError("A tag threshold applies to a WD14 tagger only; leave it out for this model.")
     if prompt is not None and kind != "transformers":
@@ -305,7 +309,7 @@ def load_captioner(model: str | os.PathLike = BUILTIN_CAPTIONER, *, threshold: f
     if kind == "tagger":
         return TaggerCaptioner(folder, DEFAULT_THRESHOLD if threshold is None else threshold)
     if kind == "toy":
-        return ToyCaptioner(folder, BUILTIN_CAPTIONER if text == BUILTIN_CAPTIONER else str(folder))
+        return ToyCaptioner(folder, BUILTIN_CAPTIONER if folder == BUILTIN_CAPTIONER_DIR else str(folder))
     return TransformersCaptioner(folder, prompt)
 
 
@@ -422,4 +426,4 @@ def caption_dataset(folder: str | os.PathLike, model: str | os.PathLike | Captio
 
 __all__ = ["BUILTIN_CAPTIONER", "BUILTIN_CAPTIONER_DIR", "CHARACTER_THRESHOLD", "CaptionReport", "Captioner",
            "DEFAULT_THRESHOLD", "MODES", "TaggerCaptioner", "ToyCaptioner", "TransformersCaptioner",
-           "caption_dataset", "load_captioner", "merge_caption", "toy_batch", "toy_network"]
+           "caption_dataset", "captioner_kind", "load_captioner", "merge_caption", "toy_batch", "toy_network"]
