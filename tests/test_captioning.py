@@ -167,6 +167,56 @@ def test_transformers_image_to_text_folder_captions_offline(kind, image_to_text_
         assert expected and read_caption(data / f"{i}.png") == expected
 
 
+@pytest.fixture(scope="module")
+def florence2_folder(tmp_path_factory) -> Path:
+    """A tiny Florence-2 (DaViT + BART), random weights, with its processor. A random model
+    with tied embeddings repeats its decoder's start token; starting from a letter instead
+    of </s> makes its caption non-empty."""
+    import json
+
+    from transformers import (BartTokenizer, CLIPImageProcessor, Florence2Config, Florence2ForConditionalGeneration,
+                              Florence2Processor)
+
+    root = tmp_path_factory.mktemp("florence2")
+    letters = list("abcdefghijklmnopqrstuvwxyz")
+    vocab = {t: i for i, t in enumerate(["<s>", "<pad>", "</s>", "<unk>"] + letters + ["\u0120" + c for c in letters])}
+    (root / "vocab.json").write_text(json.dumps(vocab))
+    (root / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = BartTokenizer(str(root / "vocab.json"), str(root / "merges.txt"),
+                              extra_special_tokens={"image_token": "<image>"})
+    torch.manual_seed(0)
+    model = Florence2ForConditionalGeneration(Florence2Config(
+        text_config=dict(model_type="bart", vocab_size=len(tokenizer), d_model=32, encoder_layers=1, decoder_layers=1,
+                         encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=37, decoder_ffn_dim=37,
+                         max_position_embeddings=128, bos_token_id=0, pad_token_id=1, eos_token_id=2,
+                         decoder_start_token_id=vocab["k"], forced_eos_token_id=2),
+        vision_config=dict(depths=[1], patch_size=[7], patch_stride=[4], patch_padding=[3], patch_prenorm=[False],
+                           embed_dim=[32], num_heads=[2], num_groups=[2], window_size=4, projection_dim=32,
+                           max_temporal_embeddings=4, max_position_embeddings=16),
+        image_token_id=tokenizer.image_token_id))
+    model.save_pretrained(root / "model")
+    # 32 / 4 = 8 x 8 image tokens, plus the pooled one
+    images = CLIPImageProcessor(size={"height": 32, "width": 32}, do_center_crop=False, image_seq_length=65)
+    Florence2Processor(image_processor=images, tokenizer=tokenizer).save_pretrained(root / "model")
+    return root / "model"
+
+
+def test_florence2_folder_captions_with_its_task_token(florence2_folder, tmp_path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    captioner = load_captioner(florence2_folder)
+    assert captioner.prompt == "<DETAILED_CAPTION>"  # Florence-2 captions only when asked a task
+    picture = world.render("circle", "red", "blue")
+    (caption,) = captioner.caption([picture])
+    model = AutoModelForImageTextToText.from_pretrained(florence2_folder, local_files_only=True).eval()
+    processor = AutoProcessor.from_pretrained(florence2_folder, local_files_only=True)
+    inputs = processor(images=[picture], text=["<DETAILED_CAPTION>"], return_tensors="pt")
+    # the processor turns the task token into its question (spelt with the tiny vocabulary's letters)
+    assert "indetailwhatisshown" in processor.batch_decode(inputs["input_ids"])[0]
+    out = model.generate(**inputs, max_new_tokens=75, do_sample=False)
+    assert caption and caption == " ".join(processor.batch_decode(out, skip_special_tokens=True)[0].split())
+
+
 # The tagger's tags: (name, category); scores from the tiny ONNX model below.
 TAGS = [("general", 9), ("red_hair", 0), ("blue_sky", 0), ("^_^", 0), ("hatsune_miku", 4), ("other_girl", 4),
         ("white_border", 0)]
