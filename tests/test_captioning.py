@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from studio.datasets import read_caption
-from studio.datasets.captioning import (CHARACTER_THRESHOLD, caption_dataset, load_captioner, merge_caption)
+from studio.datasets.captioning import CHARACTER_THRESHOLD, Captioner, caption_dataset, load_captioner, merge_caption
 from studio.errors import StudioError
 from toyworld import world
 
@@ -110,6 +110,29 @@ def test_caption_dataset_modes_on_files(demo_copy, builtin):
 
     caption_dataset(demo_copy, builtin, mode="prepend")
     assert read_caption(stars[0]) == want[0]  # its own text, not repeated
+
+
+class _Silent(Captioner):
+    """A model that finds nothing to say (a tagger whose tags are all under its threshold)."""
+
+    name = "silent"
+
+    def caption(self, images):
+        return ["" for _ in images]
+
+
+def test_nothing_is_lost_to_an_empty_answer_or_a_shared_caption_file(tmp_path, builtin):
+    world.render("circle", "red", "white").save(tmp_path / "a.png")
+    world.render("square", "blue", "gray").save(tmp_path / "a.jpg")
+    (tmp_path / "b.png").write_bytes((tmp_path / "a.png").read_bytes())
+    (tmp_path / "b.txt").write_text("mine")
+    report = caption_dataset(tmp_path, _Silent(), mode="overwrite")
+    assert report.written == [] and (tmp_path / "b.txt").read_text() == "mine"
+    assert {rel for rel, _ in report.failed} == {"a.jpg", "a.png", "b.png"}
+    report = caption_dataset(tmp_path, builtin, mode="fill")
+    # a.jpg sorts first and owns a.txt; a.png is reported, not written over it
+    assert report.written == ["a.jpg"] and read_caption(tmp_path / "a.png") == "a blue square on a gray background"
+    assert [rel for rel, _ in report.failed] == ["a.png"] and "shares its caption file a.txt" in report.failed[0][1]
 
 
 # --------------------------------------------------------------------------- captioners a person points at

@@ -24,7 +24,9 @@ twice adds nothing). A multi-line caption file keeps its other lines: the first 
 line (what training reads) is the one changed. An optional trigger word is then put first
 by `studio.datasets.caption_with_trigger`, the one trigger rule. Each caption is written
 atomically as soon as its batch is done, so an interrupted run keeps what it wrote and
-``fill`` carries on from there; a picture that cannot be read is reported and skipped.
+``fill`` carries on from there. A picture that cannot be read, one the model gives no text
+for and a second picture of the same stem (one caption file for both) are reported and
+left as they were.
 """
 from __future__ import annotations
 
@@ -384,7 +386,14 @@ def caption_dataset(folder: str | os.PathLike, model: str | os.PathLike | Captio
     captioner = model if isinstance(model, Captioner) else load_captioner(model, threshold=threshold, prompt=prompt)
     report = CaptionReport(captioner.name, mode)
     todo = []
+    owners: dict[Path, str] = {}  # caption file -> the picture it is written for
     for entry in entries:
+        target = entry.caption or entry.path.with_suffix(CAPTION_EXTENSION)
+        if target in owners:
+            report.failed.append((entry.rel, f"shares its caption file {target.name} with {owners[target]}; "
+                                             "rename one of them"))
+            continue
+        owners[target] = entry.rel
         old = ""
         if entry.caption is not None:
             info = _read_caption_file(entry.caption)
@@ -409,6 +418,9 @@ def caption_dataset(folder: str | os.PathLike, model: str | os.PathLike | Captio
                 report.failed.append((entry.rel, str(exc)))
         texts = captioner.caption(images) if images else []
         for (entry, old), text in zip(chunk, texts):
+            if not text.strip():
+                report.failed.append((entry.rel, "the model gave no caption; the caption was left as it was"))
+                continue
             new = merge_caption(old, text, mode)
             if word:
                 lines = new.split("\n")
