@@ -40,6 +40,8 @@ def _workspace_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from studio.datasets.captioning import BUILTIN_CAPTIONER, DEFAULT_THRESHOLD, MODES as CAPTION_MODES
+
     parser = _Parser(prog="lora-studio", description="Make LoRA adapters for Stable Diffusion 1.5 and SDXL.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
@@ -88,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="base model ('builtin', a diffusers folder or a .safetensors checkpoint); needed to "
                            "convert DoRA between kohya and diffusers/peft, or for architectures not shipped")
 
-    ds = sub.add_parser("dataset", help="import and check datasets")
+    ds = sub.add_parser("dataset", help="import, check and caption datasets")
     ds_sub = ds.add_subparsers(dest="dataset_command", parser_class=_Parser)
     imp = ds_sub.add_parser("import", help="import a folder, a zip or image files into the workspace")
     imp.add_argument("sources", nargs="+", type=Path, metavar="SRC")
@@ -102,6 +104,22 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--resolution", type=int, default=None,
                      help="training resolution: report the images smaller than it")
     _workspace_arg(chk)
+    cap = ds_sub.add_parser("caption", help="write captions with a captioning model (never a download)")
+    cap.add_argument("name", help="dataset name in the workspace, or a folder path")
+    cap.add_argument("--model", default=BUILTIN_CAPTIONER,
+                     help="'builtin' (the toy-world captioner), a local transformers image-to-text folder "
+                          "(BLIP, GIT, Florence-2) or a WD14 tagger folder (model.onnx + selected_tags.csv)")
+    cap.add_argument("--mode", choices=CAPTION_MODES, default="fill",
+                     help="fill: only pictures without a caption; overwrite: replace every caption; "
+                          "prepend / append: add the new text before / after the caption (tags it has are not repeated)")
+    cap.add_argument("--threshold", type=_finite, default=None,
+                     help=f"WD14 tagger: keep general tags at least this probable (default {DEFAULT_THRESHOLD})")
+    cap.add_argument("--prompt", default=None,
+                     help="transformers model: text given with each picture (default: its task token, if it needs one)")
+    cap.add_argument("--trigger", default=None, help="then put this trigger word first in every caption written")
+    cap.add_argument("--include-reg", action="store_true", help="caption class / regularisation pictures too")
+    cap.add_argument("--quiet", action="store_true", help="no progress bar")
+    _workspace_arg(cap)
 
     bake = sub.add_parser("bake", help="bake a mix of adapters into one LoRA file")
     bake.add_argument("adapters", nargs="+", metavar="FILE[:WEIGHT]")
@@ -299,7 +317,8 @@ def cmd_dataset(args) -> int:
     from studio.workspace import Workspace
 
     if args.dataset_command is None:
-        raise StudioError("Say what to do: `lora-studio dataset import SRC --name NAME` or `dataset check NAME`.")
+        raise StudioError("Say what to do: `lora-studio dataset import SRC --name NAME`, `dataset check NAME` "
+                          "or `dataset caption NAME`.")
     workspace = Workspace.open(args.workspace)
     if args.dataset_command == "import":
         report = import_dataset(args.sources, args.name, workspace, mode=args.mode)
@@ -308,9 +327,29 @@ def cmd_dataset(args) -> int:
     folder = Path(args.name) if Path(args.name).is_dir() else workspace.dataset_dir(args.name)
     if not folder.is_dir():
         raise StudioError(f"No dataset {args.name!r} in {workspace.datasets_dir}; import one first.")
+    if args.dataset_command == "caption":
+        from studio.datasets.captioning import caption_dataset
+
+        report = caption_dataset(folder, args.model, mode=args.mode, threshold=args.threshold, prompt=args.prompt,
+                                 trigger=args.trigger, include_regularisation=args.include_reg,
+                                 progress=None if args.quiet else _stderr_progress("captioning", "pictures"))
+        print(report.summary())
+        return 0
     report = check_dataset(folder, resolution=args.resolution)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.summary())
     return 0
+
+
+def _stderr_progress(what: str, unit: str, width: int = 30):
+    """A progress(done, total) callback drawing one bar on stderr, ended by a newline."""
+
+    def show(done: int, total: int) -> None:
+        filled = width * done // total if total else width
+        end = "\n" if done >= total else ""
+        print(f"\r{what} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {unit}", end=end,
+              file=sys.stderr, flush=True)
+
+    return show
 
 
 def cmd_bake(args) -> int:

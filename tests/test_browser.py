@@ -167,6 +167,16 @@ def test_dataset_train_generate_export(page, server, tmp_path):
     expect_toast(page, "Saved the caption")
     assert (workspace / "datasets" / "squares" / "square_0.txt").read_text() == "sks, a square, red, bold"
     page.locator("#ds-tags", has_text="bold").wait_for()
+    # auto-caption the two pictures without a caption with the built-in toy captioner
+    page.get_by_text("Auto-caption with a model").click()
+    page.locator("#ds-caption-run").click()
+    expect_toast(page, "2 caption file(s) written")
+    page.locator("#ds-cap-note", has_text="left as they were").wait_for()
+    assert (workspace / "datasets" / "squares" / "square_2.txt").read_text() == "a blue square on a white background"
+    assert (workspace / "datasets" / "squares" / "square_0.txt").read_text() == "sks, a square, red, bold"
+    page.locator("#ds-tags", has_text="a green square on a white background").wait_for()
+    # checked again: no missing caption now
+    page.locator("#ds-issues-note").filter(has_text="3 usable").filter(has_not_text="missing").wait_for()
     shot(page, "1-datasets")
     close_toasts(page)
 

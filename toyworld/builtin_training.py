@@ -72,6 +72,7 @@ MIN_SNR_GAMMA = 5.0
 EMA_DECAY = 0.999
 WEIGHT_DECAY = 1e-2
 LOG_EVERY = 100
+CAPTIONER_FOLDER = "captioner"  # in OUT, kept as it is when the model is trained again
 CHECKPOINT_EVERY = 200
 
 
@@ -645,6 +646,8 @@ def main(argv: list[str] | None = None) -> dict:
     write_report(staging, args, command, report)
     old = out.with_name(out.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
+    if (out / CAPTIONER_FOLDER).is_dir():  # the toy captioner has its own script (toyworld/train_captioner.py)
+        shutil.copytree(out / CAPTIONER_FOLDER, staging / CAPTIONER_FOLDER)
     if out.exists():
         out.rename(old)
     staging.rename(out)

@@ -1,4 +1,4 @@
-"""Datasets tab: import images, see and edit captions, bulk caption edits, tags, bad files."""
+"""Datasets tab: import images, see and edit captions, bulk caption edits, auto-captioning, tags, bad files."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import gradio as gr
 
 from studio import datasets as ds
+from studio.datasets.captioning import DEFAULT_THRESHOLD
 from studio.errors import StudioError
 from ui import datasets_view as dv
 from ui.common import Studio, dropdown_value, friendly
@@ -84,6 +85,21 @@ def build(studio: Studio) -> SimpleNamespace:
                     affix = gr.Textbox(label="Text", scale=3, info="Added as a separate tag.")
                     prefix_btn = gr.Button("Add at start", scale=1)
                     suffix_btn = gr.Button("Add at end", scale=1)
+                with gr.Accordion("Auto-caption with a model", open=False):
+                    with gr.Row():
+                        cap_model = gr.Textbox("builtin", label="Captioning model", scale=3, elem_id="ds-cap-model",
+                                               info="'builtin' (toy world), or a folder on this computer: a "
+                                                    "transformers image-to-text model (BLIP, GIT, Florence-2) or a "
+                                                    "WD14 tagger (model.onnx + selected_tags.csv). Never downloads.")
+                        cap_threshold = gr.Slider(0.05, 0.95, value=DEFAULT_THRESHOLD, step=0.05, scale=1,
+                                                  label="Tag threshold", elem_id="ds-cap-threshold",
+                                                  info="WD14 taggers: keep tags at least this probable.")
+                    cap_mode = gr.Radio(dv.CAPTION_MODES, value="fill", label="Which captions", elem_id="ds-cap-mode")
+                    with gr.Row():
+                        cap_trigger = gr.Textbox(label="Trigger word (optional)", scale=3,
+                                                 info="Put first in every caption written.")
+                        cap_btn = gr.Button("Caption", variant="primary", scale=1, elem_id="ds-caption-run")
+                    cap_note = gr.Markdown(elem_id="ds-cap-note")
             with gr.Column(scale=2):
                 tags = gr.Dataframe(headers=["Tag", "Images"], datatype=["str", "number"], interactive=False,
                                     label="Tag frequency", max_height=330, elem_id="ds-tags")
@@ -216,6 +232,13 @@ def build(studio: Studio) -> SimpleNamespace:
         return ds.add_suffix(path, text, include_regularisation=reg)
 
     @friendly
+    def on_caption(current: dict, model, cap_mode_value, threshold, reg, word, progress=gr.Progress()):
+        name = current.get("name")
+        note = dv.auto_caption(folder_of(name), model, cap_mode_value, threshold, reg, word, progress)
+        gr.Info(note.splitlines()[1])
+        return [*views(name), note]  # checked again: missing captions may be there now
+
+    @friendly
     def on_tag_pick(evt: gr.SelectData):
         row = evt.row_value if getattr(evt, "row_value", None) else None
         return row[0] if row else gr.skip()
@@ -237,6 +260,8 @@ def build(studio: Studio) -> SimpleNamespace:
     replace_btn.click(bulk(do_replace), [state, find, replace, regex, include_reg], view_outputs)
     prefix_btn.click(bulk(do_prefix), [state, affix, include_reg], view_outputs)
     suffix_btn.click(bulk(do_suffix), [state, affix, include_reg], view_outputs)
+    cap_btn.click(on_caption, [state, cap_model, cap_mode, cap_threshold, include_reg, cap_trigger],
+                  [*view_outputs, cap_note], api_name="caption_dataset")
     tags.select(on_tag_pick, None, tag, show_progress="hidden")
     check_btn.click(on_check, state, [issues_note, issues])
 

@@ -4,7 +4,7 @@ without a browser."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 
 def stats_markdown(stats, report=None) -> str:
@@ -50,3 +50,31 @@ def gallery_items(items: Sequence, folder: Path, *, limit: int = 500) -> list[tu
         prefix = f"[{', '.join(tags)}] " if tags else ""
         out.append((str(item.path), f"{prefix}{item.caption or '(no caption)'} · {rel}"))
     return out
+
+
+#: The Datasets tab's captioning modes: (label, mode of studio.datasets.captioning).
+CAPTION_MODES = [
+    ("Only pictures without a caption", "fill"),
+    ("Replace every caption", "overwrite"),
+    ("Add before the caption", "prepend"),
+    ("Add after the caption", "append"),
+]
+
+
+def auto_caption(folder: Path, model: str, mode: str, threshold: float, include_regularisation: bool,
+                 trigger: str, progress: Callable[..., object]) -> str:
+    """Caption the dataset in `folder` with `studio.datasets.captioning.caption_dataset`, the
+    CLI's function; `threshold` (the tab's slider, which always has a value) is passed on
+    only to a WD14 tagger; `progress(share, desc=...)` is gradio's progress bar. Returns
+    the report, for the note under the button."""
+    from studio.datasets.captioning import BUILTIN_CAPTIONER, caption_dataset, captioner_kind
+
+    def show(done: int, total: int) -> None:
+        progress(done / total if total else 1.0, desc=f"Captioning {done}/{total} pictures")
+
+    model = (model or "").strip() or BUILTIN_CAPTIONER
+    threshold = threshold if captioner_kind(model)[0] == "tagger" else None
+    report = caption_dataset(folder, model, mode=mode, threshold=threshold,
+                             trigger=(trigger or "").strip() or None,
+                             include_regularisation=include_regularisation, progress=show)
+    return "```\n" + report.summary() + "\n```"
