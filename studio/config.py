@@ -90,6 +90,23 @@ class NetworkConfig(_Section):
                                                 "as LoCon: the mask on the conv LoRA's inner channels.")
     singlora_ramp_steps: int = Field(100, ge=1, le=1_000_000, description="SingLoRA: steps T of the ramp u(t) = min(t/T, 1) "
                                                                           "that fades the update in (the start is the base model).")
+    rank_allocation: Literal["none", "ard"] = Field(
+        "none", description="lora/locon: how ranks end per module; none = rank everywhere; ard = ARD-LoRA, learned "
+                            "per-component scales with an L1 + total-variation penalty, the smallest pruned (arXiv "
+                            "2506.18267).")
+    rank_budget: int | None = Field(
+        None, ge=1, le=1_000_000, description="Total rank summed over the adapted modules that rank allocation and "
+                                              "adalora end with (default: rank x modules, no reduction).")
+    ard_l1: float = Field(1e-3, ge=0, le=10, description="ARD-LoRA: weight of the L1 penalty sum |s| on the per-component scales s.")
+    ard_tv: float = Field(1e-3, ge=0, le=10, description="ARD-LoRA: weight of the total variation sum |s_i+1 - s_i| of each module's scales along rank.")
+    ard_threshold: float = Field(0.5, ge=0, le=100, description="ARD-LoRA: components whose |scale| is below this are pruned (scales start at 1).")
+    ard_prune_every: int = Field(0, ge=0, le=1_000_000, description="ARD-LoRA: also prune every N steps during training (0 = only after the last step).")
+    ard_lr_ratio: float = Field(10.0, gt=0, le=1000, description="ARD-LoRA: the scales learn at this x the learning rate (a step size of their own, as the paper's).")
+    adalora_init_r: int | None = Field(None, ge=1, le=1024, description="AdaLoRA: starting rank of every module, pruned to an average of rank (or rank_budget in total); default 1.5 x rank.")
+    adalora_tinit: int | None = Field(None, ge=0, le=1_000_000, description="AdaLoRA: steps before pruning starts (default 10% of max_steps).")
+    adalora_tfinal: int | None = Field(None, ge=0, le=1_000_000, description="AdaLoRA: last steps, with the ranks fixed (default 30% of max_steps).")
+    adalora_delta_t: int | None = Field(None, ge=1, le=1_000_000, description="AdaLoRA: steps between two reallocations (default 1% of max_steps, at least 1).")
+    adalora_orth_reg: float = Field(0.1, ge=0, le=100, description="AdaLoRA: weight of the orthogonality penalty |PᵀP - I| + |QQᵀ - I| (the paper's 0.1).")
     train_text_encoder: bool = Field(False, description="Also train the adapter on the text encoder(s).")
     text_encoder_target_modules: list[str] = Field(default_factory=lambda: list(TEXT_ENCODER_ATTENTION),
                                                    description="Text-encoder module names to adapt.")

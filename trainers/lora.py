@@ -157,7 +157,7 @@ class Trainer:
 
         net = cfg.network
         torch.manual_seed(cfg.seed)  # the adapters' initial weights are a function of the seed
-        self.adapter = get_method(net.type).training(net, seed=cfg.seed)
+        self.adapter = get_method(net.type).training(net, seed=cfg.seed, max_steps=cfg.training.max_steps)
         params = self.block_groups(self.adapter.add("unet", self.unet, cfg.training.learning_rate))
         if net.train_text_encoder:
             for component, encoder in zip(("text_encoder", "text_encoder_2"), self.text_encoders):

@@ -228,7 +228,7 @@ def training_metadata(config, model_ref, *, dataset_folder: Path, started: float
         "modelspec.date": date,
         "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else prediction_type,
         **({"modelspec.trigger_phrase": trigger} if trigger else {}),
-        "lora_studio_adapter_type": method.label(adapter),
+        "lora_studio_adapter_type": method.label(net, adapter),
         "lora_studio_run_id": run_id,
     }
     if ema:

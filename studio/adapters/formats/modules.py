@@ -185,6 +185,21 @@ def LoraModule(down: torch.Tensor, up: torch.Tensor, alpha: float | None = None)
     return AdapterModule(LORA, {"lora_down.weight": down, "lora_up.weight": up}, alpha)
 
 
+def keep_components(module: AdapterModule, keep: torch.Tensor) -> AdapterModule | None:
+    """The LoRA module with only the rank components `keep` (a bool mask over its rank) and
+    the same scale: down[keep], up[:, keep], alpha = scale x kept rank, so the update is the
+    sum of the kept components exactly (a dropped one whose factor is zero changes nothing).
+    None when no component is kept. How methods whose ranks end different per module
+    (AdaLoRA, ARD-LoRA) write them: each module at its own rank, as kohya files allow."""
+    if module.kind != LORA or module.is_dora:
+        raise StudioError("only plain LoRA modules can drop rank components")
+    keep = keep.to(torch.bool).flatten().cpu()
+    kept = int(keep.sum())
+    if kept == 0:
+        return None
+    return LoraModule(module.down[keep].contiguous(), module.up[:, keep].contiguous(), module.scale * kept)
+
+
 def _tucker(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
     """LyCORIS / A1111 `make_weight_cp`: t [r, r, kh, kw], wa [r, out], wb [r, in] -> [out, in, kh, kw]."""
     return torch.einsum("i j k l, j r, i p -> p r k l", t, wb, wa)

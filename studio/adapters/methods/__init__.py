@@ -9,6 +9,7 @@ entry in METHODS below. Nothing outside the method modules branches on a method'
 from __future__ import annotations
 
 from studio.errors import StudioError
+from studio.adapters.methods.adalora import AdaLoRA
 from studio.adapters.methods.base import FORMAT_KEY, Method, NativeFileMethod, Training
 from studio.adapters.methods.locon import LoCon
 from studio.adapters.methods.loha import LoHa
@@ -29,6 +30,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     LoRAFA(),
     VeRA(),
     SingLoRA(),
+    AdaLoRA(),
 )}
 
 __all__ = ["FORMAT_KEY", "METHODS", "Method", "NativeFileMethod", "Training", "get_method", "native_method"]

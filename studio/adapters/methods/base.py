@@ -97,6 +97,9 @@ class Method(ABC):
         options (DoRA, rsLoRA, PiSSA / OLoRA init) are refused unless a method takes them."""
         if net.use_dora or net.use_rslora or net.init != "default":
             raise ValueError(f"use_dora, use_rslora and init apply to lora/locon, not {self.name}")
+        if net.rank_allocation != "none" or net.rank_budget is not None:
+            raise ValueError(f"rank_allocation and rank_budget apply to lora/locon (rank_budget also to adalora), "
+                             f"not {self.name}")
 
     def check_base_weights(self, net, base_weights: str) -> None:
         """Raise ValueError when the method cannot train on this frozen base (training.base_weights)."""
@@ -105,8 +108,10 @@ class Method(ABC):
                              f"{self.name}; set base_weights = 'full' or 'fp8'")
 
     @abstractmethod
-    def training(self, net, *, seed: int) -> Training:
-        """The adapter a run with these network settings trains (not yet on any model)."""
+    def training(self, net, *, seed: int, max_steps: int | None = None) -> Training:
+        """The adapter a run of `max_steps` optimizer steps with these network settings trains
+        (not yet on any model); methods that schedule by the run's length (AdaLoRA, ARD-LoRA)
+        need max_steps."""
 
     def param_groups(self, model: "torch.nn.Module", lr: float, net) -> list[dict]:
         """The trainable parameters of `model`, one group at `lr`."""
@@ -126,7 +131,7 @@ class Method(ABC):
                                     conv_alpha=conv[0].effective_alpha if conv else None)
         return kind.ss_network_module, args
 
-    def label(self, adapter: "AdapterFile") -> str:
+    def label(self, net, adapter: "AdapterFile") -> str:
         """`lora_studio_adapter_type`: what was trained, in the file's terms (lora, locon+dora, ...)."""
         return adapter.adapter_type.label
 
@@ -164,8 +169,8 @@ class PeftTraining(Training):
     """A peft adapter named ADAPTER_NAME on each model it was added to. Checkpoints key its
     tensors `<component>.<peft state key>`."""
 
-    def __init__(self, method: "PeftMethod", net):
-        self.method, self.net = method, net
+    def __init__(self, method: "PeftMethod", net, max_steps: int | None = None):
+        self.method, self.net, self.max_steps = method, net, max_steps
         self.models: dict[str, torch.nn.Module] = {}
 
     def add(self, component, model, lr):
@@ -173,12 +178,16 @@ class PeftTraining(Training):
 
         text_encoder = component != "unet"
         try:
-            inject_peft_adapter(model, self.method.peft_config(self.net, text_encoder=text_encoder), ADAPTER_NAME)
+            inject_peft_adapter(model, self.peft_config(text_encoder), ADAPTER_NAME)
         except ValueError as error:  # peft: "Target modules ... not found in the base model"
             raise StudioError(f"network.{'text_encoder_' if text_encoder else ''}target_modules: {error}") from None
         self.models[component] = model
         self.injected(component, model)
         return self.method.param_groups(model, lr, self.net)
+
+    def peft_config(self, text_encoder: bool):
+        """The peft config this run injects into the UNet (text_encoder False) or a text encoder."""
+        return self.method.peft_config(self.net, text_encoder=text_encoder)
 
     def injected(self, component: str, model: "torch.nn.Module") -> None:
         """Called right after the injection into `model`, before its parameters are grouped."""
@@ -216,8 +225,8 @@ class PeftMethod(Method):
     def peft_config(self, net, *, text_encoder: bool):
         """The peft config for the UNet (text_encoder False) or a text encoder."""
 
-    def training(self, net, *, seed):
-        return self.training_class(self, net)
+    def training(self, net, *, seed, max_steps=None):
+        return self.training_class(self, net, max_steps)
 
     def rank_patterns(self, net, *, text_encoder: bool) -> dict:
         """peft's rank_pattern and alpha_pattern (first matching pattern wins): the UNet's

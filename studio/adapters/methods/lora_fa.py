@@ -35,10 +35,12 @@ class LoRAFA(LoRA):
         if net.use_dora or net.init != "default" or net.loraplus_lr_ratio:
             raise ValueError("use_dora, init and loraplus_lr_ratio do not apply to lora_fa (its A is frozen at "
                              "its random init)")
+        if net.rank_allocation != "none" or net.rank_budget is not None:
+            raise ValueError("rank_allocation and rank_budget apply to lora/locon, not lora_fa")
 
     def ss_network(self, net, adapter):
         module, args = super().ss_network(net, adapter)
         return module, {**args, "algo": self.name}
 
-    def label(self, adapter):
+    def label(self, net, adapter):
         return self.name

@@ -26,7 +26,7 @@ from __future__ import annotations
 from studio.adapters.methods.base import LinearHookTraining, Method, options_set
 
 _REFUSED = ("use_dora", "use_rslora", "init", "loraplus_lr_ratio", "block_rank_down", "block_rank_mid",
-            "block_rank_up", "conv_rank", "conv_alpha", "tlora_conv")
+            "block_rank_up", "conv_rank", "conv_alpha", "tlora_conv", "rank_allocation", "rank_budget")
 STEPS_KEY = "singlora.steps"
 
 
@@ -90,12 +90,12 @@ class SingLoRA(Method):
             raise ValueError(f"{', '.join(refused)} do not apply to singlora (one matrix A per Linear layer at one "
                              "rank); unset them")
 
-    def training(self, net, *, seed):
+    def training(self, net, *, seed, max_steps=None):
         return SingLoRATraining(self, net, seed)
 
     def ss_network(self, net, adapter):
         module, args = super().ss_network(net, adapter)
         return module, {**args, "algo": self.name, "ramp_steps": str(net.singlora_ramp_steps)}
 
-    def label(self, adapter):
+    def label(self, net, adapter):
         return self.name

@@ -77,10 +77,10 @@ class TLoRA(NativeFileMethod):
         if net.block_rank_down or net.block_rank_mid or net.block_rank_up:
             raise ValueError("T-LoRA has one rank schedule for every layer; unset block_rank_down / _mid / _up")
 
-    def training(self, net, *, seed):
+    def training(self, net, *, seed, max_steps=None):
         return TLoRATraining(self, net, seed)
 
-    def label(self, adapter):
+    def label(self, net, adapter):
         return self.name
 
     def plain_modules(self, path, family):

@@ -27,7 +27,7 @@ from studio.adapters.methods.base import LinearHookTraining, Method, options_set
 D_INITIAL = 0.1
 # Options of other methods that VeRA's shared projections cannot honour.
 _REFUSED = ("use_dora", "use_rslora", "init", "loraplus_lr_ratio", "block_rank_down", "block_rank_mid",
-            "block_rank_up", "conv_rank", "conv_alpha", "tlora_conv")
+            "block_rank_up", "conv_rank", "conv_alpha", "tlora_conv", "rank_allocation", "rank_budget")
 
 
 class VeRATraining(LinearHookTraining):
@@ -79,12 +79,12 @@ class VeRA(Method):
             raise ValueError(f"{', '.join(refused)} do not apply to vera (one frozen random A and B of one rank "
                              "shared by every Linear layer, trained vectors d and b); unset them")
 
-    def training(self, net, *, seed):
+    def training(self, net, *, seed, max_steps=None):
         return VeRATraining(self, net, seed)
 
     def ss_network(self, net, adapter):
         module, args = super().ss_network(net, adapter)
         return module, {**args, "algo": self.name}
 
-    def label(self, adapter):
+    def label(self, net, adapter):
         return self.name

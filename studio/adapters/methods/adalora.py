@@ -1,0 +1,217 @@
+"""AdaLoRA (Zhang et al., ICLR 2023): the update in SVD form, pruned during training to a
+total rank budget, so the modules end with different ranks:
+
+    W' = W + (alpha / r0) P Λ Q,   P [out, r0], Λ = diag(λ) [r0], Q [r0, in] (conv: [r0, in·kh·kw]),
+
+r0 = adalora_init_r (default 1.5 x rank), λ starting at zero. peft's AdaLoraConfig makes the
+layers (Linear and Conv2d) and its RankAllocator does the schedule: after step t it scores
+every triplet (P_i, λ_i, Q_i) by the smoothed sensitivity |θ ∂L/∂θ| times its uncertainty,
+and zeroes the λ of the lowest ones to the budget b(t), which falls cubically from r0 x
+modules after adalora_tinit steps to rank x modules (or rank_budget) adalora_tfinal steps
+before the end, reallocating every adalora_delta_t steps; the ranks are then fixed. The loss
+gets adalora_orth_reg x the mean over P and Q of |PᵀP − I|_F and |QQᵀ − I|_F. One allocator
+spans the UNet and the text encoders, so the budget is shared between them.
+
+On disk it is a plain LoRA (networks.lora; ss_network_args {"algo": "adalora", ...}): down
+= Λ Q and up = P restricted to the surviving (λ ≠ 0) triplets, alpha = the scale x that
+rank; a module with none left is not written.
+"""
+from __future__ import annotations
+
+import math
+
+from studio.errors import StudioError
+from studio.adapters.methods.base import ADAPTER_NAME, PeftMethod, PeftTraining
+
+
+def schedule(net, max_steps: int) -> dict[str, int]:
+    """init_r, target_r, tinit, tfinal, deltaT for a run of `max_steps`: the adalora_*
+    settings, or their defaults scaled to the run."""
+    return {"init_r": net.adalora_init_r or math.ceil(1.5 * net.rank), "target_r": net.rank,
+            "tinit": max_steps // 10 if net.adalora_tinit is None else net.adalora_tinit,
+            "tfinal": (3 * max_steps) // 10 if net.adalora_tfinal is None else net.adalora_tfinal,
+            "deltaT": max(1, max_steps // 100) if net.adalora_delta_t is None else net.adalora_delta_t}
+
+
+class AdaLoRATraining(PeftTraining):
+    """The AdaLoRA layers on each model, one RankAllocator over all of them. Checkpoints hold
+    the layers' P, λ, Q, the allocator's smoothed scores (`adalora.<ipt|unc>.<name>`) and the
+    fixed ranks of the last phase (`adalora.keep.<name>`), so a resumed run allocates as the
+    uninterrupted one."""
+
+    def __init__(self, method, net, max_steps):
+        super().__init__(method, net, max_steps)
+        self.allocator = None
+        self.keep: dict[str, list[bool]] | None = None
+        self.grads: dict[int, object] = {}
+
+    def peft_config(self, text_encoder):
+        return self.method.peft_config(self.net, text_encoder=text_encoder, max_steps=self.max_steps)
+
+    def injected(self, component, model):
+        # peft's allocator reads p.grad after the optimizer step; the trainer clears the
+        # gradients before after_step, so each parameter's last gradient (accumulated and
+        # clipped in place, as the optimizer used it) is kept by reference here.
+        for name, p in model.named_parameters():
+            if p.requires_grad and "lora_" in name:
+                p.register_post_accumulate_grad_hook(lambda p: self.grads.__setitem__(id(p), p.grad))
+
+    def _all(self):
+        import torch
+
+        return torch.nn.ModuleDict(self.models)
+
+    def _allocator(self):
+        from peft.tuners.adalora.layer import RankAllocator
+
+        if self.allocator is None:
+            models = self._all()
+            config = next(iter(self.models.values())).peft_config[ADAPTER_NAME]
+            self.allocator = RankAllocator(models, config, ADAPTER_NAME)
+            if self.net.rank_budget is not None:
+                self.allocator.target_bgt = self.net.rank_budget
+        return self.allocator
+
+    def regularization(self):
+        """orth_reg x mean over every P and Q of |PᵀP − I|_F (P) and |QQᵀ − I|_F (Q), as peft's
+        AdaLoraModel.forward adds it."""
+        import torch
+
+        terms = []
+        for model in self.models.values():
+            for name, p in model.named_parameters():
+                if ("lora_A." in name or "lora_B." in name) and p.requires_grad:
+                    cov = p @ p.T if "lora_A." in name else p.T @ p
+                    terms.append(torch.linalg.matrix_norm(cov - torch.eye(cov.shape[0], device=cov.device)))
+        if not terms or not self.net.adalora_orth_reg:
+            return None
+        return self.net.adalora_orth_reg * torch.stack(terms).mean()
+
+    def after_step(self, done):
+        """peft's AdaLoraModel.update_and_allocate for step `done` on all models together."""
+        allocator, models = self._allocator(), self._all()
+        final = self.max_steps - allocator.peft_config.tfinal
+        params = [p for n, p in models.named_parameters() if "lora_" in n and p.requires_grad]
+        for p in params:
+            p.grad = self.grads.get(id(p))
+        try:
+            if done < final:
+                allocator.update_and_allocate(models, done)
+            elif done == final:
+                _, pattern = allocator.update_and_allocate(models, done, force_mask=True)
+                self.keep = {n: list(v) for n, v in pattern.items()}
+                allocator.reset_ipt()
+            else:
+                allocator.mask_using_rank_pattern(models, self.keep)
+        finally:
+            for p in params:
+                p.grad = None
+            self.grads.clear()
+
+    def state(self):
+        import torch
+
+        state = super().state()
+        if self.allocator is not None:
+            for name in self.allocator.exp_avg_ipt:
+                state[f"adalora.ipt.{name}"] = self.allocator.exp_avg_ipt[name]
+                state[f"adalora.unc.{name}"] = self.allocator.exp_avg_unc[name]
+        for name, keep in (self.keep or {}).items():
+            state[f"adalora.keep.{name}"] = torch.tensor(keep, dtype=torch.float32)
+        return state
+
+    def load_state(self, state):
+        import torch
+
+        super().load_state(state)
+        allocator = self._allocator()
+        allocator.reset_ipt()
+        for key, value in state.items():
+            kind, _, name = key.removeprefix("adalora.").partition(".")
+            if not key.startswith("adalora."):
+                continue
+            if kind == "keep":
+                self.keep = {**(self.keep or {}), name: (value > 0.5).tolist()}
+                continue
+            p = self._all().get_parameter(name)
+            value = value.to(p.device, p.dtype)
+            allocator.ipt[name] = torch.zeros_like(p)
+            (allocator.exp_avg_ipt if kind == "ipt" else allocator.exp_avg_unc)[name] = value
+
+    def export(self, family):
+        """Plain LoRA modules: down = Λ Q, up = P over the triplets with λ ≠ 0, at the layer's
+        scale alpha / (r0 + 1e-5) (peft divides by ranknum + 1e-5)."""
+        import torch
+
+        from studio.adapters import AdapterFile, LoraModule
+        from studio.adapters.formats.modules import keep_components
+        from studio.adapters.formats.naming import clean_path, path_to_name
+        from peft.tuners.adalora.layer import AdaLoraLayer
+
+        modules = {}
+        for component, model in self.models.items():
+            config = getattr(model, "config", None) if component == "unet" else None
+            for path, layer in model.named_modules():
+                if not (isinstance(layer, AdaLoraLayer) and ADAPTER_NAME in layer.lora_A):
+                    continue
+                with torch.no_grad():
+                    e = layer.lora_E[ADAPTER_NAME].detach().float().cpu()
+                    down = layer.lora_A[ADAPTER_NAME].detach().float().cpu() * e
+                    up = layer.lora_B[ADAPTER_NAME].detach().float().cpu()
+                weight = layer.get_base_layer().weight
+                if weight.ndim == 4:  # conv: Q [r0, in·kh·kw] -> [r0, in, kh, kw], P -> [out, r0, 1, 1]
+                    down = down.reshape(down.shape[0], *weight.shape[1:])
+                    up = up[:, :, None, None]
+                scale = layer.scaling[ADAPTER_NAME] / (float(layer.ranknum[ADAPTER_NAME]) + 1e-5)
+                full = LoraModule(down, up, scale * down.shape[0])
+                module = keep_components(full, e.flatten() != 0)
+                if module is not None:
+                    modules[path_to_name(family, component, clean_path(path), config)] = module
+        if not modules:
+            raise StudioError("AdaLoRA pruned every triplet; nothing to export (raise rank or rank_budget).")
+        return AdapterFile(modules, {}, family, "peft")
+
+
+class AdaLoRA(PeftMethod):
+    name = "adalora"
+    summary = "adalora (AdaLoRA: SVD-form update pruned to a rank budget during training, per-module ranks)"
+    training_class = AdaLoRATraining
+    nf4 = False
+
+    def check(self, net):
+        if net.use_dora or net.use_rslora or net.init != "default" or net.loraplus_lr_ratio:
+            raise ValueError("use_dora, use_rslora, init and loraplus_lr_ratio do not apply to adalora")
+        if net.rank_allocation != "none":
+            raise ValueError("adalora allocates its own ranks; set rank_allocation = 'none' (rank_budget applies)")
+        if net.block_rank_down or net.block_rank_mid or net.block_rank_up:
+            raise ValueError("adalora allocates the ranks itself; unset block_rank_down / _mid / _up")
+        if net.adalora_init_r is not None and net.adalora_init_r <= net.rank:
+            raise ValueError(f"adalora_init_r ({net.adalora_init_r}) must exceed rank ({net.rank}), the average "
+                             "rank AdaLoRA prunes to")
+
+    def training(self, net, *, seed, max_steps=None):
+        s = schedule(net, max_steps)
+        if s["tinit"] >= max_steps - s["tfinal"]:
+            raise StudioError(f"network.adalora_tinit ({s['tinit']}) and adalora_tfinal ({s['tfinal']}) leave no "
+                              f"pruning phase in a run of {max_steps} steps; lower them or train longer.")
+        return super().training(net, seed=seed, max_steps=max_steps)
+
+    def peft_config(self, net, *, text_encoder, max_steps: int = 1):
+        """peft's AdaLoraConfig for a run of `max_steps` (the schedule scales with it)."""
+        from peft import AdaLoraConfig
+
+        return AdaLoraConfig(lora_alpha=net.alpha, lora_dropout=net.dropout, total_step=max_steps,
+                             orth_reg_weight=net.adalora_orth_reg, target_modules=self.targets(net, text_encoder=text_encoder),
+                             **schedule(net, max_steps))
+
+    def targets(self, net, *, text_encoder):
+        """The attention layers and, in the UNet, the convs (conv_target_modules), as locon."""
+        return super().targets(net, text_encoder=text_encoder) + ([] if text_encoder else list(net.conv_target_modules))
+
+    def ss_network(self, net, adapter):
+        module, args = super().ss_network(net, adapter)
+        return "networks.lora", {**args, "algo": self.name}
+
+    def label(self, net, adapter):
+        ranks = adapter.ranks
+        return f"{self.name} (ranks {ranks[0]}-{ranks[-1]})"
