@@ -185,19 +185,25 @@ def LoraModule(down: torch.Tensor, up: torch.Tensor, alpha: float | None = None)
     return AdapterModule(LORA, {"lora_down.weight": down, "lora_up.weight": up}, alpha)
 
 
-def keep_components(module: AdapterModule, keep: torch.Tensor) -> AdapterModule | None:
-    """The LoRA module with only the rank components `keep` (a bool mask over its rank) and
-    the same scale: down[keep], up[:, keep], alpha = scale x kept rank, so the update is the
-    sum of the kept components exactly (a dropped one whose factor is zero changes nothing).
-    None when no component is kept. How methods whose ranks end different per module
-    (AdaLoRA, ARD-LoRA) write them: each module at its own rank, as kohya files allow."""
+def keep_components(module: AdapterModule, keep: torch.Tensor, alpha: float) -> AdapterModule | None:
+    """The LoRA module with only the rank components `keep` (a bool mask over its rank), with
+    file alpha `alpha` and the same update: down[keep], up[:, keep] x (scale x kept / alpha),
+    so it computes the sum of the kept components exactly (a dropped one whose factor is
+    zero changes nothing). None when no component is kept.
+
+    How methods whose ranks end different per module (AdaLoRA, ARD-LoRA) write them. Every
+    module gets the same alpha because diffusers' load_lora_weights (get_peft_kwargs) keys
+    the alpha_pattern of per-module alphas wrongly (a text encoder's `...self_attn.q_proj`
+    becomes `...self_attn`, matching nothing), and then scales those modules by the common
+    alpha: measured up to 4x off on a file with alpha = scale x rank."""
     if module.kind != LORA or module.is_dora:
         raise StudioError("only plain LoRA modules can drop rank components")
     keep = keep.to(torch.bool).flatten().cpu()
     kept = int(keep.sum())
     if kept == 0:
         return None
-    return LoraModule(module.down[keep].contiguous(), module.up[:, keep].contiguous(), module.scale * kept)
+    up = module.up[:, keep] * (module.scale * kept / alpha)
+    return LoraModule(module.down[keep].contiguous(), up.contiguous(), alpha)
 
 
 def _tucker(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:

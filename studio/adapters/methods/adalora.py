@@ -13,8 +13,9 @@ gets adalora_orth_reg x the mean over P and Q of |PᵀP − I|_F and |QQᵀ − 
 spans the UNet and the text encoders, so the budget is shared between them.
 
 On disk it is a plain LoRA (networks.lora; ss_network_args {"algo": "adalora", ...}): down
-= Λ Q and up = P restricted to the surviving (λ ≠ 0) triplets, alpha = the scale x that
-rank; a module with none left is not written.
+= Λ Q and up = P restricted to the surviving (λ ≠ 0) triplets, with the scale folded into up
+so that every module has alpha = network.alpha (see formats.modules.keep_components); a
+module with none left is not written.
 """
 from __future__ import annotations
 
@@ -164,7 +165,7 @@ class AdaLoRATraining(PeftTraining):
                     up = up[:, :, None, None]
                 scale = layer.scaling[ADAPTER_NAME] / (float(layer.ranknum[ADAPTER_NAME]) + 1e-5)
                 full = LoraModule(down, up, scale * down.shape[0])
-                module = keep_components(full, e.flatten() != 0)
+                module = keep_components(full, e.flatten() != 0, self.net.alpha)
                 if module is not None:
                     modules[path_to_name(family, component, clean_path(path), config)] = module
         if not modules:

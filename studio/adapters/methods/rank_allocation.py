@@ -158,7 +158,7 @@ class ARDGates:
         modules = {}
         for (c, path), mask in self.masks.items():
             name = path_to_name(family, c, clean_path(path), getattr(models[c], "config", None) if c == "unet" else None)
-            module = keep_components(adapter.modules[name], mask)
+            module = keep_components(adapter.modules[name], mask, self.net.alpha)
             if module is not None:
                 modules[name] = module
         adapter.modules = modules

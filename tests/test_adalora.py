@@ -1,0 +1,268 @@
+"""AdaLoRA: the SVD-form update is pruned during training to the rank budget, the modules end
+with different ranks, and the file is a plain LoRA with those ranks that equals the trained
+model and that our engine, diffusers and a mix read; its allocator state resumes exactly."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from tests.conftest import demo_config
+from tests.test_lora_fa import _unet_out
+from tests.test_networks import _fixed_loss
+
+STEPS = 12
+
+
+def _adalora_config(**training):
+    config = demo_config(learning_rate=3e-3, **training)
+    config.network.type = "adalora"
+    config.network.rank = 4  # prunes from 1.5 x 4 = 6 per module to 4 on average
+    config.network.adalora_tinit, config.network.adalora_tfinal = 1, 4
+    return config
+
+
+def tiny_sdxl_folder(tmp_path_factory):
+    """The tiny SDXL pipeline saved as a diffusers folder."""
+    from tests.tiny_models import tiny_sdxl_pipeline
+
+    folder = tmp_path_factory.mktemp("models") / "tiny-sdxl"
+    tiny_sdxl_pipeline(seed=0).save_pretrained(folder)
+    return folder
+
+
+def sdxl_predict(trainer, unet) -> torch.Tensor:
+    """`unet`'s noise prediction for a fixed noisy latent of the trainer's first picture."""
+    latents, text, pooled, time_ids = trainer._batch(trainer.instance, [0], torch.Generator().manual_seed(0))[:4]
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(1))
+    timestep = torch.tensor([300])
+    noisy = trainer.noise_scheduler.add_noise(latents, noise, timestep)
+    with torch.no_grad():
+        return unet(noisy, timestep, text, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+
+
+def _lora_E(trainer) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in trainer.adapter._all().named_parameters() if ".lora_E." in n}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """An AdaLoRA run on the UNet (attention and convs) and the text encoder: the trainer
+    after STEPS steps, the fixed-draw loss before and after, and the exported file."""
+    from studio.jobs.runs import create_run
+    from studio.workspace import Workspace
+    from trainers.lora import Trainer
+
+    torch.manual_seed(0)
+    config = _adalora_config(max_steps=STEPS)
+    config.network.train_text_encoder = True
+    trainer = Trainer(create_run(config, Workspace.open(tmp_path_factory.mktemp("adalora") / "ws")),
+                      show_progress=False)
+    trainer._setup()
+    before = _fixed_loss(trainer)
+    for step in range(STEPS):
+        trainer.train_step(step)
+    after = _fixed_loss(trainer)
+    trainer.accelerator.unwrap_model(trainer.unet).eval()
+    return {"trainer": trainer, "before": before, "after": after, "path": trainer._export(time.time())}
+
+
+def test_adalora_is_a_network_type_with_its_options():
+    from studio.config import NetworkConfig
+    from ui import train_view as tv
+
+    spec = next(s for s in tv.config_fields() if s.path == ("network", "type"))
+    assert "adalora" in spec.choices and "adalora (AdaLoRA: SVD-form update pruned to a rank budget" in spec.info
+    assert any(s.path == ("network", "adalora_init_r") and "AdaLoRA: starting rank" in s.info for s in tv.config_fields())
+    NetworkConfig(type="adalora", rank_budget=100, train_text_encoder=True)
+    for option, message in (({"use_dora": True}, "do not apply to adalora"),
+                            ({"rank_allocation": "ard"}, "allocates its own ranks"),
+                            ({"adalora_init_r": 4, "rank": 8}, "must exceed rank")):
+        with pytest.raises(ValidationError, match=message):
+            NetworkConfig(type="adalora", **option)
+
+
+def test_a_schedule_without_a_pruning_phase_is_refused_in_one_line(workspace):
+    from studio.errors import StudioError
+    from studio.jobs.runs import create_run
+    from trainers.lora import Trainer
+
+    config = _adalora_config(max_steps=5)
+    trainer = Trainer(create_run(config, workspace), show_progress=False)
+    with pytest.raises(StudioError, match=r"adalora_tinit \(1\) and adalora_tfinal \(4\) leave no pruning phase"):
+        trainer._setup()
+
+
+@pytest.mark.slow(seconds=60)
+def test_loss_drops_and_ranks_end_different_within_the_budget(trained):
+    trainer = trained["trainer"]
+    assert trained["after"] < trained["before"]
+    live = {n: int((e != 0).sum()) for n, e in _lora_E(trainer).items()}
+    assert any(n.startswith("text_encoder.") for n in live) and any(".conv" in n for n in live)
+    # the budget: rank x modules of the 6 each started with, shared by the UNet and the text encoder
+    assert sum(live.values()) <= 4 * len(live) < 6 * len(live)
+    assert len(set(live.values())) >= 3
+    from studio.adapters import load_adapter
+
+    ranks = {m.rank for m in load_adapter(trained["path"]).modules.values()}
+    assert len(ranks) >= 3 and max(ranks) <= 6 and min(ranks) >= 1
+
+
+@pytest.mark.slow(seconds=60)
+def test_the_file_is_a_plain_lora_equal_to_the_trained_model(trained):
+    from studio.adapters import attach_adapter, load_adapter
+    from studio.adapters.library import describe_adapter
+    from studio.models import load_pipeline
+
+    info = describe_adapter(trained["path"])
+    metadata = info["metadata"]
+    assert info["type"] == "locon" and info["format"] == "kohya" and info["prefixes"]["lora_te"] > 0
+    assert metadata["ss_network_module"] == "networks.lora"
+    assert json.loads(metadata["ss_network_args"])["algo"] == "adalora"
+    assert metadata["lora_studio_adapter_type"].startswith("adalora (ranks ")
+    # modules with every triplet pruned are not in the file
+    trainer = trained["trainer"]
+    dead = sum(1 for e in _lora_E(trainer).values() if not e.any())
+    assert len(load_adapter(trained["path"]).modules) == len(_lora_E(trainer)) - dead
+
+    fresh = load_pipeline("builtin")
+    base = _unet_out(fresh.unet)
+    attach_adapter(fresh, load_adapter(trained["path"]), "ada")
+    expected = _unet_out(trainer.accelerator.unwrap_model(trainer.unet))
+    assert (expected - base).abs().max() > 1e-3
+    assert (_unet_out(fresh.unet) - expected).abs().max() <= 1e-5
+    ids = fresh.tokenizer(["a sks star"], padding="max_length", max_length=fresh.tokenizer.model_max_length,
+                          return_tensors="pt").input_ids
+    with torch.no_grad():
+        ours = fresh.text_encoder(ids)[0]
+        theirs = dict(trainer._text_encoder_components())["text_encoder"](ids)[0]
+    assert (ours - theirs).abs().max() <= 1e-5
+
+
+@pytest.mark.slow(seconds=60)
+def test_diffusers_loads_every_key(trained):
+    from studio.adapters import load_adapter
+    from studio.models import load_pipeline
+    from tests.test_formats import _diffusers_load, _lora_layers
+
+    theirs = load_pipeline("builtin")
+    messages = _diffusers_load(theirs, trained["path"])
+    problems = [m for m in messages if any(w in m.lower() for w in ("unexpected", "missing", "not been", "mismatch"))]
+    assert not problems, problems
+    assert len(_lora_layers(theirs, "d")) == len(load_adapter(trained["path"]).modules)
+    trainer = trained["trainer"]
+    assert (_unet_out(theirs.unet) - _unet_out(trainer.accelerator.unwrap_model(trainer.unet))).abs().max() <= 1e-5
+
+
+@pytest.mark.slow(seconds=60)
+def test_it_blends_with_another_adapter(trained, tmp_path):
+    from studio.adapters import adapter_models, export_adapter, save_adapter
+    from studio.generation.engine import AdapterUse, Engine
+    from studio.models import load_pipeline
+    from tests.test_blending import _merged_base
+    from tests.test_formats import add_adapter, perturb
+
+    other = load_pipeline("builtin")
+    add_adapter(other, "locon")
+    perturb(adapter_models(other).values())
+    locon = save_adapter(tmp_path / "locon.safetensors", export_adapter(adapter_models(other)))
+
+    engine = Engine()
+    base = _unet_out(engine.set_mix("builtin", []).unet)
+    alone = _unet_out(engine.set_mix("builtin", [AdapterUse(trained["path"], 0.7)]).unet)
+    mixed = _unet_out(engine.set_mix("builtin", [AdapterUse(trained["path"], 0.7), AdapterUse(locon, -1.2)]).unet)
+    expected = _unet_out(_merged_base([(trained["path"], 0.7), (locon, -1.2)]).unet)
+    assert (alone - base).abs().max() > 1e-3 and (mixed - alone).abs().max() > 1e-3
+    assert (mixed - expected).abs().max() <= 1e-4
+
+
+@pytest.mark.slow(seconds=20)
+def test_generate_reproduces_the_runs_last_sample(trained, tmp_path):
+    from tests.sample_check import assert_generate_reproduces_sample
+
+    assert_generate_reproduces_sample(trained["trainer"], trained["path"], tmp_path, step=STEPS)
+
+
+@pytest.mark.slow(seconds=40)
+def test_resume_in_the_pruning_phase_is_exact(workspace):
+    """A run resumed from step 3 (importance scores mid-way, budget falling) ends bit for bit
+    where the uninterrupted run ends; without the allocator's scores it does not."""
+    from studio.jobs.runs import checkpoint_path, create_run, iter_events
+    from trainers.checkpoints import load_checkpoint
+    from trainers.lora import Trainer
+
+    config = _adalora_config(max_steps=8, every_n_steps=3)
+    config.network.adalora_tfinal = 2
+    config.network.target_modules = ["attn2.to_k", "attn2.to_v"]
+    config.network.conv_target_modules = []
+    config.sampling.steps = 1
+    run_dir = create_run(config, workspace)
+    full = Trainer(run_dir, show_progress=False)
+    full.run(resume=False)
+    resumed = Trainer(run_dir, show_progress=False)
+    resumed.run(resume=True)  # from step-000006.pt: the ranks fixed at step 6 come back
+    assert [e["step"] for e in iter_events(run_dir) if e["type"] == "resume"] == [6]
+    a, b = full.adapter_state(), resumed.adapter_state()
+    assert a.keys() == b.keys() and any(k.startswith("adalora.keep.") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    at_3 = load_checkpoint(checkpoint_path(run_dir, 3))["adapter"]
+    assert any(k.startswith("adalora.ipt.") and v.abs().max() > 0 for k, v in at_3.items())
+    again = Trainer(run_dir, show_progress=False)
+    again._setup()
+    again.load_adapter_state(at_3)
+    again.optimizer.load_state_dict(load_checkpoint(checkpoint_path(run_dir, 3))["optimizer"])
+    for step in range(3, 8):
+        again.train_step(step)
+    assert all(torch.equal(a[k], v) for k, v in again.adapter_state().items())
+    scores_lost = Trainer(run_dir, show_progress=False)
+    scores_lost._setup()
+    scores_lost.load_adapter_state({k: v for k, v in at_3.items() if not k.startswith("adalora.")})
+    scores_lost.optimizer.load_state_dict(load_checkpoint(checkpoint_path(run_dir, 3))["optimizer"])
+    for step in range(3, 8):
+        scores_lost.train_step(step)
+    lost = scores_lost.adapter_state()
+    assert any(not torch.equal(a[k], lost[k]) for k in a if ".lora_E." in k)
+
+
+@pytest.mark.slow(seconds=60)
+def test_adalora_on_sdxl(tmp_path_factory, workspace):
+    """Tiny SDXL: loss drops, ranks end different, the file equals the trained UNet in the
+    engine and diffusers consumes every key."""
+    from studio.adapters import load_adapter
+    from studio.generation.engine import AdapterUse, Engine
+    from studio.jobs.runs import create_run
+    from studio.models import load_pipeline
+    from tests.test_formats import _diffusers_load, _lora_layers
+    from trainers.lora import Trainer
+
+    torch.manual_seed(0)
+    model = tiny_sdxl_folder(tmp_path_factory)
+    config = _adalora_config(max_steps=10)
+    config.base_model = str(model)
+    trainer = Trainer(create_run(config, workspace), show_progress=False)
+    trainer._setup()
+    before = _fixed_loss(trainer, range(5000, 5008))
+    for step in range(10):
+        trainer.train_step(step)
+    assert _fixed_loss(trainer, range(5000, 5008)) < before
+    path = trainer._export(time.time())
+    ranks = [m.rank for m in load_adapter(path).modules.values()]
+    assert len(set(ranks)) >= 3 and sum(ranks) <= 4 * len(_lora_E(trainer))
+
+    trained_unet = trainer.accelerator.unwrap_model(trainer.unet).eval()
+    trained = sdxl_predict(trainer, trained_unet)
+    engine = Engine()
+    assert (trained - sdxl_predict(trainer, engine.set_mix(str(model), []).unet)).abs().max() > 1e-3
+    assert (sdxl_predict(trainer, engine.set_mix(str(model), [AdapterUse(path)]).unet) - trained).abs().max() <= 1e-5
+    theirs = load_pipeline(str(model))
+    messages = _diffusers_load(theirs, path)
+    # UNet only: diffusers says it found nothing for the text encoders, which is right here
+    problems = [m for m in messages if any(w in m.lower() for w in ("unexpected", "missing", "not been", "mismatch"))
+                and not m.startswith("No LoRA keys associated to CLIPTextModel")]
+    assert not problems, problems
+    assert len(_lora_layers(theirs, "d")) == len(ranks)
+    assert (sdxl_predict(trainer, theirs.unet) - trained).abs().max() <= 1e-5
