@@ -1,0 +1,253 @@
+"""ARD-LoRA rank allocation (network.rank_allocation = "ard") on lora / locon: learned gates
+per rank component with the L1 + total-variation penalty, pruned to the budget so the
+modules end with different ranks, a module that cannot matter ends with none, and the file
+is a plain LoRA with those ranks that equals the trained model and that our engine,
+diffusers and a mix read; gates and masks resume exactly."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from tests.conftest import demo_config
+from tests.test_adalora import sdxl_predict, tiny_sdxl_folder
+from tests.test_lora_fa import _unet_out
+from tests.test_networks import _fixed_loss
+
+STEPS = 20
+BUDGET = 700  # of 122 modules x rank 8 = 976 on the built-in model (locon + text encoder)
+# Its LoRA's input is zeroed by a hook: nothing it learns can change the output.
+INSENSITIVE = "down_blocks.2.attentions.0.transformer_blocks.0.attn1.to_q"
+
+
+def _ard_config(**training):
+    config = demo_config(learning_rate=3e-3, **training)
+    config.network.rank_allocation = "ard"
+    config.network.ard_threshold = 0.0  # only the budget prunes: the outcome does not hang on a threshold
+    return config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A LoCon + ARD run on the UNet and the text encoder with one module made insensitive:
+    the trainer after STEPS steps, the mean |scale| per module one step before the end, the
+    fixed-draw loss before and after, and the exported file."""
+    from studio.adapters.methods.base import ADAPTER_NAME
+    from studio.jobs.runs import create_run
+    from studio.workspace import Workspace
+    from trainers.lora import Trainer
+
+    torch.manual_seed(0)
+    config = _ard_config(max_steps=STEPS)
+    config.network.type = "locon"
+    config.network.train_text_encoder = True
+    config.network.rank_budget = BUDGET
+    trainer = Trainer(create_run(config, Workspace.open(tmp_path_factory.mktemp("ard") / "ws")), show_progress=False)
+    trainer._setup()
+    layer = trainer.accelerator.unwrap_model(trainer.unet).get_submodule(INSENSITIVE)
+    layer.lora_A[ADAPTER_NAME].register_forward_pre_hook(lambda module, args: (torch.zeros_like(args[0]),))
+    before = _fixed_loss(trainer)
+    for step in range(STEPS - 1):
+        trainer.train_step(step)
+    scales = {k: float(s.detach().abs().mean()) for k, s in trainer.adapter.gates.scales.items()}
+    trainer.train_step(STEPS - 1)
+    after = _fixed_loss(trainer)
+    trainer.accelerator.unwrap_model(trainer.unet).eval()
+    return {"trainer": trainer, "scales": scales, "before": before, "after": after,
+            "path": trainer._export(time.time())}
+
+
+def test_ard_is_a_network_option_with_its_help():
+    from studio.config import NetworkConfig
+    from ui import train_view as tv
+
+    fields = {s.path: s for s in tv.config_fields()}
+    assert "ard = ARD-LoRA" in fields[("network", "rank_allocation")].info
+    assert "ard" in fields[("network", "rank_allocation")].choices
+    for knob in ("ard_l1", "ard_tv", "ard_threshold", "ard_prune_every", "ard_lr_ratio"):
+        assert fields[("network", knob)].info.startswith("ARD-LoRA: ")
+    NetworkConfig(type="locon", rank_allocation="ard", rank_budget=10)
+    for option, message in (({"type": "loha"}, "apply to lora/locon"), ({"type": "lora_fa"}, "apply to lora/locon"),
+                            ({"use_dora": True}, "DoRA's norm"), ({"init": "pissa"}, "PiSSA"),
+                            ({"rank_allocation": "none", "rank_budget": 10}, "rank_budget needs a rank_allocation")):
+        with pytest.raises(ValidationError, match=message):
+            NetworkConfig(**{"rank_allocation": "ard", **option})
+
+
+def test_the_penalty_is_l1_plus_total_variation_over_live_components():
+    from studio.adapters.methods.rank_allocation import ARDGates
+    from studio.config import NetworkConfig
+
+    gates = ARDGates(NetworkConfig(rank_allocation="ard", ard_l1=0.5, ard_tv=2.0), max_steps=10)
+    gates.scales = {("unet", "a"): torch.nn.Parameter(torch.tensor([1.0, -0.5, 0.25, 3.0])),
+                    ("unet", "b"): torch.nn.Parameter(torch.tensor([2.0, 1.0]))}
+    gates.masks = {("unet", "a"): torch.tensor([1.0, 1.0, 0.0, 1.0]), ("unet", "b"): torch.ones(2)}
+    # a: live (1, -0.5, 3): L1 4.5, TV 1.5 + 3.5 = 5; b: L1 3, TV 1
+    assert float(gates.penalty().detach()) == pytest.approx(0.5 * (4.5 + 3.0) + 2.0 * (5.0 + 1.0))
+    gates.prune(budget=3)  # the three largest live |s| of all: 3.0, 2.0, 1.0 (a's first or b's second)
+    assert sum(gates.ranks().values()) == 3 and gates.masks[("unet", "a")][3] == 1 and gates.masks[("unet", "b")][0] == 1
+    assert float(gates.scales[("unet", "a")].detach()[2]) == 0.0
+
+
+@pytest.mark.slow(seconds=60)
+def test_loss_drops_and_ranks_follow_the_budget_and_the_sensitivity(trained):
+    trainer, scales = trained["trainer"], trained["scales"]
+    assert trained["after"] < trained["before"]
+    ranks = trainer.adapter.gates.ranks()
+    assert sum(ranks.values()) == BUDGET < 8 * len(ranks)
+    assert len(set(ranks.values())) >= 4
+    insensitive = ("unet", INSENSITIVE)
+    # its scales fell fastest (the penalty alone acts on them), and it is pruned first
+    assert scales[insensitive] == min(scales.values()) < sorted(scales.values())[1] - 0.05
+    assert ranks[insensitive] == 0 == min(ranks.values())
+    from studio.adapters import load_adapter
+
+    file_ranks = [m.rank for m in load_adapter(trained["path"]).modules.values()]
+    assert sorted(file_ranks) == sorted(r for r in ranks.values() if r) and len(set(file_ranks)) >= 3
+
+
+@pytest.mark.slow(seconds=60)
+def test_the_file_is_a_plain_lora_equal_to_the_trained_model(trained):
+    from studio.adapters import attach_adapter, load_adapter
+    from studio.adapters.formats.naming import path_to_name
+    from studio.adapters.library import describe_adapter
+    from studio.models import load_pipeline
+
+    info = describe_adapter(trained["path"])
+    metadata = info["metadata"]
+    assert info["type"] == "locon" and info["format"] == "kohya" and info["prefixes"]["lora_te"] > 0
+    assert metadata["ss_network_module"] == "networks.lora"
+    args = json.loads(metadata["ss_network_args"])
+    assert args["algo"] == "ard_lora" and args["rank_budget"] == str(BUDGET)
+    assert metadata["lora_studio_adapter_type"].startswith("locon+ard (ranks 1-8")
+    trainer = trained["trainer"]
+    assert path_to_name("sd15", "unet", INSENSITIVE) not in load_adapter(trained["path"]).modules
+
+    fresh = load_pipeline("builtin")
+    base = _unet_out(fresh.unet)
+    attach_adapter(fresh, load_adapter(trained["path"]), "ard")
+    expected = _unet_out(trainer.accelerator.unwrap_model(trainer.unet))
+    assert (expected - base).abs().max() > 1e-3
+    assert (_unet_out(fresh.unet) - expected).abs().max() <= 1e-5
+    ids = fresh.tokenizer(["a sks star"], padding="max_length", max_length=fresh.tokenizer.model_max_length,
+                          return_tensors="pt").input_ids
+    with torch.no_grad():
+        ours = fresh.text_encoder(ids)[0]
+        theirs = dict(trainer._text_encoder_components())["text_encoder"](ids)[0]
+    assert (ours - theirs).abs().max() <= 1e-5
+
+
+@pytest.mark.slow(seconds=60)
+def test_diffusers_loads_every_key(trained):
+    from studio.adapters import load_adapter
+    from studio.models import load_pipeline
+    from tests.test_formats import _diffusers_load, _lora_layers
+
+    theirs = load_pipeline("builtin")
+    messages = _diffusers_load(theirs, trained["path"])
+    problems = [m for m in messages if any(w in m.lower() for w in ("unexpected", "missing", "not been", "mismatch"))]
+    assert not problems, problems
+    assert len(_lora_layers(theirs, "d")) == len(load_adapter(trained["path"]).modules)
+    trainer = trained["trainer"]
+    assert (_unet_out(theirs.unet) - _unet_out(trainer.accelerator.unwrap_model(trainer.unet))).abs().max() <= 1e-5
+
+
+@pytest.mark.slow(seconds=60)
+def test_it_blends_with_another_adapter(trained, tmp_path):
+    from studio.adapters import adapter_models, export_adapter, save_adapter
+    from studio.generation.engine import AdapterUse, Engine
+    from studio.models import load_pipeline
+    from tests.test_blending import _merged_base
+    from tests.test_formats import add_adapter, perturb
+
+    other = load_pipeline("builtin")
+    add_adapter(other, "lora")
+    perturb(adapter_models(other).values())
+    lora = save_adapter(tmp_path / "lora.safetensors", export_adapter(adapter_models(other)))
+
+    engine = Engine()
+    base = _unet_out(engine.set_mix("builtin", []).unet)
+    alone = _unet_out(engine.set_mix("builtin", [AdapterUse(trained["path"], 0.7)]).unet)
+    mixed = _unet_out(engine.set_mix("builtin", [AdapterUse(trained["path"], 0.7), AdapterUse(lora, -1.2)]).unet)
+    expected = _unet_out(_merged_base([(trained["path"], 0.7), (lora, -1.2)]).unet)
+    assert (alone - base).abs().max() > 1e-3 and (mixed - alone).abs().max() > 1e-3
+    assert (mixed - expected).abs().max() <= 1e-4
+
+
+@pytest.mark.slow(seconds=20)
+def test_generate_reproduces_the_runs_last_sample(trained, tmp_path):
+    from tests.sample_check import assert_generate_reproduces_sample
+
+    assert_generate_reproduces_sample(trained["trainer"], trained["path"], tmp_path, step=STEPS)
+
+
+@pytest.mark.slow(seconds=30)
+def test_resume_with_pruning_during_training_is_exact(workspace):
+    """Pruning every 2 steps: a run resumed from step 3 (some components already masked)
+    ends bit for bit where the uninterrupted run ends."""
+    from studio.jobs.runs import checkpoint_path, create_run, iter_events
+    from trainers.checkpoints import load_checkpoint
+    from trainers.lora import Trainer
+
+    config = _ard_config(max_steps=6, every_n_steps=3)
+    config.network.target_modules = ["attn2.to_k", "attn2.to_v"]
+    config.network.ard_threshold, config.network.ard_prune_every = 0.95, 2
+    config.network.rank_budget = 40
+    config.sampling.steps = 1
+    run_dir = create_run(config, workspace)
+    full = Trainer(run_dir, show_progress=False)
+    full.run(resume=False)
+    resumed = Trainer(run_dir, show_progress=False)
+    resumed.run(resume=True)
+    assert [e["step"] for e in iter_events(run_dir) if e["type"] == "resume"] == [3]
+    at_3 = load_checkpoint(checkpoint_path(run_dir, 3))["adapter"]
+    masks = torch.cat([v for k, v in at_3.items() if k.endswith(".ard_mask")])
+    assert 0 < masks.sum() < masks.numel()  # the step-2 pruning is in the checkpoint
+    a, b = full.adapter_state(), resumed.adapter_state()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for key in (k for k in a if k.endswith(".ard_mask")):  # a pruned component stays pruned
+        assert torch.all(a[key] <= at_3[key]), key
+    assert 1 <= sum(int(v.sum()) for k, v in a.items() if k.endswith(".ard_mask")) <= 40
+
+
+@pytest.mark.slow(seconds=40)
+def test_ard_lora_on_sdxl(tmp_path_factory, workspace):
+    """Tiny SDXL, lora + ARD: loss drops, ranks end different within the budget, the file
+    equals the trained UNet in the engine and diffusers consumes every key."""
+    from studio.adapters import load_adapter
+    from studio.generation.engine import AdapterUse, Engine
+    from studio.jobs.runs import create_run
+    from studio.models import load_pipeline
+    from tests.test_formats import _diffusers_load, _lora_layers
+    from trainers.lora import Trainer
+
+    torch.manual_seed(0)
+    model = tiny_sdxl_folder(tmp_path_factory)
+    config = _ard_config(max_steps=10)
+    config.base_model = str(model)
+    config.network.rank_budget = 60
+    trainer = Trainer(create_run(config, workspace), show_progress=False)
+    trainer._setup()
+    before = _fixed_loss(trainer, range(5000, 5008))
+    for step in range(10):
+        trainer.train_step(step)
+    assert _fixed_loss(trainer, range(5000, 5008)) < before
+    path = trainer._export(time.time())
+    ranks = [m.rank for m in load_adapter(path).modules.values()]
+    assert len(set(ranks)) >= 3 and sum(ranks) == 60 < 8 * len(trainer.adapter.gates.scales)
+
+    trained_unet = trainer.accelerator.unwrap_model(trainer.unet).eval()
+    trained = sdxl_predict(trainer, trained_unet)
+    engine = Engine()
+    assert (trained - sdxl_predict(trainer, engine.set_mix(str(model), []).unet)).abs().max() > 1e-3
+    assert (sdxl_predict(trainer, engine.set_mix(str(model), [AdapterUse(path)]).unet) - trained).abs().max() <= 1e-5
+    theirs = load_pipeline(str(model))
+    messages = _diffusers_load(theirs, path)
+    problems = [m for m in messages if any(w in m.lower() for w in ("unexpected", "missing", "not been", "mismatch"))
+                and not m.startswith("No LoRA keys associated to CLIPTextModel")]
+    assert not problems, problems
+    assert len(_lora_layers(theirs, "d")) == len(ranks)
+    assert (sdxl_predict(trainer, theirs.unet) - trained).abs().max() <= 1e-5
