@@ -110,6 +110,14 @@ def test_loss_drops_and_ranks_follow_the_budget_and_the_sensitivity(trained):
 
 
 @pytest.mark.slow(seconds=60)
+def test_inspect_shows_what_it_was_trained_as(trained, capsys):
+    from tests.test_formats import cli
+
+    code, out, _ = cli(capsys, "inspect", trained["path"])
+    assert code == 0 and "lora_studio_adapter_type = locon+ard (ranks " in out and '"algo": "ard_lora"' in out
+
+
+@pytest.mark.slow(seconds=60)
 def test_the_file_is_a_plain_lora_equal_to_the_trained_model(trained):
     from studio.adapters import attach_adapter, load_adapter
     from studio.adapters.formats.naming import path_to_name

@@ -630,9 +630,10 @@ class Trainer:
                 self.optimizer.step()
                 if self.accelerator.sync_gradients:
                     self.lr_scheduler.step()
+                    # with the step's gradients still held: AdaLoRA scores |θ ∂L/∂θ| from them
+                    self.adapter.after_step(step + 1)
                 self.optimizer.zero_grad(set_to_none=True)
             total += loss.detach().float() / accum
-        self.adapter.after_step(step + 1)
         self._update_ema(step + 1)
         return total
 

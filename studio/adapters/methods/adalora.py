@@ -44,18 +44,9 @@ class AdaLoRATraining(PeftTraining):
         super().__init__(method, net, max_steps)
         self.allocator = None
         self.keep: dict[str, list[bool]] | None = None
-        self.grads: dict[int, object] = {}
 
     def peft_config(self, text_encoder):
         return self.method.peft_config(self.net, text_encoder=text_encoder, max_steps=self.max_steps)
-
-    def injected(self, component, model):
-        # peft's allocator reads p.grad after the optimizer step; the trainer clears the
-        # gradients before after_step, so each parameter's last gradient (accumulated and
-        # clipped in place, as the optimizer used it) is kept by reference here.
-        for name, p in model.named_parameters():
-            if p.requires_grad and "lora_" in name:
-                p.register_post_accumulate_grad_hook(lambda p: self.grads.__setitem__(id(p), p.grad))
 
     def _all(self):
         import torch
@@ -89,25 +80,18 @@ class AdaLoRATraining(PeftTraining):
         return self.net.adalora_orth_reg * torch.stack(terms).mean()
 
     def after_step(self, done):
-        """peft's AdaLoraModel.update_and_allocate for step `done` on all models together."""
+        """peft's AdaLoraModel.update_and_allocate for step `done` on all models together,
+        with the step's gradients (the trainer calls this before clearing them)."""
         allocator, models = self._allocator(), self._all()
         final = self.max_steps - allocator.peft_config.tfinal
-        params = [p for n, p in models.named_parameters() if "lora_" in n and p.requires_grad]
-        for p in params:
-            p.grad = self.grads.get(id(p))
-        try:
-            if done < final:
-                allocator.update_and_allocate(models, done)
-            elif done == final:
-                _, pattern = allocator.update_and_allocate(models, done, force_mask=True)
-                self.keep = {n: list(v) for n, v in pattern.items()}
-                allocator.reset_ipt()
-            else:
-                allocator.mask_using_rank_pattern(models, self.keep)
-        finally:
-            for p in params:
-                p.grad = None
-            self.grads.clear()
+        if done < final:
+            allocator.update_and_allocate(models, done)
+        elif done == final:
+            _, pattern = allocator.update_and_allocate(models, done, force_mask=True)
+            self.keep = {n: list(v) for n, v in pattern.items()}
+            allocator.reset_ipt()
+        else:
+            allocator.mask_using_rank_pattern(models, self.keep)
 
     def state(self):
         import torch

@@ -69,8 +69,10 @@ class Training(ABC):
         return None
 
     def after_step(self, done: int) -> None:
-        """Called after optimizer step `done` (1-based, gradients cleared): where a method
-        prunes or reallocates ranks. What it changes must be in `state()` for exact resume."""
+        """Called after optimizer step `done` (1-based), before its gradients are cleared (each
+        p.grad is what the step used: accumulated, averaged over the processes, clipped):
+        where a method prunes or reallocates ranks. What it changes must be in `state()` for
+        exact resume."""
 
     @abstractmethod
     def export(self, family: str) -> "AdapterFile":
