@@ -259,3 +259,48 @@ def test_ard_lora_on_sdxl(tmp_path_factory, workspace):
     assert not problems, problems
     assert len(_lora_layers(theirs, "d")) == len(ranks)
     assert (sdxl_predict(trainer, theirs.unet) - trained).abs().max() <= 1e-5
+
+
+def test_files_with_per_module_ranks_carry_one_alpha_for_diffusers(tmp_path):
+    """Why keep_components gives every module the same alpha: diffusers' load_lora_weights
+    keys the alpha_pattern of a text encoder's per-module alphas wrongly and scales those
+    modules by the common alpha. The same updates written with one alpha load exactly. (If
+    the first assertion starts failing, diffusers reads per-module alphas now.)"""
+    from studio.adapters import AdapterFile, LoraModule, attach_adapter, load_adapter, save_adapter
+    from studio.adapters.formats.modules import keep_components
+    from studio.adapters.formats.naming import path_to_name
+    from studio.models import load_pipeline
+    from tests.test_formats import _diffusers_load
+
+    g = torch.Generator().manual_seed(0)
+    pipe = load_pipeline("builtin")
+    paths = [f"encoder.layers.0.self_attn.{name}" for name in ("q_proj", "k_proj", "v_proj", "out_proj")]
+    per_module = {}
+    for path, rank in zip(paths, (1, 3, 3, 2)):
+        layer = pipe.text_encoder.get_submodule(path)
+        down = torch.randn(rank, layer.in_features, generator=g)
+        up = torch.randn(layer.out_features, rank, generator=g) * 0.1
+        per_module[path_to_name("sd15", "text_encoder", path)] = LoraModule(down, up, 0.5 * rank)  # scale 0.5 each
+    one_alpha = {n: keep_components(m, torch.ones(m.rank, dtype=torch.bool), 4.0) for n, m in per_module.items()}
+    for name, module in one_alpha.items():
+        shape = (module.up.shape[0], module.down.shape[1])
+        assert module.alpha == 4.0 and torch.allclose(module.delta(shape), per_module[name].delta(shape), atol=1e-6)
+    ids = pipe.tokenizer(["a sks star"], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         return_tensors="pt").input_ids
+
+    def encoded(modules, loader):
+        path = save_adapter(tmp_path / f"{loader}-{len(list(tmp_path.iterdir()))}.safetensors",
+                            AdapterFile(modules, {}, "sd15"))
+        fresh = load_pipeline("builtin")
+        if loader == "diffusers":
+            _diffusers_load(fresh, path)
+        else:
+            attach_adapter(fresh, load_adapter(path), "ours")
+        with torch.no_grad():
+            return fresh.text_encoder(ids)[0]
+
+    ours = encoded(per_module, "ours")
+    with torch.no_grad():
+        assert (ours - pipe.text_encoder(ids)[0]).abs().max() > 1e-2
+    assert (encoded(per_module, "diffusers") - ours).abs().max() > 1e-3
+    assert (encoded(one_alpha, "diffusers") - ours).abs().max() <= 1e-5

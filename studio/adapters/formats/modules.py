@@ -195,7 +195,8 @@ def keep_components(module: AdapterModule, keep: torch.Tensor, alpha: float) -> 
     module gets the same alpha because diffusers' load_lora_weights (get_peft_kwargs) keys
     the alpha_pattern of per-module alphas wrongly (a text encoder's `...self_attn.q_proj`
     becomes `...self_attn`, matching nothing), and then scales those modules by the common
-    alpha: measured up to 4x off on a file with alpha = scale x rank."""
+    alpha: an AdaLoRA file with alpha = scale x rank had modules off by up to 4x in diffusers
+    (tests/test_ard.py::test_files_with_per_module_ranks_carry_one_alpha_for_diffusers)."""
     if module.kind != LORA or module.is_dora:
         raise StudioError("only plain LoRA modules can drop rank components")
     keep = keep.to(torch.bool).flatten().cpu()
