@@ -97,9 +97,9 @@ class NetworkConfig(_Section):
     rank_budget: int | None = Field(
         None, ge=1, le=1_000_000, description="Total rank summed over the adapted modules that rank allocation and "
                                               "adalora end with (default: rank x modules, no reduction).")
-    ard_l1: float = Field(1e-3, ge=0, le=10, description="ARD-LoRA: weight of the L1 penalty sum |s| on the per-component scales s.")
-    ard_tv: float = Field(1e-3, ge=0, le=10, description="ARD-LoRA: weight of the total variation sum |s_i+1 - s_i| of each module's scales along rank.")
-    ard_threshold: float = Field(0.5, ge=0, le=100, description="ARD-LoRA: components whose |scale| is below this are pruned (scales start at 1).")
+    ard_l1: float = Field(1e-3, ge=0, le=10, description="ARD-LoRA: weight of the L1 penalty sum c_i on the components' sizes c_i = |s_i| |B_i| |A_i| (s: the learned scales).")
+    ard_tv: float = Field(1e-3, ge=0, le=10, description="ARD-LoRA: weight of the total variation sum |c_i+1 - c_i| of each module's component sizes along rank.")
+    ard_threshold: float = Field(0.1, ge=0, le=1, description="ARD-LoRA: components smaller than this x their module's largest are pruned.")
     ard_prune_every: int = Field(0, ge=0, le=1_000_000, description="ARD-LoRA: also prune every N steps during training (0 = only after the last step).")
     ard_lr_ratio: float = Field(10.0, gt=0, le=1000, description="ARD-LoRA: the scales learn at this x the learning rate (a step size of their own, as the paper's).")
     adalora_init_r: int | None = Field(None, ge=1, le=1024, description="AdaLoRA: starting rank of every module, pruned to an average of rank (or rank_budget in total); default 1.5 x rank.")

@@ -33,7 +33,7 @@ def _ard_config(**training):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A LoCon + ARD run on the UNet and the text encoder with one module made insensitive:
-    the trainer after STEPS steps, the mean |scale| per module one step before the end, the
+    the trainer after STEPS steps, the component sizes c one step before the end, the
     fixed-draw loss before and after, and the exported file."""
     from studio.adapters.methods.base import ADAPTER_NAME
     from studio.jobs.runs import create_run
@@ -52,11 +52,11 @@ def trained(tmp_path_factory):
     before = _fixed_loss(trainer)
     for step in range(STEPS - 1):
         trainer.train_step(step)
-    scales = {k: float(s.detach().abs().mean()) for k, s in trainer.adapter.gates.scales.items()}
+    sizes = {k: trainer.adapter.gates.sizes(k).detach() for k in trainer.adapter.gates.scales}
     trainer.train_step(STEPS - 1)
     after = _fixed_loss(trainer)
     trainer.accelerator.unwrap_model(trainer.unet).eval()
-    return {"trainer": trainer, "scales": scales, "before": before, "after": after,
+    return {"trainer": trainer, "sizes": sizes, "before": before, "after": after,
             "path": trainer._export(time.time())}
 
 
@@ -77,31 +77,40 @@ def test_ard_is_a_network_option_with_its_help():
             NetworkConfig(**{"rank_allocation": "ard", **option})
 
 
-def test_the_penalty_is_l1_plus_total_variation_over_live_components():
+def test_the_penalty_and_the_pruning_act_on_the_component_sizes():
+    """c_i = |s_i| |B[:, i]| |A[i, :]|; penalty = l1 Σ c + tv Σ |Δc| over live components;
+    pruning: below threshold x the module's largest, then the budget's largest over all."""
     from studio.adapters.methods.rank_allocation import ARDGates
     from studio.config import NetworkConfig
 
-    gates = ARDGates(NetworkConfig(rank_allocation="ard", ard_l1=0.5, ard_tv=2.0), max_steps=10)
+    gates = ARDGates(NetworkConfig(rank_allocation="ard", ard_l1=0.5, ard_tv=2.0, ard_threshold=0.1), max_steps=10)
+    eye = torch.eye
     gates.scales = {("unet", "a"): torch.nn.Parameter(torch.tensor([1.0, -0.5, 0.25, 3.0])),
-                    ("unet", "b"): torch.nn.Parameter(torch.tensor([2.0, 1.0]))}
-    gates.masks = {("unet", "a"): torch.tensor([1.0, 1.0, 0.0, 1.0]), ("unet", "b"): torch.ones(2)}
-    # a: live (1, -0.5, 3): L1 4.5, TV 1.5 + 3.5 = 5; b: L1 3, TV 1
-    assert float(gates.penalty().detach()) == pytest.approx(0.5 * (4.5 + 3.0) + 2.0 * (5.0 + 1.0))
-    gates.prune(budget=3)  # the three largest live |s| of all: 3.0, 2.0, 1.0 (a's first or b's second)
+                    ("unet", "b"): torch.nn.Parameter(torch.tensor([2.0, 1.0])),
+                    ("unet", "c"): torch.nn.Parameter(torch.tensor([1.0, 0.05]))}
+    gates.masks = {("unet", "a"): torch.tensor([1.0, 1.0, 0.0, 1.0]), ("unet", "b"): torch.ones(2),
+                   ("unet", "c"): torch.ones(2)}
+    gates.factors = {("unet", "a"): (eye(4), torch.diag(torch.tensor([1.0, 2.0, 1.0, 1.0]))),
+                     ("unet", "b"): (eye(2), eye(2)), ("unet", "c"): (eye(2), eye(2))}
+    # live sizes a: (1, 1, 3): L1 5, TV 2; b: (2, 1): L1 3, TV 1; c: (1, 0.05): L1 1.05, TV 0.95
+    assert float(gates.penalty().detach()) == pytest.approx(0.5 * (5 + 3 + 1.05) + 2.0 * (2 + 1 + 0.95))
+    gates.prune(budget=None)  # c's second is under 0.1 x c's largest
+    assert gates.ranks() == {("unet", "a"): 3, ("unet", "b"): 2, ("unet", "c"): 1}
+    gates.prune(budget=3)  # the three largest of all: a's 3, b's 2, then one of the 1s
     assert sum(gates.ranks().values()) == 3 and gates.masks[("unet", "a")][3] == 1 and gates.masks[("unet", "b")][0] == 1
-    assert float(gates.scales[("unet", "a")].detach()[2]) == 0.0
+    assert float(gates.scales[("unet", "a")].detach()[2]) == 0.0 == float(gates.scales[("unet", "c")].detach()[1])
 
 
 @pytest.mark.slow(seconds=60)
 def test_loss_drops_and_ranks_follow_the_budget_and_the_sensitivity(trained):
-    trainer, scales = trained["trainer"], trained["scales"]
+    trainer, sizes = trained["trainer"], trained["sizes"]
     assert trained["after"] < trained["before"]
     ranks = trainer.adapter.gates.ranks()
     assert sum(ranks.values()) == BUDGET < 8 * len(ranks)
     assert len(set(ranks.values())) >= 4
     insensitive = ("unet", INSENSITIVE)
-    # its scales fell fastest (the penalty alone acts on them), and it is pruned first
-    assert scales[insensitive] == min(scales.values()) < sorted(scales.values())[1] - 0.05
+    # nothing reaches its B, so its components have size 0 and go first; every other module grew
+    assert not sizes[insensitive].any() and all(c.max() > 0 for k, c in sizes.items() if k != insensitive)
     assert ranks[insensitive] == 0 == min(ranks.values())
     from studio.adapters import load_adapter
 
