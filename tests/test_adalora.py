@@ -94,6 +94,15 @@ def test_a_schedule_without_a_pruning_phase_is_refused_in_one_line(workspace):
     trainer = Trainer(create_run(config, workspace), show_progress=False)
     with pytest.raises(StudioError, match=r"adalora_tinit \(1\) and adalora_tfinal \(4\) leave no pruning phase"):
         trainer._setup()
+    config = _adalora_config(max_steps=10)
+    config.network.target_modules = ["attn2.to_k"]
+    config.network.conv_target_modules = []
+    config.network.rank_budget = 1000
+    trainer = Trainer(create_run(config, workspace), show_progress=False)
+    trainer._setup()
+    with pytest.raises(StudioError, match=r"rank_budget \(1000\) must be below the rank AdaLoRA starts from, "
+                                          r"adalora_init_r x 7 modules = 42"):
+        trainer.train_step(0)
 
 
 @pytest.mark.slow(seconds=60)

@@ -62,6 +62,10 @@ class AdaLoRATraining(PeftTraining):
             self.allocator = RankAllocator(models, config, ADAPTER_NAME)
             if self.net.rank_budget is not None:
                 self.allocator.target_bgt = self.net.rank_budget
+            if self.allocator.target_bgt >= self.allocator.init_bgt:
+                raise StudioError(f"network.rank_budget ({self.allocator.target_bgt}) must be below the rank AdaLoRA "
+                                  f"starts from, adalora_init_r x {len(self.allocator.name_set)} modules = "
+                                  f"{self.allocator.init_bgt}; lower it or raise adalora_init_r.")
         return self.allocator
 
     def regularization(self):
@@ -69,6 +73,7 @@ class AdaLoRATraining(PeftTraining):
         AdaLoraModel.forward adds it."""
         import torch
 
+        self._allocator()  # made before the first step: a budget it cannot meet stops the run here
         terms = []
         for model in self.models.values():
             for name, p in model.named_parameters():
@@ -112,9 +117,9 @@ class AdaLoRATraining(PeftTraining):
         allocator = self._allocator()
         allocator.reset_ipt()
         for key, value in state.items():
-            kind, _, name = key.removeprefix("adalora.").partition(".")
             if not key.startswith("adalora."):
                 continue
+            kind, _, name = key.removeprefix("adalora.").partition(".")
             if kind == "keep":
                 self.keep = {**(self.keep or {}), name: (value > 0.5).tolist()}
                 continue

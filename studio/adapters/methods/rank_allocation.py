@@ -5,14 +5,16 @@ ARD-LoRA (arXiv 2506.18267) learns scaling factors that decide the ranks, traine
 task loss plus an L1 sparsity term and a total-variation term. Here a gate vector s [r] sits
 between A and B of every LoRA layer (one factor per rank component), so a layer computes
 
-    W' x = W x + (alpha / r) B diag(s ⊙ m) A x,      s starts at 1, m the 0/1 mask of live components,
+    W' x = W x + (alpha / r) B diag(s ⊙ m) A x,      s starts at 1, m the 0/1 mask of live components.
 
 The paper's factors are one per layer and head, a rank r0·α; one per component lets the
 penalty switch single components off, which is what a kohya file with per-module ranks can
-hold. A gate alone is not identifiable in a LoRA: B absorbs any scale of s. Measured on the
-built-in model (locon, 160 steps, L1 and TV on |s|): every gate fell alike, to 0.23-0.51 by
-step 120, and the end left 1 of 912 components. So the penalty and the pruning act on each
-component's size, the norm of the rank-1 update it adds,
+hold. A gate alone is not identifiable in a LoRA: B absorbs any scale of s, and with Adam an
+L1 term on |s| lowers every gate by about its step size per step whatever the component
+does (B starts at zero, so at first no gate gets a gradient from the loss). While this was
+built, L1 and TV on |s| left 1 of 912 components of a 160-step LoCon on the built-in model.
+So the penalty and the pruning act on each component's size, the norm of the rank-1 update
+it adds,
 
     c_i = |s_i| · |B[:, i]| · |A[i, :]|,   penalty = ard_l1 · Σ_i c_i + ard_tv · Σ_i |c_(i+1) − c_i|
 
