@@ -138,7 +138,9 @@ def test_the_file_is_a_plain_lora_equal_to_the_trained_model(trained):
     metadata = info["metadata"]
     assert info["type"] == "locon" and info["format"] == "kohya" and info["prefixes"]["lora_te"] > 0
     assert metadata["ss_network_module"] == "networks.lora"
-    assert json.loads(metadata["ss_network_args"])["algo"] == "adalora"
+    args = json.loads(metadata["ss_network_args"])
+    assert {k: args[k] for k in ("algo", "init_r", "target_r", "tinit", "tfinal", "orth_reg_weight")} == {
+        "algo": "adalora", "init_r": "6", "target_r": "4", "tinit": "1", "tfinal": "4", "orth_reg_weight": "0.1"}
     assert metadata["lora_studio_adapter_type"].startswith("adalora (ranks ")
     # modules with every triplet pruned are not in the file
     trainer = trained["trainer"]

@@ -199,8 +199,15 @@ class AdaLoRA(PeftMethod):
         return super().targets(net, text_encoder=text_encoder) + ([] if text_encoder else list(net.conv_target_modules))
 
     def ss_network(self, net, adapter):
+        """networks.lora with {"algo": "adalora"} and its settings (the schedule's steps where
+        set; unset ones scale with ss_max_train_steps)."""
         module, args = super().ss_network(net, adapter)
-        return "networks.lora", {**args, "algo": self.name}
+        options = {"init_r": net.adalora_init_r or math.ceil(1.5 * net.rank), "target_r": net.rank,
+                   "rank_budget": net.rank_budget, "tinit": net.adalora_tinit, "tfinal": net.adalora_tfinal,
+                   "deltaT": net.adalora_delta_t, "orth_reg_weight": net.adalora_orth_reg}
+        return "networks.lora", {**args, "algo": self.name,
+                                 **{k: f"{v:g}" if isinstance(v, float) else str(v) for k, v in options.items()
+                                    if v is not None}}
 
     def label(self, net, adapter):
         ranks = adapter.ranks
