@@ -91,9 +91,9 @@ class NetworkConfig(_Section):
     singlora_ramp_steps: int = Field(100, ge=1, le=1_000_000, description="SingLoRA: steps T of the ramp u(t) = min(t/T, 1) "
                                                                           "that fades the update in (the start is the base model).")
     rank_allocation: Literal["none", "ard"] = Field(
-        "none", description="lora/locon: how ranks end per module; none = rank everywhere; ard = ARD-LoRA, learned "
-                            "per-component scales with an L1 + total-variation penalty, the smallest pruned (arXiv "
-                            "2506.18267).")
+        "none", description="lora/locon: how ranks end per module; none = rank everywhere; ard = ARD-LoRA, a learned "
+                            "scale per rank component, an L1 + total-variation penalty on the components' sizes, "
+                            "the smallest pruned (arXiv 2506.18267).")
     rank_budget: int | None = Field(
         None, ge=1, le=1_000_000, description="Total rank summed over the adapted modules that rank allocation and "
                                               "adalora end with (default: rank x modules, no reduction).")
