@@ -285,3 +285,32 @@ def test_adalora_on_sdxl(tmp_path_factory, workspace):
     assert not problems, problems
     assert len(_lora_layers(theirs, "d")) == len(ranks)
     assert (sdxl_predict(trainer, theirs.unet) - trained).abs().max() <= 1e-5
+
+
+@pytest.mark.slow(seconds=60)
+def test_two_processes_allocate_what_one_process_with_the_whole_batch_allocates(workspace):
+    """Data parallel: the allocator scores the gradients averaged over the processes, so two
+    processes with batch 1 prune the same triplets as one process with batch 2."""
+    from safetensors.torch import load_file
+
+    from studio.jobs.runs import create_run, iter_events
+    from tests.test_distributed import _finish, _launch, _relative_l2
+    from trainers.lora import Trainer
+
+    def config(**training):
+        config = _adalora_config(max_steps=6, num_threads=1, **training)
+        config.network.adalora_tfinal = 2
+        config.network.target_modules = ["attn2.to_k", "attn2.to_v"]
+        config.network.conv_target_modules = []
+        config.sampling.steps = 1
+        return config
+
+    two = create_run(config(batch_size=1, num_processes=2), workspace)
+    output = _finish(_launch(two))
+    done = [e for e in iter_events(two) if e["type"] == "done"]
+    assert done, output[-2000:]
+    one = Trainer(create_run(config(batch_size=2), workspace), show_progress=False).run()
+    a, b = load_file(str(one)), load_file(str(done[0]["adapter"]))
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+    assert len({v.shape[0] for k, v in a.items() if k.endswith("lora_down.weight")}) >= 2
+    assert _relative_l2(a, b) < 1e-4
