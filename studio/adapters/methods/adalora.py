@@ -180,6 +180,8 @@ class AdaLoRA(PeftMethod):
                              "rank AdaLoRA prunes to")
 
     def training(self, net, *, seed, max_steps=None):
+        if max_steps is None:
+            raise StudioError("adalora schedules its pruning by the run's length; it needs max_steps")
         s = schedule(net, max_steps)
         if s["tinit"] >= max_steps - s["tfinal"]:
             raise StudioError(f"network.adalora_tinit ({s['tinit']}) and adalora_tfinal ({s['tfinal']}) leave no "

@@ -23,10 +23,14 @@ class LoRATraining(PeftTraining):
     With rank_allocation = "ard" it holds the ARD-LoRA gates (their own parameter group, at
     ard_lr_ratio x the learning rate), adds their penalty and prunes them."""
 
-    def __init__(self, method, net, max_steps):
+    def __init__(self, method, net, max_steps=None):
         super().__init__(method, net, max_steps)
         self.initial_factors: dict[tuple[str, str], tuple] = {}
-        self.gates = rank_allocation.ARDGates(net, max_steps) if net.rank_allocation == "ard" else None
+        self.gates = None
+        if net.rank_allocation == "ard":
+            if max_steps is None:
+                raise StudioError("rank_allocation = 'ard' prunes after the run's last step; it needs max_steps")
+            self.gates = rank_allocation.ARDGates(net, max_steps)
 
     def add(self, component, model, lr):
         groups = super().add(component, model, lr)
