@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Mapping
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping
 
 from studio.errors import StudioError
 
@@ -39,6 +39,13 @@ ADAPTER_NAME = "default"
 class Training(ABC):
     """A method's adapter on one run's models: it adds itself to each model, and keeps the
     resumable state and the export of what it trained."""
+
+    def prepare(self, models: Mapping[str, "torch.nn.Module"], loss: Callable[[int], "torch.Tensor"]) -> dict | None:
+        """Called once before `add`, on the frozen models the adapter will go on (component ->
+        model) with `loss(i)`, the run's training loss on the i-th of a few batches of its own
+        random stream: where a method measures the base model (Sensitivity-LoRA's ranks). It
+        must give the same result on resume. Returns what the run's events record, or None."""
+        return None
 
     @abstractmethod
     def add(self, component: str, model: "torch.nn.Module", lr: float) -> list[dict]:
@@ -93,6 +100,12 @@ class Method(ABC):
         options (DoRA, rsLoRA, PiSSA / OLoRA init) are refused unless a method takes them."""
         if net.use_dora or net.use_rslora or net.init != "default":
             raise ValueError(f"use_dora, use_rslora and init apply to lora/locon, not {self.name}")
+        self.refuse_rank_options(net)
+
+    def refuse_rank_options(self, net) -> None:
+        """Rank allocation and in-training squeeze apply to lora/locon only."""
+        if net.rank_allocation != "none" or net.squeeze_rank is not None:
+            raise ValueError(f"rank_allocation and squeeze_rank apply to lora/locon networks, not {self.name}")
 
     def check_base_weights(self, net, base_weights: str) -> None:
         """Raise ValueError when the method cannot train on this frozen base (training.base_weights)."""
@@ -169,12 +182,16 @@ class PeftTraining(Training):
 
         text_encoder = component != "unet"
         try:
-            inject_peft_adapter(model, self.method.peft_config(self.net, text_encoder=text_encoder), ADAPTER_NAME)
+            inject_peft_adapter(model, self.peft_config(component), ADAPTER_NAME)
         except ValueError as error:  # peft: "Target modules ... not found in the base model"
             raise StudioError(f"network.{'text_encoder_' if text_encoder else ''}target_modules: {error}") from None
         self.models[component] = model
         self.injected(component, model)
         return self.method.param_groups(model, lr, self.net)
+
+    def peft_config(self, component: str):
+        """The peft config this run injects into `component`."""
+        return self.method.peft_config(self.net, text_encoder=component != "unet")
 
     def injected(self, component: str, model: "torch.nn.Module") -> None:
         """Called right after the injection into `model`, before its parameters are grouped."""

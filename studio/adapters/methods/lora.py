@@ -5,7 +5,11 @@
 - PiSSA / OLoRA (init): A and B start from the base weights (SVD / QR) and W becomes
   W - s B0 A0, so the file, which must apply to the unmodified W, holds the equivalent plain
   LoRA s (B A - B0 A0) at rank 2r (studio.adapters.formats.peft_bridge.modules_from_models);
-- LoRA+ (loraplus_lr_ratio): B learns at ratio x the learning rate of A.
+- LoRA+ (loraplus_lr_ratio): B learns at ratio x the learning rate of A;
+- Sensitivity-LoRA (rank_allocation = "sensitivity"): per-module ranks before training
+  under rank_budget (rank_allocation.py);
+- LoRA-Squeeze (squeeze_rank): every module compressed to squeeze_rank during training by
+  the truncated SVD of B A, then trained on (squeeze.py).
 
 Trained with peft's LoraConfig; exported as kind lora (networks.lora, lycoris.kohya with DoRA).
 """
@@ -16,11 +20,78 @@ from studio.adapters.methods.base import ADAPTER_NAME, PeftMethod, PeftTraining
 
 
 class LoRATraining(PeftTraining):
-    """After a PiSSA / OLoRA init, keeps the injected factors: the export subtracts them."""
+    """After a PiSSA / OLoRA init, keeps the injected factors: the export subtracts them.
+    With rank allocation, injects at the ranks `prepare` measured; with squeeze_rank,
+    compresses after the steps of its schedule."""
 
     def __init__(self, method, net):
         super().__init__(method, net)
         self.initial_factors: dict[tuple[str, str], tuple] = {}
+        self.ranks: dict[str, dict[str, int]] = {}  # component -> module path -> allocated rank
+
+    def prepare(self, models, loss):
+        """Sensitivity-LoRA: every adapted module's empirical-Fisher sensitivity on
+        net.sensitivity_batches batches, then its rank under net.rank_budget (default: the
+        ranks the config gives, summed). Returns the allocation for the run's events."""
+        if self.net.rank_allocation == "none":
+            return None
+        from studio.adapters.methods.rank_allocation import (adapted_modules, allocate_ranks, configured_rank,
+                                                             fisher_sensitivity, largest_rank)
+
+        layers, configured = {}, {}
+        for component, model in models.items():
+            config = self.method.peft_config(self.net, text_encoder=component != "unet")
+            for path, layer in adapted_modules(model, config).items():
+                layers[(component, path)] = layer
+                configured[(component, path)] = configured_rank(config, path)
+        if not layers:
+            raise StudioError("No trainable parameters: network.target_modules matched no layer of the model.")
+        names = {key: f"{key[0]}.{key[1]}" for key in layers}
+        sensitivity = fisher_sensitivity({names[k]: layer.weight for k, layer in layers.items()}, loss,
+                                         self.net.sensitivity_batches)
+        budget = self.net.rank_budget or sum(configured.values())
+        ranks = allocate_ranks(sensitivity, budget, {names[k]: largest_rank(layer) for k, layer in layers.items()})
+        for (component, path), name in names.items():
+            self.ranks.setdefault(component, {})[path] = ranks[name]
+        return {"method": self.net.rank_allocation, "budget": budget, "total": sum(ranks.values()),
+                "ranks": ranks, "sensitivity": sensitivity}
+
+    def peft_config(self, component):
+        config = super().peft_config(component)
+        if self.ranks.get(component):
+            from studio.adapters.methods.rank_allocation import exact_rank_pattern
+
+            config.rank_pattern = {**exact_rank_pattern(self.ranks[component]), **config.rank_pattern}
+        return config
+
+    def lora_layers(self):
+        """(component, path, layer) for every peft LoRA layer of this run."""
+        from peft.tuners.lora.layer import LoraLayer
+
+        return [(component, path, layer) for component, model in self.models.items()
+                for path, layer in model.named_modules() if isinstance(layer, LoraLayer) and ADAPTER_NAME in layer.lora_A]
+
+    def after_step(self, done):
+        from studio.adapters.methods.squeeze import squeeze_layer, squeeze_target
+
+        rank = squeeze_target(self.net, done)
+        if rank is not None:
+            for _, _, layer in self.lora_layers():
+                squeeze_layer(layer, ADAPTER_NAME, rank)
+
+    def load_state(self, state):
+        """A checkpoint written after a squeeze holds smaller factors: the layers take their
+        shapes (and ranks) first, then peft loads the values."""
+        import torch
+
+        from studio.adapters.methods.squeeze import set_factors
+
+        for component, path, layer in self.lora_layers():
+            down = state.get(f"{component}.{path}.lora_A.weight")
+            up = state.get(f"{component}.{path}.lora_B.weight")
+            if down is not None and up is not None and down.shape[0] != layer.r[ADAPTER_NAME]:
+                set_factors(layer, ADAPTER_NAME, torch.zeros_like(down), torch.zeros_like(up))
+        super().load_state(state)
 
     def injected(self, component, model):
         if self.net.init == "default":
@@ -45,9 +116,20 @@ class LoRA(PeftMethod):
     training_class = LoRATraining
 
     def check(self, net) -> None:
-        """Every LoRA option applies."""
+        """Every LoRA option applies; squeeze_rank is below rank and not with DoRA (its
+        magnitude is learned for the uncompressed direction) or a PiSSA / OLoRA init (whose
+        file holds the injected factors too, so it would not be a LoRA at squeeze_rank)."""
+        if net.squeeze_rank is not None:
+            if net.squeeze_rank >= net.rank:
+                raise ValueError(f"squeeze_rank ({net.squeeze_rank}) must be below rank ({net.rank})")
+            if net.use_dora or net.init != "default":
+                raise ValueError("squeeze_rank does not work with use_dora or init = 'pissa' / 'olora'; turn those "
+                                 "off, or squeeze the finished adapter with `lora-studio resize`")
 
     def check_base_weights(self, net, base_weights):
+        if base_weights == "nf4" and net.rank_allocation != "none":
+            raise ValueError("network.rank_allocation measures gradients of the base weights, which a 4-bit base "
+                             "does not have; set training.base_weights = 'full' or 'fp8'")
         if base_weights == "nf4" and net.init != "default":
             raise ValueError(f"network.init = {net.init!r} rewrites the base weights, which is not supported on a "
                              "4-bit base; use init = 'default', or training.base_weights = 'full' or 'fp8'")
@@ -77,5 +159,13 @@ class LoRA(PeftMethod):
         module, args = super().ss_network(net, adapter)
         if net.use_rslora:
             args["rs_lora"] = "True"
+        if net.rank_allocation != "none":
+            args["rank_allocation"] = net.rank_allocation
+            if net.rank_budget is not None:
+                args["rank_budget"] = str(net.rank_budget)
+        if net.squeeze_rank is not None:
+            args["squeeze_rank"] = str(net.squeeze_rank)
+            args["squeeze_at_step"] = str(net.squeeze_at_step)
+            args["squeeze_anneal_steps"] = str(net.squeeze_anneal_steps)
         return module, args
 

@@ -35,6 +35,7 @@ class LoRAFA(LoRA):
         if net.use_dora or net.init != "default" or net.loraplus_lr_ratio:
             raise ValueError("use_dora, init and loraplus_lr_ratio do not apply to lora_fa (its A is frozen at "
                              "its random init)")
+        self.refuse_rank_options(net)
 
     def ss_network(self, net, adapter):
         module, args = super().ss_network(net, adapter)
