@@ -440,7 +440,7 @@ class Trainer:
         return [(name, self.accelerator.unwrap_model(enc)) for name, enc in zip(names, self.text_encoders)]
 
     def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.adapter.load_state(state)
+        self._replace_parameters(self.adapter.load_state(state))
 
     # ---------------------------------------------------------------- run
     def run(self, *, resume: bool = True) -> Path | None:
@@ -641,15 +641,23 @@ class Trainer:
                     self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
             total += loss.detach().float() / accum
-        shapes = [p.shape for p in self.trainable]
-        self.adapter.after_step(step + 1)
-        for p, shape in zip(self.trainable, shapes):
-            # A method may give a parameter a new shape (LoRA-Squeeze's smaller factors): its
-            # optimizer state, of the old shape, starts over (initialised at the next step).
-            if p.shape != shape:
-                self.optimizer.state.pop(p, None)
+        self._replace_parameters(self.adapter.after_step(step + 1))
         self._update_ema(step + 1)
         return total
+
+    def _replace_parameters(self, replaced: dict | None) -> None:
+        """A method may replace parameters after a step or on resume (LoRA-Squeeze's smaller
+        factors; old -> new): the new ones take the old ones' places in the optimizer's groups
+        (so a checkpoint's optimizer state still lines up by position) and their state starts
+        over, initialised by the optimizer at its next step."""
+        if not replaced:
+            return
+        new = {id(old): p for old, p in replaced.items()}
+        for group in self.optimizer.param_groups:
+            group["params"] = [new.get(id(p), p) for p in group["params"]]
+        for old in replaced:
+            self.optimizer.state.pop(old, None)
+        self.trainable = [new.get(id(p), p) for p in self.trainable]
 
     @torch.no_grad()
     def _update_ema(self, done: int) -> None:

@@ -63,17 +63,19 @@ class Training(ABC):
         """Every adapter tensor, keyed as the run's checkpoints store them."""
 
     @abstractmethod
-    def load_state(self, state: Mapping[str, "torch.Tensor"]) -> None:
-        """Put back what `state` returned (resume)."""
+    def load_state(self, state: Mapping[str, "torch.Tensor"]) -> "dict[torch.nn.Parameter, torch.nn.Parameter] | None":
+        """Put back what `state` returned (resume). Returns the parameters it replaced (old ->
+        new; LoRA-Squeeze's smaller factors), which the optimizer then holds instead, or None."""
 
     def regularization(self) -> "torch.Tensor | None":
         """A penalty the method adds to each micro-batch's loss (AdaLoRA's orthogonality,
         ARD-LoRA's sparsity), or None."""
         return None
 
-    def after_step(self, done: int) -> None:
+    def after_step(self, done: int) -> "dict[torch.nn.Parameter, torch.nn.Parameter] | None":
         """Called after optimizer step `done` (1-based, gradients cleared): where a method
-        prunes or reallocates ranks. What it changes must be in `state()` for exact resume."""
+        prunes or reallocates ranks. What it changes must be in `state()` for exact resume.
+        Returns the parameters it replaced (old -> new; their optimizer state restarts), or None."""
 
     @abstractmethod
     def export(self, family: str) -> "AdapterFile":

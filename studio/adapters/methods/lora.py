@@ -75,9 +75,11 @@ class LoRATraining(PeftTraining):
         from studio.adapters.methods.squeeze import squeeze_layer, squeeze_target
 
         rank = squeeze_target(self.net, done)
+        replaced = {}
         if rank is not None:
             for _, _, layer in self.lora_layers():
-                squeeze_layer(layer, ADAPTER_NAME, rank)
+                replaced.update(squeeze_layer(layer, ADAPTER_NAME, rank))
+        return replaced
 
     def load_state(self, state):
         """A checkpoint written after a squeeze holds smaller factors: the layers take their
@@ -86,12 +88,14 @@ class LoRATraining(PeftTraining):
 
         from studio.adapters.methods.squeeze import set_factors
 
+        replaced = {}
         for component, path, layer in self.lora_layers():
             down = state.get(f"{component}.{path}.lora_A.weight")
             up = state.get(f"{component}.{path}.lora_B.weight")
             if down is not None and up is not None and down.shape[0] != layer.r[ADAPTER_NAME]:
-                set_factors(layer, ADAPTER_NAME, torch.zeros_like(down), torch.zeros_like(up))
+                replaced.update(set_factors(layer, ADAPTER_NAME, torch.zeros_like(down), torch.zeros_like(up)))
         super().load_state(state)
+        return replaced
 
     def injected(self, component, model):
         if self.net.init == "default":

@@ -14,10 +14,10 @@ gets exactly at the same cost, since B A never has more than r singular values.
 
 peft's scale s = alpha / r (alpha / sqrt(r) with rsLoRA) stays what it was: the layer's
 rank becomes k and its alpha s * k (s * sqrt(k)), so the layer, its checkpoint and its
-exported file (a plain LoRA at rank k, alpha s * k) all mean s B' A'. The parameters keep
-their identity (new data of the new shape), so optimizer groups, LoRA+ ratios and
-gradient clipping still hold them; their optimizer state restarts (the trainer drops state
-whose shape no longer matches): Adam's second moment is per coordinate of the old factor
+exported file (a plain LoRA at rank k, alpha s * k) all mean s B' A'. B' and A' are new
+parameters (autograd keeps a leaf's shape, so a parameter cannot shrink in place); the
+trainer puts them in the old ones' optimizer groups (LoRA+ ratios and block learning rates
+hold) and their optimizer state restarts: Adam's second moment is per coordinate of the old factor
 basis, which the SVD rotates, so no projection of it is exact, and the bias correction of a
 fresh state keeps the first steps after the squeeze at the learning rate's size.
 """
@@ -40,32 +40,38 @@ def squeeze_target(net, done: int) -> int | None:
     return max(net.squeeze_rank, math.ceil(net.rank - (net.rank - net.squeeze_rank) * progress))
 
 
-def set_factors(layer, adapter: str, down: "torch.Tensor", up: "torch.Tensor") -> None:
-    """Give peft LoRA layer `layer` the factors A = down, B = up of a new rank k, keeping its
-    scale: r becomes k and lora_alpha the value that gives the same scale at k."""
+def set_factors(layer, adapter: str, down: "torch.Tensor", up: "torch.Tensor") -> dict:
+    """Give peft LoRA layer `layer` the factors A = down, B = up of a new rank k as new
+    parameters, keeping its scale: r becomes k and lora_alpha the value that gives the same
+    scale at k. Returns {old parameter: new parameter}."""
+    import torch
+
     A, B = layer.lora_A[adapter], layer.lora_B[adapter]
     k = down.shape[0]
     scale = layer.scaling[adapter]
-    A.weight.data = down.to(A.weight.dtype).contiguous()
-    B.weight.data = up.to(B.weight.dtype).contiguous()
+    replaced = {}
+    for module, value in ((A, down), (B, up)):
+        old = module.weight
+        module.weight = torch.nn.Parameter(value.to(old.device, old.dtype).contiguous(), requires_grad=old.requires_grad)
+        replaced[old] = module.weight
     for module, attr in ((A, "out_features"), (A, "out_channels"), (B, "in_features"), (B, "in_channels")):
         if hasattr(module, attr):
             setattr(module, attr, k)
     layer.r[adapter] = k
     layer.lora_alpha[adapter] = scale * (math.sqrt(k) if layer.use_rslora.get(adapter, False) else k)
+    return replaced
 
 
-def squeeze_layer(layer, adapter: str, rank: int) -> bool:
-    """Replace the layer's B A by its best rank-`rank` approximation; False (untouched) when
-    its rank is already at most `rank`."""
+def squeeze_layer(layer, adapter: str, rank: int) -> dict:
+    """Replace the layer's B A by its best rank-`rank` approximation; returns {old parameter:
+    new parameter}, empty (the layer untouched) when its rank is already at most `rank`."""
     import torch
 
     from studio.adapters.merge import Factors, squeeze
 
     A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
     if A.shape[0] <= rank:
-        return False
+        return {}
     with torch.no_grad():
         squeezed = squeeze(Factors(up=B.detach(), down=A.detach()), rank=rank).factors
-    set_factors(layer, adapter, squeezed.down, squeezed.up)
-    return True
+    return set_factors(layer, adapter, squeezed.down, squeezed.up)
