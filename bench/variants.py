@@ -15,7 +15,7 @@ training seed. Per variant, mean over the seeds (min-max where it varies):
 Each training runs in a process of its own, so its peak memory is its own.
 
     python -m bench.variants [--seeds 42 7] [--steps 100] [--eval-seeds 4] [--variants lora locon+dora ...]
-    python -m bench.variants --quick      # a smoke run: 4 steps, one seed, one evaluation seed
+    python -m bench.variants --quick      # a smoke run: 4 steps, one seed, one evaluation seed, 4 class pictures
 """
 from __future__ import annotations
 
@@ -78,6 +78,8 @@ def train_one(spec: dict) -> dict:
     for key, value in network(spec["variant"], spec["steps"]).items():
         setattr(config.network, key, value)
     config.training.log_every_n_steps = spec["steps"]
+    if spec.get("quick"):  # a smoke run: fewer class pictures to encode, a one-step final sample
+        config.dataset.num_class_images, config.sampling.steps = 4, 1
     trainer = Trainer(create_run(config, Workspace.open(spec["workspace"])), show_progress=False)
     adapter = trainer.run(resume=False)
     rate = [e["it_s"] for e in iter_events(trainer.run_dir) if e["type"] == "progress"][-1]
@@ -142,7 +144,8 @@ def main(argv=None) -> dict:
         prior_base = score_prompts(_engine_fn(engine, [], "builtin"), prior_prompts, eval_seeds)["accuracy"]
         for name in names:
             for seed in args.seeds:
-                spec = {"variant": name, "seed": seed, "steps": args.steps, "workspace": str(folder / "ws")}
+                spec = {"variant": name, "seed": seed, "steps": args.steps, "workspace": str(folder / "ws"),
+                        "quick": args.quick}
                 trained = train_in_child(spec, folder)
                 figures = concept_figures(engine, Path(trained["adapter"]), eval_seeds, prior_base=prior_base)
                 kept = min(figures["prior_with_lora"][a] / max(prior_base[a], 1e-9)

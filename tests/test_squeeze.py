@@ -163,3 +163,24 @@ def test_a_resume_across_an_annealed_squeeze_is_exact(workspace):
     a, b = full.adapter_state(), resumed.adapter_state()
     assert a.keys() == b.keys() and {v.shape[0] for k, v in a.items() if "lora_A" in k} == {SQUEEZED}
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+
+
+@pytest.mark.slow(seconds=20)
+def test_it_blends_with_another_adapter(squeezed, tmp_path):
+    from studio.adapters import adapter_models, export_adapter, save_adapter
+    from studio.generation.engine import AdapterUse, Engine
+    from studio.models import load_pipeline
+    from tests.test_blending import _merged_base
+    from tests.test_formats import add_adapter, perturb
+
+    other = load_pipeline("builtin")
+    torch.manual_seed(1)  # the other adapter's random init
+    add_adapter(other, "lora")
+    perturb(adapter_models(other).values())
+    lora = save_adapter(tmp_path / "lora.safetensors", export_adapter(adapter_models(other)))
+    engine = Engine()
+    alone = _unet_out(engine.set_mix("builtin", [AdapterUse(squeezed["path"], 0.8)]).unet)
+    mixed = _unet_out(engine.set_mix("builtin", [AdapterUse(squeezed["path"], 0.8), AdapterUse(lora, 0.5)]).unet)
+    expected = _unet_out(_merged_base([(squeezed["path"], 0.8), (lora, 0.5)]).unet)
+    assert (mixed - alone).abs().max() > 1e-3
+    assert (mixed - expected).abs().max() <= 1e-4
