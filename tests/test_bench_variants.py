@@ -15,7 +15,7 @@ def test_every_method_is_a_variant():
         NetworkConfig(**{k: v for k, v in variants()[name].items() if k != "squeeze_rank"})
 
 
-@pytest.mark.slow(seconds=90)
+@pytest.mark.slow(seconds=60)
 def test_quick_run_on_two_variants(capsys):
     from bench.variants import main
 
