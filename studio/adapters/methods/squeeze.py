@@ -17,9 +17,10 @@ rank becomes k and its alpha s * k (s * sqrt(k)), so the layer, its checkpoint a
 exported file (a plain LoRA at rank k, alpha s * k) all mean s B' A'. B' and A' are new
 parameters (autograd keeps a leaf's shape, so a parameter cannot shrink in place); the
 trainer puts them in the old ones' optimizer groups (LoRA+ ratios and block learning rates
-hold) and their optimizer state restarts: Adam's second moment is per coordinate of the old factor
-basis, which the SVD rotates, so no projection of it is exact, and the bias correction of a
-fresh state keeps the first steps after the squeeze at the learning rate's size.
+hold) and their optimizer state restarts rather than being projected: Adam's second moment
+is per coordinate of the old factor basis, which the SVD rotates, so no projection of it is
+exact, and the bias correction of a fresh state keeps the first steps after the squeeze at
+the learning rate's size.
 """
 from __future__ import annotations
 
