@@ -90,13 +90,23 @@ class NetworkConfig(_Section):
                                                 "as LoCon: the mask on the conv LoRA's inner channels.")
     singlora_ramp_steps: int = Field(100, ge=1, le=1_000_000, description="SingLoRA: steps T of the ramp u(t) = min(t/T, 1) "
                                                                           "that fades the update in (the start is the base model).")
-    rank_allocation: Literal["none", "ard"] = Field(
-        "none", description="lora/locon: how ranks end per module; none = rank everywhere; ard = ARD-LoRA, a learned "
-                            "scale per rank component, an L1 + total-variation penalty on the components' sizes, "
-                            "the smallest pruned (arXiv 2506.18267).")
+    rank_allocation: Literal["none", "sensitivity", "ard"] = Field(
+        "none", description="lora/locon: how ranks are set per module; none = rank everywhere; sensitivity = "
+                            "Sensitivity-LoRA, before training, in proportion to each module's empirical-Fisher "
+                            "sensitivity on a few batches (arXiv 2509.09119); ard = ARD-LoRA, a learned scale per rank "
+                            "component, an L1 + total-variation penalty on the components' sizes, the smallest pruned "
+                            "(arXiv 2506.18267).")
     rank_budget: int | None = Field(
         None, ge=1, le=1_000_000, description="Total rank summed over the adapted modules that rank allocation and "
                                               "adalora end with (default: rank x modules, no reduction).")
+    sensitivity_batches: int = Field(4, ge=1, le=256, description="Sensitivity-LoRA: batches of the run's data its sensitivities are measured on.")
+    squeeze_rank: int | None = Field(
+        None, ge=1, le=1024, description="LoRA-Squeeze (lora/locon): during training, compress every module to this "
+                                         "rank by the truncated SVD of B·A, then train on (arXiv 2602.10993); off when unset.")
+    squeeze_at_step: int = Field(100, ge=1, le=1_000_000, description="LoRA-Squeeze: the step after which the ranks start to fall.")
+    squeeze_anneal_steps: int = Field(
+        0, ge=0, le=1_000_000, description="LoRA-Squeeze: steps over which the rank falls linearly from rank to "
+                                           "squeeze_rank (0 = all at once at squeeze_at_step).")
     ard_l1: float = Field(1e-3, ge=0, le=10, description="ARD-LoRA: weight of the L1 penalty sum c_i on the components' sizes c_i = |s_i| |B_i| |A_i| (s: the learned scales).")
     ard_tv: float = Field(1e-3, ge=0, le=10, description="ARD-LoRA: weight of the total variation sum |c_i+1 - c_i| of each module's component sizes along rank.")
     ard_threshold: float = Field(0.1, ge=0, le=1, description="ARD-LoRA: components smaller than this x their module's largest are pruned.")
@@ -226,7 +236,15 @@ class TrainConfig(_Section):
         if self.dataset.name and self.dataset.path:
             raise ValueError("set dataset.name (a workspace dataset) or dataset.path (a folder), not both")
         METHODS[self.network.type].check_base_weights(self.network, self.training.base_weights)
-        t = self.training
+        t, net = self.training, self.network
+        if net.squeeze_rank is not None:
+            if t.ema_decay is not None:
+                raise ValueError("network.squeeze_rank changes the adapter's shape mid-run, which an EMA of its "
+                                 "weights cannot follow; unset training.ema_decay or squeeze_rank")
+            if t.max_epochs is None and net.squeeze_at_step + net.squeeze_anneal_steps >= t.max_steps:
+                raise ValueError(f"network.squeeze_at_step + squeeze_anneal_steps ({net.squeeze_at_step} + "
+                                 f"{net.squeeze_anneal_steps}) must end before training.max_steps ({t.max_steps}), "
+                                 "so the squeezed adapter trains on")
         if t.block_lr_down == t.block_lr_mid == t.block_lr_up == 0 and not self.network.train_text_encoder:
             raise ValueError("training.block_lr_down, block_lr_mid and block_lr_up are all 0: nothing would train")
         if t.optimizer == "prodigy":

@@ -80,7 +80,7 @@ def test_ard_is_a_network_option_with_its_help():
 def test_the_penalty_and_the_pruning_act_on_the_component_sizes():
     """c_i = |s_i| |B[:, i]| |A[i, :]|; penalty = l1 Σ c + tv Σ |Δc| over live components;
     pruning: below threshold x the module's largest, then the budget's largest over all."""
-    from studio.adapters.methods.rank_allocation import ARDGates
+    from studio.adapters.methods.ard import ARDGates
     from studio.config import NetworkConfig
 
     gates = ARDGates(NetworkConfig(rank_allocation="ard", ard_l1=0.5, ard_tv=2.0, ard_threshold=0.1), max_steps=10)

@@ -19,6 +19,8 @@ NETWORKS = {
     "tlora": {"type": "tlora", "rank": 8, "tlora_min_rank": 4},
     "tlora-vanilla": {"type": "tlora", "rank": 8, "tlora_min_rank": 4, "tlora_ortho": False},
     "lora_fa": {"type": "lora_fa"},
+    "sensitivity": {"type": "locon", "rank_allocation": "sensitivity", "train_text_encoder": True},
+    "squeeze": {"type": "locon", "squeeze_rank": 2, "squeeze_at_step": 10, "squeeze_anneal_steps": 4},
 }
 
 

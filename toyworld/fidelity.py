@@ -129,8 +129,10 @@ def generate(engine, prompts: list[str], seeds: list[int], adapters=(), model: s
     return images
 
 
-def concept_figures(engine, adapter: Path, seeds: list[int], model: str = "builtin") -> dict:
-    """Trigger prompts -> purple stars; prompts without the trigger keep the base accuracy."""
+def concept_figures(engine, adapter: Path, seeds: list[int], model: str = "builtin",
+                    prior_base: dict | None = None) -> dict:
+    """Trigger prompts -> purple stars; prompts without the trigger keep the base accuracy
+    (`prior_base`: the base model's, when already measured with these seeds)."""
     from studio.generation.engine import AdapterUse
 
     with_lora = [AdapterUse(adapter, 1.0)]
@@ -139,7 +141,7 @@ def concept_figures(engine, adapter: Path, seeds: list[int], model: str = "built
     prior_prompts = [f"a {c} {s} on a {b} background"
                      for c, s, b in (("red", "circle", "white"), ("blue", "square", "black"),
                                      ("yellow", "triangle", "gray"), ("green", "circle", "blue"))]
-    base = score_prompts(_engine_fn(engine, [], model), prior_prompts, seeds)["accuracy"]
+    base = prior_base or score_prompts(_engine_fn(engine, [], model), prior_prompts, seeds)["accuracy"]
     kept = score_prompts(_engine_fn(engine, with_lora, model), prior_prompts, seeds)["accuracy"]
     return {"concept": concept, "prior_base": base, "prior_with_lora": kept}
 

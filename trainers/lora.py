@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 # (noise, timestep) draws per held-out picture in the validation loss: enough that its value
 # follows the weights rather than which timesteps were drawn.
 VALIDATION_DRAWS = 4
+# The micro-generator stream of the batches a method measures the base model on before
+# training (Training.prepare): apart from training's (0) and validation's (2).
+PREPARE_STREAM = 3
 
 
 class TrainingFailed(StudioError):
@@ -156,8 +159,14 @@ class Trainer:
         from studio.adapters.methods import get_method
 
         net = cfg.network
-        torch.manual_seed(cfg.seed)  # the adapters' initial weights are a function of the seed
         self.adapter = get_method(net.type).training(net, seed=cfg.seed, max_steps=cfg.training.max_steps)
+        measured = self.adapter.prepare(
+            {"unet": self.unet, **(dict(zip(("text_encoder", "text_encoder_2"), self.text_encoders))
+                                   if net.train_text_encoder else {})},
+            lambda i: self._loss(i, stream=PREPARE_STREAM))
+        if measured is not None:
+            self.events.emit("adapter_prepared", **measured)
+        torch.manual_seed(cfg.seed)  # the adapters' initial weights are a function of the seed
         params = self.block_groups(self.adapter.add("unet", self.unet, cfg.training.learning_rate))
         if net.train_text_encoder:
             for component, encoder in zip(("text_encoder", "text_encoder_2"), self.text_encoders):
@@ -350,9 +359,9 @@ class Trainer:
         return latents, text, pooled, self.family.size_conditioning([chosen[p] for p in mine], crops), len(chosen), mine
 
     # ---------------------------------------------------------------- loss
-    def _loss(self, micro_step: int) -> torch.Tensor:
+    def _loss(self, micro_step: int, stream: int = 0) -> torch.Tensor:
         cfg = self.config
-        generator = micro_generator(cfg.seed, micro_step)
+        generator = micro_generator(cfg.seed, micro_step, stream)
         # adapter dropout: its own stream per process
         torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)) + self.rank)
         batches = [self._batch(self.instance, self.instance_order.batch(micro_step), generator, varied_at=micro_step)]
@@ -431,7 +440,7 @@ class Trainer:
         return [(name, self.accelerator.unwrap_model(enc)) for name, enc in zip(names, self.text_encoders)]
 
     def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.adapter.load_state(state)
+        self._replace_parameters(self.adapter.load_state(state))
 
     # ---------------------------------------------------------------- run
     def run(self, *, resume: bool = True) -> Path | None:
@@ -631,11 +640,25 @@ class Trainer:
                 if self.accelerator.sync_gradients:
                     self.lr_scheduler.step()
                     # with the step's gradients still held: AdaLoRA scores |θ ∂L/∂θ| from them
-                    self.adapter.after_step(step + 1)
+                    self._replace_parameters(self.adapter.after_step(step + 1))
                 self.optimizer.zero_grad(set_to_none=True)
             total += loss.detach().float() / accum
         self._update_ema(step + 1)
         return total
+
+    def _replace_parameters(self, replaced: dict | None) -> None:
+        """A method may replace parameters after a step or on resume (LoRA-Squeeze's smaller
+        factors; old -> new): the new ones take the old ones' places in the optimizer's groups
+        (so a checkpoint's optimizer state still lines up by position) and their state starts
+        over, initialised by the optimizer at its next step."""
+        if not replaced:
+            return
+        new = {id(old): p for old, p in replaced.items()}
+        for group in self.optimizer.param_groups:
+            group["params"] = [new.get(id(p), p) for p in group["params"]]
+        for old in replaced:
+            self.optimizer.state.pop(old, None)
+        self.trainable = [new.get(id(p), p) for p in self.trainable]
 
     @torch.no_grad()
     def _update_ema(self, done: int) -> None:

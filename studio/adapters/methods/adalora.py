@@ -45,8 +45,8 @@ class AdaLoRATraining(PeftTraining):
         self.allocator = None
         self.keep: dict[str, list[bool]] | None = None
 
-    def peft_config(self, text_encoder):
-        return self.method.peft_config(self.net, text_encoder=text_encoder, max_steps=self.max_steps)
+    def peft_config(self, component):
+        return self.method.peft_config(self.net, text_encoder=component != "unet", max_steps=self.max_steps)
 
     def _all(self):
         import torch
@@ -171,8 +171,9 @@ class AdaLoRA(PeftMethod):
     def check(self, net):
         if net.use_dora or net.use_rslora or net.init != "default" or net.loraplus_lr_ratio:
             raise ValueError("use_dora, use_rslora, init and loraplus_lr_ratio do not apply to adalora")
-        if net.rank_allocation != "none":
-            raise ValueError("adalora allocates its own ranks; set rank_allocation = 'none' (rank_budget applies)")
+        if net.rank_allocation != "none" or net.squeeze_rank is not None:
+            raise ValueError("adalora allocates its own ranks; set rank_allocation = 'none' and unset squeeze_rank "
+                             "(rank_budget applies)")
         if net.block_rank_down or net.block_rank_mid or net.block_rank_up:
             raise ValueError("adalora allocates the ranks itself; unset block_rank_down / _mid / _up")
         if net.adalora_init_r is not None and net.adalora_init_r <= net.rank:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Mapping
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping
 
 from studio.errors import StudioError
 
@@ -44,6 +44,13 @@ class Training(ABC):
     """A method's adapter on one run's models: it adds itself to each model, and keeps the
     resumable state and the export of what it trained."""
 
+    def prepare(self, models: Mapping[str, "torch.nn.Module"], loss: Callable[[int], "torch.Tensor"]) -> dict | None:
+        """Called once before `add`, on the frozen models the adapter will go on (component ->
+        model) with `loss(i)`, the run's training loss on the i-th of a few batches of its own
+        random stream: where a method measures the base model (Sensitivity-LoRA's ranks). It
+        must give the same result on resume. Returns what the run's events record, or None."""
+        return None
+
     @abstractmethod
     def add(self, component: str, model: "torch.nn.Module", lr: float) -> list[dict]:
         """Inject into `model` (the pipeline component `component`: unet, text_encoder,
@@ -60,19 +67,21 @@ class Training(ABC):
         """Every adapter tensor, keyed as the run's checkpoints store them."""
 
     @abstractmethod
-    def load_state(self, state: Mapping[str, "torch.Tensor"]) -> None:
-        """Put back what `state` returned (resume)."""
+    def load_state(self, state: Mapping[str, "torch.Tensor"]) -> "dict[torch.nn.Parameter, torch.nn.Parameter] | None":
+        """Put back what `state` returned (resume). Returns the parameters it replaced (old ->
+        new; LoRA-Squeeze's smaller factors), which the optimizer then holds instead, or None."""
 
     def regularization(self) -> "torch.Tensor | None":
         """A penalty the method adds to each micro-batch's loss (AdaLoRA's orthogonality,
         ARD-LoRA's sparsity), or None."""
         return None
 
-    def after_step(self, done: int) -> None:
+    def after_step(self, done: int) -> "dict[torch.nn.Parameter, torch.nn.Parameter] | None":
         """Called after optimizer step `done` (1-based), before its gradients are cleared (each
         p.grad is what the step used: accumulated, averaged over the processes, clipped):
         where a method prunes or reallocates ranks. What it changes must be in `state()` for
-        exact resume."""
+        exact resume. Returns the parameters it replaced (old -> new; their optimizer state
+        restarts), or None."""
 
     @abstractmethod
     def export(self, family: str) -> "AdapterFile":
@@ -99,9 +108,14 @@ class Method(ABC):
         options (DoRA, rsLoRA, PiSSA / OLoRA init) are refused unless a method takes them."""
         if net.use_dora or net.use_rslora or net.init != "default":
             raise ValueError(f"use_dora, use_rslora and init apply to lora/locon, not {self.name}")
-        if net.rank_allocation != "none" or net.rank_budget is not None:
-            raise ValueError(f"rank_allocation and rank_budget apply to lora/locon (rank_budget also to adalora), "
-                             f"not {self.name}")
+        self.refuse_rank_options(net)
+
+    def refuse_rank_options(self, net) -> None:
+        """Rank allocation, rank budgets and in-training squeeze apply to lora/locon only
+        (rank_budget also to adalora, which checks its own)."""
+        if net.rank_allocation != "none" or net.rank_budget is not None or net.squeeze_rank is not None:
+            raise ValueError(f"rank_allocation, rank_budget and squeeze_rank apply to lora/locon networks, not "
+                             f"{self.name} (rank_budget also to adalora)")
 
     def check_base_weights(self, net, base_weights: str) -> None:
         """Raise ValueError when the method cannot train on this frozen base (training.base_weights)."""
@@ -180,16 +194,16 @@ class PeftTraining(Training):
 
         text_encoder = component != "unet"
         try:
-            inject_peft_adapter(model, self.peft_config(text_encoder), ADAPTER_NAME)
+            inject_peft_adapter(model, self.peft_config(component), ADAPTER_NAME)
         except ValueError as error:  # peft: "Target modules ... not found in the base model"
             raise StudioError(f"network.{'text_encoder_' if text_encoder else ''}target_modules: {error}") from None
         self.models[component] = model
         self.injected(component, model)
         return self.method.param_groups(model, lr, self.net)
 
-    def peft_config(self, text_encoder: bool):
-        """The peft config this run injects into the UNet (text_encoder False) or a text encoder."""
-        return self.method.peft_config(self.net, text_encoder=text_encoder)
+    def peft_config(self, component: str):
+        """The peft config this run injects into `component`."""
+        return self.method.peft_config(self.net, text_encoder=component != "unet")
 
     def injected(self, component: str, model: "torch.nn.Module") -> None:
         """Called right after the injection into `model`, before its parameters are grouped."""

@@ -6,22 +6,28 @@
   W - s B0 A0, so the file, which must apply to the unmodified W, holds the equivalent plain
   LoRA s (B A - B0 A0) at rank 2r (studio.adapters.formats.peft_bridge.modules_from_models);
 - LoRA+ (loraplus_lr_ratio): B learns at ratio x the learning rate of A;
-- rank allocation (rank_allocation = "ard", ARD-LoRA): a learned gate per rank component,
-  pruned, so the file's modules end with different ranks (`rank_allocation`).
+- rank allocation, so the file's modules end with different ranks under rank_budget:
+  ARD-LoRA (rank_allocation = "ard", ard.py), a learned gate per rank component, pruned;
+  Sensitivity-LoRA (rank_allocation = "sensitivity", sensitivity.py), ranks set before
+  training from each module's measured sensitivity;
+- LoRA-Squeeze (squeeze_rank): every module compressed to squeeze_rank during training by
+  the truncated SVD of B A, then trained on (squeeze.py).
 
 Trained with peft's LoraConfig; exported as kind lora (networks.lora, lycoris.kohya with DoRA).
 """
 from __future__ import annotations
 
 from studio.errors import StudioError
-from studio.adapters.methods import rank_allocation
+from studio.adapters.methods import ard
 from studio.adapters.methods.base import ADAPTER_NAME, PeftMethod, PeftTraining
 
 
 class LoRATraining(PeftTraining):
     """After a PiSSA / OLoRA init, keeps the injected factors: the export subtracts them.
     With rank_allocation = "ard" it holds the ARD-LoRA gates (their own parameter group, at
-    ard_lr_ratio x the learning rate), adds their penalty and prunes them."""
+    ard_lr_ratio x the learning rate), adds their penalty and prunes them; with
+    "sensitivity", injects at the ranks `prepare` measured; with squeeze_rank, compresses
+    after the steps of its schedule."""
 
     def __init__(self, method, net, max_steps=None):
         super().__init__(method, net, max_steps)
@@ -30,7 +36,8 @@ class LoRATraining(PeftTraining):
         if net.rank_allocation == "ard":
             if max_steps is None:
                 raise StudioError("rank_allocation = 'ard' prunes after the run's last step; it needs max_steps")
-            self.gates = rank_allocation.ARDGates(net, max_steps)
+            self.gates = ard.ARDGates(net, max_steps)
+        self.ranks: dict[str, dict[str, int]] = {}  # component -> module path -> allocated rank
 
     def add(self, component, model, lr):
         groups = super().add(component, model, lr)
@@ -46,17 +53,81 @@ class LoRATraining(PeftTraining):
     def state(self):
         return {**super().state(), **(self.gates.state() if self.gates is not None else {})}
 
-    def load_state(self, state):
-        super().load_state(state)
-        if self.gates is not None:
-            self.gates.load_state(state)
-
     def regularization(self):
         return self.gates.penalty() if self.gates is not None else None
+        self.ranks: dict[str, dict[str, int]] = {}  # component -> module path -> allocated rank
+
+    def prepare(self, models, loss):
+        """Sensitivity-LoRA: every adapted module's empirical-Fisher sensitivity on
+        net.sensitivity_batches batches, then its rank under net.rank_budget (default: the
+        ranks the config gives, summed). Returns the allocation for the run's events."""
+        if self.net.rank_allocation != "sensitivity":
+            return None
+        from studio.adapters.methods.sensitivity import (adapted_modules, allocate_ranks, configured_rank,
+                                                          fisher_sensitivity, largest_rank)
+
+        layers, configured = {}, {}
+        for component, model in models.items():
+            config = self.method.peft_config(self.net, text_encoder=component != "unet")
+            for path, layer in adapted_modules(model, config).items():
+                layers[(component, path)] = layer
+                configured[(component, path)] = configured_rank(config, path)
+        if not layers:
+            raise StudioError("No trainable parameters: network.target_modules matched no layer of the model.")
+        names = {key: f"{key[0]}.{key[1]}" for key in layers}
+        sensitivity = fisher_sensitivity({names[k]: layer.weight for k, layer in layers.items()}, loss,
+                                         self.net.sensitivity_batches)
+        budget = self.net.rank_budget or sum(configured.values())
+        ranks = allocate_ranks(sensitivity, budget, {names[k]: largest_rank(layer) for k, layer in layers.items()})
+        for (component, path), name in names.items():
+            self.ranks.setdefault(component, {})[path] = ranks[name]
+        return {"method": self.net.rank_allocation, "budget": budget, "total": sum(ranks.values()),
+                "ranks": ranks, "sensitivity": sensitivity}
+
+    def peft_config(self, component):
+        config = super().peft_config(component)
+        if self.ranks.get(component):
+            from studio.adapters.methods.sensitivity import exact_rank_pattern
+
+            config.rank_pattern = {**exact_rank_pattern(self.ranks[component]), **config.rank_pattern}
+        return config
+
+    def lora_layers(self):
+        """(component, path, layer) for every peft LoRA layer of this run."""
+        from peft.tuners.lora.layer import LoraLayer
+
+        return [(component, path, layer) for component, model in self.models.items()
+                for path, layer in model.named_modules() if isinstance(layer, LoraLayer) and ADAPTER_NAME in layer.lora_A]
 
     def after_step(self, done):
         if self.gates is not None:
             self.gates.after_step(done)
+        from studio.adapters.methods.squeeze import squeeze_layer, squeeze_target
+
+        rank = squeeze_target(self.net, done)
+        replaced = {}
+        if rank is not None:
+            for _, _, layer in self.lora_layers():
+                replaced.update(squeeze_layer(layer, ADAPTER_NAME, rank))
+        return replaced
+
+    def load_state(self, state):
+        """A checkpoint written after a squeeze holds smaller factors: the layers take their
+        shapes (and ranks) first, then peft loads the values."""
+        import torch
+
+        from studio.adapters.methods.squeeze import set_factors
+
+        replaced = {}
+        for component, path, layer in self.lora_layers():
+            down = state.get(f"{component}.{path}.lora_A.weight")
+            up = state.get(f"{component}.{path}.lora_B.weight")
+            if down is not None and up is not None and down.shape[0] != layer.r[ADAPTER_NAME]:
+                replaced.update(set_factors(layer, ADAPTER_NAME, torch.zeros_like(down), torch.zeros_like(up)))
+        super().load_state(state)
+        if self.gates is not None:
+            self.gates.load_state(state)
+        return replaced
 
     def injected(self, component, model):
         if self.net.init == "default":
@@ -83,13 +154,28 @@ class LoRA(PeftMethod):
     training_class = LoRATraining
 
     def check(self, net) -> None:
-        """Every LoRA option applies; rank allocation with a plain init and no DoRA."""
+        """Every LoRA option applies; rank allocation by ARD with a plain init and no DoRA;
+        squeeze_rank is below rank and not with DoRA (its magnitude is learned for the
+        uncompressed direction), a PiSSA / OLoRA init (whose file holds the injected factors
+        too, so it would not be a LoRA at squeeze_rank) or ARD's gates (which prune the
+        components a squeeze re-mixes)."""
         if net.rank_budget is not None and net.rank_allocation == "none":
-            raise ValueError("rank_budget needs a rank_allocation (e.g. 'ard') to end under it")
+            raise ValueError("rank_budget needs a rank_allocation ('sensitivity' or 'ard') to end under it")
         if net.rank_allocation == "ard":
-            rank_allocation.check(net)
+            ard.check(net)
+        if net.squeeze_rank is not None:
+            if net.squeeze_rank >= net.rank:
+                raise ValueError(f"squeeze_rank ({net.squeeze_rank}) must be below rank ({net.rank})")
+            if net.use_dora or net.init != "default":
+                raise ValueError("squeeze_rank does not work with use_dora or init = 'pissa' / 'olora'; turn those "
+                                 "off, or squeeze the finished adapter with `lora-studio resize`")
+            if net.rank_allocation == "ard":
+                raise ValueError("squeeze_rank and rank_allocation = 'ard' both decide the ranks; use one of them")
 
     def check_base_weights(self, net, base_weights):
+        if base_weights == "nf4" and net.rank_allocation != "none":
+            raise ValueError("network.rank_allocation measures gradients of the base weights, which a 4-bit base "
+                             "does not have; set training.base_weights = 'full' or 'fp8'")
         if base_weights == "nf4" and net.init != "default":
             raise ValueError(f"network.init = {net.init!r} rewrites the base weights, which is not supported on a "
                              "4-bit base; use init = 'default', or training.base_weights = 'full' or 'fp8'")
@@ -123,6 +209,14 @@ class LoRA(PeftMethod):
             args.update(algo="ard_lora", rank_allocation="ard", ard_l1=f"{net.ard_l1:g}", ard_tv=f"{net.ard_tv:g}",
                         ard_threshold=f"{net.ard_threshold:g}", ard_lr_ratio=f"{net.ard_lr_ratio:g}",
                         **({"rank_budget": str(net.rank_budget)} if net.rank_budget else {}))
+        elif net.rank_allocation != "none":
+            args["rank_allocation"] = net.rank_allocation
+            if net.rank_budget is not None:
+                args["rank_budget"] = str(net.rank_budget)
+        if net.squeeze_rank is not None:
+            args["squeeze_rank"] = str(net.squeeze_rank)
+            args["squeeze_at_step"] = str(net.squeeze_at_step)
+            args["squeeze_anneal_steps"] = str(net.squeeze_anneal_steps)
         return module, args
 
     def label(self, net, adapter):

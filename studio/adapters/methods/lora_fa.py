@@ -35,8 +35,7 @@ class LoRAFA(LoRA):
         if net.use_dora or net.init != "default" or net.loraplus_lr_ratio:
             raise ValueError("use_dora, init and loraplus_lr_ratio do not apply to lora_fa (its A is frozen at "
                              "its random init)")
-        if net.rank_allocation != "none" or net.rank_budget is not None:
-            raise ValueError("rank_allocation and rank_budget apply to lora/locon, not lora_fa")
+        self.refuse_rank_options(net)
 
     def ss_network(self, net, adapter):
         module, args = super().ss_network(net, adapter)

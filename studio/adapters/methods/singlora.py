@@ -26,7 +26,8 @@ from __future__ import annotations
 from studio.adapters.methods.base import LinearHookTraining, Method, options_set
 
 _REFUSED = ("use_dora", "use_rslora", "init", "loraplus_lr_ratio", "block_rank_down", "block_rank_mid",
-            "block_rank_up", "conv_rank", "conv_alpha", "tlora_conv", "rank_allocation", "rank_budget")
+            "block_rank_up", "conv_rank", "conv_alpha", "tlora_conv", "rank_allocation", "rank_budget",
+            "squeeze_rank")
 STEPS_KEY = "singlora.steps"
 
 

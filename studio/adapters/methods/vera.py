@@ -27,7 +27,8 @@ from studio.adapters.methods.base import LinearHookTraining, Method, options_set
 D_INITIAL = 0.1
 # Options of other methods that VeRA's shared projections cannot honour.
 _REFUSED = ("use_dora", "use_rslora", "init", "loraplus_lr_ratio", "block_rank_down", "block_rank_mid",
-            "block_rank_up", "conv_rank", "conv_alpha", "tlora_conv", "rank_allocation", "rank_budget")
+            "block_rank_up", "conv_rank", "conv_alpha", "tlora_conv", "rank_allocation", "rank_budget",
+            "squeeze_rank")
 
 
 class VeRATraining(LinearHookTraining):
