@@ -60,14 +60,31 @@ def _check_mix(mix: list[tuple[Path, float]]) -> None:
             raise StudioError(f"The weight of {Path(path).name} is {weight}; give a finite number such as 0.8.")
 
 
-def _load_mix(mix: list[tuple[Path, float]]) -> tuple[str, list[tuple[AdapterFile, float, str]]]:
+def _load_mix(mix: list[tuple[Path, float]]) -> tuple[str, list[tuple[AdapterFile, float, str, dict | None]]]:
+    """(family, [(adapter, weight, name, gates by LBW block or None)]): a mixture file in
+    the mix stands for its members, each with its gates (only a step- and prompt-independent
+    mixture has one weight per layer; any other is refused with the reason)."""
+    from studio.adapters.mixtures.file import is_mixture, load_mixture
+    from studio.generation.blocks import FULL_BLOCKS
+
     _check_mix(mix)
-    loaded = [(load_adapter(path), weight, Path(path).stem) for path, weight in mix]
-    families = {get_family(adapter.family).name for adapter, _, _ in loaded}
+    loaded = []
+    for path, weight in mix:
+        if not is_mixture(path):
+            loaded.append((load_adapter(path), weight, Path(path).stem, None))
+            continue
+        mixture = load_mixture(path)
+        why = mixture.why_not_constant()
+        if why is not None:
+            raise StudioError(f"{Path(path).name} cannot be written as one plain LoRA: {why}, and a LoRA has one "
+                              "weight per layer. Generate with the mixture itself.")
+        for member, gates in zip(mixture.members, mixture.constant_gates().tolist()):
+            loaded.append((load_adapter(member.path), weight, member.path.stem, dict(zip(FULL_BLOCKS, gates))))
+    families = {get_family(adapter.family).name for adapter, *_ in loaded}
     if len(families) > 1:
         raise StudioError(f"The adapters are for different model families ({', '.join(sorted(families))}); "
                           "a mix must be for one.")
-    for adapter, _, name in loaded:
+    for adapter, _, name, _ in loaded:
         if any(m.is_dora for m in adapter.modules.values()):
             raise StudioError(f"{name} is a DoRA adapter: its update depends on the base weights, so it cannot be "
                               "baked into a plain LoRA. Fuse it into a checkpoint instead (lora-studio fuse).")
@@ -89,18 +106,36 @@ def _layer_shapes(family: str, adapter: AdapterFile) -> dict[str, torch.Size]:
     return {name: table[name].layer.weight.shape for name in adapter.modules}
 
 
+def module_blocks(family: str, adapter: AdapterFile) -> dict[str, str | None]:
+    """The LBW block of each module (BASE for the text encoders, None outside the blocks),
+    as the engine assigns it."""
+    from studio.generation.blocks import module_block
+
+    _, models = fitting_models(adapter)
+    table = name_table(family, models)
+    return {name: module_block(table[name].path, models["unet"].config) if table[name].attr == "unet" else "BASE"
+            for name in adapter.modules}
+
+
 def bake(mix: list[tuple[Path, float]], out: str | Path, *, rank: int | None = None,
          dtype: torch.dtype = torch.float32) -> MixReport:
     """One LoRA file equal to the weighted mix: exact (ranks concatenated) or, with
     `rank`, the best rank-N approximation of each module's summed update."""
     family, loaded = _load_mix(mix)
-    names = sorted({n for adapter, _, _ in loaded for n in adapter.modules})
+    from studio.generation.blocks import block_weight
+
+    names = sorted({n for adapter, *_ in loaded for n in adapter.modules})
     modules, energy = {}, {}
     shapes: dict[int, dict[str, torch.Size]] = {}
+    blocks = {index: module_blocks(family, adapter) for index, (adapter, _, _, gates) in enumerate(loaded) if gates}
     for name in names:
         parts = []
-        for index, (adapter, weight, _) in enumerate(loaded):
-            if name not in adapter.modules or weight == 0:
+        for index, (adapter, weight, _, gates) in enumerate(loaded):
+            if name not in adapter.modules:
+                continue
+            if gates:
+                weight = weight * block_weight(gates, blocks[index][name])
+            if weight == 0:
                 continue
             factors = module_factors(adapter, name)
             if factors is None:  # LoHa / LoKr: exact factors of the full delta
@@ -128,8 +163,9 @@ def bake(mix: list[tuple[Path, float]], out: str | Path, *, rank: int | None = N
         "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": get_family(family).lora_architecture,
         "modelspec.title": Path(out).stem,
-        "modelspec.merged_from": ", ".join(f"{name}:{weight:g}" for _, weight, name in loaded),
-        "lora_studio_mix": json.dumps({"adapters": [{"name": name, "weight": weight} for _, weight, name in loaded],
+        "modelspec.merged_from": ", ".join(f"{name}:{weight:g}" for _, weight, name, _ in loaded),
+        "lora_studio_mix": json.dumps({"adapters": [{"name": name, "weight": weight, **({"gates": gates} if gates else {})}
+                                                    for _, weight, name, gates in loaded],
                                        "rank": rank or "exact"}),
     }
     path = save_adapter(out, AdapterFile(modules, metadata, family), dtype=dtype)
@@ -141,6 +177,8 @@ def resize(src: str | Path, out: str | Path, *, dtype: torch.dtype = torch.float
     reports the share of each module's energy (sum of sigma^2) kept."""
     check_rule(**rule)
     family, loaded = _load_mix([(Path(src), 1.0)])
+    if loaded[0][3] is not None:
+        raise StudioError(f"{Path(src).name} is a mixture; bake it into one LoRA first, then resize that.")
     adapter = loaded[0][0]
     shapes = None
     modules, energy = {}, {}

@@ -37,7 +37,11 @@ class AdapterUse:
     Block Weight extension's `start=` / `stop=`, and `curve` (multipliers placed evenly from
     the first to the last step, linear in between) shapes it: weight_i = weight x
     [start <= i < stop] x curve(i / (steps - 1)). The text encoders run once, before the
-    steps, at `text_encoder_weight`; T-LoRA's rank mask applies on top, per timestep."""
+    steps, at `text_encoder_weight`; T-LoRA's rank mask applies on top, per timestep.
+
+    `timestep_blocks` (B LBW vectors, set by a mixture with per-timestep-band gates)
+    replaces `block_weights` step by step: step i with timestep t uses vector
+    floor(t B / T), T the scheduler's training timesteps."""
 
     path: Path
     weight: float = 1.0
@@ -47,6 +51,7 @@ class AdapterUse:
     start: int = 0
     stop: int | None = None
     curve: tuple[float, ...] = ()
+    timestep_blocks: tuple[str, ...] = ()
 
     @property
     def text_encoder_weight(self) -> float:
@@ -54,7 +59,14 @@ class AdapterUse:
 
     @property
     def scheduled(self) -> bool:
-        return self.start > 0 or self.stop is not None or bool(self.curve)
+        return self.start > 0 or self.stop is not None or bool(self.curve) or bool(self.timestep_blocks)
+
+    def blocks_at(self, timestep: float, total: int) -> str | None:
+        """The block weights at diffusion timestep `timestep` of `total` (see the class doc)."""
+        if not self.timestep_blocks:
+            return self.block_weights
+        bands = len(self.timestep_blocks)
+        return self.timestep_blocks[min(max(int(timestep * bands // total), 0), bands - 1)]
 
     def weight_at(self, step: int, steps: int) -> float:
         """The UNet weight at denoising step `step` of `steps` (see the class doc)."""
@@ -232,6 +244,7 @@ class Engine:
         self._loaded: dict[str, dict[tuple, str]] = {}  # model key -> file key -> adapter name
         self._lock = threading.Lock()
         self._blocks: dict[tuple[int, str], str | None] = {}
+        self._mixtures: dict[tuple, object] = {}
         self.pipeline_loads = 0
 
     def pipeline(self, model: str):
@@ -328,11 +341,18 @@ class Engine:
         0; else None. The text encoders keep their weight: they ran before the steps."""
         if not any(use.scheduled for use in mix.values()):
             return None
-        plan = [tuple(use.weight_at(step, steps) for use in mix.values()) for step in range(steps)]
+        timesteps = [0.0] * steps
+        if any(use.timestep_blocks for use in mix.values()):  # the timesteps the pipeline is about to run
+            pipe.scheduler.set_timesteps(steps)
+            timesteps = [float(t) for t in pipe.scheduler.timesteps]
+        total = pipe.scheduler.config.num_train_timesteps
+        plan = [tuple((use.weight_at(step, steps), use.blocks_at(timesteps[step], total)) for use in mix.values())
+                for step in range(steps)]
 
         def weigh(step: int) -> None:
-            self._activate(pipe, {name: replace(use, weight=weight, te_weight=use.text_encoder_weight)
-                                  for (name, use), weight in zip(mix.items(), plan[step])})
+            self._activate(pipe, {name: replace(use, weight=weight, te_weight=use.text_encoder_weight,
+                                                block_weights=blocks, timestep_blocks=())
+                                  for (name, use), (weight, blocks) in zip(mix.items(), plan[step])})
 
         def after_step(_pipe, step: int, _timestep, _kwargs) -> dict:
             if step + 1 < steps and plan[step + 1] != plan[step]:
@@ -354,17 +374,40 @@ class Engine:
         """Adapters attached from a method's own file layout, by adapter name."""
         return getattr(pipe, "_studio_native", {})
 
-    def set_mix(self, model: str, adapters: list[AdapterUse]):
+    def set_mix(self, model: str, adapters: list[AdapterUse], prompt: str | None = None):
         """Load what is missing and weight the adapters; returns the ready pipeline.
-        Switching between mixes of loaded adapters only rescales layers."""
+        Switching between mixes of loaded adapters only rescales layers. `prompt` is
+        needed by prompt-conditioned mixtures."""
         with self._lock:
-            return self._mix_pipeline(model, adapters)[0]
+            return self._mix_pipeline(model, adapters, prompt)[0]
 
-    def _mix_pipeline(self, model: str, adapters: list[AdapterUse]):
+    def mixture(self, path: Path):
+        """The mixture file at `path`, its members found, cached per file state."""
+        from studio.adapters.mixtures.file import load_mixture
+
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        if key not in self._mixtures:
+            self._mixtures[key] = load_mixture(path)
+        return self._mixtures[key]
+
+    def _expand_mixtures(self, pipe, adapters: list[AdapterUse], prompt: str | None) -> list[AdapterUse]:
+        """Each mixture in the list as its members' uses (`mixture_uses`); adapters as they are."""
+        from studio.adapters.mixtures.file import is_mixture
+        from studio.limits import MIX_ADAPTERS
+
+        out: list[AdapterUse] = []
+        for use in adapters:
+            out += mixture_uses(use, self.mixture(use.path), pipe, prompt) if is_mixture(use.path) else [use]
+        if len(out) > len(adapters):
+            MIX_ADAPTERS.check(len(out), f"This request's mixtures load {len(out)} adapters")
+        return out
+
+    def _mix_pipeline(self, model: str, adapters: list[AdapterUse], prompt: str | None = None):
         """(pipeline, {engine adapter name: use}) with the mix weighted."""
         model_key, pipe = self.pipeline(model)
         mix: dict[str, AdapterUse] = {}
-        for use in adapters:
+        for use in self._expand_mixtures(pipe, adapters, prompt):
             name = self._adapter_name(model_key, pipe, use.path)
             if name in mix:
                 raise StudioError(f"Adapter {use.path.name} is in the mix twice; give it one row.")
@@ -380,7 +423,7 @@ class Engine:
 
         request.validate()
         with self._lock:
-            pipe, mix = self._mix_pipeline(request.model, request.adapters)
+            pipe, mix = self._mix_pipeline(request.model, request.adapters, request.prompt)
             pipe.scheduler = _scheduler(pipe, request.scheduler)
             images = []
             for index in range(request.batch_count):
@@ -397,6 +440,45 @@ class Engine:
                 image.info["parameters"] = pngtext_parameters(request, seed, image.size, model_name)
                 images.append(image)
             return images
+
+
+def mixture_uses(use: AdapterUse, mixture, pipe, prompt: str | None) -> list[AdapterUse]:
+    """A mixture's members as adapter uses: member k gets the mixture's weight, schedule and
+    T-LoRA setting, and as LoRA Block Weights its gates (26 values, BASE = text encoders)
+    times the mixture's own block weights. A gate per timestep band becomes
+    `timestep_blocks`; a prompt-conditioned gate is computed from `prompt` here, once."""
+    import torch
+
+    from studio.adapters.mixtures.gates import Gates, prompt_embedding
+    from studio.generation.blocks import FULL_BLOCKS, parse_block_weights
+    from studio.models.families import family_of_pipeline
+
+    outer = torch.ones(len(FULL_BLOCKS))
+    if use.block_weights:
+        given = parse_block_weights(use.block_weights, family_of_pipeline(pipe).name)
+        outer = torch.tensor([given.get(block, 1.0) for block in FULL_BLOCKS])
+    if mixture.gate == "arrow":
+        raise StudioError(f"{use.path.name} routes per token (arrow); the engine runs it with routing on.")
+    if mixture.gate == "prompt":
+        if prompt is None:
+            raise StudioError(f"{use.path.name} is a prompt-conditioned mixture; give the prompt.")
+        with torch.no_grad():
+            gates = [Gates(mixture)(torch.zeros(1), prompt_embedding(pipe.tokenizer, pipe.text_encoder, [prompt]))[0]]
+    elif mixture.why_not_constant() is None:
+        gates = [mixture.constant_gates()]
+    else:  # per band: BASE from gate.base, the blocks from the band
+        bands = mixture.tensors["gate.bands"]
+        gates = [torch.cat([mixture.tensors["gate.base"][:, None], bands[:, b]], 1) for b in range(mixture.bands)]
+
+    def vector(values) -> str:
+        return ",".join(repr(float(v)) for v in values * outer)
+
+    out = []
+    for k, member in enumerate(mixture.members):
+        vectors = tuple(vector(g[k]) for g in gates)
+        out.append(replace(use, path=member.path, block_weights=vectors[0],
+                           timestep_blocks=vectors if len(vectors) > 1 else ()))
+    return out
 
 
 def _has_linear_delta(module, name: str) -> bool:

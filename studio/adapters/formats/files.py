@@ -36,6 +36,7 @@ from studio.adapters.formats.naming import (ALL_PREFIXES, Target, clip_kohya_pat
 from studio.adapters.formats.peft_bridge import AdapterType, _lokr_config, _loha_config, _lora_config, _Plan, check_fit
 from studio.fsutil import atomic_write_bytes, open_regular
 from studio.adapters.methods import FORMAT_KEY, METHODS, NativeFileMethod, native_method
+from studio.adapters.mixtures.file import MIXTURE_KEY
 from studio.safetensors_file import read_safetensors_header, refuse_pickle, sniff_format
 
 log = logging.getLogger(__name__)
@@ -173,6 +174,9 @@ def load_adapter(path: str | Path) -> AdapterFile:
     if path.is_dir():
         return _load_peft_folder(path)
     tensors, metadata = _read_tensors(path)
+    if MIXTURE_KEY in metadata:
+        raise StudioError(f"{path.name} is a mixture of adapters, not one adapter: generate with it, or write it as "
+                          "one LoRA with `lora-studio bake` where its gates allow.")
     native = native_method(metadata.get(FORMAT_KEY))
     if native is not None:
         return _from_native(native, path, metadata)
