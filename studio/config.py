@@ -216,6 +216,24 @@ class SamplingConfig(_Section):
     seed: int = Field(0, ge=0, le=2**32 - 1)
 
 
+class MixtureConfig(_Section):
+    members: list[str] = Field(
+        default_factory=list, description="Library adapters to mix (names); set = this run trains a mixture's gates "
+                                          "with the adapters frozen, and network.* is not used.")
+    gate: Literal["block", "block_timestep", "prompt"] = Field(
+        "block", description="Gates: a weight per member and UNet block, per block and timestep band, or computed "
+                             "from the prompt (X-LoRA style).")
+    bands: int = Field(4, ge=1, le=100, description="Timestep bands of a block_timestep gate.")
+
+    @field_validator("members")
+    @classmethod
+    def _check_members(cls, members: list[str]) -> list[str]:
+        names = [_workspace_name(name, "adapter name") for name in members]
+        if len(set(names)) != len(names):
+            raise ValueError("mixture.members names an adapter twice")
+        return names
+
+
 class TrainConfig(_Section):
     name: str = Field("my-lora", description="Adapter name: the output file is adapters/<name>.safetensors.")
     base_model: str = Field("builtin", description="'builtin', a diffusers folder or a .safetensors checkpoint.")
@@ -225,6 +243,7 @@ class TrainConfig(_Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     checkpoints: CheckpointConfig = Field(default_factory=CheckpointConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    mixture: MixtureConfig = Field(default_factory=MixtureConfig)
 
     @field_validator("name")
     @classmethod
@@ -249,6 +268,8 @@ class TrainConfig(_Section):
             raise ValueError("training.block_lr_down, block_lr_mid and block_lr_up are all 0: nothing would train")
         if t.optimizer == "prodigy":
             _check_one_prodigy_rate(t, self.network)
+        if self.mixture.members and self.network.train_text_encoder:
+            raise ValueError("a mixture run trains the UNet gates only; set network.train_text_encoder = false")
         return self
 
 

@@ -156,10 +156,8 @@ class Trainer:
                         self._text_cache[caption] = (hidden[0], None if pooled is None else pooled[0])
 
         # adapters: the method (network.type) injects itself and names what trains
-        from studio.adapters.methods import get_method
-
         net = cfg.network
-        self.adapter = get_method(net.type).training(net, seed=cfg.seed, max_steps=cfg.training.max_steps)
+        self.adapter = self._new_adapter()
         measured = self.adapter.prepare(
             {"unet": self.unet, **(dict(zip(("text_encoder", "text_encoder_2"), self.text_encoders))
                                    if net.train_text_encoder else {})},
@@ -198,6 +196,13 @@ class Trainer:
         if net.train_text_encoder:
             self.text_encoders = [self.accelerator.prepare_model(encoder, evaluation_mode=True)
                                   for encoder in self.text_encoders]
+
+    def _new_adapter(self):
+        """What this run trains: the method network.type names (a studio.adapters.methods.Training)."""
+        from studio.adapters.methods import get_method
+
+        cfg = self.config
+        return get_method(cfg.network.type).training(cfg.network, seed=cfg.seed, max_steps=cfg.training.max_steps)
 
     def _dataset_folder(self) -> Path:
         folder = dataset_folder(self.config, run_workspace(self.run_dir))
@@ -345,11 +350,7 @@ class Trainer:
             crops = [prepared[p][1] for p in mine]
         eps = torch.randn((len(chosen), *mean.shape[1:]), generator=generator)[mine].to(mean.device, mean.dtype)
         latents = (mean + std * eps).float() * self.vae.config.scaling_factor
-        ds = cfg.dataset
-        captions = [chosen[p].caption if varied_at is None else
-                    caption_variant(chosen[p].caption, sample_generator(cfg.seed, varied_at, 0, p),
-                                    dropout_rate=ds.caption_dropout_rate, shuffle=ds.shuffle_tags, keep=self.keep_tags)
-                    for p in mine]
+        captions = self._captions(chosen, mine, varied_at)
         if self.cache_text:
             cached = [self._text_cache[c] for c in captions]
             text = torch.stack([h for h, _ in cached])
@@ -357,6 +358,16 @@ class Trainer:
         else:
             text, pooled = self._encode_text(captions)
         return latents, text, pooled, self.family.size_conditioning([chosen[p] for p in mine], crops), len(chosen), mine
+
+    def _captions(self, chosen: list[Example], mine: list[int], varied_at: int | None) -> list[str]:
+        """The captions of this process's share of a micro-batch: as written, or (training
+        pictures, `varied_at` = the micro-step) with caption dropout and tag order drawn
+        from each sample's own generator."""
+        cfg, ds = self.config, self.config.dataset
+        return [chosen[p].caption if varied_at is None else
+                caption_variant(chosen[p].caption, sample_generator(cfg.seed, varied_at, 0, p),
+                                dropout_rate=ds.caption_dropout_rate, shuffle=ds.shuffle_tags, keep=self.keep_tags)
+                for p in mine]
 
     # ---------------------------------------------------------------- loss
     def _loss(self, micro_step: int, stream: int = 0) -> torch.Tensor:
@@ -721,16 +732,20 @@ class Trainer:
             setattr(self.pipe, component, encoder)
         paths = []
         for i, prompt in enumerate(prompts):
-            generator = torch.Generator().manual_seed(cfg.sampling.seed + i)
-            image = self.pipe(prompt, negative_prompt=cfg.sampling.negative_prompt or None,
-                              num_inference_steps=cfg.sampling.steps, guidance_scale=cfg.sampling.guidance_scale,
-                              generator=generator, height=cfg.dataset.resolution, width=cfg.dataset.resolution).images[0]
+            image = self._sample_image(prompt, torch.Generator().manual_seed(cfg.sampling.seed + i))
             path = sample_dir / f"step-{step:06d}-{i}.png"
             image.save(path)
             self.tensorboard.image(f"samples/{i}", image, step)
             paths.append(str(path))
         unet.train()
         self.events.emit("sample", step=step, paths=paths, prompts=prompts)
+
+    def _sample_image(self, prompt: str, generator: torch.Generator):
+        """One sample picture of the run's current weights at the sampling settings."""
+        cfg = self.config
+        return self.pipe(prompt, negative_prompt=cfg.sampling.negative_prompt or None,
+                         num_inference_steps=cfg.sampling.steps, guidance_scale=cfg.sampling.guidance_scale,
+                         generator=generator, height=cfg.dataset.resolution, width=cfg.dataset.resolution).images[0]
 
     def _export(self, started: float) -> Path:
         """Write the trained adapter to adapters/<name>.safetensors; with an EMA
@@ -807,4 +822,8 @@ def unique_adapter_path(folder: Path, name: str, run_id: str) -> Path:
 def train_run(run_dir: Path, *, resume: bool = True, show_progress: bool = True) -> Path | None:
     """Train the run in `run_dir` (its config.toml), resuming from its last checkpoint.
     Returns the adapter's path (None in the processes of a data-parallel run but the main one)."""
-    return Trainer(Path(run_dir), show_progress=show_progress).run(resume=resume)
+    config = load_config(Path(run_dir) / CONFIG_FILE)
+    trainer = Trainer
+    if config.mixture.members:  # a mixture's gates, its members frozen
+        from trainers.mixture import MixtureTrainer as trainer
+    return trainer(Path(run_dir), config, show_progress=show_progress).run(resume=resume)

@@ -19,7 +19,7 @@ MAIN_FIELDS: tuple[tuple[str, ...], ...] = (
 )
 
 SECTION_TITLES = {"": "General", "dataset": "Dataset", "network": "Network (LoRA)", "training": "Training",
-                  "checkpoints": "Checkpoints", "sampling": "Sample images"}
+                  "checkpoints": "Checkpoints", "sampling": "Sample images", "mixture": "Mixture of adapters"}
 
 
 @dataclass(frozen=True)

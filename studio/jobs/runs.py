@@ -173,7 +173,13 @@ def new_run_id(config: TrainConfig, workspace: Workspace) -> str:
 def create_run(config: TrainConfig, workspace: Workspace) -> Path:
     """A new run folder holding the fully resolved config; a config that cannot train here
     (`check_training`: CUDA-only options, a missing model, no readable image) is refused
-    first, with every problem at once."""
+    first, with every problem at once. A mixture run without a dataset learns from its
+    members' own pictures (studio.adapters.mixtures.dataset)."""
+    if config.mixture.members and not (config.dataset.name or config.dataset.path):
+        from studio.adapters.mixtures.dataset import members_dataset
+
+        config = config.model_copy(deep=True)
+        config.dataset.path = str(members_dataset(config, workspace))
     check_training(config, workspace).raise_problems()
     run_dir = workspace.run_dir(new_run_id(config, workspace))
     run_dir.mkdir(parents=True)
