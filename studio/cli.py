@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--height", type=int, default=None)
     gen.add_argument("--scheduler", default="ddim", help="ddim, euler, euler_a or dpmpp_2m_karras")
     gen.add_argument("--allow-pickle", action="store_true", help="allow loading a .ckpt base model (can run code)")
+    gen.add_argument("--route", action="store_true",
+                     help="route each token to the adapters whose top singular directions it projects on most "
+                          "(arrow, training-free) instead of summing them")
     gen.add_argument("--lbw", default=None, metavar="VECTOR",
                      help="LoRA Block Weights for every adapter: a preset (ALL, INS, IND, MIDD, OUTD, OUTS, ...) "
                           "or 17 (SD1.5) / 12 (SDXL) / 26 comma-separated values")
@@ -256,7 +259,7 @@ def cmd_generate(args) -> int:
     request = GenerateRequest(prompt=prompt, model=args.model, negative_prompt=args.negative,
                               adapters=adapters + tagged, seed=args.seed, steps=args.steps,
                               guidance_scale=args.guidance, width=args.width, height=args.height,
-                              scheduler=args.scheduler)
+                              scheduler=args.scheduler, route=args.route)
     image = Engine(allow_pickle=args.allow_pickle).generate(request)[0]
     print(save_png(image, args.out))
     return 0

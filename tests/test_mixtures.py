@@ -183,3 +183,60 @@ def test_members_are_found_by_hash_and_a_mixture_is_not_an_adapter(library, tmp_
         load_mixture(path)
     with pytest.raises(StudioError, match="is a mixture of adapters"):
         load_adapter(path)
+
+
+@pytest.mark.slow(seconds=20)
+def test_arrow_routing_reduces_to_the_blend_where_it_must_and_leaves_nothing_behind(library, engine):
+    """One member routed (top 1) is that member; every member routed at a temperature so
+    high that the softmax is flat is the blend with weights 1/K (LoRA, LoHa and LoKr
+    alike); routing off is the base model bit for bit."""
+    from studio.adapters.mixtures.file import new_mixture, save_mixture
+
+    workspace, paths = library
+    base = _unet_out(engine.set_mix("builtin", []))
+    single = _unet_out(engine.set_mix("builtin", [AdapterUse(paths[1], 0.8)], route=True))
+    assert (single - _unet_out(engine.set_mix("builtin", [AdapterUse(paths[1], 0.8)]))).abs().max() <= 1e-4
+    flat = save_mixture(workspace.adapters_dir / "flat-arrow.safetensors",
+                        new_mixture(paths, "arrow", top_k=3, temperature=1e9))
+    routed = _unet_out(engine.set_mix("builtin", [AdapterUse(flat, 1.0)]))
+    third = _unet_out(engine.set_mix("builtin", [AdapterUse(p, 1 / 3) for p in paths]))
+    assert (routed - third).abs().max() <= 1e-4 and (routed - base).abs().max() > 1e-3
+    sharp = save_mixture(workspace.adapters_dir / "arrow.safetensors", new_mixture(paths, "arrow", top_k=1))
+    top1 = _unet_out(engine.set_mix("builtin", [AdapterUse(sharp, 1.0)]))
+    assert (top1 - third).abs().max() > 1e-4  # each token went to its own member
+    assert torch.equal(_unet_out(engine.set_mix("builtin", [])), base)
+    image = engine.generate(GenerateRequest(**REQUEST, adapters=[AdapterUse(p) for p in paths], route=True))[0]
+    assert "Routing: arrow" in image.info["parameters"]
+
+
+@pytest.mark.slow(seconds=15)
+def test_the_engine_merges_prompt_gates_as_training_applies_them(library, engine):
+    """What the trainer differentiates (live hooks, gates from the caption) is what the
+    engine draws (the same gates merged as block weights), and the gates follow the prompt."""
+    from studio.adapters import load_adapter
+    from studio.adapters.mixtures.file import new_mixture, save_mixture
+    from studio.adapters.mixtures.gates import Gates, prompt_embedding
+    from studio.adapters.mixtures.live import LiveMembers, per_sample
+    from studio.models import load_pipeline
+
+    workspace, paths = library
+    fresh = load_pipeline("builtin")
+    dim = fresh.text_encoder.get_input_embeddings().weight.shape[1]
+    mixture = new_mixture(paths, "prompt", embedding_dim=dim)
+    g = torch.Generator().manual_seed(5)
+    mixture.tensors["gate.weight"] = torch.randn(3, len(FULL_BLOCKS), dim, generator=g)
+    mixture.tensors["gate.bias"] = torch.randn(3, len(FULL_BLOCKS), generator=g)
+    path = save_mixture(workspace.adapters_dir / "by-prompt.safetensors", mixture)
+    live = LiveMembers("sd15", {"unet": fresh.unet}, [load_adapter(p) for p in paths])
+    outputs = {}
+    for prompt in ("a sks shape", "a red circle on a blue background"):
+        embedding = prompt_embedding(fresh.tokenizer, fresh.text_encoder, [prompt])
+        with torch.no_grad():
+            gates = Gates(mixture)(torch.zeros(1), embedding)
+        live.install(per_sample(lambda: gates))
+        expected = _unet_out(fresh)
+        live.remove()
+        outputs[prompt] = _unet_out(engine.set_mix("builtin", [AdapterUse(path, 1.0)], prompt=prompt))
+        assert (outputs[prompt] - expected).abs().max() <= 1e-4
+    first, second = outputs.values()
+    assert (first - second).abs().max() > 1e-3

@@ -110,6 +110,7 @@ class GenerateRequest:
     height: int | None = None
     scheduler: str = "ddim"
     batch_count: int = 1
+    route: bool = False  # the adapters routed per token (arrow), not summed
 
     def validate(self) -> None:
         from studio.limits import MIX_ADAPTERS
@@ -230,7 +231,7 @@ def pngtext_parameters(request: GenerateRequest, seed: int, size: tuple[int, int
     lines.append(", ".join([
         f"Steps: {request.steps}", f"Sampler: {SCHEDULER_LABELS[request.scheduler]}",
         f"CFG scale: {request.guidance_scale:g}", f"Seed: {seed}", f"Size: {size[0]}x{size[1]}",
-        f"Model: {model_name}",
+        f"Model: {model_name}", *(["Routing: arrow"] if request.route else []),
     ]))
     return "\n".join(lines)
 
@@ -245,6 +246,7 @@ class Engine:
         self._lock = threading.Lock()
         self._blocks: dict[tuple[int, str], str | None] = {}
         self._mixtures: dict[tuple, object] = {}
+        self._routes: dict[str, tuple] = {}  # model key -> (routing key, hooked LiveMembers)
         self.pipeline_loads = 0
 
     def pipeline(self, model: str):
@@ -374,12 +376,12 @@ class Engine:
         """Adapters attached from a method's own file layout, by adapter name."""
         return getattr(pipe, "_studio_native", {})
 
-    def set_mix(self, model: str, adapters: list[AdapterUse], prompt: str | None = None):
+    def set_mix(self, model: str, adapters: list[AdapterUse], prompt: str | None = None, route: bool = False):
         """Load what is missing and weight the adapters; returns the ready pipeline.
         Switching between mixes of loaded adapters only rescales layers. `prompt` is
-        needed by prompt-conditioned mixtures."""
+        needed by prompt-conditioned mixtures; `route` routes the adapters per token."""
         with self._lock:
-            return self._mix_pipeline(model, adapters, prompt)[0]
+            return self._mix_pipeline(model, adapters, prompt, route)[0]
 
     def mixture(self, path: Path):
         """The mixture file at `path`, its members found, cached per file state."""
@@ -391,23 +393,68 @@ class Engine:
             self._mixtures[key] = load_mixture(path)
         return self._mixtures[key]
 
-    def _expand_mixtures(self, pipe, adapters: list[AdapterUse], prompt: str | None) -> list[AdapterUse]:
-        """Each mixture in the list as its members' uses (`mixture_uses`); adapters as they are."""
-        from studio.adapters.mixtures.file import is_mixture
+    def _expand_mixtures(self, pipe, adapters: list[AdapterUse], prompt: str | None, route: bool):
+        """(uses to merge, routed): each gated mixture as its members' uses
+        (`mixture_uses`), adapters as they are; an arrow mixture, or with `route` all the
+        plain adapters, as (mixture, member scales) to route per token."""
+        from studio.adapters.mixtures.file import is_mixture, new_mixture
         from studio.limits import MIX_ADAPTERS
 
         out: list[AdapterUse] = []
+        routed = []
         for use in adapters:
-            out += mixture_uses(use, self.mixture(use.path), pipe, prompt) if is_mixture(use.path) else [use]
-        if len(out) > len(adapters):
-            MIX_ADAPTERS.check(len(out), f"This request's mixtures load {len(out)} adapters")
-        return out
+            if not is_mixture(use.path):
+                out.append(use)
+                continue
+            mixture = self.mixture(use.path)
+            if mixture.gate == "arrow":
+                routed.append((mixture, [use.weight] * len(mixture.members)))
+            else:
+                out += mixture_uses(use, mixture, pipe, prompt)
+        if route and out:
+            routed.append((new_mixture([use.path for use in out], "arrow"), [use.weight for use in out]))
+            out = []
+        if len(routed) > 1:
+            raise StudioError("Route one set of adapters at a time: give one arrow mixture, or route the "
+                              "adapters of the request, not both.")
+        MIX_ADAPTERS.check(len(out) + sum(len(m.members) for m, _ in routed),
+                           f"This request loads {len(out) + sum(len(m.members) for m, _ in routed)} adapters")
+        return out, routed[0] if routed else None
 
-    def _mix_pipeline(self, model: str, adapters: list[AdapterUse], prompt: str | None = None):
-        """(pipeline, {engine adapter name: use}) with the mix weighted."""
+    def _set_routing(self, model_key: str, pipe, routed) -> None:
+        """Hook the routed members onto the pipeline (studio.adapters.mixtures.live.routing),
+        replacing the previous request's routing; None: no routing."""
+        from studio.adapters import adapter_models, load_adapter
+        from studio.adapters.mixtures.live import LiveMembers, routing
+        from studio.models.families import family_of_pipeline
+
+        key = None
+        if routed is not None:
+            mixture, scales = routed
+            key = (tuple(m.sha256 for m in mixture.members), tuple(scales), mixture.top_k, mixture.temperature)
+        current = self._routes.get(model_key)
+        if current is not None and current[0] == key:
+            return
+        if current is not None:
+            current[1].remove()
+            del self._routes[model_key]
+        if key is None:
+            return
+        members = [load_adapter(m.path) for m in mixture.members]
+        for member, adapter in zip(mixture.members, members):
+            if any(m.is_dora for m in adapter.modules.values()):
+                raise StudioError(f"{member.path.name} is a DoRA adapter: its update depends on the base weight, so "
+                                  "it cannot be routed per token; use it in a plain mix.")
+        live = LiveMembers(family_of_pipeline(pipe).name, adapter_models(pipe), members)
+        self._routes[model_key] = (key, live.install(routing(mixture.top_k, mixture.temperature, list(scales))))
+
+    def _mix_pipeline(self, model: str, adapters: list[AdapterUse], prompt: str | None = None, route: bool = False):
+        """(pipeline, {engine adapter name: use}) with the mix weighted (and routed)."""
         model_key, pipe = self.pipeline(model)
         mix: dict[str, AdapterUse] = {}
-        for use in self._expand_mixtures(pipe, adapters, prompt):
+        uses, routed = self._expand_mixtures(pipe, adapters, prompt, route)
+        self._set_routing(model_key, pipe, routed)
+        for use in uses:
             name = self._adapter_name(model_key, pipe, use.path)
             if name in mix:
                 raise StudioError(f"Adapter {use.path.name} is in the mix twice; give it one row.")
@@ -423,7 +470,7 @@ class Engine:
 
         request.validate()
         with self._lock:
-            pipe, mix = self._mix_pipeline(request.model, request.adapters, request.prompt)
+            pipe, mix = self._mix_pipeline(request.model, request.adapters, request.prompt, request.route)
             pipe.scheduler = _scheduler(pipe, request.scheduler)
             images = []
             for index in range(request.batch_count):
@@ -457,8 +504,6 @@ def mixture_uses(use: AdapterUse, mixture, pipe, prompt: str | None) -> list[Ada
     if use.block_weights:
         given = parse_block_weights(use.block_weights, family_of_pipeline(pipe).name)
         outer = torch.tensor([given.get(block, 1.0) for block in FULL_BLOCKS])
-    if mixture.gate == "arrow":
-        raise StudioError(f"{use.path.name} routes per token (arrow); the engine runs it with routing on.")
     if mixture.gate == "prompt":
         if prompt is None:
             raise StudioError(f"{use.path.name} is a prompt-conditioned mixture; give the prompt.")

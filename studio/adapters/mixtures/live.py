@@ -122,3 +122,50 @@ def per_sample(gates: Callable[[], torch.Tensor]) -> Callable:
         return out
 
     return weights
+
+
+def routing(top_k: int, temperature: float, scales: list[float]) -> Callable:
+    """Arrow routing (LAG, arXiv 2507.05346; Arrow of Ostapenko et al.): per layer, member
+    k's prototype v_k is the top right singular vector of its update dW_k (unit length, sign
+    free); token x_t scores |<v_k, x_t>| (a conv layer: the score of each input patch, one
+    conv with the prototypes as filters); the top_k members of each token share it by
+    softmax(score / temperature), times the member's own scale. Training-free: nothing
+    but the members' weights decides."""
+    prototypes: dict[int, tuple[list[int], torch.Tensor]] = {}
+
+    def prototype(updates: dict[int, MemberUpdate]) -> tuple[list[int], torch.Tensor]:
+        from studio.adapters.merge import Factors, singular_triplets
+
+        if id(updates) not in prototypes:
+            members, rows = list(updates), []
+            for k in members:
+                update = updates[k]
+                if update.full is None:  # exact top direction from the factors (QR + a small SVD)
+                    _, _, vh = singular_triplets(Factors(update.up, update.down))
+                else:
+                    vh = torch.linalg.svd(update.full.flatten(1).double(), full_matrices=False)[2]
+                rows.append(vh[0].float())
+            first = updates[members[0]]
+            shape = (len(members), *first.layer.weight.shape[1:])
+            prototypes[id(updates)] = (members, torch.stack(rows).reshape(shape).to(first.layer.weight))
+        return prototypes[id(updates)]
+
+    def weights(column, x, updates):
+        members, v = prototype(updates)
+        any_update = updates[members[0]]
+        if any_update.conv:
+            layer = any_update.layer
+            scores = F.conv2d(x, v, stride=layer.stride, padding=layer.padding, dilation=layer.dilation).abs()
+            scores = scores.movedim(1, -1)  # [B, H, W, K]
+        else:
+            scores = (x @ v.t()).abs()  # [..., K]
+        keep = min(top_k, len(members))
+        top = scores.topk(keep, dim=-1)
+        share = torch.zeros_like(scores).scatter(-1, top.indices, torch.softmax(top.values / temperature, dim=-1))
+        out: list[torch.Tensor | None] = [None] * len(scales)
+        for place, k in enumerate(members):
+            w = share[..., place] * scales[k]
+            out[k] = w[:, None] if any_update.conv else w[..., None]
+        return out
+
+    return weights
