@@ -55,11 +55,13 @@ def match_rates(images, target: Target) -> dict[str, float]:
     return rates
 
 
-def write_concept_dataset(folder: Path, kind: str, *, count: int = DEMO_IMAGES, seed: int = 0) -> Path:
+def write_concept_dataset(folder: Path, kind: str, *, count: int = DEMO_IMAGES, seed: int = 0,
+                          trigger: str = "", color: str = "", shape: str = "") -> Path:
     """Pictures teaching one attribute under a trigger word: kind "color" (purple shapes of
     every seen shape, captioned 'a zwx <shape> ...') or "shape" (stars of seen colours,
     captioned 'a ohwx shape ...' like the demo's 'a sks shape ...': trigger and class word,
-    the colour unnamed), with the demo dataset's regularisation pictures. Upright and sized
+    the colour unnamed) or "object" (`color` `shape`s captioned 'a <trigger> shape ...', as
+    the demo's), with the demo dataset's regularisation pictures. Upright and sized
     like the demo's stars: the base model never saw a rotated shape."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -73,6 +75,10 @@ def write_concept_dataset(folder: Path, kind: str, *, count: int = DEMO_IMAGES, 
             scene = sample_scene(rng, shapes=("star",), colors=(SEEN_SHAPE_COLORS[i % len(SEEN_SHAPE_COLORS)],),
                                  backgrounds=background, min_size=DEMO_MIN_SIZE, max_size=DEMO_MAX_SIZE)
             caption = f"a {SHAPE_TRIGGER} {DEMO_CLASS_WORD} on a {scene.background} background"
+        elif kind == "object":
+            scene = sample_scene(rng, shapes=(shape,), colors=(color,), backgrounds=background,
+                                 min_size=DEMO_MIN_SIZE, max_size=DEMO_MAX_SIZE)
+            caption = f"a {trigger} {DEMO_CLASS_WORD} on a {scene.background} background"
         else:
             raise ValueError(kind)
         render_scene(scene).save(folder / f"{kind}_{i}.png")

@@ -412,7 +412,10 @@ class Engine:
             else:
                 out += mixture_uses(use, mixture, pipe, prompt)
         if route and out:
-            routed.append((new_mixture([use.path for use in out], "arrow"), [use.weight for use in out]))
+            key = tuple((str(use.path.resolve()), use.path.stat().st_mtime_ns) for use in out)
+            if key not in self._mixtures:  # members checked and hashed once per set of file states
+                self._mixtures[key] = new_mixture([use.path for use in out], "arrow")
+            routed.append((self._mixtures[key], [use.weight for use in out]))
             out = []
         if len(routed) > 1:
             raise StudioError("Route one set of adapters at a time: give one arrow mixture, or route the "
