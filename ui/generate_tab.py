@@ -1,6 +1,7 @@
 """Generate tab: a base model, a prompt and up to four weighted adapters (text-encoder
 weight, LoRA Block Weights, T-LoRA timestep mask) -> images saved in workspace/outputs with
-A1111 `parameters` text; suggestions from the library for the prompt; an X/Y mix grid."""
+A1111 `parameters` text; suggestions from the library for the prompt, fused into a mixture
+whose gates per block show as a heat map and can be overridden; an X/Y mix grid."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -62,6 +63,22 @@ def build(studio: Studio, model_choices) -> SimpleNamespace:
                                                elem_id="gen-suggestions-table")
                     accept_btn = gr.Button("Accept: put them in the adapter rows", variant="primary", size="sm",
                                            elem_id="gen-accept")
+                    with gr.Row(equal_height=True):
+                        fuse_name = gr.Textbox("", label="Mixture name", scale=3, placeholder="mix-<adapters>",
+                                               info="Fuse the suggestions as one mixture with a gate per block",
+                                               elem_id="gen-fuse-name")
+                        fuse_btn = gr.Button("Fuse into a mixture", size="sm", scale=2, elem_id="gen-fuse")
+                with gr.Accordion("Mixture gates — each member's weight per block", open=False,
+                                  elem_id="gen-gates") as gates_box:
+                    with gr.Row(equal_height=True):
+                        mixture = gr.Dropdown([NONE], value=NONE, label="Mixture", allow_custom_value=True, scale=3,
+                                              elem_id="gen-gates-mixture")
+                        show_gates = gr.Button("Show gates", size="sm", scale=1, elem_id="gen-gates-show")
+                    gate_map = gr.Image(label="Gates (white 0, blue 1, dark 2, red < 0)", type="pil",
+                                        interactive=False, height=120, elem_id="gen-gates-map")
+                    gate_table = gr.Dataframe(headers=gv.GATE_HEADERS, type="array", interactive=True, wrap=False,
+                                              label="Gates: edit and save to override", elem_id="gen-gates-table")
+                    save_gates = gr.Button("Save gates", size="sm", elem_id="gen-gates-save")
                 with gr.Accordion("Settings", open=True):
                     with gr.Row():
                         model = gr.Dropdown(model_choices(), value="builtin", allow_custom_value=True,
@@ -149,6 +166,25 @@ def build(studio: Studio, model_choices) -> SimpleNamespace:
                 + [gr.update(visible=False)])
 
     @friendly
+    def on_fuse(suggested, name, *current):
+        fused = gv.fuse_suggestions(studio, suggested, name)
+        rows = put_adapter(fused, *current)
+        gates = gv.mixture_gates(studio, fused)
+        return [*rows, gr.update(choices=[NONE, *gv.mixture_names(ws)], value=fused), gates,
+                gv.gate_heatmap(gates), gr.update(open=True)]
+
+    @friendly
+    def on_show_gates(name, prompt_text, model_name):
+        heavy_imports()
+        gates = gv.mixture_gates(studio, name, prompt_text, model_name)
+        return gr.update(choices=[NONE, *gv.mixture_names(ws)], value=name), gates, gv.gate_heatmap(gates)
+
+    @friendly
+    def on_save_gates(name, rows):
+        gr.Info(gv.save_mixture_gates(studio, name, rows))
+        return gv.gate_heatmap(rows)
+
+    @friendly
     def on_adapter_picked(name):
         return gr.update(visible=gv.is_tlora_adapter(ws, name))
 
@@ -164,6 +200,11 @@ def build(studio: Studio, model_choices) -> SimpleNamespace:
                       api_name="suggest")
     accept_btn.click(on_accept, [suggestions, *names, *weights], [*names, *weights, suggestions_box],
                      api_visibility="private")
+    fuse_btn.click(on_fuse, [suggestions, fuse_name, *names], [*names, mixture, gate_table, gate_map, gates_box],
+                   concurrency_id="generate", api_visibility="private")
+    show_gates.click(on_show_gates, [mixture, prompt, model], [mixture, gate_table, gate_map],
+                     concurrency_id="generate", api_visibility="private")
+    save_gates.click(on_save_gates, [mixture, gate_table], gate_map, api_visibility="private")
     for name, masked in zip(names, masks):
         name.change(on_adapter_picked, name, masked, show_progress="hidden", api_visibility="private")
 

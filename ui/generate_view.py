@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 from studio.errors import StudioError
+from studio.generation.blocks import FULL_BLOCKS
 
 SIZE_DEFAULT = "Model default"
 SIZE_CHOICES = [SIZE_DEFAULT, "64 × 64", "128 × 128", "256 × 256", "512 × 512", "512 × 768", "768 × 512",
@@ -347,3 +348,129 @@ def is_tlora_adapter(workspace, name: str | None) -> bool:
         return is_tlora_metadata(read_checked_header(find_adapter(workspace, name))[1])
     except StudioError:
         return False
+
+
+GATE_HEADERS = ["Member", *FULL_BLOCKS]
+
+
+def mixture_names(workspace) -> list[str]:
+    """The library's mixture files, by name."""
+    from studio.adapters.library import list_adapters
+    from studio.adapters.mixtures.file import is_mixture
+
+    return [path.stem for path in list_adapters(workspace) if is_mixture(path)]
+
+
+def fuse_suggestions(studio, suggested: Sequence[Sequence], name: str | None) -> str:
+    """Generate tab, AutoLoRA-style: the suggested adapters fused as one mixture in the
+    library (a gate per member and block, each starting at the suggestion's weight);
+    returns its library name."""
+    from studio.adapters.library import find_adapter
+    from studio.adapters.mixtures.file import new_mixture, save_mixture
+    from studio.workspace import check_name
+
+    proposals = [row for row in suggested or [] if row and row[0]]
+    if len(proposals) < 2:
+        raise StudioError("Fusing needs two or more suggested adapters; press 'Suggest adapters for the prompt' "
+                          "with a prompt that names several, or pick the adapters in the rows.")
+    stem = check_name((name or "").strip() or "mix-" + "-".join(str(row[0]) for row in proposals), "mixture name")
+    target = studio.workspace.adapters_dir / f"{stem}.safetensors"
+    if target.exists():
+        raise StudioError(f"The library already has {stem!r}; give the mixture another name.")
+    mixture = new_mixture([find_adapter(studio.workspace, str(row[0])) for row in proposals], "block",
+                          weights=[float(row[1]) for row in proposals])
+    save_mixture(target, mixture)
+    return stem
+
+
+def mixture_gates(studio, name: str, prompt: str = "", model: str = "builtin") -> list[list]:
+    """Generate tab's gate table: one row per member (per member and timestep band for a
+    banded mixture): its name, then its gate in each block (BASE = text encoders,
+    IN00..OUT11); prompt gates as the prompt sets them."""
+    import torch
+
+    from studio.adapters.library import find_adapter
+    from studio.adapters.mixtures.gates import Gates, prompt_embedding
+    from studio.generation.engine import parse_prompt_loras
+
+    mixture = studio.engine().mixture(find_adapter(studio.workspace, name))
+    members = [m.name for m in mixture.members]
+    if mixture.gate == "arrow":
+        raise StudioError(f"{name} routes each token by its own input (arrow): it has no gates per block to show.")
+    if mixture.gate == "block":
+        return [[member, *map(_gate, row)] for member, row in zip(members, mixture.tensors["gate.block"].tolist())]
+    if mixture.gate == "block_timestep":
+        base, bands = mixture.tensors["gate.base"].tolist(), mixture.tensors["gate.bands"]
+        width = mixture.timesteps / mixture.bands
+        return [[f"{member} · t {b * width:.0f}-{(b + 1) * width:.0f}", _gate(base[k]), *map(_gate, bands[k, b].tolist())]
+                for k, member in enumerate(members) for b in range(mixture.bands)]
+    clean, _ = parse_prompt_loras(prompt or "", lambda n: find_adapter(studio.workspace, n))
+    if not clean.strip():
+        raise StudioError(f"{name} sets its gates from the prompt; write the prompt first.")
+    pipe = studio.engine().set_mix(model or "builtin", [])
+    with torch.no_grad():
+        gates = Gates(mixture)(torch.zeros(1), prompt_embedding(pipe.tokenizer, pipe.text_encoder, [clean]))[0]
+    return [[member, *map(_gate, row)] for member, row in zip(members, gates.tolist())]
+
+
+def _gate(value: float) -> float:
+    return round(float(value), 3)
+
+
+def save_mixture_gates(studio, name: str, rows: Sequence[Sequence]) -> str:
+    """Write the edited gate table back into a mixture with fixed gates (per block, or per
+    block and band); prompt gates are computed, not set. Returns a note."""
+    import torch
+
+    from studio.adapters.library import find_adapter
+    from studio.adapters.mixtures.file import load_mixture, save_mixture
+    from studio.generation.blocks import FULL_BLOCKS
+
+    path = find_adapter(studio.workspace, name)
+    mixture = load_mixture(path)
+    if mixture.gate not in ("block", "block_timestep"):
+        raise StudioError(f"{name}'s gates are computed ({mixture.gate}); only fixed gates (block, block_timestep) "
+                          "can be set here.")
+    values = []
+    for index, row in enumerate(rows or []):
+        cells = list(row)[1:]
+        if len(cells) != len(FULL_BLOCKS):
+            raise StudioError(f"Gate row {index + 1} has {len(cells)} values; it needs {len(FULL_BLOCKS)}.")
+        values.append([_optional_number(v, f"Gate row {index + 1}, {block}:") or 0.0
+                       for v, block in zip(cells, FULL_BLOCKS)])
+    table = torch.tensor(values, dtype=torch.float32)
+    k = len(mixture.members)
+    if not torch.isfinite(table).all():
+        raise StudioError("Every gate must be a finite number.")
+    if mixture.gate == "block":
+        if table.shape[0] != k:
+            raise StudioError(f"The table has {table.shape[0]} rows; {name} has {k} members.")
+        mixture.tensors["gate.block"] = table
+    else:
+        if table.shape[0] != k * mixture.bands:
+            raise StudioError(f"The table has {table.shape[0]} rows; {name} has {k} members x {mixture.bands} bands.")
+        table = table.reshape(k, mixture.bands, len(FULL_BLOCKS))
+        if not torch.equal(table[:, :, 0], table[:, :1, 0].expand(-1, mixture.bands)):
+            raise StudioError("BASE (the text encoders) runs once per picture: give each member the same BASE in "
+                              "every band.")
+        mixture.tensors["gate.base"], mixture.tensors["gate.bands"] = table[:, 0, 0].clone(), table[:, :, 1:].clone()
+    save_mixture(path, mixture)
+    return f"Saved the gates of `{name}`; the next picture uses them."
+
+
+def gate_heatmap(rows: Sequence[Sequence]):
+    """The gate table as a small picture: a cell per member (row) and block (column), white
+    at 0, blue to 1, dark blue at 2 and above, red below 0."""
+    import numpy as np
+    from PIL import Image
+
+    values = np.array([[float(v) for v in list(row)[1:]] for row in rows or []], dtype=np.float32)
+    if values.size == 0:
+        raise StudioError("No gates to show; pick a mixture.")
+    cell = 12
+    up = np.clip(values, 0, 2) / 2
+    down = np.clip(-values, 0, 1)
+    white = np.ones((*values.shape, 3), dtype=np.float32)
+    rgb = white - up[..., None] * np.array([0.9, 0.75, 0.2]) - down[..., None] * np.array([0.0, 0.8, 0.8])
+    pixels = (np.clip(rgb, 0, 1) * 255).astype(np.uint8).repeat(cell, 0).repeat(cell, 1)
+    return Image.fromarray(pixels)
