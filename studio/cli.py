@@ -130,6 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
     bake.add_argument("--rank", type=int, default=None, help="compress to this rank (default: exact, ranks add up)")
     bake.add_argument("--precision", choices=("fp16", "bf16", "fp32"), default="fp16")
 
+    mix = sub.add_parser("mixture", help="make a mixture of adapters (one file; gates start at the weights)")
+    mix.add_argument("adapters", nargs="+", metavar="FILE[:WEIGHT]", help="member adapters, kept beside the mixture")
+    mix.add_argument("--out", type=Path, required=True, help="MIXTURE.safetensors, in the members' folder")
+    mix.add_argument("--gate", choices=("block", "block_timestep", "arrow"), default="block",
+                     help="a weight per member and block, per block and timestep band, or arrow routing per token "
+                          "(prompt gates come from training: [mixture] gate = 'prompt' in a run config)")
+    mix.add_argument("--bands", type=int, default=4, help="timestep bands of a block_timestep gate")
+    mix.add_argument("--top-k", type=int, default=2, help="arrow: members each token is routed to")
+    mix.add_argument("--temperature", type=float, default=1.0, help="arrow: softmax temperature of the scores")
+
     fuse = sub.add_parser("fuse", help="merge a mix into a full single-file checkpoint")
     fuse.add_argument("adapters", nargs="+", metavar="FILE[:WEIGHT]")
     fuse.add_argument("--model", default="builtin", help="base model: 'builtin', a folder or a .safetensors file")
@@ -272,9 +282,30 @@ def _resolve_adapter_name(name: str, workspace_dir) -> Path:
     return find_adapter(Workspace.open(workspace_dir), name)
 
 
+def cmd_mixture(args) -> int:
+    from studio.adapters.mixing import parse_mix_arg
+    from studio.adapters.mixtures.file import find_member, new_mixture, save_mixture
+
+    members = [parse_mix_arg(a) for a in args.adapters]
+    mixture = new_mixture([path for path, _ in members], args.gate, weights=[w for _, w in members], bands=args.bands,
+                          top_k=args.top_k, temperature=args.temperature)
+    for member in mixture.members:  # found where the engine will look: beside the mixture
+        find_member(args.out.parent, member, args.out.name)
+    print(save_mixture(args.out, mixture))
+    return 0
+
+
 def cmd_inspect(args) -> int:
     from studio.adapters.library import describe_adapter
+    from studio.adapters.mixtures.file import is_mixture, load_mixture
 
+    if is_mixture(args.file):
+        mixture = load_mixture(args.file)
+        info = {"file": str(args.file), "mixture": mixture.gate, "family": mixture.family,
+                "members": [{"name": m.name, "sha256": m.sha256, "file": str(m.path)} for m in mixture.members],
+                "gates": {k: list(v.shape) for k, v in mixture.tensors.items()}}
+        print(json.dumps(info, indent=2))
+        return 0
     info = describe_adapter(args.file)
     if args.json:
         print(json.dumps(info, indent=2))
@@ -429,7 +460,7 @@ def cmd_ui(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "inspect": cmd_inspect, "bake": cmd_bake,
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "inspect": cmd_inspect, "bake": cmd_bake, "mixture": cmd_mixture,
             "fuse": cmd_fuse, "resize": cmd_resize, "grid": cmd_grid, "suggest": cmd_suggest, "convert": cmd_convert,
             "dataset": cmd_dataset, "ui": cmd_ui}
 

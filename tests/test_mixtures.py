@@ -240,3 +240,29 @@ def test_the_engine_merges_prompt_gates_as_training_applies_them(library, engine
         assert (outputs[prompt] - expected).abs().max() <= 1e-4
     first, second = outputs.values()
     assert (first - second).abs().max() > 1e-3
+
+
+@pytest.mark.slow(seconds=20)
+def test_cli_makes_inspects_and_draws_a_mixture(library, engine, tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from studio.cli import main
+
+    workspace, paths = library
+    out = workspace.adapters_dir / "cli-mix.safetensors"
+    assert main(["mixture", f"{paths[0]}:0.7", f"{paths[2]}:1.2", "--out", str(out)]) == 0
+    assert main(["inspect", str(out)]) == 0
+    info = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert info["mixture"] == "block" and [m["name"] for m in info["members"]] == ["lora", "lokr"]
+    common = ["generate", "--steps", "6", "--seed", "3", "--workspace", str(workspace.root)]
+    assert main([*common, "--prompt", REQUEST["prompt"] + " <lora:cli-mix:1>", "--out", str(tmp_path / "t.png")]) == 0
+    assert main([*common, "--prompt", REQUEST["prompt"], "--adapter", str(out), "--out", str(tmp_path / "a.png")]) == 0
+    blend = _pixels(engine.generate(GenerateRequest(**REQUEST, adapters=[AdapterUse(paths[0], 0.7),
+                                                                          AdapterUse(paths[2], 1.2)])))[0]
+    for name in ("t.png", "a.png"):
+        with Image.open(tmp_path / name) as image:
+            assert np.abs(np.asarray(image.convert("RGB"), dtype=np.int16) - blend).max() <= 1
+    assert main(["mixture", str(paths[0]), "--out", str(tmp_path / "elsewhere.safetensors")]) == 2
+    assert "not in" in capsys.readouterr().err
