@@ -5,15 +5,17 @@
    background": share of purple stars ("both") for the plain sum (weight 1 each), learned
    block gates (MoLE), learned block x timestep gates, prompt-conditioned gates and arrow
    routing.
-2. interference: four concept adapters loaded at once (zwx = purple, ohwx = star, sks =
-   purple star (the demo preset), vrk = blue triangle), prompts naming one trigger: share
-   of pictures with that concept, and the accuracy of prompts without a trigger (prior),
-   for the plain sum, arrow routing, prompt-conditioned gates, and that adapter alone.
+2. interference: four concept adapters loaded at once (zwx = purple, ohwx = star, vrk =
+   blue triangle, qjx = yellow square; the last two with the colour adapter's light
+   recipe), prompts naming one trigger: share of pictures with that concept, and the
+   accuracy of prompts without a trigger (prior), for the plain sum, arrow routing,
+   prompt-conditioned gates, and that adapter alone.
 
 Gates learn from the members' own pictures and captions (the mixture run's default).
+`--workspace DIR` keeps the adapters and mixtures, and a rerun reuses what is there.
 
     python -m bench.mixtures [--seeds 8] [--steps N (adapters; default the recipes')]
-                             [--gate-steps 300] [--gate-lr 0.01]
+                             [--gate-steps 300] [--gate-lr 0.01] [--workspace DIR]
 """
 from __future__ import annotations
 
@@ -29,15 +31,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 CONCEPTS = {
     "zwx": ({"color": "purple", "shape": "circle"}, "a zwx circle"),
     "ohwx": ({"shape": "star"}, "a red ohwx shape"),
-    "sks": ({"color": "purple", "shape": "star"}, "a sks shape"),
     "vrk": ({"color": "blue", "shape": "triangle"}, "a vrk shape"),
+    "qjx": ({"color": "yellow", "shape": "square"}, "a qjx shape"),
 }
 PRIOR_PROMPTS = [f"a {c} {s} on a {b} background" for c, s, b in (
     ("red", "circle", "white"), ("blue", "square", "black"), ("yellow", "triangle", "gray"), ("green", "circle", "blue"))]
 
 
 def train_gates(workspace, name: str, members: list[str], gate: str, steps: int, lr: float):
-    """A mixture of library adapters with gates trained on the members' own pictures."""
+    """A mixture of library adapters with gates trained on the members' own pictures (kept when there)."""
+    if (workspace.adapters_dir / f"{name}.safetensors").is_file():
+        return workspace.adapters_dir / f"{name}.safetensors"
     from studio import PRESETS_DIR
     from studio.config import load_config
     from studio.jobs.runs import create_run
@@ -68,23 +72,29 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--gate-steps", type=int, default=300)
     parser.add_argument("--gate-lr", type=float, default=0.01)
+    parser.add_argument("--workspace", default=None)
     args = parser.parse_args(argv)
     seeds = list(range(100, 100 + args.seeds))
     started = time.time()
     figures: dict = {"composition": {}, "interference": {}, "seconds": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        workspace = Workspace.open(tmp)
+        workspace = Workspace.open(args.workspace or tmp)
         engine = Engine()
         root = workspace.root
+
+        def adapter(name, **recipe):
+            path = workspace.adapters_dir / f"{name}.safetensors"
+            return path if path.is_file() else train(workspace, name=name, **recipe)
+
+        light = dict(steps=args.steps or COLOR_STEPS, **COLOR_ADAPTER)
         lap = time.time()
         paths = {
-            "zwx": train(workspace, name="zwx", steps=args.steps or COLOR_STEPS,
-                         dataset=write_concept_dataset(root / "color", "color"), **COLOR_ADAPTER),
-            "ohwx": train(workspace, name="ohwx", steps=args.steps, dataset=write_concept_dataset(root / "shape", "shape")),
-            "sks": train(workspace, name="sks", steps=args.steps),
-            "vrk": train(workspace, name="vrk", steps=args.steps or COLOR_STEPS, **COLOR_ADAPTER,
-                         dataset=write_concept_dataset(root / "vrk", "object", trigger="vrk", color="blue",
-                                                       shape="triangle")),
+            "zwx": adapter("zwx", dataset=write_concept_dataset(root / "color", "color"), **light),
+            "ohwx": adapter("ohwx", steps=args.steps, dataset=write_concept_dataset(root / "shape", "shape")),
+            "vrk": adapter("vrk", dataset=write_concept_dataset(root / "vrk", "object", trigger="vrk", color="blue",
+                                                                shape="triangle"), **light),
+            "qjx": adapter("qjx", dataset=write_concept_dataset(root / "qjx", "object", trigger="qjx", color="yellow",
+                                                                shape="square"), **light),
         }
         figures["seconds"]["adapters"] = round(time.time() - lap)
 
