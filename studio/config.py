@@ -45,6 +45,12 @@ class DatasetConfig(_Section):
         False, description="Shuffle each caption's comma-separated tags at every step after the first keep_tokens (the "
                            "trigger word's tag stays first); captions are then encoded every step, not cached.")
     keep_tokens: int = Field(0, ge=0, le=255, description="With shuffle_tags, the first N tags stay in place (kohya's keep_tokens).")
+    masked_loss: bool = Field(
+        False, description="Weight the loss by each picture's mask: <stem>-masklabel.png beside it (OneTrainer's name), "
+                           "else its alpha channel; white trains, black is ignored, pictures without either train whole.")
+    unmasked_weight: float = Field(
+        0.0, ge=0.0, lt=1.0, description="With masked_loss, the loss weight where a mask is black (OneTrainer's "
+                                          "unmasked weight; 0 = ignored there).")
     validation_split: float = Field(
         0.0, ge=0.0, le=0.5, description="Share of the training pictures held out (chosen by the seed) for a validation "
                                           "loss; 0 = none.")
