@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from studio.config import TrainConfig, check_device_support, load_config, steps_for_epochs
 from studio.errors import StudioError
 from studio.models.families import get_family
-from studio.jobs.runs import (CONFIG_FILE, SAMPLES_DIR, EventLog, adapters_dir, check_training, checkpoint_dir,
+from studio.jobs.runs import (CONFIG_FILE, EMBEDDINGS_DIR, SAMPLES_DIR, EventLog, adapters_dir, check_training, checkpoint_dir,
                          dataset_folder, run_workspace)
 from trainers.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from trainers.data import (BatchOrder, Example, caption_variant, center_crop_offsets, choose_bucket, epochs_done,
@@ -65,6 +65,7 @@ class Trainer:
         # opened by the training loop, which knows the step it starts at
         self.tensorboard = TensorBoardLog(self.run_dir, write=False, start_step=0)
         self.show_progress = show_progress
+        self.pivotal = None  # the trigger's trained embedding (network.pivotal_vectors), made by _setup
 
     # ---------------------------------------------------------------- set-up
     def _setup(self) -> None:
@@ -137,7 +138,7 @@ class Trainer:
         # Shuffled tags make more variants than are worth caching: those captions are encoded
         # every step. Dropout has one variant, the empty caption, which is cached.
         self.cache_text = (cfg.training.cache_text_embeddings and not cfg.network.train_text_encoder
-                           and not cfg.dataset.shuffle_tags)
+                           and not cfg.dataset.shuffle_tags and not cfg.network.pivotal_vectors)
         # The trigger word's tag (first, by caption_with_trigger) never moves.
         self.keep_tags = max(cfg.dataset.keep_tokens, 1 if cfg.dataset.trigger_word.strip() else 0)
         self._latent_cache: dict[tuple[Path, bool], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -166,6 +167,13 @@ class Trainer:
         if net.train_text_encoder:
             for component, encoder in zip(("text_encoder", "text_encoder_2"), self.text_encoders):
                 params += self.adapter.add(component, encoder, cfg.training.text_encoder_lr or cfg.training.learning_rate)
+        if net.pivotal_vectors:  # the trigger's embedding, at its own learning rate
+            from trainers.pivotal import PivotalTokens
+
+            self.pivotal = PivotalTokens(cfg.dataset.trigger_word.strip(), net.pivotal_vectors, self.tokenizers,
+                                         self.text_encoders, init_word=net.pivotal_init, seed=cfg.seed)
+            params.append({"params": self.pivotal.parameters(),
+                           "lr": cfg.training.embedding_lr or cfg.training.learning_rate})
         if base_weights == "fp8":
             store_in_fp8(self.unet)
         self.trainable = [p for group in params for p in group["params"]]
@@ -282,7 +290,10 @@ class Trainer:
         return Example(path, caption, repeats, size, bucket)
 
     def _encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Text conditioning (and a pooled embedding where the family has one)."""
+        """Text conditioning (and a pooled embedding where the family has one); with pivotal
+        tuning the trigger word is first written as its tokens."""
+        if self.pivotal is not None:
+            captions = self.pivotal.expand(captions, self.pipe)
         return self.family.encode_text(self.tokenizers, self.text_encoders, captions, self.accelerator.device)
 
     @torch.no_grad()
@@ -545,6 +556,8 @@ class Trainer:
             random.setstate(state["python_rng"])
             if "ema" in state:
                 self.ema = [e.to(p.device) for e, p in zip(state["ema"], self.trainable)]
+            if self.pivotal is not None:
+                self.pivotal.load_state(state["embeddings"])
             self.events.emit("resume", step=start_step, checkpoint=checkpoint.name)
             log.info("resumed from %s at step %d", checkpoint, start_step)
         else:
@@ -723,6 +736,7 @@ class Trainer:
                 "lr_scheduler": self.lr_scheduler.state_dict(),
                 "python_rng": random.getstate(),
                 **({"ema": [e.cpu() for e in self.ema]} if self.ema is not None else {}),
+                **({"embeddings": self.pivotal.state()} if self.pivotal is not None else {}),
             }, keep_last=self.config.checkpoints.keep_last)
             self.events.emit("checkpoint", step=step, path=str(path))
         self.accelerator.wait_for_everyone()
@@ -764,19 +778,21 @@ class Trainer:
         folder = adapters_dir(self.run_dir)
         path = unique_adapter_path(folder, self.config.name, self.run_dir.name)
         if t.ema_decay is None:
-            return self._export_adapter(started, path, ema=False)
+            return self._export_adapter(started, path, ema=False, embedding_file=True)
         if t.ema_export == "as_adapter":
             with self.ema_weights():
-                return self._export_adapter(started, path, ema=True)
-        self._export_adapter(started, path, ema=False)
+                return self._export_adapter(started, path, ema=True, embedding_file=True)
+        self._export_adapter(started, path, ema=False, embedding_file=True)
         with self.ema_weights():
             self._export_adapter(started, unique_adapter_path(folder, f"{path.stem}-ema", self.run_dir.name), ema=True)
         return path
 
-    def _export_adapter(self, started: float, path: Path, *, ema: bool) -> Path:
+    def _export_adapter(self, started: float, path: Path, *, ema: bool, embedding_file: bool = False) -> Path:
         """Write the adapter's current weights to `path` as its method exports them (the kohya
         / LyCORIS layout, or a layout of the method's own such as T-LoRA's), with ss_* /
-        modelspec.* metadata."""
+        modelspec.* metadata. With pivotal tuning the trigger's embedding is bundled in it
+        (A1111's bundle_emb.*) and, with `embedding_file`, also written as
+        embeddings/<trigger>.safetensors in the run folder."""
         from studio.adapters import training_metadata
 
         cfg = self.config
@@ -786,6 +802,14 @@ class Trainer:
             cfg, self.model_ref, dataset_folder=self._dataset_folder(), started=started, finished=time.time(),
             run_id=self.run_dir.name, adapter=adapter, thumbnail=samples[-1] if samples else None,
             prediction_type=self.noise_scheduler.config.prediction_type, ema=ema)
+        if self.pivotal is not None:
+            from studio.adapters.formats.embeddings import save_embedding
+
+            adapter.embeddings = {self.pivotal.name: self.pivotal.vectors()}
+            if embedding_file:
+                save_embedding(self.run_dir / EMBEDDINGS_DIR / f"{self.pivotal.name}.safetensors",
+                               self.pivotal.vectors(), self.family,
+                               {"name": self.pivotal.name, "lora_studio_adapter": path.name})
         return self.adapter.save(path, adapter)
 
 
