@@ -491,6 +491,9 @@ def save_adapter(path: str | Path, adapter: AdapterFile, *, dtype: torch.dtype =
         data = _serialise(kohya_tensors(adapter, dtype), adapter.metadata)
         atomic_write_bytes(path, data)
     else:
+        if adapter.embeddings:  # diffusers and peft files have no place for them
+            log.warning("%s: the bundled embeddings (%s) are left out of the %s layout; the kohya layout keeps them",
+                        path.name, ", ".join(adapter.embeddings), format)
         label, fit = fitting_models(adapter, models)
         if any(m.is_dora and m.magnitude is None for m in adapter.modules.values()):
             resolve_dora(adapter, fit, need="magnitude")
