@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from studio.config import TrainConfig, check_device_support, load_config, steps_for_epochs
 from studio.errors import StudioError
 from studio.models.families import get_family
-from studio.jobs.runs import (CONFIG_FILE, EMBEDDINGS_DIR, SAMPLES_DIR, EventLog, adapters_dir, check_training, checkpoint_dir,
-                         dataset_folder, run_workspace)
+from studio.jobs.runs import (CONFIG_FILE, EMBEDDINGS_DIR, SAMPLES_DIR, EventLog, adapters_dir, check_training,
+                              checkpoint_dir, dataset_folder, run_workspace)
 from trainers.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from trainers.data import (BatchOrder, Example, caption_variant, center_crop_offsets, choose_bucket, epochs_done,
                            micro_generator, prepare_image, prepare_mask, random_crop_offsets, sample_generator,
@@ -359,7 +359,8 @@ class Trainer:
                varied_at: int | None = None, whole: bool = False):
         """Latents, text conditioning, (SDXL) size conditioning and (dataset.masked_loss) the
         latent loss weights of this process's share of a global micro-batch (`whole`: of all
-        of it), with the batch's size and the share's places in it. Every random choice (flips, crops, latent samples) is drawn for the
+        of it), with the batch's size and the share's places in it. Every random choice
+        (flips, crops, latent samples) is drawn for the
         whole global batch from the micro-step's generator, in the order one process draws
         them, and each process keeps its share's: so N processes train what one process with
         the whole batch trains. `varied_at` (the micro-step, for training pictures): caption
