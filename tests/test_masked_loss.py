@@ -172,14 +172,22 @@ def test_masks_train_with_caching_random_crops_flips_and_validation(tmp_path, wo
 
 
 def test_bad_masks_get_one_clear_line(tmp_path, workspace):
+    """Training refuses them in one line; the dataset report (Datasets tab) names them first."""
+    from studio.datasets import check_dataset
     from studio.errors import StudioError
 
+    wrong_size = _dataset(tmp_path / "size", mask=_left_black((32, 64)))
     with pytest.raises(StudioError, match=r"sks_01-masklabel.png is 32x64 but its picture sks_01.png is 64x64"):
-        _trainer(_dataset(tmp_path / "size", mask=_left_black((32, 64))), workspace, masked_loss=True)
+        _trainer(wrong_size, workspace, masked_loss=True)
     corrupt = _dataset(tmp_path / "corrupt")
     (corrupt / "sks_01-masklabel.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png")
     with pytest.raises(StudioError, match="sks_01-masklabel.png"):
         _trainer(corrupt, workspace, masked_loss=True)
+    for folder, says in ((wrong_size, "32x64 but its picture is 64x64"), (corrupt, "not an image PIL can read")):
+        report = check_dataset(folder)
+        found = [issue for issue in report.issues if issue.kind == "mask_unusable"]
+        assert [issue.path for issue in found] == ["sks_01-masklabel.png"] and says in found[0].message
+        assert report.image_count == 2  # the mask is not a picture
     black = Image.new("L", (64, 64), 0)
     with pytest.raises(StudioError, match="mask of sks_01.png is all black.*unmasked_weight"):
         _trainer(_dataset(tmp_path / "black", mask=black), workspace, masked_loss=True)

@@ -674,6 +674,7 @@ ISSUE_SEVERITY: dict[str, str] = {
     "shared_caption": "warning",
     "caption_unreadable": "warning",
     "caption_without_image": "warning",
+    "mask_unusable": "warning",
     "ignored_folder": "warning",
     "non_image": "info",
     "converted": "info",
@@ -781,6 +782,7 @@ def check_dataset(folder: str | os.PathLike, *, resolution: int | None = None,
             report.add(entry.rel, "exif_rotated", f"EXIF orientation {loaded.orientation} applied "
                                                   f"({_ORIENTATION_TEXT[loaded.orientation]})")
         _check_caption(report, entry)
+        _check_mask(report, entry, (width, height), max_pixels)
     for cap_rel, image_rels in scan.shared_captions.items():
         report.add(cap_rel, "shared_caption", f"used by {len(image_rels)} images ({', '.join(image_rels)}); "
                                               "give each image its own name")
@@ -791,6 +793,23 @@ def check_dataset(folder: str | os.PathLike, *, resolution: int | None = None,
     for rel, reason in scan.ignored_folders:
         report.add(rel, "ignored_folder", f"not used for training: {reason}")
     return report
+
+
+def _check_mask(report: DatasetReport, entry: _ImageEntry, size: tuple[int, int], max_pixels: int) -> None:
+    """A mask file (mask_path) that masked-loss training would refuse: undecodable, or of
+    another size than its picture."""
+    found = mask_path(entry.path)
+    if found is None:
+        return
+    rel = str(PurePosixPath(entry.rel).with_name(found.name))
+    try:
+        mask = _load_image(found, max_pixels).image
+    except ImageLoadError as exc:
+        report.add(rel, "mask_unusable", f"{exc} Masked-loss training refuses it.")
+        return
+    if mask.size != size:
+        report.add(rel, "mask_unusable", f"{mask.size[0]}x{mask.size[1]} but its picture is {size[0]}x{size[1]}; "
+                                         "save the mask at the picture's size")
 
 
 def _check_caption(report: DatasetReport, entry: _ImageEntry) -> None:
