@@ -24,10 +24,6 @@ class PivotalEmbedding(torch.nn.Module):
         self.first = base.num_embeddings
         self.vectors = torch.nn.Parameter(vectors.float())
 
-    @property
-    def weight(self) -> torch.Tensor:  # what code reading get_input_embeddings().weight sees
-        return torch.cat([self.base.weight, self.vectors.to(self.base.weight.dtype)])
-
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         new = ids >= self.first
         out = self.base(ids.clamp(max=self.first - 1))
@@ -58,8 +54,10 @@ class PivotalTokens:
                                   f"{base.num_embeddings} embeddings; pivotal tuning needs a base model whose "
                                   "tokenizer matches its text encoder.")
             tokenizer.add_tokens(self.tokens)
-            ids = tokenizer.convert_tokens_to_ids(self.tokens)
-            assert ids == list(range(base.num_embeddings, base.num_embeddings + vectors))
+            if tokenizer.convert_tokens_to_ids(self.tokens) != list(range(base.num_embeddings,
+                                                                          base.num_embeddings + vectors)):
+                raise StudioError(f"The tokenizer did not number the new tokens {self.tokens} after its "
+                                  f"{base.num_embeddings} known ones; pivotal tuning cannot train them.")
             start = self._initial(tokenizer, base, vectors, init_word, generator)
             layer = PivotalEmbedding(base, start)
             encoder.set_input_embeddings(layer)
