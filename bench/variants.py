@@ -76,6 +76,9 @@ def train_one(spec: dict) -> dict:
 
     config = recipe_config({**RECIPE, "training": {**RECIPE["training"], "max_steps": spec["steps"]}}, spec["seed"])
     config.name = f"{spec['variant']}-{spec['seed']}".replace("+", "-")
+    # The preset's conv_rank / conv_alpha equal its rank / alpha, which LoCon takes when they are
+    # unset; unset, they do not stop the methods that have no conv layers (VeRA, SingLoRA).
+    config.network.conv_rank = config.network.conv_alpha = None
     for key, value in network(spec["variant"], spec["steps"]).items():
         setattr(config.network, key, value)
     config.training.log_every_n_steps = spec["steps"]

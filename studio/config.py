@@ -45,6 +45,12 @@ class DatasetConfig(_Section):
         False, description="Shuffle each caption's comma-separated tags at every step after the first keep_tokens (the "
                            "trigger word's tag stays first); captions are then encoded every step, not cached.")
     keep_tokens: int = Field(0, ge=0, le=255, description="With shuffle_tags, the first N tags stay in place (kohya's keep_tokens).")
+    masked_loss: bool = Field(
+        False, description="Weight the loss by each picture's mask: <stem>-masklabel.png beside it (OneTrainer's name), "
+                           "else its alpha channel; white trains, black is ignored, pictures without either train whole.")
+    unmasked_weight: float = Field(
+        0.0, ge=0.0, lt=1.0, description="With masked_loss, the loss weight where a mask is black (OneTrainer's "
+                                          "unmasked weight; 0 = ignored there).")
     validation_split: float = Field(
         0.0, ge=0.0, le=0.5, description="Share of the training pictures held out (chosen by the seed) for a validation "
                                           "loss; 0 = none.")
@@ -118,6 +124,12 @@ class NetworkConfig(_Section):
     adalora_delta_t: int | None = Field(None, ge=1, le=1_000_000, description="AdaLoRA: steps between two reallocations (default 1% of max_steps, at least 1).")
     adalora_orth_reg: float = Field(0.1, ge=0, le=100, description="AdaLoRA: weight of the orthogonality penalty |PᵀP - I| + |QQᵀ - I| (the paper's 0.1).")
     train_text_encoder: bool = Field(False, description="Also train the adapter on the text encoder(s).")
+    pivotal_vectors: int = Field(
+        0, ge=0, le=75, description="Pivotal tuning: also train a new embedding of N vectors for dataset.trigger_word "
+                                    "(every text encoder), bundled in the adapter file and saved as "
+                                    "<trigger>.safetensors in the run folder; 0 = off.")
+    pivotal_init: str = Field("", description="Pivotal tuning: start the embedding from this word's token embeddings "
+                                              "(e.g. the class, 'star'); empty = random at the vocabulary's scale.")
     text_encoder_target_modules: list[str] = Field(default_factory=lambda: list(TEXT_ENCODER_ATTENTION),
                                                    description="Text-encoder module names to adapt.")
 
@@ -141,6 +153,7 @@ class TrainingConfig(_Section):
     gradient_accumulation_steps: int = Field(1, ge=1, le=256, description="Micro-batches per optimizer step.")
     learning_rate: float = Field(1e-3, gt=0, le=1.0, description="Learning rate of the UNet LoRA.")
     text_encoder_lr: float | None = Field(None, gt=0, le=1.0, description="Learning rate of the text-encoder LoRA (default: learning_rate).")
+    embedding_lr: float | None = Field(None, gt=0, le=1.0, description="Learning rate of the pivotal-tuning embedding (default: learning_rate).")
     # sd-scripts' down_lr_weight / mid_lr_weight / up_lr_weight, one value a section: multipliers,
     # so they follow the LR schedule, LoRA+'s ratio and Prodigy's d as learning_rate does.
     block_lr_down: float = Field(1.0, ge=0, le=100, description="Learning rate x this in the UNet's down blocks (0 = not trained).")
@@ -270,7 +283,21 @@ class TrainConfig(_Section):
             _check_one_prodigy_rate(t, self.network)
         if self.mixture.members and self.network.train_text_encoder:
             raise ValueError("a mixture run trains the UNet gates only; set network.train_text_encoder = false")
+        if self.network.pivotal_vectors:
+            _check_pivotal(self)
         return self
+
+
+def _check_pivotal(config: "TrainConfig") -> None:
+    """Pivotal tuning names its embedding after the trigger word (the word prompts use, in
+    A1111 too), and bundles it in a kohya-layout adapter file."""
+    trigger = config.dataset.trigger_word.strip()
+    if not trigger or any(c.isspace() or c in ",()[]<>:" for c in trigger):
+        raise ValueError("network.pivotal_vectors trains an embedding named after dataset.trigger_word: set "
+                         "dataset.trigger_word to one word without spaces, commas, brackets or colons (e.g. 'sks')")
+    if getattr(METHODS[config.network.type], "native_format", None):
+        raise ValueError(f"network.type {config.network.type!r} writes a file layout of its own, which cannot bundle "
+                         "an embedding; set network.pivotal_vectors = 0 or choose another type")
 
 
 def _check_one_prodigy_rate(t: TrainingConfig, net: NetworkConfig) -> None:
@@ -281,6 +308,8 @@ def _check_one_prodigy_rate(t: TrainingConfig, net: NetworkConfig) -> None:
         other.append(f"network.loraplus_lr_ratio = {net.loraplus_lr_ratio:g}")
     if net.train_text_encoder and t.text_encoder_lr not in (None, t.learning_rate):
         other.append(f"training.text_encoder_lr = {t.text_encoder_lr:g}")
+    if net.pivotal_vectors and t.embedding_lr not in (None, t.learning_rate):
+        other.append(f"training.embedding_lr = {t.embedding_lr:g}")
     other += [f"training.{key} = {value:g}" for key, value in
               (("block_lr_down", t.block_lr_down), ("block_lr_mid", t.block_lr_mid), ("block_lr_up", t.block_lr_up))
               if value not in (0.0, 1.0)]

@@ -140,6 +140,25 @@ def prepare_image(path: Path, bucket: tuple[int, int], *, center_crop: bool, fli
     return (tensor.flip(-1) if flip else tensor), (top, left)
 
 
+def prepare_mask(mask, size: tuple[int, int], bucket: tuple[int, int], crop: tuple[int, int], flip: bool,
+                 latent_size: tuple[int, int]) -> torch.Tensor:
+    """A picture's loss mask (PIL "L", the picture's `size`) as its latents see it: scaled to
+    cover `bucket`, cut at the picture's crop (top, left), mirrored with it, then averaged
+    over each latent cell (area interpolation to `latent_size`): [h, w] in [0, 1]. BOX
+    resampling, not the picture's Lanczos, so the weights stay in [0, 1] without ringing."""
+    import numpy as np
+    import torch.nn.functional as F
+    from PIL import Image
+
+    width, height = bucket
+    top, left = crop
+    mask = mask.resize(cover_size(size, bucket), Image.Resampling.BOX).crop((left, top, left + width, top + height))
+    tensor = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)
+    if flip:
+        tensor = tensor.flip(-1)
+    return F.interpolate(tensor[None, None], size=tuple(latent_size), mode="area")[0, 0]
+
+
 def epochs_done(step: int, batches_per_epoch: int, accumulation: int) -> int:
     """Epochs whose every micro-batch is in the first `step` optimizer steps:
     floor(step x accumulation / batches_per_epoch)."""

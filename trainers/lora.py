@@ -30,11 +30,12 @@ import torch.nn.functional as F
 from studio.config import TrainConfig, check_device_support, load_config, steps_for_epochs
 from studio.errors import StudioError
 from studio.models.families import get_family
-from studio.jobs.runs import (CONFIG_FILE, SAMPLES_DIR, EventLog, adapters_dir, check_training, checkpoint_dir,
-                         dataset_folder, run_workspace)
+from studio.jobs.runs import (CONFIG_FILE, EMBEDDINGS_DIR, SAMPLES_DIR, EventLog, adapters_dir, check_training,
+                              checkpoint_dir, dataset_folder, run_workspace)
 from trainers.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from trainers.data import (BatchOrder, Example, caption_variant, center_crop_offsets, choose_bucket, epochs_done,
-                           micro_generator, prepare_image, random_crop_offsets, sample_generator, validation_indices)
+                           micro_generator, prepare_image, prepare_mask, random_crop_offsets, sample_generator,
+                           validation_indices)
 from trainers.low_memory import nf4_quantization, store_in_fp8
 from trainers.tensorboard import TensorBoardLog
 
@@ -67,6 +68,7 @@ class Trainer:
         # opened by the training loop, which knows the step it starts at
         self.tensorboard = TensorBoardLog(self.run_dir, write=False, start_step=0)
         self.show_progress = show_progress
+        self.pivotal = None  # the trigger's trained embedding (network.pivotal_vectors), made by _setup
 
     # ---------------------------------------------------------------- set-up
     def _setup(self) -> None:
@@ -139,10 +141,13 @@ class Trainer:
         # Shuffled tags make more variants than are worth caching: those captions are encoded
         # every step. Dropout has one variant, the empty caption, which is cached.
         self.cache_text = (cfg.training.cache_text_embeddings and not cfg.network.train_text_encoder
-                           and not cfg.dataset.shuffle_tags)
+                           and not cfg.dataset.shuffle_tags and not cfg.network.pivotal_vectors)
         # The trigger word's tag (first, by caption_with_trigger) never moves.
         self.keep_tags = max(cfg.dataset.keep_tokens, 1 if cfg.dataset.trigger_word.strip() else 0)
         self._latent_cache: dict[tuple[Path, bool], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._mask_cache: dict[tuple[Path, bool], torch.Tensor] = {}
+        if cfg.dataset.masked_loss:
+            self._check_masks()
         self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         if self.cache_latents:
             self._fill_latent_cache()
@@ -169,6 +174,13 @@ class Trainer:
         if net.train_text_encoder:
             for component, encoder in zip(("text_encoder", "text_encoder_2"), self.text_encoders):
                 params += self.adapter.add(component, encoder, cfg.training.text_encoder_lr or cfg.training.learning_rate)
+        if net.pivotal_vectors:  # the trigger's embedding, at its own learning rate
+            from trainers.pivotal import PivotalTokens
+
+            self.pivotal = PivotalTokens(cfg.dataset.trigger_word.strip(), net.pivotal_vectors, self.tokenizers,
+                                         self.text_encoders, init_word=net.pivotal_init, seed=cfg.seed)
+            params.append({"params": self.pivotal.parameters(),
+                           "lr": cfg.training.embedding_lr or cfg.training.learning_rate})
         if base_weights == "fp8":
             store_in_fp8(self.unet)
         self.trainable = [p for group in params for p in group["params"]]
@@ -292,7 +304,10 @@ class Trainer:
         return Example(path, caption, repeats, size, bucket)
 
     def _encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Text conditioning (and a pooled embedding where the family has one)."""
+        """Text conditioning (and a pooled embedding where the family has one); with pivotal
+        tuning the trigger word is first written as its tokens."""
+        if self.pivotal is not None:
+            captions = self.pivotal.expand(captions, self.pipe)
         return self.family.encode_text(self.tokenizers, self.text_encoders, captions, self.accelerator.device)
 
     @torch.no_grad()
@@ -309,6 +324,42 @@ class Trainer:
                     mean, std = self._latent_dist(pixels[None])
                     self._latent_cache[(example.path, flip)] = (mean[0], std[0])
 
+    def _check_masks(self) -> None:
+        """Every picture's mask decodes and fits its picture (open_mask says what is wrong);
+        an all-black mask is refused while unmasked_weight is 0: that picture would train nothing."""
+        from studio.datasets import open_mask
+
+        unmasked = 0
+        for example in self.instance + self.class_examples + self.validation:
+            mask = open_mask(example.path)
+            if mask is None:
+                unmasked += 1
+            elif mask.getextrema()[1] == 0 and not self.config.dataset.unmasked_weight:
+                raise StudioError(f"The mask of {example.path.name} is all black, so with dataset.masked_loss it "
+                                  "would train nothing; paint what should train white, delete the mask, or set "
+                                  "dataset.unmasked_weight above 0.")
+        if unmasked:
+            log.info("masked loss: %d pictures have no mask or alpha channel and train whole", unmasked)
+
+    def _latent_mask(self, example: Example, crop: tuple[int, int], flip: bool, latent_size) -> torch.Tensor:
+        """The loss weight of each latent cell of `example` cut at `crop`, mirrored with `flip`:
+        u + (1 - u) x mask, u = dataset.unmasked_weight (prepare_mask); 1 without a mask.
+        Kept per (picture, flip) with centre crops, where the crop never changes."""
+        from studio.datasets import open_mask
+
+        key = (example.path, flip)
+        if key in self._mask_cache:
+            return self._mask_cache[key]
+        mask = open_mask(example.path)
+        if mask is None:
+            weight = torch.ones(tuple(latent_size))
+        else:
+            u = self.config.dataset.unmasked_weight
+            weight = u + (1.0 - u) * prepare_mask(mask, example.size, example.bucket, crop, flip, latent_size)
+        if self.config.dataset.center_crop:
+            self._mask_cache[key] = weight
+        return weight
+
     def _mine(self, count: int) -> list[int]:
         """This process's places in a global micro-batch of `count` samples: all of them for
         one process; else batch_size places from rank x batch_size on, wrapping around in a
@@ -320,9 +371,10 @@ class Trainer:
 
     def _batch(self, examples: list[Example], indices: list[int], generator: torch.Generator, *,
                varied_at: int | None = None, whole: bool = False):
-        """Latents, text conditioning and (SDXL) size conditioning of this process's share of
-        a global micro-batch (`whole`: of all of it), with the batch's size and the share's
-        places in it. Every random choice (flips, crops, latent samples) is drawn for the
+        """Latents, text conditioning, (SDXL) size conditioning and (dataset.masked_loss) the
+        latent loss weights of this process's share of a global micro-batch (`whole`: of all
+        of it), with the batch's size and the share's places in it. Every random choice
+        (flips, crops, latent samples) is drawn for the
         whole global batch from the micro-step's generator, in the order one process draws
         them, and each process keeps its share's: so N processes train what one process with
         the whole batch trains. `varied_at` (the micro-step, for training pictures): caption
@@ -357,7 +409,12 @@ class Trainer:
             pooled = None if cached[0][1] is None else torch.stack([p for _, p in cached])
         else:
             text, pooled = self._encode_text(captions)
-        return latents, text, pooled, self.family.size_conditioning([chosen[p] for p in mine], crops), len(chosen), mine
+        mask = None
+        if ds.masked_loss:
+            mask = torch.stack([self._latent_mask(chosen[p], crop, flips[p], latents.shape[-2:])
+                                for p, crop in zip(mine, crops)]).to(latents.device)
+        time_ids = self.family.size_conditioning([chosen[p] for p in mine], crops)
+        return latents, text, pooled, time_ids, mask, len(chosen), mine
 
     def _captions(self, chosen: list[Example], mine: list[int], varied_at: int | None) -> list[str]:
         """The captions of this process's share of a micro-batch: as written, or (training
@@ -385,12 +442,14 @@ class Trainer:
                                                    mine + [count + p for p in class_mine])
                 n = len(mine)
                 return per_sample[:n].mean() + cfg.dataset.prior_loss_weight * per_sample[n:].mean()
-        losses = [self._per_sample_loss(*batch[:4], generator, *batch[4:]).mean() for batch in batches]
+        losses = [self._per_sample_loss(*batch[:5], generator, *batch[5:]).mean() for batch in batches]
         return losses[0] + (cfg.dataset.prior_loss_weight * losses[1] if len(losses) > 1 else 0.0)
 
-    def _per_sample_loss(self, latents, text, pooled, time_ids, generator, count: int, mine: list[int]) -> torch.Tensor:
+    def _per_sample_loss(self, latents, text, pooled, time_ids, mask, generator, count: int,
+                         mine: list[int]) -> torch.Tensor:
         """Per-sample loss of this process's share; noise and timesteps drawn for the whole
-        global batch of `count` samples (see _batch), the share's at places `mine`."""
+        global batch of `count` samples (see _batch), the share's at places `mine`. With loss
+        weights `mask` [B, h, w] (dataset.masked_loss) it is masked_mean's."""
         from diffusers.training_utils import compute_snr
 
         cfg = self.config
@@ -405,7 +464,8 @@ class Trainer:
         prediction = self.unet(noisy, timesteps, text.to(device), **extra).sample
         prediction_type = self.noise_scheduler.config.prediction_type
         target = noise if prediction_type == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        error = F.mse_loss(prediction.float(), target.float(), reduction="none")
+        per_sample = error.mean(dim=(1, 2, 3)) if mask is None else masked_mean(error, mask)
         if cfg.training.min_snr_gamma:
             snr = compute_snr(self.noise_scheduler, timesteps)
             weight = torch.clamp(snr, max=cfg.training.min_snr_gamma) / snr
@@ -517,6 +577,8 @@ class Trainer:
             random.setstate(state["python_rng"])
             if "ema" in state:
                 self.ema = [e.to(p.device) for e, p in zip(state["ema"], self.trainable)]
+            if self.pivotal is not None:
+                self.pivotal.load_state(state["embeddings"])
             self.events.emit("resume", step=start_step, checkpoint=checkpoint.name)
             log.info("resumed from %s at step %d", checkpoint, start_step)
         else:
@@ -710,6 +772,7 @@ class Trainer:
                 "lr_scheduler": self.lr_scheduler.state_dict(),
                 "python_rng": random.getstate(),
                 **({"ema": [e.cpu() for e in self.ema]} if self.ema is not None else {}),
+                **({"embeddings": self.pivotal.state()} if self.pivotal is not None else {}),
             }, keep_last=self.config.checkpoints.keep_last)
             self.events.emit("checkpoint", step=step, path=str(path))
         self.accelerator.wait_for_everyone()
@@ -755,19 +818,21 @@ class Trainer:
         folder = adapters_dir(self.run_dir)
         path = unique_adapter_path(folder, self.config.name, self.run_dir.name)
         if t.ema_decay is None:
-            return self._export_adapter(started, path, ema=False)
+            return self._export_adapter(started, path, ema=False, embedding_file=True)
         if t.ema_export == "as_adapter":
             with self.ema_weights():
-                return self._export_adapter(started, path, ema=True)
-        self._export_adapter(started, path, ema=False)
+                return self._export_adapter(started, path, ema=True, embedding_file=True)
+        self._export_adapter(started, path, ema=False, embedding_file=True)
         with self.ema_weights():
             self._export_adapter(started, unique_adapter_path(folder, f"{path.stem}-ema", self.run_dir.name), ema=True)
         return path
 
-    def _export_adapter(self, started: float, path: Path, *, ema: bool) -> Path:
+    def _export_adapter(self, started: float, path: Path, *, ema: bool, embedding_file: bool = False) -> Path:
         """Write the adapter's current weights to `path` as its method exports them (the kohya
         / LyCORIS layout, or a layout of the method's own such as T-LoRA's), with ss_* /
-        modelspec.* metadata."""
+        modelspec.* metadata. With pivotal tuning the trigger's embedding is bundled in it
+        (A1111's bundle_emb.*) and, with `embedding_file`, also written as
+        embeddings/<trigger>.safetensors in the run folder."""
         from studio.adapters import training_metadata
 
         cfg = self.config
@@ -777,7 +842,25 @@ class Trainer:
             cfg, self.model_ref, dataset_folder=self._dataset_folder(), started=started, finished=time.time(),
             run_id=self.run_dir.name, adapter=adapter, thumbnail=samples[-1] if samples else None,
             prediction_type=self.noise_scheduler.config.prediction_type, ema=ema)
+        if self.pivotal is not None:
+            from studio.adapters.formats.embeddings import save_embedding
+
+            adapter.embeddings = {self.pivotal.name: self.pivotal.vectors()}
+            if embedding_file:
+                save_embedding(self.run_dir / EMBEDDINGS_DIR / f"{self.pivotal.name}.safetensors",
+                               self.pivotal.vectors(), self.family,
+                               {"name": self.pivotal.name, "lora_studio_adapter": path.name})
         return self.adapter.save(path, adapter)
+
+
+def masked_mean(error: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean of `error` [B, C, h, w] weighted by `weight` [B, h, w]:
+    Σ_chw w·e / (C·Σ_hw w). Normalised by the weights' sum (OneTrainer's "normalize masked
+    area loss"; kohya only multiplies), so an all-white mask gives exactly the plain mean and
+    a small subject trains at the same loss scale as a whole picture. A sample whose weights
+    are all 0 (a random crop outside its mask) has loss 0: it trains nothing."""
+    total = (error * weight[:, None]).sum(dim=(1, 2, 3))
+    return total / (error.shape[1] * weight.sum(dim=(1, 2))).clamp_min(1e-12)
 
 
 def _is_peer_failure(error: BaseException) -> bool:

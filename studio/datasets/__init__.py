@@ -13,6 +13,11 @@ Layout of `workspace/datasets/<name>/` (kohya convention):
 
 Captions are comma-separated tags (booru style); a caption without commas is one tag.
 Training uses the first non-empty line of a caption file (kohya reads one line).
+
+Loss masks (dataset.masked_loss): `<stem>-masklabel.png` beside an image is its mask
+(OneTrainer's name; white trains, black is ignored, grey in between, read from the red
+channel as kohya reads its mask images), else the image's own alpha channel (kohya's
+alpha_mask). A `-masklabel` file is never a training picture itself.
 """
 from __future__ import annotations
 
@@ -42,6 +47,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
 CAPTION_EXTENSION = ".txt"
+MASK_SUFFIX = "-masklabel"
 REG_FOLDER = "reg"
 #: Largest image accepted, in pixels (8192 x 8192). PIL's own bomb limit also applies.
 DEFAULT_MAX_PIXELS = 8192 * 8192
@@ -80,6 +86,7 @@ class _Loaded:
     image: Image.Image
     conversions: list[str]
     orientation: int
+    alpha: Image.Image | None = None  # the alpha channel ("L", oriented) when not fully opaque
 
 
 def open_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -155,8 +162,10 @@ def _to_rgb(im: Image.Image, rawmode: str) -> _Loaded:
     conversions: list[str] = []
     mode = im.mode
     has_key = "transparency" in im.info
+    alpha = None
     if mode in _ALPHA_MODES or (has_key and mode in ("P", "L", "RGB")):
         out, opaque = _on_white(im)
+        alpha = None if opaque else (im.convert("RGBA") if im.mode != "RGBA" else im).getchannel("A")
         what = "palette" if mode in ("P", "PA") else mode
         conversions.append(f"{what} -> RGB (alpha channel fully opaque)" if opaque else
                            f"{what} with transparency -> RGB (alpha composited on white)")
@@ -190,9 +199,10 @@ def _to_rgb(im: Image.Image, rawmode: str) -> _Loaded:
         conversions.append("EXIF data unreadable; orientation ignored")
     if orientation in _ORIENTATION_TEXT:
         out = _apply_orientation(out, orientation)
+        alpha = None if alpha is None else _apply_orientation(alpha, orientation)
     else:
         orientation = 1
-    return _Loaded(out, conversions, orientation)
+    return _Loaded(out, conversions, orientation, alpha)
 
 
 def _on_white(im: Image.Image) -> tuple[Image.Image, bool]:
@@ -353,6 +363,8 @@ def _scan(folder: str | os.PathLike) -> _Scan:
                                                       f"{subset.rel}/ or to a top-level 'N_name' folder"))
                 continue
             suffix = Path(entry.name).suffix
+            if suffix.lower() in IMAGE_EXTENSIONS and Path(entry.name).stem.endswith(MASK_SUFFIX):
+                continue  # a loss mask (mask_path), not a picture
             if suffix.lower() in IMAGE_EXTENSIONS:
                 images.append(Path(entry.path))
             elif suffix.lower() == CAPTION_EXTENSION:
@@ -375,6 +387,35 @@ def _scan(folder: str | os.PathLike) -> _Scan:
                 scan.shared_captions[cap_rel] = used_stems[stem]
     scan.images.sort(key=lambda e: e.rel)
     return scan
+
+
+# --------------------------------------------------------------------------- loss masks
+def mask_path(image: str | os.PathLike) -> Path | None:
+    """The mask file of a picture: `<stem>-masklabel` with an image extension beside it
+    (.png first), or None."""
+    image = Path(image)
+    for suffix in (".png", *sorted(IMAGE_EXTENSIONS - {".png"})):
+        for candidate in (image.with_name(f"{image.stem}{MASK_SUFFIX}{suffix}"),
+                          image.with_name(f"{image.stem}{MASK_SUFFIX}{suffix.upper()}")):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def open_mask(image: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image | None:
+    """The loss mask of a picture as 8-bit grey ("L": 255 trains fully, 0 not at all), its
+    EXIF orientation applied as to the picture: the red channel of its mask file (mask_path),
+    else its alpha channel; None when it has neither (the whole picture trains). A mask file
+    of another size than the picture, or one that does not decode, raises a StudioError."""
+    picture = _load_image(Path(image), max_pixels)
+    found = mask_path(image)
+    if found is None:
+        return picture.alpha
+    mask = _load_image(found, max_pixels).image
+    if mask.size != picture.image.size:
+        raise StudioError(f"Mask {found} is {mask.size[0]}x{mask.size[1]} but its picture {Path(image).name} is "
+                          f"{picture.image.size[0]}x{picture.image.size[1]}; save the mask at the picture's size.")
+    return mask.getchannel("R")
 
 
 # --------------------------------------------------------------------------- captions
@@ -633,6 +674,7 @@ ISSUE_SEVERITY: dict[str, str] = {
     "shared_caption": "warning",
     "caption_unreadable": "warning",
     "caption_without_image": "warning",
+    "mask_unusable": "warning",
     "ignored_folder": "warning",
     "non_image": "info",
     "converted": "info",
@@ -740,6 +782,7 @@ def check_dataset(folder: str | os.PathLike, *, resolution: int | None = None,
             report.add(entry.rel, "exif_rotated", f"EXIF orientation {loaded.orientation} applied "
                                                   f"({_ORIENTATION_TEXT[loaded.orientation]})")
         _check_caption(report, entry)
+        _check_mask(report, entry, (width, height), max_pixels)
     for cap_rel, image_rels in scan.shared_captions.items():
         report.add(cap_rel, "shared_caption", f"used by {len(image_rels)} images ({', '.join(image_rels)}); "
                                               "give each image its own name")
@@ -750,6 +793,23 @@ def check_dataset(folder: str | os.PathLike, *, resolution: int | None = None,
     for rel, reason in scan.ignored_folders:
         report.add(rel, "ignored_folder", f"not used for training: {reason}")
     return report
+
+
+def _check_mask(report: DatasetReport, entry: _ImageEntry, size: tuple[int, int], max_pixels: int) -> None:
+    """A mask file (mask_path) that masked-loss training would refuse: undecodable, or of
+    another size than its picture."""
+    found = mask_path(entry.path)
+    if found is None:
+        return
+    rel = str(PurePosixPath(entry.rel).with_name(found.name))
+    try:
+        mask = _load_image(found, max_pixels).image
+    except ImageLoadError as exc:
+        report.add(rel, "mask_unusable", f"{exc} Masked-loss training refuses it.")
+        return
+    if mask.size != size:
+        report.add(rel, "mask_unusable", f"{mask.size[0]}x{mask.size[1]} but its picture is {size[0]}x{size[1]}; "
+                                         "save the mask at the picture's size")
 
 
 def _check_caption(report: DatasetReport, entry: _ImageEntry) -> None:

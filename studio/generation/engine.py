@@ -280,11 +280,51 @@ class Engine:
                 pipe._studio_native[name] = native.attach_file(pipe, path)
             else:
                 try:
-                    attach_adapter(pipe, load_adapter(path), name)
+                    adapter = load_adapter(path)
+                    attach_adapter(pipe, adapter, name)
                 except StudioError as error:  # say which file, not the engine's internal name
                     raise StudioError(str(error).replace(f"Adapter {name!r}", f"Adapter {path.name}")) from None
+                if adapter.embeddings:
+                    pipe.__dict__.setdefault("_studio_bundled", {})[name] = (path.name, adapter.embeddings)
             loaded[file_key] = name
         return loaded[file_key]
+
+    def _use_embeddings(self, pipe, mix: dict[str, AdapterUse]) -> None:
+        """The embeddings bundled in the mix's adapter files are in the pipeline's tokenizers
+        and text encoders (diffusers' load_textual_inversion, per text encoder), and no
+        others: as in A1111, a bundled embedding acts while its adapter is in use. The base
+        model is not reloaded; an unloaded embedding leaves the token table as it was."""
+        from studio.adapters.formats.embeddings import token_names
+        from studio.models.families import family_of_pipeline
+
+        bundled = pipe.__dict__.get("_studio_bundled", {})
+        active = pipe.__dict__.setdefault("_studio_embeddings", {})  # embedding name -> adapter name
+        wanted: dict[str, str] = {}
+        for name in mix:
+            for embedding in bundled.get(name, (None, {}))[1]:
+                if embedding in wanted:
+                    raise StudioError(f"Adapters {bundled[wanted[embedding]][0]} and {bundled[name][0]} both bundle "
+                                      f"an embedding named {embedding!r}; use one of them.")
+                wanted[embedding] = name
+        family = family_of_pipeline(pipe)
+        pairs = [(getattr(pipe, t), getattr(pipe, e)) for t, e in zip(family.tokenizers, family.text_encoders)]
+        for embedding, owner in list(active.items()):
+            if wanted.get(embedding) != owner:
+                vectors = bundled[owner][1][embedding][0].shape[0]
+                for tokenizer, encoder in pairs:
+                    pipe.unload_textual_inversion(token_names(embedding, vectors), tokenizer=tokenizer,
+                                                  text_encoder=encoder)
+                del active[embedding]
+        for embedding, owner in wanted.items():
+            if embedding not in active:
+                for (tokenizer, encoder), vectors in zip(pairs, bundled[owner][1][embedding]):
+                    try:
+                        pipe.load_textual_inversion(vectors.to(encoder.dtype), token=embedding, tokenizer=tokenizer,
+                                                    text_encoder=encoder)
+                    except ValueError as error:  # a token of that name already, or another width
+                        raise StudioError(f"The embedding {embedding!r} bundled in {bundled[owner][0]} cannot be "
+                                          f"loaded into this base model: {error}") from None
+                active[embedding] = owner
 
     def _activate(self, pipe, mix: dict[str, AdapterUse]) -> None:
         """Weight every adapter layer for this request: adapter weight x block weight on the
@@ -462,6 +502,7 @@ class Engine:
             if name in mix:
                 raise StudioError(f"Adapter {use.path.name} is in the mix twice; give it one row.")
             mix[name] = use
+        self._use_embeddings(pipe, mix)
         self._activate(pipe, mix)
         return pipe, mix
 

@@ -29,6 +29,7 @@ CONFIG_FILE = "config.toml"
 EVENTS_FILE = "events.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 SAMPLES_DIR = "samples"
+EMBEDDINGS_DIR = "embeddings"  # pivotal tuning's embedding as a file of its own: <trigger>.safetensors
 TENSORBOARD_DIR = "tensorboard"
 _CHECKPOINT_NAME = re.compile(r"^step-(\d{6,})\.pt$")
 

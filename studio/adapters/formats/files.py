@@ -29,6 +29,7 @@ import torch
 from studio.errors import StudioError
 from studio.models.families import (BUILTIN, DEFAULT, family_from_diffusers_keys, family_from_metadata, family_from_prefixes,
                              family_from_unet_names, get_family)
+from studio.adapters.formats.embeddings import bundled_tensors, parse_bundled, split_bundled
 from studio.adapters.formats.modules import LOHA, LOKR, LORA, AdapterModule, dora_scale_from_magnitude, \
     magnitude_from_dora_scale, parse_module
 from studio.adapters.formats.naming import (ALL_PREFIXES, Target, clip_kohya_path, describe_names, name_table,
@@ -50,12 +51,15 @@ PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 @dataclass
 class AdapterFile:
     """An adapter in memory: modules keyed by kohya name, header metadata, the base-model
-    family (a studio.models.families name) and the layout it was read from."""
+    family (a studio.models.families name), the layout it was read from, and the
+    textual-inversion embeddings bundled with it (name -> one [vectors, width] tensor per
+    text encoder; kohya layout only, see embeddings.py)."""
 
     modules: dict[str, AdapterModule]
     metadata: dict[str, str] = field(default_factory=dict)
     family: str | None = None
     source_format: str = "kohya"
+    embeddings: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
     @property
     def ranks(self) -> list[int]:
@@ -180,9 +184,17 @@ def load_adapter(path: str | Path) -> AdapterFile:
     native = native_method(metadata.get(FORMAT_KEY))
     if native is not None:
         return _from_native(native, path, metadata)
+    bundled = split_bundled(tensors)
+    if bundled and not tensors:
+        raise StudioError(f"{path.name} holds only bundled embeddings, no adapter.")
     keys = list(tensors)
     if all(k.split(".", 1)[0].startswith(tuple(p + "_" for p in ALL_PREFIXES)) for k in keys):
-        return _from_kohya(tensors, metadata, path.name)
+        adapter = _from_kohya(tensors, metadata, path.name)
+        adapter.embeddings = parse_bundled(bundled, get_family(adapter.family), path.name)
+        return adapter
+    if bundled:
+        raise StudioError(f"{path.name} bundles embeddings (bundle_emb.*) beside tensors that are not in the kohya "
+                          "layout; only kohya adapter files bundle embeddings.")
     if all(k.startswith(("unet.", "text_encoder.", "text_encoder_2.")) for k in keys):
         return _from_diffusers(tensors, metadata, path.name)
     if all(k.startswith("base_model.model.") for k in keys):
@@ -452,6 +464,8 @@ def kohya_tensors(adapter: AdapterFile, dtype: torch.dtype = torch.float32) -> d
             raise StudioError(f"{name} has a DoRA magnitude but no dora_scale; resolve_dora() with the base model first.")
         for part, tensor in module.parts():
             tensors[f"{name}.{part}"] = tensor.detach().to(torch.float32 if part == "alpha" else dtype).contiguous().cpu()
+    if adapter.embeddings:
+        tensors.update(bundled_tensors(adapter.embeddings, get_family(adapter.family)))
     return tensors
 
 
@@ -481,6 +495,9 @@ def save_adapter(path: str | Path, adapter: AdapterFile, *, dtype: torch.dtype =
         data = _serialise(kohya_tensors(adapter, dtype), adapter.metadata)
         atomic_write_bytes(path, data)
     else:
+        if adapter.embeddings:  # diffusers and peft files have no place for them
+            log.warning("%s: the bundled embeddings (%s) are left out of the %s layout; the kohya layout keeps them",
+                        path.name, ", ".join(adapter.embeddings), format)
         label, fit = fitting_models(adapter, models)
         if any(m.is_dora and m.magnitude is None for m in adapter.modules.values()):
             resolve_dora(adapter, fit, need="magnitude")

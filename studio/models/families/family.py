@@ -72,6 +72,10 @@ class Family:
     foreign_cross_attention: Mapping[int, str]  # cross-attention widths of look-alikes it refuses
     unet_name_hint: re.Pattern | None        # matches kohya UNet names only this family writes
     diffusers_path_hint: re.Pattern | None   # matches diffusers UNet paths only this family has
+    # A1111's embedding keys, one per text encoder: inside an adapter file after
+    # `bundle_emb.<name>.` (bundled), and in a separate embedding file
+    embedding_keys: tuple[str, ...]
+    embedding_file_keys: tuple[str, ...]
     encode_text: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] = field(repr=False)
     size_conditioning: Callable[..., torch.Tensor | None] = field(repr=False)
     unet_inputs: Callable[..., dict[str, Any]] = field(repr=False)

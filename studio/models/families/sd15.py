@@ -60,5 +60,8 @@ FAMILY = Family(
     foreign_cross_attention={1024: "Stable Diffusion 2.x (1024-wide cross-attention)"},
     unet_name_hint=None, diffusers_path_hint=None,
     default_resolution=512,
+    # A1111 reads `string_to_param.*` (its .pt layout) in a bundle and any one tensor in an
+    # embedding file; "emb_params" is what sd-scripts writes there.
+    embedding_keys=("string_to_param.*",), embedding_file_keys=("emb_params",),
     encode_text=encode_text, size_conditioning=size_conditioning, unet_inputs=unet_inputs,
 )

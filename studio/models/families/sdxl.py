@@ -76,5 +76,6 @@ FAMILY = Family(
     unet_name_hint=re.compile(r"lora_unet_(input_blocks|middle_block|output_blocks)_"),
     diffusers_path_hint=re.compile(r"transformer_blocks\.[1-9]"),  # deeper transformer stacks than SD 1.x
     default_resolution=1024,
+    embedding_keys=("clip_l", "clip_g"), embedding_file_keys=("clip_l", "clip_g"),
     encode_text=encode_text, size_conditioning=size_conditioning, unet_inputs=unet_inputs,
 )
