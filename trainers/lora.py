@@ -410,7 +410,7 @@ class Trainer:
         else:
             text, pooled = self._encode_text(captions)
         mask = None
-        if ds.masked_loss:
+        if cfg.dataset.masked_loss:
             mask = torch.stack([self._latent_mask(chosen[p], crop, flips[p], latents.shape[-2:])
                                 for p, crop in zip(mine, crops)]).to(latents.device)
         time_ids = self.family.size_conditioning([chosen[p] for p in mine], crops)
