@@ -283,6 +283,8 @@ class TrainConfig(_Section):
             _check_one_prodigy_rate(t, self.network)
         if self.mixture.members and self.network.train_text_encoder:
             raise ValueError("a mixture run trains the UNet gates only; set network.train_text_encoder = false")
+        if self.mixture.members and self.network.pivotal_vectors:
+            raise ValueError("a mixture run trains the UNet gates only; set network.pivotal_vectors = 0")
         if self.network.pivotal_vectors:
             _check_pivotal(self)
         return self

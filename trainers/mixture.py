@@ -165,8 +165,10 @@ class MixtureTrainer(Trainer):
         finally:
             self.adapter.sample_embedding = None
 
-    def _export_adapter(self, started: float, path: Path, *, ema: bool) -> Path:
-        """The mixture file with the trained gates, beside its members in the library."""
+    def _export_adapter(self, started: float, path: Path, *, ema: bool, embedding_file: bool = False) -> Path:
+        """The mixture file with the trained gates, beside its members in the library (a
+        mixture trains no embedding: the config refuses pivotal_vectors with members, so
+        there is no embedding file to write)."""
         from studio.adapters import read_checked_header
         from studio.adapters.mixtures.file import save_mixture
 

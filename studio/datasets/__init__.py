@@ -394,7 +394,11 @@ def mask_path(image: str | os.PathLike) -> Path | None:
     """The mask file of a picture: `<stem>-masklabel` with an image extension beside it
     (.png first), or None."""
     image = Path(image)
+    # a picture whose name is near the file system's limit has no room for the suffix: no mask
+    room = name_max(image.parent) - len(os.fsencode(image.stem + MASK_SUFFIX))
     for suffix in (".png", *sorted(IMAGE_EXTENSIONS - {".png"})):
+        if len(os.fsencode(suffix)) > room:
+            continue
         for candidate in (image.with_name(f"{image.stem}{MASK_SUFFIX}{suffix}"),
                           image.with_name(f"{image.stem}{MASK_SUFFIX}{suffix.upper()}")):
             if candidate.is_file():
