@@ -14,7 +14,8 @@ from pydantic import ValidationError
 
 from tests.conftest import demo_config
 from tests.test_adalora import sdxl_predict, tiny_sdxl_folder
-from tests.test_lora_fa import _unet_out
+from tests.method_checks import (assert_blends_with_another_adapter, assert_diffusers_loads_every_key,
+                                  assert_file_equals_trained_model)
 from tests.test_networks import _fixed_loss
 
 STEPS = 20
@@ -128,10 +129,9 @@ def test_inspect_shows_what_it_was_trained_as(trained, capsys):
 
 @pytest.mark.slow(seconds=60)
 def test_the_file_is_a_plain_lora_equal_to_the_trained_model(trained):
-    from studio.adapters import attach_adapter, load_adapter
+    from studio.adapters import load_adapter
     from studio.adapters.formats.naming import path_to_name
     from studio.adapters.library import describe_adapter
-    from studio.models import load_pipeline
 
     info = describe_adapter(trained["path"])
     metadata = info["metadata"]
@@ -143,60 +143,22 @@ def test_the_file_is_a_plain_lora_equal_to_the_trained_model(trained):
     trainer = trained["trainer"]
     assert path_to_name("sd15", "unet", INSENSITIVE) not in load_adapter(trained["path"]).modules
 
-    fresh = load_pipeline("builtin")
-    base = _unet_out(fresh.unet)
-    attach_adapter(fresh, load_adapter(trained["path"]), "ard")
-    expected = _unet_out(trainer.accelerator.unwrap_model(trainer.unet))
-    assert (expected - base).abs().max() > 1e-3
-    assert (_unet_out(fresh.unet) - expected).abs().max() <= 1e-5
-    ids = fresh.tokenizer(["a sks star"], padding="max_length", max_length=fresh.tokenizer.model_max_length,
-                          return_tensors="pt").input_ids
-    with torch.no_grad():
-        ours = fresh.text_encoder(ids)[0]
-        theirs = dict(trainer._text_encoder_components())["text_encoder"](ids)[0]
-    assert (ours - theirs).abs().max() <= 1e-5
+    assert_file_equals_trained_model(trainer, trained["path"], name="ard")
 
 
 @pytest.mark.slow(seconds=60)
 def test_diffusers_loads_every_key(trained):
-    from studio.adapters import load_adapter
-    from studio.models import load_pipeline
-    from tests.test_formats import _diffusers_load, _lora_layers
-
-    theirs = load_pipeline("builtin")
-    messages = _diffusers_load(theirs, trained["path"])
-    problems = [m for m in messages if any(w in m.lower() for w in ("unexpected", "missing", "not been", "mismatch"))]
-    assert not problems, problems
-    assert len(_lora_layers(theirs, "d")) == len(load_adapter(trained["path"]).modules)
-    trainer = trained["trainer"]
-    assert (_unet_out(theirs.unet) - _unet_out(trainer.accelerator.unwrap_model(trainer.unet))).abs().max() <= 1e-5
+    assert_diffusers_loads_every_key(trained["trainer"], trained["path"])
 
 
 @pytest.mark.slow(seconds=60)
 def test_it_blends_with_another_adapter(trained, tmp_path):
-    from studio.adapters import adapter_models, export_adapter, save_adapter
-    from studio.generation.engine import AdapterUse, Engine
-    from studio.models import load_pipeline
-    from tests.test_blending import _merged_base
-    from tests.test_formats import add_adapter, perturb
-
-    other = load_pipeline("builtin")
-    add_adapter(other, "lora")
-    perturb(adapter_models(other).values())
-    lora = save_adapter(tmp_path / "lora.safetensors", export_adapter(adapter_models(other)))
-
-    engine = Engine()
-    base = _unet_out(engine.set_mix("builtin", []).unet)
-    alone = _unet_out(engine.set_mix("builtin", [AdapterUse(trained["path"], 0.7)]).unet)
-    mixed = _unet_out(engine.set_mix("builtin", [AdapterUse(trained["path"], 0.7), AdapterUse(lora, -1.2)]).unet)
-    expected = _unet_out(_merged_base([(trained["path"], 0.7), (lora, -1.2)]).unet)
-    assert (alone - base).abs().max() > 1e-3 and (mixed - alone).abs().max() > 1e-3
-    assert (mixed - expected).abs().max() <= 1e-4
+    assert_blends_with_another_adapter(trained["path"], "lora", tmp_path)
 
 
 @pytest.mark.slow(seconds=20)
 def test_generate_reproduces_the_runs_last_sample(trained, tmp_path):
-    from tests.sample_check import assert_generate_reproduces_sample
+    from tests.method_checks import assert_generate_reproduces_sample
 
     assert_generate_reproduces_sample(trained["trainer"], trained["path"], tmp_path, step=STEPS)
 

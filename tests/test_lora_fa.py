@@ -10,6 +10,8 @@ import torch
 from pydantic import ValidationError
 
 from tests.conftest import demo_config
+from tests.method_checks import (assert_blends_with_another_adapter, assert_diffusers_loads_every_key,
+                                  assert_file_equals_trained_model)
 from tests.test_networks import _fixed_loss
 
 STEPS = 30
@@ -44,13 +46,6 @@ def trained(tmp_path_factory):
     return {"trainer": trainer, "start": start, "before": before, "after": after,
             "path": trainer._export(time.time())}
 
-
-def _unet_out(unet, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    sample = torch.randn(2, 4, unet.config.sample_size, unet.config.sample_size, generator=g)
-    text = torch.randn(2, 8, unet.config.cross_attention_dim, generator=g)
-    with torch.no_grad():
-        return unet(sample, torch.tensor([500, 20]), text).sample
 
 
 def test_lora_fa_is_a_network_type_with_its_help():
@@ -94,9 +89,7 @@ def test_optimizer_holds_state_for_b_alone(trained):
 
 @pytest.mark.slow(seconds=60)
 def test_the_file_is_a_plain_lora_equal_to_the_trained_model(trained):
-    from studio.adapters import attach_adapter, load_adapter
     from studio.adapters.library import describe_adapter
-    from studio.models import load_pipeline
 
     info = describe_adapter(trained["path"])
     metadata = info["metadata"]
@@ -106,59 +99,21 @@ def test_the_file_is_a_plain_lora_equal_to_the_trained_model(trained):
     assert metadata["lora_studio_adapter_type"] == "lora_fa"
 
     trainer = trained["trainer"]
-    fresh = load_pipeline("builtin")
-    base = _unet_out(fresh.unet)
-    attach_adapter(fresh, load_adapter(trained["path"]), "fa")
-    expected = _unet_out(trainer.accelerator.unwrap_model(trainer.unet))
-    assert (expected - base).abs().max() > 1e-3
-    assert (_unet_out(fresh.unet) - expected).abs().max() <= 1e-5
-    ids = fresh.tokenizer(["a sks star"], padding="max_length", max_length=fresh.tokenizer.model_max_length,
-                          return_tensors="pt").input_ids
-    with torch.no_grad():
-        ours = fresh.text_encoder(ids)[0]
-        theirs = dict(trainer._text_encoder_components())["text_encoder"](ids)[0]
-    assert (ours - theirs).abs().max() <= 1e-5
+    assert_file_equals_trained_model(trainer, trained["path"], name="fa")
 
 
 @pytest.mark.slow(seconds=60)
 def test_diffusers_loads_every_key(trained):
-    from studio.adapters import load_adapter
-    from studio.models import load_pipeline
-    from tests.test_formats import _diffusers_load, _lora_layers
-
-    theirs = load_pipeline("builtin")
-    messages = _diffusers_load(theirs, trained["path"])
-    problems = [m for m in messages if any(w in m.lower() for w in ("unexpected", "missing", "not been", "mismatch"))]
-    assert not problems, problems
-    assert len(_lora_layers(theirs, "d")) == len(load_adapter(trained["path"]).modules)
-    trainer = trained["trainer"]
-    assert (_unet_out(theirs.unet) - _unet_out(trainer.accelerator.unwrap_model(trainer.unet))).abs().max() <= 1e-5
+    assert_diffusers_loads_every_key(trained["trainer"], trained["path"])
 
 
 @pytest.mark.slow(seconds=60)
 def test_it_blends_with_another_adapter(trained, tmp_path):
-    from studio.adapters import adapter_models, export_adapter, save_adapter
-    from studio.generation.engine import AdapterUse, Engine
-    from studio.models import load_pipeline
-    from tests.test_blending import _merged_base
-    from tests.test_formats import add_adapter, perturb
-
-    other = load_pipeline("builtin")
-    add_adapter(other, "locon")
-    perturb(adapter_models(other).values())
-    locon = save_adapter(tmp_path / "locon.safetensors", export_adapter(adapter_models(other)))
-
-    engine = Engine()
-    base = _unet_out(engine.set_mix("builtin", []).unet)
-    fa_only = _unet_out(engine.set_mix("builtin", [AdapterUse(trained["path"], 0.7)]).unet)
-    mixed = _unet_out(engine.set_mix("builtin", [AdapterUse(trained["path"], 0.7), AdapterUse(locon, -1.2)]).unet)
-    expected = _unet_out(_merged_base([(trained["path"], 0.7), (locon, -1.2)]).unet)
-    assert (fa_only - base).abs().max() > 1e-3 and (mixed - fa_only).abs().max() > 1e-3
-    assert (mixed - expected).abs().max() <= 1e-4
+    assert_blends_with_another_adapter(trained["path"], "locon", tmp_path)
 
 
 @pytest.mark.slow(seconds=20)
 def test_generate_reproduces_the_runs_last_sample(trained, tmp_path):
-    from tests.sample_check import assert_generate_reproduces_sample
+    from tests.method_checks import assert_generate_reproduces_sample
 
     assert_generate_reproduces_sample(trained["trainer"], trained["path"], tmp_path, step=STEPS)

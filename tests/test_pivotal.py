@@ -102,7 +102,7 @@ def test_generate_loads_the_bundled_embedding_and_reproduces_the_sample(sd15_run
     from safetensors.torch import load_file, save_file
 
     from studio.generation.engine import AdapterUse, Engine, GenerateRequest
-    from tests.sample_check import assert_generate_reproduces_sample
+    from tests.method_checks import assert_generate_reproduces_sample
 
     trainer, adapter = sd15_run[:2]
     assert_generate_reproduces_sample(trainer, adapter, tmp_path, step=STEPS)
@@ -152,7 +152,7 @@ def test_sdxl_pivotal_tuning_trains_both_encoders_and_loads(tmp_path, workspace)
 
     from studio.adapters import load_adapter
     from studio.models import load_pipeline, resolve_model
-    from tests.sample_check import assert_generate_reproduces_sample
+    from tests.method_checks import assert_generate_reproduces_sample
     from tests.tiny_models import SDXL_TE1_HIDDEN, SDXL_TE2_HIDDEN, tiny_sdxl_pipeline
 
     model_dir = tmp_path / "tiny-sdxl"

@@ -11,7 +11,7 @@ import torch
 from pydantic import ValidationError
 
 from tests.conftest import demo_config
-from tests.test_lora_fa import _unet_out
+from tests.method_checks import unet_out
 
 STEPS = 10
 BUDGET = 160
@@ -133,16 +133,16 @@ def test_the_file_has_per_module_ranks_that_diffusers_reads(allocated):
     args = json.loads(adapter.metadata["ss_network_args"])
     assert args["rank_allocation"] == "sensitivity" and args["rank_budget"] == str(BUDGET)
 
-    expected = _unet_out(trainer.accelerator.unwrap_model(trainer.unet))
+    expected = unet_out(trainer.accelerator.unwrap_model(trainer.unet))
     theirs = _deafened(load_pipeline("builtin"), allocated["deaf"])  # the base it was trained on
-    base = _unet_out(theirs.unet)
+    base = unet_out(theirs.unet)
     messages = _diffusers_load(theirs, path)
     problems = [m for m in messages if any(w in m.lower() for w in ("unexpected", "missing", "not been", "mismatch"))
                 and "CLIPTextModel" not in m]  # a UNet-only file: nothing for the text encoder is right
     assert not problems, problems
     assert len(_lora_layers(theirs, "d")) == len(adapter.modules)
     assert (expected - base).abs().max() > 1e-3
-    assert (_unet_out(theirs.unet) - expected).abs().max() <= 1e-5
+    assert (unet_out(theirs.unet) - expected).abs().max() <= 1e-5
     ours = _deafened(load_pipeline("builtin"), allocated["deaf"])
     attach_adapter(ours, adapter, "s")
-    assert (_unet_out(ours.unet) - expected).abs().max() <= 1e-5
+    assert (unet_out(ours.unet) - expected).abs().max() <= 1e-5

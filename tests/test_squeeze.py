@@ -11,7 +11,7 @@ import torch
 from pydantic import ValidationError
 
 from tests.conftest import demo_config
-from tests.test_lora_fa import _unet_out
+from tests.method_checks import unet_out
 from tests.test_networks import _fixed_loss
 
 RANK, SQUEEZED, AT, STEPS = 8, 2, 10, 30
@@ -122,24 +122,24 @@ def test_the_file_is_a_plain_lora_at_the_squeezed_rank_equal_to_the_model(squeez
     assert adapter.metadata["ss_network_module"] == "networks.lora"
     assert json.loads(adapter.metadata["ss_network_args"])["squeeze_rank"] == str(SQUEEZED)
     trainer = squeezed["trainer"]
-    expected = _unet_out(trainer.accelerator.unwrap_model(trainer.unet))
+    expected = unet_out(trainer.accelerator.unwrap_model(trainer.unet))
     ours = load_pipeline("builtin")
-    base = _unet_out(ours.unet)
+    base = unet_out(ours.unet)
     attach_adapter(ours, adapter, "sq")
     assert (expected - base).abs().max() > 1e-3
-    assert (_unet_out(ours.unet) - expected).abs().max() <= 1e-5
+    assert (unet_out(ours.unet) - expected).abs().max() <= 1e-5
     theirs = load_pipeline("builtin")
     messages = _diffusers_load(theirs, squeezed["path"])
     problems = [m for m in messages if any(w in m.lower() for w in ("unexpected", "missing", "not been", "mismatch"))
                 and "CLIPTextModel" not in m]  # a UNet-only file: nothing for the text encoder is right
     assert not problems, problems
     assert len(_lora_layers(theirs, "d")) == len(adapter.modules)
-    assert (_unet_out(theirs.unet) - expected).abs().max() <= 1e-5
+    assert (unet_out(theirs.unet) - expected).abs().max() <= 1e-5
 
 
 @pytest.mark.slow(seconds=20)
 def test_generate_reproduces_the_runs_last_sample(squeezed, tmp_path):
-    from tests.sample_check import assert_generate_reproduces_sample
+    from tests.method_checks import assert_generate_reproduces_sample
 
     assert_generate_reproduces_sample(squeezed["trainer"], squeezed["path"], tmp_path, step=STEPS)
 
@@ -179,8 +179,8 @@ def test_it_blends_with_another_adapter(squeezed, tmp_path):
     perturb(adapter_models(other).values())
     lora = save_adapter(tmp_path / "lora.safetensors", export_adapter(adapter_models(other)))
     engine = Engine()
-    alone = _unet_out(engine.set_mix("builtin", [AdapterUse(squeezed["path"], 0.8)]).unet)
-    mixed = _unet_out(engine.set_mix("builtin", [AdapterUse(squeezed["path"], 0.8), AdapterUse(lora, 0.5)]).unet)
-    expected = _unet_out(_merged_base([(squeezed["path"], 0.8), (lora, 0.5)]).unet)
+    alone = unet_out(engine.set_mix("builtin", [AdapterUse(squeezed["path"], 0.8)]).unet)
+    mixed = unet_out(engine.set_mix("builtin", [AdapterUse(squeezed["path"], 0.8), AdapterUse(lora, 0.5)]).unet)
+    expected = unet_out(_merged_base([(squeezed["path"], 0.8), (lora, 0.5)]).unet)
     assert (mixed - alone).abs().max() > 1e-3
     assert (mixed - expected).abs().max() <= 1e-4

@@ -257,7 +257,7 @@ def test_they_blend_with_each_other_in_the_engine(runs, family):
 @pytest.mark.slow(seconds=20)
 @pytest.mark.parametrize("method,family", CASES)
 def test_generate_reproduces_the_runs_last_sample(runs, method, family, tmp_path):
-    from tests.sample_check import assert_generate_reproduces_sample
+    from tests.method_checks import assert_generate_reproduces_sample
 
     trained = runs(method, family)
     assert_generate_reproduces_sample(trained["trainer"], trained["path"], tmp_path, step=STEPS)
