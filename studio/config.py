@@ -180,6 +180,11 @@ class TrainingConfig(_Section):
         "beside", description="beside: the EMA weights also go to adapters/<name>-ema.safetensors; as_adapter: the "
                               "adapter file holds them.")
     min_snr_gamma: float | None = Field(None, gt=0, le=1000, description="Min-SNR loss weighting gamma (5 is common); off when unset.")
+    # sd-scripts' --min_timestep / --max_timestep: a shape is decided at the noisy steps, so a
+    # short recipe spends its UNet passes there (bench/RESULTS.md, "Time to concept").
+    min_timestep: int = Field(0, ge=0, le=999, description="Training timesteps are drawn from [min_timestep, max_timestep) "
+                                                          "(of the scheduler's 1000); raise it to train only the noisier steps.")
+    max_timestep: int = Field(1000, ge=1, le=1000, description="Training timesteps are drawn below this (1000 = all).")
     noise_offset: float = Field(0.0, ge=0, le=1, description="Offset noise strength.")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Mixed precision (CUDA only).")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
@@ -207,6 +212,9 @@ class TrainingConfig(_Section):
 
     @model_validator(mode="after")
     def _check_optimizer(self) -> "TrainingConfig":
+        if self.min_timestep >= self.max_timestep:
+            raise ValueError(f"min_timestep ({self.min_timestep}) must be below max_timestep ({self.max_timestep}): "
+                             f"timesteps are drawn from [min_timestep, max_timestep)")
         if self.optimizer == "prodigy" and self.learning_rate < PRODIGY_MIN_LR:
             raise ValueError(f"with optimizer 'prodigy' the learning rate multiplies the step size Prodigy "
                              f"estimates, so learning_rate = {self.learning_rate:g} would barely train; set it to 1.0 "

@@ -45,6 +45,11 @@ def test_block_lr_puts_the_configured_lr_in_each_parameter_group(network, worksp
         change = max(float((p.detach() - start[id(p)]).abs().max()) for p in g["params"])
         moved[g["block"]] = max(moved.get(g["block"], 0.0), change)
     assert moved["up_blocks"] == 0.0 and moved["down_blocks"] > 0 and moved["mid_block"] > 0
+    # x0 also means no gradient: the backward pass does not reach the up blocks' adapter
+    # (what makes a section left out cheaper per step, not only still).
+    frozen = [p for g in groups if g["block"] == "up_blocks" for p in g["params"]]
+    assert frozen and not any(p.requires_grad for p in frozen)
+    assert all(p.requires_grad for g in groups if g["block"] != "up_blocks" for p in g["params"])
 
 
 def test_block_lr_multipliers_are_validated():

@@ -257,6 +257,10 @@ class Trainer:
                 by_section.setdefault(section[id(p)] if section[id(p)] in weights else "other", []).append(p)
             split += [{**group, "params": params, "block": name, "lr": group["lr"] * weights.get(name, 1.0)}
                       for name, params in by_section.items()]
+        for group in split:
+            if group["lr"] == 0:  # no gradient either: the backward pass stops short of those blocks
+                for p in group["params"]:
+                    p.requires_grad_(False)
         return split
 
     def _optimizer(self, params):
@@ -457,7 +461,8 @@ class Trainer:
         noise = torch.randn((count, *latents.shape[1:]), generator=generator)[mine]
         if cfg.training.noise_offset:
             noise += cfg.training.noise_offset * torch.randn((count, latents.shape[1], 1, 1), generator=generator)[mine]
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (count,), generator=generator)[mine]
+        last = min(cfg.training.max_timestep, self.noise_scheduler.config.num_train_timesteps)
+        timesteps = torch.randint(min(cfg.training.min_timestep, last - 1), last, (count,), generator=generator)[mine]
         noise, timesteps, latents = noise.to(device), timesteps.to(device), latents.to(device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         extra = self.family.unet_inputs(pooled, time_ids, device)
@@ -727,6 +732,8 @@ class Trainer:
         if not replaced:
             return
         new = {id(old): p for old, p in replaced.items()}
+        for old, p in replaced.items():  # a section frozen by block_lr_* = 0 stays frozen
+            p.requires_grad_(old.requires_grad)
         for group in self.optimizer.param_groups:
             group["params"] = [new.get(id(p), p) for p in group["params"]]
         for old in replaced:

@@ -209,7 +209,9 @@ class PeftTraining(Training):
         """Called right after the injection into `model`, before its parameters are grouped."""
 
     def named_parameters(self, component):
-        return ((name, p) for name, p in self.models[component].named_parameters() if p.requires_grad)
+        # by name, not requires_grad: a section frozen by block_lr_* = 0 is still the adapter's
+        return ((name, p) for name, p in self.models[component].named_parameters()
+                if f".{ADAPTER_NAME}." in name or name.endswith(f".{ADAPTER_NAME}"))
 
     def state(self):
         from peft.utils import get_peft_model_state_dict

@@ -25,6 +25,7 @@ class TLoRATraining(Training):
         self.method, self.net, self.seed = method, net, seed
         self.adapter = None
         self.unet = None
+        self.trained: set[int] = set()
 
     def add(self, component, model, lr):
         from studio.adapters.methods.tlora_layers import TLoRASchedule, inject_tlora
@@ -35,12 +36,14 @@ class TLoRATraining(Training):
                                     schedule=TLoRASchedule(net.rank, net.tlora_min_rank, net.tlora_exponent),
                                     seed=self.seed)
         self.unet = model
+        # what trains, fixed now: block_lr_* = 0 may freeze some of it later
+        self.trained = {id(p) for p in self.adapter.parameters() if p.requires_grad}
         return self.method.param_groups(self.adapter, lr, net)
 
     def named_parameters(self, component):
         # the adapter's ModuleDict keys are UNet module paths with "__" for "."
         return ((name.removeprefix("layers.").replace("__", "."), p) for name, p in self.adapter.named_parameters()
-                if p.requires_grad)
+                if id(p) in self.trained)
 
     def state(self):
         return {f"tlora.{k}": v for k, v in self.adapter.state_dict().items()}
