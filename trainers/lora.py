@@ -134,7 +134,8 @@ class Trainer:
         self.class_examples: list[Example] = []
         if cfg.dataset.class_prompt and cfg.dataset.num_class_images > 0:
             self.class_examples = self._class_images(folder, [it for it in items if it.is_regularisation])
-            self.class_order = BatchOrder(self.class_examples, global_batch, cfg.seed + 1)
+            class_batch = (cfg.dataset.class_batch_size or cfg.training.batch_size) * self.world
+            self.class_order = BatchOrder(self.class_examples, class_batch, cfg.seed + 1)
         self.cache_latents = cfg.training.cache_latents and cfg.dataset.center_crop
         if cfg.training.cache_latents and not cfg.dataset.center_crop:
             log.warning("latent caching is off: random crops need a fresh VAE pass per step")

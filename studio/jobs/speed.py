@@ -31,8 +31,8 @@ class Speed:
 
 def pixels_per_step(config: TrainConfig, *, with_class_images: bool) -> int:
     t = config.training
-    images = t.batch_size * t.gradient_accumulation_steps * (2 if with_class_images else 1)
-    return config.dataset.resolution ** 2 * images
+    class_batch = (config.dataset.class_batch_size or t.batch_size) if with_class_images else 0
+    return config.dataset.resolution ** 2 * (t.batch_size + class_batch) * t.gradient_accumulation_steps
 
 
 def _prior_preservation(config: TrainConfig) -> bool:
