@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from types import SimpleNamespace
 
 import gradio as gr
@@ -28,6 +29,7 @@ log = logging.getLogger("ui")
 
 #: How long a hint waits for this machine's speed to be measured (about ten seconds on the built-in model).
 MEASURE_WAIT_S = 120
+MEASURE_DELAY_S = 3.0  # after the first page has loaded (ui.app's warm-up waits as long)
 
 DEFAULT_PRESET = "tiny-demo"
 BUILTIN = "builtin"
@@ -97,9 +99,9 @@ class SpeedMeter:
                            config.training.num_threads, config.training.optimizer,
                            config.dataset.shuffle_tags], sort_keys=True)  # shuffled captions: encoded every step
 
-    def speed(self, config: TrainConfig, *, wait: float = 0):
+    def speed(self, config: TrainConfig, *, wait: float = 0, start: bool = True):
         """The known speed; the built-in model's is measured first (waiting up to `wait` s for
-        it), None while that goes on."""
+        it), None while that goes on or (`start` False) until a call that starts it."""
         from studio.jobs.speed import speed_from_runs
 
         known = speed_from_runs(self.workspace, config)
@@ -110,6 +112,8 @@ class SpeedMeter:
             if key in self._measured:
                 return self._measured[key]
             thread = self._running.get(key)
+            if thread is None and not start:
+                return None
             if thread is None:
                 thread = threading.Thread(target=self._measure, args=(key, config.model_copy(deep=True)),
                                           name="measure-speed", daemon=True)
@@ -253,7 +257,8 @@ def build(studio: Studio) -> SimpleNamespace:
         loaded = preset_config(name)
         return tv.config_to_form(form_specs, loaded)
 
-    def hint_for(dataset_name, values) -> str:
+    def hint_for(dataset_name, values, *, measure: bool = True) -> str:
+        """The Train tab's hint; `measure` False quotes only a speed already known."""
         try:
             data = tv.form_to_config_dict(form_specs, values)
             data.setdefault("dataset", {})["name"] = dataset_name or None
@@ -281,7 +286,7 @@ def build(studio: Studio) -> SimpleNamespace:
                 config.training.max_steps = planned_steps(config.training, steps_per_epoch)
             except StudioError as error:
                 return f"**Cannot estimate yet:** {error}"
-        speed = meter.speed(config, wait=MEASURE_WAIT_S) if dataset_name else None
+        speed = meter.speed(config, wait=MEASURE_WAIT_S, start=measure) if dataset_name else None
         plan = None
         if speed is not None:
             from studio.jobs.speed import estimate
@@ -300,6 +305,13 @@ def build(studio: Studio) -> SimpleNamespace:
             processes=t.num_processes)
 
     def on_change(dataset_name, *values):
+        return hint_for(dataset_name, values)
+
+    def on_first_load(dataset_name, *values):
+        return hint_for(dataset_name, values, measure=False)
+
+    def on_page_loaded(dataset_name, *values):
+        time.sleep(MEASURE_DELAY_S)
         return hint_for(dataset_name, values)
 
     @friendly
@@ -358,4 +370,5 @@ def build(studio: Studio) -> SimpleNamespace:
 
     return SimpleNamespace(tab=tab, dataset=dataset, base_model=base_model, launch_btn=launch_btn,
                            launch=on_launch, hint_inputs=hint_inputs, outputs=[toml_view, launch_note],
-                           on_change=on_change, hint=hint, refresh_choices=refresh_choices)
+                           on_change=on_change, on_first_load=on_first_load,
+                           on_page_loaded=on_page_loaded, hint=hint, refresh_choices=refresh_choices)
