@@ -170,6 +170,8 @@ class Trainer:
             lambda i: self._loss(i, stream=PREPARE_STREAM))
         if measured is not None:
             self.events.emit("adapter_prepared", **measured)
+        self.adapter.unadapted_sections = tuple(section for section, weight in self.block_lr_weights().items()
+                                                if weight == 0)
         torch.manual_seed(cfg.seed)  # the adapters' initial weights are a function of the seed
         params = self.block_groups(self.adapter.add("unet", self.unet, cfg.training.learning_rate))
         if net.train_text_encoder:
@@ -240,14 +242,17 @@ class Trainer:
         examples = [self._example(it.path, it.caption or cfg.dataset.class_prompt, 1, it.size) for it in existing]
         return examples[: cfg.dataset.num_class_images]
 
+    def block_lr_weights(self) -> dict[str, float]:
+        t = self.config.training
+        return {"down_blocks": t.block_lr_down, "mid_block": t.block_lr_mid, "up_blocks": t.block_lr_up}
+
     def block_groups(self, groups: list[dict]) -> list[dict]:
         """The UNet adapter's parameter groups split by UNet section: a parameter in the down
         blocks trains at its group's lr x training.block_lr_down, in the mid block x
         block_lr_mid, in the up blocks x block_lr_up; elsewhere (conv_in, time embedding,
         conv_out) at its group's lr. Each group says its section under "block". With every
         multiplier 1 the groups stay as the method made them (earlier runs' checkpoints resume)."""
-        t = self.config.training
-        weights = {"down_blocks": t.block_lr_down, "mid_block": t.block_lr_mid, "up_blocks": t.block_lr_up}
+        weights = self.block_lr_weights()
         if all(w == 1.0 for w in weights.values()):
             return groups
         section = {id(p): name.split(".")[0] for name, p in self.adapter.named_parameters("unet")}

@@ -22,6 +22,7 @@ the methods, and the UI builds its form from studio.config without loading torch
 """
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Mapping
@@ -43,6 +44,11 @@ ADAPTER_NAME = "default"
 class Training(ABC):
     """A method's adapter on one run's models: it adds itself to each model, and keeps the
     resumable state and the export of what it trained."""
+
+    # UNet sections (down_blocks, mid_block, up_blocks) the run does not train
+    # (training.block_lr_* = 0), set before `add`: a method may leave them without an adapter,
+    # as sd-scripts does (peft methods do); the trainer freezes whatever it adds there.
+    unadapted_sections: tuple[str, ...] = ()
 
     def prepare(self, models: Mapping[str, "torch.nn.Module"], loss: Callable[[int], "torch.Tensor"]) -> dict | None:
         """Called once before `add`, on the frozen models the adapter will go on (component ->
@@ -192,9 +198,14 @@ class PeftTraining(Training):
     def add(self, component, model, lr):
         from studio.adapters.formats.peft_bridge import inject_peft_adapter
 
+        import warnings
+
         text_encoder = component != "unet"
         try:
-            inject_peft_adapter(model, self.peft_config(component), ADAPTER_NAME)
+            with warnings.catch_warnings():  # conv patterns of an unadapted section (its downsamplers) match nothing
+                if self.unadapted_sections:
+                    warnings.filterwarnings("ignore", message="The following (rank|alpha)_pattern keys did not match")
+                inject_peft_adapter(model, self.peft_config(component), ADAPTER_NAME)
         except ValueError as error:  # peft: "Target modules ... not found in the base model"
             raise StudioError(f"network.{'text_encoder_' if text_encoder else ''}target_modules: {error}") from None
         self.models[component] = model
@@ -202,8 +213,12 @@ class PeftTraining(Training):
         return self.method.param_groups(model, lr, self.net)
 
     def peft_config(self, component: str):
-        """The peft config this run injects into `component`."""
-        return self.method.peft_config(self.net, text_encoder=component != "unet")
+        """The peft config this run injects into `component` (none in its unadapted sections:
+        their frozen adapters would still cost a forward pass each step, 8% of the demo's)."""
+        config = self.method.peft_config(self.net, text_encoder=component != "unet")
+        if component == "unet" and self.unadapted_sections:
+            config.exclude_modules = rf"^(?:{'|'.join(map(re.escape, self.unadapted_sections))})\..*"
+        return config
 
     def injected(self, component: str, model: "torch.nn.Module") -> None:
         """Called right after the injection into `model`, before its parameters are grouped."""
