@@ -1,6 +1,7 @@
 """Pivotal tuning and Prodigy on the demo concept: a recipe (the tiny-demo preset: AdamW, lr
-1e-3, 2400 steps of one picture; or with `--base candidate` bench.time_to_concept's fast
-candidate: 250 steps of four pictures at lr 5e-3, the text encoder's LoRA too) against the
+1e-3, 2400 steps of one picture; with `--base quick` the tiny-demo-quick preset; with `--base
+candidate` the fast candidate bench/RESULTS.md's issue-23 figures were measured with: 250
+steps of four pictures at lr 5e-3, the text encoder's LoRA too) against the
 same recipe with a trained trigger embedding (2 vectors started from "shape", the class word;
 embedding lr = the recipe's lr) and against Prodigy (lr 1.0: d estimated, the recipe's
 schedule on it). Each trained from the demo dataset in one run on one torch thread, then
@@ -8,7 +9,7 @@ judged as bench.fidelity judges the demo (toyworld.fidelity.concept_figures): "a
 on a white / black / gray background" must draw purple stars, and the four prompts without
 the trigger must keep the base model's accuracy (the prior).
 
-    python -m bench.pivotal [--base preset|candidate] [--train-seeds 42 7] [--eval-seeds 8]
+    python -m bench.pivotal [--base preset|quick|candidate] [--train-seeds 42 7] [--eval-seeds 8]
 """
 from __future__ import annotations
 
@@ -21,9 +22,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from bench.time_to_concept import CANDIDATE, recipe_config, train_and_time
+from bench.time_to_concept import recipe_config, train_and_time
 
-BASES = {"preset": {}, "candidate": CANDIDATE}
+# base -> (preset, what differs from it)
+BASES = {
+    "preset": ("tiny-demo", {}),
+    "quick": ("tiny-demo-quick", {}),
+    "candidate": ("tiny-demo", {
+        "network": {"alpha": 32.0, "conv_alpha": 32.0, "train_text_encoder": True},
+        "training": {"max_steps": 250, "batch_size": 4, "learning_rate": 5e-3},
+        "dataset": {"prior_loss_weight": 0.5},
+        "checkpoints": {"every_n_steps": 100},
+        "sampling": {"every_n_steps": 100},
+    }),
+}
 RECIPES = {
     "AdamW": {},
     "+ pivotal tuning": {"network": {"pivotal_vectors": 2, "pivotal_init": "shape"}},
@@ -55,7 +67,8 @@ def main(argv=None) -> list[dict]:
         workspace = Workspace.open(tmp)
         for seed in args.train_seeds:
             for name in args.recipes:
-                config = recipe_config(merged(BASES[args.base], RECIPES[name]), seed)
+                preset, base = BASES[args.base]
+                config = recipe_config(preset, merged(base, RECIPES[name]), seed)
                 config.name = f"demo-{seed}-{len(rows)}"
                 adapter, wall_s = train_and_time(config, workspace)
                 figures = concept_figures(engine, adapter, eval_seeds)

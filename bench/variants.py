@@ -74,7 +74,8 @@ def train_one(spec: dict) -> dict:
     from studio.workspace import Workspace
     from trainers.lora import Trainer
 
-    config = recipe_config({**RECIPE, "training": {**RECIPE["training"], "max_steps": spec["steps"]}}, spec["seed"])
+    config = recipe_config("tiny-demo", {**RECIPE, "training": {**RECIPE["training"], "max_steps": spec["steps"]}},
+                           spec["seed"])
     config.name = f"{spec['variant']}-{spec['seed']}".replace("+", "-")
     # The preset's conv_rank / conv_alpha equal its rank / alpha, which LoCon takes when they are
     # unset; unset, they do not stop the methods that have no conv layers (VeRA, SingLoRA).

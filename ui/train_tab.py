@@ -31,7 +31,7 @@ log = logging.getLogger("ui")
 MEASURE_WAIT_S = 120
 MEASURE_DELAY_S = 3.0  # after the first page has loaded (ui.app's warm-up waits as long)
 
-DEFAULT_PRESET = "tiny-demo"
+DEFAULT_PRESET = "tiny-demo-quick"  # the demo concept in about half a minute (bench.time_to_concept)
 BUILTIN = "builtin"
 #: Main-form inputs in display order (the dataset is its own dropdown).
 MAIN_ORDER = [("name",), ("base_model",), ("training", "max_steps"), ("network", "rank"), ("network", "alpha"),
