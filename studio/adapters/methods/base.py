@@ -23,6 +23,7 @@ the methods, and the UI builds its form from studio.config without loading torch
 from __future__ import annotations
 
 import re
+import warnings
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Mapping
@@ -197,8 +198,6 @@ class PeftTraining(Training):
 
     def add(self, component, model, lr):
         from studio.adapters.formats.peft_bridge import inject_peft_adapter
-
-        import warnings
 
         text_encoder = component != "unet"
         try:
