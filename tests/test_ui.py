@@ -40,6 +40,26 @@ def test_building_the_app_imports_no_torch_and_copies_the_demo_dataset(tmp_path)
         assert any((tmp_path / "ws" / "datasets" / "demo").glob("*.png"))
 
 
+def test_the_first_pages_train_hint_measures_nothing(tmp_path):
+    """The page's load event quotes the speed as known (none on a new workspace): measuring
+    one (a training subprocess, torch imported) waits until the page has loaded."""
+    code = (
+        "import sys, json, threading\n"
+        "from ui.app import build_app\n"
+        f"app = build_app({str(tmp_path / 'ws')!r})\n"
+        "fns = app.fns.values() if isinstance(app.fns, dict) else app.fns\n"
+        "first = next(f for f in fns if f.name == 'on_first_load')\n"
+        "hint = first.fn(*[c.value for c in first.inputs])\n"
+        "print(json.dumps({'hint': hint, 'torch': 'torch' in sys.modules,"
+        " 'measuring': any(t.name == 'measure-speed' for t in threading.enumerate())}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "speed is not measured yet" in result["hint"]
+    assert not result["torch"] and not result["measuring"]
+
+
 # ------------------------------------------------------------------ runs: events -> view
 def _progress(step, loss, **extra):
     return {"type": "progress", "time": 1.0, "step": step, "max_steps": 30, "loss": loss, "lr": 1e-3,
