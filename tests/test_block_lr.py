@@ -66,3 +66,29 @@ def test_block_lr_multipliers_are_validated():
         parse_config({"training": {"block_lr_mid": -1.0}})
     with pytest.raises(StudioError, match="all 0: nothing would train"):
         parse_config({"training": {"block_lr_down": 0.0, "block_lr_mid": 0.0, "block_lr_up": 0.0}})
+
+
+@pytest.mark.slow(seconds=8)
+def test_a_section_without_an_adapter_loads_in_diffusers(workspace):
+    """LoCon with block_lr_down = 0: the file has no down-block module, and diffusers'
+    loader takes every key and gives the trained UNet's output."""
+    import time
+
+    from studio.adapters import load_adapter
+    from studio.jobs.runs import create_run
+    from tests.method_checks import assert_diffusers_loads_every_key
+    from trainers.lora import Trainer
+
+    config = demo_config(learning_rate=3e-3, block_lr_down=0.0)
+    config.network.type = "locon"
+    config.network.train_text_encoder = True  # without it diffusers warns of no text-encoder keys
+    trainer = Trainer(create_run(config, workspace), show_progress=False)
+    trainer._setup()
+    for step in range(4):
+        trainer.train_step(step)
+    trainer.accelerator.unwrap_model(trainer.unet).eval()
+    path = trainer._export(time.time())
+    keys = load_adapter(path).modules
+    assert keys and not any("down_blocks" in key or "input_blocks" in key for key in keys)
+    assert any("up_blocks" in key for key in keys) and any("mid_block" in key for key in keys)
+    assert_diffusers_loads_every_key(trainer, path)
