@@ -49,7 +49,7 @@ def test_the_first_pages_train_hint_measures_nothing(tmp_path):
         f"app = build_app({str(tmp_path / 'ws')!r})\n"
         "fns = app.fns.values() if isinstance(app.fns, dict) else app.fns\n"
         "first = next(f for f in fns if f.name == 'on_first_load')\n"
-        "hint = first.fn(*[c.value for c in first.inputs])\n"
+        "hint = first.fn()\n"
         "print(json.dumps({'hint': hint, 'torch': 'torch' in sys.modules,"
         " 'measuring': any(t.name == 'measure-speed' for t in threading.enumerate())}))\n"
     )
@@ -58,6 +58,60 @@ def test_the_first_pages_train_hint_measures_nothing(tmp_path):
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert "speed is not measured yet" in result["hint"]
     assert not result["torch"] and not result["measuring"]
+
+
+def test_importing_ui_keeps_gradio_from_reparsing_its_own_sources():
+    """gradio re-parses each component's source file to refresh its type stubs on every
+    import (0.8 s of the studio's start); importing `ui` first turns that off, and gradio's
+    components still build a page."""
+    code = (
+        "import ast, sys, json\n"
+        "parsed_by = []\n"
+        "original = ast.parse\n"
+        "def counting(*args, **kwargs):\n"
+        "    parsed_by.append(sys._getframe(1).f_globals.get('__name__'))\n"
+        "    return original(*args, **kwargs)\n"
+        "ast.parse = counting\n"
+        "{first}import gradio as gr\n"
+        "with gr.Blocks() as demo:\n"
+        "    box = gr.Textbox('x')\n"
+        "    gr.Button().click(lambda v: v, box, box)\n"
+        "print(json.dumps({{'stub_parses': parsed_by.count('gradio.component_meta'),"
+        " 'components': len(demo.config['components'])}}))\n"
+    )
+    results = {}
+    for name, first in (("ui first", "import ui\n"), ("gradio alone", "")):
+        out = subprocess.run([sys.executable, "-c", code.format(first=first)], cwd=ROOT, capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        results[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    assert results["ui first"]["stub_parses"] == 0
+    assert results["gradio alone"]["stub_parses"] > 50  # what it turns off: one or more per component class
+    assert results["ui first"]["components"] == results["gradio alone"]["components"] >= 2
+
+
+def test_the_http_api_offers_exactly_the_handlers_the_readme_names(tmp_path):
+    """Scripts get the stable names the README lists; the page's own handlers (hints,
+    refreshes, tab switches) stay out of the API description the page carries."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    sentence = readme[readme.index("under stable names:"):]
+    documented = set(re.findall(r"`(/[a-z_]+)`", sentence[:sentence.index(".\n")]))
+    code = (
+        "import json\n"
+        "from ui.app import build_app\n"
+        f"app = build_app({str(tmp_path / 'ws')!r})\n"
+        "info = app.get_api_info()\n"
+        "print(json.dumps({'named': sorted(info['named_endpoints']), 'size': len(json.dumps(info)),"
+        " 'handlers': len(app.fns)}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(documented) == 10 and set(result["named"]) == documented
+    assert result["handlers"] > 5 * len(documented)  # the page has many more handlers than that
+    assert result["size"] < 200_000  # it was 1.0 MB with every hint handler's ~100 inputs
 
 
 # ------------------------------------------------------------------ runs: events -> view

@@ -1,7 +1,7 @@
 """The LoRA Studio web app (Gradio). Presentation only: every tab calls studio/ functions.
 
-`launch()` serves the page, starts the job supervisor, and only afterwards (in the
-background) imports torch and diffusers, so the page answers quickly.
+`launch()` serves the page; only once the first page has loaded does it start the job
+supervisor and (in the background) import torch and diffusers, so the page answers quickly.
 """
 from __future__ import annotations
 
@@ -25,6 +25,11 @@ from ui.common import Studio, friendly, heavy_imports  # noqa: E402
 log = logging.getLogger("ui")
 
 DEMO_NAME = "demo"
+# The handlers scripts may call through Gradio's HTTP API, by these names (README). Every other
+# handler is the page's own plumbing and is kept out of the API description, which the page
+# also carries: with them, 1.0 MB of it (17 hint handlers x ~100 inputs), 0.1 s per page load.
+PUBLIC_API = frozenset({"generate", "grid", "suggest", "import_dataset", "caption_dataset", "import_adapter",
+                        "bake", "fuse", "resize", "check_settings"})
 WARMUP_DELAY_S = 3.0   # after the first page load
 WARMUP_IDLE_S = 30.0   # or this long after start when no page is opened
 
@@ -149,9 +154,12 @@ def build_app(workspace: Workspace | str | os.PathLike | None = None, *, allow_p
         app.load(data.refresh, data.pick, [data.pick, *data.view_outputs], show_progress="hidden")
         # The first hint quotes a speed already known; measuring one (a training subprocess)
         # waits until the page has loaded, as the heavy imports do, not to compete with it.
-        app.load(train.on_first_load, train.hint_inputs, train.hint, show_progress="hidden").then(
-            _first_page.set, None, None, show_progress="hidden", queue=False, api_visibility="private").then(
-            train.on_page_loaded, train.hint_inputs, train.hint, show_progress="hidden")
+        app.load(train.on_first_load, None, train.hint, show_progress="hidden").then(
+            _first_page.set, None, None, show_progress="hidden", queue=False).then(
+            train.on_page_loaded, None, train.hint, show_progress="hidden")
+        for handler in app.fns.values():  # before the Blocks closes: its config is written then
+            if handler.api_name not in PUBLIC_API:
+                handler.api_visibility = "private"
     return app
 
 
@@ -214,11 +222,16 @@ class UploadOverLimit:
 _first_page = threading.Event()
 
 
-def _warm_up() -> None:
-    """Import the heavy libraries in the background once the first page has loaded (so they
-    do not slow it down), or after a while when nobody opens the page."""
+def _warm_up(workspace: Workspace) -> None:
+    """Once the first page has loaded (or after a while when nobody opens it), start the job
+    supervisor and import the heavy libraries in the background, so neither competes with
+    the page for the CPU. Queuing a run starts the supervisor at once (`studio.jobs.enqueue`);
+    this start is for runs queued before the studio started."""
+    from studio.jobs import ensure_supervisor
+
     _first_page.wait(timeout=WARMUP_IDLE_S)
     time.sleep(WARMUP_DELAY_S)
+    ensure_supervisor(workspace)
     try:
         heavy_imports()
     except Exception:  # only a speed-up; the first real use reports any problem
@@ -229,10 +242,8 @@ def launch(workspace: Workspace | str | os.PathLike | None = None, host: str = "
            *, auth: tuple[str, str] | None = None, share: bool = False, allow_pickle: bool = False,
            block: bool = True) -> gr.Blocks:
     """Serve the studio at http://host:port/ (files only from the workspace); start the job
-    supervisor; block until interrupted unless `block` is False. `auth` (checked by
+    supervisor once the first page has loaded; block until interrupted unless `block` is False. `auth` (checked by
     studio.exposure before a public bind) makes every page and API call ask for a login."""
-    from studio.jobs import ensure_supervisor
-
     upload_limit = max_upload_bytes()  # a bad $LORA_STUDIO_MAX_UPLOAD_MB stops here, before anything starts
     check_caps()  # and so does a bad cap setting (studio.limits)
     ws = workspace if isinstance(workspace, Workspace) else Workspace.open(workspace)
@@ -248,8 +259,7 @@ def launch(workspace: Workspace | str | os.PathLike | None = None, host: str = "
     except OSError as error:
         raise StudioError(f"Cannot serve on {host}:{port} ({error}); is another studio running there? "
                           "Pass another --port.") from None
-    ensure_supervisor(ws)  # after the page is served: its start-up does not delay the first page
-    threading.Thread(target=_warm_up, name="warm-up", daemon=True).start()
+    threading.Thread(target=_warm_up, args=(ws,), name="warm-up", daemon=True).start()
     if block:
         try:
             app.block_thread()

@@ -188,25 +188,23 @@ def build(studio: Studio, model_choices) -> SimpleNamespace:
     def on_adapter_picked(name):
         return gr.update(visible=gv.is_tlora_adapter(ws, name))
 
-    # One stable API name per action for scripts (`/generate`, `/grid`, `/suggest`); Enter in the
-    # prompt runs the same handler as Generate. Everything that runs the engine queues as one.
+    # One stable API name per action for scripts (`/generate`, `/grid`, `/suggest`; ui.app.PUBLIC_API
+    # keeps every other handler private); Enter in the prompt runs the same handler as Generate. Everything that runs the engine queues as one.
     go.click(on_generate, [*settings_inputs, *flat_rows], [results, info], concurrency_id="generate",
              api_name="generate")
-    prompt.submit(on_generate, [*settings_inputs, *flat_rows], [results, info], concurrency_id="generate",
-                  api_visibility="private")
+    prompt.submit(on_generate, [*settings_inputs, *flat_rows], [results, info], concurrency_id="generate")
     grid_btn.click(on_grid, [x_axis, x_values, y_axis, y_values, *settings_inputs, *flat_rows],
                    [grid_sheet, grid_cells, grid_info], concurrency_id="generate", api_name="grid")
     suggest_btn.click(on_suggest, [prompt, model], [suggestions, suggestions_box], concurrency_id="generate",
                       api_name="suggest")
-    accept_btn.click(on_accept, [suggestions, *names, *weights], [*names, *weights, suggestions_box],
-                     api_visibility="private")
+    accept_btn.click(on_accept, [suggestions, *names, *weights], [*names, *weights, suggestions_box])
     fuse_btn.click(on_fuse, [suggestions, fuse_name, *names], [*names, mixture, gate_table, gate_map, gates_box],
-                   concurrency_id="generate", api_visibility="private")
+                   concurrency_id="generate")
     show_gates.click(on_show_gates, [mixture, prompt, model], [mixture, gate_table, gate_map],
-                     concurrency_id="generate", api_visibility="private")
-    save_gates.click(on_save_gates, [mixture, gate_table], gate_map, api_visibility="private")
+                     concurrency_id="generate")
+    save_gates.click(on_save_gates, [mixture, gate_table], gate_map)
     for name, masked in zip(names, masks):
-        name.change(on_adapter_picked, name, masked, show_progress="hidden", api_visibility="private")
+        name.change(on_adapter_picked, name, masked, show_progress="hidden")
 
     def refresh_adapters(*current_names):
         """New choices for the adapter dropdowns (keeping what is picked while it exists) and

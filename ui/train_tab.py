@@ -307,12 +307,15 @@ def build(studio: Studio) -> SimpleNamespace:
     def on_change(dataset_name, *values):
         return hint_for(dataset_name, values)
 
-    def on_first_load(dataset_name, *values):
-        return hint_for(dataset_name, values, measure=False)
+    # A page that has just loaded shows the values it was built with: the load events send no
+    # inputs, since gathering ~100 of them made Gradio's frontend search its whole layout tree
+    # once per input (about 0.1 s of the first page's 1.4 s).
+    def on_first_load():
+        return hint_for(page_values[0], page_values[1:], measure=False)
 
-    def on_page_loaded(dataset_name, *values):
+    def on_page_loaded():
         time.sleep(MEASURE_DELAY_S)
-        return hint_for(dataset_name, values)
+        return hint_for(page_values[0], page_values[1:])
 
     @friendly
     def on_check(dataset_name, *values):
@@ -350,6 +353,7 @@ def build(studio: Studio) -> SimpleNamespace:
         return dataset_name if dataset_name and (current_name or "") in automatic else gr.skip()
 
     hint_inputs = [dataset, *form_components]
+    page_values = [c.value for c in hint_inputs]
     watched = [dataset, base_model, *(main[p] for p in MAIN_ORDER if p != ("name",))]
     watched += [c for spec, c in zip(advanced_specs, advanced)
                 if spec.key in ("training.gradient_accumulation_steps", "training.gradient_checkpointing",
