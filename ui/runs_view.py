@@ -209,7 +209,7 @@ def run_log(event_lines: Sequence[str], worker_output: str) -> str:
     text = "\n".join(reversed(event_lines))
     worker_lines = worker_output.splitlines()
     if worker_lines:
-        text += f"\n\n── worker.log, newest first ──\n" + "\n".join(reversed(worker_lines))
+        text += "\n\n── worker.log, newest first ──\n" + "\n".join(reversed(worker_lines))
     return text
 
 
