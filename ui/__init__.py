@@ -45,6 +45,23 @@ def _plain_event_docs(module) -> None:
 _AFTER_IMPORT = {"gradio.component_meta": _skip_stub_upkeep, "gradio.events": _plain_event_docs}
 
 
+class _ThenChange(importlib.abc.Loader):
+    """The module's own loader, then its change; everything else is the loader's."""
+
+    def __init__(self, loader, change):
+        self.loader, self.change = loader, change
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        self.loader.exec_module(module)
+        self.change(module)
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+
 class _PatchAfterImport(importlib.abc.MetaPathFinder):
     """Finds the modules of `_AFTER_IMPORT` as usual; once one has run, applies its change."""
 
@@ -53,15 +70,8 @@ class _PatchAfterImport(importlib.abc.MetaPathFinder):
         if change is None or name in sys.modules:
             return None
         spec = importlib.machinery.PathFinder.find_spec(name, path)
-        if spec is None or spec.loader is None:
-            return spec
-        run_module = spec.loader.exec_module
-
-        def exec_module(module):
-            run_module(module)
-            change(module)
-
-        spec.loader.exec_module = exec_module
+        if spec is not None and spec.loader is not None:
+            spec.loader = _ThenChange(spec.loader, change)
         return spec
 
 
