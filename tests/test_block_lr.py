@@ -92,3 +92,28 @@ def test_a_section_without_an_adapter_loads_in_diffusers(workspace):
     assert keys and not any("down_blocks" in key or "input_blocks" in key for key in keys)
     assert any("up_blocks" in key for key in keys) and any("mid_block" in key for key in keys)
     assert_diffusers_loads_every_key(trainer, path)
+
+
+@pytest.mark.slow(seconds=10)
+def test_a_checkpoint_of_other_trained_parameters_is_refused_in_one_line(workspace):
+    """A checkpoint written while the down blocks had an adapter (by an older LoRA Studio at
+    block_lr_down = 0, or before the run's settings changed) holds parameters the run no
+    longer trains: resuming says so in one line and loads none of it."""
+    from studio.config import dump_config
+    from studio.errors import StudioError
+    from studio.jobs.runs import CONFIG_FILE, create_run, iter_events, run_config
+    from trainers.lora import Trainer
+
+    run_dir = create_run(demo_config(max_steps=4, every_n_steps=2), workspace)
+    Trainer(run_dir, show_progress=False).run(resume=False)  # leaves its step-2 checkpoint
+    changed = run_config(run_dir)
+    changed.training.block_lr_down = 0.0
+    (run_dir / CONFIG_FILE).write_text(dump_config(changed))
+    resumed = Trainer(run_dir, show_progress=False)
+    with pytest.raises(StudioError) as refused:
+        resumed.run(resume=True)
+    message = str(refused.value)
+    assert "step-000002.pt" in message and "start the run again as a new run" in message and "\n" not in message
+    assert [e["message"] for e in iter_events(run_dir) if e["type"] == "error"] == [message]
+    assert all(float(p.detach().abs().max()) == 0.0 for name, p in resumed.adapter.named_parameters("unet")
+               if name.endswith("lora_B.weight"))  # nothing of the checkpoint was loaded

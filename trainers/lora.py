@@ -569,6 +569,20 @@ class Trainer:
         elif getattr(self, "world", 1) > 1:
             EventLog(self.run_dir).emit("error", message=f"process {self.rank + 1} of {self.world}: {message}")
 
+    def _check_checkpoint_fits(self, checkpoint: Path, state: dict) -> None:
+        """A checkpoint resumes exactly only into the parameters it was saved from, group by
+        group. Checked before anything loads: peft would quietly load the modules that match,
+        then torch's optimizer refuse the rest with a bare ValueError."""
+        saved = [len(group["params"]) for group in state["optimizer"]["param_groups"]]
+        trained = [len(group["params"]) for group in self.optimizer.param_groups]
+        if saved != trained:
+            raise StudioError(
+                f"Checkpoint {checkpoint.name} holds other trained parameters than this run's settings give "
+                f"({sum(saved)} in {len(saved)} optimizer groups; the settings: {sum(trained)} in {len(trained)}). "
+                "It was written before the run's settings changed, or by an older LoRA Studio (a block learning "
+                "rate of 0 now leaves that section without an adapter). A resume is exact only into the "
+                "parameters it was saved from: start the run again as a new run.")
+
     def _train(self, *, resume: bool, started: float) -> Path | None:
         from studio.fsutil import remove_stale_temp_files
 
@@ -581,6 +595,7 @@ class Trainer:
         checkpoint = latest_checkpoint(self.run_dir) if resume else None
         if checkpoint is not None:
             state = load_checkpoint(checkpoint)
+            self._check_checkpoint_fits(checkpoint, state)
             self.load_adapter_state(state["adapter"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
