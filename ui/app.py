@@ -153,10 +153,12 @@ def build_app(workspace: Workspace | str | os.PathLike | None = None, *, allow_p
 
         app.load(data.refresh, data.pick, [data.pick, *data.view_outputs], show_progress="hidden")
         # The first hint quotes a speed already known; measuring one (a training subprocess)
-        # waits until the page has loaded, as the heavy imports do, not to compete with it.
+        # waits until the page has loaded, as the heavy imports do, not to compete with it,
+        # and is for the settings the page has then (a person may have changed them).
         app.load(train.on_first_load, None, train.hint, show_progress="hidden").then(
             _first_page.set, None, None, show_progress="hidden", queue=False).then(
-            train.on_page_loaded, None, train.hint, show_progress="hidden")
+            train.on_page_loaded, None, None, show_progress="hidden").then(
+            train.on_change, train.hint_inputs, train.hint, show_progress="hidden")
         for handler in app.fns.values():  # before the Blocks closes: its config is written then
             if handler.api_name not in PUBLIC_API:
                 handler.api_visibility = "private"

@@ -307,15 +307,16 @@ def build(studio: Studio) -> SimpleNamespace:
     def on_change(dataset_name, *values):
         return hint_for(dataset_name, values)
 
-    # A page that has just loaded shows the values it was built with: the load events send no
+    # A page that has just loaded shows the values it was built with: the first hint sends no
     # inputs, since gathering ~100 of them made Gradio's frontend search its whole layout tree
     # once per input (about 0.1 s of the first page's 1.4 s).
     def on_first_load():
         return hint_for(page_values[0], page_values[1:], measure=False)
 
     def on_page_loaded():
+        """Waits until the first page has settled; the hint after it (`on_change`, on the
+        settings the page has by then) measures the speed."""
         time.sleep(MEASURE_DELAY_S)
-        return hint_for(page_values[0], page_values[1:])
 
     @friendly
     def on_check(dataset_name, *values):
