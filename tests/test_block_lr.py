@@ -3,7 +3,6 @@ at learning_rate x the section's multiplier."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from tests.conftest import demo_config
 
