@@ -30,3 +30,7 @@ if [ "${1:-}" = "--tests" ]; then
 else
   pip_install "${pins[@]}" -e .
 fi
+# pip compiles the packages it installs, but an editable install leaves the project's own
+# modules as source: where Python does not write bytecode (PYTHONDONTWRITEBYTECODE, a
+# read-only checkout) they were compiled again at every start of the studio.
+"$PY" -m compileall -q studio ui trainers toyworld >/dev/null
