@@ -24,6 +24,13 @@ from ui import train_view as tv
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _fresh_process(code: str) -> dict:
+    """Run `code` in a new Python process (nothing imported yet); its last line, as JSON."""
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def test_building_the_app_imports_no_torch_and_copies_the_demo_dataset(tmp_path):
     code = (
         "import sys, json\n"
@@ -32,9 +39,7 @@ def test_building_the_app_imports_no_torch_and_copies_the_demo_dataset(tmp_path)
         "print(json.dumps({'torch': 'torch' in sys.modules, 'diffusers': 'diffusers' in sys.modules,"
         " 'blocks': type(app).__name__}))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = _fresh_process(code)
     assert result == {"torch": False, "diffusers": False, "blocks": "Blocks"}
     if (ROOT / "assets" / "demo-dataset").is_dir():
         assert any((tmp_path / "ws" / "datasets" / "demo").glob("*.png"))
@@ -53,9 +58,7 @@ def test_the_first_pages_train_hint_measures_nothing(tmp_path):
         "print(json.dumps({'hint': hint, 'torch': 'torch' in sys.modules,"
         " 'measuring': any(t.name == 'measure-speed' for t in threading.enumerate())}))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = _fresh_process(code)
     assert "speed is not measured yet" in result["hint"]
     assert not result["torch"] and not result["measuring"]
 
@@ -94,10 +97,7 @@ def test_importing_ui_first_skips_gradios_doc_upkeep_and_changes_nothing_else():
     )
     results = {}
     for name, first in (("ui first", "import ui\n"), ("gradio alone", "")):
-        out = subprocess.run([sys.executable, "-c", code.format(first=first)], cwd=ROOT, capture_output=True,
-                             text=True, timeout=120)
-        assert out.returncode == 0, out.stderr
-        results[name] = json.loads(out.stdout.strip().splitlines()[-1])
+        results[name] = _fresh_process(code.format(first=first))
     ours, theirs = results["ui first"], results["gradio alone"]
     assert ours["stub_parses"] == 0 and theirs["stub_parses"] > 50  # one or more per component class
     assert ours["templates"] == 0 and theirs["templates"] > 100  # one per event of each component class
@@ -122,9 +122,7 @@ def test_the_http_api_offers_exactly_the_handlers_the_readme_names(tmp_path):
         "print(json.dumps({'named': sorted(info['named_endpoints']), 'size': len(json.dumps(info)),"
         " 'handlers': len(app.fns)}))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = _fresh_process(code)
     assert len(documented) == 10 and set(result["named"]) == documented
     assert result["handlers"] > 5 * len(documented)  # the page has many more handlers than that
     assert result["size"] < 200_000  # it was 1.0 MB with every hint handler's ~100 inputs
