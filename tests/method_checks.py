@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 
@@ -107,3 +108,24 @@ def assert_blends_with_another_adapter(adapter: Path, other_kind: str, folder: P
     expected = unet_out(_merged_base([(adapter, 0.7), (other_file, -1.2)]).unet)
     assert (alone - base).abs().max() > 1e-3 and (mixed - alone).abs().max() > 1e-3
     assert (mixed - expected).abs().max() <= 1e-4
+
+
+class TrainedFileChecks:
+    """The three checks above as tests, for a method's test module: it subclasses this as
+    `TestTrainedFile`, sets `blend_with` (the other adapter's kind) and `steps` (the run's
+    last step), and its module fixture `trained` gives the run's "trainer" and file "path"."""
+
+    blend_with: str
+    steps: int
+
+    @pytest.mark.slow(seconds=60)
+    def test_diffusers_loads_every_key(self, trained):
+        assert_diffusers_loads_every_key(trained["trainer"], trained["path"])
+
+    @pytest.mark.slow(seconds=60)
+    def test_it_blends_with_another_adapter(self, trained, tmp_path):
+        assert_blends_with_another_adapter(trained["path"], self.blend_with, tmp_path)
+
+    @pytest.mark.slow(seconds=20)
+    def test_generate_reproduces_the_runs_last_sample(self, trained, tmp_path):
+        assert_generate_reproduces_sample(trained["trainer"], trained["path"], tmp_path, step=self.steps)

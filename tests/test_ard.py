@@ -14,8 +14,7 @@ from pydantic import ValidationError
 
 from tests.conftest import demo_config
 from tests.test_adalora import sdxl_predict, tiny_sdxl_folder
-from tests.method_checks import (assert_blends_with_another_adapter, assert_diffusers_loads_every_key,
-                                  assert_file_equals_trained_model)
+from tests.method_checks import TrainedFileChecks, assert_file_equals_trained_model
 from tests.test_networks import _fixed_loss
 
 STEPS = 20
@@ -146,21 +145,9 @@ def test_the_file_is_a_plain_lora_equal_to_the_trained_model(trained):
     assert_file_equals_trained_model(trainer, trained["path"], name="ard")
 
 
-@pytest.mark.slow(seconds=60)
-def test_diffusers_loads_every_key(trained):
-    assert_diffusers_loads_every_key(trained["trainer"], trained["path"])
-
-
-@pytest.mark.slow(seconds=60)
-def test_it_blends_with_another_adapter(trained, tmp_path):
-    assert_blends_with_another_adapter(trained["path"], "lora", tmp_path)
-
-
-@pytest.mark.slow(seconds=20)
-def test_generate_reproduces_the_runs_last_sample(trained, tmp_path):
-    from tests.method_checks import assert_generate_reproduces_sample
-
-    assert_generate_reproduces_sample(trained["trainer"], trained["path"], tmp_path, step=STEPS)
+class TestTrainedFile(TrainedFileChecks):
+    blend_with = "lora"
+    steps = STEPS
 
 
 @pytest.mark.slow(seconds=30)
