@@ -33,8 +33,10 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 TARGET_S = 3.0
 # Both checked on every animation frame: `locator.wait_for` re-checks at growing intervals and
 # noticed the loaded page 100-450 ms late here (the page's own clock against Playwright's).
-LOADED_JS = "() => { const s = document.querySelector('#ds-stats'); return !!s && s.textContent.includes('training image'); }"
-CLICK_ANSWERED_JS = "() => { const t = document.querySelector('#ds-caption textarea'); return !!t && t.value.length > 0; }"
+LOADED_JS = ("() => { const s = document.querySelector('#ds-stats'); "
+             "return !!s && s.textContent.includes('training image'); }")
+CLICK_ANSWERED_JS = ("() => { const t = document.querySelector('#ds-caption textarea'); "
+                     "return !!t && t.value.length > 0; }")
 
 
 def _free_port() -> int:

@@ -11,9 +11,9 @@ change nothing the studio runs:
   template (~200 of them) to put the component's name in it; the only placeholder these
   docstrings use is `{{ component }}`, which a string replacement fills the same way.
 
-Measured on this machine (`python -X importtime`, `time python -c "import gradio"`):
-`import gradio` 2.4 s with both, 1.6 s without the first, 1.2 s without either: most of
-why the studio's page took 4 s to answer.
+Measured on this machine (`python -X importtime`, `time python -c "import gradio"`): the
+first is ~0.8 s, the second ~0.2 s; `import gradio` takes 2.0-2.1 s with both, 1.0-1.1 s
+without (bench/RESULTS.md, "UI start"): most of why the studio's page took 4 s to answer.
 """
 from __future__ import annotations
 

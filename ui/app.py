@@ -244,8 +244,9 @@ def launch(workspace: Workspace | str | os.PathLike | None = None, host: str = "
            *, auth: tuple[str, str] | None = None, share: bool = False, allow_pickle: bool = False,
            block: bool = True) -> gr.Blocks:
     """Serve the studio at http://host:port/ (files only from the workspace); start the job
-    supervisor once the first page has loaded; block until interrupted unless `block` is False. `auth` (checked by
-    studio.exposure before a public bind) makes every page and API call ask for a login."""
+    supervisor once the first page has loaded; block until interrupted unless `block` is
+    False. `auth` (checked by studio.exposure before a public bind) makes every page and API
+    call ask for a login."""
     upload_limit = max_upload_bytes()  # a bad $LORA_STUDIO_MAX_UPLOAD_MB stops here, before anything starts
     check_caps()  # and so does a bad cap setting (studio.limits)
     ws = workspace if isinstance(workspace, Workspace) else Workspace.open(workspace)

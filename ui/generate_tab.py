@@ -189,7 +189,8 @@ def build(studio: Studio, model_choices) -> SimpleNamespace:
         return gr.update(visible=gv.is_tlora_adapter(ws, name))
 
     # One stable API name per action for scripts (`/generate`, `/grid`, `/suggest`; ui.app.PUBLIC_API
-    # keeps every other handler private); Enter in the prompt runs the same handler as Generate. Everything that runs the engine queues as one.
+    # keeps every other handler private); Enter in the prompt runs the same handler as Generate.
+    # Everything that runs the engine queues as one.
     go.click(on_generate, [*settings_inputs, *flat_rows], [results, info], concurrency_id="generate",
              api_name="generate")
     prompt.submit(on_generate, [*settings_inputs, *flat_rows], [results, info], concurrency_id="generate")
