@@ -1,10 +1,13 @@
 """The shape ARCHITECTURE.md promises, checked on the source: a model family is named only
-in its own module (studio/models/families/)."""
+in its own module (studio/models/families/), imports go one way (no cycle, counting imports
+inside functions)."""
 from __future__ import annotations
 
+import ast
 import io
 import re
 import tokenize
+from pathlib import Path
 
 from tests.conftest import ROOT
 
@@ -34,8 +37,6 @@ def test_no_source_outside_the_family_modules_names_a_family():
 
 def _method_branches(path, names: set[str]):
     """(line, text) of comparisons with a method's name: `x == "tlora"`, `x in ("loha", ...)`."""
-    import ast
-
     tree = ast.parse(path.read_text(encoding="utf-8"))
     for node in ast.walk(tree):
         if not isinstance(node, ast.Compare):
@@ -63,8 +64,6 @@ def test_no_source_outside_the_method_modules_branches_on_a_method_name():
 
 
 def _imports(path) -> list[tuple[int, str]]:
-    import ast
-
     out = []
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
@@ -86,6 +85,138 @@ def test_only_trainers_import_trainers():
     assert not found, "\n".join(found)
 
 
+def test_generation_sits_above_the_adapters_and_the_models():
+    """The engine uses adapters and models, never the reverse: LoRA Block Weight's blocks are a
+    model fact (studio.models.blocks), the adapters' mixing and mixtures read them there."""
+    found = _importers(("studio/adapters", "studio/models"), "studio.generation")
+    assert not found, "\n".join(found)
+
+
 def test_the_toy_world_is_outside_the_product():
     found = _importers(PRODUCT, "toyworld")
     assert not found, "\n".join(found)
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _product_modules() -> dict[str, Path]:
+    return {_module_name(path): path for package in PRODUCT for path in sorted((ROOT / package).rglob("*.py"))}
+
+
+def _type_checking_only(tree: ast.Module) -> set[int]:
+    """ids of the import nodes under `if TYPE_CHECKING:` (never run, so they make no cycle)."""
+    return {id(node) for block in ast.walk(tree)
+            if isinstance(block, ast.If) and ast.unparse(block.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING")
+            for statement in block.body for node in ast.walk(statement)}
+
+
+def _imported_names(node: ast.AST, module: str, is_package: bool) -> list[str]:
+    """What an import statement (or `importlib.import_module("x")`) loads: `from a import b`
+    is a.b when b is a module, else a; relative imports resolved."""
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    if isinstance(node, ast.ImportFrom):
+        base = node.module or ""
+        if node.level:
+            package = module.split(".")[:len(module.split(".")) - node.level + is_package]
+            base = ".".join(package + ([base] if base else []))
+        return [f"{base}.{alias.name}" for alias in node.names] + [base]
+    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "import_module"
+            and node.args and isinstance(node.args[0], ast.Constant)):
+        return [node.args[0].value]
+    return []
+
+
+def import_graph() -> dict[str, dict[str, tuple[Path, int]]]:
+    """module -> {product module it imports: (file, line)}, every import counted: at the top,
+    inside functions, `from package import submodule`, and a package's __init__ importing its
+    own modules."""
+    modules = _product_modules()
+    graph: dict[str, dict[str, tuple[Path, int]]] = {name: {} for name in modules}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        skipped = _type_checking_only(tree)
+        for node in ast.walk(tree):
+            if id(node) in skipped:
+                continue
+            names = _imported_names(node, name, path.name == "__init__.py")
+            if isinstance(node, ast.ImportFrom):  # a.b when b is a module, else a itself
+                *submodules, base = names
+                names = [n for n in submodules if n in modules] or [base]
+            for target in names:
+                while target and target not in modules:
+                    target = target.rpartition(".")[0]
+                if target and target != name:
+                    graph[name].setdefault(target, (path, node.lineno))
+    return graph
+
+
+def _strongly_connected(graph: dict[str, dict]) -> list[list[str]]:
+    """Tarjan's strongly connected components with more than one module: each holds a cycle."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for target in graph[node]:
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = stack[stack.index(node):]
+            del stack[stack.index(node):]
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def _shortest_cycle(graph: dict[str, dict], start: str, inside: set[str]) -> list[str]:
+    """A shortest cycle from `start` back to it within `inside` (breadth first)."""
+    came_from: dict[str, str] = {}
+    frontier = [start]
+    while frontier:
+        following = []
+        for node in frontier:
+            for target in graph[node]:
+                if target == start:
+                    cycle = [node]
+                    while cycle[-1] != start:
+                        cycle.append(came_from[cycle[-1]])
+                    return [*reversed(cycle), start]
+                if target in inside and target not in came_from:
+                    came_from[target] = node
+                    following.append(target)
+        frontier = following
+    raise AssertionError(f"{start} is on no cycle")
+
+
+def import_cycles(graph: dict[str, dict]) -> list[list[str]]:
+    """The shortest cycle through each module that is on one, each cycle once."""
+    cycles: dict[tuple[str, ...], list[str]] = {}
+    for component in _strongly_connected(graph):
+        for start in component:
+            cycle = _shortest_cycle(graph, start, set(component))
+            first = cycle.index(min(cycle[:-1]))
+            cycles.setdefault(tuple(cycle[first:-1] + cycle[:first]), cycle)
+    return list(cycles.values())
+
+
+def test_no_import_cycle():
+    """Each cycle printed as module (file:line of its import) -> module -> ...; break it by
+    moving the shared piece to a module both sides can import."""
+    graph = import_graph()
+    lines = [" -> ".join([*(f"{a} ({graph[a][b][0].relative_to(ROOT)}:{graph[a][b][1]})"
+                            for a, b in zip(cycle, cycle[1:])), cycle[-1]]) for cycle in import_cycles(graph)]
+    assert not lines, "import cycles:\n" + "\n".join(lines)
