@@ -120,7 +120,7 @@ def demo_config(*, name: str, dataset: Path | None = None, steps: int | None = N
 def train(workspace, **settings) -> Path:
     """Train `demo_config(**settings)` in-process; returns the adapter file."""
     from studio.jobs.runs import create_run
-    from trainers.lora import train_run
+    from trainers.run import train_run
 
     return train_run(create_run(demo_config(**settings), workspace), show_progress=False)
 

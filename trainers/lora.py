@@ -928,13 +928,3 @@ def unique_adapter_path(folder: Path, name: str, run_id: str) -> Path:
         if meta.get("lora_studio_run_id") != run_id:
             candidate = folder / f"{name}-{run_id}.safetensors"
     return candidate
-
-
-def train_run(run_dir: Path, *, resume: bool = True, show_progress: bool = True) -> Path | None:
-    """Train the run in `run_dir` (its config.toml), resuming from its last checkpoint.
-    Returns the adapter's path (None in the processes of a data-parallel run but the main one)."""
-    config = load_config(Path(run_dir) / CONFIG_FILE)
-    trainer = Trainer
-    if config.mixture.members:  # a mixture's gates, its members frozen
-        from trainers.mixture import MixtureTrainer as trainer
-    return trainer(Path(run_dir), config, show_progress=show_progress).run(resume=resume)

@@ -20,7 +20,7 @@ def members_dataset(config, workspace) -> Path:
     from studio.config import load_config
     from studio.datasets import caption_with_trigger, training_items
     from studio.fsutil import atomic_write_text
-    from studio.jobs.runs import CONFIG_FILE, dataset_folder
+    from studio.jobs.run_folder import CONFIG_FILE, dataset_folder
 
     target = workspace.dataset_dir(f"{config.name}-members")
     building = target.with_name(target.name + ".building")
