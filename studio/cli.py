@@ -34,6 +34,14 @@ def _finite(text: str) -> float:
     return value
 
 
+def parse_mix_arg(text: str) -> tuple[Path, float]:
+    """`FILE[:WEIGHT]` of bake, fuse and mixture (generate's adapter argument) as (path, weight)."""
+    from studio.generation.engine import parse_adapter_arg
+
+    use = parse_adapter_arg(text)
+    return use.path, use.weight
+
+
 def _workspace_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workspace", metavar="DIR", default=None,
                         help="workspace folder (default: $LORA_STUDIO_WORKSPACE or ./workspace)")
@@ -283,7 +291,6 @@ def _resolve_adapter_name(name: str, workspace_dir) -> Path:
 
 
 def cmd_mixture(args) -> int:
-    from studio.adapters.mixing import parse_mix_arg
     from studio.adapters.mixtures.file import find_member, new_mixture, save_mixture
 
     members = [parse_mix_arg(a) for a in args.adapters]
@@ -389,7 +396,7 @@ def _stderr_progress(what: str, unit: str, width: int = 30):
 def cmd_bake(args) -> int:
     check_output_file(args.out)
     from studio.adapters.formats.files import PRECISIONS
-    from studio.adapters.mixing import bake, parse_mix_arg
+    from studio.adapters.mixing import bake
 
     report = bake([parse_mix_arg(a) for a in args.adapters], args.out, rank=args.rank,
                   dtype=PRECISIONS[args.precision])
@@ -399,7 +406,7 @@ def cmd_bake(args) -> int:
 
 def cmd_fuse(args) -> int:
     check_output_file(args.out)
-    from studio.adapters.mixing import fuse, parse_mix_arg
+    from studio.adapters.mixing import fuse
 
     print(fuse(args.model, [parse_mix_arg(a) for a in args.adapters], args.out, allow_pickle=args.allow_pickle))
     return 0

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 from studio.errors import StudioError
-from studio.generation.blocks import FULL_BLOCKS
+from studio.models.blocks import FULL_BLOCKS
 
 SIZE_DEFAULT = "Model default"
 SIZE_CHOICES = [SIZE_DEFAULT, "64 × 64", "128 × 128", "256 × 256", "512 × 512", "512 × 768", "768 × 512",
@@ -424,7 +424,7 @@ def save_mixture_gates(studio, name: str, rows: Sequence[Sequence]) -> str:
 
     from studio.adapters.library import find_adapter
     from studio.adapters.mixtures.file import load_mixture, save_mixture
-    from studio.generation.blocks import FULL_BLOCKS
+    from studio.models.blocks import FULL_BLOCKS
 
     path = find_adapter(studio.workspace, name)
     mixture = load_mixture(path)

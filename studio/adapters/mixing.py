@@ -42,14 +42,6 @@ class MixReport:
         return text
 
 
-def parse_mix_arg(text: str) -> tuple[Path, float]:
-    """`FILE[:WEIGHT]`."""
-    from studio.generation.engine import parse_adapter_arg
-
-    use = parse_adapter_arg(text)
-    return use.path, use.weight
-
-
 def _check_mix(mix: list[tuple[Path, float]]) -> None:
     """Refuse an empty mix, one over the cap, or a weight that is not a finite number."""
     if not mix:
@@ -65,7 +57,7 @@ def _load_mix(mix: list[tuple[Path, float]]) -> tuple[str, list[tuple[AdapterFil
     the mix stands for its members, each with its gates (only a step- and prompt-independent
     mixture has one weight per layer; any other is refused with the reason)."""
     from studio.adapters.mixtures.file import is_mixture, load_mixture
-    from studio.generation.blocks import FULL_BLOCKS
+    from studio.models.blocks import FULL_BLOCKS
 
     _check_mix(mix)
     loaded = []
@@ -109,7 +101,7 @@ def _layer_shapes(family: str, adapter: AdapterFile) -> dict[str, torch.Size]:
 def module_blocks(family: str, adapter: AdapterFile) -> dict[str, str | None]:
     """The LBW block of each module (BASE for the text encoders, None outside the blocks),
     as the engine assigns it."""
-    from studio.generation.blocks import module_block
+    from studio.models.blocks import module_block
 
     _, models = fitting_models(adapter)
     table = name_table(family, models)
@@ -122,7 +114,7 @@ def bake(mix: list[tuple[Path, float]], out: str | Path, *, rank: int | None = N
     """One LoRA file equal to the weighted mix: exact (ranks concatenated) or, with
     `rank`, the best rank-N approximation of each module's summed update."""
     family, loaded = _load_mix(mix)
-    from studio.generation.blocks import block_weight
+    from studio.models.blocks import block_weight
 
     names = sorted({n for adapter, *_ in loaded for n in adapter.modules})
     modules, energy = {}, {}

@@ -336,7 +336,7 @@ class Engine:
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         from studio.adapters import adapter_models
-        from studio.generation.blocks import block_weight, parse_block_weights
+        from studio.models.blocks import block_weight, parse_block_weights
         from studio.models.families import family_of_pipeline
 
         family = family_of_pipeline(pipe).name
@@ -405,7 +405,7 @@ class Engine:
         return after_step
 
     def _block_of(self, unet, path: str) -> str | None:
-        from studio.generation.blocks import module_block
+        from studio.models.blocks import module_block
 
         key = (id(unet), path)
         if key not in self._blocks:
@@ -541,7 +541,7 @@ def mixture_uses(use: AdapterUse, mixture, pipe, prompt: str | None) -> list[Ada
     import torch
 
     from studio.adapters.mixtures.gates import Gates, prompt_embedding
-    from studio.generation.blocks import FULL_BLOCKS, parse_block_weights
+    from studio.models.blocks import FULL_BLOCKS, parse_block_weights
     from studio.models.families import family_of_pipeline
 
     outer = torch.ones(len(FULL_BLOCKS))

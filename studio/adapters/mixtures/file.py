@@ -115,7 +115,7 @@ def new_mixture(members: list[Path], gate: str = "block", *, weights: list[float
     """A mixture of library adapter files whose gates start as the plain weighted sum
     (every gate = the member's weight; arrow: routing)."""
     from studio.adapters import load_adapter
-    from studio.generation.blocks import FULL_BLOCKS
+    from studio.models.blocks import FULL_BLOCKS
     from studio.limits import MIX_ADAPTERS
     from studio.models.families import get_family
 
@@ -188,7 +188,7 @@ def load_mixture(path: str | Path, *, resolve: bool = True) -> Mixture:
     from safetensors import safe_open
 
     from studio.adapters import read_checked_header
-    from studio.generation.blocks import FULL_BLOCKS
+    from studio.models.blocks import FULL_BLOCKS
 
     path = Path(path)
     _, metadata = read_checked_header(path)

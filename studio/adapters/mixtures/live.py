@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from studio.adapters.formats.files import AdapterFile
-from studio.generation.blocks import FULL_BLOCKS
+from studio.models.blocks import FULL_BLOCKS
 
 
 class MemberUpdate:
@@ -64,7 +64,7 @@ class LiveMembers:
 
     def __init__(self, family: str, models: dict[str, torch.nn.Module], members: list[AdapterFile]):
         from studio.adapters.formats.naming import name_table
-        from studio.generation.blocks import module_block
+        from studio.models.blocks import module_block
 
         table = name_table(family, models)
         unet = models.get("unet")
