@@ -22,23 +22,26 @@ import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import torch
 
 from studio.errors import StudioError
 from studio.models.families import (BUILTIN, DEFAULT, family_from_diffusers_keys, family_from_metadata, family_from_prefixes,
                              family_from_unet_names, get_family)
+from studio.adapters.formats.header_keys import FORMAT_KEY, MIXTURE_KEY
 from studio.adapters.formats.embeddings import bundled_tensors, parse_bundled, split_bundled
 from studio.adapters.formats.modules import LOHA, LOKR, LORA, AdapterModule, dora_scale_from_magnitude, \
     magnitude_from_dora_scale, parse_module
 from studio.adapters.formats.naming import (ALL_PREFIXES, Target, clip_kohya_path, describe_names, name_table,
                                    path_to_name, split_name)
-from studio.adapters.formats.peft_bridge import AdapterType, _lokr_config, _loha_config, _lora_config, _Plan, check_fit
+from studio.adapters.formats.peft_bridge import (AdapterType, _lokr_config, _loha_config, _lora_config, _Plan, check_fit,
+                                                 modules_from_models)
 from studio.fsutil import atomic_write_bytes, open_regular
-from studio.adapters.methods import FORMAT_KEY, METHODS, NativeFileMethod, native_method
-from studio.adapters.mixtures.file import MIXTURE_KEY
 from studio.safetensors_file import read_safetensors_header, refuse_pickle, sniff_format
+
+if TYPE_CHECKING:
+    from studio.adapters.methods.base import Method, NativeFileMethod
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +78,19 @@ class AdapterFile:
 
     def prefix_counts(self) -> dict[str, int]:
         return describe_names(self.modules)
+
+
+def export_adapter(models: Mapping[str, torch.nn.Module], *, family: str = DEFAULT.name, adapter_name: str = "default",
+                   metadata: Mapping[str, str] | None = None,
+                   initial_factors: Mapping[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] | None = None,
+                   ) -> AdapterFile:
+    """The peft adapter `adapter_name` on `models` ({"unet": ..., "text_encoder": ...,
+    "text_encoder_2": ...}) as an AdapterFile in kohya names, whatever its peft type (LoRA,
+    LoCon, DoRA, rsLoRA, LoHa, LoKr); rank and alpha come from the layers. After a PiSSA /
+    OLoRA init, `initial_factors` (see `modules_from_models`) makes it the equivalent plain
+    LoRA on the unmodified base model."""
+    modules = modules_from_models(family, models, adapter_name, initial_factors)
+    return AdapterFile(modules, dict(metadata or {}), family, "peft")
 
 
 # --------------------------------------------------------------------------------------
@@ -171,9 +187,12 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return tensors, metadata
 
 
-def load_adapter(path: str | Path) -> AdapterFile:
+def load_adapter(path: str | Path, methods: Iterable[Method] = ()) -> AdapterFile:
     """Read an adapter file or folder in any supported layout (kohya / LyCORIS, diffusers,
-    peft), checking every tensor; a clear StudioError names anything that does not fit."""
+    peft), checking every tensor; a clear StudioError names anything that does not fit.
+    `methods` (studio.adapters.load_adapter passes every one; the formats import none) read
+    their own layouts (T-LoRA's, named by the header's FORMAT_KEY) and say why a file of
+    another tool they recognise cannot be read (`foreign_file`)."""
     path = Path(path)
     if path.is_dir():
         return _load_peft_folder(path)
@@ -181,7 +200,7 @@ def load_adapter(path: str | Path) -> AdapterFile:
     if MIXTURE_KEY in metadata:
         raise StudioError(f"{path.name} is a mixture of adapters, not one adapter: generate with it, or write it as "
                           "one LoRA with `lora-studio bake` where its gates allow.")
-    native = native_method(metadata.get(FORMAT_KEY))
+    native = _native_method(methods, metadata.get(FORMAT_KEY))
     if native is not None:
         return _from_native(native, path, metadata)
     bundled = split_bundled(tensors)
@@ -212,12 +231,19 @@ def load_adapter(path: str | Path) -> AdapterFile:
     if any(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")) for k in keys):
         raise StudioError(f"{path.name} is a base-model checkpoint, not an adapter; use it as the base model.")
     parts = {k.split(".", 1)[1] for k in keys if "." in k}
-    for method in METHODS.values():
+    for method in methods:
         why = method.foreign_file(path.name, parts)
         if why:
             raise StudioError(why)
     raise StudioError(f"{path.name} is not an adapter in a known layout (kohya/LyCORIS, diffusers or peft): "
                       f"its tensors are named like {', '.join(sorted(keys)[:3])}.")
+
+
+def _native_method(methods: Iterable[Method], file_format: str | None) -> NativeFileMethod | None:
+    """The one of `methods` whose own layout a header's FORMAT_KEY names, if any."""
+    if file_format is None:
+        return None
+    return next((m for m in methods if getattr(m, "native_format", None) == file_format), None)
 
 
 def _from_native(method: NativeFileMethod, path: Path, metadata: dict[str, str]) -> AdapterFile:

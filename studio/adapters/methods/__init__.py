@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from studio.errors import StudioError
 from studio.adapters.methods.adalora import AdaLoRA
-from studio.adapters.methods.base import FORMAT_KEY, Method, NativeFileMethod, Training
+from studio.adapters.formats.header_keys import FORMAT_KEY
+from studio.adapters.methods.base import Method, NativeFileMethod, Training
 from studio.adapters.methods.locon import LoCon
 from studio.adapters.methods.loha import LoHa
 from studio.adapters.methods.lokr import LoKr

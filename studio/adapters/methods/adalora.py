@@ -133,7 +133,8 @@ class AdaLoRATraining(PeftTraining):
         scale alpha / (r0 + 1e-5) (peft divides by ranknum + 1e-5)."""
         import torch
 
-        from studio.adapters import AdapterFile, LoraModule
+        from studio.adapters.formats.files import AdapterFile
+        from studio.adapters.formats.modules import LoraModule
         from studio.adapters.formats.modules import keep_components
         from studio.adapters.formats.naming import clean_path, path_to_name
         from peft.tuners.adalora.layer import AdaLoraLayer

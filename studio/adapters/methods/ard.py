@@ -155,7 +155,7 @@ class ARDGates:
         """The plain LoRA file: B diag(s ⊙ m) written as up, each module at its live rank."""
         import torch
 
-        from studio.adapters import export_adapter
+        from studio.adapters.formats.files import export_adapter
         from studio.adapters.formats.modules import keep_components
         from studio.adapters.formats.naming import clean_path, path_to_name
         from peft.tuners.lora.layer import LoraLayer

@@ -36,8 +36,6 @@ if TYPE_CHECKING:
     from studio.adapters.formats.files import AdapterFile
     from studio.adapters.formats.modules import AdapterModule
 
-# The header entry that names a method's own file layout ("tlora"); absent in kohya files.
-FORMAT_KEY = "lora_studio.format"
 # The peft adapter name a run trains under.
 ADAPTER_NAME = "default"
 
@@ -96,7 +94,7 @@ class Training(ABC):
 
     def save(self, path: Path, adapter: "AdapterFile") -> Path:
         """Write the exported adapter (with its metadata) to `path`."""
-        from studio.adapters import save_adapter
+        from studio.adapters.formats.files import save_adapter
 
         return save_adapter(path, adapter)
 
@@ -243,7 +241,7 @@ class PeftTraining(Training):
                 set_peft_model_state_dict(model, part)
 
     def export(self, family):
-        from studio.adapters import export_adapter
+        from studio.adapters.formats.files import export_adapter
 
         return export_adapter(self.models, family=family, adapter_name=ADAPTER_NAME)
 
@@ -387,7 +385,8 @@ class LinearHookTraining(Training):
                 p.copy_(state[key])
 
     def export(self, family):
-        from studio.adapters import AdapterFile, LoraModule
+        from studio.adapters.formats.files import AdapterFile
+        from studio.adapters.formats.modules import LoraModule
         from studio.adapters.formats.naming import path_to_name
 
         modules = {}

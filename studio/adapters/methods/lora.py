@@ -140,7 +140,7 @@ class LoRATraining(PeftTraining):
             for path, layer in model.named_modules() if isinstance(layer, LoraLayer) and ADAPTER_NAME in layer.lora_A})
 
     def export(self, family):
-        from studio.adapters import export_adapter
+        from studio.adapters.formats.files import export_adapter
 
         if self.gates is not None:
             return self.gates.export(self.models, family)

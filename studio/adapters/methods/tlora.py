@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 
-from studio.adapters.methods.base import FORMAT_KEY, NativeFileMethod, Training
+from studio.adapters.formats.header_keys import FORMAT_KEY
+from studio.adapters.methods.base import NativeFileMethod, Training
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,8 @@ class TLoRATraining(Training):
 
     def export(self, family):
         """The plain (all ranks on) view: it gives the metadata its rank and alpha."""
-        from studio.adapters import AdapterFile, LoraModule
+        from studio.adapters.formats.files import AdapterFile
+        from studio.adapters.formats.modules import LoraModule
         from studio.adapters.formats.naming import path_to_name
         from studio.adapters.methods.tlora_layers import plain_lora_factors
 

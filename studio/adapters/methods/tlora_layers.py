@@ -30,8 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from studio.errors import StudioError
-from studio.adapters.methods.base import FORMAT_KEY
-from studio.adapters.methods.tlora import TLoRA
+from studio.adapters.formats.header_keys import FORMAT_KEY
 
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -223,7 +222,8 @@ def inject_tlora(unet: nn.Module, target_modules: list[str], *, rank: int, alpha
 # schedule in the metadata, so the studio reloads it with its timestep masks:
 #   unet.<path>.tlora_q [r, in], .tlora_lambda [r], .tlora_p [out, r]
 #   (+ .tlora_q0, .tlora_lambda0, .tlora_p0 for Ortho-LoRA), metadata tlora_schedule (JSON)
-FORMAT_VALUE = TLoRA.native_format
+# TLoRA.native_format: tlora.py imports this module (inside its functions: torch), not the reverse.
+FORMAT_VALUE = "tlora"
 _PARTS = {"q": "tlora_q", "lam": "tlora_lambda", "p": "tlora_p", "q0": "tlora_q0", "lam0": "tlora_lambda0", "p0": "tlora_p0"}
 
 

@@ -31,9 +31,9 @@ from pathlib import Path
 
 import torch
 
+from studio.adapters.formats.header_keys import MIXTURE_KEY
 from studio.errors import StudioError
 
-MIXTURE_KEY = "lora_studio_mixture"
 GATE_KINDS = ("block", "block_timestep", "prompt", "arrow")
 STEP_OR_PROMPT = {"block_timestep": "its gates change with the denoising timestep",
                   "prompt": "its gates depend on the prompt",
