@@ -343,7 +343,7 @@ class CaptionReport:
 def merge_caption(old: str, new: str, mode: str) -> str:
     """The caption `mode` makes from the old caption text and the model's `new` text; see
     the module docstring. Only the first non-empty line of `old` changes."""
-    from studio.datasets import split_tags
+    from studio.datasets.captions import split_tags
 
     if mode not in MODES:
         raise StudioError(f"Unknown captioning mode {mode!r}: use one of {', '.join(MODES)}.")
@@ -373,8 +373,10 @@ def caption_dataset(folder: str | os.PathLike, model: str | os.PathLike | Captio
     `trigger` is then put first by caption_with_trigger. Regularisation pictures only with
     `include_regularisation`. `progress(done, total)` is called after every batch (and once
     with 0 before the first). Returns a `CaptionReport`."""
-    from studio.datasets import (MAX_CAPTION_BYTES, CAPTION_EXTENSION, _one_tag, _read_caption_file, _scan,
-                                 caption_with_trigger, open_image, write_caption)
+    from studio.datasets.captions import (MAX_CAPTION_BYTES, _one_tag, _read_caption_file, caption_with_trigger,
+                                          write_caption)
+    from studio.datasets.images import open_image
+    from studio.datasets.layout import CAPTION_EXTENSION, _scan
 
     if mode not in MODES:
         raise StudioError(f"Unknown captioning mode {mode!r}: use one of {', '.join(MODES)}.")
