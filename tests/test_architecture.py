@@ -1,11 +1,14 @@
 """The shape ARCHITECTURE.md promises, checked on the source: a model family is named only
 in its own module (studio/models/families/), imports go one way (no cycle, counting imports
-inside functions)."""
+inside functions), package __init__ files only re-export, one lazy seam, a torch-free start."""
 from __future__ import annotations
 
 import ast
 import io
+import json
 import re
+import subprocess
+import sys
 import tokenize
 from pathlib import Path
 
@@ -220,3 +223,56 @@ def test_no_import_cycle():
     lines = [" -> ".join([*(f"{a} ({graph[a][b][0].relative_to(ROOT)}:{graph[a][b][1]})"
                             for a, b in zip(cycle, cycle[1:])), cycle[-1]]) for cycle in import_cycles(graph)]
     assert not lines, "import cycles:\n" + "\n".join(lines)
+
+
+# The one lazy seam: `studio.adapters` offers studio.adapters.api's names on first use
+# (module __getattr__), so that studio.config (which lists the methods), the job queue and the
+# UI start without torch.
+LAZY_SEAM = ROOT / "studio" / "adapters" / "__init__.py"
+
+
+def _re_exports(statement: ast.stmt) -> bool:
+    """An import, the docstring or `__all__ = [...]`."""
+    if isinstance(statement, (ast.Import, ast.ImportFrom)):
+        return True
+    if isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant):
+        return isinstance(statement.value.value, str)
+    return isinstance(statement, ast.Assign) and [ast.unparse(t) for t in statement.targets] == ["__all__"]
+
+
+def test_package_inits_only_re_export():
+    """Code lives in modules, named for what they hold; a package's __init__ offers their
+    public names (imports, `__all__`, a docstring), as httpx's does."""
+    found = []
+    for package in PRODUCT:
+        for path in sorted((ROOT / package).rglob("__init__.py")):
+            for statement in ast.parse(path.read_text(encoding="utf-8")).body:
+                seam = path == LAZY_SEAM and isinstance(statement, ast.FunctionDef) and statement.name == "__getattr__"
+                if not (_re_exports(statement) or seam):
+                    found.append(f"{path.relative_to(ROOT)}:{statement.lineno}: {ast.unparse(statement).splitlines()[0]}")
+    assert not found, "\n".join(found)
+
+
+def test_one_lazy_seam():
+    """Names looked up at run time (a module __getattr__, importlib.import_module) hide imports
+    from readers and from the cycle check: studio.adapters' is the only one."""
+    found = []
+    for path in _product_modules().values():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        found += [f"{path.relative_to(ROOT)}:{node.lineno}" for node in tree.body
+                  if isinstance(node, ast.FunctionDef) and node.name == "__getattr__"]
+        found += [f"{path.relative_to(ROOT)}:{node.lineno}" for node in ast.walk(tree)
+                  if isinstance(node, ast.Call) and ast.unparse(node.func).endswith("import_module")]
+    assert found and all(place.startswith(str(LAZY_SEAM.relative_to(ROOT)) + ":") for place in found), found
+
+
+def test_the_config_the_job_queue_and_the_cli_start_without_torch():
+    """What the UI's first page, `lora-studio --help` and the job supervisor load: torch,
+    diffusers, peft and transformers load only inside the functions that use them."""
+    heavy = ["torch", "diffusers", "peft", "transformers", "accelerate"]
+    code = ("import json, sys\n"
+            "import studio.config, studio.jobs, studio.jobs.runs, studio.datasets, studio.cli, studio.adapters, ui.app\n"
+            f"print(json.dumps([m for m in {heavy!r} if m in sys.modules]))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []

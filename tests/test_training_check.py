@@ -71,7 +71,7 @@ def test_usable_datasets_pass_with_warnings_for_what_training_skips(workspace):
 
 
 def test_resume_refuses_a_run_that_still_cannot_train(workspace):
-    from studio import jobs
+    from studio.jobs import queue as jobs
 
     folder = workspace.dataset_dir("stars")
     folder.mkdir(parents=True)
@@ -88,7 +88,7 @@ def test_resume_refuses_a_run_that_still_cannot_train(workspace):
 
 
 def test_a_run_whose_dataset_broke_after_queueing_fails_with_the_same_line(workspace):
-    from studio import jobs
+    from studio.jobs import queue as jobs
     from studio.jobs.runs import iter_events
     from trainers.lora import Trainer
 

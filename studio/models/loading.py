@@ -1,0 +1,116 @@
+"""Base models: resolve a reference ('builtin', a diffusers folder, a single-file
+checkpoint) and load its pipeline with no network."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from studio.errors import StudioError
+from studio.models.families import BUILTIN, get_family
+
+log = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A resolved base-model reference."""
+
+    kind: Literal["builtin", "diffusers", "single_file"]
+    path: Path
+    family: str  # a studio.models.families name
+
+    @property
+    def display_name(self) -> str:
+        return "builtin" if self.kind == "builtin" else self.path.name
+
+
+def resolve_model(ref: str, *, allow_pickle: bool = False) -> ModelRef:
+    """Turn a model reference into a ModelRef, checking that it exists and what family it is."""
+    from studio.models.builtin import BUILTIN_DIR
+
+    if ref in ("", "builtin"):
+        return ModelRef("builtin", BUILTIN_DIR, BUILTIN.name)
+    path = Path(ref).expanduser()
+    if not path.exists():
+        raise StudioError(
+            f"Base model {ref!r} not found: use 'builtin', a diffusers folder or a .safetensors checkpoint."
+        )
+    from studio.models.single_file import detect_family
+
+    if path.is_dir():
+        return ModelRef("diffusers", path.resolve(), detect_family(path))
+    if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
+        raise StudioError(
+            f"{path.name} is a pickle checkpoint, which can run code when loaded. Convert it to "
+            ".safetensors, or pass --allow-pickle if you trust its source."
+        )
+    return ModelRef("single_file", path.resolve(), detect_family(path, allow_pickle=allow_pickle))
+
+
+def quiet_libraries() -> None:
+    """Our own progress and logs say what happens; the libraries' loading bars and the
+    transformers note about torchvision (we never use its image processors) are noise."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def load_pipeline(ref: str | ModelRef, *, allow_pickle: bool = False, torch_dtype=None, unet_dtype=None,
+                  unet_quantization=None):
+    """Load a base model's diffusers pipeline offline (no hub access). `unet_quantization`
+    (a diffusers quantization config such as BitsAndBytesConfig, CUDA only) loads the UNet
+    quantized, its other layers in `unet_dtype` (default: `torch_dtype`)."""
+    import diffusers
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    model = ref if isinstance(ref, ModelRef) else resolve_model(ref, allow_pickle=allow_pickle)
+    dtype = torch_dtype or torch.float32
+    quiet_libraries()
+    log.info("loading base model %s (%s, %s)", model.path, model.kind, model.family)
+    if model.kind == "single_file":
+        from studio.models.single_file import load_single_file
+
+        config_dir = _builtin_dir() if _is_builtin_architecture(model.path) else None
+        pipe = load_single_file(model.path, allow_pickle=allow_pickle, torch_dtype=dtype, config_dir=config_dir,
+                                unet_dtype=unet_dtype, unet_quantization=unet_quantization)
+    else:
+        family = get_family(model.family)
+        cls = getattr(diffusers, family.pipeline_classes[0])
+        kwargs = dict(family.pipeline_kwargs)
+        if unet_quantization is not None:
+            kwargs["unet"] = UNet2DConditionModel.from_pretrained(
+                model.path, subfolder="unet", dtype=unet_dtype or dtype, local_files_only=True,
+                quantization_config=unet_quantization)
+        pipe = cls.from_pretrained(model.path, dtype=dtype, local_files_only=True, **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _is_builtin_architecture(path: Path) -> bool:
+    """A single file of the built-in model's toy architecture (e.g. a fused mix) loads with
+    the built-in folder as its config instead of the full-size SD1.5 skeleton."""
+    from studio.models.single_file import UNET_PREFIX
+    from studio.safetensors_file import read_safetensors_header, sniff_format
+
+    if sniff_format(path) != "safetensors":
+        return False
+    tensors, _ = read_safetensors_header(path)
+    conv_in = tensors.get(UNET_PREFIX + "input_blocks.0.0.weight", {}).get("shape")
+    config = json.loads((_builtin_dir() / "unet" / "config.json").read_text())
+    return conv_in == [config["block_out_channels"][0], config["in_channels"], 3, 3]
+
+
+def _builtin_dir() -> Path:
+    from studio.models.builtin import BUILTIN_DIR
+
+    return BUILTIN_DIR
