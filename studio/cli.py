@@ -13,7 +13,12 @@ import sys
 from pathlib import Path
 
 from studio.errors import StudioError
+from studio.exposure import serving_auth
 from studio.fsutil import check_output_file
+from studio.generation.engine import Engine, GenerateRequest, parse_adapter_arg, parse_prompt_loras, save_png
+from studio.generation.grid import Axis, xy_grid
+from studio.models import load_pipeline
+from studio.workspace import Workspace
 
 EXIT_USAGE = 2
 
@@ -36,8 +41,6 @@ def _finite(text: str) -> float:
 
 def parse_mix_arg(text: str) -> tuple[Path, float]:
     """`FILE[:WEIGHT]` of bake, fuse and mixture (generate's adapter argument) as (path, weight)."""
-    from studio.generation.engine import parse_adapter_arg
-
     use = parse_adapter_arg(text)
     return use.path, use.weight
 
@@ -196,7 +199,6 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_train(args) -> int:
     from studio.config import load_config, parse_config
     from studio.jobs.runs import create_run, latest_unfinished_run
-    from studio.workspace import Workspace
 
     config = load_config(args.config)
     if args.processes is not None:
@@ -265,7 +267,6 @@ def _end_with_parent() -> None:
 
 def cmd_generate(args) -> int:
     check_output_file(args.out)
-    from studio.generation.engine import Engine, GenerateRequest, parse_adapter_arg, parse_prompt_loras, save_png
 
     adapters = [parse_adapter_arg(a) for a in args.adapter]
     prompt, tagged = parse_prompt_loras(args.prompt, lambda name: _resolve_adapter_name(name, args.workspace))
@@ -285,7 +286,6 @@ def cmd_generate(args) -> int:
 
 def _resolve_adapter_name(name: str, workspace_dir) -> Path:
     from studio.adapters.library import find_adapter
-    from studio.workspace import Workspace
 
     return find_adapter(Workspace.open(workspace_dir), name)
 
@@ -344,8 +344,6 @@ def cmd_convert(args) -> int:
 
     models = None
     if args.model:
-        from studio.models import load_pipeline
-
         models = adapter_models(load_pipeline(args.model))
     out = convert_adapter(args.src, args.dst, format=args.format, precision=args.precision,
                           set_metadata=parse_assignments(args.set), models=models)
@@ -355,7 +353,6 @@ def cmd_convert(args) -> int:
 
 def cmd_dataset(args) -> int:
     from studio.datasets import check_dataset, import_dataset
-    from studio.workspace import Workspace
 
     if args.dataset_command is None:
         raise StudioError("Say what to do: `lora-studio dataset import SRC --name NAME`, `dataset check NAME` "
@@ -428,8 +425,6 @@ def cmd_resize(args) -> int:
 
 def cmd_grid(args) -> int:
     check_output_file(args.out)
-    from studio.generation.engine import Engine, GenerateRequest, parse_adapter_arg, save_png
-    from studio.generation.grid import Axis, xy_grid
 
     request = GenerateRequest(prompt=args.prompt, model=args.model, adapters=[parse_adapter_arg(a) for a in args.adapter],
                               seed=args.seed, steps=args.steps, guidance_scale=args.guidance)
@@ -442,10 +437,8 @@ def cmd_grid(args) -> int:
 
 
 def cmd_suggest(args) -> int:
-    from studio.generation.engine import Engine
     from studio.adapters.library import list_adapters
     from studio.generation.suggest import suggest
-    from studio.workspace import Workspace
 
     found = suggest(Engine(), args.prompt, list_adapters(Workspace.open(args.workspace)), model=args.model, top=args.top)
     if not found:
@@ -456,8 +449,6 @@ def cmd_suggest(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    from studio.exposure import serving_auth
-
     host = "0.0.0.0" if args.listen else args.host
     auth = serving_auth(host, share=args.share, auth=args.auth)
     from ui.app import launch

@@ -16,6 +16,8 @@ from pydantic_core import PydanticCustomError
 from studio import ASSETS_DIR, PRESETS_DIR, PROJECT_ROOT
 from studio.errors import StudioError
 from studio.adapters.methods import METHODS
+from studio.fsutil import atomic_write_text, read_regular_bytes
+from studio.workspace import check_name
 
 DEMO_DATASET = ASSETS_DIR / "demo-dataset"
 UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -411,8 +413,6 @@ def check_accelerate_config(path: str | Path) -> dict:
 
 def _workspace_name(name: str, what: str) -> str:
     """A name that becomes a folder or file in the workspace, checked where it is read."""
-    from studio.workspace import check_name
-
     try:
         return check_name(name, what)
     except StudioError as error:
@@ -444,8 +444,6 @@ def load_config(path: str | Path) -> TrainConfig:
     """Read a TOML training config, or a shipped preset by name ("tiny-demo", as an installed
     studio has no presets/ folder beside the caller); relative dataset/model paths are taken
     from the config's own folder, then from the project folder."""
-    from studio.fsutil import read_regular_bytes
-
     path = Path(path)
     preset = PRESETS_DIR / f"{path.name}.toml"
     if not path.exists() and path.parent == Path(".") and not path.suffix and preset.is_file():
@@ -481,6 +479,4 @@ def dump_config(config: TrainConfig) -> str:
 
 
 def save_config(config: TrainConfig, path: str | Path) -> None:
-    from studio.fsutil import atomic_write_text
-
     atomic_write_text(path, dump_config(config))

@@ -276,3 +276,89 @@ def test_the_config_the_job_queue_and_the_cli_start_without_torch():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+# What the torch-free start (studio.config, the job queue, the CLI and the UI) must not load.
+TORCH = {"torch", "diffusers", "peft", "transformers", "accelerate"}
+# Entry points that set the environment (HF_HUB_OFFLINE, the log level) before the trainer loads.
+ENVIRONMENT_FIRST = {"trainers.__main__", "trainers.speed"}
+
+
+def _loads(node: ast.AST, module: str, modules: dict[str, Path]) -> tuple[set[str], set[str]]:
+    """(product modules, third-party packages) an import statement runs: a module's parent
+    packages too, and through the lazy seam (`from studio.adapters import name`) studio.adapters.api."""
+    names = _imported_names(node, module, modules[module].name == "__init__.py")
+    product, third_party = set(), set()
+    if isinstance(node, ast.ImportFrom) and names[-1] == "studio.adapters" and any(n not in modules for n in names[:-1]):
+        names.append("studio.adapters.api")
+    for name in names:
+        top = name.split(".")[0]
+        if top in PRODUCT:
+            while name and name not in modules:
+                name = name.rpartition(".")[0]
+            parts = name.split(".")
+            product.update(".".join(parts[:i]) for i in range(1, len(parts) + 1) if ".".join(parts[:i]) in modules)
+        elif top and top != "__future__":
+            third_party.add(top)
+    return product, third_party
+
+
+def _import_statements() -> tuple[dict[str, Path], dict[str, list[tuple[ast.AST, bool]]]]:
+    """module -> [(import statement, inside a function)], `if TYPE_CHECKING:` left out."""
+    modules = _product_modules()
+    found = {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        skipped = _type_checking_only(tree)
+        in_functions = {id(node) for function in ast.walk(tree) if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef))
+                        for node in ast.walk(function)}
+        found[name] = [(node, id(node) in in_functions) for node in ast.walk(tree)
+                       if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in skipped]
+    return modules, found
+
+
+def _third_party_at_import(modules, statements) -> dict[str, set[str]]:
+    """module -> the third-party packages importing it loads (its top-level imports, transitively)."""
+    direct = {}
+    for name in modules:
+        product, third_party = set(), set()
+        for node, in_function in statements[name]:
+            if not in_function:
+                more_product, more_third = _loads(node, name, modules)
+                product |= more_product
+                third_party |= more_third
+        direct[name] = (product - {name}, third_party)
+    loaded = {}
+    for name in modules:
+        seen, stack, packages = set(), [name], set()
+        while stack:
+            current = stack.pop()
+            if current not in seen:
+                seen.add(current)
+                stack.extend(direct[current][0])
+                packages |= direct[current][1]
+        loaded[name] = packages
+    return loaded
+
+
+def test_product_imports_sit_at_the_top_unless_they_would_load_torch():
+    """An import of studio / trainers / ui inside a function stays there only where the module
+    loads without torch and the imported one would load it (studio.config, the job queue and
+    the UI start without torch), in the CLI where it would load any third-party package (a
+    command loads what it runs: `lora-studio --help` in 0.1 s), or in the worker's entry
+    points, which set the environment first."""
+    modules, statements = _import_statements()
+    loaded = _third_party_at_import(modules, statements)
+    found = []
+    for name, found_here in statements.items():
+        for node, in_function in found_here:
+            product, third_party = _loads(node, name, modules)
+            if not in_function or not product or third_party or name in ENVIRONMENT_FIRST:
+                continue
+            brings = set().union(*(loaded[module] for module in product))
+            if name == "studio.cli" and brings:
+                continue
+            if not loaded[name] & TORCH and brings & TORCH:
+                continue
+            found.append(f"{modules[name].relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}")
+    assert not found, "move to the top of the module:\n" + "\n".join(found)

@@ -50,7 +50,7 @@ def test_cuda_only_option_refused_before_any_model_loads(option, workspace, monk
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded before the CUDA check")
 
-    monkeypatch.setattr("studio.models.load_pipeline", no_loading)
+    monkeypatch.setattr("trainers.lora.load_pipeline", no_loading)  # where the trainer looks it up
     run_dir = workspace.runs_dir / "made-elsewhere"
     with pytest.raises(StudioError, match=re.escape(expected)):
         Trainer(run_dir, config, show_progress=False).run()

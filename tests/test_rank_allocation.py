@@ -26,15 +26,15 @@ def _deafened(pipe, deaf: str):
 def _allocation_run(workspace_root, *, deaf: str | None):
     """A Trainer set up with sensitivity allocation; with `deaf`, the base UNet's attention
     block whose output projection is zeroed (its to_q / to_k / to_v then cannot move the loss)."""
-    from studio import models
     from studio.jobs.runs import create_run
     from studio.workspace import Workspace
+    from trainers import lora
     from trainers.lora import Trainer
 
     config = demo_config(max_steps=STEPS, learning_rate=3e-3)
     config.network.rank_allocation = "sensitivity"
     config.network.rank_budget = BUDGET
-    load = models.load_pipeline
+    load = lora.load_pipeline
 
     def deafened(*args, **kwargs):
         return _deafened(load(*args, **kwargs), deaf)
@@ -42,7 +42,7 @@ def _allocation_run(workspace_root, *, deaf: str | None):
     trainer = Trainer(create_run(config, Workspace.open(workspace_root)), show_progress=False)
     with pytest.MonkeyPatch.context() as mp:
         if deaf:
-            mp.setattr(models, "load_pipeline", deafened)
+            mp.setattr(lora, "load_pipeline", deafened)
         trainer._setup()
     return trainer
 

@@ -27,16 +27,23 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from studio.adapters import read_checked_header, training_metadata
+from studio.adapters.formats.embeddings import save_embedding
+from studio.adapters.methods import get_method
 from studio.config import TrainConfig, check_device_support, load_config, steps_for_epochs
+from studio.datasets import caption_with_trigger, load_items, open_mask
 from studio.errors import StudioError
+from studio.fsutil import remove_stale_temp_files
 from studio.models.families import get_family
 from studio.jobs.runs import (CONFIG_FILE, EMBEDDINGS_DIR, SAMPLES_DIR, EventLog, adapters_dir, check_training,
-                              checkpoint_dir, dataset_folder, run_workspace)
+                              checkpoint_dir, dataset_folder, iter_events, run_workspace)
+from studio.models import load_pipeline, resolve_model
 from trainers.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from trainers.data import (BatchOrder, Example, caption_variant, center_crop_offsets, choose_bucket, epochs_done,
                            micro_generator, prepare_image, prepare_mask, random_crop_offsets, sample_generator,
                            validation_indices)
 from trainers.low_memory import nf4_quantization, store_in_fp8
+from trainers.pivotal import PivotalTokens
 from trainers.tensorboard import TensorBoardLog
 
 log = logging.getLogger(__name__)
@@ -75,8 +82,6 @@ class Trainer:
         from accelerate import Accelerator
         from diffusers import DDPMScheduler
         from diffusers.optimization import get_scheduler
-        from studio.datasets import load_items
-        from studio.models import load_pipeline, resolve_model
 
         cfg = self.config
         if cfg.training.num_threads:
@@ -178,8 +183,6 @@ class Trainer:
             for component, encoder in zip(("text_encoder", "text_encoder_2"), self.text_encoders):
                 params += self.adapter.add(component, encoder, cfg.training.text_encoder_lr or cfg.training.learning_rate)
         if net.pivotal_vectors:  # the trigger's embedding, at its own learning rate
-            from trainers.pivotal import PivotalTokens
-
             self.pivotal = PivotalTokens(cfg.dataset.trigger_word.strip(), net.pivotal_vectors, self.tokenizers,
                                          self.text_encoders, init_word=net.pivotal_init, seed=cfg.seed)
             params.append({"params": self.pivotal.parameters(),
@@ -214,8 +217,6 @@ class Trainer:
 
     def _new_adapter(self):
         """What this run trains: the method network.type names (a studio.adapters.methods.Training)."""
-        from studio.adapters.methods import get_method
-
         cfg = self.config
         return get_method(cfg.network.type).training(cfg.network, seed=cfg.seed, max_steps=cfg.training.max_steps)
 
@@ -226,8 +227,6 @@ class Trainer:
         return folder
 
     def _caption(self, caption: str) -> str:
-        from studio.datasets import caption_with_trigger
-
         ds = self.config.dataset
         return caption_with_trigger(caption.strip() or ds.instance_prompt.strip(), ds.trigger_word.strip())
 
@@ -337,8 +336,6 @@ class Trainer:
     def _check_masks(self) -> None:
         """Every picture's mask decodes and fits its picture (open_mask says what is wrong);
         an all-black mask is refused while unmasked_weight is 0: that picture would train nothing."""
-        from studio.datasets import open_mask
-
         unmasked = 0
         for example in self.instance + self.class_examples + self.validation:
             mask = open_mask(example.path)
@@ -355,8 +352,6 @@ class Trainer:
         """The loss weight of each latent cell of `example` cut at `crop`, mirrored with `flip`:
         u + (1 - u) x mask, u = dataset.unmasked_weight (prepare_mask); 1 without a mask.
         Kept per (picture, flip) with centre crops, where the crop never changes."""
-        from studio.datasets import open_mask
-
         key = (example.path, flip)
         if key in self._mask_cache:
             return self._mask_cache[key]
@@ -584,8 +579,6 @@ class Trainer:
                 "parameters it was saved from: start the run again as a new run.")
 
     def _train(self, *, resume: bool, started: float) -> Path | None:
-        from studio.fsutil import remove_stale_temp_files
-
         cfg = self.config
         if self.is_main:
             for folder in (checkpoint_dir(self.run_dir), self.run_dir / SAMPLES_DIR):
@@ -861,8 +854,6 @@ class Trainer:
         modelspec.* metadata. With pivotal tuning the trigger's embedding is bundled in it
         (A1111's bundle_emb.*) and, with `embedding_file`, also written as
         embeddings/<trigger>.safetensors in the run folder."""
-        from studio.adapters import training_metadata
-
         cfg = self.config
         adapter = self.adapter.export(self.model_ref.family)
         samples = sorted((self.run_dir / SAMPLES_DIR).glob("step-*.png"))
@@ -871,8 +862,6 @@ class Trainer:
             run_id=self.run_dir.name, adapter=adapter, thumbnail=samples[-1] if samples else None,
             prediction_type=self.noise_scheduler.config.prediction_type, ema=ema)
         if self.pivotal is not None:
-            from studio.adapters.formats.embeddings import save_embedding
-
             adapter.embeddings = {self.pivotal.name: self.pivotal.vectors()}
             if embedding_file:
                 save_embedding(self.run_dir / EMBEDDINGS_DIR / f"{self.pivotal.name}.safetensors",
@@ -903,8 +892,6 @@ def _is_peer_failure(error: BaseException) -> bool:
 
 def _error_since_start(run_dir: Path) -> bool:
     """An error event after the last start/resume (another process wrote it)."""
-    from studio.jobs.runs import iter_events
-
     found = False
     for event in iter_events(run_dir):
         if event["type"] in ("start", "resume"):
@@ -917,8 +904,6 @@ def _error_since_start(run_dir: Path) -> bool:
 def unique_adapter_path(folder: Path, name: str, run_id: str) -> Path:
     """adapters/<name>.safetensors, or <name>-<run id> when another run already wrote that
     name: a finished adapter is never overwritten by a different run."""
-    from studio.adapters import read_checked_header
-
     candidate = folder / f"{name}.safetensors"
     if candidate.exists():
         try:

@@ -22,7 +22,13 @@ from pathlib import Path
 
 import torch
 
+from studio.adapters import load_adapter, read_checked_header
+from studio.adapters.library import find_adapter
+from studio.adapters.mixtures.file import new_mixture, save_mixture
+from studio.adapters.mixtures.gates import Gates, prompt_embedding
+from studio.adapters.mixtures.live import LiveMembers, per_sample
 from studio.errors import StudioError
+from studio.jobs.runs import run_workspace
 from trainers.lora import Trainer
 
 
@@ -32,8 +38,6 @@ class MixtureTraining:
     regularization, after_step); the trainer writes the mixture file itself."""
 
     def __init__(self, mixture, members, family: str):
-        from studio.adapters.mixtures.gates import Gates
-
         self.mixture, self.members, self.family = mixture, members, family
         self.gates = Gates(mixture)
         self.current: torch.Tensor | None = None   # [B, K, 26] of the UNet call in progress
@@ -45,8 +49,6 @@ class MixtureTraining:
         return None
 
     def add(self, component: str, model: torch.nn.Module, lr: float) -> list[dict]:
-        from studio.adapters.mixtures.live import LiveMembers, per_sample
-
         if component != "unet":
             raise StudioError("A mixture run trains the UNet's gates only; set network.train_text_encoder = false.")
         device = next(model.parameters()).device
@@ -113,11 +115,6 @@ class MixtureTrainer(Trainer):
     def _mixture_parts(self):
         """(mixture with fresh gates, member AdapterFiles), made once from config.mixture."""
         if not hasattr(self, "_parts"):
-            from studio.adapters import load_adapter
-            from studio.adapters.library import find_adapter
-            from studio.adapters.mixtures.file import new_mixture
-            from studio.jobs.runs import run_workspace
-
             cfg = self.config.mixture
             workspace = run_workspace(self.run_dir)
             paths = [find_adapter(workspace, name) for name in cfg.members]
@@ -135,8 +132,6 @@ class MixtureTrainer(Trainer):
     def _members_on_text_encoders(self) -> None:
         """The members' text-encoder modules, live at their BASE gate, before any encoding."""
         if getattr(self, "_text_members", None) is None:
-            from studio.adapters.mixtures.live import LiveMembers, per_sample
-
             mixture, members = self._mixture_parts()
             fixed = MixtureTraining(mixture, members, self.family.name).base_gates()
             models = dict(zip(self.family.text_encoders, self.text_encoders))
@@ -149,15 +144,12 @@ class MixtureTrainer(Trainer):
     def _captions(self, chosen, mine, varied_at):
         captions = super()._captions(chosen, mine, varied_at)
         if self._mixture_parts()[0].gate == "prompt":
-            from studio.adapters.mixtures.gates import prompt_embedding
-
             self.adapter.pending.append(prompt_embedding(self.tokenizers[0], self.text_encoders[0], captions))
         return captions
 
     def _sample_image(self, prompt, generator):
         if self.adapter.mixture.gate != "prompt":
             return super()._sample_image(prompt, generator)
-        from studio.adapters.mixtures.gates import prompt_embedding
 
         self.adapter.sample_embedding = prompt_embedding(self.tokenizers[0], self.text_encoders[0], [prompt])
         try:
@@ -169,9 +161,6 @@ class MixtureTrainer(Trainer):
         """The mixture file with the trained gates, beside its members in the library (a
         mixture trains no embedding: the config refuses pivotal_vectors with members, so
         there is no embedding file to write)."""
-        from studio.adapters import read_checked_header
-        from studio.adapters.mixtures.file import save_mixture
-
         cfg = self.config
         mixture = self.adapter.mixture
         triggers = []

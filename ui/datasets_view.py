@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Sequence
 
+from studio.datasets.captioning import BUILTIN_CAPTIONER, caption_dataset, captioner_kind
+
 
 def stats_markdown(stats, report=None) -> str:
     """Counts, repeats per folder and regularisation images of a dataset."""
@@ -67,8 +69,6 @@ def auto_caption(folder: Path, model: str, mode: str, threshold: float, include_
     CLI's function; `threshold` (the tab's slider, which always has a value) is passed on
     only to a WD14 tagger; `progress(share, desc=...)` is gradio's progress bar. Returns
     the report, for the note under the button."""
-    from studio.datasets.captioning import BUILTIN_CAPTIONER, caption_dataset, captioner_kind
-
     def show(done: int, total: int) -> None:
         progress(done / total if total else 1.0, desc=f"Captioning {done}/{total} pictures")
 

@@ -11,7 +11,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 from studio.errors import StudioError
+from studio.generation.engine import (MAX_BATCH_COUNT, MAX_GUIDANCE, MAX_SEED, MAX_STEPS, AdapterUse, GenerateRequest,
+                                      parse_prompt_loras, save_new_png, save_png)
+from studio.generation.grid import Axis, xy_grid
 from studio.models.blocks import FULL_BLOCKS
+from studio.workspace import check_name
 
 SIZE_DEFAULT = "Model default"
 SIZE_CHOICES = [SIZE_DEFAULT, "64 × 64", "128 × 128", "256 × 256", "512 × 512", "512 × 768", "768 × 512",
@@ -56,8 +60,6 @@ def row_uses(rows: Sequence[Sequence], resolve: Callable[[str], Path], *,
              keep_rows: Iterable[int] = ()) -> dict[int, Any]:
     """Row index -> AdapterUse for the rows with an adapter. Rows whose weights are all 0
     are left out, except those in `keep_rows` (a grid axis sets their weight)."""
-    from studio.generation.engine import AdapterUse
-
     keep = set(keep_rows)
     uses = {}
     for index, values in enumerate(rows):
@@ -134,8 +136,6 @@ class FormProblems:
 
 def parse_seed(value, problems: FormProblems | None = None) -> int | None:
     """The seed field: a whole number >= 0, or -1 (or empty) for a random one."""
-    from studio.generation.engine import MAX_SEED
-
     own = problems or FormProblems()
     number = own.number(value, "Seed", -1, MAX_SEED, whole=True, empty=-1)
     if problems is None:
@@ -165,13 +165,6 @@ def mix_request(studio, settings: GenerateSettings, rows: Sequence[Sequence], *,
     """The GenerateRequest of the fields, the rows and the prompt's `<lora:...>` tags, and
     the position in its adapter list of each row's adapter."""
     from studio.adapters.library import find_adapter
-    from studio.generation.engine import (
-        MAX_BATCH_COUNT,
-        MAX_GUIDANCE,
-        MAX_STEPS,
-        GenerateRequest,
-        parse_prompt_loras,
-    )
 
     if not (settings.prompt or "").strip():
         raise StudioError("Write a prompt first.")
@@ -206,8 +199,6 @@ def _outputs_folder(studio) -> tuple[Path, datetime.datetime]:
 def generate_images(studio, settings: GenerateSettings, rows: Sequence[Sequence]) -> tuple[list, str]:
     """Generate tab: the images, saved in workspace/outputs/<day>/ with their A1111
     `parameters`; returns (gallery items, Markdown note)."""
-    from studio.generation.engine import save_new_png
-
     request, _ = mix_request(studio, settings, rows)
     images = studio.engine().generate(request)
     folder, now = _outputs_folder(studio)
@@ -243,8 +234,6 @@ def _axis_row(choice: str) -> int | None:
 
 def grid_axis(choice: str, values: str, row_positions: dict[int, int], which: str):
     """A studio.generation.grid.Axis from an axis choice and its values text; None for no axis."""
-    from studio.generation.grid import Axis
-
     if not choice:
         return None
     row = _axis_row(choice)
@@ -271,9 +260,6 @@ def mix_grid(studio, settings: GenerateSettings, rows: Sequence[Sequence], x_cho
     """Generate tab's mix grid: an X/Y plot of the mix (studio.generation.grid), the labelled sheet and
     every single image saved in workspace/outputs/<day>/ as the CLI's `grid` names them;
     returns (sheet path, gallery items, Markdown note)."""
-    from studio.generation.engine import save_new_png, save_png
-    from studio.generation.grid import xy_grid
-
     if not x_choice:
         raise StudioError("Pick what the X axis varies.")
     if x_choice == y_choice:
@@ -304,7 +290,6 @@ def suggest_adapters(studio, prompt: str, model: str, *, top: int = 3) -> list[l
     """Generate tab: [adapter, weight, why] proposed by studio.generation.suggest for the prompt;
     adapters its `<lora:...>` tags already use are not proposed again."""
     from studio.adapters.library import find_adapter, list_adapters
-    from studio.generation.engine import parse_prompt_loras
     from studio.generation.suggest import suggest
 
     clean_prompt, tagged = parse_prompt_loras(prompt or "", lambda name: find_adapter(studio.workspace, name))
@@ -367,7 +352,6 @@ def fuse_suggestions(studio, suggested: Sequence[Sequence], name: str | None) ->
     returns its library name."""
     from studio.adapters.library import find_adapter
     from studio.adapters.mixtures.file import new_mixture, save_mixture
-    from studio.workspace import check_name
 
     proposals = [row for row in suggested or [] if row and row[0]]
     if len(proposals) < 2:
@@ -391,7 +375,6 @@ def mixture_gates(studio, name: str, prompt: str = "", model: str = "builtin") -
 
     from studio.adapters.library import find_adapter
     from studio.adapters.mixtures.gates import Gates, prompt_embedding
-    from studio.generation.engine import parse_prompt_loras
 
     mixture = studio.engine().mixture(find_adapter(studio.workspace, name))
     members = [m.name for m in mixture.members]
@@ -424,7 +407,6 @@ def save_mixture_gates(studio, name: str, rows: Sequence[Sequence]) -> str:
 
     from studio.adapters.library import find_adapter
     from studio.adapters.mixtures.file import load_mixture, save_mixture
-    from studio.models.blocks import FULL_BLOCKS
 
     path = find_adapter(studio.workspace, name)
     mixture = load_mixture(path)

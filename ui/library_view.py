@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 from studio.errors import StudioError
 from studio.models.families import FAMILIES
+from studio.workspace import check_name
 from ui.format import format_size, format_time
 from ui.generate_view import _optional_number
 
@@ -136,8 +137,6 @@ def parse_rank(value, what: str, hint: str = "") -> int:
 
 def new_file(folder: Path, name: str | None, what: str) -> Path:
     """folder/<name>.safetensors for a file to be written: a valid name not taken yet."""
-    from studio.workspace import check_name
-
     stem = (name or "").strip()
     if stem.lower().endswith(".safetensors"):
         stem = stem[: -len(".safetensors")]

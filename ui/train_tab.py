@@ -13,7 +13,10 @@ from studio import PRESETS_DIR
 from studio.config import TrainConfig, dump_config, load_config, parse_config, planned_steps
 from studio.datasets import dataset_stats, list_datasets
 from studio.errors import StudioError
+from studio.jobs import enqueue, list_jobs
 from studio.jobs.runs import TrainingCheck, check_training
+from studio.jobs.speed import estimate, measure_speed, speed_from_runs
+from studio.models import resolve_model
 from ui import format as fmt
 from ui import train_view as tv
 from ui.common import (
@@ -102,8 +105,6 @@ class SpeedMeter:
     def speed(self, config: TrainConfig, *, wait: float = 0, start: bool = True):
         """The known speed; the built-in model's is measured first (waiting up to `wait` s for
         it), None while that goes on or (`start` False) until a call that starts it."""
-        from studio.jobs.speed import speed_from_runs
-
         known = speed_from_runs(self.workspace, config)
         if known is not None or config.base_model != BUILTIN:
             return known
@@ -124,8 +125,6 @@ class SpeedMeter:
             return self._measured.get(key)
 
     def _measure(self, key: str, config: TrainConfig) -> None:
-        from studio.jobs.speed import measure_speed
-
         speed = None
         try:
             heavy_imports()  # under the lock the warm-up takes: two threads must not import diffusers at once
@@ -270,8 +269,6 @@ def build(studio: Studio) -> SimpleNamespace:
         family = None
         if not builtin:
             try:
-                from studio.models import resolve_model
-
                 family = resolve_model(config.base_model).family
             except StudioError as error:
                 return f"**Cannot estimate yet:** {error}"
@@ -289,8 +286,6 @@ def build(studio: Studio) -> SimpleNamespace:
         speed = meter.speed(config, wait=MEASURE_WAIT_S, start=measure) if dataset_name else None
         plan = None
         if speed is not None:
-            from studio.jobs.speed import estimate
-
             missing = 0
             if config.dataset.class_prompt and config.dataset.num_class_images and ws.dataset_dir(dataset_name).is_dir():
                 reg = dataset_stats(ws.dataset_dir(dataset_name)).reg_image_count
@@ -331,8 +326,6 @@ def build(studio: Studio) -> SimpleNamespace:
     def on_launch(dataset_name, *values):
         """Queue a run; returns (config TOML, note, job id), or None (its problems shown) when
         it cannot train. Raises StudioError for a form it cannot read."""
-        from studio.jobs import enqueue, list_jobs
-
         config = build_config(dataset_name, values)
         check = checked(config)
         if check.problems:

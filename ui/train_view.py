@@ -8,6 +8,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
+from studio.config import TrainConfig
 from studio.models.families import FAMILIES
 from ui.format import format_duration, humanize
 
@@ -97,8 +98,6 @@ def _spec(path: tuple[str, ...], field) -> FieldSpec:
 def config_fields(exclude: Iterable[tuple[str, ...]] = ()) -> list[FieldSpec]:
     """Every settable TrainConfig field (sections flattened), in declaration order."""
     from pydantic import BaseModel
-
-    from studio.config import TrainConfig
 
     skip = set(exclude)
     specs: list[FieldSpec] = []

@@ -46,6 +46,7 @@ from studio.adapters.formats.naming import (ALL_PREFIXES, TEXT_ENCODER_PREFIX, U
                                    pipeline_models, sd_scripts_targets, split_name, targets_for)
 from studio.adapters.formats.peft_bridge import NETWORK_TYPES, AdapterType, attach_modules
 from studio.adapters.methods import METHODS, get_method, native_method
+from studio.datasets import dataset_stats, load_items
 
 log = logging.getLogger(__name__)
 
@@ -161,8 +162,6 @@ def training_metadata(config, model_ref, *, dataset_folder: Path, started: float
     exported modules) supplies the file's real rank / alpha and type, the run's method
     (network.type) the ss_network_module / ss_network_args; `thumbnail` an image; `ema`
     says the file holds the EMA of the weights (training.ema_decay)."""
-    from studio.datasets import dataset_stats, load_items
-
     stats = dataset_stats(dataset_folder, load_items(dataset_folder))
     net, train, ds = config.network, config.training, config.dataset
     base = get_family(model_ref.family)

@@ -19,10 +19,14 @@ from studio.adapters import AdapterFile, LoraModule, load_adapter, save_adapter
 from studio.errors import StudioError
 from studio.models.families import family_of_pipeline, get_family
 from studio.adapters.formats.files import fitting_models
-from studio.adapters.formats.modules import LORA
+from studio.adapters.formats.modules import LORA, dora_merge
 from studio.adapters.formats.naming import name_table, pipeline_models
 from studio.limits import MIX_ADAPTERS
 from studio.adapters.merge import Factors, check_rule, concat, factors_of_delta, squeeze
+from studio.adapters.mixtures.file import is_mixture, load_mixture
+from studio.models import load_pipeline
+from studio.models.blocks import FULL_BLOCKS, block_weight, module_block
+from studio.models.single_file import save_single_file
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +60,6 @@ def _load_mix(mix: list[tuple[Path, float]]) -> tuple[str, list[tuple[AdapterFil
     """(family, [(adapter, weight, name, gates by LBW block or None)]): a mixture file in
     the mix stands for its members, each with its gates (only a step- and prompt-independent
     mixture has one weight per layer; any other is refused with the reason)."""
-    from studio.adapters.mixtures.file import is_mixture, load_mixture
-    from studio.models.blocks import FULL_BLOCKS
-
     _check_mix(mix)
     loaded = []
     for path, weight in mix:
@@ -101,8 +102,6 @@ def _layer_shapes(family: str, adapter: AdapterFile) -> dict[str, torch.Size]:
 def module_blocks(family: str, adapter: AdapterFile) -> dict[str, str | None]:
     """The LBW block of each module (BASE for the text encoders, None outside the blocks),
     as the engine assigns it."""
-    from studio.models.blocks import module_block
-
     _, models = fitting_models(adapter)
     table = name_table(family, models)
     return {name: module_block(table[name].path, models["unet"].config) if table[name].attr == "unet" else "BASE"
@@ -114,7 +113,6 @@ def bake(mix: list[tuple[Path, float]], out: str | Path, *, rank: int | None = N
     """One LoRA file equal to the weighted mix: exact (ranks concatenated) or, with
     `rank`, the best rank-N approximation of each module's summed update."""
     family, loaded = _load_mix(mix)
-    from studio.models.blocks import block_weight
 
     names = sorted({n for adapter, *_ in loaded for n in adapter.modules})
     modules, energy = {}, {}
@@ -195,10 +193,6 @@ def resize(src: str | Path, out: str | Path, *, dtype: torch.dtype = torch.float
 def fuse(model: str, mix: list[tuple[Path, float]], out: str | Path, *, allow_pickle: bool = False) -> Path:
     """A full single-file checkpoint (SD1.5 / SDXL layout) with the weighted updates merged
     into the base weights (DoRA included, through its own merge rule)."""
-    from studio.models.single_file import save_single_file
-    from studio.adapters.formats.modules import dora_merge
-    from studio.models import load_pipeline
-
     _check_mix(mix)
     pipe = load_pipeline(model, allow_pickle=allow_pickle)
     table = name_table(family_of_pipeline(pipe).name, pipeline_models(pipe))

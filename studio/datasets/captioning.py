@@ -42,7 +42,13 @@ from typing import Callable, Sequence
 from PIL import Image
 
 from studio import ASSETS_DIR
+from studio.datasets.captions import (MAX_CAPTION_BYTES, _one_tag, _read_caption_file, caption_with_trigger, split_tags,
+                                      write_caption)
+from studio.datasets.images import open_image
+from studio.datasets.layout import CAPTION_EXTENSION, _scan
 from studio.errors import StudioError
+from studio.fsutil import read_regular_bytes
+from studio.models import quiet_libraries
 
 log = logging.getLogger(__name__)
 
@@ -160,8 +166,6 @@ class TransformersCaptioner(Captioner):
         import torch
         from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-        from studio.models import quiet_libraries
-
         quiet_libraries()
         self.name = str(folder)
         try:
@@ -261,8 +265,6 @@ class TaggerCaptioner(Captioner):
 
 
 def _read_tags(path: Path) -> list[_Tag]:
-    from studio.fsutil import read_regular_bytes
-
     if not path.exists():
         raise StudioError(f"{path.parent} has no selected_tags.csv; a WD14 tagger folder holds model.onnx and "
                           "the selected_tags.csv that came with it.")
@@ -343,8 +345,6 @@ class CaptionReport:
 def merge_caption(old: str, new: str, mode: str) -> str:
     """The caption `mode` makes from the old caption text and the model's `new` text; see
     the module docstring. Only the first non-empty line of `old` changes."""
-    from studio.datasets.captions import split_tags
-
     if mode not in MODES:
         raise StudioError(f"Unknown captioning mode {mode!r}: use one of {', '.join(MODES)}.")
     lines = old.strip().split("\n")
@@ -373,11 +373,6 @@ def caption_dataset(folder: str | os.PathLike, model: str | os.PathLike | Captio
     `trigger` is then put first by caption_with_trigger. Regularisation pictures only with
     `include_regularisation`. `progress(done, total)` is called after every batch (and once
     with 0 before the first). Returns a `CaptionReport`."""
-    from studio.datasets.captions import (MAX_CAPTION_BYTES, _one_tag, _read_caption_file, caption_with_trigger,
-                                          write_caption)
-    from studio.datasets.images import open_image
-    from studio.datasets.layout import CAPTION_EXTENSION, _scan
-
     if mode not in MODES:
         raise StudioError(f"Unknown captioning mode {mode!r}: use one of {', '.join(MODES)}.")
     if batch_size < 1:

@@ -11,7 +11,13 @@ import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from studio.adapters.methods import FORMAT_KEY, native_method
 from studio.errors import StudioError
+from studio.fsutil import _fsync_dir, atomic_path, create_temp_file
+from studio.limits import MIX_ADAPTERS
+from studio.models import load_pipeline, resolve_model
+from studio.models.blocks import FULL_BLOCKS, block_weight, module_block, parse_block_weights
+from studio.models.families import family_of_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +119,6 @@ class GenerateRequest:
     route: bool = False  # the adapters routed per token (arrow), not summed
 
     def validate(self) -> None:
-        from studio.limits import MIX_ADAPTERS
-
         if self.scheduler not in SCHEDULERS:
             raise StudioError(f"Unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}.")
         if not 1 <= self.steps <= MAX_STEPS:
@@ -250,8 +254,6 @@ class Engine:
         self.pipeline_loads = 0
 
     def pipeline(self, model: str):
-        from studio.models import load_pipeline, resolve_model
-
         ref = resolve_model(model, allow_pickle=self.allow_pickle)
         key = str(ref.path)
         if key not in self._pipes:
@@ -262,7 +264,6 @@ class Engine:
 
     def _adapter_name(self, model_key: str, pipe, path: Path) -> str:
         from studio.adapters import attach_adapter, load_adapter, read_checked_header
-        from studio.adapters.methods import FORMAT_KEY, native_method
 
         try:
             stat = path.stat()
@@ -295,7 +296,6 @@ class Engine:
         others: as in A1111, a bundled embedding acts while its adapter is in use. The base
         model is not reloaded; an unloaded embedding leaves the token table as it was."""
         from studio.adapters.formats.embeddings import token_names
-        from studio.models.families import family_of_pipeline
 
         bundled = pipe.__dict__.get("_studio_bundled", {})
         active = pipe.__dict__.setdefault("_studio_embeddings", {})  # embedding name -> adapter name
@@ -336,8 +336,6 @@ class Engine:
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         from studio.adapters import adapter_models
-        from studio.models.blocks import block_weight, parse_block_weights
-        from studio.models.families import family_of_pipeline
 
         family = family_of_pipeline(pipe).name
         lbw = {name: parse_block_weights(use.block_weights, family) if use.block_weights else None
@@ -405,8 +403,6 @@ class Engine:
         return after_step
 
     def _block_of(self, unet, path: str) -> str | None:
-        from studio.models.blocks import module_block
-
         key = (id(unet), path)
         if key not in self._blocks:
             self._blocks[key] = module_block(path, unet.config)
@@ -438,7 +434,6 @@ class Engine:
         (`mixture_uses`), adapters as they are; an arrow mixture, or with `route` all the
         plain adapters, as (mixture, member scales) to route per token."""
         from studio.adapters.mixtures.file import is_mixture, new_mixture
-        from studio.limits import MIX_ADAPTERS
 
         out: list[AdapterUse] = []
         routed = []
@@ -469,7 +464,6 @@ class Engine:
         replacing the previous request's routing; None: no routing."""
         from studio.adapters import adapter_models, load_adapter
         from studio.adapters.mixtures.live import LiveMembers, routing
-        from studio.models.families import family_of_pipeline
 
         key = None
         if routed is not None:
@@ -510,8 +504,6 @@ class Engine:
         """Images (PIL) for the request, each with its A1111 `parameters` text in `.info`."""
         import torch  # here, not at import: the UI imports this module for SCHEDULERS before torch loads
 
-        from studio.models import resolve_model
-
         request.validate()
         with self._lock:
             pipe, mix = self._mix_pipeline(request.model, request.adapters, request.prompt, request.route)
@@ -541,8 +533,6 @@ def mixture_uses(use: AdapterUse, mixture, pipe, prompt: str | None) -> list[Ada
     import torch
 
     from studio.adapters.mixtures.gates import Gates, prompt_embedding
-    from studio.models.blocks import FULL_BLOCKS, parse_block_weights
-    from studio.models.families import family_of_pipeline
 
     outer = torch.ones(len(FULL_BLOCKS))
     if use.block_weights:
@@ -637,8 +627,6 @@ def save_png(image, path: str | Path) -> Path:
     """Write a PNG atomically with its `parameters` text chunk (A1111's convention)."""
     from PIL.PngImagePlugin import PngInfo
 
-    from studio.fsutil import atomic_path
-
     info = PngInfo()
     if "parameters" in image.info:
         info.add_text("parameters", image.info["parameters"])
@@ -651,8 +639,6 @@ def save_new_png(image, folder: str | Path, stem: str) -> Path:
     """Like `save_png`, under a name no file has yet: `stem.png`, else `stem-2.png`, ...
     Images made in the same second with the same seed never replace each other, even when
     two processes save at once (the name is taken with a hard link, which fails if it exists)."""
-    from studio.fsutil import _fsync_dir, create_temp_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = create_temp_file(folder, stem, ".png.tmp")

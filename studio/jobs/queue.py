@@ -24,7 +24,8 @@ from pathlib import Path
 
 from studio.config import TrainConfig
 from studio.errors import StudioError
-from studio.jobs.runs import EventLog, prepare_class_images, run_config, run_outcome, worker_command
+from studio.jobs.runs import (EventLog, check_training, create_run, prepare_class_images, run_config, run_outcome,
+                              worker_command)
 from studio.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -109,8 +110,6 @@ def _update(workspace: Workspace, job_id: str, **fields) -> None:
 
 def enqueue(workspace: Workspace, config: TrainConfig, *, start_supervisor: bool = True) -> Job:
     """Create a run folder for `config`, queue it, and make sure a supervisor runs."""
-    from studio.jobs.runs import create_run
-
     run_dir = create_run(config, workspace)
     with connect(workspace) as conn:
         conn.execute("INSERT INTO jobs (id, name, state, created) VALUES (?, ?, 'queued', ?)",
@@ -141,8 +140,6 @@ def cancel(workspace: Workspace, job_id: str) -> Job:
 def resume(workspace: Workspace, job_id: str, *, start_supervisor: bool = True) -> Job:
     """Queue a failed or cancelled job again; it continues from its last checkpoint. A job
     that still cannot train (its dataset broken, its model gone) stays where it is."""
-    from studio.jobs.runs import check_training, run_config
-
     job = get_job(workspace, job_id)
     if job.state not in ("failed", "cancelled"):
         raise StudioError(f"Job {job_id} is {job.state}; only failed or cancelled jobs can be resumed.")

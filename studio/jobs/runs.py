@@ -10,12 +10,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from studio.config import TrainConfig, check_device_support, save_config
+from studio.datasets import dataset_stats, load_items, training_items
 from studio.errors import StudioError
+from studio.fsutil import atomic_path, atomic_write_text
 from studio.jobs.run_folder import (CHECKPOINT_DIR, CONFIG_FILE, EMBEDDINGS_DIR, EVENTS_FILE, SAMPLES_DIR,
                                     TENSORBOARD_DIR, EventLog, adapters_dir, checkpoint_dir, checkpoint_path,
                                     dataset_folder, is_finished, iter_events, latest_checkpoint,
                                     latest_unfinished_run, list_checkpoints, read_events, run_config, run_outcome,
                                     run_workspace)
+from studio.models import load_pipeline, resolve_model
 from studio.workspace import Workspace
 
 __all__ = [
@@ -69,9 +72,6 @@ def check_training(config: TrainConfig, workspace: Workspace) -> TrainingCheck:
     """Everything that would stop `config` from training on this machine, found before a run
     is queued: CUDA-only options, the base model, and the dataset read exactly as the
     trainer reads it (every image decoded, every caption read)."""
-    from studio.datasets import dataset_stats, training_items
-    from studio.models import resolve_model
-
     check = TrainingCheck()
     try:
         check_device_support(config)
@@ -149,9 +149,6 @@ def prepare_class_images(run_dir: Path) -> int:
     config asks for and its dataset lacks (each from seed + 10000 + its index, at the sampling
     settings), before the worker starts: the worker only reads its inputs. Returns how many
     were made."""
-    from studio.datasets import load_items
-    from studio.fsutil import atomic_path, atomic_write_text
-
     config = run_config(run_dir)
     ds = config.dataset
     if not (ds.class_prompt and ds.num_class_images):
@@ -162,8 +159,6 @@ def prepare_class_images(run_dir: Path) -> int:
     if not missing:
         return 0
     import torch
-
-    from studio.models import load_pipeline
 
     EventLog(run_dir).emit("status", message=f"generating {len(missing)} class images")
     pipe = load_pipeline(config.base_model)

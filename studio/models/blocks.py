@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from studio.errors import StudioError
 from studio.models.families import get_family
+from studio.models.single_file import unet_diffusers_to_ldm
 
 FULL_BLOCKS = ["BASE"] + [f"IN{i:02d}" for i in range(12)] + ["M00"] + [f"OUT{i:02d}" for i in range(12)]
 
@@ -37,8 +38,6 @@ def parse_block_weights(spec: str | list[float], family_name: str) -> dict[str, 
 def module_block(path: str, unet_config) -> str | None:
     """The LBW block of a diffusers UNet module path ('IN04', 'M00', 'OUT05'), or None for
     layers outside the blocks (conv_in, time embedding, conv_out)."""
-    from studio.models.single_file import unet_diffusers_to_ldm
-
     try:
         ldm = unet_diffusers_to_ldm(path, unet_config)
     except StudioError:

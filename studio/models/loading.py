@@ -9,7 +9,10 @@ from pathlib import Path
 from typing import Literal
 
 from studio.errors import StudioError
+from studio.models.builtin import BUILTIN_DIR
 from studio.models.families import BUILTIN, get_family
+from studio.models.single_file import UNET_PREFIX, detect_family, load_single_file
+from studio.safetensors_file import read_safetensors_header, sniff_format
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +34,6 @@ class ModelRef:
 
 def resolve_model(ref: str, *, allow_pickle: bool = False) -> ModelRef:
     """Turn a model reference into a ModelRef, checking that it exists and what family it is."""
-    from studio.models.builtin import BUILTIN_DIR
-
     if ref in ("", "builtin"):
         return ModelRef("builtin", BUILTIN_DIR, BUILTIN.name)
     path = Path(ref).expanduser()
@@ -40,7 +41,6 @@ def resolve_model(ref: str, *, allow_pickle: bool = False) -> ModelRef:
         raise StudioError(
             f"Base model {ref!r} not found: use 'builtin', a diffusers folder or a .safetensors checkpoint."
         )
-    from studio.models.single_file import detect_family
 
     if path.is_dir():
         return ModelRef("diffusers", path.resolve(), detect_family(path))
@@ -78,8 +78,6 @@ def load_pipeline(ref: str | ModelRef, *, allow_pickle: bool = False, torch_dtyp
     quiet_libraries()
     log.info("loading base model %s (%s, %s)", model.path, model.kind, model.family)
     if model.kind == "single_file":
-        from studio.models.single_file import load_single_file
-
         config_dir = _builtin_dir() if _is_builtin_architecture(model.path) else None
         pipe = load_single_file(model.path, allow_pickle=allow_pickle, torch_dtype=dtype, config_dir=config_dir,
                                 unet_dtype=unet_dtype, unet_quantization=unet_quantization)
@@ -99,9 +97,6 @@ def load_pipeline(ref: str | ModelRef, *, allow_pickle: bool = False, torch_dtyp
 def _is_builtin_architecture(path: Path) -> bool:
     """A single file of the built-in model's toy architecture (e.g. a fused mix) loads with
     the built-in folder as its config instead of the full-size SD1.5 skeleton."""
-    from studio.models.single_file import UNET_PREFIX
-    from studio.safetensors_file import read_safetensors_header, sniff_format
-
     if sniff_format(path) != "safetensors":
         return False
     tensors, _ = read_safetensors_header(path)
@@ -111,6 +106,4 @@ def _is_builtin_architecture(path: Path) -> bool:
 
 
 def _builtin_dir() -> Path:
-    from studio.models.builtin import BUILTIN_DIR
-
     return BUILTIN_DIR

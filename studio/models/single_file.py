@@ -32,6 +32,7 @@ from typing import Any
 from studio.errors import StudioError
 from studio.models.families import FAMILIES, Family, family_from_pipeline_class, family_of_pipeline, get_family
 from studio.fsutil import atomic_write_with
+from studio.models.skeletons import skeleton_dir
 from studio.safetensors_file import read_safetensors_header, refuse_pickle, sniff_format
 
 log = logging.getLogger(__name__)
@@ -638,8 +639,6 @@ def load_single_file(
     `allow_pickle=True`, and even then read with torch's weights-only unpickler. Damaged,
     truncated or foreign files raise a StudioError that says what is wrong."""
     import diffusers
-
-    from studio.models.skeletons import skeleton_dir
 
     path = Path(path).expanduser()
     shapes = _checkpoint_shapes(path, allow_pickle=allow_pickle)

@@ -35,9 +35,11 @@ from studio.adapters.formats.modules import LOHA, LOKR, LORA, AdapterModule, dor
     magnitude_from_dora_scale, parse_module
 from studio.adapters.formats.naming import (ALL_PREFIXES, Target, clip_kohya_path, describe_names, name_table,
                                    path_to_name, split_name)
-from studio.adapters.formats.peft_bridge import (AdapterType, _lokr_config, _loha_config, _lora_config, _Plan, check_fit,
-                                                 modules_from_models)
+from studio.adapters.formats.peft_bridge import (AdapterType, _lokr_config, _loha_config, _lora_config, _Plan,
+                                                 check_fit, module_from_peft, modules_from_models)
 from studio.fsutil import atomic_write_bytes, open_regular
+from studio.models.builtin import BUILTIN_DIR
+from studio.models.skeletons import skeleton_dir
 from studio.safetensors_file import read_safetensors_header, refuse_pickle, sniff_format
 
 if TYPE_CHECKING:
@@ -332,8 +334,6 @@ def _pattern_value(config: Mapping[str, Any], pattern_key: str, path: str, defau
 
 
 def _module_from_peft_state(kind, tensors, r, alpha, rslora, magnitude, what) -> AdapterModule:
-    from studio.adapters.formats.peft_bridge import module_from_peft
-
     for name, tensor in tensors.items():
         if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
             raise StudioError(f"{what}.{name} is not a finite floating-point tensor; the file is broken.")
@@ -422,9 +422,6 @@ def reference_models(family: str) -> tuple[tuple[str, dict[str, torch.nn.Module]
     meta device from shipped configs: the built-in model and real SD 1.5, or real SDXL."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig
-
-    from studio.models.builtin import BUILTIN_DIR
-    from studio.models.skeletons import skeleton_dir
 
     import transformers
 

@@ -23,6 +23,8 @@ import torch
 
 from studio.errors import StudioError
 from studio.models.families import Part, all_prefixes, family_of_pipeline, get_family
+from studio.models.single_file import unet_diffusers_to_ldm
+from studio.models.skeletons import skeleton_dir
 
 UNET_PREFIX = "lora_unet"
 TEXT_ENCODER_PREFIX = "lora_te"
@@ -54,8 +56,6 @@ def kohya_name(part: Part, path: str, unet_config: Any = None) -> str:
     if part.naming == "clip":
         path = clip_kohya_path(path)
     elif part.naming == "ldm":
-        from studio.models.single_file import unet_diffusers_to_ldm
-
         path = unet_diffusers_to_ldm(path, unet_config)
     return f"{part.prefix}_{path.replace('.', '_')}"
 
@@ -68,8 +68,6 @@ def alias_names(part: Part, path: str, unet_config: Any = None) -> list[str]:
     elif part.naming == "ldm":
         names.append(f"{part.prefix}_{path.replace('.', '_')}")
     elif unet_config is not None:
-        from studio.models.single_file import unet_diffusers_to_ldm
-
         try:
             names.append(f"{part.prefix}_{unet_diffusers_to_ldm(path, unet_config).replace('.', '_')}")
         except StudioError:
@@ -152,8 +150,6 @@ def path_to_name(family_name: str, attr: str, path: str, unet_config: Any = None
 def skeleton_unet_config(family: str) -> dict:
     """The UNet config of the real model of `family` (from the shipped skeletons)."""
     import json
-
-    from studio.models.skeletons import skeleton_dir
 
     return json.loads((skeleton_dir(family) / "unet" / "config.json").read_text(encoding="utf-8"))
 

@@ -20,6 +20,9 @@ from __future__ import annotations
 from studio.errors import StudioError
 from studio.adapters.methods import ard
 from studio.adapters.methods.base import ADAPTER_NAME, PeftMethod, PeftTraining
+from studio.adapters.methods.sensitivity import (adapted_modules, allocate_ranks, configured_rank, exact_rank_pattern,
+                                                 fisher_sensitivity, largest_rank)
+from studio.adapters.methods.squeeze import set_factors, squeeze_layer, squeeze_target
 
 
 class LoRATraining(PeftTraining):
@@ -63,8 +66,6 @@ class LoRATraining(PeftTraining):
         ranks the config gives, summed). Returns the allocation for the run's events."""
         if self.net.rank_allocation != "sensitivity":
             return None
-        from studio.adapters.methods.sensitivity import (adapted_modules, allocate_ranks, configured_rank,
-                                                          fisher_sensitivity, largest_rank)
 
         layers, configured = {}, {}
         for component, model in models.items():
@@ -87,8 +88,6 @@ class LoRATraining(PeftTraining):
     def peft_config(self, component):
         config = super().peft_config(component)
         if self.ranks.get(component):
-            from studio.adapters.methods.sensitivity import exact_rank_pattern
-
             config.rank_pattern = {**exact_rank_pattern(self.ranks[component]), **config.rank_pattern}
         return config
 
@@ -102,7 +101,6 @@ class LoRATraining(PeftTraining):
     def after_step(self, done):
         if self.gates is not None:
             self.gates.after_step(done)
-        from studio.adapters.methods.squeeze import squeeze_layer, squeeze_target
 
         rank = squeeze_target(self.net, done)
         replaced = {}
@@ -115,8 +113,6 @@ class LoRATraining(PeftTraining):
         """A checkpoint written after a squeeze holds smaller factors: the layers take their
         shapes (and ranks) first, then peft loads the values."""
         import torch
-
-        from studio.adapters.methods.squeeze import set_factors
 
         replaced = {}
         for component, path, layer in self.lora_layers():

@@ -29,8 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from studio.adapters.formats.files import data_sha256, legacy_hash, read_checked_header
 from studio.errors import StudioError
 from studio.adapters.formats.header_keys import FORMAT_KEY
+from studio.fsutil import atomic_write_bytes
 
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -237,9 +239,6 @@ def save_tlora(path, adapter: TLoRAAdapter, metadata: dict[str, str]) -> Path:
 
     from safetensors.torch import save
 
-    from studio.adapters.formats.files import data_sha256, legacy_hash
-    from studio.fsutil import atomic_write_bytes
-
     tensors = {}
     for key, layer in adapter.layers.items():
         path_name = "unet." + key.replace("__", ".")
@@ -261,8 +260,6 @@ def load_tlora(path) -> TLoRAAdapter:
     import json
 
     from safetensors import safe_open
-
-    from studio.adapters.formats.files import read_checked_header
 
     _, metadata = read_checked_header(path)
     if not is_tlora_metadata(metadata):

@@ -31,8 +31,13 @@ from pathlib import Path
 
 import torch
 
+from studio.adapters import file_data_sha256, load_adapter, read_checked_header
 from studio.adapters.formats.header_keys import MIXTURE_KEY
 from studio.errors import StudioError
+from studio.fsutil import atomic_write_bytes
+from studio.limits import MIX_ADAPTERS
+from studio.models.blocks import FULL_BLOCKS
+from studio.models.families import get_family
 
 GATE_KINDS = ("block", "block_timestep", "prompt", "arrow")
 STEP_OR_PROMPT = {"block_timestep": "its gates change with the denoising timestep",
@@ -88,8 +93,6 @@ class Mixture:
 
 def data_hash(path: Path) -> str:
     """The library's hash of an adapter file (sha256 of the tensor data), cached per file state."""
-    from studio.adapters import file_data_sha256
-
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _HASHES:
@@ -99,8 +102,6 @@ def data_hash(path: Path) -> str:
 
 def is_mixture(path: str | Path) -> bool:
     """Whether a file is a mixture (its header names one); False for anything else."""
-    from studio.adapters import read_checked_header
-
     path = Path(path)
     if not path.is_file():
         return False
@@ -114,11 +115,6 @@ def new_mixture(members: list[Path], gate: str = "block", *, weights: list[float
                 embedding_dim: int | None = None, top_k: int = 2, temperature: float = 1.0) -> Mixture:
     """A mixture of library adapter files whose gates start as the plain weighted sum
     (every gate = the member's weight; arrow: routing)."""
-    from studio.adapters import load_adapter
-    from studio.models.blocks import FULL_BLOCKS
-    from studio.limits import MIX_ADAPTERS
-    from studio.models.families import get_family
-
     if gate not in GATE_KINDS:
         raise StudioError(f"Unknown gate kind {gate!r}; choose one of {', '.join(GATE_KINDS)}.")
     if len(members) < 1:
@@ -162,9 +158,6 @@ def save_mixture(path: str | Path, mixture: Mixture) -> Path:
     """Write the mixture atomically (gates in float32)."""
     from safetensors.torch import save
 
-    from studio.fsutil import atomic_write_bytes
-    from studio.models.families import get_family
-
     path = Path(path)
     if path.suffix != ".safetensors":
         raise StudioError(f"A mixture is a .safetensors file; name it {path.stem}.safetensors.")
@@ -186,9 +179,6 @@ def save_mixture(path: str | Path, mixture: Mixture) -> Path:
 def load_mixture(path: str | Path, *, resolve: bool = True) -> Mixture:
     """Read and check a mixture file; with `resolve`, find every member beside it."""
     from safetensors import safe_open
-
-    from studio.adapters import read_checked_header
-    from studio.models.blocks import FULL_BLOCKS
 
     path = Path(path)
     _, metadata = read_checked_header(path)

@@ -17,15 +17,16 @@ import torch
 import torch.nn.functional as F
 
 from studio.adapters.formats.files import AdapterFile
-from studio.models.blocks import FULL_BLOCKS
+from studio.adapters.formats.modules import LORA
+from studio.adapters.formats.naming import name_table
+from studio.adapters.merge import Factors, singular_triplets
+from studio.models.blocks import FULL_BLOCKS, module_block
 
 
 class MemberUpdate:
     """dW_k x for one member module on one layer."""
 
     def __init__(self, module, layer: torch.nn.Module):
-        from studio.adapters.formats.modules import LORA
-
         self.conv = isinstance(layer, torch.nn.Conv2d)
         self.layer = layer
         weight = layer.weight
@@ -63,9 +64,6 @@ class LiveMembers:
     or per token [B, N, 1]); see `per_sample`."""
 
     def __init__(self, family: str, models: dict[str, torch.nn.Module], members: list[AdapterFile]):
-        from studio.adapters.formats.naming import name_table
-        from studio.models.blocks import module_block
-
         table = name_table(family, models)
         unet = models.get("unet")
         self.layers: dict[int, tuple[torch.nn.Module, int | None, dict[int, MemberUpdate]]] = {}
@@ -134,8 +132,6 @@ def routing(top_k: int, temperature: float, scales: list[float]) -> Callable:
     prototypes: dict[int, tuple[list[int], torch.Tensor]] = {}
 
     def prototype(updates: dict[int, MemberUpdate]) -> tuple[list[int], torch.Tensor]:
-        from studio.adapters.merge import Factors, singular_triplets
-
         if id(updates) not in prototypes:
             members, rows = list(updates), []
             for k in members:
