@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from studio.adapters import UNET_PREFIX, convert_adapter, file_data_sha256, load_adapter, read_checked_header
+from studio.adapters.api import convert_adapter, load_adapter
+from studio.adapters.formats.files import file_data_sha256, read_checked_header
+from studio.adapters.formats.naming import UNET_PREFIX
 from studio.errors import StudioError
 from studio.fsutil import atomic_path
 from studio.workspace import Workspace, check_name

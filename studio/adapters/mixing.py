@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from studio.adapters import AdapterFile, LoraModule, load_adapter, save_adapter
+from studio.adapters.api import load_adapter
 from studio.errors import StudioError
 from studio.models.families import family_of_pipeline, get_family
-from studio.adapters.formats.files import fitting_models
-from studio.adapters.formats.modules import LORA, dora_merge
+from studio.adapters.formats.files import AdapterFile, fitting_models, save_adapter
+from studio.adapters.formats.modules import LORA, LoraModule, dora_merge
 from studio.adapters.formats.naming import name_table, pipeline_models
 from studio.limits import MIX_ADAPTERS
 from studio.adapters.merge import Factors, check_rule, concat, factors_of_delta, squeeze

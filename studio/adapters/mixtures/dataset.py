@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from studio.adapters import read_checked_header
+from studio.adapters.formats.files import read_checked_header
 from studio.adapters.library import find_adapter
 from studio.config import load_config
 from studio.datasets import caption_with_trigger, training_items

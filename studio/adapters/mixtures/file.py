@@ -31,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-from studio.adapters import file_data_sha256, load_adapter, read_checked_header
+from studio.adapters.api import load_adapter
+from studio.adapters.formats.files import file_data_sha256, read_checked_header
 from studio.adapters.formats.header_keys import MIXTURE_KEY
 from studio.errors import StudioError
 from studio.fsutil import atomic_write_bytes
