@@ -339,20 +339,21 @@ class Engine:
         from studio.generation.blocks import block_weight, parse_block_weights
         from studio.models.families import family_of_pipeline
 
-        family = family_of_pipeline(pipe).name
-        lbw = {name: parse_block_weights(use.block_weights, family) if use.block_weights else None
+        family = family_of_pipeline(pipe)
+        lbw = {name: parse_block_weights(use.block_weights, family.name) if use.block_weights else None
                for name, use in mix.items()}
         wrappers: dict[int, list[tuple[BaseTunerLayer, dict[str, float]]]] = {}  # base layer -> its adapter layers
         for component, model in adapter_models(pipe).items():
+            denoiser = component == family.denoiser
             for path, module in model.named_modules():
                 if not isinstance(module, BaseTunerLayer):
                     continue
-                block = "BASE" if component != "unet" else self._block_of(model, path)
+                block = self._block_of(model, path) if denoiser else "BASE"
                 available = module._get_available_adapters()
                 scales = {}  # in the mix's order, so live sums do not depend on which file loaded first
                 for name, use in mix.items():
                     if name in available:
-                        weight = use.weight if component == "unet" else use.text_encoder_weight
+                        weight = use.weight if denoiser else use.text_encoder_weight
                         scales[name] = weight * block_weight(lbw[name], block)
                 wrappers.setdefault(id(module.get_base_layer()), []).append((module, scales))
         for layers in wrappers.values():
