@@ -118,7 +118,7 @@ class Trainer:
                               "were started; start the run with `lora-studio train` or the queue, which launch "
                               "the number the config asks for.")
         device = self.accelerator.device
-        self.model_ref = resolve_model(cfg.base_model)
+        self.model_ref = resolve_model(cfg.base_model, workspace=run_workspace(self.run_dir))
         self.family = get_family(self.model_ref.family)
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.training.mixed_precision, torch.float32)
         base_weights = cfg.training.base_weights

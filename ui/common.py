@@ -68,7 +68,7 @@ class Studio:
             if self._engine is None:
                 from studio.generation.engine import Engine
 
-                self._engine = Engine(allow_pickle=self.allow_pickle)
+                self._engine = Engine(allow_pickle=self.allow_pickle, workspace=self.workspace)
             return self._engine
 
     def describe(self, path: Path) -> dict:

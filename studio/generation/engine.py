@@ -239,8 +239,9 @@ def pngtext_parameters(request: GenerateRequest, seed: int, size: tuple[int, int
 class Engine:
     """Pipelines cached per base model; adapters cached per (pipeline, file content)."""
 
-    def __init__(self, *, allow_pickle: bool = False):
+    def __init__(self, *, allow_pickle: bool = False, workspace=None):
         self.allow_pickle = allow_pickle
+        self.workspace = workspace  # where model names were pulled (None: this process's workspace)
         self._pipes: dict[str, object] = {}
         self._loaded: dict[str, dict[tuple, str]] = {}  # model key -> file key -> adapter name
         self._lock = threading.Lock()
@@ -252,7 +253,7 @@ class Engine:
     def pipeline(self, model: str):
         from studio.models import load_pipeline, resolve_model
 
-        ref = resolve_model(model, allow_pickle=self.allow_pickle)
+        ref = resolve_model(model, allow_pickle=self.allow_pickle, workspace=self.workspace)
         key = str(ref.path)
         if key not in self._pipes:
             self._pipes[key] = load_pipeline(ref, allow_pickle=self.allow_pickle)
@@ -528,7 +529,8 @@ class Engine:
                                  num_inference_steps=request.steps, guidance_scale=request.guidance_scale,
                                  width=request.width, height=request.height, generator=generator,
                                  **schedule).images[0]
-                model_name = resolve_model(request.model, allow_pickle=self.allow_pickle).display_name
+                model_name = resolve_model(request.model, allow_pickle=self.allow_pickle,
+                                           workspace=self.workspace).display_name
                 image.info["parameters"] = pngtext_parameters(request, seed, image.size, model_name)
                 images.append(image)
             return images
