@@ -47,7 +47,7 @@ def unet_out(unet, seed: int = 0):
 
 
 def trained_unet(trainer):
-    return trainer.accelerator.unwrap_model(trainer.unet)
+    return trainer.accelerator.unwrap_model(trainer.denoiser)
 
 
 def assert_file_equals_trained_model(trainer, adapter: Path, *, name: str) -> None:

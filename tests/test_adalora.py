@@ -36,12 +36,10 @@ def tiny_sdxl_folder(tmp_path_factory):
 
 def sdxl_predict(trainer, unet) -> torch.Tensor:
     """`unet`'s noise prediction for a fixed noisy latent of the trainer's first picture."""
-    latents, text, pooled, time_ids = trainer._batch(trainer.instance, [0], torch.Generator().manual_seed(0))[:4]
-    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(1))
-    timestep = torch.tensor([300])
-    noisy = trainer.noise_scheduler.add_noise(latents, noise, timestep)
+    batch = trainer._batch(trainer.instance, [0], torch.Generator().manual_seed(0))
+    noise = torch.randn(batch.latents.shape, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        return unet(noisy, timestep, text, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+        return trainer.predict(unet, batch, noise, torch.tensor([300]))
 
 
 def _lora_E(trainer) -> dict[str, torch.Tensor]:
@@ -66,7 +64,7 @@ def trained(tmp_path_factory):
     for step in range(STEPS):
         trainer.train_step(step)
     after = _fixed_loss(trainer)
-    trainer.accelerator.unwrap_model(trainer.unet).eval()
+    trainer.accelerator.unwrap_model(trainer.denoiser).eval()
     return {"trainer": trainer, "before": before, "after": after, "path": trainer._export(time.time())}
 
 
@@ -221,7 +219,7 @@ def test_adalora_on_sdxl(tmp_path_factory, workspace):
     ranks = [m.rank for m in load_adapter(path).modules.values()]
     assert len(set(ranks)) >= 3 and sum(ranks) <= 4 * len(_lora_E(trainer))
 
-    trained_unet = trainer.accelerator.unwrap_model(trainer.unet).eval()
+    trained_unet = trainer.accelerator.unwrap_model(trainer.denoiser).eval()
     trained = sdxl_predict(trainer, trained_unet)
     engine = Engine()
     assert (trained - sdxl_predict(trainer, engine.set_mix(str(model), []).unet)).abs().max() > 1e-3

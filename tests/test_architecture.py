@@ -285,7 +285,7 @@ ENVIRONMENT_FIRST = {"trainers.__main__", "trainers.speed"}
 
 
 def _loads(node: ast.AST, module: str, modules: dict[str, Path]) -> tuple[set[str], set[str]]:
-    """(product modules, third-party packages) an import statement runs: a module's parent
+    """(product modules, third-party packages) an import statement loads: a module's parent
     packages too, and through the lazy seam (`from studio.adapters import name`) studio.adapters.api."""
     names = _imported_names(node, module, modules[module].name == "__init__.py")
     product, third_party = set(), set()
@@ -298,7 +298,7 @@ def _loads(node: ast.AST, module: str, modules: dict[str, Path]) -> tuple[set[st
                 name = name.rpartition(".")[0]
             parts = name.split(".")
             product.update(".".join(parts[:i]) for i in range(1, len(parts) + 1) if ".".join(parts[:i]) in modules)
-        elif top and top != "__future__":
+        elif top and top != "__future__" and top not in sys.stdlib_module_names:
             third_party.add(top)
     return product, third_party
 

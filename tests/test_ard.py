@@ -47,7 +47,7 @@ def trained(tmp_path_factory):
     config.network.rank_budget = BUDGET
     trainer = Trainer(create_run(config, Workspace.open(tmp_path_factory.mktemp("ard") / "ws")), show_progress=False)
     trainer._setup()
-    layer = trainer.accelerator.unwrap_model(trainer.unet).get_submodule(INSENSITIVE)
+    layer = trainer.accelerator.unwrap_model(trainer.denoiser).get_submodule(INSENSITIVE)
     layer.lora_A[ADAPTER_NAME].register_forward_pre_hook(lambda module, args: (torch.zeros_like(args[0]),))
     before = _fixed_loss(trainer)
     for step in range(STEPS - 1):
@@ -55,7 +55,7 @@ def trained(tmp_path_factory):
     sizes = {k: trainer.adapter.gates.sizes(k).detach() for k in trainer.adapter.gates.scales}
     trainer.train_step(STEPS - 1)
     after = _fixed_loss(trainer)
-    trainer.accelerator.unwrap_model(trainer.unet).eval()
+    trainer.accelerator.unwrap_model(trainer.denoiser).eval()
     return {"trainer": trainer, "sizes": sizes, "before": before, "after": after,
             "path": trainer._export(time.time())}
 
@@ -205,7 +205,7 @@ def test_ard_lora_on_sdxl(tmp_path_factory, workspace):
     ranks = [m.rank for m in load_adapter(path).modules.values()]
     assert len(set(ranks)) >= 3 and sum(ranks) == 60 < 8 * len(trainer.adapter.gates.scales)
 
-    trained_unet = trainer.accelerator.unwrap_model(trainer.unet).eval()
+    trained_unet = trainer.accelerator.unwrap_model(trainer.denoiser).eval()
     trained = sdxl_predict(trainer, trained_unet)
     engine = Engine()
     assert (trained - sdxl_predict(trainer, engine.set_mix(str(model), []).unet)).abs().max() > 1e-3

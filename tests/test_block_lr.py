@@ -85,7 +85,7 @@ def test_a_section_without_an_adapter_loads_in_diffusers(workspace):
     trainer._setup()
     for step in range(4):
         trainer.train_step(step)
-    trainer.accelerator.unwrap_model(trainer.unet).eval()
+    trainer.accelerator.unwrap_model(trainer.denoiser).eval()
     path = trainer._export(time.time())
     keys = load_adapter(path).modules
     assert keys and not any("down_blocks" in key or "input_blocks" in key for key in keys)

@@ -22,7 +22,7 @@ def test_each_unet_block_trains_and_exports_at_its_rank(network, workspace):
     trainer = Trainer(create_run(config, workspace), show_progress=False)
     trainer._setup()
     assert float(trainer.train_step(0)) > 0
-    unet = trainer.accelerator.unwrap_model(trainer.unet)
+    unet = trainer.accelerator.unwrap_model(trainer.denoiser)
     layers = {path: module.r["default"] for path, module in unet.named_modules()
               if isinstance(getattr(module, "r", None), dict)}
     attention = {path: r for path, r in layers.items() if path.endswith(tuple(config.network.target_modules))}

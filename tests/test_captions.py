@@ -84,9 +84,11 @@ def test_the_model_sees_shuffled_and_dropped_captions(tmp_path, workspace):
 
     cached = _trainer(tmp_path / "cached", workspace, caption_dropout_rate=0.5)
     cached._setup()
-    empty = cached._text_cache[""][0]
-    assert cached.cache_text and not torch.equal(empty, cached._text_cache[cached.instance[0].caption][0])
-    texts = [cached._batch(cached.instance, cached.instance_order.batch(k), micro_generator(42, k), varied_at=k)[1][0]
+    empty = cached._text_cache[""]["encoder_hidden_states"]
+    assert cached.cache_text and not torch.equal(
+        empty, cached._text_cache[cached.instance[0].caption]["encoder_hidden_states"])
+    texts = [cached._batch(cached.instance, cached.instance_order.batch(k), micro_generator(42, k),
+                           varied_at=k).conditioning["encoder_hidden_states"][0]
              for k in range(200)]
     share = sum(torch.equal(t, empty) for t in texts) / len(texts)
     assert abs(share - 0.5) < 4 * (0.25 / len(texts)) ** 0.5

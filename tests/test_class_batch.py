@@ -22,7 +22,7 @@ def _trainer(workspace, **dataset):
 
 def _unet_batches(trainer, steps: int = 2) -> list[int]:
     sizes: list[int] = []
-    hook = trainer.unet.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
+    hook = trainer.denoiser.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
     for step in range(steps):
         trainer.train_step(step)
     hook.remove()

@@ -726,7 +726,7 @@ def test_trainer_export_round_trip(network, workspace):
     if network.get("train_text_encoder"):
         assert info["prefixes"]["lora_te"] > 0
     pipe = trainer.pipe
-    pipe.unet = trainer.accelerator.unwrap_model(trainer.unet)
+    pipe.unet = trainer.accelerator.unwrap_model(trainer.denoiser)
     pipe.unet.eval()
     expected = generate(pipe, prompt="a sks star")
     fresh = load_pipeline("builtin")

@@ -17,7 +17,7 @@ STEPS = 30
 
 
 def _factors(trainer, part: str) -> dict[str, torch.Tensor]:
-    models = {"unet": trainer.accelerator.unwrap_model(trainer.unet), **dict(trainer._text_encoder_components())}
+    models = {"unet": trainer.accelerator.unwrap_model(trainer.denoiser), **dict(trainer._text_encoder_components())}
     return {f"{component}.{name}": p for component, model in models.items()
             for name, p in model.named_parameters() if f".{part}." in name}
 
@@ -41,7 +41,7 @@ def trained(tmp_path_factory):
     for step in range(STEPS):
         trainer.train_step(step)
     after = _fixed_loss(trainer)
-    trainer.accelerator.unwrap_model(trainer.unet).eval()
+    trainer.accelerator.unwrap_model(trainer.denoiser).eval()
     return {"trainer": trainer, "start": start, "before": before, "after": after,
             "path": trainer._export(time.time())}
 

@@ -101,7 +101,7 @@ def test_a_masked_out_region_does_not_reach_the_gradient(tmp_path, workspace):
     OneTrainer; what the mask removes is their error from the loss.)"""
     torch.manual_seed(0)
     trainer = _trainer(_dataset(tmp_path, mask=_left_black()), workspace, masked_loss=True)
-    unet = trainer.accelerator.unwrap_model(trainer.unet)
+    unet = trainer.accelerator.unwrap_model(trainer.denoiser)
     first = next(i for i, ex in enumerate(trainer.instance) if ex.path.name == "sks_01.png")
     # Train a few steps so that B != 0 and the A matrices get gradients too.
     for step in range(3):
@@ -113,11 +113,11 @@ def test_a_masked_out_region_does_not_reach_the_gradient(tmp_path, workspace):
             handle = unet.register_forward_hook(lambda module, args, out: type(out)(sample=out.sample + delta))
         try:
             generator = torch.Generator().manual_seed(5)
-            *batch, count, mine = trainer._batch(trainer.instance, [first], generator)
-            weight = batch[4][0]
+            batch = trainer._batch(trainer.instance, [first], generator)
+            weight = batch.mask[0]
             half = weight.shape[1] // 2
             assert not weight[:, :half].any() and bool((weight[:, half:] == 1).all())
-            loss = trainer._per_sample_loss(*batch, generator, count, mine).mean()
+            loss = trainer._per_sample_loss(batch, generator).mean()
             grads = torch.autograd.grad(loss, trainer.trainable, allow_unused=True)
         finally:
             if handle is not None:

@@ -35,8 +35,8 @@ def _fixed_loss(trainer) -> float:
 
     with torch.no_grad():
         generator = micro_generator(7, 0, stream=5)
-        *batch, count, places = trainer._batch(trainer.instance, [0, 1, 2, 3], generator, whole=True)
-        return float(trainer._per_sample_loss(*batch, generator, count, places).mean())
+        batch = trainer._batch(trainer.instance, [0, 1, 2, 3], generator, whole=True)
+        return float(trainer._per_sample_loss(batch, generator).mean())
 
 
 def _train(config, workspace):

@@ -63,7 +63,7 @@ def allocated(tmp_path_factory):
     trainer = _allocation_run(tmp_path_factory.mktemp("alloc") / "ws", deaf=deaf)
     for step in range(STEPS):
         trainer.train_step(step)
-    trainer.accelerator.unwrap_model(trainer.unet).eval()
+    trainer.accelerator.unwrap_model(trainer.denoiser).eval()
     return {"trainer": trainer, "deaf": deaf, "event": _allocation(trainer), "path": trainer._export(time.time())}
 
 
@@ -133,7 +133,7 @@ def test_the_file_has_per_module_ranks_that_diffusers_reads(allocated):
     args = json.loads(adapter.metadata["ss_network_args"])
     assert args["rank_allocation"] == "sensitivity" and args["rank_budget"] == str(BUDGET)
 
-    expected = unet_out(trainer.accelerator.unwrap_model(trainer.unet))
+    expected = unet_out(trainer.accelerator.unwrap_model(trainer.denoiser))
     theirs = _deafened(load_pipeline("builtin"), allocated["deaf"])  # the base it was trained on
     base = unet_out(theirs.unet)
     messages = _diffusers_load(theirs, path)

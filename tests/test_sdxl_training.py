@@ -69,14 +69,16 @@ def test_sdxl_lora_trains_with_buckets(tmp_path, workspace):
     trainer._setup()
     assert trainer.family.name == "sdxl" and len({ex.bucket for ex in trainer.instance}) == 4
 
-    latents, text, pooled, time_ids = trainer._batch(trainer.instance, [1], torch.Generator().manual_seed(0))[:4]
-    assert text.shape[-1] == sum(enc.config.hidden_size for enc in trainer.text_encoders)
-    assert pooled.shape == (1, trainer.text_encoders[1].config.projection_dim)
+    batch = trainer._batch(trainer.instance, [1], torch.Generator().manual_seed(0))
+    conditioning = batch.conditioning
+    assert conditioning["encoder_hidden_states"].shape[-1] == sum(enc.config.hidden_size
+                                                                   for enc in trainer.text_encoders)
+    assert conditioning["text_embeds"].shape == (1, trainer.text_encoders[1].config.projection_dim)
     width, height = trainer.instance[1].bucket
     top, left = center_crop_offsets((96, 48), (width, height))
-    assert time_ids.tolist() == [[48, 96, top, left, height, width]]
+    assert conditioning["time_ids"].tolist() == [[48, 96, top, left, height, width]]
     factor = 2 ** (len(trainer.vae.config.block_out_channels) - 1)
-    assert latents.shape[-2:] == (height // factor, width // factor)
+    assert batch.latents.shape[-2:] == (height // factor, width // factor)
 
     def fixed_loss():
         with torch.no_grad():
@@ -134,16 +136,14 @@ def test_every_network_trains_exports_and_generates_on_sdxl(kind, tiny_sdxl_dir,
     path = trainer._export(time.time())
     assert read_checked_header(path)[1]["ss_base_model_version"] == "sdxl_base_v1-0"
 
-    latents, text, pooled, time_ids = trainer._batch(trainer.instance, [0], torch.Generator().manual_seed(0))[:4]
-    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(1))
-    timestep = torch.tensor([300])
-    noisy = trainer.noise_scheduler.add_noise(latents, noise, timestep)
+    batch = trainer._batch(trainer.instance, [0], torch.Generator().manual_seed(0))
+    noise = torch.randn(batch.latents.shape, generator=torch.Generator().manual_seed(1))
 
     def predict(unet):
         with torch.no_grad():
-            return unet(noisy, timestep, text, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+            return trainer.predict(unet, batch, noise, torch.tensor([300]))
 
-    trained_unet = trainer.accelerator.unwrap_model(trainer.unet)
+    trained_unet = trainer.accelerator.unwrap_model(trainer.denoiser)
     trained_unet.eval()
     trained = predict(trained_unet)
     model = str(tiny_sdxl_dir)

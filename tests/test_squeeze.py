@@ -59,7 +59,7 @@ def squeezed(tmp_path_factory):
     for step in range(AT, STEPS):
         trainer.train_step(step)
     out["end"] = _fixed_loss(trainer)
-    trainer.accelerator.unwrap_model(trainer.unet).eval()
+    trainer.accelerator.unwrap_model(trainer.denoiser).eval()
     out["path"] = trainer._export(time.time())
     return out
 
@@ -122,7 +122,7 @@ def test_the_file_is_a_plain_lora_at_the_squeezed_rank_equal_to_the_model(squeez
     assert adapter.metadata["ss_network_module"] == "networks.lora"
     assert json.loads(adapter.metadata["ss_network_args"])["squeeze_rank"] == str(SQUEEZED)
     trainer = squeezed["trainer"]
-    expected = unet_out(trainer.accelerator.unwrap_model(trainer.unet))
+    expected = unet_out(trainer.accelerator.unwrap_model(trainer.denoiser))
     ours = load_pipeline("builtin")
     base = unet_out(ours.unet)
     attach_adapter(ours, adapter, "sq")

@@ -29,7 +29,7 @@ def test_training_lowers_loss_and_adapter_changes_generation(trained_demo, tmp_p
     trainer = trained_demo["trainer"]
     trained_loss = _fixed_loss(trainer)
     # The same draws with the LoRA switched off are the base model's loss.
-    unet = trainer.accelerator.unwrap_model(trainer.unet)
+    unet = trainer.accelerator.unwrap_model(trainer.denoiser)
     unet.disable_adapters()
     base_loss = _fixed_loss(trainer)
     unet.enable_adapters()

@@ -36,7 +36,7 @@ def test_held_out_pictures_give_a_validation_loss_in_events_and_tensorboard(work
     assert not trained_on & held_out
     first = trainer.validation_loss()
     assert trainer.validation_loss() == first  # the same draws every time: only the weights change it
-    unet = trainer.accelerator.unwrap_model(trainer.unet)
+    unet = trainer.accelerator.unwrap_model(trainer.denoiser)
     assert unet.training  # the mode is given back
 
     trainer.run(resume=False)

@@ -71,12 +71,12 @@ def runs(tmp_path_factory, tiny_sdxl_dir):
             workspace = Workspace.open(tmp_path_factory.mktemp(f"{method}-{family}") / "ws")
             trainer = Trainer(create_run(config, workspace), show_progress=False)
             trainer._setup()
-            start = _unet_out(trainer.accelerator.unwrap_model(trainer.unet))
+            start = _unet_out(trainer.accelerator.unwrap_model(trainer.denoiser))
             before = _fixed_loss(trainer)
             for step in range(STEPS):
                 trainer.train_step(step)
             after = _fixed_loss(trainer)
-            trainer.accelerator.unwrap_model(trainer.unet).eval()
+            trainer.accelerator.unwrap_model(trainer.denoiser).eval()
             done[method, family] = {"trainer": trainer, "start": start, "before": before, "after": after,
                                     "path": trainer._export(time.time())}
         return done[method, family]
@@ -86,7 +86,7 @@ def runs(tmp_path_factory, tiny_sdxl_dir):
 
 def _trained_unet(trained):
     trainer = trained["trainer"]
-    return trainer.accelerator.unwrap_model(trainer.unet)
+    return trainer.accelerator.unwrap_model(trainer.denoiser)
 
 
 def test_both_are_network_types_with_help_and_refuse_what_does_not_apply():

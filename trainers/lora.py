@@ -1,6 +1,9 @@
-"""DreamBooth-style LoRA training on the UNet (and optionally the text encoders) of a base
-model of any family (studio.models.families: its text conditioning and extra UNet inputs), driven
-by accelerate.
+"""DreamBooth-style adapter training on the denoiser (and optionally the text encoders) of a
+base model of any family, driven by accelerate. The family (studio.models.families) says
+which denoiser and text encoders the pipeline has, how captions condition it, how it is
+called and its training objective (noise schedule, target, loss weighting, timestep
+sampling); the method (studio.adapters.methods) says what the adapter is. This loop names
+neither.
 
 Read top to bottom: load -> data -> caches -> adapters -> optimizer -> resume -> loop.
 Every step's randomness (noise, timesteps, latent sampling, dropout, crops, flips, data
@@ -22,6 +25,7 @@ import math
 import os
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -57,6 +61,28 @@ VALIDATION_DRAWS = 4
 PREPARE_STREAM = 3
 
 
+@dataclass
+class Batch:
+    """This process's share of a global micro-batch, ready for the denoiser."""
+
+    latents: torch.Tensor                  # [b, C, h, w], scaled as the denoiser sees them
+    conditioning: dict[str, torch.Tensor]  # the family's text (and size) conditioning, batch-first
+    mask: torch.Tensor | None              # [b, h, w] loss weights (dataset.masked_loss)
+    count: int                             # samples in the global micro-batch
+    places: list[int]                      # this share's places in it
+
+    def join(self, other: "Batch") -> "Batch":
+        """Both batches as one denoiser pass (instance and class pictures of one bucket):
+        `other`'s places follow this batch's samples."""
+        def cat(a, b):
+            return None if a is None else torch.cat([a, b])
+
+        return Batch(cat(self.latents, other.latents),
+                     {key: cat(value, other.conditioning[key]) for key, value in self.conditioning.items()},
+                     cat(self.mask, other.mask), self.count + other.count,
+                     self.places + [self.count + p for p in other.places])
+
+
 class TrainingFailed(StudioError):
     """The run stopped for a reason a person can act on (NaN loss, out of memory)."""
 
@@ -80,7 +106,6 @@ class Trainer:
     # ---------------------------------------------------------------- set-up
     def _setup(self) -> None:
         from accelerate import Accelerator
-        from diffusers import DDPMScheduler
         from diffusers.optimization import get_scheduler
 
         cfg = self.config
@@ -98,18 +123,18 @@ class Trainer:
                               "were started; start the run with `lora-studio train` or the queue, which launch "
                               "the number the config asks for.")
         device = self.accelerator.device
-        self.model_ref = resolve_model(cfg.base_model)
+        self.model_ref = resolve_model(cfg.base_model, workspace=run_workspace(self.run_dir))
         self.family = get_family(self.model_ref.family)
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.training.mixed_precision, torch.float32)
         base_weights = cfg.training.base_weights
         pipe = load_pipeline(self.model_ref, unet_dtype=self.weight_dtype,
                              unet_quantization=nf4_quantization(self.weight_dtype) if base_weights == "nf4" else None)
         self.pipe = pipe
-        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        self.vae, self.unet = pipe.vae, pipe.unet
+        self.objective = self.family.objective(pipe)
+        self.vae, self.denoiser = pipe.vae, getattr(pipe, self.family.denoiser)
         self.text_encoders = [getattr(pipe, attr) for attr in self.family.text_encoders]
         self.tokenizers = [getattr(pipe, attr) for attr in self.family.tokenizers]
-        for module in (self.vae, self.unet, *self.text_encoders):
+        for module in (self.vae, self.denoiser, *self.text_encoders):
             module.requires_grad_(False)
             module.to(device)
         if self.weight_dtype != torch.float32:
@@ -154,7 +179,7 @@ class Trainer:
         self._mask_cache: dict[tuple[Path, bool], torch.Tensor] = {}
         if cfg.dataset.masked_loss:
             self._check_masks()
-        self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._text_cache: dict[str, dict[str, torch.Tensor]] = {}
         if self.cache_latents:
             self._fill_latent_cache()
         if self.cache_text:
@@ -163,24 +188,24 @@ class Trainer:
                 captions = [example.caption for example in self.instance + self.class_examples + self.validation]
                 for caption in captions + dropped:
                     if caption not in self._text_cache:
-                        hidden, pooled = self._encode_text([caption])
-                        self._text_cache[caption] = (hidden[0], None if pooled is None else pooled[0])
+                        self._text_cache[caption] = {k: v[0] for k, v in self._encode_text([caption]).items()}
 
         # adapters: the method (network.type) injects itself and names what trains
         net = cfg.network
         self.adapter = self._new_adapter()
+        denoiser_name = self.family.denoiser
         measured = self.adapter.prepare(
-            {"unet": self.unet, **(dict(zip(("text_encoder", "text_encoder_2"), self.text_encoders))
-                                   if net.train_text_encoder else {})},
+            {denoiser_name: self.denoiser, **(dict(zip(self.family.text_encoders, self.text_encoders))
+                                              if net.train_text_encoder else {})},
             lambda i: self._loss(i, stream=PREPARE_STREAM))
         if measured is not None:
             self.events.emit("adapter_prepared", **measured)
         self.adapter.unadapted_sections = tuple(section for section, weight in self.block_lr_weights().items()
                                                 if weight == 0)
         torch.manual_seed(cfg.seed)  # the adapters' initial weights are a function of the seed
-        params = self.block_groups(self.adapter.add("unet", self.unet, cfg.training.learning_rate))
+        params = self.block_groups(self.adapter.add(denoiser_name, self.denoiser, cfg.training.learning_rate))
         if net.train_text_encoder:
-            for component, encoder in zip(("text_encoder", "text_encoder_2"), self.text_encoders):
+            for component, encoder in zip(self.family.text_encoders, self.text_encoders):
                 params += self.adapter.add(component, encoder, cfg.training.text_encoder_lr or cfg.training.learning_rate)
         if net.pivotal_vectors:  # the trigger's embedding, at its own learning rate
             self.pivotal = PivotalTokens(cfg.dataset.trigger_word.strip(), net.pivotal_vectors, self.tokenizers,
@@ -188,7 +213,7 @@ class Trainer:
             params.append({"params": self.pivotal.parameters(),
                            "lr": cfg.training.embedding_lr or cfg.training.learning_rate})
         if base_weights == "fp8":
-            store_in_fp8(self.unet)
+            store_in_fp8(self.denoiser)
         self.trainable = [p for group in params for p in group["params"]]
         for p in self.trainable:
             p.data = p.data.float()
@@ -199,8 +224,8 @@ class Trainer:
         self.ema: list[torch.Tensor] | None = None
         self._update_ema(0)
         if cfg.training.gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
-        self.unet.train()
+            self.denoiser.enable_gradient_checkpointing()
+        self.denoiser.train()
 
         optimizer = self._optimizer(params)
         lr_scheduler = get_scheduler(cfg.training.lr_scheduler, optimizer=optimizer,
@@ -209,7 +234,7 @@ class Trainer:
         # Models prepared without DDP: gradients are averaged by _average_gradients, which also
         # covers T-LoRA's parameters (outside the UNet's module tree, attached by hooks). The
         # LR scheduler is not handed to accelerate, whose wrapper steps it once per process.
-        self.unet = self.accelerator.prepare_model(self.unet, evaluation_mode=True)
+        self.denoiser = self.accelerator.prepare_model(self.denoiser, evaluation_mode=True)
         self.optimizer, self.lr_scheduler = self.accelerator.prepare_optimizer(optimizer), lr_scheduler
         if net.train_text_encoder:
             self.text_encoders = [self.accelerator.prepare_model(encoder, evaluation_mode=True)
@@ -242,8 +267,9 @@ class Trainer:
         return examples[: cfg.dataset.num_class_images]
 
     def block_lr_weights(self) -> dict[str, float]:
+        """The denoiser's sections (its family's) -> training.block_lr_<key>."""
         t = self.config.training
-        return {"down_blocks": t.block_lr_down, "mid_block": t.block_lr_mid, "up_blocks": t.block_lr_up}
+        return {section: getattr(t, f"block_lr_{key}") for key, section in self.family.sections.items()}
 
     def block_groups(self, groups: list[dict]) -> list[dict]:
         """The UNet adapter's parameter groups split by UNet section: a parameter in the down
@@ -254,7 +280,7 @@ class Trainer:
         weights = self.block_lr_weights()
         if all(w == 1.0 for w in weights.values()):
             return groups
-        section = {id(p): name.split(".")[0] for name, p in self.adapter.named_parameters("unet")}
+        section = {id(p): name.split(".")[0] for name, p in self.adapter.named_parameters(self.family.denoiser)}
         split = []
         for group in groups:
             by_section: dict[str, list] = {}
@@ -312,9 +338,9 @@ class Trainer:
         bucket = choose_bucket(size, ds.resolution, enabled=ds.enable_bucket, no_upscale=ds.bucket_no_upscale)
         return Example(path, caption, repeats, size, bucket)
 
-    def _encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Text conditioning (and a pooled embedding where the family has one); with pivotal
-        tuning the trigger word is first written as its tokens."""
+    def _encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """The family's text conditioning of `captions`; with pivotal tuning the trigger word
+        is first written as its tokens."""
         if self.pivotal is not None:
             captions = self.pivotal.expand(captions, self.pipe)
         return self.family.encode_text(self.tokenizers, self.text_encoders, captions, self.accelerator.device)
@@ -375,10 +401,10 @@ class Trainer:
         return [place % count for place in range(self.rank * size, (self.rank + 1) * size)]
 
     def _batch(self, examples: list[Example], indices: list[int], generator: torch.Generator, *,
-               varied_at: int | None = None, whole: bool = False):
-        """Latents, text conditioning, (SDXL) size conditioning and (dataset.masked_loss) the
-        latent loss weights of this process's share of a global micro-batch (`whole`: of all
-        of it), with the batch's size and the share's places in it. Every random choice
+               varied_at: int | None = None, whole: bool = False) -> Batch:
+        """Latents, the family's conditioning (text; SDXL's size too) and (dataset.masked_loss)
+        the latent loss weights of this process's share of a global micro-batch (`whole`: of
+        all of it), with the batch's size and the share's places in it. Every random choice
         (flips, crops, latent samples) is drawn for the
         whole global batch from the micro-step's generator, in the order one process draws
         them, and each process keeps its share's: so N processes train what one process with
@@ -406,20 +432,25 @@ class Trainer:
             mean, std = self._latent_dist(torch.stack([prepared[p][0] for p in mine]))
             crops = [prepared[p][1] for p in mine]
         eps = torch.randn((len(chosen), *mean.shape[1:]), generator=generator)[mine].to(mean.device, mean.dtype)
-        latents = (mean + std * eps).float() * self.vae.config.scaling_factor
+        latents = self._scaled_latents((mean + std * eps).float())
         captions = self._captions(chosen, mine, varied_at)
         if self.cache_text:
             cached = [self._text_cache[c] for c in captions]
-            text = torch.stack([h for h, _ in cached])
-            pooled = None if cached[0][1] is None else torch.stack([p for _, p in cached])
+            conditioning = {key: torch.stack([c[key] for c in cached]) for key in cached[0]}
         else:
-            text, pooled = self._encode_text(captions)
+            conditioning = self._encode_text(captions)
+        conditioning.update(self.family.size_conditioning([chosen[p] for p in mine], crops))
         mask = None
         if cfg.dataset.masked_loss:
             mask = torch.stack([self._latent_mask(chosen[p], crop, flips[p], latents.shape[-2:])
                                 for p, crop in zip(mine, crops)]).to(latents.device)
-        time_ids = self.family.size_conditioning([chosen[p] for p in mine], crops)
-        return latents, text, pooled, time_ids, mask, len(chosen), mine
+        return Batch(latents, conditioning, mask, len(chosen), mine)
+
+    def _scaled_latents(self, sample: torch.Tensor) -> torch.Tensor:
+        """A VAE latent sample as the denoiser sees it: (z - shift) x scale, both from the VAE's
+        config (SD's VAEs have no shift; FLUX.1's has one)."""
+        vae = self.vae.config
+        return (sample - (getattr(vae, "shift_factor", None) or 0.0)) * vae.scaling_factor
 
     def _captions(self, chosen: list[Example], mine: list[int], varied_at: int | None) -> list[str]:
         """The captions of this process's share of a micro-batch: as written, or (training
@@ -437,48 +468,46 @@ class Trainer:
         generator = micro_generator(cfg.seed, micro_step, stream)
         # adapter dropout: its own stream per process
         torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)) + self.rank)
-        batches = [self._batch(self.instance, self.instance_order.batch(micro_step), generator, varied_at=micro_step)]
-        if self.class_examples:
-            batches.append(self._batch(self.class_examples, self.class_order.batch(micro_step), generator))
-            (*instance, count, mine), (*prior, class_count, class_mine) = batches
-            if instance[0].shape[1:] == prior[0].shape[1:]:  # same bucket: one UNet pass
-                joined = [None if a is None else torch.cat([a, b]) for a, b in zip(instance, prior)]
-                per_sample = self._per_sample_loss(*joined, generator, count + class_count,
-                                                   mine + [count + p for p in class_mine])
-                n = len(mine)
-                return per_sample[:n].mean() + cfg.dataset.prior_loss_weight * per_sample[n:].mean()
-        losses = [self._per_sample_loss(*batch[:5], generator, *batch[5:]).mean() for batch in batches]
-        return losses[0] + (cfg.dataset.prior_loss_weight * losses[1] if len(losses) > 1 else 0.0)
+        instance = self._batch(self.instance, self.instance_order.batch(micro_step), generator, varied_at=micro_step)
+        if not self.class_examples:
+            return self._per_sample_loss(instance, generator).mean()
+        prior = self._batch(self.class_examples, self.class_order.batch(micro_step), generator)
+        weight = cfg.dataset.prior_loss_weight
+        if instance.latents.shape[1:] == prior.latents.shape[1:]:  # same bucket: one denoiser pass
+            per_sample = self._per_sample_loss(instance.join(prior), generator)
+            n = len(instance.places)
+            return per_sample[:n].mean() + weight * per_sample[n:].mean()
+        return self._per_sample_loss(instance, generator).mean() + weight * self._per_sample_loss(prior, generator).mean()
 
-    def _per_sample_loss(self, latents, text, pooled, time_ids, mask, generator, count: int,
-                         mine: list[int]) -> torch.Tensor:
-        """Per-sample loss of this process's share; noise and timesteps drawn for the whole
-        global batch of `count` samples (see _batch), the share's at places `mine`. With loss
-        weights `mask` [B, h, w] (dataset.masked_loss) it is masked_mean's."""
-        from diffusers.training_utils import compute_snr
+    def predict(self, denoiser: torch.nn.Module, batch: Batch, noise: torch.Tensor,
+                timesteps: torch.Tensor) -> torch.Tensor:
+        """`denoiser`'s prediction for `batch`'s latents noised with `noise` at `timesteps` (the
+        family's objective and call): how a test compares a denoiser with the trained one."""
+        device = next(denoiser.parameters()).device
+        latents, noise, timesteps = batch.latents.to(device), noise.to(device), timesteps.to(device)
+        return self.family.predict(denoiser, self.objective.noisy(latents, noise, timesteps), timesteps,
+                                   batch.conditioning)
 
+    def _per_sample_loss(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+        """Per-sample loss of this process's share: noise (with training.noise_offset) and
+        timesteps drawn for the whole global batch of `batch.count` samples (see _batch), the
+        share's at `batch.places`; the noisy input, target and loss weight are the family
+        objective's. With loss weights `batch.mask` [B, h, w] it is masked_mean's."""
         cfg = self.config
         device = self.accelerator.device
+        latents, mine, count = batch.latents, batch.places, batch.count
         noise = torch.randn((count, *latents.shape[1:]), generator=generator)[mine]
         if cfg.training.noise_offset:
             noise += cfg.training.noise_offset * torch.randn((count, latents.shape[1], 1, 1), generator=generator)[mine]
-        last = min(cfg.training.max_timestep, self.noise_scheduler.config.num_train_timesteps)
-        timesteps = torch.randint(min(cfg.training.min_timestep, last - 1), last, (count,), generator=generator)[mine]
+        timesteps = self.objective.sample_timesteps(count, generator, cfg.training)[mine]
         noise, timesteps, latents = noise.to(device), timesteps.to(device), latents.to(device)
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        extra = self.family.unet_inputs(pooled, time_ids, device)
-        prediction = self.unet(noisy, timesteps, text.to(device), **extra).sample
-        prediction_type = self.noise_scheduler.config.prediction_type
-        target = noise if prediction_type == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        noisy = self.objective.noisy(latents, noise, timesteps)
+        prediction = self.family.predict(self.denoiser, noisy, timesteps, batch.conditioning)
+        target = self.objective.target(latents, noise, timesteps)
         error = F.mse_loss(prediction.float(), target.float(), reduction="none")
-        per_sample = error.mean(dim=(1, 2, 3)) if mask is None else masked_mean(error, mask)
-        if cfg.training.min_snr_gamma:
-            snr = compute_snr(self.noise_scheduler, timesteps)
-            weight = torch.clamp(snr, max=cfg.training.min_snr_gamma) / snr
-            if prediction_type == "v_prediction":
-                weight = weight * snr / (snr + 1)
-            per_sample = per_sample * weight
-        return per_sample
+        per_sample = error.mean(dim=(1, 2, 3)) if batch.mask is None else masked_mean(error, batch.mask)
+        weight = self.objective.loss_weight(timesteps, cfg.training)
+        return per_sample if weight is None else per_sample * weight
 
     @torch.no_grad()
     def validation_loss(self) -> float:
@@ -486,15 +515,15 @@ class Trainer:
         draws each (latent sample, noise, timestep, flip) from a generator of the picture's
         own (stream 2 of micro-generator i), captions as written, no adapter dropout: the
         same draws at every evaluation, so the value changes only with the weights."""
-        models = [self.accelerator.unwrap_model(self.unet)] + [m for _, m in self._text_encoder_components()]
+        models = [self.accelerator.unwrap_model(self.denoiser)] + [m for _, m in self._text_encoder_components()]
         modes = [model.training for model in models]
         for model in models:
             model.eval()
         losses = []
         for i in range(len(self.validation)):
             generator = micro_generator(self.config.seed, i, stream=2)
-            *batch, count, places = self._batch(self.validation, [i] * VALIDATION_DRAWS, generator, whole=True)
-            losses.append(self._per_sample_loss(*batch, generator, count, places))
+            losses.append(self._per_sample_loss(self._batch(self.validation, [i] * VALIDATION_DRAWS, generator,
+                                                            whole=True), generator))
         for model, mode in zip(models, modes):
             model.train(mode)
         return float(torch.cat(losses).mean())
@@ -512,9 +541,9 @@ class Trainer:
         return {k: v.detach().float().cpu().clone() for k, v in self.adapter.state().items()}
 
     def _text_encoder_components(self) -> list[tuple[str, torch.nn.Module]]:
-        """("text_encoder", model), ("text_encoder_2", model): the pipeline's component names."""
-        names = ["text_encoder", "text_encoder_2"]
-        return [(name, self.accelerator.unwrap_model(enc)) for name, enc in zip(names, self.text_encoders)]
+        """(pipeline attribute, model) of each text encoder."""
+        return [(name, self.accelerator.unwrap_model(enc)) for name, enc in zip(self.family.text_encoders,
+                                                                                 self.text_encoders)]
 
     def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
         self._replace_parameters(self.adapter.load_state(state))
@@ -720,7 +749,7 @@ class Trainer:
         accum = self.config.training.gradient_accumulation_steps
         total = torch.zeros((), device=self.accelerator.device)
         for micro in range(accum):
-            with self.accelerator.accumulate(self.unet):
+            with self.accelerator.accumulate(self.denoiser):
                 loss = self._loss(step * accum + micro)
                 penalty = self.adapter.regularization()
                 self.accelerator.backward(loss if penalty is None else loss + penalty)
@@ -809,9 +838,9 @@ class Trainer:
         prompts = cfg.sampling.prompts or [self.instance[0].caption]
         sample_dir = self.run_dir / SAMPLES_DIR
         sample_dir.mkdir(exist_ok=True)
-        unet = self.accelerator.unwrap_model(self.unet)
-        unet.eval()
-        self.pipe.unet = unet
+        denoiser = self.accelerator.unwrap_model(self.denoiser)
+        denoiser.eval()
+        setattr(self.pipe, self.family.denoiser, denoiser)
         for component, encoder in self._text_encoder_components():
             setattr(self.pipe, component, encoder)
         paths = []
@@ -821,7 +850,7 @@ class Trainer:
             image.save(path)
             self.tensorboard.image(f"samples/{i}", image, step)
             paths.append(str(path))
-        unet.train()
+        denoiser.train()
         self.events.emit("sample", step=step, paths=paths, prompts=prompts)
 
     def _sample_image(self, prompt: str, generator: torch.Generator):
@@ -860,7 +889,7 @@ class Trainer:
         adapter.metadata = training_metadata(
             cfg, self.model_ref, dataset_folder=self._dataset_folder(), started=started, finished=time.time(),
             run_id=self.run_dir.name, adapter=adapter, thumbnail=samples[-1] if samples else None,
-            prediction_type=self.noise_scheduler.config.prediction_type, ema=ema)
+            prediction_type=self.objective.prediction_type, ema=ema)
         if self.pivotal is not None:
             adapter.embeddings = {self.pivotal.name: self.pivotal.vectors()}
             if embedding_file:

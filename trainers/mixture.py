@@ -33,12 +33,13 @@ from trainers.lora import Trainer
 
 
 class MixtureTraining:
-    """The gates of a mixture on a run's UNet: the `Training` protocol of
+    """The gates of a mixture on a run's denoiser: the `Training` protocol of
     studio.adapters.methods (prepare, add, named_parameters, state, load_state,
     regularization, after_step); the trainer writes the mixture file itself."""
 
-    def __init__(self, mixture, members, family: str):
-        self.mixture, self.members, self.family = mixture, members, family
+    def __init__(self, mixture, members, family):
+        self.mixture, self.members = mixture, members
+        self.family, self.denoiser = family.name, family.denoiser
         self.gates = Gates(mixture)
         self.current: torch.Tensor | None = None   # [B, K, 26] of the UNet call in progress
         self.pending: list[torch.Tensor] = []      # prompt embeddings of batches not yet through the UNet
@@ -49,16 +50,16 @@ class MixtureTraining:
         return None
 
     def add(self, component: str, model: torch.nn.Module, lr: float) -> list[dict]:
-        if component != "unet":
-            raise StudioError("A mixture run trains the UNet's gates only; set network.train_text_encoder = false.")
+        if component != self.denoiser:
+            raise StudioError("A mixture run trains the denoiser's gates only; set network.train_text_encoder = false.")
         device = next(model.parameters()).device
         self.gates.to(device)
-        LiveMembers(self.family, {"unet": model}, self.members).install(per_sample(lambda: self.current))
-        model.register_forward_pre_hook(self._before_unet, with_kwargs=True)
+        LiveMembers(self.family, {component: model}, self.members).install(per_sample(lambda: self.current))
+        model.register_forward_pre_hook(self._before_denoiser, with_kwargs=True)
         # no weight decay: a gate's neutral value is the member's weight, not 0
         return [{"params": list(self.gates.parameters()), "lr": lr, "weight_decay": 0.0}]
 
-    def _before_unet(self, _module, args, kwargs):
+    def _before_denoiser(self, _module, args, kwargs):
         sample = args[0] if args else kwargs["sample"]
         timestep = args[1] if len(args) > 1 else kwargs["timestep"]
         batch = sample.shape[0]
@@ -79,7 +80,7 @@ class MixtureTraining:
         return torch.cat(taken)
 
     def named_parameters(self, component: str):
-        return ((f"gates.{name}", p) for name, p in self.gates.named_parameters()) if component == "unet" else iter(())
+        return ((f"gates.{name}", p) for name, p in self.gates.named_parameters()) if component == self.denoiser else iter(())
 
     def state(self) -> dict[str, torch.Tensor]:
         return {f"gates.{name}": p for name, p in self.gates.named_parameters()}
@@ -120,20 +121,20 @@ class MixtureTrainer(Trainer):
             paths = [find_adapter(workspace, name) for name in cfg.members]
             dim = self.text_encoders[0].get_input_embeddings().weight.shape[1]
             mixture = new_mixture(paths, cfg.gate, bands=cfg.bands, embedding_dim=dim)
-            mixture.timesteps = self.noise_scheduler.config.num_train_timesteps
+            mixture.timesteps = self.objective.timesteps
             self._parts = (mixture, [load_adapter(path) for path in paths])
         return self._parts
 
     def _new_adapter(self) -> MixtureTraining:
         mixture, members = self._mixture_parts()
         self._members_on_text_encoders()
-        return MixtureTraining(mixture, members, self.family.name)
+        return MixtureTraining(mixture, members, self.family)
 
     def _members_on_text_encoders(self) -> None:
         """The members' text-encoder modules, live at their BASE gate, before any encoding."""
         if getattr(self, "_text_members", None) is None:
             mixture, members = self._mixture_parts()
-            fixed = MixtureTraining(mixture, members, self.family.name).base_gates()
+            fixed = MixtureTraining(mixture, members, self.family).base_gates()
             models = dict(zip(self.family.text_encoders, self.text_encoders))
             self._text_members = LiveMembers(self.family.name, models, members).install(per_sample(lambda: fixed))
 

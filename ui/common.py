@@ -67,7 +67,7 @@ class Studio:
         heavy_imports()
         with self._engine_lock:
             if self._engine is None:
-                self._engine = Engine(allow_pickle=self.allow_pickle)
+                self._engine = Engine(allow_pickle=self.allow_pickle, workspace=self.workspace)
             return self._engine
 
     def describe(self, path: Path) -> dict:

@@ -11,6 +11,7 @@ import gradio as gr
 from studio.generation.engine import SCHEDULER_LABELS, SCHEDULERS
 from studio.models.families import DEFAULT
 from ui import generate_view as gv
+from ui import models_view as mv
 from ui.common import Studio, friendly, heavy_imports, unchecked
 
 ADAPTER_ROWS = 4
@@ -82,8 +83,9 @@ def build(studio: Studio, model_choices) -> SimpleNamespace:
                 with gr.Accordion("Settings", open=True):
                     with gr.Row():
                         model = gr.Dropdown(model_choices(), value="builtin", allow_custom_value=True,
-                                            label="Base model", info="'builtin' or a model path",
-                                            elem_id="gen-model")
+                                            label="Base model", elem_id="gen-model",
+                                            info="'builtin', a model path or name (org/name, civitai:ID: "
+                                                 "pulled when picked)")
                         scheduler = gr.Dropdown([(SCHEDULER_LABELS[k], k) for k in SCHEDULERS], value="ddim",
                                                 label="Sampler", elem_id="gen-scheduler")
                         size = gr.Dropdown(gv.SIZE_CHOICES, value=gv.SIZE_DEFAULT, allow_custom_value=True,
@@ -188,6 +190,11 @@ def build(studio: Studio, model_choices) -> SimpleNamespace:
     def on_adapter_picked(name):
         return gr.update(visible=gv.is_tlora_adapter(ws, name))
 
+    @friendly
+    def on_model_picked(value, progress=gr.Progress()):
+        note = mv.pull_for_field(ws, value, "base model", progress)
+        return gr.skip() if note is None else gr.update(info=note)
+
     # One stable API name per action for scripts (`/generate`, `/grid`, `/suggest`; ui.app.PUBLIC_API
     # keeps every other handler private); Enter in the prompt runs the same handler as Generate.
     # Everything that runs the engine queues as one.
@@ -198,6 +205,7 @@ def build(studio: Studio, model_choices) -> SimpleNamespace:
                    [grid_sheet, grid_cells, grid_info], concurrency_id="generate", api_name="grid")
     suggest_btn.click(on_suggest, [prompt, model], [suggestions, suggestions_box], concurrency_id="generate",
                       api_name="suggest")
+    model.input(on_model_picked, model, model)
     accept_btn.click(on_accept, [suggestions, *names, *weights], [*names, *weights, suggestions_box])
     fuse_btn.click(on_fuse, [suggestions, fuse_name, *names], [*names, mixture, gate_table, gate_map, gates_box],
                    concurrency_id="generate")

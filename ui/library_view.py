@@ -183,7 +183,7 @@ def fuse_mix(studio, model: str | None, rows: Sequence[tuple[str | None, float |
 
     mix = library_mix(studio.workspace, rows)
     target = new_file(studio.workspace.models_dir, name, "checkpoint")
-    path = fuse(model or "builtin", mix, target, allow_pickle=studio.allow_pickle)
+    path = fuse(model or "builtin", mix, target, allow_pickle=studio.allow_pickle, workspace=studio.workspace)
     sources = ", ".join(f"{source.stem} × {weight:g}" for source, weight in mix)
     return (f"Fused {sources} into {model or 'builtin'}: `models/{path.name}` ({format_size(path.stat().st_size)}). "
             "Pick it as the base model in Generate or Train.")

@@ -18,6 +18,7 @@ from studio.jobs.runs import TrainingCheck, check_training
 from studio.jobs.speed import estimate, measure_speed, speed_from_runs
 from studio.models import resolve_model
 from ui import format as fmt
+from ui import models_view as mv
 from ui import train_view as tv
 from ui.common import (
     PROBLEM_TITLE,
@@ -74,14 +75,9 @@ def warnings_note(check: TrainingCheck) -> str:
 
 
 def model_choices(studio: Studio) -> list[str]:
-    """'builtin', then diffusers folders and .safetensors checkpoints in workspace/models."""
-    out = [BUILTIN]
-    models = studio.workspace.models_dir
-    if models.is_dir():
-        for entry in sorted(models.iterdir()):
-            if (entry.is_dir() and (entry / "model_index.json").is_file()) or entry.suffix.lower() == ".safetensors":
-                out.append(str(entry))
-    return out
+    """'builtin', the model names pulled and curated, then the other diffusers folders and
+    .safetensors checkpoints in workspace/models."""
+    return [BUILTIN, *mv.choices(studio.workspace, "base model")]
 
 
 class SpeedMeter:
@@ -180,7 +176,8 @@ def build(studio: Studio) -> SimpleNamespace:
                                           elem_id="train-dataset")
                     base_model = gr.Dropdown(model_choices(studio), value=main_values[("base_model",)],
                                              allow_custom_value=True, label="Base model",
-                                             info="'builtin' (tiny, CPU), or a path: diffusers folder / "
+                                             info="'builtin' (tiny, CPU), a model name (org/name, civitai:ID: "
+                                                  "pulled when picked) or a path: diffusers folder / "
                                                   ".safetensors checkpoint", elem_id="train-base-model")
                     preset = gr.Dropdown(preset_names(), value=DEFAULT_PRESET if DEFAULT_PRESET in preset_names()
                                          else None, label="Preset",
@@ -269,7 +266,7 @@ def build(studio: Studio) -> SimpleNamespace:
         family = None
         if not builtin:
             try:
-                family = resolve_model(config.base_model).family
+                family = resolve_model(config.base_model, workspace=ws).family
             except StudioError as error:
                 return f"**Cannot estimate yet:** {error}"
         steps_per_epoch = None
@@ -355,6 +352,14 @@ def build(studio: Studio) -> SimpleNamespace:
     for comp in watched:
         comp.change(on_change, hint_inputs, hint, show_progress="minimal", trigger_mode="always_last")
     preset.input(on_preset, preset, form_components).then(on_change, hint_inputs, hint, show_progress="hidden")
+
+    @friendly
+    def on_model_picked(value, progress=gr.Progress()):
+        note = mv.pull_for_field(ws, value, "base model", progress)
+        return gr.skip() if note is None else gr.update(info=note)
+
+    base_model.input(on_model_picked, base_model, base_model).then(on_change, hint_inputs, hint,
+                                                                    show_progress="hidden")
     dataset.input(on_dataset, [dataset, preset, main[("name",)]], main[("name",)], show_progress="hidden")
     check_btn.click(on_check, hint_inputs, [toml_view, launch_note], api_name="check_settings")
 

@@ -190,11 +190,13 @@ def resize(src: str | Path, out: str | Path, *, dtype: torch.dtype = torch.float
     return MixReport(Path(path), len(modules), ranks, energy)
 
 
-def fuse(model: str, mix: list[tuple[Path, float]], out: str | Path, *, allow_pickle: bool = False) -> Path:
+def fuse(model: str, mix: list[tuple[Path, float]], out: str | Path, *, allow_pickle: bool = False,
+         workspace=None) -> Path:
     """A full single-file checkpoint (SD1.5 / SDXL layout) with the weighted updates merged
-    into the base weights (DoRA included, through its own merge rule)."""
+    into the base weights (DoRA included, through its own merge rule). A model name is found
+    among those pulled into `workspace`."""
     _check_mix(mix)
-    pipe = load_pipeline(model, allow_pickle=allow_pickle)
+    pipe = load_pipeline(model, allow_pickle=allow_pickle, workspace=workspace)
     table = name_table(family_of_pipeline(pipe).name, pipeline_models(pipe))
     with torch.no_grad():
         for path, weight in mix:

@@ -243,8 +243,9 @@ def pngtext_parameters(request: GenerateRequest, seed: int, size: tuple[int, int
 class Engine:
     """Pipelines cached per base model; adapters cached per (pipeline, file content)."""
 
-    def __init__(self, *, allow_pickle: bool = False):
+    def __init__(self, *, allow_pickle: bool = False, workspace=None):
         self.allow_pickle = allow_pickle
+        self.workspace = workspace  # where model names were pulled (None: this process's workspace)
         self._pipes: dict[str, object] = {}
         self._loaded: dict[str, dict[tuple, str]] = {}  # model key -> file key -> adapter name
         self._lock = threading.Lock()
@@ -254,7 +255,7 @@ class Engine:
         self.pipeline_loads = 0
 
     def pipeline(self, model: str):
-        ref = resolve_model(model, allow_pickle=self.allow_pickle)
+        ref = resolve_model(model, allow_pickle=self.allow_pickle, workspace=self.workspace)
         key = str(ref.path)
         if key not in self._pipes:
             self._pipes[key] = load_pipeline(ref, allow_pickle=self.allow_pickle)
@@ -337,20 +338,21 @@ class Engine:
 
         from studio.adapters import adapter_models
 
-        family = family_of_pipeline(pipe).name
-        lbw = {name: parse_block_weights(use.block_weights, family) if use.block_weights else None
+        family = family_of_pipeline(pipe)
+        lbw = {name: parse_block_weights(use.block_weights, family.name) if use.block_weights else None
                for name, use in mix.items()}
         wrappers: dict[int, list[tuple[BaseTunerLayer, dict[str, float]]]] = {}  # base layer -> its adapter layers
         for component, model in adapter_models(pipe).items():
+            denoiser = component == family.denoiser
             for path, module in model.named_modules():
                 if not isinstance(module, BaseTunerLayer):
                     continue
-                block = "BASE" if component != "unet" else self._block_of(model, path)
+                block = self._block_of(model, path) if denoiser else "BASE"
                 available = module._get_available_adapters()
                 scales = {}  # in the mix's order, so live sums do not depend on which file loaded first
                 for name, use in mix.items():
                     if name in available:
-                        weight = use.weight if component == "unet" else use.text_encoder_weight
+                        weight = use.weight if denoiser else use.text_encoder_weight
                         scales[name] = weight * block_weight(lbw[name], block)
                 wrappers.setdefault(id(module.get_base_layer()), []).append((module, scales))
         for layers in wrappers.values():
@@ -519,7 +521,8 @@ class Engine:
                                  num_inference_steps=request.steps, guidance_scale=request.guidance_scale,
                                  width=request.width, height=request.height, generator=generator,
                                  **schedule).images[0]
-                model_name = resolve_model(request.model, allow_pickle=self.allow_pickle).display_name
+                model_name = resolve_model(request.model, allow_pickle=self.allow_pickle,
+                                           workspace=self.workspace).display_name
                 image.info["parameters"] = pngtext_parameters(request, seed, image.size, model_name)
                 images.append(image)
             return images

@@ -78,7 +78,7 @@ def check_training(config: TrainConfig, workspace: Workspace) -> TrainingCheck:
     except StudioError as error:
         check.problems.append(Problem("training", str(error)))
     try:
-        resolve_model(config.base_model)
+        resolve_model(config.base_model, workspace=workspace)
     except StudioError as error:
         check.problems.append(Problem("base_model", str(error)))
     folder = dataset_folder(config, workspace)
@@ -161,7 +161,7 @@ def prepare_class_images(run_dir: Path) -> int:
     import torch
 
     EventLog(run_dir).emit("status", message=f"generating {len(missing)} class images")
-    pipe = load_pipeline(config.base_model)
+    pipe = load_pipeline(config.base_model, workspace=run_workspace(run_dir))
     (folder / "reg").mkdir(exist_ok=True)
     for index in missing:
         generator = torch.Generator().manual_seed(config.seed + 10_000 + index)

@@ -16,6 +16,7 @@ from studio.datasets import load_items
 from studio.errors import StudioError
 from studio.jobs import list_jobs
 from studio.jobs.runs import check_training, create_run, dataset_folder, iter_events, run_config
+from studio.models.hub import is_model_name, local_path
 from studio.workspace import Workspace
 
 MEASURED_STEPS = 5
@@ -73,6 +74,8 @@ def measure_speed(config: TrainConfig, workspace: Workspace, *, steps: int = MEA
     folder = dataset_folder(config, workspace)
     trial = config.model_copy(deep=True)
     trial.dataset.path, trial.dataset.name = str(folder), None
+    if is_model_name(config.base_model):  # the trial runs in a workspace of its own: give it the files
+        trial.base_model = str(local_path(config.base_model, workspace, use="base model"))
     trial.training.max_steps, trial.training.max_epochs = warmup + steps, None
     trial.checkpoints.every_n_steps = trial.sampling.every_n_steps = 0
     with_class = False

@@ -1,5 +1,5 @@
-"""Base models: resolve a reference ('builtin', a diffusers folder, a single-file
-checkpoint) and load its pipeline with no network."""
+"""Base models: resolve a reference ('builtin', a diffusers folder, a single-file checkpoint, a
+model name pulled into the workspace: studio.models.hub) and load its pipeline with no network."""
 from __future__ import annotations
 
 import json
@@ -11,12 +11,11 @@ from typing import Literal
 from studio.errors import StudioError
 from studio.models.builtin import BUILTIN_DIR
 from studio.models.families import BUILTIN, get_family
+from studio.models.hub import is_model_name, local_path
 from studio.models.single_file import UNET_PREFIX, detect_family, load_single_file
-from studio.safetensors_file import read_safetensors_header, sniff_format
+from studio.safetensors_file import PICKLE_SUFFIXES, read_safetensors_header, sniff_format
 
 log = logging.getLogger(__name__)
-
-PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
 
 
 @dataclass(frozen=True)
@@ -26,30 +25,36 @@ class ModelRef:
     kind: Literal["builtin", "diffusers", "single_file"]
     path: Path
     family: str  # a studio.models.families name
+    name: str = ""  # the model name it was pulled by (org/name, civitai:ID, an address), if any
 
     @property
     def display_name(self) -> str:
-        return "builtin" if self.kind == "builtin" else self.path.name
+        return "builtin" if self.kind == "builtin" else self.name or self.path.name
 
 
-def resolve_model(ref: str, *, allow_pickle: bool = False) -> ModelRef:
-    """Turn a model reference into a ModelRef, checking that it exists and what family it is."""
+def resolve_model(ref: str, *, allow_pickle: bool = False, workspace=None) -> ModelRef:
+    """Turn a model reference into a ModelRef, checking that it exists and what family it is.
+    A model name (org/name, civitai:ID, an address) is found among those pulled into
+    `workspace` (default: this process's, $LORA_STUDIO_WORKSPACE or ./workspace), offline."""
     if ref in ("", "builtin"):
         return ModelRef("builtin", BUILTIN_DIR, BUILTIN.name)
     path = Path(ref).expanduser()
+    name = ""
     if not path.exists():
-        raise StudioError(
-            f"Base model {ref!r} not found: use 'builtin', a diffusers folder or a .safetensors checkpoint."
-        )
+        if not is_model_name(ref):
+            raise StudioError(f"Base model {ref!r} not found: use 'builtin', a diffusers folder, a .safetensors "
+                              "checkpoint or a model name (org/name, civitai:ID) pulled with "
+                              "`lora-studio models pull`.")
+        path, name = local_path(ref, workspace, use="base model"), ref.strip()
 
     if path.is_dir():
-        return ModelRef("diffusers", path.resolve(), detect_family(path))
+        return ModelRef("diffusers", path.resolve(), detect_family(path), name)
     if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
         raise StudioError(
             f"{path.name} is a pickle checkpoint, which can run code when loaded. Convert it to "
             ".safetensors, or pass --allow-pickle if you trust its source."
         )
-    return ModelRef("single_file", path.resolve(), detect_family(path, allow_pickle=allow_pickle))
+    return ModelRef("single_file", path.resolve(), detect_family(path, allow_pickle=allow_pickle), name)
 
 
 def quiet_libraries() -> None:
@@ -65,7 +70,7 @@ def quiet_libraries() -> None:
 
 
 def load_pipeline(ref: str | ModelRef, *, allow_pickle: bool = False, torch_dtype=None, unet_dtype=None,
-                  unet_quantization=None):
+                  unet_quantization=None, workspace=None):
     """Load a base model's diffusers pipeline offline (no hub access). `unet_quantization`
     (a diffusers quantization config such as BitsAndBytesConfig, CUDA only) loads the UNet
     quantized, its other layers in `unet_dtype` (default: `torch_dtype`)."""
@@ -73,7 +78,7 @@ def load_pipeline(ref: str | ModelRef, *, allow_pickle: bool = False, torch_dtyp
     import torch
     from diffusers import UNet2DConditionModel
 
-    model = ref if isinstance(ref, ModelRef) else resolve_model(ref, allow_pickle=allow_pickle)
+    model = ref if isinstance(ref, ModelRef) else resolve_model(ref, allow_pickle=allow_pickle, workspace=workspace)
     dtype = torch_dtype or torch.float32
     quiet_libraries()
     log.info("loading base model %s (%s, %s)", model.path, model.kind, model.family)

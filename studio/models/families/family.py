@@ -1,7 +1,10 @@
 """What a model family is to the studio: data (names, metadata strings, block tables, GPU
-guidance) plus the few hooks where families compute differently (text conditioning and the
-UNet's extra inputs). One instance per family module; nothing outside studio/families names
-a family."""
+guidance) plus the few hooks where families compute differently: its denoiser (the first
+part: a UNet or a transformer), its text conditioning, its training objective (noise
+schedule, prediction target, loss weighting, timestep sampling: objectives.py) and the call
+of its denoiser. The trainer and the engine read these and name no family, denoiser class
+or text encoder. One instance per family module; nothing outside studio/models/families
+names a family."""
 from __future__ import annotations
 
 import re
@@ -10,6 +13,8 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 if TYPE_CHECKING:  # torch loads only where a hook runs: the UI starts without it
     import torch
+
+    from studio.models.families.objectives import Objective
 
 
 @dataclass(frozen=True)
@@ -57,7 +62,7 @@ class Family:
     long_label: str                     # in messages about checkpoints ("Stable Diffusion 1.x")
     pipeline_classes: tuple[str, ...]   # diffusers pipeline class names of a base model folder
     pipeline_kwargs: Mapping[str, Any]  # for its from_pretrained (no safety checker to load)
-    parts: tuple[Part, ...]             # UNet first, then the text encoders
+    parts: tuple[Part, ...]             # the denoiser first, then the text encoders
     tokenizers: tuple[str, ...]         # pipeline attributes, one per text encoder
     ss_base_model_version: str          # sd-scripts' metadata value
     modelspec_architecture: str         # without the "/lora" suffix
@@ -76,17 +81,31 @@ class Family:
     # `bundle_emb.<name>.` (bundled), and in a separate embedding file
     embedding_keys: tuple[str, ...]
     embedding_file_keys: tuple[str, ...]
-    encode_text: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] = field(repr=False)
-    size_conditioning: Callable[..., torch.Tensor | None] = field(repr=False)
-    unet_inputs: Callable[..., dict[str, Any]] = field(repr=False)
+    # config key of training.block_lr_<key> -> the first component of the denoiser's module
+    # paths it multiplies (the family's coarse sections; block_rank_<key> likewise)
+    sections: Mapping[str, str]
+    # (tokenizers, encoders, captions, device) -> the text conditioning: named batch-first
+    # tensors, cached per caption by the trainer and handed to `predict`
+    encode_text: Callable[..., dict[str, torch.Tensor]] = field(repr=False)
+    # (examples, crops) -> per-picture conditioning (SDXL's size and crop), named as encode_text's
+    size_conditioning: Callable[..., dict[str, torch.Tensor]] = field(repr=False)
+    # pipeline -> its training objective (studio.models.families.objectives.Objective)
+    objective: Callable[[Any], "Objective"] = field(repr=False)
+    # (denoiser, noisy latents, timesteps, conditioning) -> the denoiser's prediction, shaped as the latents
+    predict: Callable[..., torch.Tensor] = field(repr=False)
+
+    @property
+    def denoiser(self) -> str:
+        """The pipeline attribute of the model that denoises (unet, transformer)."""
+        return self.parts[0].attr
+
+    @property
+    def denoiser_part(self) -> Part:
+        return self.parts[0]
 
     @property
     def text_encoders(self) -> tuple[str, ...]:
-        return tuple(p.attr for p in self.parts if p.attr != "unet")
-
-    @property
-    def unet_part(self) -> Part:
-        return self.parts[0]
+        return tuple(p.attr for p in self.parts[1:])
 
     @property
     def lora_architecture(self) -> str:
