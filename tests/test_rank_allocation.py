@@ -105,7 +105,7 @@ def test_ranks_follow_the_measured_sensitivity(allocated):
     assert all(ranks[m] == 1 == min(ranks.values()) for m in insensitive)
     assert sensitivity[f"unet.{deaf}.to_out.0"] > 0
     assert len(set(ranks.values())) > 2  # not a uniform rank
-    unet = allocated["trainer"].accelerator.unwrap_model(allocated["trainer"].unet)
+    unet = allocated["trainer"].accelerator.unwrap_model(allocated["trainer"].denoiser)
     for a in ranks:
         for b in ranks:
             if sensitivity[a] > sensitivity[b]:
