@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from studio.config import network_config
 from tests.conftest import demo_config
 
 NETWORKS = {
@@ -36,8 +37,7 @@ def test_network_trains(kind, workspace):
     from trainers.lora import Trainer
 
     config = demo_config(max_steps=30, learning_rate=3e-3)
-    for key, value in NETWORKS[kind].items():
-        setattr(config.network, key, value)
+    config.network = network_config(like=config.network, **NETWORKS[kind])
     trainer = Trainer(create_run(config, workspace), show_progress=False)
     trainer._setup()
     before = _fixed_loss(trainer)

@@ -1,6 +1,7 @@
 """Train tab: pick a dataset, base model and preset, adjust settings, check them, queue a run."""
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import threading
@@ -211,10 +212,14 @@ def build(studio: Studio) -> SimpleNamespace:
                         sections.setdefault(spec.section, []).append((spec, value))
                     for section, fields in sections.items():
                         with gr.Accordion(tv.SECTION_TITLES.get(section, fmt.humanize(section)), open=False):
-                            for start in range(0, len(fields), 3):
-                                with gr.Row():
-                                    for spec, value in fields[start:start + 3]:
-                                        advanced.append(component(spec, value))
+                            # rows of the options of one set of methods: hidden together with them
+                            for _, group in itertools.groupby(fields, key=lambda field: field[0].methods):
+                                group = list(group)
+                                for start in range(0, len(group), 3):
+                                    with gr.Row():
+                                        for spec, value in group[start:start + 3]:
+                                            advanced.append(component(
+                                                spec, value, visible=tv.shown(spec, config.network.type)))
                 with gr.Accordion("Config as TOML — for `lora-studio train`", open=False):
                     toml_view = gr.Code(dump_config(config), language=None, label="config.toml",
                                         interactive=False, elem_id="train-toml")
@@ -254,8 +259,17 @@ def build(studio: Studio) -> SimpleNamespace:
 
     @friendly
     def on_preset(name):
+        """Every setting from the preset; the options of other methods keep what they hold."""
         loaded = preset_config(name)
-        return tv.config_to_form(form_specs, loaded)
+        return [value if tv.shown(spec, loaded.network.type) else gr.skip()
+                for spec, value in zip(form_specs, tv.config_to_form(form_specs, loaded))]
+
+    # the options of the chosen network.type show, the other methods' hide (keeping their values)
+    method_options = [(spec, c) for spec, c in zip(advanced_specs, advanced) if spec.methods]
+    network_type = next(c for spec, c in zip(advanced_specs, advanced) if spec.path == ("network", "type"))
+
+    def on_network_type(chosen):
+        return [gr.update(visible=tv.shown(spec, chosen)) for spec, _ in method_options]
 
     def hint_for(dataset_name, values, *, measure: bool = True) -> str:
         """The Train tab's hint; `measure` False quotes only a speed already known."""
@@ -362,6 +376,7 @@ def build(studio: Studio) -> SimpleNamespace:
     for comp in watched:
         comp.change(on_change, hint_inputs, hint, show_progress="minimal", trigger_mode="always_last")
     preset.input(on_preset, preset, form_components).then(on_change, hint_inputs, hint, show_progress="hidden")
+    network_type.change(on_network_type, network_type, [c for _, c in method_options], show_progress="hidden")
     dataset.input(on_dataset, [dataset, preset, main[("name",)]], main[("name",)], show_progress="hidden")
     check_btn.click(on_check, hint_inputs, [toml_view, launch_note], api_name="check_settings")
 

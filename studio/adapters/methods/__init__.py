@@ -1,10 +1,12 @@
-"""Adapter methods: one module per method (its docstring states its formula), and the one
-list of them, `METHODS`. base.py says what a method provides and holds the peft machinery
-the peft-based ones share.
+"""Adapter methods: one module per method (its docstring states its formula, its options
+model holds the network options it takes), and the one list of them, `METHODS`. base.py says
+what a method provides and holds the peft machinery the peft-based ones share; options.py
+the options every method takes and the groups several take.
 
 A method is how an adapter trains (network.type); the file kind (lora, loha, lokr in
-studio.adapters.formats) is what it is on disk. Adding a method: its module, its tests, and its
-entry in METHODS below. Nothing outside the method modules branches on a method's name.
+studio.adapters.formats) is what it is on disk. Adding a method: its module (with its options
+model), its tests, and its entry in METHODS below; studio.config's [network] and the Train
+tab's form follow. Nothing outside the method modules branches on a method's name.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from studio.adapters.methods.loha import LoHa
 from studio.adapters.methods.lokr import LoKr
 from studio.adapters.methods.lora import LoRA
 from studio.adapters.methods.lora_fa import LoRAFA
+from studio.adapters.methods.options import NetworkOptions
 from studio.adapters.methods.singlora import SingLoRA
 from studio.adapters.methods.tlora import TLoRA
 from studio.adapters.methods.vera import VeRA
@@ -32,8 +35,11 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     SingLoRA(),
     AdaLoRA(),
 )}
+# The method of a [network] that names no type.
+DEFAULT_METHOD = "lora"
 
-__all__ = ["FORMAT_KEY", "METHODS", "Method", "NativeFileMethod", "Training", "get_method", "native_method"]
+__all__ = ["DEFAULT_METHOD", "FORMAT_KEY", "METHODS", "Method", "NativeFileMethod", "NetworkOptions", "Training",
+           "get_method", "native_method"]
 
 
 def get_method(name: str) -> Method:
