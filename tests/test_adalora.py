@@ -119,6 +119,22 @@ def test_a_schedule_that_cannot_prune_is_refused_in_one_line(workspace):
         trainer.train_step(0)
 
 
+@pytest.mark.slow(seconds=8)
+def test_a_section_that_does_not_train_gets_no_adalora_layer(workspace):
+    """block_lr_down = 0 (the tiny-demo-quick preset's): the allocator scores every AdaLoRA
+    layer by its gradient, which a frozen one in that section would not have (such a run
+    stopped with a TypeError in peft's update_ipt)."""
+    from studio.adapters import load_adapter
+    from studio.jobs.runs import create_run
+    from trainers.lora import train_run
+
+    config = demo_config(max_steps=2, block_lr_down=0.0)
+    config.network = network_config("adalora", like=config.network, rank=4)
+    config.sampling.prompts = []
+    names = load_adapter(train_run(create_run(config, workspace), show_progress=False)).modules
+    assert any("up_blocks" in name for name in names) and not any("down_blocks" in name for name in names)
+
+
 @pytest.mark.slow(seconds=60)
 def test_loss_drops_and_ranks_end_different_within_the_budget(trained):
     trainer = trained["trainer"]

@@ -87,7 +87,10 @@ class AdaLoRATraining(PeftTraining):
         self.keep: dict[str, list[bool]] | None = None
 
     def peft_config(self, component):
-        return self.method.peft_config(self.net, text_encoder=component != "unet", max_steps=self.max_steps)
+        """Without layers in the unadapted sections: the allocator scores every AdaLoRA layer
+        by its gradient, which a frozen one does not have."""
+        return self.without_unadapted(component, self.method.peft_config(
+            self.net, text_encoder=component != "unet", max_steps=self.max_steps))
 
     def _all(self):
         import torch

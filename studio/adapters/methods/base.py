@@ -203,7 +203,10 @@ class PeftTraining(Training):
     def peft_config(self, component: str):
         """The peft config this run injects into `component` (none in its unadapted sections:
         their frozen adapters would still cost a forward pass each step, 8% of the demo's)."""
-        config = self.method.peft_config(self.net, text_encoder=component != "unet")
+        return self.without_unadapted(component, self.method.peft_config(self.net, text_encoder=component != "unet"))
+
+    def without_unadapted(self, component: str, config):
+        """`config` excluding the run's unadapted sections of the UNet."""
         if component == "unet" and self.unadapted_sections:
             config.exclude_modules = rf"^(?:{'|'.join(map(re.escape, self.unadapted_sections))})\..*"
         return config
