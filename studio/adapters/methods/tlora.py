@@ -23,7 +23,7 @@ _NATIVE_METADATA = ("tlora_schedule", "tlora_alpha", "tlora_ortho", "ss_network_
 
 
 class TLoRAOptions(ConvTargets, NetworkOptions):
-    """T-LoRA adapts the UNet only, with one rank schedule for every layer and no dropout."""
+    """T-LoRA adapts the UNet only, with one rank schedule for every layer."""
 
     type: Literal["tlora"] = "tlora"
     tlora_min_rank: int = Field(4, ge=1, le=1024, description="T-LoRA: rank used at the noisiest step (the paper uses rank/2).")
@@ -38,8 +38,6 @@ class TLoRAOptions(ConvTargets, NetworkOptions):
             raise ValueError(f"tlora_min_rank ({self.tlora_min_rank}) must not exceed rank ({self.rank})")
         if self.train_text_encoder:
             raise ValueError("T-LoRA adapts the UNet only; set train_text_encoder = false")
-        if self.dropout:
-            raise ValueError("T-LoRA has no dropout on its path; set dropout = 0")
         return self
 
 
