@@ -106,7 +106,7 @@ def _read_old_full_dump(data: dict) -> dict:
     """`data` without the options its method does not take when it is a full dump of the old
     single network model (see OLD_NETWORK_DEFAULTS); a warning names those that held a value
     other than their default, which that run did not use. Any other table as it is."""
-    method = METHODS.get(data.get("type", DEFAULT_METHOD))
+    method = METHODS.get(_network_type(data))
     if method is None or not OLD_FULL_DUMP_KEYS <= data.keys() <= OLD_NETWORK_DEFAULTS.keys():
         return data
     taken = method.options.model_fields
@@ -119,8 +119,10 @@ def _read_old_full_dump(data: dict) -> dict:
 
 
 def _network_type(data) -> str | None:
-    """The method a [network] table or options model names; a table without a type is LoRA's."""
-    return data.get("type", DEFAULT_METHOD) if isinstance(data, dict) else getattr(data, "type", None)
+    """The method a [network] table or options model names (a table without a type: LoRA),
+    or None."""
+    kind = data.get("type", DEFAULT_METHOD) if isinstance(data, dict) else getattr(data, "type", None)
+    return kind if isinstance(kind, str) else None
 
 
 def _listed(names, last: str = "and") -> str:
@@ -134,8 +136,10 @@ def _network_problem(item: dict, method: str | None) -> dict:
     union's tag) and, for an option of other methods, saying whose it is and what to do."""
     loc = item["loc"][1:] if item["loc"] and item["loc"][0] in METHODS else item["loc"]
     message = item["msg"]
-    if item["type"] == "union_tag_invalid":
-        loc, message = ("type",), f"Input should be {_listed(map(repr, METHODS), 'or')}"
+    if item["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        methods = _listed(map(repr, METHODS), "or")
+        loc, message = (("type",), f"Input should be {methods}") if isinstance(item["input"], dict) else (
+            loc, f"Input should be a table of network options (type = {methods}, and the method's options)")
     elif item["type"] == "extra_forbidden" and len(loc) == 1 and loc[0] in OPTION_OWNERS:
         owners = OPTION_OWNERS[loc[0]]
         fix = f'set network.type = "{owners[0]}"' if len(owners) == 1 else "set network.type to one of them"

@@ -147,8 +147,11 @@ def test_all_problems_at_once_and_unknown_keys_keep_pydantics_words():
     assert 'network.lokr_factor: an option of lokr, not of vera; set network.type = "lokr" or remove it' in message
     assert "network.lokr_factr: Extra inputs are not permitted" in message
     assert "training.max_steps: " in message
-    with pytest.raises(StudioError, match="network.type: Input should be 'lora', 'locon', .* or 'adalora'"):
-        parse_config({"network": {"type": "lorax"}})
+    for network in ({"type": "lorax"}, {"type": ["lora"]}, {"type": {"a": 1}}, {"type": None}):
+        with pytest.raises(StudioError, match=r"network\.type: Input should be 'lora', 'locon', .* or 'adalora'\."):
+            parse_config({"network": network})
+    with pytest.raises(StudioError, match=r"network: Input should be a table of network options \(type = 'lora'"):
+        parse_config({"network": "lora"})
 
 
 def test_each_methods_options_are_its_own_model_and_network_is_their_union():
