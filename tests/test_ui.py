@@ -322,18 +322,26 @@ def test_the_train_tab_hides_other_methods_options_and_a_preset_keeps_them(tmp_p
 
     app = build_app(tmp_path / "ws")
     fns = {f.fn.__name__: f for f in app.fns.values() if f.fn is not None}
-    by_id = {spec.key.replace(".", "-").replace("_", "-"): spec for spec in tv.config_fields()}
-    chosen = fns["on_network_type"]
+    inputs = {b.elem_id: b for b in app.blocks.values() if (getattr(b, "elem_id", None) or "").startswith("train-")}
+    boxes = fns["on_network_type"].outputs  # each holds the inputs of the options of one set of methods
+    held = {box.elem_id: {c.elem_id for c in inputs.values() if _inside(c, box)} for box in boxes}
+    option_ids = {f"train-{s.key.replace('.', '-').replace('_', '-')}": s.methods for s in tv.config_fields()}
+    assert set().union(*held.values()) == {key for key, methods in option_ids.items() if methods}
     for method in ("lokr", "tlora", "lora"):
-        visible = {c.elem_id.removeprefix("train-"): update["visible"]
-                   for c, update in zip(chosen.outputs, chosen.fn(method))}
-        assert visible and visible == {key: tv.shown(spec, method) for key, spec in by_id.items() if spec.methods}
-        assert visible["network-lokr-factor"] == (method == "lokr")
-        assert visible["network-tlora-min-rank"] == (method == "tlora")
+        updates = dict(zip((box.elem_id for box in boxes), fns["on_network_type"].fn(method)))
+        shown = {key for box, update in updates.items() if update["visible"] for key in held[box]}
+        assert shown == {key for key, methods in option_ids.items() if method in methods}
     preset = fns["on_preset"]
     filled = dict(zip((c.elem_id for c in preset.outputs), preset.fn("tlora-single-image")))
     assert filled["train-network-type"] == "tlora" and filled["train-network-tlora-min-rank"] == 32
     assert filled["train-network-lokr-factor"] == {"__type__": "update"}  # kept as it was
+
+
+def _inside(component, box) -> bool:
+    parent = component.parent
+    while parent is not None and parent is not box:
+        parent = parent.parent
+    return parent is box
 
 
 def test_resource_hint_times_come_from_measured_speed():

@@ -54,6 +54,11 @@ def _number_step(spec: tv.FieldSpec) -> float:
     return 0.01
 
 
+def _visible(spec: tv.FieldSpec, network_type: str) -> bool:
+    """Whether the box of `spec`'s options shows while network.type is `network_type`."""
+    return tv.shown(spec, network_type)
+
+
 def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.toml"))
 
@@ -158,7 +163,10 @@ def build(studio: Studio) -> SimpleNamespace:
             return gr.Checkbox(value=bool(value), **common)
         if spec.kind == "choice":
             return gr.Dropdown(list(spec.choices), value=value, **common)
-        if spec.kind in ("int", "float"):
+        # An optional number is a text box (empty = the default): Gradio's Number sends an empty
+        # box as 0 once it is shown (its accordion opened), which the config refuses (a block
+        # rank) or takes for a setting (adalora_tinit = 0 instead of 10% of the steps).
+        if spec.kind in ("int", "float") and not spec.optional:
             return unchecked(gr.Number(value=value, precision=0 if spec.kind == "int" else None,
                                        minimum=spec.minimum, maximum=spec.maximum, step=_number_step(spec),
                                        **common))
@@ -203,6 +211,7 @@ def build(studio: Studio) -> SimpleNamespace:
                         label="Sample prompts (one per line)")
                 main[("base_model",)] = base_model
                 advanced = []
+                method_boxes = []  # (an option of the box, the box) for the options of some methods only
                 with gr.Accordion("All settings", open=False, elem_id="train-all-settings"):
                     gr.Markdown("Every setting of the training config, with its meaning. Hover or read the "
                                 "small text under each one.")
@@ -212,14 +221,18 @@ def build(studio: Studio) -> SimpleNamespace:
                         sections.setdefault(spec.section, []).append((spec, value))
                     for section, fields in sections.items():
                         with gr.Accordion(tv.SECTION_TITLES.get(section, fmt.humanize(section)), open=False):
-                            # rows of the options of one set of methods: hidden together with them
-                            for _, group in itertools.groupby(fields, key=lambda field: field[0].methods):
+                            # the options of one set of methods in a box, shown with them
+                            for methods, group in itertools.groupby(fields, key=lambda field: field[0].methods):
                                 group = list(group)
-                                for start in range(0, len(group), 3):
-                                    with gr.Row():
-                                        for spec, value in group[start:start + 3]:
-                                            advanced.append(component(
-                                                spec, value, visible=tv.shown(spec, config.network.type)))
+                                with gr.Column(visible=_visible(group[0][0], config.network.type),
+                                               elem_id=f"train-options-{'-'.join(methods)}" if methods else None
+                                               ) as box:
+                                    for start in range(0, len(group), 3):
+                                        with gr.Row():
+                                            for spec, value in group[start:start + 3]:
+                                                advanced.append(component(spec, value))
+                                if methods:
+                                    method_boxes.append((group[0][0], box))
                 with gr.Accordion("Config as TOML — for `lora-studio train`", open=False):
                     toml_view = gr.Code(dump_config(config), language=None, label="config.toml",
                                         interactive=False, elem_id="train-toml")
@@ -265,11 +278,10 @@ def build(studio: Studio) -> SimpleNamespace:
                 for spec, value in zip(form_specs, tv.config_to_form(form_specs, loaded))]
 
     # the options of the chosen network.type show, the other methods' hide (keeping their values)
-    method_options = [(spec, c) for spec, c in zip(advanced_specs, advanced) if spec.methods]
     network_type = next(c for spec, c in zip(advanced_specs, advanced) if spec.path == ("network", "type"))
 
     def on_network_type(chosen):
-        return [gr.update(visible=tv.shown(spec, chosen)) for spec, _ in method_options]
+        return [gr.update(visible=_visible(spec, chosen)) for spec, _ in method_boxes]
 
     def hint_for(dataset_name, values, *, measure: bool = True) -> str:
         """The Train tab's hint; `measure` False quotes only a speed already known."""
@@ -376,7 +388,7 @@ def build(studio: Studio) -> SimpleNamespace:
     for comp in watched:
         comp.change(on_change, hint_inputs, hint, show_progress="minimal", trigger_mode="always_last")
     preset.input(on_preset, preset, form_components).then(on_change, hint_inputs, hint, show_progress="hidden")
-    network_type.change(on_network_type, network_type, [c for _, c in method_options], show_progress="hidden")
+    network_type.change(on_network_type, network_type, [box for _, box in method_boxes], show_progress="hidden")
     dataset.input(on_dataset, [dataset, preset, main[("name",)]], main[("name",)], show_progress="hidden")
     check_btn.click(on_check, hint_inputs, [toml_view, launch_note], api_name="check_settings")
 
