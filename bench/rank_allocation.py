@@ -31,10 +31,10 @@ SETTINGS = {
 
 
 def config_for(network: dict, steps: int):
-    from studio.config import NetworkConfig, load_config
+    from studio.config import load_config, network_config
 
     config = load_config(PRESETS_DIR / "tiny-demo.toml")
-    config.network = NetworkConfig(rank=8, alpha=8.0, **network)
+    config.network = network_config(rank=8, alpha=8.0, **network)
     config.dataset.num_class_images = 0
     config.training.min_snr_gamma = None
     config.training.lr_scheduler = "constant"

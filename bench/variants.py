@@ -70,6 +70,7 @@ def train_one(spec: dict) -> dict:
     import torch
 
     from bench.time_to_concept import recipe_config
+    from studio.config import network_config
     from studio.jobs.runs import create_run, iter_events
     from studio.workspace import Workspace
     from trainers.lora import Trainer
@@ -78,10 +79,9 @@ def train_one(spec: dict) -> dict:
                            spec["seed"])
     config.name = f"{spec['variant']}-{spec['seed']}".replace("+", "-")
     # The preset's conv_rank / conv_alpha equal its rank / alpha, which LoCon takes when they are
-    # unset; unset, they do not stop the methods that have no conv layers (VeRA, SingLoRA).
-    config.network.conv_rank = config.network.conv_alpha = None
-    for key, value in network(spec["variant"], spec["steps"]).items():
-        setattr(config.network, key, value)
+    # unset; unset, they go with the LoCon variants and leave the methods without them.
+    config.network = network_config(like=config.network, conv_rank=None, conv_alpha=None)
+    config.network = network_config(like=config.network, **network(spec["variant"], spec["steps"]))
     config.training.log_every_n_steps = spec["steps"]
     if spec.get("quick"):  # a smoke run: fewer class pictures to encode, a one-step final sample
         config.dataset.num_class_images, config.sampling.steps = 4, 1

@@ -43,10 +43,10 @@ def demo_config(**training):
     """The tiny-demo preset, shortened for tests of the training machinery: a plain rank-8
     attention LoRA without prior preservation, as the tests below expect. (What the preset
     itself teaches is tests/test_fidelity.py's job.)"""
-    from studio.config import NetworkConfig, load_config
+    from studio.config import load_config, network_config
 
     config = load_config(ROOT / "presets" / "tiny-demo.toml")
-    config.network = NetworkConfig(rank=8, alpha=8.0)
+    config.network = network_config(rank=8, alpha=8.0)
     config.dataset.num_class_images = 0
     config.training.lr_scheduler = "constant"
     config.training.min_snr_gamma = None

@@ -10,6 +10,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from studio.config import network_config
 from tests.conftest import demo_config
 from tests.method_checks import TrainedFileChecks, assert_file_equals_trained_model
 from tests.test_networks import _fixed_loss
@@ -19,9 +20,8 @@ STEPS = 12
 
 def _adalora_config(**training):
     config = demo_config(learning_rate=3e-3, **training)
-    config.network.type = "adalora"
-    config.network.rank = 4  # prunes from 1.5 x 4 = 6 per module to 4 on average
-    config.network.adalora_tinit, config.network.adalora_tfinal = 1, 4
+    # prunes from 1.5 x 4 = 6 per module to 4 on average
+    config.network = network_config("adalora", like=config.network, rank=4, adalora_tinit=1, adalora_tfinal=4)
     return config
 
 
@@ -69,29 +69,43 @@ def trained(tmp_path_factory):
 
 
 def test_adalora_is_a_network_type_with_its_options():
-    from studio.config import NetworkConfig
     from ui import train_view as tv
 
     spec = next(s for s in tv.config_fields() if s.path == ("network", "type"))
     assert "adalora" in spec.choices and "adalora (AdaLoRA: SVD-form update pruned to a rank budget" in spec.info
     assert any(s.path == ("network", "adalora_init_r") and "AdaLoRA: starting rank" in s.info for s in tv.config_fields())
-    NetworkConfig(type="adalora", rank_budget=100, train_text_encoder=True)
-    for option, message in (({"use_dora": True}, "do not apply to adalora"),
-                            ({"rank_allocation": "ard"}, "allocates its own ranks"),
+    network_config("adalora", rank_budget=100, train_text_encoder=True)
+    for option, message in (({"use_dora": True}, "an option of lora and locon, not of adalora"),
+                            ({"rank_allocation": "ard"}, "an option of lora and locon, not of adalora"),
+                            ({"block_rank_up": 4}, "an option of lora, locon, loha, lokr and lora_fa, not of adalora"),
                             ({"adalora_init_r": 4, "rank": 8}, "must exceed rank")):
         with pytest.raises(ValidationError, match=message):
-            NetworkConfig(type="adalora", **option)
+            network_config("adalora", **option)
 
 
-def test_a_schedule_without_a_pruning_phase_is_refused_in_one_line(workspace):
+def test_a_schedule_that_cannot_prune_is_refused_in_one_line(workspace):
+    """Before anything runs where the config gives the run's length; by the worker (which
+    counts an epoch run's steps) otherwise. peft's allocator fixes the ranks at step
+    max_steps - tfinal from the scores of the steps before it: a 1-step run has none."""
+    from studio.adapters.methods import get_method
+    from studio.config import parse_config
     from studio.errors import StudioError
     from studio.jobs.runs import create_run
     from trainers.lora import Trainer
 
-    config = _adalora_config(max_steps=5)
-    trainer = Trainer(create_run(config, workspace), show_progress=False)
-    with pytest.raises(StudioError, match=r"adalora_tinit \(1\) and adalora_tfinal \(4\) leave no pruning phase"):
-        trainer._setup()
+    def refused(max_steps, **network):
+        with pytest.raises(StudioError) as error:
+            parse_config({"network": {"type": "adalora", **network}, "training": {"max_steps": max_steps}})
+        assert "\n" not in str(error.value)
+        return str(error.value)
+
+    assert "adalora_tinit (1) and adalora_tfinal (4) leave no pruning phase in a run of 5 steps" in refused(
+        5, adalora_tinit=1, adalora_tfinal=4)
+    assert "training.max_steps to at least 2" in refused(1)
+    assert "training.max_steps to at least 6" in refused(5, adalora_tinit=0, adalora_tfinal=4)
+    parse_config({"network": {"type": "adalora"}, "training": {"max_steps": 2}})
+    with pytest.raises(StudioError, match=r"training.max_steps to at least 2 or lower network.adalora_tfinal\.$"):
+        get_method("adalora").training(network_config("adalora"), seed=0, max_steps=1)
     config = _adalora_config(max_steps=10)
     config.network.target_modules = ["attn2.to_k"]
     config.network.conv_target_modules = []
@@ -101,6 +115,22 @@ def test_a_schedule_without_a_pruning_phase_is_refused_in_one_line(workspace):
     with pytest.raises(StudioError, match=r"rank_budget \(1000\) must be below the rank AdaLoRA starts from, "
                                           r"adalora_init_r x 7 modules = 42"):
         trainer.train_step(0)
+
+
+@pytest.mark.slow(seconds=8)
+def test_a_section_that_does_not_train_gets_no_adalora_layer(workspace):
+    """block_lr_down = 0 (the tiny-demo-quick preset's): the allocator scores every AdaLoRA
+    layer by its gradient, which a frozen one in that section would not have (such a run
+    stopped with a TypeError in peft's update_ipt)."""
+    from studio.adapters import load_adapter
+    from studio.jobs.runs import create_run
+    from trainers.lora import train_run
+
+    config = demo_config(max_steps=2, block_lr_down=0.0)
+    config.network = network_config("adalora", like=config.network, rank=4)
+    config.sampling.prompts = []
+    names = load_adapter(train_run(create_run(config, workspace), show_progress=False)).modules
+    assert any("up_blocks" in name for name in names) and not any("down_blocks" in name for name in names)
 
 
 @pytest.mark.slow(seconds=60)

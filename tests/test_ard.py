@@ -12,6 +12,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from studio.config import network_config
 from tests.conftest import demo_config
 from tests.test_adalora import sdxl_predict, tiny_sdxl_folder
 from tests.method_checks import TrainedFileChecks, assert_file_equals_trained_model
@@ -42,9 +43,7 @@ def trained(tmp_path_factory):
 
     torch.manual_seed(0)
     config = _ard_config(max_steps=STEPS)
-    config.network.type = "locon"
-    config.network.train_text_encoder = True
-    config.network.rank_budget = BUDGET
+    config.network = network_config("locon", like=config.network, train_text_encoder=True, rank_budget=BUDGET)
     trainer = Trainer(create_run(config, Workspace.open(tmp_path_factory.mktemp("ard") / "ws")), show_progress=False)
     trainer._setup()
     layer = trainer.accelerator.unwrap_model(trainer.denoiser).get_submodule(INSENSITIVE)
@@ -61,7 +60,6 @@ def trained(tmp_path_factory):
 
 
 def test_ard_is_a_network_option_with_its_help():
-    from studio.config import NetworkConfig
     from ui import train_view as tv
 
     fields = {s.path: s for s in tv.config_fields()}
@@ -69,21 +67,21 @@ def test_ard_is_a_network_option_with_its_help():
     assert "ard" in fields[("network", "rank_allocation")].choices
     for knob in ("ard_l1", "ard_tv", "ard_threshold", "ard_prune_every", "ard_lr_ratio"):
         assert fields[("network", knob)].info.startswith("ARD-LoRA: ")
-    NetworkConfig(type="locon", rank_allocation="ard", rank_budget=10)
-    for option, message in (({"type": "loha"}, "apply to lora/locon"), ({"type": "lora_fa"}, "apply to lora/locon"),
+    network_config("locon", rank_allocation="ard", rank_budget=10)
+    for option, message in (({"type": "loha"}, "an option of lora and locon, not of loha"),
+                            ({"type": "lora_fa"}, "an option of lora and locon, not of lora_fa"),
                             ({"use_dora": True}, "DoRA's norm"), ({"init": "pissa"}, "PiSSA"),
                             ({"rank_allocation": "none", "rank_budget": 10}, "rank_budget needs a rank_allocation")):
         with pytest.raises(ValidationError, match=message):
-            NetworkConfig(**{"rank_allocation": "ard", **option})
+            network_config(**{"rank_allocation": "ard", **option})
 
 
 def test_the_penalty_and_the_pruning_act_on_the_component_sizes():
     """c_i = |s_i| |B[:, i]| |A[i, :]|; penalty = l1 Σ c + tv Σ |Δc| over live components;
     pruning: below threshold x the module's largest, then the budget's largest over all."""
     from studio.adapters.methods.ard import ARDGates
-    from studio.config import NetworkConfig
 
-    gates = ARDGates(NetworkConfig(rank_allocation="ard", ard_l1=0.5, ard_tv=2.0, ard_threshold=0.1), max_steps=10)
+    gates = ARDGates(network_config(rank_allocation="ard", ard_l1=0.5, ard_tv=2.0, ard_threshold=0.1), max_steps=10)
     eye = torch.eye
     gates.scales = {("unet", "a"): torch.nn.Parameter(torch.tensor([1.0, -0.5, 0.25, 3.0])),
                     ("unet", "b"): torch.nn.Parameter(torch.tensor([2.0, 1.0])),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from studio.config import network_config
 from tests.conftest import demo_config
 
 SECTIONS = {"down_blocks": "block_lr_down", "mid_block": "block_lr_mid", "up_blocks": "block_lr_up"}
@@ -16,12 +17,11 @@ def test_block_lr_puts_the_configured_lr_in_each_parameter_group(network, worksp
     from trainers.lora import Trainer
 
     config = demo_config(learning_rate=2e-3, block_lr_down=0.5, block_lr_mid=3.0, block_lr_up=0.0)
-    for key, value in network.items():
-        setattr(config.network, key, value)
+    config.network = network_config(like=config.network, **network)
     trainer = Trainer(create_run(config, workspace), show_progress=False)
     trainer._setup()
     names = {id(p): name for name, p in trainer.adapter.named_parameters("unet")}
-    ratio = config.network.loraplus_lr_ratio or 1.0
+    ratio = config.network.learning_rate_ratios().get("loraplus_lr_ratio", 1.0)
     groups = trainer.optimizer.param_groups
     seen = set()
     for group in groups:
@@ -79,8 +79,7 @@ def test_a_section_without_an_adapter_loads_in_diffusers(workspace):
     from trainers.lora import Trainer
 
     config = demo_config(learning_rate=3e-3, block_lr_down=0.0)
-    config.network.type = "locon"
-    config.network.train_text_encoder = True  # without it diffusers warns of no text-encoder keys
+    config.network = network_config("locon", like=config.network, train_text_encoder=True)  # without it diffusers warns of no text-encoder keys
     trainer = Trainer(create_run(config, workspace), show_progress=False)
     trainer._setup()
     for step in range(4):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from studio.config import network_config
 from tests.conftest import demo_config
 
 RANKS = {"down_blocks": 2, "mid_block": 6, "up_blocks": 4}
@@ -17,8 +18,7 @@ def test_each_unet_block_trains_and_exports_at_its_rank(network, workspace):
 
     config = demo_config()
     config.network.block_rank_down, config.network.block_rank_mid, config.network.block_rank_up = RANKS.values()
-    for key, value in network.items():
-        setattr(config.network, key, value)
+    config.network = network_config(like=config.network, **network)
     trainer = Trainer(create_run(config, workspace), show_progress=False)
     trainer._setup()
     assert float(trainer.train_step(0)) > 0
@@ -43,5 +43,6 @@ def test_tlora_refuses_block_ranks():
     from studio.config import parse_config
     from studio.errors import StudioError
 
-    with pytest.raises(StudioError, match="T-LoRA has one rank schedule"):
+    with pytest.raises(StudioError, match="network.block_rank_mid: an option of lora, locon, loha, lokr and lora_fa, "
+                                          "not of tlora"):
         parse_config({"network": {"type": "tlora", "block_rank_mid": 4}})

@@ -704,6 +704,7 @@ def test_trainer_export_round_trip(network, workspace):
     in-memory adapter generates (T-LoRA: its plain all-ranks form loads and describes)."""
     from studio.adapters import attach_adapter, load_adapter
     from studio.adapters.library import describe_adapter
+    from studio.config import network_config
     from studio.models import load_pipeline
     from studio.jobs.runs import create_run
     from tests.conftest import demo_config
@@ -711,8 +712,7 @@ def test_trainer_export_round_trip(network, workspace):
 
     config = demo_config(max_steps=3, learning_rate=3e-2)
     config.sampling.steps = 2
-    for key, value in network.items():
-        setattr(config.network, key, value)
+    config.network = network_config(like=config.network, **network)
     trainer = Trainer(create_run(config, workspace), show_progress=False)
     path = trainer.run()
     info = describe_adapter(path)

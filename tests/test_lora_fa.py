@@ -7,8 +7,10 @@ import time
 
 import pytest
 import torch
-from pydantic import ValidationError
 
+from studio.adapters.methods.lora import LoRAOptions
+from studio.config import network_config, parse_config
+from studio.errors import StudioError
 from tests.conftest import demo_config
 from tests.method_checks import TrainedFileChecks, assert_file_equals_trained_model
 from tests.test_networks import _fixed_loss
@@ -31,8 +33,7 @@ def trained(tmp_path_factory):
     from trainers.lora import Trainer
 
     config = demo_config(max_steps=STEPS, learning_rate=3e-3)
-    config.network.type = "lora_fa"
-    config.network.train_text_encoder = True
+    config.network = network_config("lora_fa", like=config.network, train_text_encoder=True)
     trainer = Trainer(create_run(config, Workspace.open(tmp_path_factory.mktemp("lora_fa") / "ws")),
                       show_progress=False)
     trainer._setup()
@@ -48,15 +49,14 @@ def trained(tmp_path_factory):
 
 
 def test_lora_fa_is_a_network_type_with_its_help():
-    from studio.config import NetworkConfig
     from ui import train_view as tv
 
     spec = next(s for s in tv.config_fields() if s.path == ("network", "type"))
     assert "lora_fa" in spec.choices and "lora_fa (LoRA-FA: A frozen at its random init, only B trains" in spec.info
-    NetworkConfig(type="lora_fa", use_rslora=True, train_text_encoder=True)
-    for option in ({"use_dora": True}, {"init": "pissa"}, {"loraplus_lr_ratio": 16.0}):
-        with pytest.raises(ValidationError, match="do not apply to lora_fa"):
-            NetworkConfig(type="lora_fa", **option)
+    network_config("lora_fa", use_rslora=True, train_text_encoder=True)
+    for option in ("use_dora", "init", "loraplus_lr_ratio"):  # refused by name, even at LoRA's default
+        with pytest.raises(StudioError, match=rf"network\.{option}: an option of lora and locon, not of lora_fa"):
+            parse_config({"network": {"type": "lora_fa", option: LoRAOptions.model_fields[option].default}})
 
 
 @pytest.mark.slow(seconds=60)

@@ -84,6 +84,7 @@ def test_prodigy_with_an_adamw_learning_rate_is_refused_in_one_line():
 
 @pytest.mark.parametrize("network, training, named", [
     ({"loraplus_lr_ratio": 16.0}, {}, "network.loraplus_lr_ratio = 16"),
+    ({"rank_allocation": "ard"}, {}, "network.ard_lr_ratio = 10"),  # ARD's scales learn at their own rate
     ({"train_text_encoder": True}, {"text_encoder_lr": 0.5}, "training.text_encoder_lr = 0.5"),
     ({}, {"block_lr_mid": 0.5}, "training.block_lr_mid = 0.5"),
 ])

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from studio.config import network_config
 from tests.conftest import demo_config
 
 VECTORS = 2
@@ -24,8 +25,7 @@ def _config(base_model: str = "builtin", **network):
     config.training.embedding_lr = 3e-2
     config.sampling.steps = 4
     config.sampling.prompts = ["a sks star on a white background"]
-    for key, value in network.items():
-        setattr(config.network, key, value)
+    config.network = network_config(like=config.network, **network)
     return config
 
 
@@ -187,6 +187,6 @@ def test_pivotal_needs_a_one_word_trigger_and_a_kohya_layout():
     with pytest.raises(StudioError, match="dataset.trigger_word to one word"):
         parse_config(config)
     config["dataset"]["trigger_word"] = "sks"
-    config["network"]["type"] = "tlora"
+    config["network"] = {"type": "tlora", "pivotal_vectors": VECTORS}
     with pytest.raises(StudioError, match="cannot bundle an embedding"):
         parse_config(config)

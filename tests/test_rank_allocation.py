@@ -68,15 +68,15 @@ def allocated(tmp_path_factory):
 
 
 def test_options_and_their_refusals():
-    from studio.config import NetworkConfig, TrainConfig
+    from studio.config import TrainConfig, network_config
     from ui import train_view as tv
 
     spec = next(s for s in tv.config_fields() if s.path == ("network", "rank_allocation"))
     assert "sensitivity" in spec.choices and "Sensitivity-LoRA" in spec.info
-    NetworkConfig(type="locon", rank_allocation="sensitivity", rank_budget=64)
+    network_config("locon", rank_allocation="sensitivity", rank_budget=64)
     for network in ({"type": "loha"}, {"type": "lora_fa"}):
-        with pytest.raises(ValidationError, match="apply to lora/locon networks"):
-            NetworkConfig(rank_allocation="sensitivity", **network)
+        with pytest.raises(ValidationError, match=f"an option of lora and locon, not of {network['type']}"):
+            network_config(rank_allocation="sensitivity", **network)
     with pytest.raises(ValidationError, match="4-bit base"):
         TrainConfig(network={"rank_allocation": "sensitivity"}, training={"base_weights": "nf4"})
 

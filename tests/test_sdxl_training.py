@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from studio.config import network_config
 from tests.conftest import demo_config
 from tests.test_networks import NETWORKS, _fixed_loss
 from trainers.data import BatchOrder, Example, bucket_sizes, center_crop_offsets, choose_bucket, prepare_image
@@ -124,8 +125,7 @@ def test_every_network_trains_exports_and_generates_on_sdxl(kind, tiny_sdxl_dir,
     steps = 20
     config = demo_config(max_steps=steps, learning_rate=3e-3)
     config.base_model = str(tiny_sdxl_dir)
-    for key, value in NETWORKS[kind].items():
-        setattr(config.network, key, value)
+    config.network = network_config(like=config.network, **NETWORKS[kind])
     trainer = Trainer(create_run(config, workspace), show_progress=False)
     trainer._setup()
     assert trainer.family.name == "sdxl"

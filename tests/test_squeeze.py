@@ -10,6 +10,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from studio.config import network_config
 from tests.conftest import demo_config
 from tests.method_checks import unet_out
 from tests.test_networks import _fixed_loss
@@ -34,9 +35,8 @@ def squeezed(tmp_path_factory):
 
     torch.manual_seed(0)
     config = demo_config(max_steps=STEPS, learning_rate=3e-3)
-    config.network.type = "locon"
-    config.network.rank, config.network.alpha = RANK, 4.0
-    config.network.squeeze_rank, config.network.squeeze_at_step = SQUEEZED, AT
+    config.network = network_config("locon", like=config.network, rank=RANK, alpha=4.0, squeeze_rank=SQUEEZED,
+                                    squeeze_at_step=AT)
     trainer = Trainer(create_run(config, Workspace.open(tmp_path_factory.mktemp("squeeze") / "ws")),
                       show_progress=False)
     trainer._setup()
@@ -65,26 +65,26 @@ def squeezed(tmp_path_factory):
 
 
 def test_options_and_their_refusals():
-    from studio.config import NetworkConfig, TrainConfig
+    from studio.config import TrainConfig
     from studio.adapters.methods.squeeze import squeeze_target
     from ui import train_view as tv
 
     spec = next(s for s in tv.config_fields() if s.path == ("network", "squeeze_rank"))
     assert "LoRA-Squeeze" in spec.info
     with pytest.raises(ValidationError, match="must be below rank"):
-        NetworkConfig(rank=8, squeeze_rank=8)
+        network_config(rank=8, squeeze_rank=8)
     with pytest.raises(ValidationError, match="squeeze_rank does not work with use_dora"):
-        NetworkConfig(squeeze_rank=2, use_dora=True)
-    with pytest.raises(ValidationError, match="apply to lora/locon networks, not lokr"):
-        NetworkConfig(type="lokr", squeeze_rank=2)
+        network_config(squeeze_rank=2, use_dora=True)
+    with pytest.raises(ValidationError, match="an option of lora and locon, not of lokr"):
+        network_config("lokr", squeeze_rank=2)
     with pytest.raises(ValidationError, match="must end before training.max_steps"):
         TrainConfig(network={"squeeze_rank": 2, "squeeze_at_step": 150, "squeeze_anneal_steps": 50})
     with pytest.raises(ValidationError, match="unset training.ema_decay"):
         TrainConfig(network={"squeeze_rank": 2}, training={"ema_decay": 0.99})
     # one-shot, then annealed 16 -> 4 over 3 steps (rounded up): 13, 10, 7, 4
-    one = NetworkConfig(rank=16, squeeze_rank=4, squeeze_at_step=10)
+    one = network_config(rank=16, squeeze_rank=4, squeeze_at_step=10)
     assert [squeeze_target(one, d) for d in (9, 10, 11)] == [None, 4, 4]
-    annealed = NetworkConfig(rank=16, squeeze_rank=4, squeeze_at_step=10, squeeze_anneal_steps=3)
+    annealed = network_config(rank=16, squeeze_rank=4, squeeze_at_step=10, squeeze_anneal_steps=3)
     assert [squeeze_target(annealed, d) for d in range(9, 15)] == [None, 13, 10, 7, 4, 4]
 
 

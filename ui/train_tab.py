@@ -1,6 +1,7 @@
 """Train tab: pick a dataset, base model and preset, adjust settings, check them, queue a run."""
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import threading
@@ -55,6 +56,11 @@ def _number_step(spec: tv.FieldSpec) -> float:
     if "epsilon" in spec.path[-1]:
         return 1e-9
     return 0.01
+
+
+def _visible(spec: tv.FieldSpec, network_type: str) -> bool:
+    """Whether the box of `spec`'s options shows while network.type is `network_type`."""
+    return tv.shown(spec, network_type)
 
 
 def preset_names() -> list[str]:
@@ -152,7 +158,10 @@ def build(studio: Studio) -> SimpleNamespace:
             return gr.Checkbox(value=bool(value), **common)
         if spec.kind == "choice":
             return gr.Dropdown(list(spec.choices), value=value, **common)
-        if spec.kind in ("int", "float"):
+        # An optional number is a text box (empty = the default): Gradio's Number sends an empty
+        # box as 0 once it is shown (its accordion opened), which the config refuses (a block
+        # rank) or takes for a setting (adalora_tinit = 0 instead of 10% of the steps).
+        if spec.kind in ("int", "float") and not spec.optional:
             return unchecked(gr.Number(value=value, precision=0 if spec.kind == "int" else None,
                                        minimum=spec.minimum, maximum=spec.maximum, step=_number_step(spec),
                                        **common))
@@ -198,6 +207,7 @@ def build(studio: Studio) -> SimpleNamespace:
                         label="Sample prompts (one per line)")
                 main[("base_model",)] = base_model
                 advanced = []
+                method_boxes = []  # (an option of the box, the box) for the options of some methods only
                 with gr.Accordion("All settings", open=False, elem_id="train-all-settings"):
                     gr.Markdown("Every setting of the training config, with its meaning. Hover or read the "
                                 "small text under each one.")
@@ -207,10 +217,18 @@ def build(studio: Studio) -> SimpleNamespace:
                         sections.setdefault(spec.section, []).append((spec, value))
                     for section, fields in sections.items():
                         with gr.Accordion(tv.SECTION_TITLES.get(section, fmt.humanize(section)), open=False):
-                            for start in range(0, len(fields), 3):
-                                with gr.Row():
-                                    for spec, value in fields[start:start + 3]:
-                                        advanced.append(component(spec, value))
+                            # the options of one set of methods in a box, shown with them
+                            for methods, group in itertools.groupby(fields, key=lambda field: field[0].methods):
+                                group = list(group)
+                                with gr.Column(visible=_visible(group[0][0], config.network.type),
+                                               elem_id=f"train-options-{'-'.join(methods)}" if methods else None
+                                               ) as box:
+                                    for start in range(0, len(group), 3):
+                                        with gr.Row():
+                                            for spec, value in group[start:start + 3]:
+                                                advanced.append(component(spec, value))
+                                if methods:
+                                    method_boxes.append((group[0][0], box))
                 with gr.Accordion("Config as TOML — for `lora-studio train`", open=False):
                     toml_view = gr.Code(dump_config(config), language=None, label="config.toml",
                                         interactive=False, elem_id="train-toml")
@@ -250,8 +268,16 @@ def build(studio: Studio) -> SimpleNamespace:
 
     @friendly
     def on_preset(name):
+        """Every setting from the preset; the options of other methods keep what they hold."""
         loaded = preset_config(name)
-        return tv.config_to_form(form_specs, loaded)
+        return [value if tv.shown(spec, loaded.network.type) else gr.skip()
+                for spec, value in zip(form_specs, tv.config_to_form(form_specs, loaded))]
+
+    # the options of the chosen network.type show, the other methods' hide (keeping their values)
+    network_type = next(c for spec, c in zip(advanced_specs, advanced) if spec.path == ("network", "type"))
+
+    def on_network_type(chosen):
+        return [gr.update(visible=_visible(spec, chosen)) for spec, _ in method_boxes]
 
     def hint_for(dataset_name, values, *, measure: bool = True) -> str:
         """The Train tab's hint; `measure` False quotes only a speed already known."""
@@ -360,6 +386,7 @@ def build(studio: Studio) -> SimpleNamespace:
 
     base_model.input(on_model_picked, base_model, base_model).then(on_change, hint_inputs, hint,
                                                                     show_progress="hidden")
+    network_type.change(on_network_type, network_type, [box for _, box in method_boxes], show_progress="hidden")
     dataset.input(on_dataset, [dataset, preset, main[("name",)]], main[("name",)], show_progress="hidden")
     check_btn.click(on_check, hint_inputs, [toml_view, launch_note], api_name="check_settings")
 

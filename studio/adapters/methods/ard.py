@@ -33,7 +33,10 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Iterator
 
+from pydantic import Field
+
 from studio.adapters.methods.base import ADAPTER_NAME
+from studio.adapters.methods.options import Section
 
 if TYPE_CHECKING:
     import torch
@@ -44,6 +47,14 @@ log = logging.getLogger(__name__)
 
 # The names of a gate in named_parameters() and in the checkpoints.
 SCALE, MASK = "ard_scale", "ard_mask"
+
+
+class ARDOptions(Section):
+    ard_l1: float = Field(1e-3, ge=0, le=10, description="ARD-LoRA: weight of the L1 penalty sum c_i on the components' sizes c_i = |s_i| |B_i| |A_i| (s: the learned scales).")
+    ard_tv: float = Field(1e-3, ge=0, le=10, description="ARD-LoRA: weight of the total variation sum |c_i+1 - c_i| of each module's component sizes along rank.")
+    ard_threshold: float = Field(0.1, ge=0, le=1, description="ARD-LoRA: components smaller than this x their module's largest are pruned.")
+    ard_prune_every: int = Field(0, ge=0, le=1_000_000, description="ARD-LoRA: also prune every N steps during training (0 = only after the last step).")
+    ard_lr_ratio: float = Field(10.0, gt=0, le=1000, description="ARD-LoRA: the scales learn at this x the learning rate (a step size of their own, as the paper's).")
 
 
 def check(net) -> None:

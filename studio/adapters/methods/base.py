@@ -4,7 +4,9 @@ A method is how an adapter trains (network.type); a file kind is what its module
 disk (studio.adapters.formats: lora, loha, lokr). The two are separate axes: DoRA, PiSSA and the
 plain form of a T-LoRA are all kind lora. A method
 
-- checks the network settings that concern it (`check`, `check_base_weights`),
+- has its options model (`options`, a studio.adapters.methods.options.NetworkOptions with
+  the options it takes and their checks), and checks them against the run's training
+  settings (`check_training`),
 - injects itself into a run's models and names their trainable parameter groups
   (`training` -> a `Training`, which also holds the resumable state and exports the file),
 - says what sd-scripts' `ss_network_module` / `ss_network_args` are for its file (`ss_network`).
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Mapping
 
 from studio.errors import StudioError
+from studio.adapters.methods.options import NetworkOptions
 
 if TYPE_CHECKING:
     import torch
@@ -100,31 +103,19 @@ class Training(ABC):
 
 
 class Method(ABC):
-    """One adapter method. `name` is its network.type value; `summary` its entry in that
-    field's one-line help; `nf4` whether it trains on a 4-bit base (peft has 4-bit layers
-    for it)."""
+    """One adapter method. `name` is its network.type value and `options` the model of its
+    network options (whose `type` is Literal[name]); `summary` its entry in network.type's
+    one-line help; `nf4` whether it trains on a 4-bit base (peft has 4-bit layers for it)."""
 
     name: str
     summary: str
+    options: type[NetworkOptions]
     nf4: bool = True
 
-    def check(self, net) -> None:
-        """Raise ValueError for network settings this method cannot honour. The LoRA
-        options (DoRA, rsLoRA, PiSSA / OLoRA init) are refused unless a method takes them."""
-        if net.use_dora or net.use_rslora or net.init != "default":
-            raise ValueError(f"use_dora, use_rslora and init apply to lora/locon, not {self.name}")
-        self.refuse_rank_options(net)
-
-    def refuse_rank_options(self, net) -> None:
-        """Rank allocation, rank budgets and in-training squeeze apply to lora/locon only
-        (rank_budget also to adalora, which checks its own)."""
-        if net.rank_allocation != "none" or net.rank_budget is not None or net.squeeze_rank is not None:
-            raise ValueError(f"rank_allocation, rank_budget and squeeze_rank apply to lora/locon networks, not "
-                             f"{self.name} (rank_budget also to adalora)")
-
-    def check_base_weights(self, net, base_weights: str) -> None:
-        """Raise ValueError when the method cannot train on this frozen base (training.base_weights)."""
-        if base_weights == "nf4" and not self.nf4:
+    def check_training(self, net, training) -> None:
+        """Raise ValueError for network options this method cannot honour with the run's
+        training settings (`training`, studio.config.TrainingConfig): here, a 4-bit base."""
+        if training.base_weights == "nf4" and not self.nf4:
             raise ValueError(f"training.base_weights = 'nf4' works with lora, locon and tlora networks, not "
                              f"{self.name}; set base_weights = 'full' or 'fp8'")
 
@@ -139,8 +130,6 @@ class Method(ABC):
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise StudioError("No trainable parameters: network.target_modules matched no layer of the model.")
-        if net.loraplus_lr_ratio:
-            raise StudioError(f"loraplus_lr_ratio applies to lora/locon networks, not {self.name}.")
         return [{"params": params, "lr": lr}]
 
     def ss_network(self, net, adapter: "AdapterFile") -> tuple[str, dict[str, str]]:
@@ -212,7 +201,10 @@ class PeftTraining(Training):
     def peft_config(self, component: str):
         """The peft config this run injects into `component` (none in its unadapted sections:
         their frozen adapters would still cost a forward pass each step, 8% of the demo's)."""
-        config = self.method.peft_config(self.net, text_encoder=component != "unet")
+        return self.without_unadapted(component, self.method.peft_config(self.net, text_encoder=component != "unet"))
+
+    def without_unadapted(self, component: str, config):
+        """`config` excluding the run's unadapted sections of the UNet."""
         if component == "unet" and self.unadapted_sections:
             config.exclude_modules = rf"^(?:{'|'.join(map(re.escape, self.unadapted_sections))})\..*"
         return config
@@ -276,13 +268,6 @@ class PeftMethod(Method):
     def targets(self, net, *, text_encoder: bool) -> list[str]:
         """The module names peft adapts."""
         return list(net.text_encoder_target_modules if text_encoder else net.target_modules)
-
-
-def options_set(net, names: tuple[str, ...]) -> list[str]:
-    """The network options among `names` that hold a value other than their default: what
-    a method that does not take them refuses."""
-    fields = type(net).model_fields
-    return [name for name in names if getattr(net, name) != fields[name].get_default(call_default_factory=True)]
 
 
 # --------------------------------------------------------------------------------------

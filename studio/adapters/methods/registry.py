@@ -27,6 +27,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     SingLoRA(),
     AdaLoRA(),
 )}
+# The method of a [network] that names no type.
+DEFAULT_METHOD = "lora"
+
 
 def get_method(name: str) -> Method:
     """The method a network.type names."""

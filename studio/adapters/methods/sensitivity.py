@@ -26,10 +26,17 @@ import math
 import re
 from typing import TYPE_CHECKING, Callable, Mapping
 
+from pydantic import Field
+
 from studio.errors import StudioError
+from studio.adapters.methods.options import Section
 
 if TYPE_CHECKING:
     import torch
+
+
+class SensitivityOptions(Section):
+    sensitivity_batches: int = Field(4, ge=1, le=256, description="Sensitivity-LoRA: batches of the run's data its sensitivities are measured on.")
 
 
 def adapted_modules(model: "torch.nn.Module", config) -> dict[str, "torch.nn.Module"]:
