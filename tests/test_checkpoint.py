@@ -19,10 +19,9 @@ from studio.models.single_file import (
     load_single_file,
     read_safetensors_header,
     save_single_file,
-    unet_diffusers_to_ldm,
-    unet_ldm_to_diffusers,
 )
 from studio.errors import StudioError
+from studio.models.families.unet import unet_diffusers_to_ldm, unet_ldm_to_diffusers
 from tests.tiny_models import generate, tiny_sd15_pipeline, tiny_sdxl_pipeline, write_config_folder
 
 CAT_IDS = [49406, 320, 1125, 539, 320, 2368, 49407]  # "a photo of a cat" with the real CLIP vocabulary

@@ -348,7 +348,7 @@ def test_diffusers_loads_our_sdxl_file(tmp_path):
 
 def _expected_sd_scripts_names(family, models, conv):
     """sd-scripts networks/lora.py create_modules, re-typed: walk the target classes."""
-    from studio.models.single_file import unet_diffusers_to_ldm
+    from studio.models.families.unet import unet_diffusers_to_ldm
 
     unet_classes = ["Transformer2DModel"] + (["ResnetBlock2D", "Downsample2D", "Upsample2D"] if conv else [])
     names = {}

@@ -39,9 +39,9 @@ class MixtureTraining:
 
     def __init__(self, mixture, members, family):
         self.mixture, self.members = mixture, members
-        self.family, self.denoiser = family.name, family.denoiser
+        self.family, self.denoiser, self.blocks = family.name, family.denoiser, family.blocks.full
         self.gates = Gates(mixture)
-        self.current: torch.Tensor | None = None   # [B, K, 26] of the UNet call in progress
+        self.current: torch.Tensor | None = None   # [B, K, N blocks] of the denoiser call in progress
         self.pending: list[torch.Tensor] = []      # prompt embeddings of batches not yet through the UNet
         self.sample_embedding: torch.Tensor | None = None
 
@@ -97,7 +97,7 @@ class MixtureTraining:
         return None
 
     def base_gates(self) -> torch.Tensor:
-        """[1, K, 26] holding the text encoders' (BASE) gate at the start of the run."""
+        """[1, K, N blocks] holding the text encoders' (BASE) gate at the start of the run."""
         with torch.no_grad():
             if self.mixture.gate == "block":
                 base = self.mixture.tensors["gate.block"][:, 0]
@@ -105,7 +105,7 @@ class MixtureTraining:
                 base = self.mixture.tensors["gate.base"]
             else:
                 base = torch.ones(len(self.members))
-        gates = torch.zeros(1, len(self.members), 26)
+        gates = torch.zeros(1, len(self.members), len(self.blocks))
         gates[0, :, 0] = base
         return gates
 

@@ -16,7 +16,7 @@ from ui.common import Studio, friendly, heavy_imports, unchecked
 
 ADAPTER_ROWS = 4
 NONE = ""
-BLOCK_WEIGHT_CHOICES = [NONE, *DEFAULT.block_presets]  # the same preset names in every family
+BLOCK_WEIGHT_CHOICES = [NONE, *DEFAULT.blocks.presets]  # the same preset names in every family
 
 
 def build(studio: Studio, model_choices) -> SimpleNamespace:
@@ -77,7 +77,7 @@ def build(studio: Studio, model_choices) -> SimpleNamespace:
                         show_gates = gr.Button("Show gates", size="sm", scale=1, elem_id="gen-gates-show")
                     gate_map = gr.Image(label="Gates (white 0, blue 1, dark 2, red < 0)", type="pil",
                                         interactive=False, height=120, elem_id="gen-gates-map")
-                    gate_table = gr.Dataframe(headers=gv.GATE_HEADERS, type="array", interactive=True, wrap=False,
+                    gate_table = gr.Dataframe(headers=gv.gate_headers(), type="array", interactive=True, wrap=False,
                                               label="Gates: edit and save to override", elem_id="gen-gates-table")
                     save_gates = gr.Button("Save gates", size="sm", elem_id="gen-gates-save")
                 with gr.Accordion("Settings", open=True):
@@ -171,15 +171,16 @@ def build(studio: Studio, model_choices) -> SimpleNamespace:
     def on_fuse(suggested, name, *current):
         fused = gv.fuse_suggestions(studio, suggested, name)
         rows = put_adapter(fused, *current)
-        gates = gv.mixture_gates(studio, fused)
-        return [*rows, gr.update(choices=[NONE, *gv.mixture_names(ws)], value=fused), gates,
-                gv.gate_heatmap(gates), gr.update(open=True)]
+        headers, gates = gv.mixture_gates(studio, fused)
+        return [*rows, gr.update(choices=[NONE, *gv.mixture_names(ws)], value=fused),
+                gr.update(value=gates, headers=headers), gv.gate_heatmap(gates), gr.update(open=True)]
 
     @friendly
     def on_show_gates(name, prompt_text, model_name):
         heavy_imports()
-        gates = gv.mixture_gates(studio, name, prompt_text, model_name)
-        return gr.update(choices=[NONE, *gv.mixture_names(ws)], value=name), gates, gv.gate_heatmap(gates)
+        headers, gates = gv.mixture_gates(studio, name, prompt_text, model_name)
+        return (gr.update(choices=[NONE, *gv.mixture_names(ws)], value=name), gr.update(value=gates, headers=headers),
+                gv.gate_heatmap(gates))
 
     @friendly
     def on_save_gates(name, rows):

@@ -14,7 +14,7 @@ from studio.errors import StudioError
 from studio.generation.engine import (MAX_BATCH_COUNT, MAX_GUIDANCE, MAX_SEED, MAX_STEPS, AdapterUse, GenerateRequest,
                                       parse_prompt_loras, save_new_png, save_png)
 from studio.generation.grid import Axis, xy_grid
-from studio.models.blocks import FULL_BLOCKS
+from studio.models.families import DEFAULT, get_family
 from studio.workspace import check_name
 
 SIZE_DEFAULT = "Model default"
@@ -335,7 +335,9 @@ def is_tlora_adapter(workspace, name: str | None) -> bool:
         return False
 
 
-GATE_HEADERS = ["Member", *FULL_BLOCKS]
+def gate_headers(family: str | None = None) -> list[str]:
+    """The gate table's columns: the member, then the family's blocks (BASE = text encoders)."""
+    return ["Member", *(get_family(family) if family else DEFAULT).blocks.full]
 
 
 def mixture_names(workspace) -> list[str]:
@@ -367,16 +369,22 @@ def fuse_suggestions(studio, suggested: Sequence[Sequence], name: str | None) ->
     return stem
 
 
-def mixture_gates(studio, name: str, prompt: str = "", model: str = "builtin") -> list[list]:
-    """Generate tab's gate table: one row per member (per member and timestep band for a
-    banded mixture): its name, then its gate in each block (BASE = text encoders,
-    IN00..OUT11); prompt gates as the prompt sets them."""
+def mixture_gates(studio, name: str, prompt: str = "", model: str = "builtin") -> tuple[list[str], list[list]]:
+    """Generate tab's gate table, (columns, rows): one row per member (per member and
+    timestep band for a banded mixture): its name, then its gate in each block of its family
+    (gate_headers; BASE = text encoders); prompt gates as the prompt sets them."""
+    from studio.adapters.library import find_adapter
+
+    mixture = studio.engine().mixture(find_adapter(studio.workspace, name))
+    return gate_headers(mixture.family), _gate_rows(studio, mixture, name, prompt, model)
+
+
+def _gate_rows(studio, mixture, name: str, prompt: str, model: str) -> list[list]:
     import torch
 
     from studio.adapters.library import find_adapter
     from studio.adapters.mixtures.gates import Gates, prompt_embedding
 
-    mixture = studio.engine().mixture(find_adapter(studio.workspace, name))
     members = [m.name for m in mixture.members]
     if mixture.gate == "arrow":
         raise StudioError(f"{name} routes each token by its own input (arrow): it has no gates per block to show.")
@@ -413,13 +421,14 @@ def save_mixture_gates(studio, name: str, rows: Sequence[Sequence]) -> str:
     if mixture.gate not in ("block", "block_timestep"):
         raise StudioError(f"{name}'s gates are computed ({mixture.gate}); only fixed gates (block, block_timestep) "
                           "can be set here.")
+    blocks = get_family(mixture.family).blocks.full
     values = []
     for index, row in enumerate(rows or []):
         cells = list(row)[1:]
-        if len(cells) != len(FULL_BLOCKS):
-            raise StudioError(f"Gate row {index + 1} has {len(cells)} values; it needs {len(FULL_BLOCKS)}.")
+        if len(cells) != len(blocks):
+            raise StudioError(f"Gate row {index + 1} has {len(cells)} values; it needs {len(blocks)}.")
         values.append([_optional_number(v, f"Gate row {index + 1}, {block}:") or 0.0
-                       for v, block in zip(cells, FULL_BLOCKS)])
+                       for v, block in zip(cells, blocks)])
     table = torch.tensor(values, dtype=torch.float32)
     k = len(mixture.members)
     if not torch.isfinite(table).all():
@@ -431,7 +440,7 @@ def save_mixture_gates(studio, name: str, rows: Sequence[Sequence]) -> str:
     else:
         if table.shape[0] != k * mixture.bands:
             raise StudioError(f"The table has {table.shape[0]} rows; {name} has {k} members x {mixture.bands} bands.")
-        table = table.reshape(k, mixture.bands, len(FULL_BLOCKS))
+        table = table.reshape(k, mixture.bands, len(blocks))
         if not torch.equal(table[:, :, 0], table[:, :1, 0].expand(-1, mixture.bands)):
             raise StudioError("BASE (the text encoders) runs once per picture: give each member the same BASE in "
                               "every band.")

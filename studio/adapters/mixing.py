@@ -25,7 +25,7 @@ from studio.limits import MIX_ADAPTERS
 from studio.adapters.merge import Factors, check_rule, concat, factors_of_delta, squeeze
 from studio.adapters.mixtures.file import is_mixture, load_mixture
 from studio.models import load_pipeline
-from studio.models.blocks import FULL_BLOCKS, block_weight, module_block
+from studio.models.blocks import block_weight
 from studio.models.single_file import save_single_file
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,8 @@ def _load_mix(mix: list[tuple[Path, float]]) -> tuple[str, list[tuple[AdapterFil
             raise StudioError(f"{Path(path).name} cannot be written as one plain LoRA: {why}, and a LoRA has one "
                               "weight per layer. Generate with the mixture itself.")
         for member, gates in zip(mixture.members, mixture.constant_gates().tolist()):
-            loaded.append((load_adapter(member.path), weight, member.path.stem, dict(zip(FULL_BLOCKS, gates))))
+            blocks = get_family(mixture.family).blocks.full
+            loaded.append((load_adapter(member.path), weight, member.path.stem, dict(zip(blocks, gates))))
     families = {get_family(adapter.family).name for adapter, *_ in loaded}
     if len(families) > 1:
         raise StudioError(f"The adapters are for different model families ({', '.join(sorted(families))}); "
@@ -104,8 +105,10 @@ def module_blocks(family: str, adapter: AdapterFile) -> dict[str, str | None]:
     as the engine assigns it."""
     _, models = fitting_models(adapter)
     table = name_table(family, models)
-    return {name: module_block(table[name].path, models["unet"].config) if table[name].attr == "unet" else "BASE"
-            for name in adapter.modules}
+    fam = get_family(family)
+    denoiser = models[fam.denoiser]
+    return {name: fam.blocks.module_block(table[name].path, denoiser.config) if table[name].attr == fam.denoiser
+            else "BASE" for name in adapter.modules}
 
 
 def bake(mix: list[tuple[Path, float]], out: str | Path, *, rank: int | None = None,

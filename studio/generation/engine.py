@@ -16,7 +16,7 @@ from studio.errors import StudioError
 from studio.fsutil import _fsync_dir, atomic_path, create_temp_file
 from studio.limits import MIX_ADAPTERS
 from studio.models import load_pipeline, resolve_model
-from studio.models.blocks import FULL_BLOCKS, block_weight, module_block, parse_block_weights
+from studio.models.blocks import block_weight, parse_block_weights
 from studio.models.families import family_of_pipeline
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ _LORA_TAG = re.compile(r"<lora:([^:>]+)((?::[^:>]*)*)>")
 @dataclass(frozen=True)
 class AdapterUse:
     """One adapter in a mix: its weight on the UNet, on the text encoder(s) (default: the
-    same) and optional LoRA Block Weights (a preset name or 17 / 12 / 26 values). A T-LoRA
+    same) and optional LoRA Block Weights (a preset name, the family's vector or its long form). A T-LoRA
     adapter applies its timestep rank mask unless `tlora_masked` is False (all ranks, as
     its plain-LoRA export).
 
@@ -347,7 +347,7 @@ class Engine:
             for path, module in model.named_modules():
                 if not isinstance(module, BaseTunerLayer):
                     continue
-                block = self._block_of(model, path) if denoiser else "BASE"
+                block = self._block_of(family, model, path) if denoiser else "BASE"
                 available = module._get_available_adapters()
                 scales = {}  # in the mix's order, so live sums do not depend on which file loaded first
                 for name, use in mix.items():
@@ -404,10 +404,11 @@ class Engine:
         weigh(0)
         return after_step
 
-    def _block_of(self, unet, path: str) -> str | None:
-        key = (id(unet), path)
+    def _block_of(self, family, denoiser, path: str) -> str | None:
+        """The LBW block of a denoiser module (the family's block table), cached per module."""
+        key = (id(denoiser), path)
         if key not in self._blocks:
-            self._blocks[key] = module_block(path, unet.config)
+            self._blocks[key] = family.blocks.module_block(path, denoiser.config)
         return self._blocks[key]
 
     def _native_of(self, pipe) -> dict:
@@ -530,17 +531,19 @@ class Engine:
 
 def mixture_uses(use: AdapterUse, mixture, pipe, prompt: str | None) -> list[AdapterUse]:
     """A mixture's members as adapter uses: member k gets the mixture's weight, schedule and
-    T-LoRA setting, and as LoRA Block Weights its gates (26 values, BASE = text encoders)
+    T-LoRA setting, and as LoRA Block Weights its gates (the family's long form, BASE = text encoders)
     times the mixture's own block weights. A gate per timestep band becomes
     `timestep_blocks`; a prompt-conditioned gate is computed from `prompt` here, once."""
     import torch
 
     from studio.adapters.mixtures.gates import Gates, prompt_embedding
 
-    outer = torch.ones(len(FULL_BLOCKS))
+    family = family_of_pipeline(pipe)
+    blocks = family.blocks.full
+    outer = torch.ones(len(blocks))
     if use.block_weights:
-        given = parse_block_weights(use.block_weights, family_of_pipeline(pipe).name)
-        outer = torch.tensor([given.get(block, 1.0) for block in FULL_BLOCKS])
+        given = parse_block_weights(use.block_weights, family.name)
+        outer = torch.tensor([given.get(block, 1.0) for block in blocks])
     if mixture.gate == "prompt":
         if prompt is None:
             raise StudioError(f"{use.path.name} is a prompt-conditioned mixture; give the prompt.")

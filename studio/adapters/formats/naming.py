@@ -23,7 +23,7 @@ import torch
 
 from studio.errors import StudioError
 from studio.models.families import Part, all_prefixes, family_of_pipeline, get_family
-from studio.models.single_file import unet_diffusers_to_ldm
+from studio.models.families.unet import unet_diffusers_to_ldm
 from studio.models.skeletons import skeleton_dir
 
 UNET_PREFIX = "lora_unet"

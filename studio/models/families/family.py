@@ -56,6 +56,21 @@ class SingleFileEncoder:
 
 
 @dataclass(frozen=True)
+class BlockTable:
+    """A family's blocks as LoRA Block Weight (the sd-webui-lora-block-weight extension) names
+    them: `names` the family's own vector (BASE = the text encoders, first), `full` the long
+    form every model of the family also takes and the columns of a mixture's gates (one per
+    block a module can be in, BASE first), `presets` the named vectors, and
+    `module_block(path, denoiser_config)` the block (a name of `full`) of a denoiser module
+    path, None outside the blocks (a UNet's conv_in, time embedding, conv_out)."""
+
+    names: tuple[str, ...]
+    full: tuple[str, ...]
+    presets: Mapping[str, str]
+    module_block: Callable[[str, Any], str | None] = field(repr=False)
+
+
+@dataclass(frozen=True)
 class Family:
     name: str                           # the id stored in configs and metadata ("sd15")
     label: str                          # what a person reads ("SD 1.5")
@@ -68,8 +83,7 @@ class Family:
     modelspec_architecture: str         # without the "/lora" suffix
     modelspec_implementation: str
     metadata_prefixes: tuple[str, ...]  # ss_base_model_version / modelspec.architecture prefixes that mean it
-    block_names: tuple[str, ...]        # LoRA Block Weight vector, BASE first
-    block_presets: Mapping[str, str]
+    blocks: BlockTable                  # LoRA Block Weight, block-wise weights, mixture gates
     gpu: GpuGuide
     default_resolution: int
     single_file_encoders: tuple[SingleFileEncoder, ...]

@@ -7,7 +7,7 @@ import re
 from typing import TYPE_CHECKING
 
 from studio.models.families import unet
-from studio.models.families.family import Family, GpuGuide, Part, SingleFileEncoder
+from studio.models.families.family import BlockTable, Family, GpuGuide, Part, SingleFileEncoder
 from studio.models.families.objectives import diffusion_objective
 
 if TYPE_CHECKING:
@@ -67,7 +67,7 @@ FAMILY = Family(
     ss_base_model_version="sdxl_base_v1-0", modelspec_architecture="stable-diffusion-xl-v1-base",
     modelspec_implementation="https://github.com/Stability-AI/generative-models",
     metadata_prefixes=("sdxl", "stable-diffusion-xl"),
-    block_names=BLOCKS, block_presets=PRESETS,
+    blocks=BlockTable(BLOCKS, unet.FULL_BLOCKS, PRESETS, unet.module_block),
     gpu=GpuGuide(resolution=1024, base_gb=10.0, activations_gb=6.0, it_s=1.0),
     single_file_encoders=(SingleFileEncoder("text_encoder", TE1_PREFIX, "clip", "text encoder 1 (CLIP-L)"),
                           SingleFileEncoder("text_encoder_2", TE2_PREFIX, "open_clip", "text encoder 2 (OpenCLIP bigG)")),
