@@ -126,13 +126,13 @@ def time_ours(model: Path, size: Size, case: Case, steps: int, warmup: int) -> d
     `warmup` untimed steps and `steps` timed ones."""
     from studio.jobs.runs import create_run
     from studio.workspace import Workspace
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     _release()
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(create_run(our_config(model, size, case, warmup + steps), Workspace.open(tmp)),
+        trainer = AdapterTrainer(create_run(our_config(model, size, case, warmup + steps), Workspace.open(tmp)),
                           show_progress=False)
-        trainer._setup()
+        trainer.setup()
         for step in range(warmup):
             trainer.train_step(step)
         _sync()

@@ -73,7 +73,7 @@ def train_one(spec: dict) -> dict:
     from studio.config import network_config
     from studio.jobs.runs import create_run, iter_events
     from studio.workspace import Workspace
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     config = recipe_config("tiny-demo", {**RECIPE, "training": {**RECIPE["training"], "max_steps": spec["steps"]}},
                            spec["seed"])
@@ -85,7 +85,7 @@ def train_one(spec: dict) -> dict:
     config.training.log_every_n_steps = spec["steps"]
     if spec.get("quick"):  # a smoke run: fewer class pictures to encode, a one-step final sample
         config.dataset.num_class_images, config.sampling.steps = 4, 1
-    trainer = Trainer(create_run(config, Workspace.open(spec["workspace"])), show_progress=False)
+    trainer = AdapterTrainer(create_run(config, Workspace.open(spec["workspace"])), show_progress=False)
     adapter = trainer.run(resume=False)
     rate = [e["it_s"] for e in iter_events(trainer.run_dir) if e["type"] == "progress"][-1]
     state = trainer.optimizer.state

@@ -73,11 +73,11 @@ def trained_demo(tmp_path_factory):
     """One short demo training run shared by the tests that need a trained adapter."""
     from studio.jobs.runs import create_run
     from studio.workspace import Workspace
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     workspace = Workspace.open(tmp_path_factory.mktemp("trained") / "ws")
     run_dir = create_run(demo_config(max_steps=80), workspace)
-    trainer = Trainer(run_dir, show_progress=False)
+    trainer = AdapterTrainer(run_dir, show_progress=False)
     adapter = trainer.run()
     return {"workspace": workspace, "run_dir": run_dir, "adapter": adapter, "trainer": trainer}
 

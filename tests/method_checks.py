@@ -18,7 +18,7 @@ def assert_generate_reproduces_sample(trainer, adapter: Path, out: Path, *, step
     from studio.cli import main
 
     cfg = trainer.config
-    trainer._write_samples(step)
+    trainer.write_samples(step)
     sample = np.asarray(Image.open(trainer.run_dir / "samples" / f"step-{step:06d}-0.png"), dtype=np.int16)
     prompt = cfg.sampling.prompts[0] if cfg.sampling.prompts else trainer.instance[0].caption
     common = ["generate", "--model", cfg.base_model, "--prompt", prompt, "--seed", str(cfg.sampling.seed),
@@ -68,7 +68,7 @@ def assert_file_equals_trained_model(trainer, adapter: Path, *, name: str) -> No
                           return_tensors="pt").input_ids
     with torch.no_grad():
         ours = fresh.text_encoder(ids)[0]
-        theirs = dict(trainer._text_encoder_components())["text_encoder"](ids)[0]
+        theirs = dict(trainer.text_encoder_components())["text_encoder"](ids)[0]
     assert (ours - theirs).abs().max() <= 1e-5
 
 

@@ -39,13 +39,13 @@ def trained(tmp_path_factory):
     from studio.adapters.methods.base import ADAPTER_NAME
     from studio.jobs.runs import create_run
     from studio.workspace import Workspace
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     torch.manual_seed(0)
     config = _ard_config(max_steps=STEPS)
     config.network = network_config("locon", like=config.network, train_text_encoder=True, rank_budget=BUDGET)
-    trainer = Trainer(create_run(config, Workspace.open(tmp_path_factory.mktemp("ard") / "ws")), show_progress=False)
-    trainer._setup()
+    trainer = AdapterTrainer(create_run(config, Workspace.open(tmp_path_factory.mktemp("ard") / "ws")), show_progress=False)
+    trainer.setup()
     layer = trainer.accelerator.unwrap_model(trainer.denoiser).get_submodule(INSENSITIVE)
     layer.lora_A[ADAPTER_NAME].register_forward_pre_hook(lambda module, args: (torch.zeros_like(args[0]),))
     before = _fixed_loss(trainer)
@@ -56,7 +56,7 @@ def trained(tmp_path_factory):
     after = _fixed_loss(trainer)
     trainer.accelerator.unwrap_model(trainer.denoiser).eval()
     return {"trainer": trainer, "sizes": sizes, "before": before, "after": after,
-            "path": trainer._export(time.time())}
+            "path": trainer.export(time.time())}
 
 
 def test_ard_is_a_network_option_with_its_help():
@@ -154,7 +154,7 @@ def test_resume_with_pruning_during_training_is_exact(workspace):
     ends bit for bit where the uninterrupted run ends."""
     from studio.jobs.runs import checkpoint_path, create_run, iter_events
     from trainers.checkpoints import load_checkpoint
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     config = _ard_config(max_steps=6, every_n_steps=3)
     config.network.target_modules = ["attn2.to_k", "attn2.to_v"]
@@ -162,9 +162,9 @@ def test_resume_with_pruning_during_training_is_exact(workspace):
     config.network.rank_budget = 40
     config.sampling.steps = 1
     run_dir = create_run(config, workspace)
-    full = Trainer(run_dir, show_progress=False)
+    full = AdapterTrainer(run_dir, show_progress=False)
     full.run(resume=False)
-    resumed = Trainer(run_dir, show_progress=False)
+    resumed = AdapterTrainer(run_dir, show_progress=False)
     resumed.run(resume=True)
     assert [e["step"] for e in iter_events(run_dir) if e["type"] == "resume"] == [3]
     at_3 = load_checkpoint(checkpoint_path(run_dir, 3))["adapter"]
@@ -186,20 +186,20 @@ def test_ard_lora_on_sdxl(tmp_path_factory, workspace):
     from studio.jobs.runs import create_run
     from studio.models import load_pipeline
     from tests.test_formats import _diffusers_load, _lora_layers
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     torch.manual_seed(0)
     model = tiny_sdxl_folder(tmp_path_factory)
     config = _ard_config(max_steps=10)
     config.base_model = str(model)
     config.network.rank_budget = 60
-    trainer = Trainer(create_run(config, workspace), show_progress=False)
-    trainer._setup()
+    trainer = AdapterTrainer(create_run(config, workspace), show_progress=False)
+    trainer.setup()
     before = _fixed_loss(trainer, range(5000, 5008))
     for step in range(10):
         trainer.train_step(step)
     assert _fixed_loss(trainer, range(5000, 5008)) < before
-    path = trainer._export(time.time())
+    path = trainer.export(time.time())
     ranks = [m.rank for m in load_adapter(path).modules.values()]
     assert len(set(ranks)) >= 3 and sum(ranks) == 60 < 8 * len(trainer.adapter.gates.scales)
 

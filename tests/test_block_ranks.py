@@ -14,13 +14,13 @@ RANKS = {"down_blocks": 2, "mid_block": 6, "up_blocks": 4}
 @pytest.mark.parametrize("network", [{}, {"type": "locon", "conv_rank": 3}, {"type": "loha"}, {"type": "lokr"}])
 def test_each_unet_block_trains_and_exports_at_its_rank(network, workspace):
     from studio.jobs.runs import create_run
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     config = demo_config()
     config.network.block_rank_down, config.network.block_rank_mid, config.network.block_rank_up = RANKS.values()
     config.network = network_config(like=config.network, **network)
-    trainer = Trainer(create_run(config, workspace), show_progress=False)
-    trainer._setup()
+    trainer = AdapterTrainer(create_run(config, workspace), show_progress=False)
+    trainer.setup()
     assert float(trainer.train_step(0)) > 0
     unet = trainer.accelerator.unwrap_model(trainer.denoiser)
     layers = {path: module.r["default"] for path, module in unet.named_modules()

@@ -708,12 +708,12 @@ def test_trainer_export_round_trip(network, workspace):
     from studio.models import load_pipeline
     from studio.jobs.runs import create_run
     from tests.conftest import demo_config
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     config = demo_config(max_steps=3, learning_rate=3e-2)
     config.sampling.steps = 2
     config.network = network_config(like=config.network, **network)
-    trainer = Trainer(create_run(config, workspace), show_progress=False)
+    trainer = AdapterTrainer(create_run(config, workspace), show_progress=False)
     path = trainer.run()
     info = describe_adapter(path)
     assert info["metadata"]["ss_steps"] == "3" and info["metadata"]["modelspec.thumbnail"].startswith("data:")

@@ -19,7 +19,7 @@ STEPS = 30
 
 
 def _factors(trainer, part: str) -> dict[str, torch.Tensor]:
-    models = {"unet": trainer.accelerator.unwrap_model(trainer.denoiser), **dict(trainer._text_encoder_components())}
+    models = {"unet": trainer.accelerator.unwrap_model(trainer.denoiser), **dict(trainer.text_encoder_components())}
     return {f"{component}.{name}": p for component, model in models.items()
             for name, p in model.named_parameters() if f".{part}." in name}
 
@@ -30,13 +30,13 @@ def trained(tmp_path_factory):
     factors at the start, the fixed-draw loss before and after, and the exported file."""
     from studio.jobs.runs import create_run
     from studio.workspace import Workspace
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     config = demo_config(max_steps=STEPS, learning_rate=3e-3)
     config.network = network_config("lora_fa", like=config.network, train_text_encoder=True)
-    trainer = Trainer(create_run(config, Workspace.open(tmp_path_factory.mktemp("lora_fa") / "ws")),
+    trainer = AdapterTrainer(create_run(config, Workspace.open(tmp_path_factory.mktemp("lora_fa") / "ws")),
                       show_progress=False)
-    trainer._setup()
+    trainer.setup()
     start = {name: p.detach().clone() for part in ("lora_A", "lora_B") for name, p in _factors(trainer, part).items()}
     before = _fixed_loss(trainer)
     for step in range(STEPS):
@@ -44,7 +44,7 @@ def trained(tmp_path_factory):
     after = _fixed_loss(trainer)
     trainer.accelerator.unwrap_model(trainer.denoiser).eval()
     return {"trainer": trainer, "start": start, "before": before, "after": after,
-            "path": trainer._export(time.time())}
+            "path": trainer.export(time.time())}
 
 
 

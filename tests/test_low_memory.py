@@ -35,7 +35,7 @@ def _cuda_only_config(option: str):
 def test_cuda_only_option_refused_before_any_model_loads(option, workspace, monkeypatch):
     from studio.config import check_device_support
     from studio.jobs.runs import create_run
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     config = _cuda_only_config(option)
     expected = CUDA_ONLY[option][1]
@@ -50,10 +50,10 @@ def test_cuda_only_option_refused_before_any_model_loads(option, workspace, monk
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded before the CUDA check")
 
-    monkeypatch.setattr("trainers.lora.load_pipeline", no_loading)  # where the trainer looks it up
+    monkeypatch.setattr("trainers.trainer.load_pipeline", no_loading)  # where the trainer looks it up
     run_dir = workspace.runs_dir / "made-elsewhere"
     with pytest.raises(StudioError, match=re.escape(expected)):
-        Trainer(run_dir, config, show_progress=False).run()
+        AdapterTrainer(run_dir, config, show_progress=False).run()
 
 
 @no_cuda

@@ -28,19 +28,19 @@ NETWORKS = {
 
 def _fixed_loss(trainer, steps=range(5000, 5012)) -> float:
     with torch.no_grad():
-        return float(np.mean([trainer._loss(k).item() for k in steps]))
+        return float(np.mean([trainer.loss(k).item() for k in steps]))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", list(NETWORKS))
 def test_network_trains(kind, workspace):
     from studio.jobs.runs import create_run
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     config = demo_config(max_steps=30, learning_rate=3e-3)
     config.network = network_config(like=config.network, **NETWORKS[kind])
-    trainer = Trainer(create_run(config, workspace), show_progress=False)
-    trainer._setup()
+    trainer = AdapterTrainer(create_run(config, workspace), show_progress=False)
+    trainer.setup()
     before = _fixed_loss(trainer)
     for step in range(30):
         trainer.train_step(step)
@@ -61,7 +61,7 @@ def test_every_method_trains_one_step_or_is_refused_in_one_line(method, workspac
     from studio.config import DEMO_DATASET, parse_config
     from studio.errors import StudioError
     from studio.jobs.runs import create_run
-    from trainers.lora import train_run
+    from trainers.trainer import train_run
 
     data = tomllib.loads((PRESETS_DIR / "tiny-demo-quick.toml").read_text())
     data["network"] = {"type": method}

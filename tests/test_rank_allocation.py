@@ -24,12 +24,12 @@ def _deafened(pipe, deaf: str):
 
 
 def _allocation_run(workspace_root, *, deaf: str | None):
-    """A Trainer set up with sensitivity allocation; with `deaf`, the base UNet's attention
+    """A AdapterTrainer set up with sensitivity allocation; with `deaf`, the base UNet's attention
     block whose output projection is zeroed (its to_q / to_k / to_v then cannot move the loss)."""
     from studio.jobs.runs import create_run
     from studio.workspace import Workspace
     from trainers import lora
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     config = demo_config(max_steps=STEPS, learning_rate=3e-3)
     config.network.rank_allocation = "sensitivity"
@@ -39,11 +39,11 @@ def _allocation_run(workspace_root, *, deaf: str | None):
     def deafened(*args, **kwargs):
         return _deafened(load(*args, **kwargs), deaf)
 
-    trainer = Trainer(create_run(config, Workspace.open(workspace_root)), show_progress=False)
+    trainer = AdapterTrainer(create_run(config, Workspace.open(workspace_root)), show_progress=False)
     with pytest.MonkeyPatch.context() as mp:
         if deaf:
             mp.setattr(lora, "load_pipeline", deafened)
-        trainer._setup()
+        trainer.setup()
     return trainer
 
 
@@ -64,7 +64,7 @@ def allocated(tmp_path_factory):
     for step in range(STEPS):
         trainer.train_step(step)
     trainer.accelerator.unwrap_model(trainer.denoiser).eval()
-    return {"trainer": trainer, "deaf": deaf, "event": _allocation(trainer), "path": trainer._export(time.time())}
+    return {"trainer": trainer, "deaf": deaf, "event": _allocation(trainer), "path": trainer.export(time.time())}
 
 
 def test_options_and_their_refusals():

@@ -50,7 +50,7 @@ def test_prepare_image_crops_to_bucket(tmp_path):
 def test_sdxl_lora_trains_with_buckets(tmp_path, workspace):
     from studio.jobs.runs import create_run
     from tests.tiny_models import tiny_sdxl_pipeline
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     model_dir = tmp_path / "tiny-sdxl"
     tiny_sdxl_pipeline(seed=0).save_pretrained(model_dir)
@@ -66,11 +66,11 @@ def test_sdxl_lora_trains_with_buckets(tmp_path, workspace):
     config.base_model = str(model_dir)
     config.dataset.path = str(data)
     config.dataset.enable_bucket = True
-    trainer = Trainer(create_run(config, workspace), show_progress=False)
-    trainer._setup()
+    trainer = AdapterTrainer(create_run(config, workspace), show_progress=False)
+    trainer.setup()
     assert trainer.family.name == "sdxl" and len({ex.bucket for ex in trainer.instance}) == 4
 
-    batch = trainer._batch(trainer.instance, [1], torch.Generator().manual_seed(0))
+    batch = trainer.batch(trainer.instance, [1], torch.Generator().manual_seed(0))
     conditioning = batch.conditioning
     assert conditioning["encoder_hidden_states"].shape[-1] == sum(enc.config.hidden_size
                                                                    for enc in trainer.text_encoders)
@@ -83,13 +83,13 @@ def test_sdxl_lora_trains_with_buckets(tmp_path, workspace):
 
     def fixed_loss():
         with torch.no_grad():
-            return float(np.mean([trainer._loss(k).item() for k in range(900, 910)]))
+            return float(np.mean([trainer.loss(k).item() for k in range(900, 910)]))
 
     before = fixed_loss()
     for step in range(20):
         trainer.train_step(step)
     assert fixed_loss() < before
-    trainer._sample(20)
+    trainer.sample(20)
     assert len(list((trainer.run_dir / "samples").glob("*.png"))) == len(config.sampling.prompts)
 
 
@@ -120,23 +120,23 @@ def test_every_network_trains_exports_and_generates_on_sdxl(kind, tiny_sdxl_dir,
     from studio.adapters import read_checked_header
     from studio.generation.engine import AdapterUse, GenerateRequest
     from studio.jobs.runs import create_run
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     steps = 20
     config = demo_config(max_steps=steps, learning_rate=3e-3)
     config.base_model = str(tiny_sdxl_dir)
     config.network = network_config(like=config.network, **NETWORKS[kind])
-    trainer = Trainer(create_run(config, workspace), show_progress=False)
-    trainer._setup()
+    trainer = AdapterTrainer(create_run(config, workspace), show_progress=False)
+    trainer.setup()
     assert trainer.family.name == "sdxl"
     before = _fixed_loss(trainer, range(5000, 5008))
     for step in range(steps):
         trainer.train_step(step)
     assert _fixed_loss(trainer, range(5000, 5008)) < before
-    path = trainer._export(time.time())
+    path = trainer.export(time.time())
     assert read_checked_header(path)[1]["ss_base_model_version"] == "sdxl_base_v1-0"
 
-    batch = trainer._batch(trainer.instance, [0], torch.Generator().manual_seed(0))
+    batch = trainer.batch(trainer.instance, [0], torch.Generator().manual_seed(0))
     noise = torch.randn(batch.latents.shape, generator=torch.Generator().manual_seed(1))
 
     def predict(unet):

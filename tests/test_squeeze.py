@@ -31,15 +31,15 @@ def squeezed(tmp_path_factory):
     deltas just before and after the squeeze, fixed-draw losses, and the exported file."""
     from studio.jobs.runs import create_run
     from studio.workspace import Workspace
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     torch.manual_seed(0)
     config = demo_config(max_steps=STEPS, learning_rate=3e-3)
     config.network = network_config("locon", like=config.network, rank=RANK, alpha=4.0, squeeze_rank=SQUEEZED,
                                     squeeze_at_step=AT)
-    trainer = Trainer(create_run(config, Workspace.open(tmp_path_factory.mktemp("squeeze") / "ws")),
+    trainer = AdapterTrainer(create_run(config, Workspace.open(tmp_path_factory.mktemp("squeeze") / "ws")),
                       show_progress=False)
-    trainer._setup()
+    trainer.setup()
     out = {"trainer": trainer, "start": _fixed_loss(trainer)}
     for step in range(AT - 1):
         trainer.train_step(step)
@@ -60,7 +60,7 @@ def squeezed(tmp_path_factory):
         trainer.train_step(step)
     out["end"] = _fixed_loss(trainer)
     trainer.accelerator.unwrap_model(trainer.denoiser).eval()
-    out["path"] = trainer._export(time.time())
+    out["path"] = trainer.export(time.time())
     return out
 
 
@@ -148,16 +148,16 @@ def test_generate_reproduces_the_runs_last_sample(squeezed, tmp_path):
 def test_a_resume_across_an_annealed_squeeze_is_exact(workspace):
     """Checkpoint at step 4, in the middle of the anneal (8 -> 6 -> 4 -> 2 after steps 3, 4, 5)."""
     from studio.jobs.runs import create_run, iter_events
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     config = demo_config(max_steps=8, every_n_steps=4, learning_rate=3e-3)
     config.sampling.steps = 1
     config.network.rank, config.network.squeeze_rank = RANK, SQUEEZED
     config.network.squeeze_at_step, config.network.squeeze_anneal_steps = 3, 2
     run_dir = create_run(config, workspace)
-    full = Trainer(run_dir, show_progress=False)
+    full = AdapterTrainer(run_dir, show_progress=False)
     full.run(resume=False)
-    resumed = Trainer(run_dir, show_progress=False)
+    resumed = AdapterTrainer(run_dir, show_progress=False)
     resumed.run(resume=True)
     assert [e["step"] for e in iter_events(run_dir) if e["type"] == "resume"] == [4]
     a, b = full.adapter_state(), resumed.adapter_state()

@@ -58,7 +58,7 @@ def runs(tmp_path_factory, tiny_sdxl_dir):
     fixed-draw loss before and after, and the exported file."""
     from studio.jobs.runs import create_run
     from studio.workspace import Workspace
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     done = {}
 
@@ -70,8 +70,8 @@ def runs(tmp_path_factory, tiny_sdxl_dir):
             if family == "sdxl":
                 config.base_model = str(tiny_sdxl_dir)
             workspace = Workspace.open(tmp_path_factory.mktemp(f"{method}-{family}") / "ws")
-            trainer = Trainer(create_run(config, workspace), show_progress=False)
-            trainer._setup()
+            trainer = AdapterTrainer(create_run(config, workspace), show_progress=False)
+            trainer.setup()
             start = _unet_out(trainer.accelerator.unwrap_model(trainer.denoiser))
             before = _fixed_loss(trainer)
             for step in range(STEPS):
@@ -79,7 +79,7 @@ def runs(tmp_path_factory, tiny_sdxl_dir):
             after = _fixed_loss(trainer)
             trainer.accelerator.unwrap_model(trainer.denoiser).eval()
             done[method, family] = {"trainer": trainer, "start": start, "before": before, "after": after,
-                                    "path": trainer._export(time.time())}
+                                    "path": trainer.export(time.time())}
         return done[method, family]
 
     return run
@@ -193,7 +193,7 @@ def test_the_file_is_a_plain_lora_equal_to_the_trained_model(runs, method, famil
     expected = _unet_out(_trained_unet(trained))
     assert (expected - base).abs().max() > 1e-3
     assert (_unet_out(fresh.unet) - expected).abs().max() <= 1e-5
-    for (component, encoder), tokenizer in zip(trainer._text_encoder_components(), trainer.family.tokenizers):
+    for (component, encoder), tokenizer in zip(trainer.text_encoder_components(), trainer.family.tokenizers):
         tok = getattr(fresh, tokenizer)
         ids = tok(["a sks star"], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
         with torch.no_grad():
@@ -315,7 +315,7 @@ def test_singlora_resumes_exactly_mid_ramp(workspace):
     step count is in the checkpoint) and ends with the uninterrupted run's weights."""
     from studio.jobs.runs import checkpoint_path, create_run
     from trainers.checkpoints import load_checkpoint
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     steps, stop = 9, 3
     config = demo_config(max_steps=steps, every_n_steps=stop, learning_rate=3e-3)
@@ -323,13 +323,13 @@ def test_singlora_resumes_exactly_mid_ramp(workspace):
     config.sampling.steps = 1
     config.checkpoints.keep_last = 5
     run_dir = create_run(config, workspace)
-    full = Trainer(run_dir, show_progress=False)
+    full = AdapterTrainer(run_dir, show_progress=False)
     full.run()
     expected = full.adapter_state()
     assert load_checkpoint(checkpoint_path(run_dir, stop))["adapter"]["singlora.steps"] == stop
     for later in range(stop + 1, steps + 1):
         checkpoint_path(run_dir, later).unlink(missing_ok=True)
-    resumed = Trainer(run_dir, show_progress=False)
+    resumed = AdapterTrainer(run_dir, show_progress=False)
     resumed.run(resume=True)
     assert resumed.adapter.done == steps
     state = resumed.adapter_state()

@@ -1,8 +1,8 @@
 """Training a mixture's gates (MoLE / X-LoRA style): the member adapters frozen and applied
 live (studio.adapters.mixtures.live), only the gates learn, with the diffusion loss of
-trainers/lora.py on the run's data (by default the members' own pictures and captions).
+trainers/trainer.py on the run's data (by default the members' own pictures and captions).
 
-`MixtureTrainer` is the LoRA `Trainer` with a different adapter: data, loss, the random
+`MixtureTrainer` is the LoRA `AdapterTrainer` with a different adapter: data, loss, the random
 draws per (seed, step), checkpoints, exact resume, events, samples and EMA are the same
 code. What differs: the trainable parameters are the gates (`MixtureTraining`), the UNet's
 gates are computed before each UNet call from its timesteps (and, for prompt gates, from the
@@ -29,7 +29,7 @@ from studio.adapters.mixtures.gates import Gates, prompt_embedding
 from studio.adapters.mixtures.live import LiveMembers, per_sample
 from studio.errors import StudioError
 from studio.jobs.runs import run_workspace
-from trainers.lora import Trainer
+from trainers.trainer import AdapterTrainer
 
 
 class MixtureTraining:
@@ -110,7 +110,7 @@ class MixtureTraining:
         return gates
 
 
-class MixtureTrainer(Trainer):
+class MixtureTrainer(AdapterTrainer):
     """The LoRA trainer training a mixture's gates (see the module doc)."""
 
     def _mixture_parts(self):
@@ -138,9 +138,9 @@ class MixtureTrainer(Trainer):
             models = dict(zip(self.family.text_encoders, self.text_encoders))
             self._text_members = LiveMembers(self.family.name, models, members).install(per_sample(lambda: fixed))
 
-    def _encode_text(self, captions):
+    def encode_text(self, captions):
         self._members_on_text_encoders()
-        return super()._encode_text(captions)
+        return super().encode_text(captions)
 
     def _captions(self, chosen, mine, varied_at):
         captions = super()._captions(chosen, mine, varied_at)

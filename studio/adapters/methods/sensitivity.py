@@ -10,7 +10,7 @@ approximation of H for a squared loss), whose diagonal needs only gradients:
     s_m = sum over W_m's entries of (1/N) sum_{i<N} (dL_i / dW_m)^2
 
 over N batches of the run's own data (network.sensitivity_batches), drawn from a random
-stream of their own (the trainer's micro-generators, stream 3: trainers.lora.PREPARE_STREAM), so the allocation is a
+stream of their own (the trainer's micro-generators, stream 3: trainers.trainer.PREPARE_STREAM), so the allocation is a
 function of the seed. The paper's local metrics (effective rank, top-k of the Hessian
 diagonal) refine the split further; this keeps the global one, which decides it.
 

@@ -91,7 +91,7 @@ class TrainingCancelled(Exception):
     """SIGTERM/SIGINT asked the run to stop; a checkpoint was saved first."""
 
 
-class Trainer:
+class AdapterTrainer:
     def __init__(self, run_dir: Path, config: TrainConfig | None = None, *, show_progress: bool = True):
         self.run_dir = Path(run_dir)
         self.config = config or load_config(self.run_dir / CONFIG_FILE)
@@ -104,7 +104,7 @@ class Trainer:
         self.pivotal = None  # the trigger's trained embedding (network.pivotal_vectors), made by _setup
 
     # ---------------------------------------------------------------- set-up
-    def _setup(self) -> None:
+    def setup(self) -> None:
         from accelerate import Accelerator
         from diffusers.optimization import get_scheduler
 
@@ -149,7 +149,7 @@ class Trainer:
         instance = [it for it in items if not it.is_regularisation]
         if not instance:  # the dataset changed since the run was queued: say what is wrong as the check does
             check_training(cfg, run_workspace(self.run_dir)).raise_problems()
-        examples = [self._example(it.path, self._caption(it.caption), it.repeats, it.size) for it in instance]
+        examples = [self._example(it.path, self.caption(it.caption), it.repeats, it.size) for it in instance]
         held_out = validation_indices(len(examples), cfg.dataset.validation_split, cfg.seed)
         if held_out and len(held_out) >= len(examples):
             raise StudioError(f"dataset.validation_split = {cfg.dataset.validation_split:g} holds out every one of the "
@@ -188,7 +188,7 @@ class Trainer:
                 captions = [example.caption for example in self.instance + self.class_examples + self.validation]
                 for caption in captions + dropped:
                     if caption not in self._text_cache:
-                        self._text_cache[caption] = {k: v[0] for k, v in self._encode_text([caption]).items()}
+                        self._text_cache[caption] = {k: v[0] for k, v in self.encode_text([caption]).items()}
 
         # adapters: the method (network.type) injects itself and names what trains
         net = cfg.network
@@ -197,7 +197,7 @@ class Trainer:
         measured = self.adapter.prepare(
             {denoiser_name: self.denoiser, **(dict(zip(self.family.text_encoders, self.text_encoders))
                                               if net.train_text_encoder else {})},
-            lambda i: self._loss(i, stream=PREPARE_STREAM))
+            lambda i: self.loss(i, stream=PREPARE_STREAM))
         if measured is not None:
             self.events.emit("adapter_prepared", **measured)
         self.adapter.unadapted_sections = tuple(section for section, weight in self.block_lr_weights().items()
@@ -251,7 +251,7 @@ class Trainer:
             check_training(self.config, run_workspace(self.run_dir)).raise_problems()
         return folder
 
-    def _caption(self, caption: str) -> str:
+    def caption(self, caption: str) -> str:
         ds = self.config.dataset
         return caption_with_trigger(caption.strip() or ds.instance_prompt.strip(), ds.trigger_word.strip())
 
@@ -338,7 +338,7 @@ class Trainer:
         bucket = choose_bucket(size, ds.resolution, enabled=ds.enable_bucket, no_upscale=ds.bucket_no_upscale)
         return Example(path, caption, repeats, size, bucket)
 
-    def _encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
+    def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
         """The family's text conditioning of `captions`; with pivotal tuning the trigger word
         is first written as its tokens."""
         if self.pivotal is not None:
@@ -346,7 +346,7 @@ class Trainer:
         return self.family.encode_text(self.tokenizers, self.text_encoders, captions, self.accelerator.device)
 
     @torch.no_grad()
-    def _latent_dist(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def latent_dist(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dist = self.vae.encode(pixels.to(self.accelerator.device, self.weight_dtype)).latent_dist
         return dist.mean, dist.std
 
@@ -356,7 +356,7 @@ class Trainer:
             for flip in flips:
                 if (example.path, flip) not in self._latent_cache:
                     pixels, _ = prepare_image(example.path, example.bucket, center_crop=True, flip=flip, generator=None)
-                    mean, std = self._latent_dist(pixels[None])
+                    mean, std = self.latent_dist(pixels[None])
                     self._latent_cache[(example.path, flip)] = (mean[0], std[0])
 
     def _check_masks(self) -> None:
@@ -400,7 +400,7 @@ class Trainer:
         size = self.config.training.batch_size
         return [place % count for place in range(self.rank * size, (self.rank + 1) * size)]
 
-    def _batch(self, examples: list[Example], indices: list[int], generator: torch.Generator, *,
+    def batch(self, examples: list[Example], indices: list[int], generator: torch.Generator, *,
                varied_at: int | None = None, whole: bool = False) -> Batch:
         """Latents, the family's conditioning (text; SDXL's size too) and (dataset.masked_loss)
         the latent loss weights of this process's share of a global micro-batch (`whole`: of
@@ -429,7 +429,7 @@ class Trainer:
                                                     flip=flip, generator=generator)
                 elif not cfg.dataset.center_crop:  # the crop another process draws for it
                     random_crop_offsets(example.size, example.bucket, generator)
-            mean, std = self._latent_dist(torch.stack([prepared[p][0] for p in mine]))
+            mean, std = self.latent_dist(torch.stack([prepared[p][0] for p in mine]))
             crops = [prepared[p][1] for p in mine]
         eps = torch.randn((len(chosen), *mean.shape[1:]), generator=generator)[mine].to(mean.device, mean.dtype)
         latents = self._scaled_latents((mean + std * eps).float())
@@ -438,7 +438,7 @@ class Trainer:
             cached = [self._text_cache[c] for c in captions]
             conditioning = {key: torch.stack([c[key] for c in cached]) for key in cached[0]}
         else:
-            conditioning = self._encode_text(captions)
+            conditioning = self.encode_text(captions)
         conditioning.update(self.family.size_conditioning([chosen[p] for p in mine], crops))
         mask = None
         if cfg.dataset.masked_loss:
@@ -463,21 +463,21 @@ class Trainer:
                 for p in mine]
 
     # ---------------------------------------------------------------- loss
-    def _loss(self, micro_step: int, stream: int = 0) -> torch.Tensor:
+    def loss(self, micro_step: int, stream: int = 0) -> torch.Tensor:
         cfg = self.config
         generator = micro_generator(cfg.seed, micro_step, stream)
         # adapter dropout: its own stream per process
         torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)) + self.rank)
-        instance = self._batch(self.instance, self.instance_order.batch(micro_step), generator, varied_at=micro_step)
+        instance = self.batch(self.instance, self.instance_order.batch(micro_step), generator, varied_at=micro_step)
         if not self.class_examples:
-            return self._per_sample_loss(instance, generator).mean()
-        prior = self._batch(self.class_examples, self.class_order.batch(micro_step), generator)
+            return self.per_sample_loss(instance, generator).mean()
+        prior = self.batch(self.class_examples, self.class_order.batch(micro_step), generator)
         weight = cfg.dataset.prior_loss_weight
         if instance.latents.shape[1:] == prior.latents.shape[1:]:  # same bucket: one denoiser pass
-            per_sample = self._per_sample_loss(instance.join(prior), generator)
+            per_sample = self.per_sample_loss(instance.join(prior), generator)
             n = len(instance.places)
             return per_sample[:n].mean() + weight * per_sample[n:].mean()
-        return self._per_sample_loss(instance, generator).mean() + weight * self._per_sample_loss(prior, generator).mean()
+        return self.per_sample_loss(instance, generator).mean() + weight * self.per_sample_loss(prior, generator).mean()
 
     def predict(self, denoiser: torch.nn.Module, batch: Batch, noise: torch.Tensor,
                 timesteps: torch.Tensor) -> torch.Tensor:
@@ -488,7 +488,7 @@ class Trainer:
         return self.family.predict(denoiser, self.objective.noisy(latents, noise, timesteps), timesteps,
                                    batch.conditioning)
 
-    def _per_sample_loss(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+    def per_sample_loss(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
         """Per-sample loss of this process's share: noise (with training.noise_offset) and
         timesteps drawn for the whole global batch of `batch.count` samples (see _batch), the
         share's at `batch.places`; the noisy input, target and loss weight are the family
@@ -515,14 +515,14 @@ class Trainer:
         draws each (latent sample, noise, timestep, flip) from a generator of the picture's
         own (stream 2 of micro-generator i), captions as written, no adapter dropout: the
         same draws at every evaluation, so the value changes only with the weights."""
-        models = [self.accelerator.unwrap_model(self.denoiser)] + [m for _, m in self._text_encoder_components()]
+        models = [self.accelerator.unwrap_model(self.denoiser)] + [m for _, m in self.text_encoder_components()]
         modes = [model.training for model in models]
         for model in models:
             model.eval()
         losses = []
         for i in range(len(self.validation)):
             generator = micro_generator(self.config.seed, i, stream=2)
-            losses.append(self._per_sample_loss(self._batch(self.validation, [i] * VALIDATION_DRAWS, generator,
+            losses.append(self.per_sample_loss(self.batch(self.validation, [i] * VALIDATION_DRAWS, generator,
                                                             whole=True), generator))
         for model, mode in zip(models, modes):
             model.train(mode)
@@ -540,7 +540,7 @@ class Trainer:
     def adapter_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().float().cpu().clone() for k, v in self.adapter.state().items()}
 
-    def _text_encoder_components(self) -> list[tuple[str, torch.nn.Module]]:
+    def text_encoder_components(self) -> list[tuple[str, torch.nn.Module]]:
         """(pipeline attribute, model) of each text encoder."""
         return [(name, self.accelerator.unwrap_model(enc)) for name, enc in zip(self.family.text_encoders,
                                                                                  self.text_encoders)]
@@ -552,8 +552,8 @@ class Trainer:
     def run(self, *, resume: bool = True) -> Path | None:
         started = time.time()
         try:
-            self._setup()
-            return self._train(resume=resume, started=started)
+            self.setup()
+            return self.train(resume=resume, started=started)
         except TrainingCancelled:
             raise
         except StudioError as error:  # the same in every process (config, data, NaN loss): written once
@@ -607,7 +607,7 @@ class Trainer:
                 "rate of 0 now leaves that section without an adapter). A resume is exact only into the "
                 "parameters it was saved from: start the run again as a new run.")
 
-    def _train(self, *, resume: bool, started: float) -> Path | None:
+    def train(self, *, resume: bool, started: float) -> Path | None:
         cfg = self.config
         if self.is_main:
             for folder in (checkpoint_dir(self.run_dir), self.run_dir / SAMPLES_DIR):
@@ -674,7 +674,7 @@ class Trainer:
                 self._save_checkpoint(done)
             sample_every = cfg.sampling.every_n_steps
             if sample_every and done % sample_every == 0 and done < cfg.training.max_steps:
-                self._sample(done)
+                self.sample(done)
             validate_every = cfg.training.validate_every_n_steps
             if self.validation and validate_every and done % validate_every == 0 and done < cfg.training.max_steps:
                 self._validate(done)
@@ -687,8 +687,8 @@ class Trainer:
             progress.close()
         if self.validation:
             self._validate(cfg.training.max_steps)
-        self._sample(cfg.training.max_steps)
-        adapter_path = self._export(started) if self.is_main else None
+        self.sample(cfg.training.max_steps)
+        adapter_path = self.export(started) if self.is_main else None
         self.accelerator.wait_for_everyone()
         self.events.emit("done", step=cfg.training.max_steps, adapter=str(adapter_path),
                          seconds=round(time.time() - started, 1))
@@ -750,7 +750,7 @@ class Trainer:
         total = torch.zeros((), device=self.accelerator.device)
         for micro in range(accum):
             with self.accelerator.accumulate(self.denoiser):
-                loss = self._loss(step * accum + micro)
+                loss = self.loss(step * accum + micro)
                 penalty = self.adapter.regularization()
                 self.accelerator.backward(loss if penalty is None else loss + penalty)
                 if self.accelerator.sync_gradients and self.world > 1:
@@ -828,12 +828,12 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     @torch.no_grad()
-    def _sample(self, step: int) -> None:
+    def sample(self, step: int) -> None:
         if self.is_main:
-            self._write_samples(step)
+            self.write_samples(step)
         self.accelerator.wait_for_everyone()
 
-    def _write_samples(self, step: int) -> None:
+    def write_samples(self, step: int) -> None:
         cfg = self.config
         prompts = cfg.sampling.prompts or [self.instance[0].caption]
         sample_dir = self.run_dir / SAMPLES_DIR
@@ -841,7 +841,7 @@ class Trainer:
         denoiser = self.accelerator.unwrap_model(self.denoiser)
         denoiser.eval()
         setattr(self.pipe, self.family.denoiser, denoiser)
-        for component, encoder in self._text_encoder_components():
+        for component, encoder in self.text_encoder_components():
             setattr(self.pipe, component, encoder)
         paths = []
         for i, prompt in enumerate(prompts):
@@ -860,7 +860,7 @@ class Trainer:
                          num_inference_steps=cfg.sampling.steps, guidance_scale=cfg.sampling.guidance_scale,
                          generator=generator, height=cfg.dataset.resolution, width=cfg.dataset.resolution).images[0]
 
-    def _export(self, started: float) -> Path:
+    def export(self, started: float) -> Path:
         """Write the trained adapter to adapters/<name>.safetensors; with an EMA
         (training.ema_decay), the EMA weights go there instead (ema_export "as_adapter") or
         to the adapter's name + "-ema" beside it ("beside")."""
