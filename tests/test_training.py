@@ -146,28 +146,38 @@ def test_disk_full_while_saving_keeps_the_last_checkpoint(workspace, monkeypatch
 @pytest.mark.slow(seconds=20)
 def test_class_images_are_made_before_the_worker_starts(tmp_path):
     """The worker only reads its dataset: the class pictures prior preservation needs are
-    made by the studio (the queue and `lora-studio train`) before it starts."""
+    drawn by the studio (the queue and `lora-studio train`) before it starts, into the
+    workspace's own folder keyed by model, prompt and resolution (never into the dataset),
+    and a later run with the same key reuses them."""
     import shutil
 
     from studio import ASSETS_DIR
     from studio.errors import StudioError
-    from studio.jobs.runs import create_run, prepare_class_images
+    from studio.jobs.runs import class_image_plan, create_run, prepare_class_images
     from studio.workspace import Workspace
     from trainers.trainer import AdapterTrainer
 
     dataset = tmp_path / "ds"
     shutil.copytree(ASSETS_DIR / "demo-dataset", dataset, ignore=shutil.ignore_patterns("reg"))
+    before = sorted(p.relative_to(dataset) for p in dataset.rglob("*"))
     config = demo_config(max_steps=2)
     config.dataset.path, config.dataset.class_prompt, config.dataset.num_class_images = str(dataset), "a shape", 3
     config.sampling.steps = 2
-    run_dir = create_run(config, Workspace.open(tmp_path / "ws"))
+    workspace = Workspace.open(tmp_path / "ws")
+    run_dir = create_run(config, workspace)
     with pytest.raises(StudioError, match="num_class_images asks for 3"):
         AdapterTrainer(run_dir, show_progress=False).run()
-    assert not (dataset / "reg").exists()
 
     assert prepare_class_images(run_dir) == 3
-    made = sorted((dataset / "reg").glob("class_*.png"))
+    plan = class_image_plan(config, workspace)
+    assert plan.folder.parent == workspace.root / "class-images" and plan.folder.name.startswith("a-shape-64px-")
+    made = sorted(plan.folder.glob("class_*.png"))
     assert [p.name for p in made] == ["class_00000.png", "class_00001.png", "class_00002.png"]
     assert all(p.with_suffix(".txt").read_text() == "a shape" for p in made)
+    assert sorted(p.relative_to(dataset) for p in dataset.rglob("*")) == before  # the dataset is untouched
     assert prepare_class_images(run_dir) == 0
+    later = config.model_copy(deep=True)
+    later.seed, later.dataset.num_class_images = 7, 4  # another seed shares the pictures; one more is drawn
+    assert prepare_class_images(create_run(later, workspace)) == 1
+    assert [p.read_bytes() for p in made] == [p.read_bytes() for p in sorted(plan.folder.glob("class_*.png"))[:3]]
     assert AdapterTrainer(run_dir, show_progress=False).run().is_file()

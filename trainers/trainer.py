@@ -40,7 +40,7 @@ from studio.errors import StudioError
 from studio.fsutil import remove_stale_temp_files
 from studio.models.families import get_family
 from studio.jobs.runs import (CONFIG_FILE, EMBEDDINGS_DIR, SAMPLES_DIR, EventLog, adapters_dir, check_training,
-                              checkpoint_dir, dataset_folder, iter_events, run_workspace)
+                              checkpoint_dir, class_pictures, dataset_folder, iter_events, run_workspace)
 from studio.models import load_pipeline, resolve_model
 from trainers.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from trainers.data import (BatchOrder, Example, caption_variant, center_crop_offsets, choose_bucket, epochs_done,
@@ -59,6 +59,9 @@ VALIDATION_DRAWS = 4
 # The micro-generator stream of the batches a method measures the base model on before
 # training (Training.prepare): apart from training's (0) and validation's (2).
 PREPARE_STREAM = 3
+# A phase's progress (caching latents, drawing samples) is written at most this often: a real
+# model's picture takes seconds, the tiny model caches hundreds a second.
+PHASE_EVERY_S = 1.0
 
 
 @dataclass
@@ -123,6 +126,7 @@ class AdapterTrainer:
                               "were started; start the run with `lora-studio train` or the queue, which launch "
                               "the number the config asks for.")
         device = self.accelerator.device
+        self.events.emit("phase", phase="loading")
         self.model_ref = resolve_model(cfg.base_model, workspace=run_workspace(self.run_dir))
         self.family = get_family(self.model_ref.family)
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.training.mixed_precision, torch.float32)
@@ -161,9 +165,9 @@ class AdapterTrainer:
         if cfg.training.max_epochs:  # from here on the run is max_steps long, in its events and metadata too
             cfg.training.max_steps = steps_for_epochs(cfg.training.max_epochs, self.instance_order.batches_per_epoch,
                                                       cfg.training.gradient_accumulation_steps)
-        self.class_examples: list[Example] = []
-        if cfg.dataset.class_prompt and cfg.dataset.num_class_images > 0:
-            self.class_examples = self._class_images(folder, [it for it in items if it.is_regularisation])
+        self.class_examples = [self._example(item.path, item.caption, 1, item.size)
+                               for item in class_pictures(cfg, run_workspace(self.run_dir))]
+        if self.class_examples:
             class_batch = (cfg.dataset.class_batch_size or cfg.training.batch_size) * self.world
             self.class_order = BatchOrder(self.class_examples, class_batch, cfg.seed + 1)
         self.cache_latents = cfg.training.cache_latents and cfg.dataset.center_crop
@@ -255,17 +259,6 @@ class AdapterTrainer:
         ds = self.config.dataset
         return caption_with_trigger(caption.strip() or ds.instance_prompt.strip(), ds.trigger_word.strip())
 
-    def _class_images(self, folder: Path, existing) -> list[Example]:
-        """The dataset's class pictures for prior preservation, made before the worker
-        started (studio.jobs.runs.prepare_class_images, by `lora-studio train` and the queue)."""
-        cfg = self.config
-        if len(existing) < cfg.dataset.num_class_images:
-            raise StudioError(f"dataset.num_class_images asks for {cfg.dataset.num_class_images} class pictures and "
-                              f"{folder / 'reg'} has {len(existing)}; start the run with `lora-studio train` or "
-                              "the queue, which generate the missing ones first.")
-        examples = [self._example(it.path, it.caption or cfg.dataset.class_prompt, 1, it.size) for it in existing]
-        return examples[: cfg.dataset.num_class_images]
-
     def block_lr_weights(self) -> dict[str, float]:
         """The denoiser's sections (its family's) -> training.block_lr_<key>."""
         t = self.config.training
@@ -351,13 +344,18 @@ class AdapterTrainer:
         return dist.mean, dist.std
 
     def _fill_latent_cache(self) -> None:
+        """Encode every picture (and its mirror image, with random flips) once; reported as a
+        `phase` event (caching, done/total, eta_s) at most every PHASE_EVERY_S."""
         flips = (False, True) if self.config.dataset.random_flip else (False,)
-        for example in self.instance + self.class_examples + self.validation:
-            for flip in flips:
-                if (example.path, flip) not in self._latent_cache:
-                    pixels, _ = prepare_image(example.path, example.bucket, center_crop=True, flip=flip, generator=None)
-                    mean, std = self.latent_dist(pixels[None])
-                    self._latent_cache[(example.path, flip)] = (mean[0], std[0])
+        todo = list(dict.fromkeys((example, flip) for example in self.instance + self.class_examples + self.validation
+                                  for flip in flips))
+        phase = PhaseReport(self.events, "caching", len(todo))
+        for example, flip in todo:
+            if (example.path, flip) not in self._latent_cache:
+                pixels, _ = prepare_image(example.path, example.bucket, center_crop=True, flip=flip, generator=None)
+                mean, std = self.latent_dist(pixels[None])
+                self._latent_cache[(example.path, flip)] = (mean[0], std[0])
+            phase.advance()
 
     def _check_masks(self) -> None:
         """Every picture's mask decodes and fits its picture (open_mask says what is wrong);
@@ -844,8 +842,10 @@ class AdapterTrainer:
         for component, encoder in self.text_encoder_components():
             setattr(self.pipe, component, encoder)
         paths = []
+        phase = PhaseReport(self.events, "sampling", len(prompts), step=step)
         for i, prompt in enumerate(prompts):
             image = self._sample_image(prompt, torch.Generator().manual_seed(cfg.sampling.seed + i))
+            phase.advance()
             path = sample_dir / f"step-{step:06d}-{i}.png"
             image.save(path)
             self.tensorboard.image(f"samples/{i}", image, step)
@@ -897,6 +897,28 @@ class AdapterTrainer:
                                self.pivotal.vectors(), self.family,
                                {"name": self.pivotal.name, "lora_studio_adapter": path.name})
         return self.adapter.save(path, adapter)
+
+
+class PhaseReport:
+    """A phase of the run that is not a training step (caching latents, drawing samples), as
+    `phase` events the Runs tab shows: one at its start (done 0), then after each item at most
+    every PHASE_EVERY_S seconds and after the last, each with the ETA of the rest at the mean
+    time per item so far."""
+
+    def __init__(self, events: EventLog, phase: str, total: int, **fields):
+        self.events, self.phase, self.total, self.fields = events, phase, total, fields
+        self.done, self.started, self.shown = 0, time.monotonic(), time.monotonic()
+        events.emit("phase", phase=phase, done=0, total=total, **fields)
+
+    def advance(self) -> None:
+        self.done += 1
+        now = time.monotonic()
+        if self.done < self.total and now - self.shown < PHASE_EVERY_S:
+            return
+        self.shown = now
+        eta = (now - self.started) / self.done * (self.total - self.done)
+        self.events.emit("phase", phase=self.phase, done=self.done, total=self.total, eta_s=round(eta, 1),
+                         **self.fields)
 
 
 def masked_mean(error: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -18,8 +18,8 @@ from studio.datasets.images import DEFAULT_MAX_PIXELS, ImageLoadError, open_imag
 from studio.datasets.layout import CAPTION_EXTENSION, IMAGE_EXTENSIONS, MASK_SUFFIX, MAX_REPEATS, REG_FOLDER
 from studio.datasets.masks import mask_path, open_mask
 from studio.datasets.captions import (MAX_CAPTION_BYTES, add_prefix, add_suffix, add_trigger_word, caption_path,
-                                      caption_with_trigger, find_replace, read_caption, remove_tag, split_tags,
-                                      tag_frequency, write_caption)
+                                      caption_with_trigger, find_replace, infer_trigger_word, read_caption,
+                                      remove_tag, sample_prompts, split_tags, tag_frequency, write_caption)
 from studio.datasets.checks import DatasetReport, HUGE_CAPTION_CHARS, ISSUE_SEVERITY, Issue, check_dataset
 from studio.datasets.items import DatasetItem, load_items, training_items
 from studio.datasets.stats import DatasetStats, SubsetStats, dataset_stats, list_datasets
@@ -29,7 +29,8 @@ __all__ = [
     "CAPTION_EXTENSION", "DEFAULT_MAX_PIXELS", "HUGE_CAPTION_CHARS", "IMAGE_EXTENSIONS", "ISSUE_SEVERITY",
     "MASK_SUFFIX", "MAX_CAPTION_BYTES", "MAX_REPEATS", "REG_FOLDER", "add_prefix", "add_suffix", "add_trigger_word",
     "caption_path", "caption_with_trigger", "check_dataset", "dataset_stats", "DatasetItem", "DatasetReport",
-    "DatasetStats", "find_replace", "ImageLoadError", "import_dataset", "ImportMode", "ImportReport", "Issue",
-    "list_datasets", "load_items", "mask_path", "open_image", "open_mask", "read_caption", "remove_tag", "Skipped",
-    "split_tags", "SubsetStats", "tag_frequency", "training_items", "write_caption", "ZipLimits",
+    "DatasetStats", "find_replace", "ImageLoadError", "import_dataset", "infer_trigger_word", "ImportMode",
+    "ImportReport", "Issue", "list_datasets", "load_items", "mask_path", "open_image", "open_mask", "read_caption",
+    "remove_tag", "sample_prompts", "Skipped", "split_tags", "SubsetStats", "tag_frequency", "training_items",
+    "write_caption", "ZipLimits",
 ]

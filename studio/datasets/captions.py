@@ -239,6 +239,58 @@ def tag_frequency(folder: str | os.PathLike, *, include_regularisation: bool = F
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
+#: Words that say how a caption is phrased, not what it shows: never a trigger word.
+_PHRASING_WORDS = frozenset({"a", "an", "the", "of", "on", "in", "at", "with", "and", "to", "for", "by", "photo",
+                             "picture", "image", "photograph", "drawing", "painting"})
+#: A trigger word is in at least this share of the training captions.
+TRIGGER_SHARE = 0.8
+
+
+def _words(text: str) -> list[str]:
+    return [word for word in re.split(r"[\s,]+", text.lower()) if word]
+
+
+def infer_trigger_word(folder: str | os.PathLike) -> str:
+    """The word a dataset's captions use for its subject, "" when none stands out. Read from
+    the training captions (class pictures' are the contrast): the first tag, when one word
+    opens at least TRIGGER_SHARE of them ("ocat, a cat face"; what *Add trigger word* writes);
+    else the first word in at least that share that no class caption has and that is not
+    phrasing ("a sks shape on ..." -> "sks"); else a kohya folder's concept (`10_ocat cat`)."""
+    scan = _scan(folder)
+    captions = [_caption_for_stats(e).split("\n")[0] for e in scan.images if not e.subset.is_reg]
+    captions = [c for c in captions if c]
+    if captions:
+        needed = TRIGGER_SHARE * len(captions)
+        openers = Counter(tags[0] for tags in map(split_tags, captions) if tags and len(tags[0].split()) == 1)
+        if openers:
+            tag, count = openers.most_common(1)[0]
+            if count >= needed:
+                return tag
+        class_words = {w for e in scan.images if e.subset.is_reg for w in _words(_caption_for_stats(e))}
+        counts = Counter(w for c in captions for w in set(_words(c)))
+        for word in _words(captions[0]):
+            if counts[word] >= needed and word not in class_words and word not in _PHRASING_WORDS:
+                return word
+    concepts = [s.key.split("_", 1)[1] for s in scan.subsets if not s.is_reg and s.rel and "_" in s.key]
+    return concepts[0].split()[0] if concepts and concepts[0].split() else ""
+
+
+def sample_prompts(folder: str | os.PathLike, trigger: str, count: int = 2) -> list[str]:
+    """Prompts for a run's sample pictures: `count` different training captions of the
+    dataset (the pictures it learns from show what a good sample looks like), each with
+    `trigger` by caption_with_trigger's rule; the trigger alone for a dataset without
+    captions."""
+    found: list[str] = []
+    for entry in _scan(folder).images:
+        caption = _caption_for_stats(entry).split("\n")[0].strip() if not entry.subset.is_reg else ""
+        prompt = caption_with_trigger(caption, trigger.strip()) if caption else ""
+        if prompt and prompt not in found:
+            found.append(prompt)
+        if len(found) == count:
+            break
+    return found or ([trigger.strip()] if trigger.strip() else [])
+
+
 def _caption_for_stats(entry: _ImageEntry) -> str:
     if entry.caption is None:
         return ""

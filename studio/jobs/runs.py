@@ -1,8 +1,9 @@
 """Making training runs: `check_training` (everything that would stop a config from
 training here, found before it is queued), `create_run` (a new run folder holding the fully
-resolved config), the class pictures prior preservation needs (`prepare_class_images`) and
-the worker's command line. The folder's names and readers are the run-folder contract,
-studio.jobs.run_folder, re-exported here. Nothing here imports trainers."""
+resolved config), the class pictures prior preservation needs (studio.jobs.class_images,
+re-exported: `prepare_class_images`) and the worker's command line. The folder's names and
+readers are the run-folder contract, studio.jobs.run_folder, re-exported here. Nothing here
+imports trainers."""
 from __future__ import annotations
 
 import datetime
@@ -10,28 +11,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from studio.config import TrainConfig, check_device_support, save_config
-from studio.datasets import dataset_stats, load_items, training_items
+from studio.datasets import dataset_stats, training_items
 from studio.errors import StudioError
-from studio.fsutil import atomic_path, atomic_write_text
+from studio.jobs.class_images import (class_image_path, class_image_plan, class_pictures, prepare_class_images,
+                                      prior_preservation)
 from studio.jobs.run_folder import (CHECKPOINT_DIR, CONFIG_FILE, EMBEDDINGS_DIR, EVENTS_FILE, SAMPLES_DIR,
                                     TENSORBOARD_DIR, EventLog, adapters_dir, checkpoint_dir, checkpoint_path,
                                     dataset_folder, is_finished, iter_events, latest_checkpoint,
                                     latest_unfinished_run, list_checkpoints, read_events, run_config, run_outcome,
                                     run_workspace)
-from studio.models import load_pipeline, resolve_model
+from studio.models import resolve_model
+from studio.models.families import get_family
 from studio.workspace import Workspace
 
 __all__ = [
     "CHECKPOINT_DIR", "CONFIG_FILE", "EMBEDDINGS_DIR", "EVENTS_FILE", "SAMPLES_DIR", "TENSORBOARD_DIR", "EventLog",
     "Problem", "TrainingCheck", "adapters_dir", "check_training", "checkpoint_dir", "checkpoint_path",
-    "class_image_path", "create_run", "dataset_folder", "is_finished", "iter_events", "latest_checkpoint",
-    "latest_unfinished_run", "list_checkpoints", "new_run_id", "prepare_class_images", "read_events", "run_config",
-    "run_outcome", "run_workspace", "worker_command",
+    "class_image_path", "class_image_plan", "class_pictures", "create_run", "dataset_folder", "is_finished",
+    "iter_events", "latest_checkpoint", "latest_unfinished_run", "list_checkpoints", "new_run_id",
+    "prepare_class_images", "prior_preservation", "read_events", "run_config", "run_outcome", "run_workspace", "worker_command",
 ]
 
 
 #: File names quoted in one message, then "and N more".
 EXAMPLES = 3
+#: A resolution below this share of the base model's native size is warned about: SD 1.5 at
+#: 256 px (of 512) draws smudges, and an adapter trained there learns them.
+NATIVE_SHARE = 0.75
 
 
 @dataclass(frozen=True)
@@ -77,10 +83,19 @@ def check_training(config: TrainConfig, workspace: Workspace) -> TrainingCheck:
         check_device_support(config)
     except StudioError as error:
         check.problems.append(Problem("training", str(error)))
+    model = None
     try:
-        resolve_model(config.base_model, workspace=workspace)
+        model = resolve_model(config.base_model, workspace=workspace)
     except StudioError as error:
         check.problems.append(Problem("base_model", str(error)))
+    if model is not None and model.kind != "builtin":
+        family = get_family(model.family)
+        if config.dataset.resolution < NATIVE_SHARE * family.default_resolution:
+            check.warnings.append(
+                f"dataset.resolution {config.dataset.resolution} px is far below {family.label}'s native "
+                f"{family.default_resolution} px: {model.display_name} draws poorly that small, and so will the "
+                f"adapter. Train at {family.default_resolution} px (or at least "
+                f"{int(NATIVE_SHARE * family.default_resolution)}).")
     folder = dataset_folder(config, workspace)
     where = "dataset.name" if config.dataset.name else "dataset.path"
     if not folder.is_dir():
@@ -107,9 +122,8 @@ def check_training(config: TrainConfig, workspace: Workspace) -> TrainingCheck:
                               "Use larger originals, or a lower resolution.")
     check.images = len(instance)
     check.images_per_epoch = dataset_stats(folder, items).steps_per_epoch
-    if config.dataset.class_prompt and config.dataset.num_class_images:
-        present = sum(item.is_regularisation for item in items)
-        check.missing_class_images = max(0, config.dataset.num_class_images - present)
+    plan = class_image_plan(config, workspace)
+    check.missing_class_images = plan.missing if plan else 0
     return check
 
 
@@ -137,42 +151,6 @@ def create_run(config: TrainConfig, workspace: Workspace) -> Path:
     run_dir.mkdir(parents=True)
     save_config(config, run_dir / CONFIG_FILE)
     return run_dir
-
-
-def class_image_path(folder: Path, index: int) -> Path:
-    """Where class picture `index` of a dataset goes (its reg/ folder, kept for later runs)."""
-    return folder / "reg" / f"class_{index:05d}.png"
-
-
-def prepare_class_images(run_dir: Path) -> int:
-    """Generate, with the base model, the class pictures for prior preservation that the run's
-    config asks for and its dataset lacks (each from seed + 10000 + its index, at the sampling
-    settings), before the worker starts: the worker only reads its inputs. Returns how many
-    were made."""
-    config = run_config(run_dir)
-    ds = config.dataset
-    if not (ds.class_prompt and ds.num_class_images):
-        return 0
-    folder = dataset_folder(config, run_workspace(run_dir))
-    present = sum(item.is_regularisation for item in load_items(folder))
-    missing = range(present, ds.num_class_images)
-    if not missing:
-        return 0
-    import torch
-
-    EventLog(run_dir).emit("status", message=f"generating {len(missing)} class images")
-    pipe = load_pipeline(config.base_model, workspace=run_workspace(run_dir))
-    (folder / "reg").mkdir(exist_ok=True)
-    for index in missing:
-        generator = torch.Generator().manual_seed(config.seed + 10_000 + index)
-        image = pipe(ds.class_prompt, num_inference_steps=config.sampling.steps,
-                     guidance_scale=config.sampling.guidance_scale, generator=generator,
-                     height=ds.resolution, width=ds.resolution).images[0]
-        target = class_image_path(folder, index)
-        with atomic_path(target) as tmp:
-            image.save(tmp, format="PNG")
-        atomic_write_text(target.with_suffix(".txt"), ds.class_prompt)
-    return len(missing)
 
 
 def worker_command(run_dir: Path, config: TrainConfig) -> list[str]:

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from studio.config import TrainConfig, load_config
-from studio.datasets import load_items
 from studio.errors import StudioError
 from studio.jobs import list_jobs
-from studio.jobs.runs import check_training, create_run, dataset_folder, iter_events, run_config
+from studio.jobs.runs import (check_training, class_image_plan, create_run, dataset_folder, iter_events,
+                             prior_preservation, run_config)
 from studio.models.hub import is_model_name, local_path
 from studio.workspace import Workspace
 
@@ -39,10 +39,6 @@ def pixels_per_step(config: TrainConfig, *, with_class_images: bool) -> int:
     return config.dataset.resolution ** 2 * (t.batch_size + class_batch) * t.gradient_accumulation_steps
 
 
-def _prior_preservation(config: TrainConfig) -> bool:
-    return bool(config.dataset.class_prompt and config.dataset.num_class_images)
-
-
 def speed_from_runs(workspace: Workspace, config: TrainConfig, *, newest: int = 10) -> Speed | None:
     """The speed of the newest of the last `newest` runs here that trained the same base
     model with the same kind of network and logged progress."""
@@ -56,7 +52,7 @@ def speed_from_runs(workspace: Workspace, config: TrainConfig, *, newest: int = 
             continue
         speeds = [e["it_s"] for e in iter_events(run_dir) if e.get("type") == "progress" and e.get("it_s")]
         if speeds:
-            return Speed(speeds[-1], pixels_per_step(ran, with_class_images=_prior_preservation(ran)),
+            return Speed(speeds[-1], pixels_per_step(ran, with_class_images=prior_preservation(ran)),
                          f"run {job.id} on this machine")
     return None
 
@@ -65,8 +61,8 @@ def measure_speed(config: TrainConfig, workspace: Workspace, *, steps: int = MEA
                   warmup: int = WARMUP_STEPS) -> Speed:
     """Train `steps` steps of `config` (after `warmup` untimed ones) in a throwaway run folder,
     in a worker process (`python -m trainers.speed`), and time them and one round of sample
-    pictures. Nothing is written to the workspace:
-    class images it lacks are not generated (the steps are timed without them)."""
+    pictures. Nothing is written to the workspace: it trains with the dataset's own class
+    pictures only (none are drawn; estimate scales the time to the class pictures the run has)."""
     import subprocess
     import sys
     import tempfile
@@ -78,11 +74,10 @@ def measure_speed(config: TrainConfig, workspace: Workspace, *, steps: int = MEA
         trial.base_model = str(local_path(config.base_model, workspace, use="base model"))
     trial.training.max_steps, trial.training.max_epochs = warmup + steps, None
     trial.checkpoints.every_n_steps = trial.sampling.every_n_steps = 0
-    with_class = False
-    if _prior_preservation(config):
-        present = sum(item.is_regularisation for item in load_items(folder))
-        trial.dataset.num_class_images = min(present, config.dataset.num_class_images)
-        with_class = present > 0
+    plan = class_image_plan(config, workspace)
+    # the trial's workspace has no drawn class pictures: it trains with the dataset's own
+    trial.dataset.num_class_images = plan.own if plan else 0
+    with_class = bool(trial.dataset.num_class_images)
     with tempfile.TemporaryDirectory(prefix="speed-") as tmp:
         run_dir = create_run(trial, Workspace.open(Path(tmp) / "ws"))
         done = subprocess.run([sys.executable, "-m", "trainers.speed", str(run_dir), "--steps", str(steps),
@@ -116,7 +111,7 @@ def estimate(config: TrainConfig, speed: Speed, *, missing_class_images: int = 0
     pictures (during training and at the end) and class images to generate scale with their
     inference steps."""
     steps_per_s = speed.steps_per_s * speed.pixels_per_step / pixels_per_step(
-        config, with_class_images=_prior_preservation(config))
+        config, with_class_images=prior_preservation(config))
     s = config.sampling
     rounds = ((config.training.max_steps - 1) // s.every_n_steps if s.every_n_steps else 0) + 1
     pictures = len(s.prompts) * rounds
