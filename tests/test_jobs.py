@@ -91,9 +91,29 @@ def test_cancel_and_resume_states(tmp_path):
     assert jobs.cancel(workspace, job.id).state == "cancelled"
     with pytest.raises(StudioError, match="only queued or running"):
         jobs.cancel(workspace, job.id)
-    assert jobs.resume(workspace, job.id, start_supervisor=False).state == "queued"
-    with pytest.raises(StudioError, match="only failed or cancelled"):
+    with pytest.raises(StudioError, match="cancelled before it started: there is nothing to resume"):
         jobs.resume(workspace, job.id, start_supervisor=False)
+    started = jobs.enqueue(workspace, demo_config(), start_supervisor=False)
+    jobs._update(workspace, started.id, state="cancelled", started=time.time())  # as a stopped worker leaves it
+    assert jobs.can_resume(jobs.get_job(workspace, started.id))
+    assert jobs.resume(workspace, started.id, start_supervisor=False).state == "queued"
+    with pytest.raises(StudioError, match="only failed or cancelled"):
+        jobs.resume(workspace, started.id, start_supervisor=False)
+
+
+def test_a_second_run_of_the_same_adapter_is_refused_while_one_is_queued(tmp_path):
+    """Two clicks on Start: the second is refused in one line and makes no run folder."""
+    from studio.errors import StudioError
+    from studio.jobs import queue as jobs
+    from studio.workspace import Workspace
+
+    workspace = Workspace.open(tmp_path / "ws")
+    first = jobs.enqueue(workspace, demo_config(), start_supervisor=False)
+    with pytest.raises(StudioError, match=f"Run {first.id} \\(queued\\) already writes the adapter 'tiny-demo'"):
+        jobs.enqueue(workspace, demo_config(), start_supervisor=False)
+    assert [p.name for p in workspace.runs_dir.iterdir()] == [first.id]
+    jobs.cancel(workspace, first.id)
+    assert jobs.enqueue(workspace, demo_config(), start_supervisor=False).state == "queued"
 
 
 def test_supervisor_marks_dead_running_job_for_resume(tmp_path):

@@ -3,11 +3,11 @@ the run folder (run_folder.py: the contract between the studio and the worker), 
 (runs.py) and time estimates from measured speed (speed.py)."""
 from __future__ import annotations
 
-from studio.jobs.queue import (ACTIVE, IDLE_EXIT_S, MAX_ATTEMPTS, POLL_S, STATES, WORKER_LOG, Job, Supervisor, cancel,
-                               connect, enqueue, ensure_supervisor, get_job, list_jobs, main, resume,
+from studio.jobs.queue import (ACTIVE, IDLE_EXIT_S, MAX_ATTEMPTS, POLL_S, STATES, WORKER_LOG, Job, Supervisor, can_resume,
+                               cancel, connect, enqueue, ensure_supervisor, get_job, list_jobs, main, resume,
                                supervisor_running)
 
 __all__ = [
-    "ACTIVE", "IDLE_EXIT_S", "MAX_ATTEMPTS", "POLL_S", "STATES", "WORKER_LOG", "Job", "Supervisor", "cancel",
-    "connect", "enqueue", "ensure_supervisor", "get_job", "list_jobs", "main", "resume", "supervisor_running",
+    "ACTIVE", "IDLE_EXIT_S", "MAX_ATTEMPTS", "POLL_S", "STATES", "WORKER_LOG", "Job", "Supervisor", "can_resume",
+    "cancel", "connect", "enqueue", "ensure_supervisor", "get_job", "list_jobs", "main", "resume", "supervisor_running",
 ]

@@ -109,7 +109,13 @@ def _update(workspace: Workspace, job_id: str, **fields) -> None:
 
 
 def enqueue(workspace: Workspace, config: TrainConfig, *, start_supervisor: bool = True) -> Job:
-    """Create a run folder for `config`, queue it, and make sure a supervisor runs."""
+    """Create a run folder for `config`, queue it, and make sure a supervisor runs. A config
+    whose adapter a queued or running run already writes is refused (a second click on
+    Start would train the same adapter twice), before anything is made."""
+    same = [job for job in list_jobs(workspace) if job.state in ACTIVE and job.name == config.name]
+    if same:
+        raise StudioError(f"Run {same[0].id} ({same[0].state}) already writes the adapter {config.name!r}; "
+                          "wait for it, cancel it in the Runs tab, or give this run another adapter name.")
     run_dir = create_run(config, workspace)
     with connect(workspace) as conn:
         conn.execute("INSERT INTO jobs (id, name, state, created) VALUES (?, ?, 'queued', ?)",
@@ -137,11 +143,20 @@ def cancel(workspace: Workspace, job_id: str) -> Job:
     return get_job(workspace, job_id)
 
 
+def can_resume(job: Job) -> bool:
+    """Whether `job` can be resumed: it failed, or it was cancelled after it started (one
+    cancelled in the queue has nothing to resume: queue its settings again)."""
+    return job.state == "failed" or (job.state == "cancelled" and job.started is not None)
+
+
 def resume(workspace: Workspace, job_id: str, *, start_supervisor: bool = True) -> Job:
     """Queue a failed or cancelled job again; it continues from its last checkpoint. A job
     that still cannot train (its dataset broken, its model gone) stays where it is."""
     job = get_job(workspace, job_id)
-    if job.state not in ("failed", "cancelled"):
+    if not can_resume(job):
+        if job.state == "cancelled":
+            raise StudioError(f"Job {job_id} was cancelled before it started: there is nothing to resume; start "
+                              "its settings again in the Train tab.")
         raise StudioError(f"Job {job_id} is {job.state}; only failed or cancelled jobs can be resumed.")
     check_training(run_config(job.run_dir(workspace)), workspace).raise_problems()
     _update(workspace, job_id, state="queued", attempts=0, message="", finished=None)
