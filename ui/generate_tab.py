@@ -158,12 +158,11 @@ def build(studio: Studio, model_choices) -> SimpleNamespace:
         return gr.update(value=found), gr.update(visible=bool(found))
 
     @friendly
-    def on_accept(suggested, *current):
+    def on_accept(suggested):
         choices = [NONE, *studio.adapter_names()]
-        new_names, new_weights, left_out = gv.accept_suggestions(suggested, current[:ADAPTER_ROWS],
-                                                                current[ADAPTER_ROWS:])
+        new_names, new_weights, left_out = gv.accept_suggestions(suggested, ADAPTER_ROWS)
         if left_out:
-            gr.Warning(f"No empty adapter row for {', '.join(left_out)}; clear a row and accept again.")
+            gr.Warning(f"Only {ADAPTER_ROWS} adapter rows: {', '.join(left_out)} left out.")
         return ([gr.update(choices=choices, value=n) for n in new_names] + list(new_weights)
                 + [gr.update(visible=False)])
 
@@ -207,7 +206,7 @@ def build(studio: Studio, model_choices) -> SimpleNamespace:
     suggest_btn.click(on_suggest, [prompt, model], [suggestions, suggestions_box], concurrency_id="generate",
                       api_name="suggest")
     model.input(on_model_picked, model, model)
-    accept_btn.click(on_accept, [suggestions, *names, *weights], [*names, *weights, suggestions_box])
+    accept_btn.click(on_accept, suggestions, [*names, *weights, suggestions_box])
     fuse_btn.click(on_fuse, [suggestions, fuse_name, *names], [*names, mixture, gate_table, gate_map, gates_box],
                    concurrency_id="generate")
     show_gates.click(on_show_gates, [mixture, prompt, model], [mixture, gate_table, gate_map],

@@ -299,26 +299,16 @@ def suggest_adapters(studio, prompt: str, model: str, *, top: int = 3) -> list[l
     return [[s.path.stem, s.weight, s.reason] for s in found]
 
 
-def accept_suggestions(suggested: Sequence[Sequence], names: Sequence[str | None],
-                       weights: Sequence[float | None]) -> tuple[list[str], list[float | None], list[str]]:
-    """The adapter rows with the suggestions put in: an adapter already in a row gets the
-    suggested weight there, the others take the first empty rows. Returns (names, weights,
-    the suggested adapters that found no empty row)."""
-    names, weights = [name or "" for name in names], list(weights)
+def accept_suggestions(suggested: Sequence[Sequence], rows: int) -> tuple[list[str], list[float], list[str]]:
+    """The adapter rows holding exactly the suggested mix: each suggestion at its weight, in
+    order from row 1, the other rows emptied (weight 1), so Generate draws what was proposed.
+    Returns (names, weights, the suggested adapters beyond the last row)."""
     proposals = [row for row in suggested or [] if row and row[0]]
     if not proposals:
         raise StudioError("Nothing to accept: press 'Suggest adapters for the prompt' first.")
-    left_out = []
-    for name, weight, *_ in proposals:
-        if name in names:
-            slot = names.index(name)
-        elif "" in names:
-            slot = names.index("")
-        else:
-            left_out.append(name)
-            continue
-        names[slot], weights[slot] = name, float(weight)
-    return names, weights, left_out
+    names = [str(row[0]) for row in proposals[:rows]] + [""] * max(0, rows - len(proposals))
+    weights = [float(row[1]) for row in proposals[:rows]] + [1.0] * max(0, rows - len(proposals))
+    return names, weights, [str(row[0]) for row in proposals[rows:]]
 
 
 def is_tlora_adapter(workspace, name: str | None) -> bool:

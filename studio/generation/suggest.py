@@ -5,12 +5,13 @@ A suggestion is a proposal the person accepts or not, never applied by itself.""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from studio.adapters import read_checked_header
+from studio.adapters import load_adapter, read_checked_header
 from studio.errors import StudioError
 
 
@@ -75,43 +76,59 @@ def suggest(engine, prompt: str, adapters: list[Path], *, model: str = "builtin"
     return _without_twins(sorted(out, key=lambda s: -s.score), top)
 
 
-#: Adapters whose weights point the same way as closely as this are copies of one another.
+#: Adapters whose weight changes point the same way as closely as this are copies of one another.
 TWIN_SIMILARITY = 0.99
 
 
 def _without_twins(ranked: list[Suggestion], top: int) -> list[Suggestion]:
-    """The best `top` suggestions, an adapter that holds (nearly) the same weights as a
-    better-ranked one left out: accepting both would apply the same change twice. The
-    kept one's reason says so."""
+    """The best `top` suggestions, an adapter that makes (nearly) the same change to the
+    model as a better-ranked one left out: accepting both would apply it twice. The kept
+    one's reason says so."""
     kept: list[Suggestion] = []
-    weights: dict[Path, dict[str, torch.Tensor] | None] = {}
+    loaded: dict[Path, dict | None] = {}
     for suggestion in ranked:
-        twin = next((i for i, k in enumerate(kept) if _same_weights(k.path, suggestion.path, weights)), None)
+        twin = next((i for i, k in enumerate(kept) if _same_change(k.path, suggestion.path, loaded)), None)
         if twin is not None:
             first = kept[twin]
-            kept[twin] = replace(first, reason=f"{first.reason}; {suggestion.path.stem} holds the same weights and "
+            kept[twin] = replace(first, reason=f"{first.reason}; {suggestion.path.stem} makes the same change and "
                                                "is not proposed (both would double the effect)")
         elif len(kept) < top:
             kept.append(suggestion)
     return kept
 
 
-def _same_weights(a: Path, b: Path, cache: dict[Path, dict[str, torch.Tensor] | None]) -> bool:
-    """Whether two adapter files hold the same tensors up to rounding (a copy, or a copy
-    saved at another precision): same names and shapes, cosine similarity of all values."""
-    for path in (a, b):
-        if path not in cache:
-            try:
-                from safetensors.torch import load_file
+def _same_change(a: Path, b: Path, loaded: dict[Path, dict | None]) -> bool:
+    """Whether two adapter files change the model the same way up to rounding (a copy, or
+    a copy saved at another precision or layout): the same modules, and a cosine similarity
+    of their weight changes ΔW (all modules together) of at least TWIN_SIMILARITY.
 
-                cache[path] = load_file(str(path))
+    ΔW, not the stored factors: two LoRAs trained from the same seed share their random
+    down-projections, which outweigh the small trained up-projections, so their factors
+    are alike (cosine > 0.99 after a short run) while ΔW = up·down·α/r, what the model
+    gets, differs."""
+    for path in (a, b):
+        if path not in loaded:
+            try:
+                loaded[path] = load_adapter(path).modules
             except Exception:  # unreadable here: never a twin (the library reports the file)
-                cache[path] = None
-    first, second = cache[a], cache[b]
+                loaded[path] = None
+    first, second = loaded[a], loaded[b]
     if not first or not second or first.keys() != second.keys():
         return False
-    if any(first[k].shape != second[k].shape for k in first):
-        return False
-    x = torch.cat([first[k].float().flatten() for k in sorted(first)])
-    y = torch.cat([second[k].float().flatten() for k in sorted(second)])
-    return float(torch.nn.functional.cosine_similarity(x, y, dim=0)) >= TWIN_SIMILARITY
+    inner = sum(_inner(first[name], second[name]) for name in first)
+    norms = sum(_inner(m, m) for m in first.values()) * sum(_inner(m, m) for m in second.values())
+    return norms > 0 and inner / math.sqrt(norms) >= TWIN_SIMILARITY
+
+
+def _inner(a, b) -> float:
+    """The Frobenius inner product <ΔW_a, ΔW_b> of two modules of one layer. For two LoRA
+    factorisations s·U·D it is s_a·s_b·Σ (U_aᵀU_b) ∘ (D_a D_bᵀ), r x r matrices, so a
+    full-size model's layers are never multiplied out."""
+    if a.kind == b.kind == "lora":
+        ua, da = a.up.float().flatten(1), a.down.float().flatten(1)
+        ub, db = b.up.float().flatten(1), b.down.float().flatten(1)
+        if ua.shape[0] != ub.shape[0] or da.shape[1] != db.shape[1]:
+            return 0.0
+        return a.scale * b.scale * float(((ua.T @ ub) * (da @ db.T)).sum())
+    delta_a, delta_b = a.delta(), b.delta()
+    return float(delta_a @ delta_b) if delta_a.shape == delta_b.shape else 0.0

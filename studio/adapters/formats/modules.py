@@ -129,8 +129,8 @@ class AdapterModule:
             return 1.0
         return (self.alpha or rank) / rank
 
-    def delta(self, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
-        """The scaled weight difference (float32) in the layer's weight shape."""
+    def delta(self, shape: tuple[int, ...] | torch.Size | None = None) -> torch.Tensor:
+        """The scaled weight difference (float32) in the layer's weight shape (flat without one)."""
         t = {k: v.float() for k, v in self.tensors.items()}
         if self.kind == LORA:
             down, up = t["lora_down.weight"], t["lora_up.weight"]
@@ -154,6 +154,8 @@ class AdapterModule:
             if w2.ndim == 4:
                 w1 = w1[:, :, None, None]
             product = torch.kron(w1, w2)
+        if shape is None:
+            return product.flatten() * self.scale
         if product.numel() != math.prod(shape):
             raise StudioError(f"a {self.kind} module of {product.numel()} weights does not fit a layer of shape {tuple(shape)}")
         return product.reshape(shape) * self.scale
