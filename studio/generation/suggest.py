@@ -124,7 +124,7 @@ def _inner(a, b) -> float:
     """The Frobenius inner product <ΔW_a, ΔW_b> of two modules of one layer. For two LoRA
     factorisations s·U·D it is s_a·s_b·Σ (U_aᵀU_b) ∘ (D_a D_bᵀ), r x r matrices, so a
     full-size model's layers are never multiplied out."""
-    if a.kind == b.kind == "lora":
+    if _is_factor_pair(a) and _is_factor_pair(b):
         ua, da = a.up.float().flatten(1), a.down.float().flatten(1)
         ub, db = b.up.float().flatten(1), b.down.float().flatten(1)
         if ua.shape[0] != ub.shape[0] or da.shape[1] != db.shape[1]:
@@ -132,3 +132,8 @@ def _inner(a, b) -> float:
         return a.scale * b.scale * float(((ua.T @ ub) * (da @ db.T)).sum())
     delta_a, delta_b = a.delta(), b.delta()
     return float(delta_a @ delta_b) if delta_a.shape == delta_b.shape else 0.0
+
+
+def _is_factor_pair(module) -> bool:
+    """Whether a module is stored as two factors, its delta() being scale·up·down."""
+    return module.tensors.keys() == {"lora_up.weight", "lora_down.weight"}
