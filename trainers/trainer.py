@@ -40,7 +40,8 @@ from studio.errors import StudioError
 from studio.fsutil import remove_stale_temp_files
 from studio.models.families import get_family
 from studio.jobs.runs import (CONFIG_FILE, EMBEDDINGS_DIR, SAMPLES_DIR, EventLog, adapters_dir, check_training,
-                              checkpoint_dir, class_pictures, dataset_folder, iter_events, run_workspace)
+                              checkpoint_dir, class_pictures, dataset_folder, iter_events, preview_sample,
+                              run_workspace)
 from studio.models import load_pipeline, resolve_model
 from trainers.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from trainers.data import (BatchOrder, Example, caption_variant, center_crop_offsets, choose_bucket, epochs_done,
@@ -885,10 +886,9 @@ class AdapterTrainer:
         embeddings/<trigger>.safetensors in the run folder."""
         cfg = self.config
         adapter = self.adapter.export(self.model_ref.family)
-        samples = sorted((self.run_dir / SAMPLES_DIR).glob("step-*.png"))
         adapter.metadata = training_metadata(
             cfg, self.model_ref, dataset_folder=self._dataset_folder(), started=started, finished=time.time(),
-            run_id=self.run_dir.name, adapter=adapter, thumbnail=samples[-1] if samples else None,
+            run_id=self.run_dir.name, adapter=adapter, thumbnail=preview_sample(self.run_dir),
             prediction_type=self.objective.prediction_type, ema=ema)
         if self.pivotal is not None:
             adapter.embeddings = {self.pivotal.name: self.pivotal.vectors()}

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import gradio as gr
 
 from studio.errors import StudioError
+from studio.jobs.runs import preview_sample
 from ui import library_view as lv
-from ui import runs_view as rv
 from ui.common import Studio, dropdown_value, friendly, heavy_imports
 
 MIX_ROWS = 4
@@ -119,7 +119,7 @@ def build(studio: Studio, model_choices) -> SimpleNamespace:
             except StudioError:
                 return None
             if run_dir.is_dir():
-                sample = rv.last_sample(run_dir)
+                sample = preview_sample(run_dir)
                 return str(sample) if sample else None
         return None
 

@@ -22,9 +22,10 @@ import json
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable, Sequence
 
 from studio.config import TrainConfig
-from studio.datasets import DatasetItem, load_items
+from studio.datasets import DatasetItem, dataset_stats, load_items
 from studio.errors import StudioError
 from studio.fsutil import atomic_path, atomic_write_text
 from studio.jobs.run_folder import EventLog, dataset_folder, run_config, run_workspace
@@ -87,13 +88,19 @@ def class_image_path(folder: Path, index: int) -> Path:
     return folder / f"class_{index:05d}.png"
 
 
-def class_image_plan(config: TrainConfig, workspace: Workspace) -> ClassImagePlan | None:
-    """Where `config`'s class pictures come from; None without prior preservation."""
+def class_image_plan(config: TrainConfig, workspace: Workspace,
+                     items: Sequence[DatasetItem] | None = None) -> ClassImagePlan | None:
+    """Where `config`'s class pictures come from; None without prior preservation. The
+    dataset's own are counted among `items` (what training reads, `load_items`), else
+    among its files (quick: nothing decoded)."""
     if not prior_preservation(config):
         return None
     ds = config.dataset
     dataset = dataset_folder(config, workspace)
-    own = sum(item.is_regularisation for item in load_items(dataset)) if dataset.is_dir() else 0
+    if items is not None:
+        own = sum(item.is_regularisation for item in items)
+    else:
+        own = dataset_stats(dataset).reg_image_count if dataset.is_dir() else 0
     folder = class_image_folder(config, workspace)
     drawn = max(0, ds.num_class_images - own)
     present = 0
@@ -106,14 +113,15 @@ def class_image_plan(config: TrainConfig, workspace: Workspace) -> ClassImagePla
 def class_pictures(config: TrainConfig, workspace: Workspace) -> list[DatasetItem]:
     """Every class picture the run trains with (caption: its own, else the class prompt): the
     dataset's own first, then the drawn ones; StudioError when drawn ones are missing."""
-    plan = class_image_plan(config, workspace)
+    items = load_items(dataset_folder(config, workspace))
+    plan = class_image_plan(config, workspace, items)
     if plan is None:
         return []
     if plan.missing:
         raise StudioError(f"dataset.num_class_images asks for {plan.wanted} class pictures: {plan.own} are in the "
                           f"dataset's reg/ folder and {plan.present} of the other {plan.drawn} in {plan.folder}; "
                           "start the run with `lora-studio train` or the queue, which draw the missing ones first.")
-    own = [item for item in load_items(dataset_folder(config, workspace)) if item.is_regularisation][:plan.wanted]
+    own = [item for item in items if item.is_regularisation][:plan.wanted]
     wanted = {class_image_path(plan.folder, index) for index in range(plan.drawn)}
     drawn = [item for item in load_items(plan.folder) if item.path in wanted] if plan.drawn else []
     if len(drawn) < plan.drawn:
@@ -122,15 +130,19 @@ def class_pictures(config: TrainConfig, workspace: Workspace) -> list[DatasetIte
     return [replace(item, caption=item.caption or plan.prompt) for item in own + drawn]
 
 
-def prepare_class_images(run_dir: Path) -> int:
+def prepare_class_images(run_dir: Path, *, stop: Callable[[], bool] = lambda: False) -> int:
     """Draw, with the base model, the class pictures the run's config asks for that neither
     the dataset nor the workspace's folder holds yet (picture i from seed CLASS_SEED + i, at
     the sampling settings), before the worker starts: the worker only reads its inputs. Each
-    picture is reported as a `phase` event (class_images, done/total, eta_s). Returns how
-    many were drawn."""
+    picture is reported as a `phase` event (class_images, done/total, eta_s); `stop()` true
+    before a picture (the run was cancelled) ends it there, the pictures drawn kept.
+    Returns how many were drawn."""
     config = run_config(run_dir)
+    if not prior_preservation(config):
+        return 0
     workspace = run_workspace(run_dir)
-    plan = class_image_plan(config, workspace)
+    dataset = dataset_folder(config, workspace)
+    plan = class_image_plan(config, workspace, load_items(dataset) if dataset.is_dir() else [])
     if plan is None or not plan.missing:
         return 0
     import time
@@ -146,6 +158,8 @@ def prepare_class_images(run_dir: Path) -> int:
          "guidance_scale": config.sampling.guidance_scale, "seeds": f"{CLASS_SEED} + picture number"}, indent=1))
     started = time.monotonic()
     for done, index in enumerate(range(plan.present, plan.drawn), start=1):
+        if stop():
+            return done - 1
         generator = torch.Generator().manual_seed(CLASS_SEED + index)
         image = pipe(plan.prompt, num_inference_steps=config.sampling.steps,
                      guidance_scale=config.sampling.guidance_scale, generator=generator,

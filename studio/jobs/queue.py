@@ -220,22 +220,25 @@ class Supervisor:
         log.info("job %s: %s %s", job.id, state, message)
 
     def _start(self, job: Job) -> None:
+        """Run `job`: it is running from here on, while the class pictures its worker reads are
+        drawn (the worker only reads its inputs), then in its worker process."""
         run_dir = job.run_dir(self.workspace)
-        try:  # the worker only reads its inputs: class pictures are made here first
-            prepare_class_images(run_dir)
+        _update(self.workspace, job.id, state="running", pid=None, started=job.started or time.time(), message="")
+        try:
+            prepare_class_images(run_dir, stop=lambda: get_job(self.workspace, job.id).state != "running")
         except StudioError as error:
             EventLog(run_dir).emit("error", message=str(error))
             _update(self.workspace, job.id, state="failed", finished=time.time(), message=str(error))
             return
-        if get_job(self.workspace, job.id).state != "queued":  # cancelled meanwhile
+        if get_job(self.workspace, job.id).state != "running":  # cancelled meanwhile
+            self._finish(get_job(self.workspace, job.id))
             return
         with open(run_dir / WORKER_LOG, "ab") as out:
             proc = subprocess.Popen(worker_command(run_dir, run_config(run_dir)), stdout=out, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True,
                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self._children[job.id] = proc
-        _update(self.workspace, job.id, state="running", pid=proc.pid, attempts=job.attempts + 1,
-                started=job.started or time.time(), message="")
+        _update(self.workspace, job.id, pid=proc.pid, attempts=job.attempts + 1)
         log.info("job %s: started worker pid %d", job.id, proc.pid)
 
     def tick(self) -> bool:

@@ -66,6 +66,14 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def preview_sample(run_dir: Path) -> Path | None:
+    """The run's preview picture (the adapter's thumbnail): its newest step's sample of the
+    first prompt, the prompt Generate opens the adapter with (a step's last picture is of
+    the prompt listed last, often the harder one)."""
+    found = sorted((Path(run_dir) / SAMPLES_DIR).glob("step-*-0.png"))
+    return found[-1] if found else None
+
+
 def dataset_folder(config: TrainConfig, workspace: Workspace) -> Path:
     """The folder a config trains on: its workspace dataset, its path, or the demo."""
     if config.dataset.path:

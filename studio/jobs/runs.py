@@ -18,8 +18,8 @@ from studio.jobs.class_images import (class_image_path, class_image_plan, class_
 from studio.jobs.run_folder import (CHECKPOINT_DIR, CONFIG_FILE, EMBEDDINGS_DIR, EVENTS_FILE, SAMPLES_DIR,
                                     TENSORBOARD_DIR, EventLog, adapters_dir, checkpoint_dir, checkpoint_path,
                                     dataset_folder, is_finished, iter_events, latest_checkpoint,
-                                    latest_unfinished_run, list_checkpoints, read_events, run_config, run_outcome,
-                                    run_workspace)
+                                    latest_unfinished_run, list_checkpoints, preview_sample, read_events, run_config,
+                                    run_outcome, run_workspace)
 from studio.models import resolve_model
 from studio.models.families import get_family
 from studio.workspace import Workspace
@@ -29,7 +29,7 @@ __all__ = [
     "Problem", "TrainingCheck", "adapters_dir", "check_training", "checkpoint_dir", "checkpoint_path",
     "class_image_path", "class_image_plan", "class_pictures", "create_run", "dataset_folder", "is_finished",
     "iter_events", "latest_checkpoint", "latest_unfinished_run", "list_checkpoints", "new_run_id",
-    "prepare_class_images", "prior_preservation", "read_events", "run_config", "run_outcome", "run_workspace", "worker_command",
+    "prepare_class_images", "preview_sample", "prior_preservation", "read_events", "run_config", "run_outcome", "run_workspace", "worker_command",
 ]
 
 
@@ -122,7 +122,7 @@ def check_training(config: TrainConfig, workspace: Workspace) -> TrainingCheck:
                               "Use larger originals, or a lower resolution.")
     check.images = len(instance)
     check.images_per_epoch = dataset_stats(folder, items).steps_per_epoch
-    plan = class_image_plan(config, workspace)
+    plan = class_image_plan(config, workspace, items)
     check.missing_class_images = plan.missing if plan else 0
     return check
 
