@@ -20,22 +20,22 @@ def build(studio: Studio) -> SimpleNamespace:
 
     with gr.Tab("3 · Runs", id="runs") as tab:
         with gr.Row(equal_height=False):
-            with gr.Column(scale=5, min_width=340):
+            with gr.Column(scale=6, min_width=400):
                 pick = gr.Dropdown([], value=None, label="Run", info="Newest first", elem_id="runs-pick")
                 table = gr.Dataframe(headers=rv.JOB_HEADERS, interactive=False, wrap=True, max_height=520,
                                      label="Queue and history — click a row to watch it",
-                                     column_widths=["34%", "13%", "15%", "12%", "26%"],
-                                     elem_id="runs-table")
-            with gr.Column(scale=8):
+                                     column_widths=["38%", "20%", "17%", "25%"], elem_id="runs-table")
+            with gr.Column(scale=7):
                 status = gr.HTML(rv.status_html(None, {}), elem_id="runs-status")
                 with gr.Row():
                     cancel_btn = gr.Button("■ Cancel", variant="stop", interactive=False, elem_id="runs-cancel")
                     resume_btn = gr.Button("↻ Resume", interactive=False, elem_id="runs-resume")
                     open_btn = gr.Button("Open in Generate →", variant="primary", interactive=False,
                                          elem_id="runs-open")
-                plot = gr.LinePlot(None, x="step", y="loss", color="series", title="Training loss",
-                                   height=250, color_map={"loss": "#9ca3af", "smoothed": "#f97316"},
-                                   x_title="step", y_title="loss", elem_id="runs-loss")
+                plot = rv.dots_when_alone(gr.LinePlot(
+                    None, x="step", y="loss", color="series", title="Training loss", height=250,
+                    color_map={"loss": "#9ca3af", "smoothed": "#f97316"}, x_title="step", y_title="loss",
+                    elem_id="runs-loss"))
                 samples = gr.Gallery(label="Samples (newest first)", columns=4, height=230, object_fit="contain",
                                      interactive=False, fit_columns=False, elem_id="runs-samples")
                 log_box = gr.Textbox(label="Log, newest first — the run's events, then the worker's output",
@@ -46,13 +46,19 @@ def build(studio: Studio) -> SimpleNamespace:
 
     outputs = [pick, table, status, plot, samples, log_box, cancel_btn, resume_btn, open_btn, view]
 
-    def refresh(run_id: str | None, current: dict | None, *, force: bool = False):
+    # The run each page (session) switched to last. A timer tick sends the page's values as they
+    # were when it fired: one that ran while the page switched runs is dropped, or its outputs,
+    # arriving last, would bring the run shown before back.
+    switched_to: dict[str, str | None] = {}
+
+    def refresh(run_id: str | None, current: dict | None, *, force: bool = False, session: str | None = None):
         jobs = jobs_api.list_jobs(ws)
         ids = [j.id for j in jobs]
-        if run_id not in ids:
-            run_id = ids[0] if ids else None
+        run_id = rv.shown_run(jobs, run_id)
         if not current or current.get("run") != run_id:
             current, force = rv.new_view(run_id), True
+            if session is not None:
+                switched_to[session] = run_id
         job = next((j for j in jobs if j.id == run_id), None)
         run_dir = ws.run_dir(job.id) if job else None
         if run_dir is not None:
@@ -74,7 +80,8 @@ def build(studio: Studio) -> SimpleNamespace:
         html_text = rv.status_html(job, current, queue_position=position)
         out_status = html_text if changed("shown_status", html_text) else gr.skip()
         # None, not an empty frame: a chart first drawn from an empty frame never draws its lines
-        out_plot = ((rv.loss_frame(current["points"]) if current["points"] else None)
+        out_plot = (gr.update(value=rv.loss_frame(current["points"]) if current["points"] else None,
+                              title=rv.loss_title(current["points"]))
                     if changed("shown_points", len(current["points"])) else gr.skip())
         sample_list = [tuple(s) for s in current["samples"] if Path(s[0]).is_file()]
         out_samples = list(reversed(sample_list)) if changed("shown_samples", len(sample_list)) else gr.skip()
@@ -83,28 +90,33 @@ def build(studio: Studio) -> SimpleNamespace:
         out_log = log_text if changed("shown_log", log_text) else gr.skip()
         state = job.state if job else None
         adapter_ok = bool(job and job.state == "done" and job.adapter and Path(job.adapter).is_file())
-        buttons = (state, adapter_ok)
+        buttons = (state, adapter_ok, bool(job and jobs_api.can_resume(job)))
         if changed("shown_buttons", buttons):
             out_buttons = [gr.update(interactive=state in ("queued", "running")),
-                           gr.update(interactive=state in ("failed", "cancelled")),
+                           gr.update(interactive=bool(job and jobs_api.can_resume(job))),
                            gr.update(interactive=adapter_ok)]
         else:
             out_buttons = [gr.skip()] * 3
         return [out_pick, out_table, out_status, out_plot, out_samples, out_log, *out_buttons, current]
 
     @friendly
-    def on_tick(run_id, current):
-        return refresh(run_id, current)
+    def on_tick(run_id, current, request: gr.Request):
+        session = request.session_hash
+        stale = lambda: switched_to.get(session, run_id) != run_id  # noqa: E731
+        if stale():
+            return [gr.skip()] * len(outputs)
+        shown = refresh(run_id, current, session=session)
+        return [gr.skip()] * len(outputs) if stale() else shown
 
     @friendly
-    def on_pick(run_id, current):
-        return refresh(run_id, current, force=True)
+    def show(run_id, current, request: gr.Request):
+        """The run `run_id` (else the one training, else the newest), drawn anew."""
+        return refresh(run_id, current, force=True, session=request.session_hash)
 
     @friendly
-    def on_row(current, evt: gr.SelectData):
+    def on_row(current, evt: gr.SelectData, request: gr.Request):
         row = getattr(evt, "row_value", None)
-        run_id = row[0] if row else None
-        return refresh(run_id, current, force=True)
+        return show(row[0] if row else None, current, request)
 
     @friendly
     def on_cancel(run_id, current):
@@ -135,10 +147,10 @@ def build(studio: Studio) -> SimpleNamespace:
         return path.stem
 
     timer.tick(on_tick, [pick, view], outputs, show_progress="hidden", trigger_mode="once")
-    pick.input(on_pick, [pick, view], outputs, show_progress="hidden")
+    pick.input(show, [pick, view], outputs, show_progress="hidden")
     table.select(on_row, view, outputs, show_progress="hidden")
     cancel_btn.click(on_cancel, [pick, view], outputs)
     resume_btn.click(on_resume, [pick, view], outputs)
 
     return SimpleNamespace(tab=tab, pick=pick, view=view, timer=timer, outputs=outputs, open_btn=open_btn,
-                           refresh=refresh, adapter_of=adapter_of)
+                           show=show, adapter_of=adapter_of)

@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from studio.jobs import ACTIVE
 from studio.jobs.runs import iter_events, read_events
 from ui.format import format_duration, shorten
 
@@ -16,7 +17,8 @@ from ui.format import format_duration, shorten
 def new_view(run_id: str | None) -> dict:
     """Per-page state of the run being watched; extended by `tail_events`."""
     return {"run": run_id, "offset": 0, "points": [], "samples": [], "lines": [], "last": None,
-            "max_steps": None, "adapter": None, "error": None, "log_size": -1, "state": None}
+            "max_steps": None, "adapter": None, "error": None, "log_size": -1, "state": None, "phase": None,
+            "latest": None}
 
 
 def event_line(event: dict) -> str:
@@ -40,8 +42,11 @@ def event_line(event: dict) -> str:
         text = f"step {event.get('step')}: validation loss {event.get('loss', float('nan')):.4f}"
     elif kind == "checkpoint":
         text = f"step {event.get('step')}: checkpoint {Path(str(event.get('path', ''))).name}"
-    elif kind == "done":
-        text = f"finished: {event.get('adapter')} ({format_duration(event.get('seconds'))})"
+    elif kind == "done":  # how long the run took is the Runs tab's "Took" (run_seconds), one figure
+        text = f"finished: {event.get('adapter')}"
+    elif kind == "phase":
+        text = phase_text(event) + (f", ETA {format_duration(event['eta_s'])}" if event.get("eta_s") is not None
+                                    else "")
     elif kind == "error":
         text = f"ERROR: {event.get('message')}"
     elif kind == "cancelled":
@@ -56,12 +61,36 @@ def event_line(event: dict) -> str:
     return f"{stamp} {kind:<10} {text}"
 
 
+_PHASES = {"loading": "loading the model", "caching": "caching latents", "sampling": "drawing samples",
+           "class_images": "drawing class pictures"}
+
+
+#: Events after which the run is no longer in the phase it reported last.
+_ENDS_PHASE = ("progress", "start", "resume", "done", "error", "cancelled", "sample", "validation", "checkpoint")
+
+
+def phase_text(event: dict) -> str:
+    """A `phase` event as the Runs tab words it: `caching latents 12/36`."""
+    text = _PHASES.get(event.get("phase"), str(event.get("phase")))
+    if event.get("total"):
+        text += f" {event.get('done', 0)}/{event['total']}"
+    if event.get("phase") == "sampling" and event.get("step") is not None:
+        text += f" at step {event['step']}"
+    return text
+
+
 def apply_events(view: dict, events: Iterable[dict], *, max_lines: int = 300) -> bool:
-    """Fold new events into the view; True when something changed."""
+    """Fold new events into the view; True when something changed. A `phase` event (the
+    worker loading, caching, drawing samples; the studio drawing class pictures) is what the
+    run does until the next event of another kind."""
     changed = False
     for event in events:
         changed = True
         kind = event.get("type")
+        if kind == "phase":
+            view["phase"] = event
+        elif kind in _ENDS_PHASE:
+            view["phase"] = None
         if kind == "progress":
             if event.get("loss") is not None:
                 view["points"].append([event["step"], float(event["loss"])])
@@ -126,6 +155,43 @@ def loss_series(points: Sequence[Sequence[float]], *, max_points: int = 1500) ->
     return rows
 
 
+def shown_run(jobs: Sequence, wanted: str | None) -> str | None:
+    """The run the Runs tab shows: `wanted` while it exists, else the one training now (a
+    page opened mid-training follows it, not a run queued after it), else the newest."""
+    ids = [job.id for job in jobs]
+    if wanted in ids:
+        return wanted
+    running = next((job.id for job in jobs if job.state in ("running", "cancelling")), None)
+    return running or (ids[0] if ids else None)
+
+
+def dots_when_alone(plot):
+    """`plot` (a gr.LinePlot) drawing its points as dots while they share one x: a line
+    needs two points, so a run's first logged loss drew nothing. Give it loss_title's title
+    with each value. (An instance attribute, not a subclass: Gradio writes a .pyi stub beside
+    a module that subclasses a component.)"""
+    lines = plot.postprocess
+
+    def postprocess(value):
+        data = lines(value)
+        if data is not None and not isinstance(data, dict) and data.data:
+            x = data.columns.index(plot.x)
+            if len({row[x] for row in data.data}) == 1:
+                data.mark = "point"
+        return data
+
+    plot.postprocess = postprocess
+    return plot
+
+
+def loss_title(points: Sequence[Sequence[float]]) -> str:
+    """The loss chart's title; it differs while one step is logged, where the chart draws
+    dots (dots_when_alone). Gradio redraws a chart whose title changes, and only updates the
+    data of one whose title is the same: a chart drawn with lines would otherwise keep
+    drawing a single point as a line (nothing), when the run shown changed."""
+    return "Training loss" if len({p[0] for p in points}) != 1 else "Training loss (one step logged so far)"
+
+
 def loss_frame(points: Sequence[Sequence[float]]):
     """The loss chart's data; typed even when empty, so the chart's axes stay numeric."""
     import pandas as pd
@@ -156,22 +222,30 @@ def status_html(job, view: dict, *, queue_position: int | None = None) -> str:
     if state == "queued" and queue_position:
         text += f" ({queue_position} ahead)" if queue_position > 0 else " (next)"
     # a worker (re)starting after a cancel or an error has not reported anything yet
-    live = bool(last) and view.get("latest") not in ("cancelled", "error", "done")
-    if state == "running" and not live:
-        text = "starting (loading the model)"
+    restarted = view.get("latest") in (None, "cancelled", "error", "done")
+    live = bool(last) and not restarted
+    phase = view.get("phase") if state in ACTIVE else None
+    if phase is not None:  # the studio draws class pictures while the job is still queued
+        text = phase_text(phase)
+    elif state == "running" and restarted:
+        text = "starting the worker"
+    elif state == "running" and view.get("latest") in ("start", "resume"):
+        text = "training (the first steps)"
     facts = []
     if max_steps:
         facts.append(f"<b>Step</b> {step} / {max_steps}")
     if last.get("it_s") and state in ("running", "cancelling") and live:
         facts.append(f"<b>Speed</b> {last['it_s']:.2f} it/s")
-    if state in ("running", "cancelling") and live and last.get("eta_s") is not None:
-        facts.append(f"<b>ETA</b> {format_duration(last['eta_s'])}")
+    if phase is not None and phase.get("eta_s") is not None:
+        facts.append(f"<b>ETA</b> {format_duration(phase['eta_s'])} ({_PHASES.get(phase.get('phase'), 'this')})")
+    elif state in ("running", "cancelling") and live and last.get("eta_s") is not None:
+        facts.append(f"<b>ETA</b> {format_duration(last['eta_s'])} (training)")
     if last.get("loss") is not None:
         facts.append(f"<b>Loss</b> {last['loss']:.4f}")
     if last.get("lr") is not None:
         facts.append(f"<b>LR</b> {last['lr']:.2e}")
-    if job.started and job.finished:
-        facts.append(f"<b>Took</b> {format_duration(job.finished - job.started)}")
+    if run_seconds(job) is not None:
+        facts.append(f"<b>Took</b> {format_duration(run_seconds(job))}")
     fraction = min(1.0, step / max_steps) if max_steps else 0.0
     if state == "done":
         fraction = 1.0
@@ -189,7 +263,15 @@ def status_html(job, view: dict, *, queue_position: int | None = None) -> str:
     return "".join(parts)
 
 
-JOB_HEADERS = ["Run", "State", "Queued", "Took", "Note"]
+def run_seconds(job) -> float | None:
+    """How long a finished run took: from its worker's first start to its end, as the queue
+    recorded them (class pictures drawn first and the model's loading included). The one
+    figure the Runs tab shows for it, in the header and in the table."""
+    return job.finished - job.started if job.started and job.finished else None
+
+
+#: The queue table's columns; when a run was queued is in its id (<name>-<date>-<time>).
+JOB_HEADERS = ["Run", "State", "Took", "Note"]
 #: The queue table's note is a glimpse; the whole message is shown above the run's chart.
 JOB_NOTE_CHARS = 40
 
@@ -197,9 +279,8 @@ JOB_NOTE_CHARS = 40
 def job_rows(jobs: Sequence) -> list[list[str]]:
     rows = []
     for job in jobs:
-        took = format_duration(job.finished - job.started) if job.started and job.finished else ""
-        queued = datetime.datetime.fromtimestamp(job.created).strftime("%m-%d %H:%M") if job.created else ""
-        rows.append([job.id, job.state, queued, took, shorten(job.message or "", JOB_NOTE_CHARS)])
+        took = format_duration(run_seconds(job)) if run_seconds(job) is not None else ""
+        rows.append([job.id, job.state, took, shorten(job.message or "", JOB_NOTE_CHARS)])
     return rows
 
 
@@ -229,14 +310,3 @@ def tail_text(path: Path, *, max_lines: int = 40, max_bytes: int = 32 * 1024) ->
     if size > max_bytes and lines:
         lines = lines[1:]  # first line is probably cut
     return "\n".join(lines[-max_lines:])
-
-
-def last_sample(run_dir: Path) -> Path | None:
-    """The newest sample image of a run that still exists."""
-    newest = None
-    for event in iter_events(run_dir):
-        if event.get("type") == "sample":
-            for path in event.get("paths") or []:
-                if Path(path).is_file():
-                    newest = Path(path)
-    return newest
