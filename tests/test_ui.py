@@ -54,7 +54,7 @@ def test_the_first_pages_train_hint_measures_nothing(tmp_path):
         f"app = build_app({str(tmp_path / 'ws')!r})\n"
         "fns = app.fns.values() if isinstance(app.fns, dict) else app.fns\n"
         "first = next(f for f in fns if f.name == 'on_first_load')\n"
-        "hint = first.fn()\n"
+        "hint = first.fn()[0]\n"
         "print(json.dumps({'hint': hint, 'torch': 'torch' in sys.modules,"
         " 'measuring': any(t.name == 'measure-speed' for t in threading.enumerate())}))\n"
     )
@@ -204,7 +204,7 @@ def test_job_rows_and_durations():
     job = SimpleNamespace(id="a-1", name="a", state="failed", created=0.0, started=10.0, finished=75.0,
                           message="x" * 200)
     row = rv.job_rows([job])[0]
-    assert row[:2] == ["a-1", "failed"] and row[3] == "1 min 05 s" and len(row[4]) <= rv.JOB_NOTE_CHARS
+    assert row[:3] == ["a-1", "failed", "1 min 05 s"] and len(row[3]) <= rv.JOB_NOTE_CHARS
     assert fmt.format_duration(None) == "—" and fmt.format_duration(7200) == "2 h 00 min"
 
 

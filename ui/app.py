@@ -67,7 +67,12 @@ CSS = """
 #lib-thumb img, #ds-chosen img {width: 100%; height: 100%; object-fit: contain}
 .state-failed .run-message {color: #b91c1c}
 img.pixel-exact {image-rendering: pixelated}
-#gen-results, #gen-results .grid-wrap {height: auto !important; max-height: none !important; overflow: visible !important}
+#gen-results, #gen-results .grid-wrap, #gen-grid-cells, #gen-grid-cells .grid-wrap {height: auto !important;
+    max-height: none !important; overflow: visible !important}
+#train-class-note {padding-bottom: 8px !important}
+#runs-table td, #runs-table th, #lib-table td, #lib-table th, #gen-suggestions-table td,
+#gen-suggestions-table th {word-break: normal !important; overflow-wrap: normal !important}
+.secondary-wrap > input[role="combobox"] {padding-right: 44px !important; text-overflow: ellipsis}
 """
 
 #: The widest picture drawn pixel for pixel.
@@ -111,8 +116,8 @@ def build_app(workspace: Workspace | str | os.PathLike | None = None, *, allow_p
             data = datasets_tab.build(studio)
             train = train_tab.build(studio)
             runs = runs_tab.build(studio)
-            gen = generate_tab.build(studio, lambda: train_tab.model_choices(studio))
-            lib = library_tab.build(studio, lambda: train_tab.model_choices(studio))
+            gen = generate_tab.build(studio, lambda: train_tab.model_options(studio), train_tab.model_info(studio))
+            lib = library_tab.build(studio, lambda: train_tab.model_options(studio))
 
         timer_off = lambda: gr.Timer(active=False)  # noqa: E731
         # Tab switches refresh what the tab shows; the Runs tab's live timer runs only while it is open.
@@ -120,8 +125,8 @@ def build_app(workspace: Workspace | str | os.PathLike | None = None, *, allow_p
         train.tab.select(friendly(lambda d, m: (*train.refresh_choices(d, m), gr.Timer(active=False))),
                          [train.dataset, train.base_model], [train.dataset, train.base_model, runs.timer],
                          show_progress="hidden")
-        runs.tab.select(friendly(lambda r, v: [*runs.refresh(r, v, force=True), gr.Timer(active=True)]),
-                        [runs.pick, runs.view], [*runs.outputs, runs.timer], show_progress="hidden")
+        runs.tab.select(runs.show, [runs.pick, runs.view], runs.outputs, show_progress="hidden").then(
+            lambda: gr.Timer(active=True), None, runs.timer, show_progress="hidden")
         gen.tab.select(friendly(lambda *names: [*gen.refresh_adapters(*names), gr.Timer(active=False)]),
                        gen.names, [*gen.names, gen.model, runs.timer], show_progress="hidden")
         lib.tab.select(friendly(lambda name: [*lib.refresh(name), gr.Timer(active=False)]),
@@ -138,27 +143,29 @@ def build_app(workspace: Workspace | str | os.PathLike | None = None, *, allow_p
 
         train.launch_btn.click(
             launch_run, train.hint_inputs, [*train.outputs, runs.pick, tabs, runs.timer]
-        ).success(friendly(lambda r, v: runs.refresh(r, v, force=True)), [runs.pick, runs.view], runs.outputs,
-                  show_progress="hidden")
+        ).success(runs.show, [runs.pick, runs.view], runs.outputs, show_progress="hidden")
 
         @friendly
         def open_in_generate(adapter_name, *current):
-            return [*gen.put_adapter(adapter_name, *current), gr.Tabs(selected="generate"),
+            return [*gen.open_adapter(adapter_name, *current), gr.Tabs(selected="generate"),
                     gr.Timer(active=False)]
 
+        opened = [*gen.names, gen.model, gen.prompt, tabs, runs.timer]
         runs.open_btn.click(friendly(lambda r, *cur: open_in_generate(runs.adapter_of(r), *cur)),
-                            [runs.pick, *gen.names], [*gen.names, tabs, runs.timer])
+                            [runs.pick, *gen.names], opened)
         lib.use_btn.click(friendly(lambda name, *cur: open_in_generate(_require(name), *cur)),
-                          [lib.pick, *gen.names], [*gen.names, tabs, runs.timer])
+                          [lib.pick, *gen.names], opened)
 
         app.load(data.refresh, data.pick, [data.pick, *data.view_outputs], show_progress="hidden")
+        # a page reloaded while a run is queued or training shows that run's settings
+        app.load(train.restore, None, train.restore_outputs, show_progress="hidden")
         # The first hint quotes a speed already known; measuring one (a training subprocess)
         # waits until the page has loaded, as the heavy imports do, not to compete with it,
         # and is for the settings the page has then (a person may have changed them).
-        app.load(train.on_first_load, None, train.hint, show_progress="hidden").then(
+        app.load(train.on_first_load, None, [train.hint, train.class_note], show_progress="hidden").then(
             _first_page.set, None, None, show_progress="hidden", queue=False).then(
             train.on_page_loaded, None, None, show_progress="hidden").then(
-            train.on_change, train.hint_inputs, train.hint, show_progress="hidden")
+            train.on_change, train.hint_inputs, train.hint_outputs, show_progress="hidden")
         for handler in app.fns.values():  # before the Blocks closes: its config is written then
             if handler.api_name not in PUBLIC_API:
                 handler.api_visibility = "private"

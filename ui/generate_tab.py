@@ -19,7 +19,7 @@ NONE = ""
 BLOCK_WEIGHT_CHOICES = [NONE, *DEFAULT.blocks.presets]  # the same preset names in every family
 
 
-def build(studio: Studio, model_choices) -> SimpleNamespace:
+def build(studio: Studio, model_choices, model_info: str) -> SimpleNamespace:
     ws = studio.workspace
     with gr.Tab("4 · Generate", id="generate") as tab:
         with gr.Row(equal_height=False):
@@ -81,11 +81,9 @@ def build(studio: Studio, model_choices) -> SimpleNamespace:
                                               label="Gates: edit and save to override", elem_id="gen-gates-table")
                     save_gates = gr.Button("Save gates", size="sm", elem_id="gen-gates-save")
                 with gr.Accordion("Settings", open=True):
+                    model = gr.Dropdown(model_choices(), value="builtin", allow_custom_value=True,
+                                        label="Base model", elem_id="gen-model", info=model_info)
                     with gr.Row():
-                        model = gr.Dropdown(model_choices(), value="builtin", allow_custom_value=True,
-                                            label="Base model", elem_id="gen-model",
-                                            info="'builtin', a model path or name (org/name, civitai:ID: "
-                                                 "pulled when picked)")
                         scheduler = gr.Dropdown([(SCHEDULER_LABELS[k], k) for k in SCHEDULERS], value="ddim",
                                                 label="Sampler", elem_id="gen-scheduler")
                         size = gr.Dropdown(gv.SIZE_CHOICES, value=gv.SIZE_DEFAULT, allow_custom_value=True,
@@ -122,7 +120,8 @@ def build(studio: Studio, model_choices) -> SimpleNamespace:
             with gr.Row(equal_height=False):
                 grid_sheet = gr.Image(label="Grid", type="filepath", interactive=False, buttons=["download"],
                                       elem_id="gen-grid-sheet")
-                grid_cells = gr.Gallery(label="Single images", columns=4, height=360, object_fit="contain",
+                # grows with its pictures (CSS in ui/app.py): a 3 x 3 grid's ninth is not cut off
+                grid_cells = gr.Gallery(label="Single images", columns=4, object_fit="contain",
                                         interactive=False, elem_id="gen-grid-cells")
             grid_info = gr.Markdown("Uses the prompt, adapters and settings above (one image per cell); the grid "
                                     "and its single images are saved in `outputs/`.", elem_id="gen-grid-info")
@@ -231,5 +230,16 @@ def build(studio: Studio, model_choices) -> SimpleNamespace:
             values[slot] = name
         return [gr.update(choices=choices, value=v) for v in values]
 
+    def open_adapter(name: str, *current_names):
+        """put_adapter, with the base model the adapter was trained on and a prompt that
+        calls it (generate_view.adapter_context): Generate then draws what the run sampled."""
+        context = gv.adapter_context(ws, name)
+        models = model_choices()
+        if context.model and context.model not in [value for _, value in models]:
+            models.append((context.model, context.model))
+        return [*put_adapter(name, *current_names),
+                gr.update(choices=models, value=context.model) if context.model else gr.skip(),
+                context.prompt if context.prompt else gr.skip()]
+
     return SimpleNamespace(tab=tab, names=names, weights=weights, model=model, refresh_adapters=refresh_adapters,
-                           put_adapter=put_adapter, prompt=prompt)
+                           open_adapter=open_adapter, prompt=prompt)

@@ -10,10 +10,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
+from studio.datasets import caption_with_trigger
 from studio.errors import StudioError
 from studio.generation.engine import (MAX_BATCH_COUNT, MAX_GUIDANCE, MAX_SEED, MAX_STEPS, AdapterUse, GenerateRequest,
                                       parse_prompt_loras, save_new_png, save_png)
 from studio.generation.grid import Axis, xy_grid
+from studio.jobs.runs import run_config
+from studio.models import resolve_model
 from studio.models.families import DEFAULT, get_family
 from studio.workspace import check_name
 
@@ -309,6 +312,42 @@ def accept_suggestions(suggested: Sequence[Sequence], rows: int) -> tuple[list[s
     names = [str(row[0]) for row in proposals[:rows]] + [""] * max(0, rows - len(proposals))
     weights = [float(row[1]) for row in proposals[:rows]] + [1.0] * max(0, rows - len(proposals))
     return names, weights, [str(row[0]) for row in proposals[rows:]]
+
+
+@dataclass(frozen=True)
+class AdapterContext:
+    """What Generate needs to draw with an adapter as it was trained: the base model it was
+    trained on and a prompt that calls it (its trigger word); None where unknown."""
+
+    model: str | None
+    prompt: str | None
+
+
+def adapter_context(workspace, name: str) -> AdapterContext:
+    """From the adapter's run (its `lora_studio_run_id`): the run's base model, when it still
+    resolves here, and its first sample prompt, with the trigger word by the training rule
+    (caption_with_trigger); from the file alone (an imported adapter): its trigger phrase."""
+    from studio.adapters import read_checked_header
+    from studio.adapters.library import find_adapter
+
+    metadata = read_checked_header(find_adapter(workspace, name))[1]
+    trigger = metadata.get("modelspec.trigger_phrase", "").split(",")[0].strip()
+    model, prompt = None, trigger or None
+    run_id = metadata.get("lora_studio_run_id")
+    try:
+        config = run_config(workspace.run_dir(run_id)) if run_id else None
+    except StudioError:  # the run folder was deleted: the file's own word
+        config = None
+    if config is not None:
+        trigger = config.dataset.trigger_word.strip() or trigger
+        first = next(iter(config.sampling.prompts), "") or trigger
+        prompt = caption_with_trigger(first, trigger) if first else None
+        try:
+            resolve_model(config.base_model, workspace=workspace)
+            model = config.base_model or "builtin"
+        except StudioError:
+            model = None
+    return AdapterContext(model, prompt)
 
 
 def is_tlora_adapter(workspace, name: str | None) -> bool:

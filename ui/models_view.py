@@ -4,6 +4,7 @@ name that is not in the workspace yet, its progress shown over the field. The wo
 studio.models.hub's, as for `lora-studio models pull`."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 from studio.models import hub
@@ -12,6 +13,21 @@ from studio.workspace import Workspace
 
 def choices(workspace: Workspace, use: hub.Use) -> list[str]:
     return hub.choices(workspace, use)
+
+
+def labelled(workspace: Workspace, values: list[str]) -> list[tuple[str, str]]:
+    """(what a dropdown shows, the value) of model choices: a model in the workspace as
+    `models/<name>` with its kind (its full path, the value, is cut off under the arrow in
+    a field of ordinary width), a name as it is."""
+    out = []
+    for value in values:
+        path = Path(value)
+        if path.is_absolute() and workspace.contains(path):
+            kind = "diffusers folder" if path.is_dir() else "checkpoint"
+            out.append((f"{path.relative_to(workspace.root).as_posix()} ({kind})", value))
+        else:
+            out.append((value, value))
+    return out
 
 
 def pull_for_field(workspace: Workspace, value: str | None, use: hub.Use,

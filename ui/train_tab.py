@@ -14,9 +14,9 @@ from studio import PRESETS_DIR
 from studio.config import TrainConfig, dump_config, load_config, parse_config, planned_steps
 from studio.datasets import dataset_stats, list_datasets
 from studio.errors import StudioError
-from studio.jobs import enqueue, list_jobs
-from studio.jobs.runs import TrainingCheck, check_training
-from studio.jobs.speed import estimate, measure_speed, speed_from_runs
+from studio.jobs import ACTIVE, enqueue, list_jobs
+from studio.jobs.runs import TrainingCheck, check_training, class_image_plan, prior_preservation, run_config
+from studio.jobs.speed import cuda_available, estimate, measure_speed, speed_from_runs
 from studio.models import resolve_model
 from ui import format as fmt
 from ui import models_view as mv
@@ -41,11 +41,17 @@ BUILTIN = "builtin"
 #: Main-form inputs in display order (the dataset is its own dropdown).
 MAIN_ORDER = [("name",), ("base_model",), ("training", "max_steps"), ("network", "rank"), ("network", "alpha"),
               ("training", "learning_rate"), ("dataset", "resolution"), ("dataset", "trigger_word"),
-              ("training", "batch_size"), ("sampling", "prompts")]
+              ("training", "batch_size"), ("sampling", "prompts"), ("dataset", "class_prompt"),
+              ("dataset", "num_class_images")]
 _MAIN_LABELS = {("name",): "Adapter name", ("training", "max_steps"): "Steps", ("network", "rank"): "Rank",
                 ("network", "alpha"): "Alpha", ("training", "learning_rate"): "Learning rate",
                 ("dataset", "resolution"): "Resolution", ("dataset", "trigger_word"): "Trigger word",
-                ("training", "batch_size"): "Batch size", ("sampling", "prompts"): "Sample prompts"}
+                ("training", "batch_size"): "Batch size", ("sampling", "prompts"): "Sample prompts",
+                ("dataset", "class_prompt"): "Class prompt", ("dataset", "num_class_images"): "Class pictures"}
+#: Shorter help than the config's where a column is narrow.
+_MAIN_INFO = {("name",): "Names the file in adapters/",
+              ("dataset", "class_prompt"): "What the subject is, e.g. 'a photo of a cat'",
+              ("dataset", "num_class_images"): "The dataset's reg/ pictures first, then drawn ones"}
 
 
 def _number_step(spec: tv.FieldSpec) -> float:
@@ -84,6 +90,17 @@ def model_choices(studio: Studio) -> list[str]:
     """'builtin', the model names pulled and curated, then the other diffusers folders and
     .safetensors checkpoints in workspace/models."""
     return [BUILTIN, *mv.choices(studio.workspace, "base model")]
+
+
+def model_options(studio: Studio) -> list[tuple[str, str]]:
+    """model_choices as the base-model dropdowns show them (ui.models_view.labelled)."""
+    return mv.labelled(studio.workspace, model_choices(studio))
+
+
+def model_info(studio: Studio) -> str:
+    """The base-model fields' help: what they take, and where a checkpoint goes to be listed."""
+    return (f"'builtin' (tiny, CPU), a model name (org/name, civitai:ID: pulled when picked), or a checkpoint: "
+            f"put .safetensors files or diffusers folders in {studio.workspace.models_dir} to list them here")
 
 
 class SpeedMeter:
@@ -181,30 +198,39 @@ def build(studio: Studio) -> SimpleNamespace:
                     # custom values: a dataset made after the page was built (or named by an API client)
                     # is checked by the handlers, with a clear message when it is not there
                     dataset = gr.Dropdown(datasets, value=dropdown_value(datasets, "demo"), label="Dataset",
-                                          allow_custom_value=True, info="From the Datasets tab",
+                                          allow_custom_value=True, info="From the Datasets tab", scale=2,
                                           elem_id="train-dataset")
-                    base_model = gr.Dropdown(model_choices(studio), value=main_values[("base_model",)],
-                                             allow_custom_value=True, label="Base model",
-                                             info="'builtin' (tiny, CPU), a model name (org/name, civitai:ID: "
-                                                  "pulled when picked) or a path: diffusers folder / "
-                                                  ".safetensors checkpoint", elem_id="train-base-model")
                     preset = gr.Dropdown(preset_names(), value=DEFAULT_PRESET if DEFAULT_PRESET in preset_names()
-                                         else None, label="Preset",
+                                         else None, label="Preset", scale=2,
                                          info="Fills every setting from presets/*.toml (dataset kept)",
                                          elem_id="train-preset")
+                base_model = gr.Dropdown(model_options(studio), value=main_values[("base_model",)],
+                                         allow_custom_value=True, label="Base model", info=model_info(studio),
+                                         elem_id="train-base-model")
                 main = {}
+
+                def main_input(path, label: str | None = None, **extra):
+                    main[path] = component(all_main[path], main_values[path], label=label or _MAIN_LABELS[path],
+                                           **({"info": _MAIN_INFO[path]} if path in _MAIN_INFO else {}), **extra)
+
                 with gr.Group():
                     with gr.Row():
                         for path in [("name",), ("training", "max_steps"), ("training", "learning_rate"),
                                      ("training", "batch_size")]:
-                            main[path] = component(all_main[path], main_values[path], label=_MAIN_LABELS[path])
+                            main_input(path)
                     with gr.Row():
                         for path in [("network", "rank"), ("network", "alpha"), ("dataset", "resolution"),
                                      ("dataset", "trigger_word")]:
-                            main[path] = component(all_main[path], main_values[path], label=_MAIN_LABELS[path])
-                    main[("sampling", "prompts")] = component(
-                        all_main[("sampling", "prompts")], main_values[("sampling", "prompts")],
-                        label="Sample prompts (one per line)")
+                            main_input(path)
+                    main_input(("sampling", "prompts"), "Sample prompts (one per line)")
+                with gr.Group(elem_id="train-prior"):
+                    prior_on = gr.Checkbox(prior_preservation(config), elem_id="train-prior-on",
+                                           label="Prior preservation: train with class pictures too (DreamBooth)")
+                    with gr.Row(equal_height=True):
+                        main_input(("dataset", "class_prompt"), scale=3)
+                        main_input(("dataset", "num_class_images"), scale=2)
+                    class_note = gr.Markdown(elem_id="train-class-note", elem_classes="group-title")
+                auto = gr.State(tv.automatic_values(config))
                 main[("base_model",)] = base_model
                 advanced = []
                 method_boxes = []  # (an option of the box, the box) for the options of some methods only
@@ -247,13 +273,18 @@ def build(studio: Studio) -> SimpleNamespace:
               **{spec.path: f"{tv.SECTION_TITLES.get(spec.section, spec.section)} › {spec.label}"
                  for spec in advanced_specs}}
 
-    def build_config(dataset_name: str | None, values) -> TrainConfig:
+    def form_data(dataset_name: str | None, prior: bool, values) -> dict:
         data = tv.form_to_config_dict(form_specs, values)
+        data.setdefault("dataset", {})["name"] = dataset_name or None
+        data["dataset"].pop("path", None)
+        if not prior:  # the class prompt and count stay in their fields, unused
+            data["dataset"]["num_class_images"] = 0
+        return data
+
+    def build_config(dataset_name: str | None, prior: bool, values) -> TrainConfig:
         if not dataset_name:
             raise StudioError("Pick a dataset (make one in the Datasets tab first).")
-        data.setdefault("dataset", {})["name"] = dataset_name
-        data["dataset"].pop("path", None)
-        return parse_config(data, "Settings", labels)
+        return parse_config(form_data(dataset_name, prior, values), "Settings", labels)
 
     def checked(config: TrainConfig) -> TrainingCheck:
         """The training check of `config`; each problem and warning is shown as one line, all
@@ -266,12 +297,17 @@ def build(studio: Studio) -> SimpleNamespace:
             gr.Warning(warning, title="Worth a look", duration=20)
         return check
 
-    @friendly
-    def on_preset(name):
-        """Every setting from the preset; the options of other methods keep what they hold."""
-        loaded = preset_config(name)
+    def form_values(loaded: TrainConfig) -> list:
+        """The form's values for `loaded`; the options of other methods keep what they hold."""
         return [value if tv.shown(spec, loaded.network.type) else gr.skip()
                 for spec, value in zip(form_specs, tv.config_to_form(form_specs, loaded))]
+
+    @friendly
+    def on_preset(name):
+        """Every setting from the preset (then the chosen dataset's trigger word and prompts:
+        on_dataset); what the page fills in from here on is the preset's."""
+        loaded = preset_config(name)
+        return [*form_values(loaded), prior_preservation(loaded), tv.automatic_values(loaded)]
 
     # the options of the chosen network.type show, the other methods' hide (keeping their values)
     network_type = next(c for spec, c in zip(advanced_specs, advanced) if spec.path == ("network", "type"))
@@ -279,22 +315,20 @@ def build(studio: Studio) -> SimpleNamespace:
     def on_network_type(chosen):
         return [gr.update(visible=_visible(spec, chosen)) for spec, _ in method_boxes]
 
-    def hint_for(dataset_name, values, *, measure: bool = True) -> str:
-        """The Train tab's hint; `measure` False quotes only a speed already known."""
+    def hint_for(dataset_name, prior, values, *, measure: bool = True) -> tuple[str, str]:
+        """The Train tab's hint and its line on class pictures; `measure` False quotes only a
+        speed already known."""
         try:
-            data = tv.form_to_config_dict(form_specs, values)
-            data.setdefault("dataset", {})["name"] = dataset_name or None
-            data["dataset"].pop("path", None)
-            config = parse_config(data, "Settings", labels)
+            config = parse_config(form_data(dataset_name, prior, values), "Settings", labels)
         except StudioError as error:
-            return f"**Cannot estimate yet:** {error}"
+            return f"**Cannot estimate yet:** {error}", ""
         builtin = config.base_model in ("", BUILTIN)
         family = None
         if not builtin:
             try:
                 family = resolve_model(config.base_model, workspace=ws).family
             except StudioError as error:
-                return f"**Cannot estimate yet:** {error}"
+                return f"**Cannot estimate yet:** {error}", ""
         steps_per_epoch = None
         if dataset_name and ws.dataset_dir(dataset_name).is_dir():
             try:
@@ -305,31 +339,40 @@ def build(studio: Studio) -> SimpleNamespace:
             try:
                 config.training.max_steps = planned_steps(config.training, steps_per_epoch)
             except StudioError as error:
-                return f"**Cannot estimate yet:** {error}"
-        speed = meter.speed(config, wait=MEASURE_WAIT_S, start=measure) if dataset_name else None
-        plan = None
-        if speed is not None:
-            missing = 0
-            if config.dataset.class_prompt and config.dataset.num_class_images and ws.dataset_dir(dataset_name).is_dir():
-                reg = dataset_stats(ws.dataset_dir(dataset_name)).reg_image_count
-                missing = max(0, config.dataset.num_class_images - reg)
-            plan = estimate(config, speed, missing_class_images=missing)
+                return f"**Cannot estimate yet:** {error}", ""
+        speed = meter.speed(config, wait=MEASURE_WAIT_S if measure else 0, start=measure) if dataset_name else None
+        try:
+            class_plan = class_image_plan(config, ws)
+        except StudioError:  # the dataset cannot be read: the hint's check says why
+            class_plan = None
+        plan = estimate(config, speed, missing_class_images=class_plan.missing if class_plan else 0) if speed else None
         t = config.training
-        return tv.resource_hint(
+        hint = tv.resource_hint(
             family=family, builtin=builtin, steps=t.max_steps, batch_size=t.batch_size,
             resolution=config.dataset.resolution, grad_accum=t.gradient_accumulation_steps,
             gradient_checkpointing=t.gradient_checkpointing, mixed_precision=t.mixed_precision,
             speed=speed, plan=plan, steps_per_epoch=steps_per_epoch, sample_prompts=len(config.sampling.prompts),
-            processes=t.num_processes)
+            processes=t.num_processes, gpu=cuda_available())
+        model = {value: label for label, value in model_options(studio)}.get(config.base_model, config.base_model)
+        note = tv.class_pictures_note(class_plan, on=bool(prior), class_prompt=config.dataset.class_prompt,
+                                      model=model or BUILTIN, seconds=plan.class_images_s if plan else None,
+                                      root=ws.root)
+        return hint, note
 
-    def on_change(dataset_name, *values):
-        return hint_for(dataset_name, values)
+    def on_change(dataset_name, prior, *values):
+        """The hint for the form as it is; a note under Start from an earlier check or launch
+        no longer holds."""
+        return hint_for(dataset_name, prior, values)[0], ""
+
+    def on_class_change(dataset_name, prior, *values):
+        """The class-pictures line at once: the hint may first wait for a speed measurement."""
+        return hint_for(dataset_name, prior, values, measure=False)[1]
 
     # A page that has just loaded shows the values it was built with: the first hint sends no
     # inputs, since gathering ~100 of them made Gradio's frontend search its whole layout tree
     # once per input (about 0.1 s of the first page's 1.4 s).
     def on_first_load():
-        return hint_for(page_values[0], page_values[1:], measure=False)
+        return hint_for(page_values[0], page_values[1], page_values[2:], measure=False)
 
     def on_page_loaded():
         """Waits until the first page has settled; the hint after it (`on_change`, on the
@@ -337,8 +380,8 @@ def build(studio: Studio) -> SimpleNamespace:
         time.sleep(MEASURE_DELAY_S)
 
     @friendly
-    def on_check(dataset_name, *values):
-        config = build_config(dataset_name, values)
+    def on_check(dataset_name, prior, *values):
+        config = build_config(dataset_name, prior, values)
         check = checked(config)
         if check.problems:
             return gr.skip()
@@ -346,59 +389,102 @@ def build(studio: Studio) -> SimpleNamespace:
                 f"{check.images_per_epoch} images per epoch.")
         return dump_config(config), "Settings are valid." + warnings_note(check)
 
-    def on_launch(dataset_name, *values):
+    def on_launch(dataset_name, prior, *values):
         """Queue a run; returns (config TOML, note, job id), or None (its problems shown) when
-        it cannot train. Raises StudioError for a form it cannot read."""
-        config = build_config(dataset_name, values)
+        it cannot train. Raises StudioError for a form it cannot read, or an adapter a queued
+        or running run already writes (studio.jobs.enqueue). The note is empty: the toast and
+        the Runs tab say where the run is, and a line here would outlive it."""
+        config = build_config(dataset_name, prior, values)
         check = checked(config)
         if check.problems:
             return None
         if (ws.adapters_dir / f"{config.name}.safetensors").exists():
             gr.Warning(f"An adapter named {config.name!r} is in the library; this run replaces it when it "
                        "finishes. Change the adapter name to keep both.")
-        ahead = sum(j.state in ("queued", "running", "cancelling") for j in list_jobs(ws))
+        ahead = sum(j.state in ACTIVE for j in list_jobs(ws))
         job = enqueue(ws, config)
-        where = f" ({ahead} run(s) ahead of it)" if ahead else ""
-        gr.Info(f"Queued {job.id}{where}.")
-        note = f"Queued **{job.id}**{where}. Follow it in the Runs tab." + warnings_note(check)
-        return dump_config(config), note, job.id
+        gr.Info(f"Queued {job.id}" + (f" ({ahead} run(s) ahead of it)." if ahead else "."))
+        return dump_config(config), "", job.id
 
     @friendly
-    def on_dataset(dataset_name, preset_name, current_name):
-        """A new dataset names the adapter after it, unless the person typed a name of their own."""
-        automatic = {"", preset_config(preset_name).name if preset_name else "", *list_datasets(ws)}
-        return dataset_name if dataset_name and (current_name or "") in automatic else gr.skip()
+    def on_dataset(dataset_name, preset_name, current_name, trigger, prompts, class_prompt, auto):
+        """The chosen dataset's trigger word (read from its captions), sample prompts (its own
+        captions) and name fill the fields that still hold what the page put there (the
+        preset's, the previous dataset's); what a person typed stays. Prior preservation with
+        the preset's class prompt is on only for a dataset with class pictures of its own
+        (the demo's): that prompt describes the demo, not another dataset."""
+        folder = ws.dataset_dir(dataset_name) if dataset_name else None
+        if folder is None or not folder.is_dir():
+            return [gr.skip()] * 5
+        follow = tv.follow_dataset(folder, auto, trigger=trigger, prompts=prompts, class_prompt=class_prompt)
+        automatic_names = {"", preset_config(preset_name).name if preset_name else "", *list_datasets(ws)}
+        name = dataset_name if (current_name or "") in automatic_names else gr.skip()
+        trigger_out = gr.skip() if follow.trigger is None else gr.update(value=follow.trigger, info=follow.trigger_info)
+        prompts_out = gr.skip() if follow.prompts is None else follow.prompts
+        prior_out = gr.skip() if follow.prior is None else follow.prior
+        return [name, trigger_out, prompts_out, prior_out, follow.auto]
 
-    hint_inputs = [dataset, *form_components]
+    @friendly
+    def restore_form():
+        """A page opened (or reloaded) while a run is queued or training shows that run's
+        settings, the newest's: the form as it was when Start was pressed."""
+        active = [job for job in list_jobs(ws) if job.state in ACTIVE]
+        try:
+            loaded = run_config(ws.run_dir(active[0].id)) if active else None
+        except StudioError:
+            loaded = None
+        if loaded is None:
+            return [gr.skip()] * (3 + len(form_components))
+        names = list_datasets(ws)
+        chosen = (gr.update(choices=names, value=loaded.dataset.name) if loaded.dataset.name in names
+                  else gr.skip())
+        values = form_values(loaded)
+        at = form_components.index(base_model)
+        values[at] = refresh_choices(None, loaded.base_model)[1]  # a model put in models/ since the page was built
+        return [chosen, prior_preservation(loaded), tv.automatic_values(loaded), *values]
+
+    hint_inputs = [dataset, prior_on, *form_components]
     page_values = [c.value for c in hint_inputs]
-    watched = [dataset, base_model, *(main[p] for p in MAIN_ORDER if p != ("name",))]
+    watched = [dataset, base_model, prior_on, *(main[p] for p in MAIN_ORDER if p != ("name",))]
     watched += [c for spec, c in zip(advanced_specs, advanced)
                 if spec.key in ("training.gradient_accumulation_steps", "training.gradient_checkpointing",
                                 "training.mixed_precision", "sampling.every_n_steps", "sampling.steps")]
+    hint_outputs = [hint, launch_note]
     for comp in watched:
-        comp.change(on_change, hint_inputs, hint, show_progress="minimal", trigger_mode="always_last")
-    preset.input(on_preset, preset, form_components).then(on_change, hint_inputs, hint, show_progress="hidden")
+        # the class-pictures line answers outside the queue, where it would wait behind hints that
+        # wait for a speed measurement; once a hint is there, it quotes the time it measured
+        comp.change(on_class_change, hint_inputs, class_note, show_progress="hidden", queue=False)
+        comp.change(on_change, hint_inputs, hint_outputs, show_progress="minimal", trigger_mode="always_last").then(
+            on_class_change, hint_inputs, class_note, show_progress="hidden", queue=False)
+    follow_inputs = [dataset, preset, main[("name",)], main[("dataset", "trigger_word")],
+                     main[("sampling", "prompts")], main[("dataset", "class_prompt")], auto]
+    follow_outputs = [main[("name",)], main[("dataset", "trigger_word")], main[("sampling", "prompts")], prior_on,
+                      auto]
+    preset.input(on_preset, preset, [*form_components, prior_on, auto]).then(
+        on_dataset, follow_inputs, follow_outputs, show_progress="hidden")
 
     @friendly
     def on_model_picked(value, progress=gr.Progress()):
         note = mv.pull_for_field(ws, value, "base model", progress)
         return gr.skip() if note is None else gr.update(info=note)
 
-    base_model.input(on_model_picked, base_model, base_model).then(on_change, hint_inputs, hint,
+    base_model.input(on_model_picked, base_model, base_model).then(on_change, hint_inputs, hint_outputs,
                                                                     show_progress="hidden")
     network_type.change(on_network_type, network_type, [box for _, box in method_boxes], show_progress="hidden")
-    dataset.input(on_dataset, [dataset, preset, main[("name",)]], main[("name",)], show_progress="hidden")
+    dataset.input(on_dataset, follow_inputs, follow_outputs, show_progress="hidden")
     check_btn.click(on_check, hint_inputs, [toml_view, launch_note], api_name="check_settings")
 
     def refresh_choices(current_dataset, current_model):
         names = list_datasets(ws)
-        models = model_choices(studio)
-        if current_model and current_model not in models:
-            models.append(current_model)
+        models = model_options(studio)
+        if current_model and current_model not in [value for _, value in models]:
+            models.append((current_model, current_model))
         return (gr.update(choices=names, value=dropdown_value(names, current_dataset)),
                 gr.update(choices=models, value=current_model or BUILTIN))
 
     return SimpleNamespace(tab=tab, dataset=dataset, base_model=base_model, launch_btn=launch_btn,
                            launch=on_launch, hint_inputs=hint_inputs, outputs=[toml_view, launch_note],
-                           on_change=on_change, on_first_load=on_first_load,
-                           on_page_loaded=on_page_loaded, hint=hint, refresh_choices=refresh_choices)
+                           on_change=on_change, on_first_load=on_first_load, on_page_loaded=on_page_loaded,
+                           hint=hint, class_note=class_note, hint_outputs=hint_outputs,
+                           refresh_choices=refresh_choices,
+                           restore=restore_form, restore_outputs=[dataset, prior_on, auto, *form_components])

@@ -7,9 +7,12 @@ from __future__ import annotations
 import types
 import typing
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from studio.config import TrainConfig
+from studio.datasets import dataset_stats, infer_trigger_word, sample_prompts
+from studio.jobs.runs import NATIVE_SHARE
 from studio.models.families import FAMILIES
 from ui.format import format_duration, humanize
 
@@ -18,6 +21,7 @@ MAIN_FIELDS: tuple[tuple[str, ...], ...] = (
     ("name",), ("base_model",), ("dataset", "name"), ("dataset", "path"),
     ("training", "max_steps"), ("network", "rank"), ("network", "alpha"), ("training", "learning_rate"),
     ("dataset", "resolution"), ("dataset", "trigger_word"), ("training", "batch_size"), ("sampling", "prompts"),
+    ("dataset", "class_prompt"), ("dataset", "num_class_images"),
 )
 
 SECTION_TITLES = {"": "General", "dataset": "Dataset", "network": "Network (adapter method)", "training": "Training",
@@ -223,11 +227,14 @@ def config_to_form(specs: Sequence[FieldSpec], config) -> list[Any]:
 def resource_hint(*, family: str | None, builtin: bool, steps: int, batch_size: int, resolution: int,
                   grad_accum: int = 1, gradient_checkpointing: bool = False, mixed_precision: str = "no",
                   speed=None, plan=None, steps_per_epoch: int | None = None, sample_prompts: int = 0,
-                  processes: int = 1) -> str:
+                  processes: int = 1, gpu: bool = True) -> str:
     """A time/memory estimate for a training run, as Markdown. The time comes from `plan`
     (studio.jobs.speed.Estimate at the measured `speed`); without one the built-in model's speed
-    is being measured, and full-size models get rough planning figures. With several
-    processes (data parallel) a step trains `processes` times the pictures; memory is per GPU."""
+    is being measured, and a full-size model's is not known on this machine until one of its
+    runs has trained here: with a GPU (`gpu`) a rough planning figure for a recent 24 GB card
+    stands in, without one the hint says it is not measured yet. Memory is the GPU's (VRAM)
+    with a GPU, the computer's (RAM, fp32 weights) without. With several processes (data
+    parallel) a step trains `processes` times the pictures; memory is per GPU."""
     lines: list[str] = []
     work = max(1, batch_size) * max(1, grad_accum)
     pixels = resolution * resolution * work
@@ -238,7 +245,7 @@ def resource_hint(*, family: str | None, builtin: bool, steps: int, batch_size: 
         if plan.samples_s:
             parts.append(f"{plan.sample_pictures} sample picture(s) {format_duration(plan.samples_s)}")
         if plan.class_images_s:
-            parts.append(f"class images {format_duration(plan.class_images_s)}")
+            parts.append(f"class pictures {format_duration(plan.class_images_s)}")
         lines.append(f"**Time:** about {format_duration(plan.total_s)} for {steps} steps on this machine "
                      f"({', '.join(parts)}), from {speed.source} ({speed.steps_per_s:.2f} steps/s).")
     elif builtin:
@@ -250,17 +257,25 @@ def resource_hint(*, family: str | None, builtin: bool, steps: int, batch_size: 
         guide = FAMILIES[family].gpu  # rough guide values for planning, not measurements
         scale = pixels / (guide.resolution ** 2)
         act = guide.activations_gb * scale * (0.4 if gradient_checkpointing else 1.0)
-        base = guide.base_gb * (1.6 if mixed_precision == "no" else 1.0)
-        if plan is None:
+        base = guide.base_gb * (1.6 if mixed_precision == "no" or not gpu else 1.0)
+        if plan is None and gpu:
             lines.append(f"**Time:** roughly {format_duration(steps / (guide.it_s / scale))} for {steps} steps on "
-                         "a recent 24 GB GPU (a planning figure; your first run measures this machine); training "
-                         "a full-size model on a CPU is not practical.")
-        lines.append(f"**VRAM:** roughly {base + act:.0f} GB ({FAMILIES[family].label}, "
-                     f"{resolution} px, batch {work}"
-                     + (", gradient checkpointing" if gradient_checkpointing else "")
-                     + (", fp32" if mixed_precision == "no" else f", {mixed_precision}") + ").")
-        if not gradient_checkpointing and base + act > 12:
+                         "a recent 24 GB GPU (a planning figure; your first run measures this machine).")
+        elif plan is None:
+            lines.append("**Time:** not measured on this machine yet: this model's first run here measures it "
+                         "(the Runs tab shows its speed as it goes, and this box quotes it after). There is no "
+                         "GPU here, and a full-size model trains on the CPU at many seconds per step.")
+        memory = "VRAM" if gpu else "RAM"
+        precision = ", fp32" if mixed_precision == "no" or not gpu else f", {mixed_precision}"
+        lines.append(f"**{memory}:** roughly {base + act:.0f} GB ({FAMILIES[family].label}, {resolution} px, "
+                     f"batch {work}" + (", gradient checkpointing" if gradient_checkpointing else "")
+                     + f"{precision}; a planning figure, not measured).")
+        if gpu and not gradient_checkpointing and base + act > 12:
             lines.append("Short of memory? Turn on *Gradient checkpointing* and mixed precision in All settings.")
+        native = FAMILIES[family].default_resolution
+        if resolution < NATIVE_SHARE * native:
+            lines.append(f"**Resolution:** {resolution} px is far below {FAMILIES[family].label}'s native {native} "
+                         "px: the model draws poorly that small, and so will the adapter.")
     else:
         lines.append("Pick a base model to see an estimate.")
     if processes > 1:
@@ -275,3 +290,74 @@ def resource_hint(*, family: str | None, builtin: bool, steps: int, batch_size: 
         lines.append(f"**Samples:** {sample_prompts} prompt(s), {plan.sample_pictures} picture(s) in all.")
     lines.append("<small>The Runs tab shows the real speed as the run goes.</small>")
     return "\n\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the form follows the dataset
+def automatic_values(config: TrainConfig) -> dict:
+    """What the page put in the fields that follow the dataset (trigger word, sample
+    prompts) and the class prompt it came with, for `config` (a preset, a restored run):
+    a field still holding it follows the next dataset picked."""
+    return {"trigger": config.dataset.trigger_word.strip(), "prompts": "\n".join(config.sampling.prompts).strip(),
+            "class_prompt": config.dataset.class_prompt.strip()}
+
+
+@dataclass(frozen=True)
+class DatasetFollow:
+    """What picking a dataset changes in the Train tab's form (None: leave the field)."""
+
+    trigger: str | None
+    trigger_info: str
+    prompts: str | None
+    prior: bool | None
+    auto: dict
+
+
+def follow_dataset(folder: Path, auto: dict, *, trigger: str | None, prompts: str | None,
+                   class_prompt: str | None) -> DatasetFollow:
+    """The trigger word the dataset's captions use (studio.datasets.infer_trigger_word) and
+    sample prompts from its captions, for the fields that still hold what the page put there
+    (`auto`); prior preservation on with the class prompt that came with the page's values
+    only when the dataset has class pictures of its own (that prompt was written for the
+    dataset the values came with: the preset's demo)."""
+    word = infer_trigger_word(folder)
+    lines = "\n".join(sample_prompts(folder, word))
+    follows = lambda value, key: (value or "").strip() == (auto or {}).get(key, "")  # noqa: E731
+    info = (f"From the captions of {folder.name!r} (the word they use for the subject)." if word else
+            f"The captions of {folder.name!r} share no such word: type the one they use for the subject.")
+    prior = None
+    if follows(class_prompt, "class_prompt"):
+        prior = bool(class_prompt and class_prompt.strip()) and dataset_stats(folder).reg_image_count > 0
+    new_auto = {**(auto or {}), "trigger": word, "prompts": lines}
+    return DatasetFollow(word if follows(trigger, "trigger") else None, info,
+                         lines if follows(prompts, "prompts") else None, prior, new_auto)
+
+
+def class_pictures_note(plan, *, on: bool, class_prompt: str, model: str, seconds: float | None,
+                        root: Path) -> str:
+    """The Train tab's line on prior preservation (`plan`: studio.jobs.class_images'): off,
+    or how many class pictures of which prompt, where they come from (the dataset's own
+    reg/ folder; the workspace's folder of pictures `model` draws, never the dataset), and
+    how many are drawn before training starts, and how long that takes (`seconds`)."""
+    if not on:
+        text = ("**Prior preservation is off.** Class pictures keep the base model's idea of the class (e.g. "
+                "*a photo of a cat*) while the adapter learns your subject.")
+        if class_prompt.strip():
+            text += f" Before you tick it, check that *{class_prompt.strip()}* says what your subject is."
+        return text
+    if plan is None:
+        return "**Prior preservation:** write a class prompt and how many class pictures, or untick it."
+    sources = []
+    if plan.own:
+        sources.append(f"{plan.own} from the dataset's own `reg/` folder")
+    if plan.drawn:
+        where = plan.folder.relative_to(root).as_posix() if plan.folder.is_relative_to(root) else str(plan.folder)
+        drawn = f"{plan.drawn} drawn by {model} into `{where}/` (the workspace's, not the dataset)"
+        if not plan.missing:
+            drawn += ": all there already, from an earlier run"
+        else:
+            took = f"about {format_duration(seconds)}" if seconds is not None else "time not measured yet"
+            drawn += (f": {plan.present} there already, {plan.missing} to draw" if plan.present
+                      else f": {plan.missing} to draw") + f" before training starts ({took})"
+        sources.append(drawn)
+    return (f"**Prior preservation is on:** {plan.wanted} class picture(s) of *{plan.prompt}* at "
+            f"{plan.resolution} px — " + "; ".join(sources) + ".")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,16 @@ from studio.workspace import Workspace
 
 MEASURED_STEPS = 5
 WARMUP_STEPS = 2
+
+
+def cuda_available() -> bool:
+    """Whether training here runs on a CUDA GPU: torch's answer once torch is loaded (the UI
+    loads it after its first page), before that whether an NVIDIA driver is loaded, which
+    importing torch would take seconds to confirm."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return bool(torch.cuda.is_available())
+    return Path("/proc/driver/nvidia/version").exists()
 
 
 @dataclass(frozen=True)
@@ -64,7 +75,6 @@ def measure_speed(config: TrainConfig, workspace: Workspace, *, steps: int = MEA
     pictures. Nothing is written to the workspace: it trains with the dataset's own class
     pictures only (none are drawn; estimate scales the time to the class pictures the run has)."""
     import subprocess
-    import sys
     import tempfile
 
     folder = dataset_folder(config, workspace)
@@ -147,8 +157,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    import sys
-
     try:
         sys.exit(main())
     except StudioError as error:
