@@ -88,15 +88,11 @@ def build(studio: Studio) -> SimpleNamespace:
                     suffix_btn = gr.Button("Add at end", scale=1)
                 with gr.Accordion("Auto-caption with a model", open=False):
                     with gr.Row():
-                        cap_model = gr.Dropdown(["builtin", *mv.choices(ws, "captioner")], value="builtin",
+                        cap_model = gr.Dropdown(dv.captioner_choices(mv.choices(ws, "captioner")), value="builtin",
                                                 allow_custom_value=True, label="Captioning model", scale=3,
-                                                elem_id="ds-cap-model",
-                                                info="'builtin' (toy world), a model name (org/name: pulled "
-                                                     "once, then offline) or a folder on this computer: a "
-                                                     "transformers image-to-text model (BLIP, GIT, Florence-2) "
-                                                     "or a WD14 tagger (model.onnx + selected_tags.csv).")
-                        cap_threshold = gr.Slider(0.05, 0.95, value=DEFAULT_THRESHOLD, step=0.05, scale=1,
-                                                  label="Tag threshold", elem_id="ds-cap-threshold",
+                                                elem_id="ds-cap-model", info=dv.CAPTIONER_INFO)
+                        cap_threshold = gr.Slider(0.05, 0.95, value=DEFAULT_THRESHOLD, step=0.05, scale=2,
+                                                  min_width=240, label="Tag threshold", elem_id="ds-cap-threshold",
                                                   info="WD14 taggers: keep tags at least this probable.")
                     cap_mode = gr.Radio(dv.CAPTION_MODES, value="fill", label="Which captions", elem_id="ds-cap-mode")
                     with gr.Row():
@@ -176,8 +172,7 @@ def build(studio: Studio) -> SimpleNamespace:
         gr.Info(summary.splitlines()[0])
         names = ds.list_datasets(ws)
         value = report.name if report.name in names else dropdown_value(names, None)
-        note = "```\n" + summary + "\n```"
-        return [gr.update(choices=names, value=value), *views(value, check=True), None, "", note]
+        return [gr.update(choices=names, value=value), *views(value, check=True), None, "", dv.import_note(report)]
 
     @friendly
     def on_select(current: dict, evt: gr.SelectData):

@@ -56,6 +56,34 @@ def gallery_items(items: Sequence, folder: Path, *, limit: int = 500) -> list[tu
     return out
 
 
+def import_note(report) -> str:
+    """The note under Import (a studio.datasets.ImportReport): what came in, each file left
+    out and why. The bad-file report below the gallery is checked at once, so no advice to
+    run a check."""
+    lines = [f"**Imported {report.image_count} image(s) and {report.caption_count} caption(s)** into "
+             f"*{report.name}*" + (f", replacing {len(report.replaced)} file(s)" if report.replaced else "")
+             + ". Any problem with them shows under *Problems* below."]
+    lines += [f"- skipped `{s.source}`: {s.reason}" for s in report.skipped[:IMPORT_NOTE_SKIPPED]]
+    if len(report.skipped) > IMPORT_NOTE_SKIPPED:
+        lines.append(f"- … and {len(report.skipped) - IMPORT_NOTE_SKIPPED} more skipped")
+    return "\n".join(lines)
+
+
+#: Skipped files the import note names, one line each.
+IMPORT_NOTE_SKIPPED = 10
+
+#: The captioning model field's help: the built-in captioner is a toy's.
+CAPTIONER_INFO = ("'builtin' knows only the toy world's flat shapes on plain backgrounds (a photo of a cat gets "
+                  "'a red star'): for photos pick BLIP or Florence-2 (below; pulled once, then offline), for "
+                  "anime and illustration a WD14 tagger, or give a folder of one on this computer.")
+
+
+def captioner_choices(names: Sequence[str]) -> list[tuple[str, str]]:
+    """The captioning field's (label, value) choices: the built-in toy captioner says what it
+    knows, the pulled and curated names (BLIP, Florence-2, WD14) as they are."""
+    return [("builtin — toy shapes only, not photos", BUILTIN_CAPTIONER), *((name, name) for name in names)]
+
+
 #: The Datasets tab's captioning modes: (label, mode of studio.datasets.captioning).
 CAPTION_MODES = [
     ("Only pictures without a caption", "fill"),
@@ -82,4 +110,6 @@ def auto_caption(folder: Path, model: str, mode: str, threshold: float, include_
     report = caption_dataset(folder, model, mode=mode, threshold=threshold,
                              trigger=(trigger or "").strip() or None,
                              include_regularisation=include_regularisation, progress=show, workspace=workspace)
-    return "```\n" + report.summary() + "\n```"
+    toy = ("\n\nThe built-in captioner knows only the toy world's flat shapes: for photos, caption with BLIP or "
+           "Florence-2." if model == BUILTIN_CAPTIONER else "")
+    return "```\n" + report.summary() + "\n```" + toy
