@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from studio.errors import StudioError
-from studio.models.families import BUILTIN, get_family
+from studio.models.families import BUILTIN_MODELS, get_family
 
 log = logging.getLogger(__name__)
 
@@ -26,15 +26,16 @@ class ModelRef:
 
     @property
     def display_name(self) -> str:
-        return "builtin" if self.kind == "builtin" else self.path.name
+        return self.path.name  # a built-in model's folder is named as the model ("builtin", ...)
 
 
 def resolve_model(ref: str, *, allow_pickle: bool = False) -> ModelRef:
     """Turn a model reference into a ModelRef, checking that it exists and what family it is."""
-    from studio.models.builtin import BUILTIN_DIR
+    from studio import ASSETS_DIR
 
-    if ref in ("", "builtin"):
-        return ModelRef("builtin", BUILTIN_DIR, BUILTIN.name)
+    if ref in ("", *BUILTIN_MODELS):  # a built-in tiny model: assets/<its name>
+        name = ref or "builtin"
+        return ModelRef("builtin", ASSETS_DIR / name, BUILTIN_MODELS[name].name)
     path = Path(ref).expanduser()
     if not path.exists():
         raise StudioError(
