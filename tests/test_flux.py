@@ -1,0 +1,274 @@
+"""FLUX.1, the first transformer family: its objective, its call, its adapter files (the
+kohya layout sd-scripts writes, with fused qkv; the diffusers layout), what diffusers'
+own loader and ComfyUI's key map make of them, and single-file checkpoints."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tests.test_formats import perturb
+
+#: A training run's target_modules on FLUX.1 (peft suffixes): the attention of both streams
+#: and the single blocks' MLP input, which sd-scripts fuses with q, k, v into linear1.
+FLUX_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                "proj_mlp"]
+
+
+@pytest.fixture(scope="module")
+def flux_pipe():
+    from toyworld.builtin_flux import build_pipeline
+
+    torch.manual_seed(0)
+    return build_pipeline(0)
+
+
+class Settings:
+    def __init__(self, min_timestep=0, max_timestep=1000, min_snr_gamma=None):
+        self.min_timestep, self.max_timestep, self.min_snr_gamma = min_timestep, max_timestep, min_snr_gamma
+
+
+# --------------------------------------------------------------------------------------
+# the objective
+# --------------------------------------------------------------------------------------
+
+
+def test_flow_matching_noisy_input_and_target():
+    from studio.models.families.objectives import FlowMatchObjective
+
+    objective = FlowMatchObjective({"num_train_timesteps": 1000, "shift": 1.0}, 64)
+    x0, noise = torch.randn(3, 16, 4, 4), torch.randn(3, 16, 4, 4)
+    t = torch.tensor([0.0, 250.0, 900.0])
+    sigma = (t / 1000).reshape(-1, 1, 1, 1)
+    assert torch.allclose(objective.noisy(x0, noise, t), (1 - sigma) * x0 + sigma * noise)
+    assert torch.equal(objective.target(x0, noise, t), noise - x0)
+    assert objective.prediction_type == "flow" and objective.loss_weight(t, Settings()) is None
+
+
+def test_flow_matching_shift_is_the_schedulers():
+    """Dynamic shifting: exp(mu) at the VAE's native size, mu linear in the image tokens
+    from (256, 0.5) to (4096, 1.15): FLUX.1-dev at 1024 px gives sd-scripts' 3.1582."""
+    from studio.models.families.objectives import FlowMatchObjective
+
+    config = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5,
+              "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096}
+    assert FlowMatchObjective(config, 4096).shift == pytest.approx(math.exp(1.15))
+    assert round(FlowMatchObjective(config, 4096).shift, 4) == 3.1582
+    assert FlowMatchObjective({**config, "use_dynamic_shifting": False}, 4096).shift == 3.0
+
+
+def test_flow_matching_timesteps_stay_in_range_and_repeat_from_the_generator():
+    from studio.models.families.objectives import FlowMatchObjective
+
+    objective = FlowMatchObjective({"num_train_timesteps": 1000, "shift": 3.0}, 64)
+    draw = lambda seed, s: objective.sample_timesteps(4000, torch.Generator().manual_seed(seed), s)
+    full = draw(0, Settings())
+    assert full.min() >= 0 and full.max() < 1000
+    assert torch.equal(full, draw(0, Settings()))  # the generator's draws only: a resume repeats them
+    assert not torch.equal(full, draw(1, Settings()))
+    # logit-normal shifted by 3: the median is sigma = 3 * 0.5 / (1 + 2 * 0.5) = 0.75
+    assert full.median().item() == pytest.approx(750, abs=20)
+    bounded = draw(0, Settings(min_timestep=200, max_timestep=600))
+    assert bounded.min() >= 200 and bounded.max() < 600
+    # within the bounds the same distribution: its quantiles, restricted
+    inside = full[(full >= 200) & (full < 600)]
+    assert bounded.median().item() == pytest.approx(inside.median().item(), abs=15)
+
+
+def test_flow_matching_refuses_min_snr_in_one_line():
+    from studio.models.families.objectives import FlowMatchObjective
+
+    objective = FlowMatchObjective({"num_train_timesteps": 1000}, 64)
+    assert objective.check(Settings()) == []
+    (problem,) = objective.check(Settings(min_snr_gamma=5.0))
+    assert "min_snr_gamma" in problem and "\n" not in problem
+
+
+# --------------------------------------------------------------------------------------
+# the family's call and conditioning
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("guidance", [False, True])
+def test_predict_is_fluxpipelines_transformer_call(flux_pipe, guidance):
+    """predict packs, calls and unpacks exactly as FluxPipeline.__call__ does (its own
+    _pack_latents / ids / encode_prompt), with the dev model's guidance embedding."""
+    from diffusers import FluxTransformer2DModel
+
+    from studio.models.families import get_family
+    from studio.models.families.flux import TRAINING_GUIDANCE
+
+    family = get_family("flux")
+    pipe = flux_pipe
+    transformer = pipe.transformer
+    if guidance:
+        torch.manual_seed(3)
+        transformer = FluxTransformer2DModel.from_config({**pipe.transformer.config, "guidance_embeds": True})
+    prompts = ["a red circle on a white background", "a blue square"]
+    with torch.no_grad():
+        cond = family.encode_text([pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2],
+                                  prompts, "cpu")
+        embeds, pooled, text_ids = pipe.encode_prompt(prompts, max_sequence_length=pipe.tokenizer_2.model_max_length)
+        assert torch.equal(cond["encoder_hidden_states"], embeds) and torch.equal(cond["pooled_projections"], pooled)
+        latents = torch.randn(2, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+        t = torch.tensor([300.0, 800.0])
+        ours = family.predict(transformer, latents, t, cond)
+        packed = pipe._pack_latents(latents, 2, 16, 16, 16)
+        ids = pipe._prepare_latent_image_ids(2, 8, 8, "cpu", latents.dtype)
+        theirs = transformer(hidden_states=packed, timestep=t / 1000,
+                             guidance=torch.full([2], TRAINING_GUIDANCE) if guidance else None,
+                             pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=text_ids,
+                             img_ids=ids, return_dict=False)[0]
+    assert ours.shape == latents.shape
+    assert torch.equal(ours, pipe._unpack_latents(theirs, 16, 16, 1))
+    if guidance:  # the guidance input matters: the call would differ without it
+        other = transformer(hidden_states=packed, timestep=t / 1000, guidance=torch.full([2], 4.0),
+                            pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=text_ids,
+                            img_ids=ids, return_dict=False)[0]
+        assert not torch.allclose(other, theirs)
+
+
+def test_family_detection(flux_pipe):
+    from studio.models.families import (family_from_diffusers_keys, family_from_metadata, family_from_prefixes,
+                                        family_from_unet_names, family_of_pipeline)
+
+    assert family_of_pipeline(flux_pipe).name == "flux"
+    assert family_from_metadata({"ss_base_model_version": "flux1"}).name == "flux"
+    assert family_from_metadata({"modelspec.architecture": "flux-1-schnell/lora"}).name == "flux"
+    assert family_from_prefixes({"lora_unet", "lora_te3"}).name == "flux"
+    assert family_from_prefixes({"lycoris"}).name == "flux"
+    assert family_from_unet_names(["lora_unet_double_blocks_0_img_attn_qkv"]).name == "flux"
+    assert family_from_unet_names(["lora_unet_input_blocks_4_1_proj_in"]).name == "sdxl"
+    assert family_from_diffusers_keys({"transformer"}, ["transformer_blocks.0.attn.to_q"]).name == "flux"
+    assert family_from_diffusers_keys({"unet", "text_encoder_2"}, ["down_blocks.1.attentions.0"]).name == "sdxl"
+
+
+# --------------------------------------------------------------------------------------
+# adapter files
+# --------------------------------------------------------------------------------------
+
+
+def _inputs(pipe):
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(2, pipe.tokenizer_2.model_max_length, 64, generator=g)
+    return {"hidden_states": torch.randn(2, 64, 64, generator=g), "timestep": torch.tensor([0.3, 0.8]),
+            "pooled_projections": torch.randn(2, 64, generator=g), "encoder_hidden_states": hidden,
+            "txt_ids": torch.zeros(hidden.shape[1], 3), "img_ids": pipe._prepare_latent_image_ids(2, 8, 8, "cpu", torch.float32),
+            "guidance": None, "return_dict": False}
+
+
+def _outputs(pipe):
+    ids = pipe.tokenizer(["a red circle"], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         return_tensors="pt").input_ids
+    with torch.no_grad():
+        return pipe.transformer(**_inputs(pipe))[0], pipe.text_encoder(ids).pooler_output
+
+
+def _adapted_layers(model) -> int:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return sum(isinstance(m, BaseTunerLayer) for m in model.modules())
+
+
+def _rel(a, b) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(scope="module")
+def trained_files(flux_pipe, tmp_path_factory):
+    """A perturbed rank-4 LoRA (alpha 8) on every transformer-block Linear and CLIP's
+    attention, exported in the kohya and the diffusers layouts, with the adapted outputs."""
+    import copy
+
+    from peft import LoraConfig
+
+    from studio.adapters import adapter_models, export_adapter, save_adapter
+    from studio.adapters.formats.peft_bridge import inject_peft_adapter
+
+    from studio.adapters import targets_for
+
+    pipe = copy.deepcopy(flux_pipe)
+    targets = targets_for({"transformer": pipe.transformer})["transformer"]
+    assert len(targets) == 2 * 14 + 4 * 6  # every Linear of the double and single blocks
+    inject_peft_adapter(pipe.transformer, LoraConfig(r=4, lora_alpha=8, target_modules=targets), "default")
+    inject_peft_adapter(pipe.text_encoder, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj",
+                                                                                          "out_proj"]), "default")
+    perturb([pipe.transformer, pipe.text_encoder])
+    adapter = export_adapter(adapter_models(pipe), family="flux", metadata={"ss_base_model_version": "flux1"})
+    folder = tmp_path_factory.mktemp("flux-files")
+    kohya = save_adapter(folder / "kohya.safetensors", adapter)
+    diffusers_file = save_adapter(folder / "diffusers.safetensors", adapter, format="diffusers",
+                                  models=adapter_models(flux_pipe))
+    return {"kohya": kohya, "diffusers": diffusers_file, "adapter": adapter, "outputs": _outputs(pipe),
+            "layers": _adapted_layers(pipe.transformer) + _adapted_layers(pipe.text_encoder)}
+
+
+def test_kohya_export_names_and_fuses_as_sd_scripts(trained_files, flux_pipe):
+    from safetensors import safe_open
+
+    with safe_open(str(trained_files["kohya"]), framework="pt") as f:
+        keys = set(f.keys())
+        qkv_up = f.get_tensor("lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight")
+        qkv_down = f.get_tensor("lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight")
+        linear1_up = f.get_tensor("lora_unet_single_blocks_3_linear1.lora_up.weight")
+    inner = flux_pipe.transformer.inner_dim
+    assert tuple(qkv_up.shape) == (3 * inner, 12) and tuple(qkv_down.shape) == (12, inner)
+    # block-diagonal: q's rows use only q's rank columns (sd-scripts' split_qkv form)
+    assert qkv_up[:inner, 4:].abs().max() == 0 and qkv_up[inner:2 * inner, :4].abs().max() == 0
+    assert tuple(linear1_up.shape) == (3 * inner + 4 * inner, 16)
+    names = {k.split(".")[0] for k in keys}
+    for name in ("lora_unet_double_blocks_1_txt_attn_qkv", "lora_unet_double_blocks_0_img_attn_proj",
+                 "lora_unet_double_blocks_0_txt_attn_proj", "lora_unet_double_blocks_0_img_mlp_0",
+                 "lora_unet_double_blocks_0_img_mlp_2", "lora_unet_double_blocks_0_txt_mlp_2",
+                 "lora_unet_double_blocks_0_img_mod_lin", "lora_unet_double_blocks_0_txt_mod_lin",
+                 "lora_unet_single_blocks_0_linear2", "lora_unet_single_blocks_0_modulation_lin",
+                 "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"):
+        assert name in names
+    assert not any("to_q" in n or "lycoris" in n for n in names)
+
+
+@pytest.mark.slow(seconds=20)
+@pytest.mark.parametrize("layout", ["kohya", "diffusers"])
+def test_diffusers_load_lora_weights_consumes_every_key(trained_files, flux_pipe, layout, tmp_path):
+    """diffusers' own FluxPipeline.load_lora_weights reads our file: every module of it
+    lands on a layer (as many adapted layers as our loader makes) and the transformer and
+    CLIP outputs are ours (the trained model's, test_our_loader_reads_both_layouts_back)
+    within 1e-5. diffusers splits sd-scripts' single-block linear1 at FLUX.1's full-size
+    widths (3072 x 3 + 12288, hard-coded), so the tiny model's kohya file goes without its
+    linear1 modules there; tests/test_flux.py's full-size key tables cover their names."""
+    import copy
+
+    from studio.adapters import AdapterFile, attach_adapter, load_adapter, save_adapter
+
+    path = trained_files[layout]
+    adapter = load_adapter(path)
+    if layout == "kohya":
+        adapter = AdapterFile({n: m for n, m in adapter.modules.items() if not n.endswith("_linear1")},
+                              adapter.metadata, "flux")
+        path = save_adapter(tmp_path / "without-linear1.safetensors", adapter)
+    ours = copy.deepcopy(flux_pipe)
+    attach_adapter(ours, adapter, "ours")
+    pipe = copy.deepcopy(flux_pipe)
+    pipe.load_lora_weights(str(path), adapter_name="theirs")
+    assert _adapted_layers(pipe.transformer) + _adapted_layers(pipe.text_encoder) == (
+        _adapted_layers(ours.transformer) + _adapted_layers(ours.text_encoder))
+    (transformer, pooled), (want_transformer, want_pooled) = _outputs(pipe), _outputs(ours)
+    assert _rel(transformer, want_transformer) < 1e-5 and _rel(pooled, want_pooled) < 1e-5
+    base_transformer, _ = _outputs(flux_pipe)
+    assert _rel(base_transformer, want_transformer) > 1e-3  # the adapter matters
+
+
+@pytest.mark.parametrize("layout", ["kohya", "diffusers"])
+def test_our_loader_reads_both_layouts_back(trained_files, flux_pipe, layout):
+    import copy
+
+    from studio.adapters import attach_adapter, load_adapter
+
+    adapter = load_adapter(trained_files[layout])
+    assert adapter.family == "flux"
+    pipe = copy.deepcopy(flux_pipe)
+    attach_adapter(pipe, adapter, "ours")
+    transformer, pooled = _outputs(pipe)
+    want_transformer, want_pooled = trained_files["outputs"]
+    assert _rel(transformer, want_transformer) < 1e-5 and _rel(pooled, want_pooled) < 1e-5
