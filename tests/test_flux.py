@@ -272,3 +272,215 @@ def test_our_loader_reads_both_layouts_back(trained_files, flux_pipe, layout):
     transformer, pooled = _outputs(pipe)
     want_transformer, want_pooled = trained_files["outputs"]
     assert _rel(transformer, want_transformer) < 1e-5 and _rel(pooled, want_pooled) < 1e-5
+
+
+# --------------------------------------------------------------------------------------
+# full-size FLUX.1: sd-scripts' names and ComfyUI's key map
+# --------------------------------------------------------------------------------------
+
+HIDDEN, MLP, DOUBLE, SINGLE = 3072, 4 * 3072, 19, 38
+
+
+def _bfl_flux():
+    """The BFL FLUX.1 model's module tree (sd-scripts' library/flux_models.py, re-typed down
+    to what names depend on: DoubleStreamBlock, SingleStreamBlock and their Linears), on the
+    meta device."""
+    from torch import nn
+
+    class Modulation(nn.Module):
+        def __init__(self, double):
+            super().__init__()
+            self.lin = nn.Linear(HIDDEN, (6 if double else 3) * HIDDEN)
+
+    class QKNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.query_norm, self.key_norm = nn.RMSNorm(128), nn.RMSNorm(128)
+
+    class SelfAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.norm, self.proj = nn.Linear(HIDDEN, 3 * HIDDEN), QKNorm(), nn.Linear(HIDDEN, HIDDEN)
+
+    class DoubleStreamBlock(nn.Module):
+        def __init__(self):
+            super().__init__()
+            for stream in ("img", "txt"):
+                setattr(self, f"{stream}_mod", Modulation(True))
+                setattr(self, f"{stream}_attn", SelfAttention())
+                setattr(self, f"{stream}_mlp", nn.Sequential(nn.Linear(HIDDEN, MLP), nn.GELU(), nn.Linear(MLP, HIDDEN)))
+
+    class SingleStreamBlock(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear1, self.linear2 = nn.Linear(HIDDEN, 3 * HIDDEN + MLP), nn.Linear(HIDDEN + MLP, HIDDEN)
+            self.norm, self.modulation = QKNorm(), Modulation(False)
+
+    class Flux(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.double_blocks = nn.ModuleList(DoubleStreamBlock() for _ in range(DOUBLE))
+            self.single_blocks = nn.ModuleList(SingleStreamBlock() for _ in range(SINGLE))
+
+    with torch.device("meta"):
+        return Flux()
+
+
+def _sd_scripts_flux_names(flux, clip) -> dict[str, tuple[int, int]]:
+    """sd-scripts networks/lora_flux.py LoRANetwork.create_modules, re-typed: every Linear
+    inside DoubleStreamBlock / SingleStreamBlock under lora_unet, inside CLIPAttention /
+    CLIPMLP under lora_te1; name = prefix + module path with '.' -> '_'. -> (out, in)."""
+    names = {}
+    for prefix, root, classes in (("lora_unet", flux, ("DoubleStreamBlock", "SingleStreamBlock")),
+                                  ("lora_te1", clip, ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP"))):
+        for name, module in root.named_modules():
+            if type(module).__name__ not in classes:
+                continue
+            for child_name, child in module.named_modules():
+                if type(child).__name__ == "Linear":
+                    path = f"{name}.{child_name}"
+                    if prefix == "lora_te1":  # transformers 5's CLIPTextModel: sd-scripts' names keep text_model
+                        path = "text_model." + path.removeprefix("text_model.")
+                    names[f"{prefix}_{path.replace('.', '_')}"] = (child.out_features, child.in_features)
+    return names
+
+
+def _comfyui_flux_key_map(flux, clip) -> dict[str, tuple[str, tuple[int, int] | None]]:
+    """ComfyUI comfy/lora.py model_lora_keys_unet / model_lora_keys_clip for a Flux model,
+    re-typed: lora_unet_<BFL path> for every weight of its (BFL-layout) model, and the
+    diffusers names comfy.utils.flux_to_diffusers gives (transformer.<path>, lycoris_<path>,
+    lora_transformer_<path>) -> (weight, (first row, rows) of it or None); lora_te1 CLIP-L."""
+    key_map: dict[str, tuple[str, tuple[int, int] | None]] = {}
+    for key, _ in flux.named_parameters():
+        if key.endswith(".weight"):
+            key_map["lora_unet_" + key[:-len(".weight")].replace(".", "_")] = (key, None)
+    diffusers: dict[str, tuple[str, tuple[int, int] | None]] = {}
+    for i in range(DOUBLE):
+        d, b = f"transformer_blocks.{i}", f"double_blocks.{i}"
+        for j, (img, txt) in enumerate((("to_q", "add_q_proj"), ("to_k", "add_k_proj"), ("to_v", "add_v_proj"))):
+            diffusers[f"{d}.attn.{img}"] = (f"{b}.img_attn.qkv.weight", (j * HIDDEN, HIDDEN))
+            diffusers[f"{d}.attn.{txt}"] = (f"{b}.txt_attn.qkv.weight", (j * HIDDEN, HIDDEN))
+        for ours, theirs in (("attn.to_out.0", "img_attn.proj"), ("norm1.linear", "img_mod.lin"),
+                             ("norm1_context.linear", "txt_mod.lin"), ("attn.to_add_out", "txt_attn.proj"),
+                             ("ff.net.0.proj", "img_mlp.0"), ("ff.net.2", "img_mlp.2"),
+                             ("ff_context.net.0.proj", "txt_mlp.0"), ("ff_context.net.2", "txt_mlp.2")):
+            diffusers[f"{d}.{ours}"] = (f"{b}.{theirs}.weight", None)
+    for i in range(SINGLE):
+        d, b = f"single_transformer_blocks.{i}", f"single_blocks.{i}"
+        for j, part in enumerate(("attn.to_q", "attn.to_k", "attn.to_v")):
+            diffusers[f"{d}.{part}"] = (f"{b}.linear1.weight", (j * HIDDEN, HIDDEN))
+        diffusers[f"{d}.proj_mlp"] = (f"{b}.linear1.weight", (3 * HIDDEN, 4 * HIDDEN))
+        diffusers[f"{d}.norm.linear"] = (f"{b}.modulation.lin.weight", None)
+        diffusers[f"{d}.proj_out"] = (f"{b}.linear2.weight", None)
+    for path, to in diffusers.items():
+        key_map[f"transformer.{path}"] = to
+        key_map[f"lycoris_{path.replace('.', '_')}"] = to
+        key_map[f"lora_transformer_{path.replace('.', '_')}"] = to
+    for name, module in clip.named_modules():
+        if type(module).__name__ == "Linear" and ".encoder.layers." in f".{name}":
+            layer = name.removeprefix("text_model.")
+            key_map[f"lora_te1_text_model_{layer.replace('.', '_')}"] = (f"clip_l.{name}.weight", None)
+    return key_map
+
+
+@pytest.fixture(scope="module")
+def full_size():
+    from studio.adapters import reference_models
+
+    label, models = reference_models("flux")[-1]
+    assert label == "FLUX.1" and models["transformer"].config.num_layers == DOUBLE
+    return models
+
+
+def _full_size_file(models, kind: str = "lora") -> "AdapterFile":
+    """A rank-1 file for every module sd-scripts adapts, named by our naming (the fused
+    targets of name_table): LoRA, or LoHa on the same modules."""
+    from studio.adapters import AdapterFile, AdapterModule, LoraModule, name_table, targets_for
+    from studio.adapters.formats.naming import kohya_name
+    from studio.models.families import get_family
+
+    table = name_table("flux", models)
+    names = set()
+    for attr, paths in targets_for({k: models[k] for k in ("transformer", "text_encoder")}).items():
+        part = next(p for p in get_family("flux").parts if p.attr == attr)
+        names |= {kohya_name(part, path) for path in paths}
+    modules = {}
+    for name in names:
+        out, inp = table[name].weight_shape
+        if kind == "lora":
+            modules[name] = LoraModule(torch.zeros(1, inp), torch.zeros(out, 1), 1.0)
+        else:
+            modules[name] = AdapterModule("loha", {"hada_w1_a": torch.zeros(out, 1), "hada_w1_b": torch.zeros(1, inp),
+                                                   "hada_w2_a": torch.zeros(out, 1), "hada_w2_b": torch.zeros(1, inp)}, 1.0)
+    return AdapterFile(modules, {}, "flux")
+
+
+@pytest.mark.slow(seconds=60)
+def test_full_size_key_set_equals_sd_scripts(full_size, tmp_path):
+    from studio.adapters import load_adapter, name_table, save_adapter
+    from studio.adapters.formats.peft_bridge import check_fit
+
+    adapter = _full_size_file(full_size)
+    expected = _sd_scripts_flux_names(_bfl_flux(), full_size["text_encoder"])
+    assert set(adapter.modules) == set(expected)
+    assert adapter.prefix_counts() == {"lora_te1": 72, "lora_unet": DOUBLE * 10 + SINGLE * 3}
+    for name, module in adapter.modules.items():
+        assert (module.up.shape[0], module.down.shape[1]) == expected[name], name
+    path = save_adapter(tmp_path / "full.safetensors", adapter, dtype=torch.float16)
+    back = load_adapter(path)
+    assert back.family == "flux" and set(back.modules) == set(expected)
+    table = name_table("flux", full_size)
+    assert all(check_fit(n, m, table[n]) is None for n, m in back.modules.items())
+    assert tuple(back.modules["lora_unet_double_blocks_18_img_attn_qkv"].up.shape) == (3 * HIDDEN, 1)
+    assert tuple(back.modules["lora_unet_single_blocks_37_linear1"].up.shape) == (3 * HIDDEN + MLP, 1)
+
+
+@pytest.mark.slow(seconds=60)
+@pytest.mark.parametrize("kind", ["lora", "loha"])
+def test_comfyui_maps_every_tensor_of_a_full_size_export(full_size, kind, tmp_path):
+    """Every module of a full-size export (kohya layout) is a key of ComfyUI's map and fits
+    the weight (or the slice of it) the map sends it to. LoHa trained on diffusers' split
+    q/k/v is written per part under lycoris_ names, which ComfyUI maps to the slices."""
+    import copy
+
+    from safetensors import safe_open
+
+    from studio.adapters import AdapterFile, save_adapter
+    from studio.adapters.formats.modules import module_rows
+    from studio.adapters import name_table
+
+    adapter = _full_size_file(full_size, kind)
+    if kind == "loha":  # as the trainer's export writes LoHa on fused layers: one module per part
+        table = name_table("flux", full_size)
+        modules = {}
+        for name, module in adapter.modules.items():
+            target = table[name]
+            if not target.pieces:
+                modules[name] = module
+                continue
+            for piece, start, stop in target.rows():
+                modules["lycoris_" + piece.path.replace(".", "_")] = module_rows(module, start, stop, name)
+        adapter = AdapterFile(modules, {}, "flux")
+    path = save_adapter(tmp_path / "full.safetensors", adapter, dtype=torch.float16)
+    flux = _bfl_flux()
+    key_map = _comfyui_flux_key_map(flux, full_size["text_encoder"])
+    shapes = {k: tuple(p.shape) for k, p in flux.named_parameters()}
+    shapes |= {f"clip_l.{k}": tuple(p.shape) for k, p in full_size["text_encoder"].named_parameters()}
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
+        modules = {}
+        for key in keys:
+            name, _, part = key.partition(".")
+            modules.setdefault(name, {})[part] = tuple(f.get_slice(key).get_shape())
+    unmapped = [n for n in modules if n not in key_map]
+    assert not unmapped, unmapped[:5]
+    for name, parts in modules.items():
+        weight, rows = key_map[name]
+        out, inp = shapes[weight]
+        if rows is not None:
+            out = rows[1]
+        if kind == "lora":
+            assert (parts["lora_up.weight"][0], parts["lora_down.weight"][1]) == (out, inp), name
+        else:
+            assert (parts["hada_w1_a"][0], parts["hada_w1_b"][1]) == (out, inp), name
+    assert len(modules) == (72 + DOUBLE * 10 + SINGLE * 3 if kind == "lora" else 72 + DOUBLE * 14 + SINGLE * 6)
