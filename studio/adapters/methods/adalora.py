@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 
 from studio.errors import StudioError
-from studio.adapters.methods.base import ADAPTER_NAME, PeftMethod, PeftTraining
+from studio.adapters.methods.base import ADAPTER_NAME, PeftMethod, PeftTraining, is_text_encoder
 
 
 def schedule(net, max_steps: int) -> dict[str, int]:
@@ -46,7 +46,7 @@ class AdaLoRATraining(PeftTraining):
         self.keep: dict[str, list[bool]] | None = None
 
     def peft_config(self, component):
-        return self.method.peft_config(self.net, text_encoder=component != "unet", max_steps=self.max_steps)
+        return self.method.peft_config(self.net, text_encoder=is_text_encoder(component), max_steps=self.max_steps)
 
     def _all(self):
         import torch

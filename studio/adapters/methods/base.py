@@ -42,6 +42,14 @@ FORMAT_KEY = "lora_studio.format"
 ADAPTER_NAME = "default"
 
 
+def is_text_encoder(component: str) -> bool:
+    """Whether a pipeline attribute is a text encoder, not a family's denoiser (unet,
+    transformer): which of network.target_modules / text_encoder_target_modules it takes."""
+    from studio.models.families import FAMILIES
+
+    return component not in {f.denoiser for f in FAMILIES.values()}
+
+
 class Training(ABC):
     """A method's adapter on one run's models: it adds itself to each model, and keeps the
     resumable state and the export of what it trained."""
@@ -199,7 +207,7 @@ class PeftTraining(Training):
     def add(self, component, model, lr):
         from studio.adapters.formats.peft_bridge import inject_peft_adapter
 
-        text_encoder = component != "unet"
+        text_encoder = is_text_encoder(component)
         try:
             with warnings.catch_warnings():  # conv patterns of an unadapted section (its downsamplers) match nothing
                 if self.unadapted_sections:
@@ -214,8 +222,8 @@ class PeftTraining(Training):
     def peft_config(self, component: str):
         """The peft config this run injects into `component` (none in its unadapted sections:
         their frozen adapters would still cost a forward pass each step, 8% of the demo's)."""
-        config = self.method.peft_config(self.net, text_encoder=component != "unet")
-        if component == "unet" and self.unadapted_sections:
+        config = self.method.peft_config(self.net, text_encoder=is_text_encoder(component))
+        if not is_text_encoder(component) and self.unadapted_sections:
             config.exclude_modules = rf"^(?:{'|'.join(map(re.escape, self.unadapted_sections))})\..*"
         return config
 
@@ -341,7 +349,7 @@ class LinearHookTraining(Training):
     def add(self, component, model, lr):
         import torch
 
-        text_encoder = component != "unet"
+        text_encoder = is_text_encoder(component)
         setting = f"network.{'text_encoder_' if text_encoder else ''}target_modules"
         targets = list(self.net.text_encoder_target_modules if text_encoder else self.net.target_modules)
         layers = linear_targets(model, targets, self.method.name, setting)
@@ -351,7 +359,7 @@ class LinearHookTraining(Training):
         self.layers[component] = layers
         self.params[component] = {path: {name: torch.nn.Parameter(t.to(device)) for name, t in parts.items()}
                                   for path, parts in initial.items()}
-        if component == "unet":
+        if not is_text_encoder(component):
             self.unet_config = model.config
         for path, layer in layers.items():
             layer.register_forward_hook(self._hook(component, path))

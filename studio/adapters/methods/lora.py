@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from studio.errors import StudioError
 from studio.adapters.methods import ard
-from studio.adapters.methods.base import ADAPTER_NAME, PeftMethod, PeftTraining
+from studio.adapters.methods.base import ADAPTER_NAME, PeftMethod, PeftTraining, is_text_encoder
 
 
 class LoRATraining(PeftTraining):
@@ -68,7 +68,7 @@ class LoRATraining(PeftTraining):
 
         layers, configured = {}, {}
         for component, model in models.items():
-            config = self.method.peft_config(self.net, text_encoder=component != "unet")
+            config = self.method.peft_config(self.net, text_encoder=is_text_encoder(component))
             for path, layer in adapted_modules(model, config).items():
                 layers[(component, path)] = layer
                 configured[(component, path)] = configured_rank(config, path)
