@@ -49,7 +49,7 @@ from toyworld.builtin_flux import FLUX_DIR, build_pipeline, save_pipeline
 from toyworld.builtin_training import (EMA_DECAY, LOG_EVERY, WEIGHT_DECAY, Ema, build_bank, check_vae, cpu_name,
                                        folder_size, log, one_cycle, train_vae)
 
-DEFAULTS = {"seed": 0, "vae_steps": 500, "vae_batch": 16, "vae_lr": 2e-3, "bank_size": 12000, "steps": 2400,
+DEFAULTS = {"seed": 0, "vae_steps": 800, "vae_batch": 16, "vae_lr": 2e-3, "bank_size": 12000, "steps": 1600,
             "batch": 32, "lr": 1e-3, "guidance": 5.0, "eval_seeds": "0,1"}
 CHECKPOINT_EVERY = 200
 

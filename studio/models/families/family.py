@@ -114,6 +114,9 @@ class Family:
     objective: Callable[[Any], "Objective"] = field(repr=False)
     # (denoiser, noisy latents, timesteps, conditioning) -> the denoiser's prediction, shaped as the latents
     predict: Callable[..., torch.Tensor] = field(repr=False)
+    # (a single file holding the denoiser alone, denoiser state-dict shapes) -> its diffusers
+    # state dict; None: the family's single files are whole pipelines (SD's LDM checkpoints)
+    denoiser_from_single_file: Callable[..., dict] | None = field(default=None, repr=False)
 
     @property
     def denoiser(self) -> str:

@@ -153,6 +153,58 @@ def state_dict_to_bfl(state: dict[str, "torch.Tensor"]) -> dict[str, "torch.Tens
     return out
 
 
+def state_dict_from_bfl(bfl: dict[str, "torch.Tensor"], shapes: dict[str, tuple[int, ...]]) -> dict[str, "torch.Tensor"]:
+    """The inverse of state_dict_to_bfl for a transformer whose diffusers state dict has
+    `shapes` (key -> shape, e.g. of the model built on the meta device from its config):
+    every fused BFL tensor split by the rows of its parts, in layout order. Own code, not
+    diffusers' convert_flux_transformer_checkpoint_to_diffusers, which splits at FLUX.1's
+    full-size widths (inner_dim 3072, hard-coded) and so cannot read another size."""
+    import torch
+
+    names = _bfl_names(shapes)
+    rows: dict[str, list[tuple[int, str]]] = {}
+    for key in shapes:
+        piece = layout(key.rpartition(".")[0])
+        if piece is not None:
+            rows.setdefault(names[key], []).append((piece.index, key))
+    start: dict[str, int] = {}
+    for parts in rows.values():
+        row = 0
+        for _, key in sorted(parts):
+            start[key] = row
+            row += shapes[key][0]
+    out = {}
+    for key, shape in shapes.items():
+        tensor = bfl[names[key]]
+        if key in start:
+            tensor = tensor[start[key]:start[key] + shape[0]]
+        elif key.startswith("norm_out.linear."):
+            shift, scale = tensor.chunk(2, dim=0)
+            tensor = torch.cat([scale, shift])
+        out[key] = tensor
+    return out
+
+
+def _bfl_names(keys) -> dict[str, str]:
+    """diffusers state-dict key -> the BFL checkpoint key holding it (whole or in part)."""
+    out = {}
+    for key in keys:
+        module, _, kind = key.rpartition(".")
+        piece = layout(module)
+        if piece is not None:
+            out[key] = f"{piece.path}.{kind}"
+        elif module == "norm_out.linear":
+            out[key] = f"final_layer.adaLN_modulation.1.{kind}"
+        else:
+            match = _BLOCK.match(module)
+            double = match is not None and match.group(1) == "transformer_blocks"
+            norms = _DOUBLE_NORMS if double else _SINGLE_NORMS
+            if match is None or match.group(3) not in norms:
+                raise ValueError(f"{key} has no place in a FLUX.1 checkpoint")
+            out[key] = f"{'double_blocks' if double else 'single_blocks'}.{match.group(2)}.{norms[match.group(3)]}.scale"
+    return out
+
+
 FAMILY = Family(
     name="flux", label="FLUX.1", long_label="FLUX.1",
     pipeline_classes=("FluxPipeline",),
@@ -176,6 +228,7 @@ FAMILY = Family(
     unet_name_hint=re.compile(r"lora_unet_(double_blocks|single_blocks)_"),
     diffusers_path_hint=re.compile(r"^(single_transformer_blocks|transformer_blocks\.\d+\.attn\.add_q_proj)"),
     embedding_keys=("clip_l", "t5"), embedding_file_keys=("clip_l", "t5"),
+    denoiser_from_single_file=state_dict_from_bfl,
     # One section: block_lr_* split a UNet's down / mid / up blocks, which a transformer has
     # not; the check refuses them on FLUX.1 (see sections_note).
     sections={},
