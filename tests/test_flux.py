@@ -574,3 +574,70 @@ def test_a_bfl_transformer_file_loads_offline(flux_pipe, tmp_path, prefix):
     assert all(torch.equal(loaded[k], v) for k, v in transformer.state_dict().items())
     with pytest.raises(StudioError, match="does not fit|alone"):
         load_single_file(path)
+
+
+# --------------------------------------------------------------------------------------
+# fused layers: one module <-> one per part
+# --------------------------------------------------------------------------------------
+
+
+def test_fused_modules_split_and_stack_exactly():
+    """A fused layer's module becomes one per part with exactly the part's rows of the
+    update (LoRA: block-diagonal columns dropped; LoHa: rows of w1a, w2a), LoRA parts stack
+    back to the same update, and a LoKr whose Kronecker rows do not divide the parts is
+    refused by name."""
+    from studio.adapters import AdapterModule, LoraModule
+    from studio.adapters.formats.modules import module_rows, stack_rows
+    from studio.errors import StudioError
+
+    g = torch.Generator().manual_seed(0)
+    sizes, inp = [6, 6, 6, 24], 6
+    parts = [LoraModule(torch.randn(2, inp, generator=g), torch.randn(n, 2, generator=g), alpha) if n != 6 or i != 1
+             else None for i, (n, alpha) in enumerate(zip(sizes, (1.0, 2.0, 4.0, 2.0)))]
+    fused = stack_rows(parts, sizes, "linear1")
+    assert fused.rank == 6 and tuple(fused.up.shape) == (42, 6)
+    delta, row = fused.delta((42, inp)), 0
+    for part, size in zip(parts, sizes):
+        piece = module_rows(fused, row, row + size, "linear1")
+        if part is None:
+            assert piece is None and delta[row:row + size].abs().max() == 0
+        else:
+            assert piece.rank == 2  # its own rank back: the other parts' columns are zero here
+            assert torch.allclose(piece.delta((size, inp)), part.delta((size, inp)), atol=1e-6)
+            assert torch.allclose(delta[row:row + size], part.delta((size, inp)), atol=1e-6)
+        row += size
+
+    loha = AdapterModule("loha", {"hada_w1_a": torch.randn(18, 3, generator=g), "hada_w1_b": torch.randn(3, inp, generator=g),
+                                  "hada_w2_a": torch.randn(18, 3, generator=g), "hada_w2_b": torch.randn(3, inp, generator=g)},
+                         1.5)
+    full = loha.delta((18, inp))
+    assert torch.allclose(module_rows(loha, 6, 12, "qkv").delta((6, inp)), full[6:12], atol=1e-6)
+
+    lokr = AdapterModule("lokr", {"lokr_w1": torch.randn(3, 2, generator=g), "lokr_w2": torch.randn(6, 3, generator=g)})
+    assert torch.allclose(module_rows(lokr, 6, 12, "qkv").delta((6, inp)), lokr.delta((18, inp))[6:12], atol=1e-6)
+    odd = AdapterModule("lokr", {"lokr_w1": torch.randn(2, 2, generator=g), "lokr_w2": torch.randn(9, 3, generator=g)})
+    with pytest.raises(StudioError, match="qkv: its LoKr factor of 9 rows"):
+        module_rows(odd, 6, 12, "qkv")
+
+
+@pytest.mark.slow(seconds=15)
+def test_loha_on_flux_writes_its_fused_parts_by_lycoris_names_and_reads_back(flux_pipe, tmp_path):
+    import copy
+
+    from peft import LoHaConfig
+
+    from studio.adapters import adapter_models, attach_adapter, export_adapter, load_adapter, save_adapter
+    from studio.adapters.formats.peft_bridge import inject_peft_adapter
+
+    pipe = copy.deepcopy(flux_pipe)
+    inject_peft_adapter(pipe.transformer, LoHaConfig(r=2, alpha=4, target_modules=FLUX_TARGETS), "default")
+    perturb([pipe.transformer])
+    adapter = export_adapter(adapter_models(pipe), family="flux")
+    names = set(adapter.modules)
+    assert "lycoris_transformer_blocks_0_attn_to_q" in names and "lycoris_single_transformer_blocks_0_proj_mlp" in names
+    assert "lora_unet_double_blocks_0_img_attn_proj" in names  # not fused: sd-scripts' name
+    path = save_adapter(tmp_path / "loha.safetensors", adapter)
+    fresh = copy.deepcopy(flux_pipe)
+    attach_adapter(fresh, load_adapter(path), "reloaded")
+    (got, _), (want, _) = _outputs(fresh), _outputs(pipe)
+    assert _rel(got, want) < 1e-5
