@@ -188,6 +188,11 @@ def load_adapter(path: str | Path) -> AdapterFile:
     if bundled and not tensors:
         raise StudioError(f"{path.name} holds only bundled embeddings, no adapter.")
     keys = list(tensors)
+    parts = {k.split(".", 1)[1] for k in keys if "." in k}
+    for method in METHODS.values():  # another tool's file of a method (LyCORIS's lycoris_ T-LoRA): say so first
+        why = method.foreign_file(path.name, parts)
+        if why:
+            raise StudioError(why)
     if all(k.split(".", 1)[0].startswith(tuple(p + "_" for p in ALL_PREFIXES)) for k in keys):
         adapter = _from_kohya(tensors, metadata, path.name)
         adapter.embeddings = parse_bundled(bundled, get_family(adapter.family), path.name)
@@ -211,11 +216,6 @@ def load_adapter(path: str | Path) -> AdapterFile:
                           f"e.g. {', '.join(other[:3])}.")
     if any(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")) for k in keys):
         raise StudioError(f"{path.name} is a base-model checkpoint, not an adapter; use it as the base model.")
-    parts = {k.split(".", 1)[1] for k in keys if "." in k}
-    for method in METHODS.values():
-        why = method.foreign_file(path.name, parts)
-        if why:
-            raise StudioError(why)
     raise StudioError(f"{path.name} is not an adapter in a known layout (kohya/LyCORIS, diffusers or peft): "
                       f"its tensors are named like {', '.join(sorted(keys)[:3])}.")
 
