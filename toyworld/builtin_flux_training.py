@@ -210,7 +210,7 @@ toyworld/builtin_flux.py); these files are exactly that script's output. Base mo
 - VAE: `AutoencoderKL`, 3 levels `(16, 32, 32)`, 64x64x3 -> 16x16x16 latents (factor 4),
   shift factor {report['shift_factor']:.4f}, scaling factor {report['scaling_factor']:.4f}.
 - Transformer: `FluxTransformer2DModel`, 2 double + 4 single blocks, 3 heads x 32, 64 image
-  tokens (2x2 patches), no guidance embedding (modelspec says flux-1-schnell's layout).
+  tokens (2x2 patches), no guidance embedding (FLUX.1-schnell's layout).
 - Text encoders: `CLIPTextModel` (pooled; the built-in SD model's toy tokenizer, 32 tokens)
   and `T5EncoderModel` (2 gated-GELU layers, width 64; a Unigram T5 tokenizer over the toy
   words, 16 tokens).
