@@ -188,13 +188,17 @@ def write_report(out: Path, args, command: str, report: dict) -> None:
     vae_rows = "\n".join(f"| {k} | {v['psnr_db']} | {pct(v['color'])} | {pct(v['background'])} | {pct(v['shape'])} |"
                          for k, v in report["vae_check"].items())
     p = report["params"]
+    before = report.get("previous")
+    continued = (f"\n- Continued from `{before['command']}` ({before['steps']} transformer steps, "
+                 f"{before['wall_seconds'] / 60:.1f} min in all): its VAE as it was, the transformer and both text "
+                 f"encoders trained {args.steps} steps further with a fresh schedule" if before else "")
     (out / "TRAINING.md").write_text(f"""# The built-in tiny FLUX.1-architecture model: how it was made
 
 Trained from scratch on the toy world by toyworld/builtin_flux_training.py (architecture:
 toyworld/builtin_flux.py); these files are exactly that script's output. Base model name
 `builtin-flux`.
 
-- Command: `{command}`
+- Command: `{command}`{continued}
 - Seed: {args.seed}
 - Machine: {report['machine']}, **{args.threads} thread(s)** (`torch.set_num_threads({args.threads})`)
 - Wall time: {report['wall_seconds'] / 60:.1f} min in all (VAE {report['vae']['seconds']:.0f} s, latent bank
@@ -261,6 +265,9 @@ def main(argv: list[str] | None = None) -> dict:
         parser.add_argument("--" + key.replace("_", "-"), type=float, default=DEFAULTS[key])
     parser.add_argument("--eval-seeds", default=DEFAULTS["eval_seeds"])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="start from a trained folder of this script (its VAE as it is, the transformer and text "
+                             "encoders trained --steps further with a fresh schedule) instead of from scratch")
     args = parser.parse_args(argv)
     command = " ".join(["python -m toyworld.builtin_flux_training"]
                        + [shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])])
@@ -274,6 +281,9 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     t_start, cpu_start = time.time(), time.process_time()
     pipe = build_pipeline(args.seed)
+    if args.init_from:
+        pipe = FluxPipeline.from_pretrained(args.init_from, local_files_only=True)
+        previous = json.loads((args.init_from / "evaluation.json").read_text())
     pipe.set_progress_bar_config(disable=True)
     resume = args.out.with_name(args.out.name + ".resume")
     key = json.dumps({k: str(v) for k, v in sorted(vars(args).items())})
@@ -281,7 +291,9 @@ def main(argv: list[str] | None = None) -> dict:
         shutil.rmtree(resume)
     resume.mkdir(parents=True, exist_ok=True)
     (resume / "args.json").write_text(key)
-    if (resume / "vae.json").exists():
+    if args.init_from:
+        vae_info, vae_check = {**previous["vae"], "from": str(args.init_from)}, previous["vae_check"]
+    elif (resume / "vae.json").exists():
         pipe.vae.load_state_dict(AutoencoderKL.from_pretrained(resume / "vae").state_dict())
         saved = json.loads((resume / "vae.json").read_text())
         vae_info, vae_check = saved["info"], saved["check"]
@@ -324,6 +336,8 @@ def main(argv: list[str] | None = None) -> dict:
         "scaling_factor": scaling, "shift_factor": shift, "shift": get_family("flux").objective(pipe).shift,
         "vae": vae_info, "vae_check": vae_check, "bank_seconds": round(bank_seconds, 1),
         "transformer": info, "eval_seconds": round(eval_seconds, 1),
+        **({"previous": {"command": previous["command"], "steps": previous["transformer"]["steps"],
+                         "wall_seconds": previous["wall_seconds"]}} if args.init_from else {}),
         "wall_seconds": round(time.time() - t_start, 1), "cpu_seconds": round(time.process_time() - cpu_start, 1),
         "evaluation": {"seen": {k: v for k, v in evaluation["seen"].items() if k != "records"},
                        "held_out": {k: v for k, v in evaluation["held_out"].items() if k != "records"},
