@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Literal
 
 from studio.errors import StudioError
+from studio import ASSETS_DIR
 from studio.models.builtin import BUILTIN_DIR
-from studio.models.families import BUILTIN, get_family
+from studio.models.families import BUILTIN_MODELS, get_family
 from studio.models.hub import is_model_name, local_path
 from studio.models.single_file import UNET_PREFIX, detect_family, load_single_file
 from studio.safetensors_file import PICKLE_SUFFIXES, read_safetensors_header, sniff_format
@@ -29,15 +30,16 @@ class ModelRef:
 
     @property
     def display_name(self) -> str:
-        return "builtin" if self.kind == "builtin" else self.name or self.path.name
+        return self.name or self.path.name  # a built-in model's folder is named as the model ("builtin", ...)
 
 
 def resolve_model(ref: str, *, allow_pickle: bool = False, workspace=None) -> ModelRef:
     """Turn a model reference into a ModelRef, checking that it exists and what family it is.
     A model name (org/name, civitai:ID, an address) is found among those pulled into
     `workspace` (default: this process's, $LORA_STUDIO_WORKSPACE or ./workspace), offline."""
-    if ref in ("", "builtin"):
-        return ModelRef("builtin", BUILTIN_DIR, BUILTIN.name)
+    if ref in ("", *BUILTIN_MODELS):  # a built-in tiny model: assets/<its name>
+        name = ref or "builtin"
+        return ModelRef("builtin", ASSETS_DIR / name, BUILTIN_MODELS[name].name)
     path = Path(ref).expanduser()
     name = ""
     if not path.exists():
