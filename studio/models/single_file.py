@@ -30,8 +30,10 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from studio import ASSETS_DIR
 from studio.errors import StudioError
-from studio.models.families import FAMILIES, Family, family_from_pipeline_class, family_of_pipeline, get_family
+from studio.models.families import (BUILTIN_MODELS, FAMILIES, Family, family_from_pipeline_class, family_of_pipeline,
+                                    get_family)
 from studio.models.families.unet import config_get, unet_diffusers_to_ldm
 from studio.fsutil import atomic_write_with
 from studio.models.skeletons import skeleton_dir
@@ -563,10 +565,6 @@ def _load_denoiser_file(path: Path, family: Family, config_dir: Any, torch_dtype
     import diffusers
     import torch
     from safetensors.torch import load_file
-
-    from studio import ASSETS_DIR
-    from studio.models.families import BUILTIN_MODELS
-    from studio.models.skeletons import skeleton_dir
 
     stored = {k.removeprefix(UNET_PREFIX): v for k, v in load_file(str(path)).items()}
     candidates = ([Path(config_dir).expanduser()] if config_dir is not None else
