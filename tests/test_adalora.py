@@ -124,7 +124,7 @@ def test_a_section_that_does_not_train_gets_no_adalora_layer(workspace):
     stopped with a TypeError in peft's update_ipt)."""
     from studio.adapters import load_adapter
     from studio.jobs.runs import create_run
-    from trainers.trainer import train_run
+    from trainers.run import train_run
 
     config = demo_config(max_steps=2, block_lr_down=0.0)
     config.network = network_config("adalora", like=config.network, rank=4)

@@ -15,7 +15,7 @@ from pathlib import Path
 from tests.conftest import ROOT
 
 PRODUCT = ("studio", "trainers", "ui")
-FAMILY_NAMES = re.compile(r"\b(sd15|sdxl)\b")
+FAMILY_NAMES = re.compile(r"\b(sd15|sdxl|flux)\b")
 
 
 def _code_tokens(path):

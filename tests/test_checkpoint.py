@@ -157,7 +157,7 @@ def test_detect_family(sd15, sdxl):
         (["conditioner.embedders.0.model.text_projection"], "refiner"),
         (["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"], "LoRA"),
         (["model.diffusion_model.input_blocks.0.0.weight"], "no text encoder"),
-        (["double_blocks.0.img_attn.norm.key_norm.scale"], "Flux or SD3"),
+        (["joint_blocks.0.x_block.attn.qkv.weight"], "SD3"),
         ([], "no tensors at all"),
     ],
 )

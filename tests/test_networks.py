@@ -61,7 +61,7 @@ def test_every_method_trains_one_step_or_is_refused_in_one_line(method, workspac
     from studio.config import DEMO_DATASET, parse_config
     from studio.errors import StudioError
     from studio.jobs.runs import create_run
-    from trainers.trainer import train_run
+    from trainers.run import train_run
 
     data = tomllib.loads((PRESETS_DIR / "tiny-demo-quick.toml").read_text())
     data["network"] = {"type": method}

@@ -97,7 +97,7 @@ def module_factors(adapter: AdapterFile, name: str) -> Factors | None:
 def _layer_shapes(family: str, adapter: AdapterFile) -> dict[str, torch.Size]:
     _, models = fitting_models(adapter)
     table = name_table(family, models)
-    return {name: table[name].layer.weight.shape for name in adapter.modules}
+    return {name: torch.Size(table[name].weight_shape) for name in adapter.modules}
 
 
 def module_blocks(family: str, adapter: AdapterFile) -> dict[str, str | None]:

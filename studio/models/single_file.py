@@ -1,4 +1,5 @@
-"""Single-file checkpoints (A1111 / CivitAI `.safetensors`) for SD 1.5 and SDXL, offline.
+"""Single-file checkpoints (A1111 / CivitAI `.safetensors`) for SD 1.5 and SDXL, and files of a
+denoiser alone (FLUX.1's BFL transformer file, `flux1-dev.safetensors`), offline.
 
 - `detect_family(path_or_keys)`: the family name (studio.models.families) from a checkpoint's key
   names (or a diffusers folder's model_index.json); a StudioError naming what it saw otherwise.
@@ -29,8 +30,10 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from studio import ASSETS_DIR
 from studio.errors import StudioError
-from studio.models.families import FAMILIES, Family, family_from_pipeline_class, family_of_pipeline, get_family
+from studio.models.families import (BUILTIN_MODELS, FAMILIES, Family, family_from_pipeline_class, family_of_pipeline,
+                                    get_family)
 from studio.models.families.unet import config_get, unet_diffusers_to_ldm
 from studio.fsutil import atomic_write_with
 from studio.models.skeletons import skeleton_dir
@@ -124,7 +127,8 @@ def _family_from_shapes(shapes: Mapping[str, tuple[int, ...] | None], source: st
 
     if any(k.startswith(("lora_unet_", "lora_te", "lycoris_")) or ".lora_down." in k or ".hada_w1" in k for k in keys):
         raise StudioError(f"{where}is a LoRA/LyCORIS adapter, not a base model; add it as an adapter instead.")
-    family = next((f for f in FAMILIES.values() if has(f.single_file_marker)), None)
+    family = next((f for f in FAMILIES.values() if has(f.single_file_marker) or has(UNET_PREFIX + f.single_file_marker)),
+                  None)
     if family is None:
         raise StudioError(where + _unsupported_checkpoint(keys, has))
     conv_in = shapes.get(UNET_PREFIX + "input_blocks.0.0.weight")
@@ -153,8 +157,8 @@ def _unsupported_checkpoint(keys: list[str], has) -> str:
         hint = " It has UNet weights (model.diffusion_model.*) but no text encoder."
     elif has("down_blocks.") or has("encoder.down") or has("decoder.up"):
         hint = " It looks like one component in diffusers layout (a UNet or VAE), not a full checkpoint."
-    elif has("double_blocks.") or has("joint_blocks.") or has("model.diffusion_model.joint_blocks."):
-        hint = " It looks like Flux or SD3."
+    elif has("joint_blocks.") or has("model.diffusion_model.joint_blocks."):
+        hint = " It looks like SD3."
     expected = " or ".join(f"{f.single_file_marker}* ({f.long_label})" for f in FAMILIES.values())
     return f"is not a checkpoint of a supported model: found {len(keys)} tensors such as {sample}.{hint} Expected {expected}."
 
@@ -482,14 +486,14 @@ def load_single_file(
     allow_pickle: bool = False,
     config_dir: str | os.PathLike | None = None,
     torch_dtype: Any = None,
-    unet_dtype: Any = None,
-    unet_quantization: Any = None,
+    denoiser_dtype: Any = None,
+    denoiser_quantization: Any = None,
 ):
     """Load an SD 1.x or SDXL single-file checkpoint as a StableDiffusionPipeline /
     StableDiffusionXLPipeline with no network access: the configs and tokenizers come
-    from `config_dir`, else the shipped skeleton of the detected family. `unet_quantization`
+    from `config_dir`, else the shipped skeleton of the detected family. `denoiser_quantization`
     (a diffusers quantization config, e.g. BitsAndBytesConfig) loads the UNet quantized, its
-    other layers in `unet_dtype` (default: `torch_dtype`).
+    other layers in `denoiser_dtype` (default: `torch_dtype`).
 
     Pickled checkpoints (.ckpt/.pt/.bin, detected by content) are refused unless
     `allow_pickle=True`, and even then read with torch's weights-only unpickler. Damaged,
@@ -499,6 +503,8 @@ def load_single_file(
     path = Path(path).expanduser()
     shapes = _checkpoint_shapes(path, allow_pickle=allow_pickle)
     family = _family_from_shapes(shapes, str(path))
+    if family.denoiser_from_single_file is not None:
+        return _load_denoiser_file(path, family, config_dir, torch_dtype)
     _check_components(shapes, family, path)
     config = Path(config_dir).expanduser() if config_dir is not None else skeleton_dir(family.name)
     _check_config_dir(config, family)
@@ -507,12 +513,12 @@ def load_single_file(
     log.info("Loading %s checkpoint %s with configs from %s", family.name, path, config)
     components = {}
     try:
-        if unet_quantization is not None:
+        if denoiser_quantization is not None:
             from diffusers import UNet2DConditionModel
 
             components["unet"] = UNet2DConditionModel.from_single_file(
                 str(path), config=str(config), subfolder="unet", local_files_only=True,
-                torch_dtype=unet_dtype or torch_dtype, quantization_config=unet_quantization,
+                torch_dtype=denoiser_dtype or torch_dtype, quantization_config=denoiser_quantization,
             )
         pipe = pipeline_cls.from_single_file(
             str(path), config=str(config), local_files_only=True, torch_dtype=torch_dtype, **components
@@ -526,3 +532,68 @@ def load_single_file(
         ) from exc
     _check_loaded(pipe, path)
     return pipe
+
+
+# --------------------------------------------------------------------------------------
+# A file of the denoiser alone (FLUX.1's BFL transformer)
+# --------------------------------------------------------------------------------------
+
+
+def _denoiser_shapes(folder: Path, family: Family) -> dict[str, tuple[int, ...]]:
+    """The denoiser's diffusers state-dict shapes from `folder`'s config, built on the meta device."""
+    import diffusers
+    import torch
+
+    config = json.loads((folder / family.denoiser / "config.json").read_text(encoding="utf-8"))
+    cls = getattr(diffusers, config["_class_name"])
+    with torch.device("meta"):
+        model = cls.from_config(cls.load_config(folder / family.denoiser))
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _has_weights(folder: Path, attr: str) -> bool:
+    return any((folder / attr).glob("*.safetensors"))
+
+
+def _load_denoiser_file(path: Path, family: Family, config_dir: Any, torch_dtype: Any):
+    """A pipeline whose denoiser comes from `path`, a file of the denoiser alone in the
+    original model's layout (family.denoiser_from_single_file converts it), and whose other
+    components (VAE, text encoders, tokenizers, scheduler) come with their weights from
+    `config_dir`; without one, from the family's built-in tiny model when the file fits it.
+    The full-size skeleton has configs only: such a file then needs a diffusers folder of
+    the model for the rest."""
+    import diffusers
+    import torch
+    from safetensors.torch import load_file
+
+    stored = {k.removeprefix(UNET_PREFIX): v for k, v in load_file(str(path)).items()}
+    candidates = ([Path(config_dir).expanduser()] if config_dir is not None else
+                  [ASSETS_DIR / name for name, f in BUILTIN_MODELS.items() if f is family and (ASSETS_DIR / name).is_dir()]
+                  + [skeleton_dir(family.name)])
+    problem = ""
+    for folder in candidates:
+        shapes = _denoiser_shapes(folder, family)
+        try:
+            state = family.denoiser_from_single_file(stored, shapes)
+        except (KeyError, ValueError) as exc:
+            problem = f"it lacks {exc} of the model in {folder}"
+            continue
+        wrong = [k for k, v in state.items() if tuple(v.shape) != shapes[k]]
+        if wrong:
+            problem = f"{wrong[0]} is {list(state[wrong[0]].shape)} in the file, {list(shapes[wrong[0]])} in {folder}"
+            continue
+        others = [attr for attr in ("vae", *family.text_encoders) if not _has_weights(folder, attr)]
+        if others:
+            raise StudioError(f"{path.name} holds the {family.long_label} {family.denoiser} alone; the "
+                              f"{', '.join(others)} weights must come from a diffusers {family.long_label} folder "
+                              "(load that folder, or pass it as the config folder).")
+        cls = getattr(diffusers, json.loads((folder / family.denoiser / "config.json").read_text())["_class_name"])
+        with torch.device("meta"):
+            denoiser = cls.from_config(cls.load_config(folder / family.denoiser))
+        dtype = torch_dtype or torch.float32
+        denoiser.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+        pipeline_cls = getattr(diffusers, family.pipeline_classes[0])
+        return pipeline_cls.from_pretrained(folder, local_files_only=True, torch_dtype=dtype,
+                                            **{family.denoiser: denoiser}, **family.pipeline_kwargs)
+    raise StudioError(f"{path} does not fit the {family.long_label} {family.denoiser}: {problem}. The file is "
+                      "damaged or of another architecture; pass a matching config folder.")

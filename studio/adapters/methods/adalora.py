@@ -25,7 +25,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from studio.errors import StudioError
-from studio.adapters.methods.base import ADAPTER_NAME, PeftMethod, PeftTraining
+from studio.adapters.methods.base import ADAPTER_NAME, PeftMethod, PeftTraining, is_text_encoder
 from studio.adapters.methods.options import ConvTargets, NetworkOptions, RankBudget
 
 
@@ -90,7 +90,7 @@ class AdaLoRATraining(PeftTraining):
         """Without layers in the unadapted sections: the allocator scores every AdaLoRA layer
         by its gradient, which a frozen one does not have."""
         return self.without_unadapted(component, self.method.peft_config(
-            self.net, text_encoder=component != "unet", max_steps=self.max_steps))
+            self.net, text_encoder=is_text_encoder(component), max_steps=self.max_steps))
 
     def _all(self):
         import torch
@@ -185,7 +185,7 @@ class AdaLoRATraining(PeftTraining):
 
         modules = {}
         for component, model in self.models.items():
-            config = getattr(model, "config", None) if component == "unet" else None
+            config = getattr(model, "config", None) if not is_text_encoder(component) else None
             for path, layer in model.named_modules():
                 if not (isinstance(layer, AdaLoraLayer) and ADAPTER_NAME in layer.lora_A):
                     continue

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Iterator
 
 from pydantic import Field
 
-from studio.adapters.methods.base import ADAPTER_NAME
+from studio.adapters.methods.base import ADAPTER_NAME, is_text_encoder
 from studio.adapters.methods.options import Section
 
 if TYPE_CHECKING:
@@ -187,7 +187,7 @@ class ARDGates:
                     layers[k].lora_B[ADAPTER_NAME].weight.copy_(up)
         modules = {}
         for (c, path), mask in self.masks.items():
-            name = path_to_name(family, c, clean_path(path), getattr(models[c], "config", None) if c == "unet" else None)
+            name = path_to_name(family, c, clean_path(path), getattr(models[c], "config", None) if not is_text_encoder(c) else None)
             module = keep_components(adapter.modules[name], mask, self.net.alpha)
             if module is not None:
                 modules[name] = module

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Mapping
 
 from studio.errors import StudioError
 from studio.adapters.methods.options import NetworkOptions
+from studio.models.families import FAMILIES
 
 if TYPE_CHECKING:
     import torch
@@ -43,11 +44,17 @@ if TYPE_CHECKING:
 ADAPTER_NAME = "default"
 
 
+def is_text_encoder(component: str) -> bool:
+    """Whether a pipeline attribute is a text encoder, not a family's denoiser (unet,
+    transformer): which of network.target_modules / text_encoder_target_modules it takes."""
+    return component not in {f.denoiser for f in FAMILIES.values()}
+
+
 class Training(ABC):
     """A method's adapter on one run's models: it adds itself to each model, and keeps the
     resumable state and the export of what it trained."""
 
-    # UNet sections (down_blocks, mid_block, up_blocks) the run does not train
+    # Denoiser sections (a UNet's down_blocks, mid_block, up_blocks) the run does not train
     # (training.block_lr_* = 0), set before `add`: a method may leave them without an adapter,
     # as sd-scripts does (peft methods do); the trainer freezes whatever it adds there.
     unadapted_sections: tuple[str, ...] = ()
@@ -186,7 +193,7 @@ class PeftTraining(Training):
     def add(self, component, model, lr):
         from studio.adapters.formats.peft_bridge import inject_peft_adapter
 
-        text_encoder = component != "unet"
+        text_encoder = is_text_encoder(component)
         try:
             with warnings.catch_warnings():  # conv patterns of an unadapted section (its downsamplers) match nothing
                 if self.unadapted_sections:
@@ -201,11 +208,11 @@ class PeftTraining(Training):
     def peft_config(self, component: str):
         """The peft config this run injects into `component` (none in its unadapted sections:
         their frozen adapters would still cost a forward pass each step, 8% of the demo's)."""
-        return self.without_unadapted(component, self.method.peft_config(self.net, text_encoder=component != "unet"))
+        return self.without_unadapted(component, self.method.peft_config(self.net, text_encoder=is_text_encoder(component)))
 
     def without_unadapted(self, component: str, config):
-        """`config` excluding the run's unadapted sections of the UNet."""
-        if component == "unet" and self.unadapted_sections:
+        """`config` excluding the run's unadapted sections of the denoiser."""
+        if not is_text_encoder(component) and self.unadapted_sections:
             config.exclude_modules = rf"^(?:{'|'.join(map(re.escape, self.unadapted_sections))})\..*"
         return config
 
@@ -245,7 +252,7 @@ class PeftMethod(Method):
 
     @abstractmethod
     def peft_config(self, net, *, text_encoder: bool):
-        """The peft config for the UNet (text_encoder False) or a text encoder."""
+        """The peft config for the denoiser (text_encoder False) or a text encoder."""
 
     def training(self, net, *, seed, max_steps=None):
         return self.training_class(self, net, max_steps)
@@ -306,7 +313,7 @@ class LinearHookTraining(Training):
         self.method, self.net, self.seed = method, net, seed
         self.layers: dict[str, dict[str, "torch.nn.Module"]] = {}
         self.params: dict[str, dict[str, dict[str, "torch.nn.Parameter"]]] = {}
-        self.unet_config = None
+        self.denoiser_config = None
 
     @abstractmethod
     def create(self, component: str, layers: dict[str, "torch.nn.Module"],
@@ -324,7 +331,7 @@ class LinearHookTraining(Training):
     def add(self, component, model, lr):
         import torch
 
-        text_encoder = component != "unet"
+        text_encoder = is_text_encoder(component)
         setting = f"network.{'text_encoder_' if text_encoder else ''}target_modules"
         targets = list(self.net.text_encoder_target_modules if text_encoder else self.net.target_modules)
         layers = linear_targets(model, targets, self.method.name, setting)
@@ -334,8 +341,8 @@ class LinearHookTraining(Training):
         self.layers[component] = layers
         self.params[component] = {path: {name: torch.nn.Parameter(t.to(device)) for name, t in parts.items()}
                                   for path, parts in initial.items()}
-        if component == "unet":
-            self.unet_config = model.config
+        if not is_text_encoder(component):
+            self.denoiser_config = model.config
         for path, layer in layers.items():
             layer.register_forward_hook(self._hook(component, path))
         return [{"params": [p for parts in self.params[component].values() for p in parts.values()], "lr": lr}]
@@ -378,6 +385,6 @@ class LinearHookTraining(Training):
         for component, layers in self.layers.items():
             for path in layers:
                 down, up = (t.detach().float().cpu().clone() for t in self.factors(component, path))
-                config = self.unet_config if component == "unet" else None
+                config = self.denoiser_config if not is_text_encoder(component) else None
                 modules[path_to_name(family, component, path, config)] = LoraModule(down, up, float(down.shape[0]))
         return AdapterFile(modules, {}, family)

@@ -24,7 +24,7 @@ from pydantic import Field, model_validator
 from studio.errors import StudioError
 from studio.adapters.methods import ard, squeeze
 from studio.adapters.methods.ard import ARDOptions
-from studio.adapters.methods.base import ADAPTER_NAME, PeftMethod, PeftTraining
+from studio.adapters.methods.base import ADAPTER_NAME, PeftMethod, PeftTraining, is_text_encoder
 from studio.adapters.methods.options import BlockRanks, NetworkOptions, RankBudget, RsLoRA
 from studio.adapters.methods.sensitivity import (SensitivityOptions, adapted_modules, allocate_ranks, configured_rank,
                                                  exact_rank_pattern, fisher_sensitivity, largest_rank)
@@ -116,7 +116,7 @@ class LoRATraining(PeftTraining):
 
         layers, configured = {}, {}
         for component, model in models.items():
-            config = self.method.peft_config(self.net, text_encoder=component != "unet")
+            config = self.method.peft_config(self.net, text_encoder=is_text_encoder(component))
             for path, layer in adapted_modules(model, config).items():
                 layers[(component, path)] = layer
                 configured[(component, path)] = configured_rank(config, path)

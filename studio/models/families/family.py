@@ -18,14 +18,35 @@ if TYPE_CHECKING:  # torch loads only where a hook runs: the UI starts without i
 
 
 @dataclass(frozen=True)
+class Piece:
+    """Where a diffusers module sits in the layout kohya names follow: that layout's module
+    path, and (for a layer the layout fuses from several diffusers modules, e.g. FLUX.1's
+    qkv) the module's place among the `count` parts, stacked along the output rows in
+    this order."""
+
+    path: str
+    index: int = 0
+    count: int = 1
+
+    @property
+    def fused(self) -> bool:
+        return self.count > 1
+
+
+@dataclass(frozen=True)
 class Part:
     """One adaptable model of a pipeline: its kohya prefix, pipeline attribute and how its
     module paths become kohya names ("diffusers": as they are; "ldm": SDXL's sgm layout;
-    "clip": `text_model.`-prefixed)."""
+    "clip": `text_model.`-prefixed; "layout": `layout(path)`, the original model's names,
+    which may fuse several diffusers modules into one). `alias_prefixes`: other trainers'
+    prefixes for the same model whose names are its diffusers paths (read, and written for
+    parts of a fused layer that cannot be fused)."""
 
     prefix: str
     attr: str
     naming: str
+    layout: Callable[[str], Piece | None] | None = field(default=None, repr=False, compare=False)
+    alias_prefixes: tuple[str, ...] = ()
 
     @property
     def diffusers_prefix(self) -> str:
@@ -107,6 +128,12 @@ class Family:
     objective: Callable[[Any], "Objective"] = field(repr=False)
     # (denoiser, noisy latents, timesteps, conditioning) -> the denoiser's prediction, shaped as the latents
     predict: Callable[..., torch.Tensor] = field(repr=False)
+    # (a single file holding the denoiser alone, denoiser state-dict shapes) -> its diffusers
+    # state dict; None: the family's single files are whole pipelines (SD's LDM checkpoints)
+    denoiser_from_single_file: Callable[..., dict] | None = field(default=None, repr=False)
+    # the denoiser's layers a low-precision base (fp8 storage) keeps at full precision: its
+    # first and last layers, small and precision-critical
+    full_precision_modules: tuple[str, ...] = ()
 
     @property
     def denoiser(self) -> str:

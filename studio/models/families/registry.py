@@ -6,14 +6,16 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from studio.errors import StudioError
-from studio.models.families import sd15, sdxl
+from studio.models.families import flux, sd15, sdxl
 from studio.models.families.family import Family
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (sd15.FAMILY, sdxl.FAMILY)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (sd15.FAMILY, sdxl.FAMILY, flux.FAMILY)}
 #: A file or model with nothing that says otherwise has SD 1.x's layout.
 DEFAULT = sd15.FAMILY
 #: The built-in tiny model has SD 1.x's architecture.
 BUILTIN = sd15.FAMILY
+#: The built-in tiny models by base-model name (assets/<name>) and their families.
+BUILTIN_MODELS: dict[str, Family] = {"builtin": sd15.FAMILY, "builtin-flux": flux.FAMILY}
 #: Families people have adapters for that the studio does not support, by metadata prefix.
 UNSUPPORTED = {"Stable Diffusion 2.x": ("sd_v2", "stable-diffusion-v2")}
 
@@ -28,9 +30,9 @@ def get_family(name: str | None) -> Family:
 
 
 def family_of_pipeline(pipe: Any) -> Family:
-    """The family whose text encoders the pipeline has (all of them)."""
+    """The family whose denoiser and text encoders the pipeline has (all of them)."""
     for candidate in sorted(FAMILIES.values(), key=lambda f: -len(f.text_encoders)):
-        if all(getattr(pipe, attr, None) is not None for attr in candidate.text_encoders):
+        if all(getattr(pipe, attr, None) is not None for attr in (candidate.denoiser, *candidate.text_encoders)):
             return candidate
     return DEFAULT
 
@@ -58,7 +60,7 @@ def family_from_metadata(metadata: Mapping[str, str], source: str = "The file") 
 def family_from_prefixes(prefixes: set[str], source: str = "The file") -> Family | None:
     """The one family whose kohya prefixes include all of `prefixes`, when the text-encoder
     prefixes tell (lora_unet alone does not); StudioError when no family has them all."""
-    owners = [f for f in FAMILIES.values() if prefixes <= {p.prefix for p in f.parts}]
+    owners = [f for f in FAMILIES.values() if prefixes <= {x for p in f.parts for x in (p.prefix, *p.alias_prefixes)}]
     if not owners:
         raise StudioError(f"{source} mixes modules of different model families ({', '.join(sorted(prefixes))}).")
     return owners[0] if len(owners) == 1 else None
@@ -73,16 +75,25 @@ def family_from_unet_names(names: list[str]) -> Family:
 
 
 def family_from_diffusers_keys(attrs: set[str], paths: list[str]) -> Family | None:
-    """The family a diffusers/peft adapter's model attributes or UNet paths show, if any."""
-    for candidate in FAMILIES.values():
-        others = {attr for f in FAMILIES.values() if f is not candidate for attr in f.text_encoders}
-        if attrs & (set(candidate.text_encoders) - others):  # a text encoder only this family has
-            return candidate
+    """The family a diffusers/peft adapter's model attributes or denoiser paths show, if any:
+    the one family that has every model the file adapts, else the one of those whose paths
+    only it has."""
+    owners = [f for f in FAMILIES.values() if attrs <= {p.attr for p in f.parts}]
+    if len(owners) == 1:
+        return owners[0]
+    for candidate in owners:
         if candidate.diffusers_path_hint is not None and any(candidate.diffusers_path_hint.search(p) for p in paths):
             return candidate
     return None
 
 
 def all_prefixes() -> tuple[str, ...]:
-    """Every kohya module-name prefix of every family, longest first (lora_te1 before lora_te)."""
-    return tuple(sorted({p.prefix for f in FAMILIES.values() for p in f.parts}, key=len, reverse=True))
+    """Every kohya module-name prefix of every family (aliases too), longest first (lora_te1
+    before lora_te)."""
+    return tuple(sorted({prefix for f in FAMILIES.values() for p in f.parts for prefix in (p.prefix, *p.alias_prefixes)},
+                        key=len, reverse=True))
+
+
+def part_attrs() -> tuple[str, ...]:
+    """Every pipeline attribute of an adaptable model of any family (unet, transformer, ...)."""
+    return tuple(dict.fromkeys(p.attr for f in FAMILIES.values() for p in f.parts))
