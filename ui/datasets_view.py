@@ -110,6 +110,4 @@ def auto_caption(folder: Path, model: str, mode: str, threshold: float, include_
     report = caption_dataset(folder, model, mode=mode, threshold=threshold,
                              trigger=(trigger or "").strip() or None,
                              include_regularisation=include_regularisation, progress=show, workspace=workspace)
-    toy = ("\n\nThe built-in captioner knows only the toy world's flat shapes: for photos, caption with BLIP or "
-           "Florence-2." if model == BUILTIN_CAPTIONER else "")
-    return "```\n" + report.summary() + "\n```" + toy
+    return "```\n" + report.summary() + "\n```"

@@ -56,6 +56,11 @@ from studio.models.hub import captioner_folder_kind, is_model_name, local_path
 log = logging.getLogger(__name__)
 
 BUILTIN_CAPTIONER = "builtin"
+#: Said with every caption the built-in captioner writes: it has seen only the toy world, and
+#: names a photo's subject as the flat shape nearest to it ("a red star" for a cat).
+TOY_CAPTIONER_NOTE = ("The built-in captioner knows only the toy world's flat shapes on plain backgrounds: for "
+                      "photos or drawings, caption with BLIP or Florence-2 (anime: a WD14 tagger), or check "
+                      "each caption.")
 BUILTIN_CAPTIONER_DIR = ASSETS_DIR / "builtin" / "captioner"
 MODES = ("fill", "overwrite", "prepend", "append")
 #: WD14 general-tag threshold most taggers' front-ends default to (kohya, A1111's tagger).
@@ -334,6 +339,8 @@ class CaptionReport:
         lines = [f"Captioned with {self.model} ({self.mode}): {len(self.written)} caption file(s) written, "
                  f"{len(self.unchanged)} left as they were, {len(self.failed)} picture(s) skipped."]
         lines += [f"  skipped {rel}: {why}" for rel, why in self.failed]
+        if self.model == BUILTIN_CAPTIONER and self.written:
+            lines.append(TOY_CAPTIONER_NOTE)
         return "\n".join(lines)
 
 
