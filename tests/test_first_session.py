@@ -84,14 +84,17 @@ def test_a_cuda_less_process_is_seen_as_one(monkeypatch):
 
 
 def test_a_one_point_loss_chart_draws_its_point_and_two_points_draw_a_line():
+    import json
+
     import gradio as gr
 
-    plot = rv.dots_when_alone(gr.LinePlot(None, x="step", y="loss", color="series"))
-    one = plot.postprocess(rv.loss_frame([[10, 0.5]]))
-    assert one.mark == "point" and len(one.data) == 2  # the raw and smoothed value at step 10
-    two = plot.postprocess(rv.loss_frame([[10, 0.5], [20, 0.4]]))
-    assert two.mark == "line"
-    assert plot.postprocess(None) is None
+    plot = gr.LinePlot(None, x="step", y="loss", color="series")
+    one = plot.postprocess(rv.loss_chart([[10, 0.5]]))  # what the browser gets
+    assert one["mark"] == "point" and [row[0] for row in one["data"]] == [10, 10]  # raw and smoothed
+    assert json.loads(json.dumps(one)) == one
+    two = plot.postprocess(rv.loss_chart([[10, 0.5], [20, 0.4]]))
+    assert two.mark == "line" and len(two.data) == 4
+    assert rv.loss_chart([]) is None
     # the title differs while one step is logged: Gradio then redraws the chart (dots to lines)
     assert rv.loss_title([[10, 0.5]]) != rv.loss_title([[10, 0.5], [20, 0.4]]) == rv.loss_title([])
 

@@ -32,10 +32,9 @@ def build(studio: Studio) -> SimpleNamespace:
                     resume_btn = gr.Button("↻ Resume", interactive=False, elem_id="runs-resume")
                     open_btn = gr.Button("Open in Generate →", variant="primary", interactive=False,
                                          elem_id="runs-open")
-                plot = rv.dots_when_alone(gr.LinePlot(
-                    None, x="step", y="loss", color="series", title="Training loss", height=250,
-                    color_map={"loss": "#9ca3af", "smoothed": "#f97316"}, x_title="step", y_title="loss",
-                    elem_id="runs-loss"))
+                plot = gr.LinePlot(None, x="step", y="loss", color="series", title="Training loss",
+                                   height=250, color_map={"loss": "#9ca3af", "smoothed": "#f97316"},
+                                   x_title="step", y_title="loss", elem_id="runs-loss")
                 samples = gr.Gallery(label="Samples (newest first)", columns=4, height=230, object_fit="contain",
                                      interactive=False, fit_columns=False, elem_id="runs-samples")
                 log_box = gr.Textbox(label="Log, newest first — the run's events, then the worker's output",
@@ -80,8 +79,7 @@ def build(studio: Studio) -> SimpleNamespace:
         html_text = rv.status_html(job, current, queue_position=position)
         out_status = html_text if changed("shown_status", html_text) else gr.skip()
         # None, not an empty frame: a chart first drawn from an empty frame never draws its lines
-        out_plot = (gr.update(value=rv.loss_frame(current["points"]) if current["points"] else None,
-                              title=rv.loss_title(current["points"]))
+        out_plot = (gr.update(value=rv.loss_chart(current["points"]), title=rv.loss_title(current["points"]))
                     if changed("shown_points", len(current["points"])) else gr.skip())
         sample_list = [tuple(s) for s in current["samples"] if Path(s[0]).is_file()]
         out_samples = list(reversed(sample_list)) if changed("shown_samples", len(sample_list)) else gr.skip()

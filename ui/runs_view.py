@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import html
+import json
 import math
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -165,28 +166,24 @@ def shown_run(jobs: Sequence, wanted: str | None) -> str | None:
     return running or (ids[0] if ids else None)
 
 
-def dots_when_alone(plot):
-    """`plot` (a gr.LinePlot) drawing its points as dots while they share one x: a line
-    needs two points, so a run's first logged loss drew nothing. Give it loss_title's title
-    with each value. (An instance attribute, not a subclass: Gradio writes a .pyi stub beside
-    a module that subclasses a component.)"""
-    lines = plot.postprocess
-
-    def postprocess(value):
-        data = lines(value)
-        if data is not None and not isinstance(data, dict) and data.data:
-            x = data.columns.index(plot.x)
-            if len({row[x] for row in data.data}) == 1:
-                data.mark = "point"
-        return data
-
-    plot.postprocess = postprocess
-    return plot
+def loss_chart(points: Sequence[Sequence[float]]):
+    """The loss chart's value: None before a loss is logged, else loss_frame. A LinePlot
+    draws lines, and a line needs two x values: while one step is logged, the same rows go
+    as the plot's payload marked `point` (a dict reaches the browser as it is), so the first
+    logged loss shows as dots. (Not a patched postprocess: Gradio rebuilds the component from
+    its constructor arguments when an update changes its title.)"""
+    if not points:
+        return None
+    frame = loss_frame(points)
+    if len({p[0] for p in points}) != 1:
+        return frame
+    return {"columns": list(frame.columns), "data": json.loads(frame.to_json(orient="split"))["data"],
+            "datatypes": {"step": "quantitative", "loss": "quantitative", "series": "nominal"}, "mark": "point"}
 
 
 def loss_title(points: Sequence[Sequence[float]]) -> str:
     """The loss chart's title; it differs while one step is logged, where the chart draws
-    dots (dots_when_alone). Gradio redraws a chart whose title changes, and only updates the
+    dots (loss_chart). Gradio redraws a chart whose title changes, and only updates the
     data of one whose title is the same: a chart drawn with lines would otherwise keep
     drawing a single point as a line (nothing), when the run shown changed."""
     return "Training loss" if len({p[0] for p in points}) != 1 else "Training loss (one step logged so far)"
