@@ -282,7 +282,7 @@ def _walk(page, server, workspace: Path, cats: Path) -> None:
     set_value(page, "gen-prompt", f"{TRIGGER}, a cat face, orange")
     page.locator("#gen-suggest").click()
     suggestions = page.locator("#gen-suggestions-table")
-    suggestions.get_by_text("trigger word 'ocat'").first.wait_for(timeout=120_000)
+    suggestions.locator("[role=gridcell]", has_text="trigger word 'ocat'").first.wait_for(timeout=120_000)
     rows = table_rows(page, "gen-suggestions-table")
     assert not any("same change" in " ".join(row) for row in rows), rows
     assert clipped(page, "#gen-suggestions-table [role=gridcell][aria-selected=false], #gen-suggestions-table th") == []
@@ -308,7 +308,7 @@ def _walk(page, server, workspace: Path, cats: Path) -> None:
 
     # --- Library: the thumbnail is the first prompt's newest sample
     tab(page, "5 · Library")
-    page.locator("#lib-table").get_by_text("cats", exact=True).first.click()
+    page.locator("#lib-table [role=gridcell]", has_text=re.compile(r"^\s*cats\s*$")).first.click()
     page.locator("#lib-details h3", has_text=re.compile(r"^\s*cats\s*$")).wait_for()
     page.locator("#lib-thumb img").wait_for()
     assert clipped(page, "#lib-table [role=gridcell][aria-selected=false], #lib-table th") == []
