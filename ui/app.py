@@ -72,7 +72,6 @@ img.pixel-exact {image-rendering: pixelated}
 #train-class-note {padding-bottom: 8px !important}
 #runs-table td, #runs-table th, #lib-table td, #lib-table th, #gen-suggestions-table td,
 #gen-suggestions-table th {word-break: normal !important; overflow-wrap: normal !important}
-#runs-table [data-col="1"] span, #runs-table [data-col="2"] span {white-space: nowrap !important}
 .secondary-wrap > input[role="combobox"] {padding-right: 44px !important; text-overflow: ellipsis}
 """
 
