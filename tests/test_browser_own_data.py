@@ -30,6 +30,11 @@ SHORT_STEPS = 4              # run B: one logged loss (log_every_n_steps is 10):
 GRADIO_CONSOLE_WARNINGS = ("The input spec uses Vega-Lite v5",)
 
 
+#: The browser console's errors and warnings, and those logged while the page reloads.
+CONSOLE: list[str] = []
+RELOAD_ABORTS: list[str] = []
+
+
 def make_cats(folder: Path) -> None:
     """Four 64-px 'cat faces' captioned as a person tagging their cat would."""
     from PIL import Image, ImageDraw
@@ -100,7 +105,9 @@ def test_a_first_session_with_ones_own_pictures_and_model(tmp_path):
     workspace = tmp_path / "ws"
     cats = tmp_path / "my-cats"
     make_cats(cats)
-    console: list[str] = []
+    console = CONSOLE
+    console.clear()
+    RELOAD_ABORTS.clear()
     with running_server(workspace, meanwhile=lambda: save_second_model(workspace / "models")) as server, \
             sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
@@ -120,7 +127,8 @@ def test_a_first_session_with_ones_own_pictures_and_model(tmp_path):
             browser.close()
         unexpected = [text for text in console
                       if not (text.startswith("warning:") and any(w in text for w in GRADIO_CONSOLE_WARNINGS))]
-        assert unexpected == [], unexpected
+        assert unexpected == [], "\n".join(unexpected) + "\n(during the reload: " + " | ".join(RELOAD_ABORTS) + ")"
+        assert all("offsetWidth" not in text for text in RELOAD_ABORTS), RELOAD_ABORTS
         assert server.alive() and "Traceback" not in server.log_text()
 
 
@@ -212,8 +220,12 @@ def _walk(page, server, workspace: Path, cats: Path) -> None:
     # --- point 10: a reload mid-training keeps the Train form and follows the running run
     status = page.locator("#runs-status")
     page.locator("#runs-table >> text=/^running$/ >> visible=true").first.wait_for()
+    before = len(CONSOLE)
     page.reload()
     page.locator("#ds-stats", has_text="training image").wait_for()
+    # the page left behind aborts its open requests (the Runs tab's timer, the event stream)
+    RELOAD_ABORTS.extend(CONSOLE[before:])
+    del CONSOLE[before:]
     tab(page, "3 · Runs")
     status.locator(".run-name", has_text=re.compile(r"^cats-\d")).wait_for()
     assert "training" in status_badge(page) or any(w in status_badge(page) for w in ("loading", "caching", "drawing"))
