@@ -90,6 +90,9 @@ class NetworkConfig(_Section):
     use_rslora: bool = Field(False, description="rsLoRA: scale by alpha/sqrt(rank), steadier at high ranks (lora/locon).")
     init: Literal["default", "pissa", "olora"] = Field(
         "default", description="LoRA init: default (B = 0), pissa or olora (from the base weights; exported as an equivalent plain LoRA).")
+    init_from: str = Field("", description="Start from this adapter file's LoRA factors (a path, or the name of an "
+                                           "adapter in the library), e.g. an instant adapter (`lora-studio instant`): "
+                                           "lora/locon, the file's rank at most rank / conv_rank.")
     loraplus_lr_ratio: float | None = Field(None, gt=0, le=1000, description="LoRA+: learning rate of B (up) = ratio x learning rate (16 is common).")
     lokr_factor: int = Field(-1, ge=-1, le=1024, description="LoKr: Kronecker factor (-1 = balanced).")
     tlora_min_rank: int = Field(4, ge=1, le=1024, description="T-LoRA: rank used at the noisiest step (the paper uses rank/2).")
@@ -139,6 +142,8 @@ class NetworkConfig(_Section):
     @model_validator(mode="after")
     def _check_network(self) -> "NetworkConfig":
         METHODS[self.type].check(self)
+        if self.init_from and not METHODS[self.type].starts_from_file:
+            raise ValueError(f"init_from applies to lora/locon networks, not {self.type}")
         return self
 
 

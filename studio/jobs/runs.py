@@ -114,6 +114,18 @@ def dataset_folder(config: TrainConfig, workspace: Workspace) -> Path:
     return DEMO_DATASET
 
 
+def init_from_path(config: TrainConfig, workspace: Workspace) -> Path | None:
+    """The adapter file network.init_from names: a file, or an adapter in the library by name."""
+    ref = config.network.init_from.strip()
+    if not ref:
+        return None
+    if Path(ref).expanduser().is_file():
+        return Path(ref).expanduser().resolve()
+    from studio.adapters.library import find_adapter
+
+    return find_adapter(workspace, ref)
+
+
 def check_training(config: TrainConfig, workspace: Workspace) -> TrainingCheck:
     """Everything that would stop `config` from training on this machine, found before a run
     is queued: CUDA-only options, the base model, and the dataset read exactly as the
@@ -130,6 +142,10 @@ def check_training(config: TrainConfig, workspace: Workspace) -> TrainingCheck:
         resolve_model(config.base_model)
     except StudioError as error:
         check.problems.append(Problem("base_model", str(error)))
+    try:
+        init_from_path(config, workspace)
+    except StudioError as error:
+        check.problems.append(Problem("network.init_from", str(error)))
     folder = dataset_folder(config, workspace)
     where = "dataset.name" if config.dataset.name else "dataset.path"
     if not folder.is_dir():
@@ -182,6 +198,9 @@ def create_run(config: TrainConfig, workspace: Workspace) -> Path:
         config = config.model_copy(deep=True)
         config.dataset.path = str(members_dataset(config, workspace))
     check_training(config, workspace).raise_problems()
+    if config.network.init_from:  # the run's config names the file itself, not a library name
+        config = config.model_copy(deep=True)
+        config.network.init_from = str(init_from_path(config, workspace))
     run_dir = workspace.run_dir(new_run_id(config, workspace))
     run_dir.mkdir(parents=True)
     save_config(config, run_dir / CONFIG_FILE)

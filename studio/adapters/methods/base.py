@@ -104,11 +104,13 @@ class Training(ABC):
 class Method(ABC):
     """One adapter method. `name` is its network.type value; `summary` its entry in that
     field's one-line help; `nf4` whether it trains on a 4-bit base (peft has 4-bit layers
-    for it)."""
+    for it); `starts_from_file` whether a run can start from an adapter file's factors
+    (network.init_from, studio.adapters.methods.init_from)."""
 
     name: str
     summary: str
     nf4: bool = True
+    starts_from_file: bool = False
 
     def check(self, net) -> None:
         """Raise ValueError for network settings this method cannot honour. The LoRA

@@ -18,7 +18,7 @@ Trained with peft's LoraConfig; exported as kind lora (networks.lora, lycoris.ko
 from __future__ import annotations
 
 from studio.errors import StudioError
-from studio.adapters.methods import ard
+from studio.adapters.methods import ard, init_from
 from studio.adapters.methods.base import ADAPTER_NAME, PeftMethod, PeftTraining
 
 
@@ -60,7 +60,12 @@ class LoRATraining(PeftTraining):
     def prepare(self, models, loss):
         """Sensitivity-LoRA: every adapted module's empirical-Fisher sensitivity on
         net.sensitivity_batches batches, then its rank under net.rank_budget (default: the
-        ranks the config gives, summed). Returns the allocation for the run's events."""
+        ranks the config gives, summed). Returns the allocation for the run's events. With
+        init_from, first: the file adapts no model the run leaves alone."""
+        if self.net.init_from:
+            from studio.adapters.methods.init_from import check_components
+
+            check_components(self.net.init_from, models)
         if self.net.rank_allocation != "sensitivity":
             return None
         from studio.adapters.methods.sensitivity import (adapted_modules, allocate_ranks, configured_rank,
@@ -130,6 +135,10 @@ class LoRATraining(PeftTraining):
         return replaced
 
     def injected(self, component, model):
+        if self.net.init_from:
+            from studio.adapters.methods.init_from import load_factors
+
+            load_factors(self.net.init_from, component, model, ADAPTER_NAME)
         if self.net.init == "default":
             return
         from peft.tuners.lora.layer import LoraLayer
@@ -152,6 +161,7 @@ class LoRA(PeftMethod):
     name = "lora"
     summary = "lora"
     training_class = LoRATraining
+    starts_from_file = True
 
     def check(self, net) -> None:
         """Every LoRA option applies; rank allocation by ARD with a plain init and no DoRA;
@@ -163,6 +173,8 @@ class LoRA(PeftMethod):
             raise ValueError("rank_budget needs a rank_allocation ('sensitivity' or 'ard') to end under it")
         if net.rank_allocation == "ard":
             ard.check(net)
+        if net.init_from:
+            init_from.check(net)
         if net.squeeze_rank is not None:
             if net.squeeze_rank >= net.rank:
                 raise ValueError(f"squeeze_rank ({net.squeeze_rank}) must be below rank ({net.rank})")
