@@ -233,3 +233,24 @@ def test_the_shipped_hypernetwork_draws_the_purple_star_from_one_picture():
     pipe.set_progress_bar_config(disable=True)
     figures = concept_rates(pipe, get_family("sd15"), adapter, ("purple", "star"), seeds=[7, 8])
     assert figures["color"] >= 0.8 and figures["both"] >= 0.5 and figures["prior"] >= 0.85, figures
+
+
+@pytest.mark.slow(seconds=60)
+def test_the_training_script_trains_a_model_folder_from_a_concept_dataset(tmp_path):
+    """The family-generic path: `--model FOLDER --concepts DIR` writes FOLDER/hyperlora, and
+    the studio makes that model's instant adapters with it."""
+    from bench.gpu import concept_folder
+    from studio.adapters import load_adapter
+    from studio.instant import make_instant_adapter
+    from studio.models.builtin import BUILTIN_DIR
+    from studio.workspace import Workspace
+    from toyworld.train_hyperlora import main
+
+    model = tmp_path / "model"
+    shutil.copytree(BUILTIN_DIR, model, ignore=shutil.ignore_patterns("hyperlora", "captioner"))
+    main(["--model", str(model), "--concepts", str(concept_folder(tmp_path / "concepts")), "--out",
+          str(model / "hyperlora"), "--steps", "2", "--eval-seeds", "0", "--concepts-per-step", "2"])
+    path = make_instant_adapter(Workspace.open(tmp_path / "ws"), "star", description="a purple star", model=str(model))
+    assert len(load_adapter(path).modules) == 81
+    with pytest.raises(StudioError, match="does not know the word"):
+        make_instant_adapter(Workspace.open(tmp_path / "ws"), "heart", description="a pink heart", model=str(model))

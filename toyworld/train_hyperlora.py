@@ -236,12 +236,14 @@ class LiveLoRA:
         def hook(module, inputs, output):
             if self.ups is None:
                 return output
-            x, up = inputs[0], self.ups[index]
+            x, up = inputs[0].to(down.dtype), self.ups[index]  # the LoRA in fp32 over a bf16 base
             if isinstance(layer, torch.nn.Conv2d):
                 h = F.conv2d(x, down, stride=layer.stride, padding=layer.padding, dilation=layer.dilation)
-                return output + torch.einsum("brhw,bor->bohw", h, up)
-            h = x @ down.t()
-            return output + (torch.einsum("bnr,bor->bno", h, up) if h.ndim == 3 else torch.einsum("br,bor->bo", h, up))
+                delta = torch.einsum("brhw,bor->bohw", h, up)
+            else:
+                h = x @ down.t()
+                delta = torch.einsum("bnr,bor->bno", h, up) if h.ndim == 3 else torch.einsum("br,bor->bo", h, up)
+            return output + delta.to(output.dtype)
 
         return hook
 
@@ -337,9 +339,9 @@ def train(hyper: HyperLoRA, pipe, family, bank: Bank, args, resolution: int) -> 
         hidden, pooled = conditioning(target_captions + [bank.prior_captions[i] for i in prior_index])
         noise = torch.randn((2 * k, *latent_shape), generator=gen).to(device)
         t = torch.randint(args.min_timestep, scheduler.config.num_train_timesteps, (2 * k,), generator=gen).to(device)
-        noisy = scheduler.add_noise(x0, noise, t)
+        noisy = scheduler.add_noise(x0, noise, t).to(denoiser.dtype)
         extra = family.unet_inputs(pooled, size_ids, device)
-        prediction = denoiser(noisy, t, hidden, **extra).sample
+        prediction = denoiser(noisy, t, hidden.to(denoiser.dtype), **extra).sample
         target = noise if prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, t)
         per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if args.min_snr_gamma:
@@ -471,6 +473,97 @@ def summary(evaluation: dict) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------- the record
+
+
+def write_report(out: Path, report: dict, config: HyperConfig, bank: Bank) -> None:
+    """OUT/TRAINING.md: how the files beside it were made, on what, and what they do."""
+    a = report["args"]
+
+    def pct(v: float) -> str:
+        return f"{100 * v:.0f}%"
+
+    rows = []
+    for key, row in report.get("evaluation", {}).get("held_out", {}).items():
+        for name, r in row.items():
+            rows.append(f"| {key} | {name} | {pct(r['color'])} | {pct(r['shape'])} | {pct(r['both'])} | "
+                        f"{pct(r['prior'])} |")
+    mean = report.get("evaluation", {}).get("held_out_mean", {})
+    rows += [f"| **mean** | {name} | {pct(r['color'])} | {pct(r['shape'])} | {pct(r['both'])} | {pct(r['prior'])} |"
+             for name, r in mean.items()]
+    evaluation = ("(no evaluation: --eval-seeds 0 or a concept dataset)" if not rows else
+                  f"""On every held-out concept, an adapter from one picture (the concept on white, as
+`concept_picture` draws it) and one from the description "a COLOUR SHAPE"; "a sks shape on a
+B background" on the seven backgrounds (but the concept's own colour) x seeds
+{report['evaluation']['seeds']}, read by toyworld/evaluate.py with the extended palette and
+shapes; prior: seven prompts without the trigger x the same seeds, right in colour, shape
+and background (the base model: 100%). DDIM 20 steps, CFG 5, the LoRA merged into the weights.
+
+| concept | from | colour | shape | both | prior right |
+|---|---|---|---|---|---|
+""" + "\n".join(rows))
+    shared = ("\n  (the machine was shared with other work: wall time above CPU time is time spent waiting)"
+              if report["wall_seconds"] > 1.1 * report["cpu_seconds"] else "")
+    held = config.held_out.get("concepts", [])
+    md = f"""# The instant-adapter hypernetwork: how it was made
+
+`lora-studio instant --images DIR | --describe TEXT --name NAME` makes a LoRA for the
+built-in model with this hypernetwork, in one forward pass. Trained by
+toyworld/train_hyperlora.py; these files are exactly that script's output. The inference
+code is studio/instant/.
+
+- Command: `{report['command']}`
+- Seed: {a['seed']}
+- Machine: {report['machine']}, **{a['threads']} thread(s)** (`torch.set_num_threads({a['threads']})`)
+- Wall time: {report['wall_seconds'] / 60:.1f} min (bank {report['bank_seconds']:.0f} s, training
+  {report['training']['seconds']:.0f} s, evaluation {report.get('evaluation', {}).get('seconds', 0):.0f} s);
+  CPU time of the process {report['cpu_seconds'] / 60:.1f} min{shared}
+- torch {report['versions']['torch']}, Python {report['versions']['python']}
+- Parameters: {report['params']:,}; size on disk {report['size_bytes'] / 1e6:.2f} MB (fp32 safetensors + config)
+
+## What it makes
+
+A LoCon of rank {config.rank} (alpha {config.rank}) on {len(config.targets)} layers of the built-in UNet: the
+attention projections (to_q, to_k, to_v, to_out.0) and the ResNet convs, time projections and
+resamplers of the mid and up blocks (the down blocks are left alone, as in the
+tiny-demo-quick preset), trigger word `{config.trigger}`. Codes of {config.z_dim} values: picture encoder
+(3x3 convolutions {config.image_widths}, stride 2, GroupNorm, SiLU, mean and max pooled), description
+encoder (word embeddings of {config.word_dim}, pooled by scores from a causal convolution over the
+words; vocabulary: {', '.join(config.vocab[2:])}).
+
+## Data
+
+- Concepts: every colour x shape of the extended world (colours {', '.join(CONCEPT_COLORS)};
+  shapes {', '.join(CONCEPT_SHAPES)}), {len(bank.concepts)} in training. The base model never saw purple,
+  orange, pink, cyan, brown, stars, hearts, crosses or moons.
+- **Held out of the hypernetwork's training (no picture, no caption, no description):
+  {', '.join(held)}.** Each one's colour and shape are in other training concepts, so the
+  pictures and descriptions that make them are combinations it never saw; the purple star,
+  the demo's concept, is new to the base model and to the hypernetwork alike. Descriptions
+  that name a background never pair it with a shape into a held-out concept.
+- {a['pictures']} pictures per concept (sizes {CONCEPT_SIZES[0]}-{CONCEPT_SIZES[1]} px, upright, the seven backgrounds in
+  turn), captioned "a {config.trigger} shape on a B background" ({P_NO_BACKGROUND:.0%} "a {config.trigger} shape");
+  descriptions from the templates {', '.join(repr(t) for t in DESCRIPTIONS)}.
+- Prior: {a['prior_pictures']} pictures of the base model's world with their captions ({len(bank.prior_captions)} drawn once).
+
+## Training
+
+{a['steps']} steps; each takes {a['concepts_per_step']} concepts, reads 1-3 pictures of each ({pct(1 - a['p_text'])}) or a
+description ({pct(a['p_text'])}), applies each concept's LoRA to one picture of it (never one it read) and
+one prior picture. Loss: denoising (epsilon, min-SNR-{a['min_snr_gamma']:g}, timesteps {a['min_timestep']}-999) on
+the concept pictures + {a['prior_weight']:g} x on the prior pictures + {a['align_weight']:g} x the contrastive
+alignment of picture and description codes (temperature {a['temperature']:g}). AdamW {a['lr']:g} one-cycle,
+gradient clipping 1.0; the base model frozen.
+
+## Evaluation
+
+{evaluation}
+
+Reproduce: `{report['command']}` (same machine and library versions give the same files).
+"""
+    atomic_write_text(out / "TRAINING.md", md)
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -509,29 +602,34 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--skip-sections", nargs="*", default=["down_blocks"],
                         help="denoiser sections without an adapter (the quick preset's: down_blocks)")
     parser.add_argument("--trigger", default=TRIGGER)
-    parser.add_argument("--resolution", type=int, default=None, help="training resolution (default: the model's)")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="training resolution (default: the model's, its denoiser's sample size x the VAE's factor)")
     parser.add_argument("--eval-seeds", type=int, default=DEFAULTS["eval_seeds"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="the frozen base model's weights")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="less memory for full-size models")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     command = " ".join(["python -m toyworld.train_hyperlora"]
                        + [shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])])
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    t_start = time.time()
+    t_start, cpu_start = time.time(), time.process_time()
 
     model_ref = resolve_model(args.model)
     family = get_family(model_ref.family)
     out = args.out or (OUT_DIR if model_ref.kind == "builtin" else None)
     if out is None:
         raise SystemExit("--out is needed for a base model other than the built-in one")
-    pipe = load_pipeline(model_ref)
+    pipe = load_pipeline(model_ref, torch_dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
     pipe.set_progress_bar_config(disable=True)
     denoiser = getattr(pipe, family.unet_part.attr)
     for model in (pipe.vae, denoiser, *(getattr(pipe, a) for a in family.text_encoders)):
         model.requires_grad_(False)
         model.to(args.device)
-    resolution = args.resolution or (world.RESOLUTION if model_ref.kind == "builtin" else family.default_resolution)
+    if args.gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+    resolution = args.resolution or denoiser.config.sample_size * pipe.vae_scale_factor  # the model's own size
     encoder_resolution = min(resolution, 256)
 
     t0 = time.time()
@@ -577,7 +675,9 @@ def main(argv: list[str] | None = None) -> dict:
                                 "seconds": round(time.time() - t0, 1)}
         log(f"held-out mean: {json.dumps(summary(held))}")
     report["wall_seconds"] = round(time.time() - t_start, 1)
+    report["cpu_seconds"] = round(time.process_time() - cpu_start, 1)
     atomic_write_text(staging / "evaluation.json", json.dumps(report, indent=1) + "\n")
+    write_report(staging, report, config, bank)
     old = out.with_name(out.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if out.exists():

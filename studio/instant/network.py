@@ -190,11 +190,22 @@ class HyperLoRA(nn.Module):
         return [w for w in words(description) if w in self._word_ids and w not in stop]
 
     # ---------------------------------------------------------------- codes and weights
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.image_encoder(pixels)
+    @staticmethod
+    def unit(z: torch.Tensor) -> torch.Tensor:
+        """A code with zero mean and unit variance over its entries: no code can shrink to
+        nothing, so every concept's LoRA depends on what its code says."""
+        return F.layer_norm(z, z.shape[-1:])
+
+    def encode_images(self, pixels: torch.Tensor, counts: list[int] | None = None) -> torch.Tensor:
+        """The code of each picture [N, 3, R, R] -> [N, z]; with `counts`, of each group of
+        that many consecutive pictures (the mean of their codes) -> [len(counts), z]."""
+        codes = self.unit(self.image_encoder(pixels))
+        if counts is None:
+            return codes
+        return self.unit(torch.stack([group.mean(dim=0) for group in codes.split(counts)]))
 
     def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.text_encoder(ids)
+        return self.unit(self.text_encoder(ids))
 
     def ups(self, z: torch.Tensor) -> list[torch.Tensor]:
         """The up factors of every target for codes z [B, z_dim]: one [B, out, r] per target."""
@@ -228,7 +239,7 @@ class HyperLoRA(nn.Module):
         atomic_write_text(folder / CONFIG_FILE, self.config.to_json())
         with atomic_path(folder / WEIGHTS_FILE) as tmp:
             save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(tmp),
-                      metadata={"kind": KIND, "version": self.config.version})
+                      metadata={"kind": KIND})  # one entry: safetensors writes several in a random order
 
     @classmethod
     def load(cls, folder: Path) -> "HyperLoRA":
