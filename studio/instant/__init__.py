@@ -135,7 +135,7 @@ def instant_code(network, *, images: list | None = None, description: str | None
 
     with torch.no_grad():
         if images is not None:
-            return network.encode_images(to_pixels(images, network.config.resolution)).mean(dim=0)
+            return network.encode_images(to_pixels(images, network.config.resolution), [len(images)])[0]
         return network.encode_text(network.tokenize([description]))[0]
 
 
