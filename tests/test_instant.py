@@ -120,6 +120,23 @@ def test_the_cli_prints_the_path_last_and_refuses_bad_input_in_one_line(tmp_path
     assert sorted(p.name for p in (ws / "adapters").iterdir()) == ["heart.safetensors"]
 
 
+def test_the_train_tabs_instant_box_makes_it_from_the_dataset_or_the_words(tmp_path):
+    from studio.adapters import load_adapter
+    from studio.workspace import Workspace
+    from ui import train_view as tv
+
+    ws = Workspace.open(tmp_path / "ws")
+    shutil.copytree(world.PROJECT_DEMO_DIR, ws.datasets_dir / "demo")
+    pictures = tv.instant_adapter(ws, "demo", "builtin", "", "star", "sks")
+    assert pictures == ws.adapters_dir / "star-instant.safetensors"
+    given = json.loads(load_adapter(pictures).metadata["lora_studio_generator_input"])
+    assert len(given["pictures"]) == world.DEMO_IMAGES  # the training pictures, not reg/
+    words = tv.instant_adapter(ws, "demo", "builtin", "a purple star", "words", "")
+    assert json.loads(load_adapter(words).metadata["lora_studio_generator_input"]) == {"description": "a purple star"}
+    with pytest.raises(StudioError, match="Pick a dataset"):
+        tv.instant_adapter(ws, None, "builtin", " ", "none", "sks")
+
+
 def test_another_trigger_word_draws_what_the_trained_one_draws(tmp_path):
     """A trigger other than the hypernetwork's is an embedding bundled in the file, holding the
     trained trigger's vectors: the same prompt with it draws the same picture."""

@@ -10,12 +10,12 @@ sample by sample (forward hooks: the batch holds K different LoRAs at once); the
 
     L = mean_concept_pictures[ w(t) |eps_hat(x_t, t, "a sks shape ...") - eps|^2 ]      the concept
       + prior_weight * mean_prior_pictures[ w(t) |eps_hat(x_t, t, caption) - eps|^2 ]   unchanged elsewhere
-      + align_weight * InfoNCE(z_pictures, z_descriptions)                           one code space
+      + align_weight * InfoNCE(z_pictures, z_descriptions over contrast_concepts)   one code space
 
 with min-SNR-gamma weights w(t) (v-prediction targets where the scheduler says so), each
 prior picture under one of the step's LoRAs. The codes are unit-normalised (HyperLoRA.unit)
-and the alignment is contrastive (CLIP's symmetric cross-entropy over the step's concepts,
-cosine / temperature): a first version pulled z_pictures towards z_description by their
+and the alignment is contrastive (CLIP's symmetric cross-entropy over `contrast_concepts`
+concepts a step, cosine / temperature): a first version pulled z_pictures towards z_description by their
 squared distance, and both collapsed to one code, every concept getting the same mean
 LoRA (a pink blob whatever the input). The picture the hypernetwork reads is never the
 one its LoRA is scored on, so the code must hold the concept, not the picture.
@@ -89,7 +89,7 @@ CONCEPT_SIZES = (26, 44)
 P_NO_BACKGROUND = 0.2  # trigger captions without the background ("a sks shape")
 
 DEFAULTS = {"seed": 0, "steps": 3000, "concepts_per_step": 6, "lr": 1e-3, "rank": 8, "z_dim": 32,
-            "pictures": 48, "prior_pictures": 2000, "prior_weight": 1.0, "align_weight": 0.1, "temperature": 0.1, "p_text": 0.5,
+            "pictures": 48, "prior_pictures": 2000, "prior_weight": 1.0, "align_weight": 0.1, "temperature": 0.1, "contrast_concepts": 32, "p_text": 0.5,
             "min_timestep": 200, "min_snr_gamma": 1.0, "eval_seeds": 4}
 
 
@@ -186,8 +186,9 @@ def folder_bank(vae, folder: Path, resolution: int, encoder_resolution: int) -> 
         items = load_items(sub)
         lines = [line.strip() for line in (sub / "description.txt").read_text(encoding="utf-8").splitlines()
                  if line.strip()] if (sub / "description.txt").is_file() else []
-        if not items or not lines:
-            raise SystemExit(f"{sub}: a concept needs pictures with captions and a description.txt")
+        if len(items) < 2 or not lines:
+            raise SystemExit(f"{sub}: a concept needs two or more pictures with captions (one is read, another "
+                             "scored) and a description.txt")
         images = [open_image(it.path) for it in items]
         concepts.append(sub.name)
         pixels[sub.name] = to_pixels(images, encoder_resolution)
@@ -279,6 +280,18 @@ def contrastive(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.T
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
 
 
+def contrast_codes(hyper: HyperLoRA, bank: Bank, rng: np.random.Generator, count: int, device):
+    """The picture and description codes of `count` concepts (one random picture and
+    description each), for the contrastive term: many concepts a step, so that concepts of
+    one colour and different shapes meet as negatives (with only the step's few, the
+    picture codes kept the colour and lost the shape)."""
+    chosen = [bank.concepts[i] for i in rng.choice(len(bank.concepts), size=min(count, len(bank.concepts)),
+                                                     replace=False)]
+    pixels = torch.stack([bank.pixels[key][int(rng.integers(len(bank.pixels[key])))] for key in chosen])
+    texts = [bank.descriptions[key][int(rng.integers(len(bank.descriptions[key])))] for key in chosen]
+    return hyper.encode_images(pixels.to(device)), hyper.encode_text(hyper.tokenize(texts).to(device))
+
+
 def train(hyper: HyperLoRA, pipe, family, bank: Bank, args, resolution: int) -> dict:
     from diffusers import DDPMScheduler
     from diffusers.training_utils import compute_snr
@@ -320,7 +333,7 @@ def train(hyper: HyperLoRA, pipe, family, bank: Bank, args, resolution: int) -> 
         for key in chosen:
             n = len(bank.latents[key])
             order = rng.permutation(n)
-            shown = int(rng.integers(1, 4))
+            shown = min(int(rng.integers(1, 4)), n - 1)
             inputs.append(bank.pixels[key][torch.from_numpy(order[1:1 + shown])])
             counts.append(shown)
             target_latents.append(bank.latents[key][order[0]])
@@ -349,7 +362,7 @@ def train(hyper: HyperLoRA, pipe, family, bank: Bank, args, resolution: int) -> 
             weight = torch.clamp(snr, max=args.min_snr_gamma) / snr
             per_sample = per_sample * (weight * snr / (snr + 1) if prediction_type == "v_prediction" else weight)
         concept_loss, prior_loss = per_sample[:k].mean(), per_sample[k:].mean()
-        align = contrastive(z_images, z_texts, args.temperature)
+        align = contrastive(*contrast_codes(hyper, bank, rng, args.contrast_concepts, device), args.temperature)
         loss = concept_loss + args.prior_weight * prior_loss + args.align_weight * align
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -552,7 +565,7 @@ words; vocabulary: {', '.join(config.vocab[2:])}).
 description ({pct(a['p_text'])}), applies each concept's LoRA to one picture of it (never one it read) and
 one prior picture. Loss: denoising (epsilon, min-SNR-{a['min_snr_gamma']:g}, timesteps {a['min_timestep']}-999) on
 the concept pictures + {a['prior_weight']:g} x on the prior pictures + {a['align_weight']:g} x the contrastive
-alignment of picture and description codes (temperature {a['temperature']:g}). AdamW {a['lr']:g} one-cycle,
+alignment of the picture and description codes of {a['contrast_concepts']} concepts (temperature {a['temperature']:g}). AdamW {a['lr']:g} one-cycle,
 gradient clipping 1.0; the base model frozen.
 
 ## Evaluation
@@ -596,6 +609,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--prior-weight", type=float, default=DEFAULTS["prior_weight"])
     parser.add_argument("--align-weight", type=float, default=DEFAULTS["align_weight"])
     parser.add_argument("--temperature", type=float, default=DEFAULTS["temperature"])
+    parser.add_argument("--contrast-concepts", type=int, default=DEFAULTS["contrast_concepts"],
+                        help="concepts whose picture and description codes meet in the contrastive term each step")
     parser.add_argument("--p-text", type=float, default=DEFAULTS["p_text"], help="share of concepts read from words")
     parser.add_argument("--min-timestep", type=int, default=DEFAULTS["min_timestep"])
     parser.add_argument("--min-snr-gamma", type=float, default=DEFAULTS["min_snr_gamma"])

@@ -364,16 +364,7 @@ def build(studio: Studio) -> SimpleNamespace:
 
     @friendly
     def on_instant(dataset_name, model, description, name, trigger):
-        from studio.instant import make_instant_adapter
-
-        pictures = None
-        if not description.strip():
-            if not dataset_name or not ws.dataset_dir(dataset_name).is_dir():
-                raise StudioError("Pick a dataset with pictures of the concept, or write a description.")
-            pictures = ws.dataset_dir(dataset_name)
-        path = make_instant_adapter(ws, f"{(name or '').strip() or 'adapter'}-instant", pictures=pictures,
-                                    description=description if pictures is None else None,
-                                    model=model or BUILTIN, trigger=(trigger or "").strip() or None)
+        path = tv.instant_adapter(ws, dataset_name, model or BUILTIN, description, name, trigger)
         gr.Info(f"{path.stem} is in the library.")
         return f"Made **{path.stem}** ({path}): use it in Generate, or start a run from it."
 

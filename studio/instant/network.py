@@ -15,9 +15,10 @@ so a code that adds up from its parts can name a combination training never show
   `resolution`.
 - text encoder: a word embedding per vocabulary word; a causal convolution over the
   words (each sees the two before it) scores them, the softmax of the scores pools their
-  embeddings, an MLP (plus a linear skip) maps the pool to z. The pooled values are the
-  words' own embeddings, so "purple star" is made of what "purple" and "star" mean
-  elsewhere; the scores can learn to pass over "on a white background".
+  embeddings, a linear map takes the pool to z. So a code is a weighted sum of its words'
+  own vectors: "purple star" is made of what "purple" and "star" mean elsewhere (an MLP
+  there, in a first version, drew cyan blobs for "a cyan cross" though it drew orange
+  crosses), and the scores can learn to pass over "on a white background".
 
 The config (HyperConfig, config.json beside the weights) names the base model's adapted
 layers (denoiser path and kohya name, shapes), the vocabulary and what training held out.
@@ -138,8 +139,7 @@ class TextEncoder(nn.Module):
         super().__init__()
         self.embedding = nn.Embedding(vocab_size, word_dim, padding_idx=0)
         self.score = nn.Conv1d(word_dim, 1, kernel_size=3)
-        self.mlp = nn.Sequential(nn.Linear(word_dim, 2 * z_dim), nn.SiLU(), nn.Linear(2 * z_dim, z_dim))
-        self.skip = nn.Linear(word_dim, z_dim)
+        self.project = nn.Linear(word_dim, z_dim)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [N, L] (0 = padding) -> one code per description [N, z]."""
@@ -147,7 +147,7 @@ class TextEncoder(nn.Module):
         scores = self.score(F.pad(e.transpose(1, 2), (2, 0))).squeeze(1)
         weights = torch.softmax(scores.masked_fill(ids == 0, float("-inf")), dim=1)
         pooled = (weights.unsqueeze(-1) * e).sum(dim=1)
-        return self.mlp(pooled) + self.skip(pooled)
+        return self.project(pooled)
 
 
 class HyperLoRA(nn.Module):
