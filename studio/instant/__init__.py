@@ -20,6 +20,7 @@ import datetime
 import functools
 import hashlib
 import json
+import re
 from pathlib import Path
 
 from studio.datasets import DEFAULT_MAX_PIXELS, open_image, training_items
@@ -29,6 +30,7 @@ from studio.models.families import get_family
 from studio.workspace import Workspace, check_name
 
 HYPERNETWORK_FOLDER = "hyperlora"
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"  # in it
 GENERATOR = "lora-studio instant"
 MAX_PICTURES = 64            # the first 64 pictures (by name) of a larger folder are read
 MAX_DESCRIPTION_CHARS = 300
@@ -37,7 +39,7 @@ MAX_DESCRIPTION_CHARS = 300
 def hypernetwork_folder(model_ref: ModelRef) -> Path:
     """The hypernetwork of a base model (its folder's `hyperlora/`); StudioError when it has none."""
     folder = model_ref.path / HYPERNETWORK_FOLDER if model_ref.path.is_dir() else None
-    if folder is None or not (folder / "config.json").is_file():
+    if folder is None or not (folder / CONFIG_FILE).is_file():
         raise StudioError(f"No instant-adapter hypernetwork for the base model {model_ref.display_name!r}: instant "
                           "adapters work with the built-in model, or with a model folder holding one in "
                           f"{HYPERNETWORK_FOLDER}/ (`python -m toyworld.train_hyperlora --model MODEL --concepts DIR`).")
@@ -68,8 +70,6 @@ def model_hashes(model_ref: ModelRef) -> dict[str, str]:
 def load_hypernetwork(model_ref: ModelRef):
     """The model's hypernetwork (cached while its weights file is unchanged), refused when it
     was trained on other denoiser weights than the model's."""
-    from studio.instant.network import WEIGHTS_FILE
-
     folder = hypernetwork_folder(model_ref)
     weights = folder / WEIGHTS_FILE
     stat = weights.stat() if weights.is_file() else None
@@ -178,8 +178,8 @@ def _trigger_embeddings(network, model_ref: ModelRef, trigger: str) -> dict:
     checking that the word can be a new token of every tokenizer of the base model."""
     if trigger == network.config.trigger:
         return {}
-    if not trigger or not trigger.isalnum() or not trigger.isascii():
-        raise StudioError(f"The trigger word {trigger!r} must be one word of letters and digits, e.g. 'sks'.")
+    if not re.fullmatch(r"[a-z0-9]+", trigger):  # CLIP lower-cases prompts: an upper-case token would never match
+        raise StudioError(f"The trigger word {trigger!r} must be one lower-case word of letters and digits, e.g. 'sks'.")
     from transformers import CLIPTokenizer
 
     family = get_family(model_ref.family)

@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from studio.errors import StudioError
+from studio.instant import CONFIG_FILE, WEIGHTS_FILE
 
-CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 KIND = "instant-lora-hypernetwork"
 PAD, UNKNOWN = "<pad>", "<unk>"
 MAX_WORDS = 24
