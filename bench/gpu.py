@@ -110,12 +110,12 @@ def _peak_gb() -> float | None:
 
 
 def our_config(model: Path, size: Size, case: Case, steps: int):
-    from studio.config import NetworkConfig, TrainConfig
+    from studio.config import TrainConfig, network_config
 
     config = TrainConfig(name="gpu-bench", base_model=str(model))
     config.dataset.path = str(ASSETS_DIR / "demo-dataset")
     config.dataset.resolution = size.resolution
-    config.network = NetworkConfig(type="lora", rank=RANK, alpha=float(RANK), target_modules=ATTENTION)
+    config.network = network_config("lora", rank=RANK, alpha=float(RANK), target_modules=ATTENTION)
     t = config.training
     t.max_steps, t.batch_size, t.gradient_checkpointing = steps, size.batch_size, size.gradient_checkpointing
     t.mixed_precision, t.optimizer, t.base_weights = case.mixed_precision, case.optimizer, case.base_weights
@@ -128,13 +128,13 @@ def time_ours(model: Path, size: Size, case: Case, steps: int, warmup: int) -> d
     `warmup` untimed steps and `steps` timed ones."""
     from studio.jobs.runs import create_run
     from studio.workspace import Workspace
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     _release()
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(create_run(our_config(model, size, case, warmup + steps), Workspace.open(tmp)),
+        trainer = AdapterTrainer(create_run(our_config(model, size, case, warmup + steps), Workspace.open(tmp)),
                           show_progress=False)
-        trainer._setup()
+        trainer.setup()
         for step in range(warmup):
             trainer.train_step(step)
         _sync()

@@ -45,7 +45,7 @@ def train_gates(workspace, name: str, members: list[str], gate: str, steps: int,
     from studio import PRESETS_DIR
     from studio.config import load_config
     from studio.jobs.runs import create_run
-    from trainers.lora import train_run
+    from trainers.run import train_run
 
     config = load_config(PRESETS_DIR / "tiny-demo.toml")
     config.name = name

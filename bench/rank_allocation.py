@@ -31,10 +31,10 @@ SETTINGS = {
 
 
 def config_for(network: dict, steps: int):
-    from studio.config import NetworkConfig, load_config
+    from studio.config import load_config, network_config
 
     config = load_config(PRESETS_DIR / "tiny-demo.toml")
-    config.network = NetworkConfig(rank=8, alpha=8.0, **network)
+    config.network = network_config(rank=8, alpha=8.0, **network)
     config.dataset.num_class_images = 0
     config.training.min_snr_gamma = None
     config.training.lr_scheduler = "constant"
@@ -46,26 +46,26 @@ def config_for(network: dict, steps: int):
 
 def fixed_loss(trainer) -> float:
     with torch.no_grad():
-        return float(sum(trainer._loss(k).item() for k in FIXED) / len(FIXED))
+        return float(sum(trainer.loss(k).item() for k in FIXED) / len(FIXED))
 
 
 def measure(name: str, network: dict, steps: int, tmp: Path) -> dict:
     from studio.adapters import load_adapter
     from studio.jobs.runs import create_run
     from studio.workspace import Workspace
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     budget = network.get("rank_budget") == "half"
     config = config_for({k: v for k, v in network.items() if k != "rank_budget"}, steps)
     if budget:  # half of rank x modules (the modules LoCon adapts on this model)
-        probe = Trainer(create_run(config_for({"type": "locon"}, steps), Workspace.open(tmp / "probe")),
+        probe = AdapterTrainer(create_run(config_for({"type": "locon"}, steps), Workspace.open(tmp / "probe")),
                         show_progress=False)
-        probe._setup()
+        probe.setup()
         modules = sum(1 for n, _ in probe.adapter.named_parameters("unet") if n.endswith(".lora_A.default.weight"))
         config.network.rank_budget = modules * config.network.rank // 2
-    trainer = Trainer(create_run(config, Workspace.open(tmp / name.replace(" ", "_").replace(",", ""))),
+    trainer = AdapterTrainer(create_run(config, Workspace.open(tmp / name.replace(" ", "_").replace(",", ""))),
                       show_progress=False)
-    trainer._setup()
+    trainer.setup()
     trained = sum(p.shape[0] for n, p in trainer.adapter.named_parameters("unet")
                   if n.endswith((".lora_A.default.weight", ".lora_A.default")))
     before = fixed_loss(trainer)
@@ -74,7 +74,7 @@ def measure(name: str, network: dict, steps: int, tmp: Path) -> dict:
         trainer.train_step(step)
     rate = steps / (time.perf_counter() - started)
     after = fixed_loss(trainer)
-    ranks = [m.rank for m in load_adapter(trainer._export(time.time())).modules.values()]
+    ranks = [m.rank for m in load_adapter(trainer.export(time.time())).modules.values()]
     return {"name": name, "before": before, "after": after, "kept": sum(ranks), "trained": trained,
             "ranks": f"{min(ranks)}-{max(ranks)}", "modules": len(ranks), "steps/s": rate}
 

@@ -53,7 +53,7 @@ def unet_passes(config) -> dict:
 
 def train_and_time(config, workspace) -> tuple:
     from studio.jobs.runs import create_run
-    from trainers.lora import train_run
+    from trainers.run import train_run
 
     run_dir = create_run(config, workspace)
     started = time.perf_counter()

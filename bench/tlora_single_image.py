@@ -97,20 +97,20 @@ def train_and_read(workspace, engine, dataset: Path, network: dict, *, seed: int
     from studio.jobs.runs import create_run
     from toyworld.evaluate import score_prompts
     from toyworld.fidelity import demo_config
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     config = demo_config(name=f"{network['type']}-{seed}", dataset=dataset, steps=args.steps, model=args.model,
                          learning_rate=args.lr, prior_preservation=False, seed=seed, **network)
     config.training.lr_scheduler = "constant"  # every read point is the same run, not a shorter schedule
     config.training.num_threads = args.threads
-    trainer = Trainer(create_run(config, workspace), show_progress=False)
-    trainer._setup()
+    trainer = AdapterTrainer(create_run(config, workspace), show_progress=False)
+    trainer.setup()
     read: dict[int, dict] = {}
     for step in range(args.steps):
         trainer.train_step(step)
         done = step + 1
         if done % args.every == 0 or done == args.steps:
-            path = trainer._export(time.time())
+            path = trainer.export(time.time())
             scored = score_prompts(engine.set_mix(args.model, [AdapterUse(path)]), prompts, args.sample_seeds)
             read[done] = figures(scored["records"], trained_background)
     return read

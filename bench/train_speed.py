@@ -20,11 +20,11 @@ from studio import PRESETS_DIR
 
 
 def our_config(steps: int, batch_size: int):
-    from studio.config import NetworkConfig, load_config
+    from studio.config import load_config, network_config
 
     config = load_config(PRESETS_DIR / "tiny-demo.toml")
     # The reference loop trains a plain attention LoRA on the instance images alone: so do we.
-    config.network = NetworkConfig(rank=8, alpha=8.0)
+    config.network = network_config(rank=8, alpha=8.0)
     config.dataset.num_class_images = 0
     config.training.min_snr_gamma = None
     config.training.max_steps = steps

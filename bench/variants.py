@@ -70,22 +70,22 @@ def train_one(spec: dict) -> dict:
     import torch
 
     from bench.time_to_concept import recipe_config
+    from studio.config import network_config
     from studio.jobs.runs import create_run, iter_events
     from studio.workspace import Workspace
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     config = recipe_config("tiny-demo", {**RECIPE, "training": {**RECIPE["training"], "max_steps": spec["steps"]}},
                            spec["seed"])
     config.name = f"{spec['variant']}-{spec['seed']}".replace("+", "-")
     # The preset's conv_rank / conv_alpha equal its rank / alpha, which LoCon takes when they are
-    # unset; unset, they do not stop the methods that have no conv layers (VeRA, SingLoRA).
-    config.network.conv_rank = config.network.conv_alpha = None
-    for key, value in network(spec["variant"], spec["steps"]).items():
-        setattr(config.network, key, value)
+    # unset; unset, they go with the LoCon variants and leave the methods without them.
+    config.network = network_config(like=config.network, conv_rank=None, conv_alpha=None)
+    config.network = network_config(like=config.network, **network(spec["variant"], spec["steps"]))
     config.training.log_every_n_steps = spec["steps"]
     if spec.get("quick"):  # a smoke run: fewer class pictures to encode, a one-step final sample
         config.dataset.num_class_images, config.sampling.steps = 4, 1
-    trainer = Trainer(create_run(config, Workspace.open(spec["workspace"])), show_progress=False)
+    trainer = AdapterTrainer(create_run(config, Workspace.open(spec["workspace"])), show_progress=False)
     adapter = trainer.run(resume=False)
     rate = [e["it_s"] for e in iter_events(trainer.run_dir) if e["type"] == "progress"][-1]
     state = trainer.optimizer.state

@@ -13,7 +13,12 @@ import sys
 from pathlib import Path
 
 from studio.errors import StudioError
+from studio.exposure import serving_auth
 from studio.fsutil import check_output_file
+from studio.generation.engine import Engine, GenerateRequest, parse_adapter_arg, parse_prompt_loras, save_png
+from studio.generation.grid import Axis, xy_grid
+from studio.models import hub, load_pipeline
+from studio.workspace import Workspace
 
 EXIT_USAGE = 2
 
@@ -32,6 +37,12 @@ def _finite(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
     return value
+
+
+def parse_mix_arg(text: str) -> tuple[Path, float]:
+    """`FILE[:WEIGHT]` of bake, fuse and mixture (generate's adapter argument) as (path, weight)."""
+    use = parse_adapter_arg(text)
+    return use.path, use.weight
 
 
 def _workspace_arg(parser: argparse.ArgumentParser) -> None:
@@ -55,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     _workspace_arg(train)
 
     gen = sub.add_parser("generate", help="generate images with a base model and adapters")
-    gen.add_argument("--model", default="builtin", help="'builtin', a diffusers folder or a .safetensors checkpoint")
+    gen.add_argument("--model", default="builtin",
+                     help="'builtin', a diffusers folder, a .safetensors checkpoint or a pulled model name (org/name)")
     gen.add_argument("--prompt", required=True, help="prompt; <lora:name:weight> tags load adapters from the workspace")
     gen.add_argument("--negative", default="", help="negative prompt")
     gen.add_argument("--adapter", action="append", default=[], metavar="FILE[:WEIGHT]", help="adapter file and weight")
@@ -121,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("name", help="dataset name in the workspace, or a folder path")
     cap.add_argument("--model", default=BUILTIN_CAPTIONER,
                      help="'builtin' (the toy-world captioner), a local transformers image-to-text folder "
-                          "(BLIP, GIT, Florence-2) or a WD14 tagger folder (model.onnx + selected_tags.csv)")
+                          "(BLIP, GIT, Florence-2), a WD14 tagger folder (model.onnx + selected_tags.csv) or a "
+                          "captioner pulled with `models pull` (org/name)")
     cap.add_argument("--mode", choices=CAPTION_MODES, default="fill",
                      help="fill: only pictures without a caption; overwrite: replace every caption; "
                           "prepend / append: add the new text before / after the caption (tags it has are not repeated)")
@@ -133,6 +146,17 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--include-reg", action="store_true", help="caption class / regularisation pictures too")
     cap.add_argument("--quiet", action="store_true", help="no progress bar")
     _workspace_arg(cap)
+
+    models = sub.add_parser("models", help="pull base models, captioners and LoRAs by name; list them")
+    models_sub = models.add_subparsers(dest="models_command", parser_class=_Parser)
+    pull = models_sub.add_parser("pull", help="fetch a model once into the workspace (then used offline by name)")
+    pull.add_argument("name", help="org/name[@revision] (Hugging Face repo), org/name/path/file.safetensors, "
+                                   "civitai:VERSION_ID or an https:// address (#sha256=HEX to check it)")
+    pull.add_argument("--quiet", action="store_true", help="no progress line")
+    _workspace_arg(pull)
+    listing = models_sub.add_parser("list", help="the models pulled into the workspace and the curated ones")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    _workspace_arg(listing)
 
     bake = sub.add_parser("bake", help="bake a mix of adapters into one LoRA file")
     bake.add_argument("adapters", nargs="+", metavar="FILE[:WEIGHT]")
@@ -198,7 +222,6 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_train(args) -> int:
     from studio.config import load_config, parse_config
     from studio.jobs.runs import create_run, latest_unfinished_run
-    from studio.workspace import Workspace
 
     config = load_config(args.config)
     if args.processes is not None:
@@ -267,7 +290,6 @@ def _end_with_parent() -> None:
 
 def cmd_generate(args) -> int:
     check_output_file(args.out)
-    from studio.generation.engine import Engine, GenerateRequest, parse_adapter_arg, parse_prompt_loras, save_png
 
     adapters = [parse_adapter_arg(a) for a in args.adapter]
     prompt, tagged = parse_prompt_loras(args.prompt, lambda name: _resolve_adapter_name(name, args.workspace))
@@ -280,21 +302,21 @@ def cmd_generate(args) -> int:
                               adapters=adapters + tagged, seed=args.seed, steps=args.steps,
                               guidance_scale=args.guidance, width=args.width, height=args.height,
                               scheduler=args.scheduler, route=args.route)
-    image = Engine(allow_pickle=args.allow_pickle).generate(request)[0]
+
+    engine = Engine(allow_pickle=args.allow_pickle, workspace=Workspace.open(args.workspace, create=False))
+    image = engine.generate(request)[0]
     print(save_png(image, args.out))
     return 0
 
 
 def _resolve_adapter_name(name: str, workspace_dir) -> Path:
     from studio.adapters.library import find_adapter
-    from studio.workspace import Workspace
 
     return find_adapter(Workspace.open(workspace_dir), name)
 
 
 def cmd_instant(args) -> int:
     from studio.instant import make_instant_adapter
-    from studio.workspace import Workspace
 
     workspace = Workspace.open(args.workspace)
     pictures = None if args.images is None else Path(args.images)
@@ -309,7 +331,6 @@ def cmd_instant(args) -> int:
 
 
 def cmd_mixture(args) -> int:
-    from studio.adapters.mixing import parse_mix_arg
     from studio.adapters.mixtures.file import find_member, new_mixture, save_mixture
 
     members = [parse_mix_arg(a) for a in args.adapters]
@@ -363,8 +384,6 @@ def cmd_convert(args) -> int:
 
     models = None
     if args.model:
-        from studio.models import load_pipeline
-
         models = adapter_models(load_pipeline(args.model))
     out = convert_adapter(args.src, args.dst, format=args.format, precision=args.precision,
                           set_metadata=parse_assignments(args.set), models=models)
@@ -374,7 +393,6 @@ def cmd_convert(args) -> int:
 
 def cmd_dataset(args) -> int:
     from studio.datasets import check_dataset, import_dataset
-    from studio.workspace import Workspace
 
     if args.dataset_command is None:
         raise StudioError("Say what to do: `lora-studio dataset import SRC --name NAME`, `dataset check NAME` "
@@ -392,12 +410,62 @@ def cmd_dataset(args) -> int:
 
         report = caption_dataset(folder, args.model, mode=args.mode, threshold=args.threshold, prompt=args.prompt,
                                  trigger=args.trigger, include_regularisation=args.include_reg,
-                                 progress=None if args.quiet else _stderr_progress("captioning", "pictures"))
+                                 progress=None if args.quiet else _stderr_progress("captioning", "pictures"),
+                                 workspace=workspace)
         print(report.summary())
         return 0
     report = check_dataset(folder, resolution=args.resolution)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.summary())
     return 0
+
+
+def cmd_models(args) -> int:
+    if args.models_command is None:
+        raise StudioError("Say what to do: `lora-studio models pull NAME` or `lora-studio models list`.")
+    if args.models_command == "pull":
+        workspace = Workspace.open(args.workspace)
+        line = _StderrBytes(args.name)
+        try:
+            entry, fetched = hub.pull(args.name, workspace, progress=None if args.quiet else line.show)
+        finally:
+            line.end()
+        print(f"{'pulled' if fetched else 'already pulled'}: {args.name} -> {entry.location(workspace)} "
+              f"({hub.KIND_LABELS[entry.kind]}, {entry.size / 1e6:.1f} MB)")
+        return 0
+    workspace = Workspace.open(args.workspace, create=False)
+    pulled = {name: entry for name, entry in hub.read_index(workspace).items()
+              if entry.location(workspace).exists()}
+    curated = hub.curated()
+    if args.json:
+        print(json.dumps({"pulled": [{**vars(e), "location": str(e.location(workspace))} for e in pulled.values()],
+                          "curated": [{**vars(c), "pulled": c.name in pulled} for c in curated]}, indent=2))
+        return 0
+    print(f"pulled into {workspace.root}:" if pulled else f"nothing pulled into {workspace.root} yet")
+    for name, entry in pulled.items():
+        print(f"  {name}  ->  {entry.path}  ({hub.KIND_LABELS[entry.kind]}, {entry.size / 1e6:.1f} MB)")
+    print("curated (lora-studio models pull NAME):")
+    for model in curated:
+        print(f"  {'*' if model.name in pulled else ' '} {model.name}  [{model.use}] {model.note}")
+    return 0
+
+
+class _StderrBytes:
+    """A progress line for bytes on stderr (`show(done, total)`), ended by a newline when
+    complete or, if cut short, by `end()` (so an error starts a line of its own)."""
+
+    def __init__(self, what: str, width: int = 30):
+        self.what, self.width, self.open = what, width, False
+
+    def show(self, done: int, total: int) -> None:
+        filled = self.width * done // total if total else self.width
+        self.open = done < total
+        print(f"\rpulling {self.what} [{'#' * filled}{'.' * (self.width - filled)}] {done / 1e6:.1f}/"
+              f"{total / 1e6:.1f} MB", end="" if self.open else "\n", file=sys.stderr, flush=True)
+
+    def end(self) -> None:
+        if self.open:
+            print(file=sys.stderr, flush=True)
+            self.open = False
 
 
 def _stderr_progress(what: str, unit: str, width: int = 30):
@@ -415,7 +483,7 @@ def _stderr_progress(what: str, unit: str, width: int = 30):
 def cmd_bake(args) -> int:
     check_output_file(args.out)
     from studio.adapters.formats.files import PRECISIONS
-    from studio.adapters.mixing import bake, parse_mix_arg
+    from studio.adapters.mixing import bake
 
     report = bake([parse_mix_arg(a) for a in args.adapters], args.out, rank=args.rank,
                   dtype=PRECISIONS[args.precision])
@@ -425,7 +493,7 @@ def cmd_bake(args) -> int:
 
 def cmd_fuse(args) -> int:
     check_output_file(args.out)
-    from studio.adapters.mixing import fuse, parse_mix_arg
+    from studio.adapters.mixing import fuse
 
     print(fuse(args.model, [parse_mix_arg(a) for a in args.adapters], args.out, allow_pickle=args.allow_pickle))
     return 0
@@ -447,8 +515,6 @@ def cmd_resize(args) -> int:
 
 def cmd_grid(args) -> int:
     check_output_file(args.out)
-    from studio.generation.engine import Engine, GenerateRequest, parse_adapter_arg, save_png
-    from studio.generation.grid import Axis, xy_grid
 
     request = GenerateRequest(prompt=args.prompt, model=args.model, adapters=[parse_adapter_arg(a) for a in args.adapter],
                               seed=args.seed, steps=args.steps, guidance_scale=args.guidance)
@@ -461,10 +527,8 @@ def cmd_grid(args) -> int:
 
 
 def cmd_suggest(args) -> int:
-    from studio.generation.engine import Engine
     from studio.adapters.library import list_adapters
     from studio.generation.suggest import suggest
-    from studio.workspace import Workspace
 
     found = suggest(Engine(), args.prompt, list_adapters(Workspace.open(args.workspace)), model=args.model, top=args.top)
     if not found:
@@ -475,8 +539,6 @@ def cmd_suggest(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    from studio.exposure import serving_auth
-
     host = "0.0.0.0" if args.listen else args.host
     auth = serving_auth(host, share=args.share, auth=args.auth)
     from ui.app import launch
@@ -488,7 +550,7 @@ def cmd_ui(args) -> int:
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "instant": cmd_instant, "inspect": cmd_inspect,
             "bake": cmd_bake, "mixture": cmd_mixture, "fuse": cmd_fuse, "resize": cmd_resize, "grid": cmd_grid,
-            "suggest": cmd_suggest, "convert": cmd_convert, "dataset": cmd_dataset, "ui": cmd_ui}
+            "suggest": cmd_suggest, "convert": cmd_convert, "dataset": cmd_dataset, "models": cmd_models, "ui": cmd_ui}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -499,7 +561,8 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args([*argv, "ui"])
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.command not in ("models", "ui"):  # pulling a model is their one use of the network
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no notes about torchvision we never use
     try:
         status = COMMANDS[args.command](args)

@@ -2,33 +2,36 @@
 
 Defaults train the built-in model on the demo dataset, so `TrainConfig()` runs as is.
 Every field a person may set has a description: the UI shows it as help text.
+
+`[network]` is the options model of the method its `type` names (LoRA without one): each
+method's options are defined with the method (studio.adapters.methods), so the TOML stays
+flat while an option of another method is refused by name.
 """
 from __future__ import annotations
 
+import logging
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal, Union
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Discriminator, Field, Tag, TypeAdapter, ValidationError, WrapValidator, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from studio import ASSETS_DIR, PRESETS_DIR, PROJECT_ROOT
 from studio.errors import StudioError
-from studio.adapters.methods import METHODS
+from studio.adapters.methods import DEFAULT_METHOD, METHODS, NetworkOptions
+from studio.adapters.methods.options import Section
+from studio.fsutil import atomic_write_text, read_regular_bytes
+from studio.workspace import check_name
+
+log = logging.getLogger(__name__)
 
 DEMO_DATASET = ASSETS_DIR / "demo-dataset"
-UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
-TEXT_ENCODER_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]
 MAX_STEPS = 1_000_000  # the longest run, in optimizer steps
 
 
-class _Section(BaseModel):
-    # NaN and infinity are refused everywhere: no setting means anything at either.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-
-class DatasetConfig(_Section):
+class DatasetConfig(Section):
     name: str | None = Field(None, description="Dataset name in the workspace (datasets/<name>).")
     path: str | None = Field(None, description="A dataset folder anywhere; used when `name` is not set.")
     instance_prompt: str = Field("", description="Prompt for images without a caption file (e.g. 'a photo of sks dog').")
@@ -67,84 +70,113 @@ class DatasetConfig(_Section):
         return None if name is None else _workspace_name(name, "dataset name")
 
 
-UNET_CONV = ["conv1", "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.0.conv", "upsamplers.0.conv"]
+# The methods that take each network option (every method takes the shared ones).
+OPTION_OWNERS: dict[str, tuple[str, ...]] = {
+    option: tuple(name for name, method in METHODS.items() if option in method.options.model_fields)
+    for options in (method.options for method in METHODS.values()) for option in options.model_fields}
+
+# [network] as versions before the options were per method wrote it. One model held every
+# method's options and dump_config wrote all of them but those at None, so a run folder's
+# config.toml from then holds other methods' options at their defaults (a lora run's:
+# lokr_factor = -1, tlora_min_rank = 4, singlora_ramp_steps = 100, ard_*...). Frozen here, with
+# the last such version's defaults, only to recognise and read those files: never add to it.
+OLD_NETWORK_DEFAULTS: dict[str, Any] = {
+    "type": "lora", "rank": 8, "alpha": 8.0, "dropout": 0.0,
+    "target_modules": ["to_q", "to_k", "to_v", "to_out.0"],
+    "conv_target_modules": ["conv1", "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.0.conv",
+                            "upsamplers.0.conv"],
+    "block_rank_down": None, "block_rank_mid": None, "block_rank_up": None, "conv_rank": None, "conv_alpha": None,
+    "use_dora": False, "use_rslora": False, "init": "default", "loraplus_lr_ratio": None, "lokr_factor": -1,
+    "tlora_min_rank": 4, "tlora_exponent": 1.0, "tlora_ortho": True, "tlora_conv": False,
+    "singlora_ramp_steps": 100, "rank_allocation": "none", "rank_budget": None, "sensitivity_batches": 4,
+    "squeeze_rank": None, "squeeze_at_step": 100, "squeeze_anneal_steps": 0, "ard_l1": 1e-3, "ard_tv": 1e-3,
+    "ard_threshold": 0.1, "ard_prune_every": 0, "ard_lr_ratio": 10.0, "adalora_init_r": None,
+    "adalora_tinit": None, "adalora_tfinal": None, "adalora_delta_t": None, "adalora_orth_reg": 0.1,
+    "train_text_encoder": False, "pivotal_vectors": 0, "pivotal_init": "",
+    "text_encoder_target_modules": ["q_proj", "k_proj", "v_proj", "out_proj"],
+}
+# What every such full dump holds: the options not None by default since LoRA, LoCon, LoHa,
+# LoKr and T-LoRA shared the model (options added later are missing from older dumps). No
+# config a person writes for one method lists LoKr's, T-LoRA's and DoRA's options together.
+OLD_FULL_DUMP_KEYS = frozenset({
+    "type", "rank", "alpha", "dropout", "target_modules", "conv_target_modules", "use_dora", "use_rslora", "init",
+    "lokr_factor", "tlora_min_rank", "tlora_exponent", "tlora_ortho", "train_text_encoder",
+    "text_encoder_target_modules"})
 
 
-class NetworkConfig(_Section):
-    type: Literal[tuple(METHODS)] = Field(
-        "lora", description="; ".join(method.summary for method in METHODS.values()) + ".")
-    rank: int = Field(8, ge=1, le=1024, description="Rank (dim) of each adapted layer.")
-    alpha: float = Field(8.0, gt=0, le=4096, description="Alpha; the update is scaled by alpha/rank (alpha/sqrt(rank) with rsLoRA).")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter path.")
-    target_modules: list[str] = Field(default_factory=lambda: list(UNET_ATTENTION),
-                                      description="UNet module names to adapt (attn1 and attn2 of every transformer block).")
-    conv_target_modules: list[str] = Field(default_factory=lambda: list(UNET_CONV),
-                                           description="Extra UNet modules for locon, and for tlora with tlora_conv "
-                                                       "(ResNet convs, time projections, resamplers).")
-    block_rank_down: int | None = Field(None, ge=1, le=1024, description="Rank of the adapted attention layers in the UNet's down blocks (default: rank).")
-    block_rank_mid: int | None = Field(None, ge=1, le=1024, description="Rank of the adapted attention layers in the UNet's mid block (default: rank).")
-    block_rank_up: int | None = Field(None, ge=1, le=1024, description="Rank of the adapted attention layers in the UNet's up blocks (default: rank).")
-    conv_rank: int | None = Field(None, ge=1, le=1024, description="Rank of the conv layers for locon (default: rank).")
-    conv_alpha: float | None = Field(None, gt=0, le=4096, description="Alpha of the conv layers for locon (default: alpha).")
-    use_dora: bool = Field(False, description="DoRA: learn a per-output magnitude besides the direction (lora/locon).")
-    use_rslora: bool = Field(False, description="rsLoRA: scale by alpha/sqrt(rank), steadier at high ranks (lora/locon).")
-    init: Literal["default", "pissa", "olora"] = Field(
-        "default", description="LoRA init: default (B = 0), pissa or olora (from the base weights; exported as an equivalent plain LoRA).")
-    init_from: str = Field("", description="Start from this adapter file's LoRA factors (a path, or the name of an "
-                                           "adapter in the library), e.g. an instant adapter (`lora-studio instant`): "
-                                           "lora/locon, the file's rank at most rank / conv_rank.")
-    loraplus_lr_ratio: float | None = Field(None, gt=0, le=1000, description="LoRA+: learning rate of B (up) = ratio x learning rate (16 is common).")
-    lokr_factor: int = Field(-1, ge=-1, le=1024, description="LoKr: Kronecker factor (-1 = balanced).")
-    tlora_min_rank: int = Field(4, ge=1, le=1024, description="T-LoRA: rank used at the noisiest step (the paper uses rank/2).")
-    tlora_exponent: float = Field(1.0, gt=0, le=10, description="T-LoRA: exponent a of the rank schedule r(t) = ((T-t)/T)^a (r - r_min) + r_min.")
-    tlora_ortho: bool = Field(True, description="T-LoRA: Ortho-LoRA initialisation (off = vanilla T-LoRA, mask only).")
-    tlora_conv: bool = Field(False, description="T-LoRA: also the ResNet convs and resamplers (conv_target_modules), "
-                                                "as LoCon: the mask on the conv LoRA's inner channels.")
-    singlora_ramp_steps: int = Field(100, ge=1, le=1_000_000, description="SingLoRA: steps T of the ramp u(t) = min(t/T, 1) "
-                                                                          "that fades the update in (the start is the base model).")
-    rank_allocation: Literal["none", "sensitivity", "ard"] = Field(
-        "none", description="lora/locon: how ranks are set per module; none = rank everywhere; sensitivity = "
-                            "Sensitivity-LoRA, before training, in proportion to each module's empirical-Fisher "
-                            "sensitivity on a few batches (arXiv 2509.09119); ard = ARD-LoRA, a learned scale per rank "
-                            "component, an L1 + total-variation penalty on the components' sizes, the smallest pruned "
-                            "(arXiv 2506.18267).")
-    rank_budget: int | None = Field(
-        None, ge=1, le=1_000_000, description="Total rank summed over the adapted modules that rank allocation and "
-                                              "adalora end with (default: rank x modules, no reduction).")
-    sensitivity_batches: int = Field(4, ge=1, le=256, description="Sensitivity-LoRA: batches of the run's data its sensitivities are measured on.")
-    squeeze_rank: int | None = Field(
-        None, ge=1, le=1024, description="LoRA-Squeeze (lora/locon): during training, compress every module to this "
-                                         "rank by the truncated SVD of B·A, then train on (arXiv 2602.10993); off when unset.")
-    squeeze_at_step: int = Field(100, ge=1, le=1_000_000, description="LoRA-Squeeze: the step after which the ranks start to fall.")
-    squeeze_anneal_steps: int = Field(
-        0, ge=0, le=1_000_000, description="LoRA-Squeeze: steps over which the rank falls linearly from rank to "
-                                           "squeeze_rank (0 = all at once at squeeze_at_step).")
-    ard_l1: float = Field(1e-3, ge=0, le=10, description="ARD-LoRA: weight of the L1 penalty sum c_i on the components' sizes c_i = |s_i| |B_i| |A_i| (s: the learned scales).")
-    ard_tv: float = Field(1e-3, ge=0, le=10, description="ARD-LoRA: weight of the total variation sum |c_i+1 - c_i| of each module's component sizes along rank.")
-    ard_threshold: float = Field(0.1, ge=0, le=1, description="ARD-LoRA: components smaller than this x their module's largest are pruned.")
-    ard_prune_every: int = Field(0, ge=0, le=1_000_000, description="ARD-LoRA: also prune every N steps during training (0 = only after the last step).")
-    ard_lr_ratio: float = Field(10.0, gt=0, le=1000, description="ARD-LoRA: the scales learn at this x the learning rate (a step size of their own, as the paper's).")
-    adalora_init_r: int | None = Field(None, ge=1, le=1024, description="AdaLoRA: starting rank of every module, pruned to an average of rank (or rank_budget in total); default 1.5 x rank.")
-    adalora_tinit: int | None = Field(None, ge=0, le=1_000_000, description="AdaLoRA: steps before pruning starts (default 10% of max_steps).")
-    adalora_tfinal: int | None = Field(None, ge=0, le=1_000_000, description="AdaLoRA: last steps, with the ranks fixed (default 30% of max_steps).")
-    adalora_delta_t: int | None = Field(None, ge=1, le=1_000_000, description="AdaLoRA: steps between two reallocations (default 1% of max_steps, at least 1).")
-    adalora_orth_reg: float = Field(0.1, ge=0, le=100, description="AdaLoRA: weight of the orthogonality penalty |PᵀP - I| + |QQᵀ - I| (the paper's 0.1).")
-    train_text_encoder: bool = Field(False, description="Also train the adapter on the text encoder(s).")
-    pivotal_vectors: int = Field(
-        0, ge=0, le=75, description="Pivotal tuning: also train a new embedding of N vectors for dataset.trigger_word "
-                                    "(every text encoder), bundled in the adapter file and saved as "
-                                    "<trigger>.safetensors in the run folder; 0 = off.")
-    pivotal_init: str = Field("", description="Pivotal tuning: start the embedding from this word's token embeddings "
-                                              "(e.g. the class, 'star'); empty = random at the vocabulary's scale.")
-    text_encoder_target_modules: list[str] = Field(default_factory=lambda: list(TEXT_ENCODER_ATTENTION),
-                                                   description="Text-encoder module names to adapt.")
+def _read_old_full_dump(data: dict) -> dict:
+    """`data` without the options its method does not take when it is a full dump of the old
+    single network model (see OLD_NETWORK_DEFAULTS); a warning names those that held a value
+    other than their default, which that run did not use. Any other table as it is."""
+    method = METHODS.get(_network_type(data))
+    if method is None or not OLD_FULL_DUMP_KEYS <= data.keys() <= OLD_NETWORK_DEFAULTS.keys():
+        return data
+    taken = method.options.model_fields
+    unused = [f"{key} = {value!r}" for key, value in data.items()
+              if key not in taken and value != OLD_NETWORK_DEFAULTS[key]]
+    if unused:
+        log.warning("[network] written by an earlier version: %s, which a %s network does not use, dropped.",
+                    ", ".join(unused), method.name)
+    return {key: value for key, value in data.items() if key in taken}
 
-    @model_validator(mode="after")
-    def _check_network(self) -> "NetworkConfig":
-        METHODS[self.type].check(self)
-        if self.init_from and not METHODS[self.type].starts_from_file:
-            raise ValueError(f"init_from applies to lora/locon networks, not {self.type}")
-        return self
+
+def _network_type(data) -> str | None:
+    """The method a [network] table or options model names (a table without a type: LoRA),
+    or None."""
+    kind = data.get("type", DEFAULT_METHOD) if isinstance(data, dict) else getattr(data, "type", None)
+    return kind if isinstance(kind, str) else None
+
+
+def _listed(names, last: str = "and") -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    names = list(names)
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} {last} {names[-1]}"
+
+
+def _network_problem(item: dict, method: str | None) -> dict:
+    """One error of the chosen method's options model, located in [network] (without the
+    union's tag) and, for an option of other methods, saying whose it is and what to do."""
+    loc = item["loc"][1:] if item["loc"] and item["loc"][0] in METHODS else item["loc"]
+    message = item["msg"]
+    if item["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        methods = _listed(map(repr, METHODS), "or")
+        loc, message = (("type",), f"Input should be {methods}") if isinstance(item["input"], dict) else (
+            loc, f"Input should be a table of network options (type = {methods}, and the method's options)")
+    elif item["type"] == "extra_forbidden" and len(loc) == 1 and loc[0] in OPTION_OWNERS:
+        owners = OPTION_OWNERS[loc[0]]
+        fix = f'set network.type = "{owners[0]}"' if len(owners) == 1 else "set network.type to one of them"
+        message = f"an option of {_listed(owners)}, not of {method}; {fix} or remove it"
+    return {"type": PydanticCustomError(item["type"], "{message}", {"message": message}), "loc": loc,
+            "input": item["input"]}
+
+
+def _validate_network(data, handler):
+    """[network]: an old full dump read as its method's options, every problem located in
+    [network] and an option of another method named as such, all at once."""
+    if isinstance(data, dict):
+        data = _read_old_full_dump(data)
+    try:
+        return handler(data)
+    except ValidationError as error:
+        method = _network_type(data)
+        raise ValidationError.from_exception_data(
+            error.title, [_network_problem(item, method) for item in error.errors()]) from None
+
+
+# [network]: the options model of the method `type` names, built from METHODS.
+NetworkConfig = Annotated[Union[tuple(Annotated[method.options, Tag(name)] for name, method in METHODS.items())],
+                          Discriminator(_network_type), WrapValidator(_validate_network)]
+_NETWORK = TypeAdapter(NetworkConfig)
+
+
+def network_config(type: str | None = None, *, like: NetworkOptions | None = None, **options) -> NetworkOptions:
+    """The network options of method `type` (default: like's, else LoRA) with `options`, the
+    rest at their defaults or, with `like` (network options of any method), at its values
+    where `type` takes them. Refused as a config's [network] is (a pydantic ValidationError)."""
+    type = type or (like.type if like is not None else DEFAULT_METHOD)
+    taken = METHODS[type].options.model_fields if type in METHODS else {}
+    kept = {key: value for key, value in like.model_dump().items() if key in taken} if like is not None else {}
+    return _NETWORK.validate_python({**kept, **options, "type": type})
 
 
 # Prodigy's learning rate is a multiplier of its own step size d; an AdamW-sized rate there
@@ -152,7 +184,7 @@ class NetworkConfig(_Section):
 PRODIGY_MIN_LR = 0.1
 
 
-class TrainingConfig(_Section):
+class TrainingConfig(Section):
     max_steps: int = Field(200, ge=1, le=MAX_STEPS, description="Optimizer steps (unless max_epochs is set).")
     max_epochs: int | None = Field(
         None, ge=1, le=100_000, description="Train this many epochs (passes over the training pictures, repeats counted) "
@@ -230,13 +262,13 @@ class TrainingConfig(_Section):
         return self
 
 
-class CheckpointConfig(_Section):
+class CheckpointConfig(Section):
     every_n_steps: int = Field(50, ge=0, le=1_000_000, description="Save a resumable checkpoint every N steps (0 = only at the end).")
     every_n_epochs: int = Field(0, ge=0, le=100_000, description="Also save one at the end of every N-th epoch (0 = off).")
     keep_last: int = Field(2, ge=1, le=1000, description="Checkpoints kept on disk.")
 
 
-class SamplingConfig(_Section):
+class SamplingConfig(Section):
     every_n_steps: int = Field(0, ge=0, le=1_000_000, description="Sample images every N steps (0 = only at the end).")
     prompts: list[str] = Field(default_factory=list, description="Sample prompts.")
     negative_prompt: str = ""
@@ -245,7 +277,7 @@ class SamplingConfig(_Section):
     seed: int = Field(0, ge=0, le=2**32 - 1)
 
 
-class MixtureConfig(_Section):
+class MixtureConfig(Section):
     members: list[str] = Field(
         default_factory=list, description="Library adapters to mix (names); set = this run trains a mixture's gates "
                                           "with the adapters frozen, and network.* is not used.")
@@ -263,12 +295,14 @@ class MixtureConfig(_Section):
         return names
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     name: str = Field("my-lora", description="Adapter name: the output file is adapters/<name>.safetensors.")
     base_model: str = Field("builtin", description="'builtin', a diffusers folder or a .safetensors checkpoint.")
     seed: int = Field(42, ge=0, le=2**32 - 1)
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
-    network: NetworkConfig = Field(default_factory=NetworkConfig)
+    network: NetworkConfig = Field(
+        default_factory=lambda: METHODS[DEFAULT_METHOD].options(),
+        description="; ".join(method.summary for method in METHODS.values()) + ".")
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     checkpoints: CheckpointConfig = Field(default_factory=CheckpointConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
@@ -283,16 +317,8 @@ class TrainConfig(_Section):
     def _check(self) -> "TrainConfig":
         if self.dataset.name and self.dataset.path:
             raise ValueError("set dataset.name (a workspace dataset) or dataset.path (a folder), not both")
-        METHODS[self.network.type].check_base_weights(self.network, self.training.base_weights)
-        t, net = self.training, self.network
-        if net.squeeze_rank is not None:
-            if t.ema_decay is not None:
-                raise ValueError("network.squeeze_rank changes the adapter's shape mid-run, which an EMA of its "
-                                 "weights cannot follow; unset training.ema_decay or squeeze_rank")
-            if t.max_epochs is None and net.squeeze_at_step + net.squeeze_anneal_steps >= t.max_steps:
-                raise ValueError(f"network.squeeze_at_step + squeeze_anneal_steps ({net.squeeze_at_step} + "
-                                 f"{net.squeeze_anneal_steps}) must end before training.max_steps ({t.max_steps}), "
-                                 "so the squeezed adapter trains on")
+        METHODS[self.network.type].check_training(self.network, self.training)
+        t = self.training
         if t.block_lr_down == t.block_lr_mid == t.block_lr_up == 0 and not self.network.train_text_encoder:
             raise ValueError("training.block_lr_down, block_lr_mid and block_lr_up are all 0: nothing would train")
         if t.optimizer == "prodigy":
@@ -318,12 +344,10 @@ def _check_pivotal(config: "TrainConfig") -> None:
                          "an embedding; set network.pivotal_vectors = 0 or choose another type")
 
 
-def _check_one_prodigy_rate(t: TrainingConfig, net: NetworkConfig) -> None:
+def _check_one_prodigy_rate(t: TrainingConfig, net: NetworkOptions) -> None:
     """Prodigy estimates one step size for all parameters and refuses parameter groups at
     different learning rates (0, a group that does not train, excepted)."""
-    other = []
-    if net.loraplus_lr_ratio:
-        other.append(f"network.loraplus_lr_ratio = {net.loraplus_lr_ratio:g}")
+    other = [f"network.{option} = {ratio:g}" for option, ratio in net.learning_rate_ratios().items()]
     if net.train_text_encoder and t.text_encoder_lr not in (None, t.learning_rate):
         other.append(f"training.text_encoder_lr = {t.text_encoder_lr:g}")
     if net.pivotal_vectors and t.embedding_lr not in (None, t.learning_rate):
@@ -416,8 +440,6 @@ def check_accelerate_config(path: str | Path) -> dict:
 
 def _workspace_name(name: str, what: str) -> str:
     """A name that becomes a folder or file in the workspace, checked where it is read."""
-    from studio.workspace import check_name
-
     try:
         return check_name(name, what)
     except StudioError as error:
@@ -449,8 +471,6 @@ def load_config(path: str | Path) -> TrainConfig:
     """Read a TOML training config, or a shipped preset by name ("tiny-demo", as an installed
     studio has no presets/ folder beside the caller); relative dataset/model paths are taken
     from the config's own folder, then from the project folder."""
-    from studio.fsutil import read_regular_bytes
-
     path = Path(path)
     preset = PRESETS_DIR / f"{path.name}.toml"
     if not path.exists() and path.parent == Path(".") and not path.suffix and preset.is_file():
@@ -486,6 +506,4 @@ def dump_config(config: TrainConfig) -> str:
 
 
 def save_config(config: TrainConfig, path: str | Path) -> None:
-    from studio.fsutil import atomic_write_text
-
     atomic_write_text(path, dump_config(config))

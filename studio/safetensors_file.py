@@ -22,6 +22,8 @@ _SAFETENSORS_DTYPES = {
 }
 
 FileFormat = Literal["safetensors", "pickle", "zip-pickle", "gguf", "unknown"]
+#: The names pickle checkpoints go by (refused unless allow_pickle).
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
 
 
 def sniff_format(path: str | os.PathLike) -> FileFormat:

@@ -58,6 +58,11 @@ class Workspace:
         return self.root / "models"
 
     @property
+    def captioners_dir(self) -> Path:
+        """Captioning models pulled by name (studio.models.hub); made by the first such pull."""
+        return self.root / "captioners"
+
+    @property
     def db_path(self) -> Path:
         return self.root / "studio.db"
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see studio/__init__.py
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see studio/openmp.py
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -43,10 +43,10 @@ def demo_config(**training):
     """The tiny-demo preset, shortened for tests of the training machinery: a plain rank-8
     attention LoRA without prior preservation, as the tests below expect. (What the preset
     itself teaches is tests/test_fidelity.py's job.)"""
-    from studio.config import NetworkConfig, load_config
+    from studio.config import load_config, network_config
 
     config = load_config(ROOT / "presets" / "tiny-demo.toml")
-    config.network = NetworkConfig(rank=8, alpha=8.0)
+    config.network = network_config(rank=8, alpha=8.0)
     config.dataset.num_class_images = 0
     config.training.lr_scheduler = "constant"
     config.training.min_snr_gamma = None
@@ -73,11 +73,11 @@ def trained_demo(tmp_path_factory):
     """One short demo training run shared by the tests that need a trained adapter."""
     from studio.jobs.runs import create_run
     from studio.workspace import Workspace
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     workspace = Workspace.open(tmp_path_factory.mktemp("trained") / "ws")
     run_dir = create_run(demo_config(max_steps=80), workspace)
-    trainer = Trainer(run_dir, show_progress=False)
+    trainer = AdapterTrainer(run_dir, show_progress=False)
     adapter = trainer.run()
     return {"workspace": workspace, "run_dir": run_dir, "adapter": adapter, "trainer": trainer}
 

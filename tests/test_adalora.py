@@ -10,6 +10,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from studio.config import network_config
 from tests.conftest import demo_config
 from tests.method_checks import TrainedFileChecks, assert_file_equals_trained_model
 from tests.test_networks import _fixed_loss
@@ -19,9 +20,8 @@ STEPS = 12
 
 def _adalora_config(**training):
     config = demo_config(learning_rate=3e-3, **training)
-    config.network.type = "adalora"
-    config.network.rank = 4  # prunes from 1.5 x 4 = 6 per module to 4 on average
-    config.network.adalora_tinit, config.network.adalora_tfinal = 1, 4
+    # prunes from 1.5 x 4 = 6 per module to 4 on average
+    config.network = network_config("adalora", like=config.network, rank=4, adalora_tinit=1, adalora_tfinal=4)
     return config
 
 
@@ -36,12 +36,10 @@ def tiny_sdxl_folder(tmp_path_factory):
 
 def sdxl_predict(trainer, unet) -> torch.Tensor:
     """`unet`'s noise prediction for a fixed noisy latent of the trainer's first picture."""
-    latents, text, pooled, time_ids = trainer._batch(trainer.instance, [0], torch.Generator().manual_seed(0))[:4]
-    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(1))
-    timestep = torch.tensor([300])
-    noisy = trainer.noise_scheduler.add_noise(latents, noise, timestep)
+    batch = trainer.batch(trainer.instance, [0], torch.Generator().manual_seed(0))
+    noise = torch.randn(batch.latents.shape, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        return unet(noisy, timestep, text, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+        return trainer.predict(unet, batch, noise, torch.tensor([300]))
 
 
 def _lora_E(trainer) -> dict[str, torch.Tensor]:
@@ -54,55 +52,85 @@ def trained(tmp_path_factory):
     after STEPS steps, the fixed-draw loss before and after, and the exported file."""
     from studio.jobs.runs import create_run
     from studio.workspace import Workspace
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     torch.manual_seed(0)
     config = _adalora_config(max_steps=STEPS)
     config.network.train_text_encoder = True
-    trainer = Trainer(create_run(config, Workspace.open(tmp_path_factory.mktemp("adalora") / "ws")),
+    trainer = AdapterTrainer(create_run(config, Workspace.open(tmp_path_factory.mktemp("adalora") / "ws")),
                       show_progress=False)
-    trainer._setup()
+    trainer.setup()
     before = _fixed_loss(trainer)
     for step in range(STEPS):
         trainer.train_step(step)
     after = _fixed_loss(trainer)
-    trainer.accelerator.unwrap_model(trainer.unet).eval()
-    return {"trainer": trainer, "before": before, "after": after, "path": trainer._export(time.time())}
+    trainer.accelerator.unwrap_model(trainer.denoiser).eval()
+    return {"trainer": trainer, "before": before, "after": after, "path": trainer.export(time.time())}
 
 
 def test_adalora_is_a_network_type_with_its_options():
-    from studio.config import NetworkConfig
     from ui import train_view as tv
 
     spec = next(s for s in tv.config_fields() if s.path == ("network", "type"))
     assert "adalora" in spec.choices and "adalora (AdaLoRA: SVD-form update pruned to a rank budget" in spec.info
     assert any(s.path == ("network", "adalora_init_r") and "AdaLoRA: starting rank" in s.info for s in tv.config_fields())
-    NetworkConfig(type="adalora", rank_budget=100, train_text_encoder=True)
-    for option, message in (({"use_dora": True}, "do not apply to adalora"),
-                            ({"rank_allocation": "ard"}, "allocates its own ranks"),
+    network_config("adalora", rank_budget=100, train_text_encoder=True)
+    for option, message in (({"use_dora": True}, "an option of lora and locon, not of adalora"),
+                            ({"rank_allocation": "ard"}, "an option of lora and locon, not of adalora"),
+                            ({"block_rank_up": 4}, "an option of lora, locon, loha, lokr and lora_fa, not of adalora"),
                             ({"adalora_init_r": 4, "rank": 8}, "must exceed rank")):
         with pytest.raises(ValidationError, match=message):
-            NetworkConfig(type="adalora", **option)
+            network_config("adalora", **option)
 
 
-def test_a_schedule_without_a_pruning_phase_is_refused_in_one_line(workspace):
+def test_a_schedule_that_cannot_prune_is_refused_in_one_line(workspace):
+    """Before anything runs where the config gives the run's length; by the worker (which
+    counts an epoch run's steps) otherwise. peft's allocator fixes the ranks at step
+    max_steps - tfinal from the scores of the steps before it: a 1-step run has none."""
+    from studio.adapters.methods import get_method
+    from studio.config import parse_config
     from studio.errors import StudioError
     from studio.jobs.runs import create_run
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
-    config = _adalora_config(max_steps=5)
-    trainer = Trainer(create_run(config, workspace), show_progress=False)
-    with pytest.raises(StudioError, match=r"adalora_tinit \(1\) and adalora_tfinal \(4\) leave no pruning phase"):
-        trainer._setup()
+    def refused(max_steps, **network):
+        with pytest.raises(StudioError) as error:
+            parse_config({"network": {"type": "adalora", **network}, "training": {"max_steps": max_steps}})
+        assert "\n" not in str(error.value)
+        return str(error.value)
+
+    assert "adalora_tinit (1) and adalora_tfinal (4) leave no pruning phase in a run of 5 steps" in refused(
+        5, adalora_tinit=1, adalora_tfinal=4)
+    assert "training.max_steps to at least 2" in refused(1)
+    assert "training.max_steps to at least 6" in refused(5, adalora_tinit=0, adalora_tfinal=4)
+    parse_config({"network": {"type": "adalora"}, "training": {"max_steps": 2}})
+    with pytest.raises(StudioError, match=r"training.max_steps to at least 2 or lower network.adalora_tfinal\.$"):
+        get_method("adalora").training(network_config("adalora"), seed=0, max_steps=1)
     config = _adalora_config(max_steps=10)
     config.network.target_modules = ["attn2.to_k"]
     config.network.conv_target_modules = []
     config.network.rank_budget = 1000
-    trainer = Trainer(create_run(config, workspace), show_progress=False)
-    trainer._setup()
+    trainer = AdapterTrainer(create_run(config, workspace), show_progress=False)
+    trainer.setup()
     with pytest.raises(StudioError, match=r"rank_budget \(1000\) must be below the rank AdaLoRA starts from, "
                                           r"adalora_init_r x 7 modules = 42"):
         trainer.train_step(0)
+
+
+@pytest.mark.slow(seconds=8)
+def test_a_section_that_does_not_train_gets_no_adalora_layer(workspace):
+    """block_lr_down = 0 (the tiny-demo-quick preset's): the allocator scores every AdaLoRA
+    layer by its gradient, which a frozen one in that section would not have (such a run
+    stopped with a TypeError in peft's update_ipt)."""
+    from studio.adapters import load_adapter
+    from studio.jobs.runs import create_run
+    from trainers.run import train_run
+
+    config = demo_config(max_steps=2, block_lr_down=0.0)
+    config.network = network_config("adalora", like=config.network, rank=4)
+    config.sampling.prompts = []
+    names = load_adapter(train_run(create_run(config, workspace), show_progress=False)).modules
+    assert any("up_blocks" in name for name in names) and not any("down_blocks" in name for name in names)
 
 
 @pytest.mark.slow(seconds=60)
@@ -160,7 +188,7 @@ def test_resume_in_the_pruning_phase_is_exact(workspace):
     where the uninterrupted run ends; without the allocator's scores it does not."""
     from studio.jobs.runs import checkpoint_path, create_run, iter_events
     from trainers.checkpoints import load_checkpoint
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     config = _adalora_config(max_steps=8, every_n_steps=3)
     config.network.adalora_tfinal = 2
@@ -168,9 +196,9 @@ def test_resume_in_the_pruning_phase_is_exact(workspace):
     config.network.conv_target_modules = []
     config.sampling.steps = 1
     run_dir = create_run(config, workspace)
-    full = Trainer(run_dir, show_progress=False)
+    full = AdapterTrainer(run_dir, show_progress=False)
     full.run(resume=False)
-    resumed = Trainer(run_dir, show_progress=False)
+    resumed = AdapterTrainer(run_dir, show_progress=False)
     resumed.run(resume=True)  # from step-000006.pt: the ranks fixed at step 6 come back
     assert [e["step"] for e in iter_events(run_dir) if e["type"] == "resume"] == [6]
     a, b = full.adapter_state(), resumed.adapter_state()
@@ -179,15 +207,15 @@ def test_resume_in_the_pruning_phase_is_exact(workspace):
 
     at_3 = load_checkpoint(checkpoint_path(run_dir, 3))["adapter"]
     assert any(k.startswith("adalora.ipt.") and v.abs().max() > 0 for k, v in at_3.items())
-    again = Trainer(run_dir, show_progress=False)
-    again._setup()
+    again = AdapterTrainer(run_dir, show_progress=False)
+    again.setup()
     again.load_adapter_state(at_3)
     again.optimizer.load_state_dict(load_checkpoint(checkpoint_path(run_dir, 3))["optimizer"])
     for step in range(3, 8):
         again.train_step(step)
     assert all(torch.equal(a[k], v) for k, v in again.adapter_state().items())
-    scores_lost = Trainer(run_dir, show_progress=False)
-    scores_lost._setup()
+    scores_lost = AdapterTrainer(run_dir, show_progress=False)
+    scores_lost.setup()
     scores_lost.load_adapter_state({k: v for k, v in at_3.items() if not k.startswith("adalora.")})
     scores_lost.optimizer.load_state_dict(load_checkpoint(checkpoint_path(run_dir, 3))["optimizer"])
     for step in range(3, 8):
@@ -205,23 +233,23 @@ def test_adalora_on_sdxl(tmp_path_factory, workspace):
     from studio.jobs.runs import create_run
     from studio.models import load_pipeline
     from tests.test_formats import _diffusers_load, _lora_layers
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     torch.manual_seed(0)
     model = tiny_sdxl_folder(tmp_path_factory)
     config = _adalora_config(max_steps=10)
     config.base_model = str(model)
-    trainer = Trainer(create_run(config, workspace), show_progress=False)
-    trainer._setup()
+    trainer = AdapterTrainer(create_run(config, workspace), show_progress=False)
+    trainer.setup()
     before = _fixed_loss(trainer, range(5000, 5008))
     for step in range(10):
         trainer.train_step(step)
     assert _fixed_loss(trainer, range(5000, 5008)) < before
-    path = trainer._export(time.time())
+    path = trainer.export(time.time())
     ranks = [m.rank for m in load_adapter(path).modules.values()]
     assert len(set(ranks)) >= 3 and sum(ranks) <= 4 * len(_lora_E(trainer))
 
-    trained_unet = trainer.accelerator.unwrap_model(trainer.unet).eval()
+    trained_unet = trainer.accelerator.unwrap_model(trainer.denoiser).eval()
     trained = sdxl_predict(trainer, trained_unet)
     engine = Engine()
     assert (trained - sdxl_predict(trainer, engine.set_mix(str(model), []).unet)).abs().max() > 1e-3
@@ -244,7 +272,7 @@ def test_two_processes_allocate_what_one_process_with_the_whole_batch_allocates(
 
     from studio.jobs.runs import create_run, iter_events
     from tests.test_distributed import _finish, _launch, _relative_l2
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     def config(**training):
         config = _adalora_config(max_steps=6, num_threads=1, **training)
@@ -258,7 +286,7 @@ def test_two_processes_allocate_what_one_process_with_the_whole_batch_allocates(
     output = _finish(_launch(two))
     done = [e for e in iter_events(two) if e["type"] == "done"]
     assert done, output[-2000:]
-    one = Trainer(create_run(config(batch_size=2), workspace), show_progress=False).run()
+    one = AdapterTrainer(create_run(config(batch_size=2), workspace), show_progress=False).run()
     a, b = load_file(str(one)), load_file(str(done[0]["adapter"]))
     assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
     assert len({v.shape[0] for k, v in a.items() if k.endswith("lora_down.weight")}) >= 2

@@ -12,6 +12,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from studio.config import network_config
 from tests.conftest import demo_config
 from tests.test_adalora import sdxl_predict, tiny_sdxl_folder
 from tests.method_checks import TrainedFileChecks, assert_file_equals_trained_model
@@ -38,16 +39,14 @@ def trained(tmp_path_factory):
     from studio.adapters.methods.base import ADAPTER_NAME
     from studio.jobs.runs import create_run
     from studio.workspace import Workspace
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     torch.manual_seed(0)
     config = _ard_config(max_steps=STEPS)
-    config.network.type = "locon"
-    config.network.train_text_encoder = True
-    config.network.rank_budget = BUDGET
-    trainer = Trainer(create_run(config, Workspace.open(tmp_path_factory.mktemp("ard") / "ws")), show_progress=False)
-    trainer._setup()
-    layer = trainer.accelerator.unwrap_model(trainer.unet).get_submodule(INSENSITIVE)
+    config.network = network_config("locon", like=config.network, train_text_encoder=True, rank_budget=BUDGET)
+    trainer = AdapterTrainer(create_run(config, Workspace.open(tmp_path_factory.mktemp("ard") / "ws")), show_progress=False)
+    trainer.setup()
+    layer = trainer.accelerator.unwrap_model(trainer.denoiser).get_submodule(INSENSITIVE)
     layer.lora_A[ADAPTER_NAME].register_forward_pre_hook(lambda module, args: (torch.zeros_like(args[0]),))
     before = _fixed_loss(trainer)
     for step in range(STEPS - 1):
@@ -55,13 +54,12 @@ def trained(tmp_path_factory):
     sizes = {k: trainer.adapter.gates.sizes(k).detach() for k in trainer.adapter.gates.scales}
     trainer.train_step(STEPS - 1)
     after = _fixed_loss(trainer)
-    trainer.accelerator.unwrap_model(trainer.unet).eval()
+    trainer.accelerator.unwrap_model(trainer.denoiser).eval()
     return {"trainer": trainer, "sizes": sizes, "before": before, "after": after,
-            "path": trainer._export(time.time())}
+            "path": trainer.export(time.time())}
 
 
 def test_ard_is_a_network_option_with_its_help():
-    from studio.config import NetworkConfig
     from ui import train_view as tv
 
     fields = {s.path: s for s in tv.config_fields()}
@@ -69,21 +67,21 @@ def test_ard_is_a_network_option_with_its_help():
     assert "ard" in fields[("network", "rank_allocation")].choices
     for knob in ("ard_l1", "ard_tv", "ard_threshold", "ard_prune_every", "ard_lr_ratio"):
         assert fields[("network", knob)].info.startswith("ARD-LoRA: ")
-    NetworkConfig(type="locon", rank_allocation="ard", rank_budget=10)
-    for option, message in (({"type": "loha"}, "apply to lora/locon"), ({"type": "lora_fa"}, "apply to lora/locon"),
+    network_config("locon", rank_allocation="ard", rank_budget=10)
+    for option, message in (({"type": "loha"}, "an option of lora and locon, not of loha"),
+                            ({"type": "lora_fa"}, "an option of lora and locon, not of lora_fa"),
                             ({"use_dora": True}, "DoRA's norm"), ({"init": "pissa"}, "PiSSA"),
                             ({"rank_allocation": "none", "rank_budget": 10}, "rank_budget needs a rank_allocation")):
         with pytest.raises(ValidationError, match=message):
-            NetworkConfig(**{"rank_allocation": "ard", **option})
+            network_config(**{"rank_allocation": "ard", **option})
 
 
 def test_the_penalty_and_the_pruning_act_on_the_component_sizes():
     """c_i = |s_i| |B[:, i]| |A[i, :]|; penalty = l1 Σ c + tv Σ |Δc| over live components;
     pruning: below threshold x the module's largest, then the budget's largest over all."""
     from studio.adapters.methods.ard import ARDGates
-    from studio.config import NetworkConfig
 
-    gates = ARDGates(NetworkConfig(rank_allocation="ard", ard_l1=0.5, ard_tv=2.0, ard_threshold=0.1), max_steps=10)
+    gates = ARDGates(network_config(rank_allocation="ard", ard_l1=0.5, ard_tv=2.0, ard_threshold=0.1), max_steps=10)
     eye = torch.eye
     gates.scales = {("unet", "a"): torch.nn.Parameter(torch.tensor([1.0, -0.5, 0.25, 3.0])),
                     ("unet", "b"): torch.nn.Parameter(torch.tensor([2.0, 1.0])),
@@ -156,7 +154,7 @@ def test_resume_with_pruning_during_training_is_exact(workspace):
     ends bit for bit where the uninterrupted run ends."""
     from studio.jobs.runs import checkpoint_path, create_run, iter_events
     from trainers.checkpoints import load_checkpoint
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     config = _ard_config(max_steps=6, every_n_steps=3)
     config.network.target_modules = ["attn2.to_k", "attn2.to_v"]
@@ -164,9 +162,9 @@ def test_resume_with_pruning_during_training_is_exact(workspace):
     config.network.rank_budget = 40
     config.sampling.steps = 1
     run_dir = create_run(config, workspace)
-    full = Trainer(run_dir, show_progress=False)
+    full = AdapterTrainer(run_dir, show_progress=False)
     full.run(resume=False)
-    resumed = Trainer(run_dir, show_progress=False)
+    resumed = AdapterTrainer(run_dir, show_progress=False)
     resumed.run(resume=True)
     assert [e["step"] for e in iter_events(run_dir) if e["type"] == "resume"] == [3]
     at_3 = load_checkpoint(checkpoint_path(run_dir, 3))["adapter"]
@@ -188,24 +186,24 @@ def test_ard_lora_on_sdxl(tmp_path_factory, workspace):
     from studio.jobs.runs import create_run
     from studio.models import load_pipeline
     from tests.test_formats import _diffusers_load, _lora_layers
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     torch.manual_seed(0)
     model = tiny_sdxl_folder(tmp_path_factory)
     config = _ard_config(max_steps=10)
     config.base_model = str(model)
     config.network.rank_budget = 60
-    trainer = Trainer(create_run(config, workspace), show_progress=False)
-    trainer._setup()
+    trainer = AdapterTrainer(create_run(config, workspace), show_progress=False)
+    trainer.setup()
     before = _fixed_loss(trainer, range(5000, 5008))
     for step in range(10):
         trainer.train_step(step)
     assert _fixed_loss(trainer, range(5000, 5008)) < before
-    path = trainer._export(time.time())
+    path = trainer.export(time.time())
     ranks = [m.rank for m in load_adapter(path).modules.values()]
     assert len(set(ranks)) >= 3 and sum(ranks) == 60 < 8 * len(trainer.adapter.gates.scales)
 
-    trained_unet = trainer.accelerator.unwrap_model(trainer.unet).eval()
+    trained_unet = trainer.accelerator.unwrap_model(trainer.denoiser).eval()
     trained = sdxl_predict(trainer, trained_unet)
     engine = Engine()
     assert (trained - sdxl_predict(trainer, engine.set_mix(str(model), []).unet)).abs().max() > 1e-3

@@ -8,11 +8,11 @@ import pytest
 def test_every_method_is_a_variant():
     from bench.variants import OPTIONS, variants
     from studio.adapters.methods import METHODS
-    from studio.config import NetworkConfig
+    from studio.config import network_config
 
     assert list(variants()) == [*METHODS, *OPTIONS]
     for name in variants():  # every variant's settings are a valid network
-        NetworkConfig(**{k: v for k, v in variants()[name].items() if k != "squeeze_rank"})
+        network_config(**{k: v for k, v in variants()[name].items() if k != "squeeze_rank"})
 
 
 @pytest.mark.slow(seconds=60)

@@ -32,7 +32,7 @@ def _unet_out(pipe, seed=0):
 def _merged_base(paths_weights, blocks_off=()):
     """The base UNet with w * dW of each adapter added to its weights (except in blocks_off)."""
     from studio.adapters import load_adapter
-    from studio.generation.blocks import module_block
+    from studio.models.families.unet import module_block
     from studio.adapters.formats.naming import name_table
     from studio.models import load_pipeline
 

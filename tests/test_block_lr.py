@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from studio.config import network_config
 from tests.conftest import demo_config
 
 SECTIONS = {"down_blocks": "block_lr_down", "mid_block": "block_lr_mid", "up_blocks": "block_lr_up"}
@@ -13,15 +14,14 @@ SECTIONS = {"down_blocks": "block_lr_down", "mid_block": "block_lr_mid", "up_blo
 @pytest.mark.parametrize("network", [{}, {"type": "locon", "loraplus_lr_ratio": 4.0}, {"type": "tlora"}])
 def test_block_lr_puts_the_configured_lr_in_each_parameter_group(network, workspace):
     from studio.jobs.runs import create_run
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     config = demo_config(learning_rate=2e-3, block_lr_down=0.5, block_lr_mid=3.0, block_lr_up=0.0)
-    for key, value in network.items():
-        setattr(config.network, key, value)
-    trainer = Trainer(create_run(config, workspace), show_progress=False)
-    trainer._setup()
+    config.network = network_config(like=config.network, **network)
+    trainer = AdapterTrainer(create_run(config, workspace), show_progress=False)
+    trainer.setup()
     names = {id(p): name for name, p in trainer.adapter.named_parameters("unet")}
-    ratio = config.network.loraplus_lr_ratio or 1.0
+    ratio = config.network.learning_rate_ratios().get("loraplus_lr_ratio", 1.0)
     groups = trainer.optimizer.param_groups
     seen = set()
     for group in groups:
@@ -76,17 +76,16 @@ def test_a_section_without_an_adapter_loads_in_diffusers(workspace):
     from studio.adapters import load_adapter
     from studio.jobs.runs import create_run
     from tests.method_checks import assert_diffusers_loads_every_key
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     config = demo_config(learning_rate=3e-3, block_lr_down=0.0)
-    config.network.type = "locon"
-    config.network.train_text_encoder = True  # without it diffusers warns of no text-encoder keys
-    trainer = Trainer(create_run(config, workspace), show_progress=False)
-    trainer._setup()
+    config.network = network_config("locon", like=config.network, train_text_encoder=True)  # without it diffusers warns of no text-encoder keys
+    trainer = AdapterTrainer(create_run(config, workspace), show_progress=False)
+    trainer.setup()
     for step in range(4):
         trainer.train_step(step)
-    trainer.accelerator.unwrap_model(trainer.unet).eval()
-    path = trainer._export(time.time())
+    trainer.accelerator.unwrap_model(trainer.denoiser).eval()
+    path = trainer.export(time.time())
     keys = load_adapter(path).modules
     assert keys and not any("down_blocks" in key or "input_blocks" in key for key in keys)
     assert any("up_blocks" in key for key in keys) and any("mid_block" in key for key in keys)
@@ -101,14 +100,14 @@ def test_a_checkpoint_of_other_trained_parameters_is_refused_in_one_line(workspa
     from studio.config import dump_config
     from studio.errors import StudioError
     from studio.jobs.runs import CONFIG_FILE, create_run, iter_events, run_config
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     run_dir = create_run(demo_config(max_steps=4, every_n_steps=2), workspace)
-    Trainer(run_dir, show_progress=False).run(resume=False)  # leaves its step-2 checkpoint
+    AdapterTrainer(run_dir, show_progress=False).run(resume=False)  # leaves its step-2 checkpoint
     changed = run_config(run_dir)
     changed.training.block_lr_down = 0.0
     (run_dir / CONFIG_FILE).write_text(dump_config(changed))
-    resumed = Trainer(run_dir, show_progress=False)
+    resumed = AdapterTrainer(run_dir, show_progress=False)
     with pytest.raises(StudioError) as refused:
         resumed.run(resume=True)
     message = str(refused.value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from studio.config import network_config
 from tests.conftest import demo_config
 
 RANKS = {"down_blocks": 2, "mid_block": 6, "up_blocks": 4}
@@ -13,16 +14,15 @@ RANKS = {"down_blocks": 2, "mid_block": 6, "up_blocks": 4}
 @pytest.mark.parametrize("network", [{}, {"type": "locon", "conv_rank": 3}, {"type": "loha"}, {"type": "lokr"}])
 def test_each_unet_block_trains_and_exports_at_its_rank(network, workspace):
     from studio.jobs.runs import create_run
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     config = demo_config()
     config.network.block_rank_down, config.network.block_rank_mid, config.network.block_rank_up = RANKS.values()
-    for key, value in network.items():
-        setattr(config.network, key, value)
-    trainer = Trainer(create_run(config, workspace), show_progress=False)
-    trainer._setup()
+    config.network = network_config(like=config.network, **network)
+    trainer = AdapterTrainer(create_run(config, workspace), show_progress=False)
+    trainer.setup()
     assert float(trainer.train_step(0)) > 0
-    unet = trainer.accelerator.unwrap_model(trainer.unet)
+    unet = trainer.accelerator.unwrap_model(trainer.denoiser)
     layers = {path: module.r["default"] for path, module in unet.named_modules()
               if isinstance(getattr(module, "r", None), dict)}
     attention = {path: r for path, r in layers.items() if path.endswith(tuple(config.network.target_modules))}
@@ -43,5 +43,6 @@ def test_tlora_refuses_block_ranks():
     from studio.config import parse_config
     from studio.errors import StudioError
 
-    with pytest.raises(StudioError, match="T-LoRA has one rank schedule"):
+    with pytest.raises(StudioError, match="network.block_rank_mid: an option of lora, locon, loha, lokr and lora_fa, "
+                                          "not of tlora"):
         parse_config({"network": {"type": "tlora", "block_rank_mid": 4}})

@@ -80,6 +80,12 @@ def set_value(page, elem_id: str, value) -> None:
     box.press("Tab")
 
 
+def pick(page, elem_id: str, option: str) -> None:
+    """Choose `option` in a Gradio dropdown as a person does: open it, click the option."""
+    page.locator(f"#{elem_id} input").click()
+    page.get_by_role("option", name=option, exact=True).click()
+
+
 def wait_value(page, elem_id: str, text: str, *, exact: bool = True, timeout: float = 30_000) -> None:
     """Wait until the input of component `elem_id` holds `text` (or contains it)."""
     page.wait_for_function(
@@ -257,3 +263,33 @@ def test_dataset_train_generate_export(page, server, tmp_path):
     download.save_as(target)
     assert target.read_bytes() == adapter.read_bytes()
     assert server["proc"].poll() is None
+
+
+def test_the_network_section_shows_the_chosen_methods_options(page):
+    """The preset's LoCon shows conv_rank, not lokr_factor; LoKr the other way round; what
+    was typed in either is there again when its method is; the empty optional boxes that
+    were hidden and shown stay empty (the settings check passes)."""
+    tab(page, "2 · Train")
+    network = page.get_by_text("Network (adapter method)", exact=True)
+    if not network.is_visible():  # "All settings" is closed
+        page.locator("#train-all-settings").get_by_text("All settings").first.click()
+    network.click()
+    conv, lokr = page.locator("#train-network-conv-rank"), page.locator("#train-network-lokr-factor")
+    conv.wait_for(state="visible")
+    lokr.wait_for(state="hidden")
+    set_value(page, "train-network-conv-rank", 3)
+    pick(page, "train-network-type", "lokr")
+    lokr.wait_for(state="visible")
+    conv.wait_for(state="hidden")
+    set_value(page, "train-network-lokr-factor", 4)
+    pick(page, "train-network-type", "locon")
+    conv.wait_for(state="visible")
+    wait_value(page, "train-network-conv-rank", "3")
+    pick(page, "train-network-type", "lokr")
+    wait_value(page, "train-network-lokr-factor", "4")
+    pick(page, "train-network-type", "locon")
+    page.locator("#train-check").click()
+    expect_toast(page, "Settings are valid", timeout=120_000)
+    shot(page, "train-network-options")
+    close_toasts(page)
+    pick(page, "train-preset", "tiny-demo-quick")  # the preset's settings again

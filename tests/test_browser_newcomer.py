@@ -14,19 +14,13 @@ import pytest
 
 from tests.live_server import running_server
 from tests.test_browser import (ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, close_toasts, expect_toast, field, make_images,
-                                set_value, shot, tab, wait_value)
+                                pick, set_value, shot, tab, wait_value)
 
 sync_api = pytest.importorskip("playwright.sync_api")
 
 STEPS = 4          # training steps per run: what is tested is the path, not what it learns
 SAMPLE_STEPS = 2
 GEN = {"gen-steps": 3, "gen-seed": 11}
-
-
-def pick(page, elem_id: str, option: str) -> None:
-    """Choose `option` in a Gradio dropdown as a person does: open it, click the option."""
-    page.locator(f"#{elem_id} input").click()
-    page.get_by_role("option", name=option, exact=True).click()
 
 
 def result_image(page) -> bytes:

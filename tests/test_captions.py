@@ -50,14 +50,14 @@ def _tagged_dataset(tmp_path):
 
 def _trainer(tmp_path, workspace, **dataset):
     from studio.jobs.runs import create_run
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     config = demo_config(max_steps=6, every_n_steps=3)
     config.dataset.path = str(_tagged_dataset(tmp_path))
     config.sampling.steps = 1
     for key, value in dataset.items():
         setattr(config.dataset, key, value)
-    return Trainer(create_run(config, workspace), show_progress=False)
+    return AdapterTrainer(create_run(config, workspace), show_progress=False)
 
 
 @pytest.mark.slow
@@ -65,15 +65,15 @@ def test_the_model_sees_shuffled_and_dropped_captions(tmp_path, workspace):
     """Shuffled tags are encoded every step (the trigger's tag first); with caching on and
     dropout alone, the empty caption's cached embedding stands in for a dropped caption."""
     trainer = _trainer(tmp_path, workspace, shuffle_tags=True, caption_dropout_rate=0.25)
-    trainer._setup()
+    trainer.setup()
     assert not trainer.cache_text and trainer.keep_tags == 1  # trigger word "sks": its tag stays first
     encoded: list[str] = []
-    encode = trainer._encode_text
-    trainer._encode_text = lambda captions: (encoded.extend(captions), encode(captions))[1]
+    encode = trainer.encode_text
+    trainer.encode_text = lambda captions: (encoded.extend(captions), encode(captions))[1]
     sources = {ex.caption for ex in trainer.instance}
     n = 400
     for k in range(n):
-        trainer._batch(trainer.instance, trainer.instance_order.batch(k), micro_generator(42, k), varied_at=k)
+        trainer.batch(trainer.instance, trainer.instance_order.batch(k), micro_generator(42, k), varied_at=k)
     assert len(encoded) == n
     dropped = encoded.count("")
     assert abs(dropped / n - 0.25) < 4 * (0.25 * 0.75 / n) ** 0.5
@@ -83,10 +83,12 @@ def test_the_model_sees_shuffled_and_dropped_captions(tmp_path, workspace):
     assert len(set(shown) - sources) > 50  # new orders, not the captions as written
 
     cached = _trainer(tmp_path / "cached", workspace, caption_dropout_rate=0.5)
-    cached._setup()
-    empty = cached._text_cache[""][0]
-    assert cached.cache_text and not torch.equal(empty, cached._text_cache[cached.instance[0].caption][0])
-    texts = [cached._batch(cached.instance, cached.instance_order.batch(k), micro_generator(42, k), varied_at=k)[1][0]
+    cached.setup()
+    empty = cached._text_cache[""]["encoder_hidden_states"]
+    assert cached.cache_text and not torch.equal(
+        empty, cached._text_cache[cached.instance[0].caption]["encoder_hidden_states"])
+    texts = [cached.batch(cached.instance, cached.instance_order.batch(k), micro_generator(42, k),
+                           varied_at=k).conditioning["encoder_hidden_states"][0]
              for k in range(200)]
     share = sum(torch.equal(t, empty) for t in texts) / len(texts)
     assert abs(share - 0.5) < 4 * (0.25 / len(texts)) ** 0.5
@@ -95,11 +97,11 @@ def test_the_model_sees_shuffled_and_dropped_captions(tmp_path, workspace):
 @pytest.mark.slow(seconds=15)
 def test_resume_with_shuffled_and_dropped_captions_is_exact(tmp_path, workspace):
     from studio.jobs.runs import iter_events
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     full = _trainer(tmp_path, workspace, shuffle_tags=True, keep_tokens=2, caption_dropout_rate=0.3)
     full.run(resume=False)
-    resumed = Trainer(full.run_dir, show_progress=False)
+    resumed = AdapterTrainer(full.run_dir, show_progress=False)
     resumed.run(resume=True)
     assert [e["step"] for e in iter_events(full.run_dir) if e["type"] == "resume"] == [3]
     a, b = full.adapter_state(), resumed.adapter_state()

@@ -19,10 +19,9 @@ from studio.models.single_file import (
     load_single_file,
     read_safetensors_header,
     save_single_file,
-    unet_diffusers_to_ldm,
-    unet_ldm_to_diffusers,
 )
 from studio.errors import StudioError
+from studio.models.families.unet import unet_diffusers_to_ldm, unet_ldm_to_diffusers
 from tests.tiny_models import generate, tiny_sd15_pipeline, tiny_sdxl_pipeline, write_config_folder
 
 CAT_IDS = [49406, 320, 1125, 539, 320, 2368, 49407]  # "a photo of a cat" with the real CLIP vocabulary
@@ -158,7 +157,7 @@ def test_detect_family(sd15, sdxl):
         (["conditioner.embedders.0.model.text_projection"], "refiner"),
         (["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"], "LoRA"),
         (["model.diffusion_model.input_blocks.0.0.weight"], "no text encoder"),
-        (["double_blocks.0.img_attn.norm.key_norm.scale"], "Flux or SD3"),
+        (["joint_blocks.0.x_block.attn.qkv.weight"], "SD3"),
         ([], "no tensors at all"),
     ],
 )

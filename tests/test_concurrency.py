@@ -36,7 +36,7 @@ def _train_adapters(workspace) -> None:
     """Two small, different adapters, trained for real (different seeds and learning rates)."""
     from studio.jobs.runs import create_run
     from studio.workspace import Workspace
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     ws = Workspace.open(workspace)
     for name, seed, lr in ((A, 1, 2e-3), (B, 2, 5e-3)):
@@ -44,7 +44,7 @@ def _train_adapters(workspace) -> None:
         config.name, config.seed, config.training.learning_rate = name, seed, lr
         config.sampling.prompts = []
         config.training.num_threads = 1
-        path = Trainer(create_run(config, ws), show_progress=False).run()
+        path = AdapterTrainer(create_run(config, ws), show_progress=False).run()
         assert path.name == f"{name}.safetensors"
 
 

@@ -314,13 +314,13 @@ def unchanged(*folders: Path):
 def _train_good(workspace: Path) -> None:
     from studio.jobs.runs import create_run
     from studio.workspace import Workspace
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     config = demo_config(max_steps=4)
     config.name = "good"
     config.sampling.prompts = []
     config.training.num_threads = 1
-    Trainer(create_run(config, Workspace.open(workspace)), show_progress=False).run()
+    AdapterTrainer(create_run(config, Workspace.open(workspace)), show_progress=False).run()
 
 
 @pytest.fixture(scope="module")

@@ -528,13 +528,13 @@ def test_add_trigger_word(tmp_path):
 def test_one_trigger_word_rule_for_the_bulk_edit_and_the_trainer(caption, expected, tmp_path):
     from studio.datasets import caption_with_trigger
     from tests.conftest import demo_config
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     assert caption_with_trigger(caption, "sks") == expected
     config = demo_config()
     config.dataset.trigger_word, config.dataset.instance_prompt = "sks", ""
-    trainer = Trainer(tmp_path, config)
-    assert trainer._caption(caption) == expected
+    trainer = AdapterTrainer(tmp_path, config)
+    assert trainer.caption(caption) == expected
     (tmp_path / "ds").mkdir()
     Image.new("RGB", (64, 64), "white").save(tmp_path / "ds" / "a.png")
     (tmp_path / "ds" / "a.txt").write_text(caption)

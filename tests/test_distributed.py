@@ -90,14 +90,14 @@ def reference(tmp_path_factory):
     """An uninterrupted two-process run (batch 1 each) and a one-process run with batch 2."""
     from studio.jobs.runs import create_run
     from studio.workspace import Workspace
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     workspace = Workspace.open(tmp_path_factory.mktemp("dp") / "ws")
     two = create_run(_config(batch_size=1, num_processes=2), workspace)
     output = _finish(_launch(two))
     (done,) = [e for e in _events(two) if e["type"] == "done"]
     one = create_run(_config(batch_size=2), workspace)
-    adapter = Trainer(one, show_progress=False).run()
+    adapter = AdapterTrainer(one, show_progress=False).run()
     return {"workspace": workspace, "two": two, "two_adapter": done["adapter"], "output": output,
             "one": one, "one_adapter": adapter}
 
@@ -167,7 +167,7 @@ def test_two_processes_with_shuffled_captions_ema_and_validation_match_one_proce
     from studio import ASSETS_DIR
     from studio.jobs.runs import TENSORBOARD_DIR, create_run
     from studio.workspace import Workspace
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     folder = tmp_path / "tagged"
     shutil.copytree(ASSETS_DIR / "demo-dataset", folder, ignore=shutil.ignore_patterns("reg"))
@@ -185,7 +185,7 @@ def test_two_processes_with_shuffled_captions_ema_and_validation_match_one_proce
     _finish(_launch(two))
     (done,) = [e for e in _events(two) if e["type"] == "done"]
     one = create_run(config(batch_size=2), workspace)
-    one_adapter = Trainer(one, show_progress=False).run()
+    one_adapter = AdapterTrainer(one, show_progress=False).run()
     assert _relative_l2(_tensors(one_adapter), _tensors(done["adapter"])) < 1e-4
     ema_one = one_adapter.with_name(one_adapter.stem + "-ema.safetensors")
     ema_two = Path(done["adapter"]).with_name(Path(done["adapter"]).stem + "-ema.safetensors")

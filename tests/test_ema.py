@@ -28,13 +28,13 @@ def test_ema_is_the_closed_form_ema_of_the_saved_trajectory_and_resumes_exactly(
     from studio.adapters import load_adapter
     from studio.jobs.runs import checkpoint_path, create_run, iter_events
     from trainers.checkpoints import load_checkpoint
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     config = demo_config(max_steps=STEPS, every_n_steps=1, learning_rate=1e-2, ema_decay=DECAY, ema_start_step=START)
     config.checkpoints.keep_last = 10
     config.sampling.steps = 1
     run_dir = create_run(config, workspace)
-    trainer = Trainer(run_dir, show_progress=False)
+    trainer = AdapterTrainer(run_dir, show_progress=False)
     adapter_path = trainer.run()
     trajectory = {k: load_checkpoint(checkpoint_path(run_dir, k))["adapter"] for k in range(1, STEPS)}
     trajectory[STEPS] = trainer.adapter_state()
@@ -59,7 +59,7 @@ def test_ema_is_the_closed_form_ema_of_the_saved_trajectory_and_resumes_exactly(
     for step in (1, 4):
         for later in range(step + 1, STEPS):
             checkpoint_path(run_dir, later).unlink(missing_ok=True)
-        resumed = Trainer(run_dir, show_progress=False)
+        resumed = AdapterTrainer(run_dir, show_progress=False)
         resumed.run(resume=True)
         assert [e["step"] for e in iter_events(run_dir) if e["type"] == "resume"][-1] == step
         with resumed.ema_weights():
@@ -70,11 +70,11 @@ def test_ema_as_the_adapter_and_a_start_after_the_end_is_refused(workspace):
     from studio.adapters import load_adapter
     from studio.errors import StudioError
     from studio.jobs.runs import create_run
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     config = demo_config(max_steps=3, learning_rate=1e-2, ema_decay=0.5, ema_export="as_adapter")
     config.sampling.steps = 1
-    trainer = Trainer(create_run(config, workspace), show_progress=False)
+    trainer = AdapterTrainer(create_run(config, workspace), show_progress=False)
     path = trainer.run()
     assert sorted(p.name for p in path.parent.glob("*.safetensors")) == [path.name]
     with trainer.ema_weights():
@@ -86,4 +86,4 @@ def test_ema_as_the_adapter_and_a_start_after_the_end_is_refused(workspace):
 
     config = demo_config(max_steps=3, ema_decay=0.5, ema_start_step=3)
     with pytest.raises(StudioError, match="ema_start_step is 3 but the run is 3 steps long"):
-        Trainer(create_run(config, workspace), show_progress=False).run()
+        AdapterTrainer(create_run(config, workspace), show_progress=False).run()

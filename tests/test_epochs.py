@@ -34,14 +34,14 @@ def test_epoch_arithmetic():
 def test_a_run_of_epochs_ends_at_its_step_with_a_checkpoint_per_epoch(batch_size, accumulation, steps, checkpoints,
                                                                       workspace):
     from studio.jobs.runs import create_run
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     config = demo_config(max_steps=1000, batch_size=batch_size, gradient_accumulation_steps=accumulation)
     config.training.max_epochs = 3
     config.checkpoints.every_n_epochs = 1
     config.checkpoints.keep_last = 10
     config.sampling.steps = 1
-    trainer = Trainer(create_run(config, workspace), show_progress=False)
+    trainer = AdapterTrainer(create_run(config, workspace), show_progress=False)
     trainer.run()
     assert len(trainer.instance) == 12 and trainer.instance_order.batches_per_epoch == 12 // batch_size
     events = [json.loads(line) for line in (trainer.run_dir / "events.jsonl").read_text().splitlines()]

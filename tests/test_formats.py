@@ -348,7 +348,7 @@ def test_diffusers_loads_our_sdxl_file(tmp_path):
 
 def _expected_sd_scripts_names(family, models, conv):
     """sd-scripts networks/lora.py create_modules, re-typed: walk the target classes."""
-    from studio.models.single_file import unet_diffusers_to_ldm
+    from studio.models.families.unet import unet_diffusers_to_ldm
 
     unet_classes = ["Transformer2DModel"] + (["ResnetBlock2D", "Downsample2D", "Upsample2D"] if conv else [])
     names = {}
@@ -704,16 +704,16 @@ def test_trainer_export_round_trip(network, workspace):
     in-memory adapter generates (T-LoRA: its plain all-ranks form loads and describes)."""
     from studio.adapters import attach_adapter, load_adapter
     from studio.adapters.library import describe_adapter
+    from studio.config import network_config
     from studio.models import load_pipeline
     from studio.jobs.runs import create_run
     from tests.conftest import demo_config
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     config = demo_config(max_steps=3, learning_rate=3e-2)
     config.sampling.steps = 2
-    for key, value in network.items():
-        setattr(config.network, key, value)
-    trainer = Trainer(create_run(config, workspace), show_progress=False)
+    config.network = network_config(like=config.network, **network)
+    trainer = AdapterTrainer(create_run(config, workspace), show_progress=False)
     path = trainer.run()
     info = describe_adapter(path)
     assert info["metadata"]["ss_steps"] == "3" and info["metadata"]["modelspec.thumbnail"].startswith("data:")
@@ -726,7 +726,7 @@ def test_trainer_export_round_trip(network, workspace):
     if network.get("train_text_encoder"):
         assert info["prefixes"]["lora_te"] > 0
     pipe = trainer.pipe
-    pipe.unet = trainer.accelerator.unwrap_model(trainer.unet)
+    pipe.unet = trainer.accelerator.unwrap_model(trainer.denoiser)
     pipe.unet.eval()
     expected = generate(pipe, prompt="a sks star")
     fresh = load_pipeline("builtin")

@@ -169,15 +169,15 @@ def test_a_run_starts_exactly_from_an_instant_adapter(made):
     from studio.jobs.runs import check_training, create_run, run_config
     from studio.models import load_pipeline
     from tests.method_checks import trained_unet
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     workspace = made["workspace"]
     config = load_config(PRESETS_DIR / "tiny-demo-quick.toml")
     config.network.init_from = "picture"
     run_dir = create_run(config, workspace)
     assert run_config(run_dir).network.init_from == str(made["picture"])
-    trainer = Trainer(run_dir, show_progress=False)
-    trainer._setup()
+    trainer = AdapterTrainer(run_dir, show_progress=False)
+    trainer.setup()
     fresh = load_pipeline("builtin")
     attach_adapter(fresh, load_adapter(made["picture"]), "instant")
     assert (unet_out(trained_unet(trainer)) - unet_out(fresh.unet)).abs().max() <= 1e-5
@@ -189,19 +189,19 @@ def test_a_run_starts_exactly_from_an_instant_adapter(made):
 
 def test_init_from_is_refused_where_it_cannot_start_the_run(made, tmp_path):
     from studio import PRESETS_DIR
-    from studio.config import NetworkConfig, load_config
+    from studio.config import load_config, network_config
     from studio.jobs.runs import create_run
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     for settings in ({"type": "loha"}, {"type": "locon", "use_dora": True}, {"type": "lora", "init": "pissa"}):
         with pytest.raises(ValueError, match="init_from"):
-            NetworkConfig(init_from="x.safetensors", **settings)
+            network_config(init_from="x.safetensors", **settings)
     config = load_config(PRESETS_DIR / "tiny-demo-quick.toml")
     config.network.init_from = str(made["picture"])
     config.network.rank = config.network.conv_rank = 4  # the file's rank is 8
-    trainer = Trainer(create_run(config, made["workspace"]), show_progress=False)
+    trainer = AdapterTrainer(create_run(config, made["workspace"]), show_progress=False)
     with pytest.raises(StudioError, match="rank 8 in the file but 4"):
-        trainer._setup()
+        trainer.setup()
 
 
 def test_the_training_sampler_keeps_the_held_out_concepts_out():

@@ -41,7 +41,7 @@ def _events(run_dir):
 
 @pytest.mark.slow
 def test_job_outlives_ui_and_resumes_after_kill(tmp_path):
-    from studio import jobs
+    from studio.jobs import queue as jobs
     from studio.config import save_config
     from studio.workspace import Workspace
 
@@ -81,7 +81,7 @@ def test_job_outlives_ui_and_resumes_after_kill(tmp_path):
 
 
 def test_cancel_and_resume_states(tmp_path):
-    from studio import jobs
+    from studio.jobs import queue as jobs
     from studio.errors import StudioError
     from studio.workspace import Workspace
 
@@ -98,7 +98,7 @@ def test_cancel_and_resume_states(tmp_path):
 
 def test_supervisor_marks_dead_running_job_for_resume(tmp_path):
     """A job left 'running' by a crashed supervisor, whose worker is gone, is queued again."""
-    from studio import jobs
+    from studio.jobs import queue as jobs
     from studio.workspace import Workspace
 
     workspace = Workspace.open(tmp_path / "ws")
@@ -114,7 +114,7 @@ def test_supervisor_marks_dead_running_job_for_resume(tmp_path):
 def test_an_idle_supervisor_exits_soon_and_is_reaped(tmp_path):
     """Started by a long-lived process (the UI), the supervisor leaves no zombie behind and
     does not linger for minutes once the queue is empty."""
-    from studio import jobs
+    from studio.jobs import queue as jobs
     from studio.workspace import Workspace
 
     workspace = Workspace.open(tmp_path / "ws")

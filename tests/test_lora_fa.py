@@ -7,8 +7,10 @@ import time
 
 import pytest
 import torch
-from pydantic import ValidationError
 
+from studio.adapters.methods.lora import LoRAOptions
+from studio.config import network_config, parse_config
+from studio.errors import StudioError
 from tests.conftest import demo_config
 from tests.method_checks import TrainedFileChecks, assert_file_equals_trained_model
 from tests.test_networks import _fixed_loss
@@ -17,7 +19,7 @@ STEPS = 30
 
 
 def _factors(trainer, part: str) -> dict[str, torch.Tensor]:
-    models = {"unet": trainer.accelerator.unwrap_model(trainer.unet), **dict(trainer._text_encoder_components())}
+    models = {"unet": trainer.accelerator.unwrap_model(trainer.denoiser), **dict(trainer.text_encoder_components())}
     return {f"{component}.{name}": p for component, model in models.items()
             for name, p in model.named_parameters() if f".{part}." in name}
 
@@ -28,35 +30,33 @@ def trained(tmp_path_factory):
     factors at the start, the fixed-draw loss before and after, and the exported file."""
     from studio.jobs.runs import create_run
     from studio.workspace import Workspace
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     config = demo_config(max_steps=STEPS, learning_rate=3e-3)
-    config.network.type = "lora_fa"
-    config.network.train_text_encoder = True
-    trainer = Trainer(create_run(config, Workspace.open(tmp_path_factory.mktemp("lora_fa") / "ws")),
+    config.network = network_config("lora_fa", like=config.network, train_text_encoder=True)
+    trainer = AdapterTrainer(create_run(config, Workspace.open(tmp_path_factory.mktemp("lora_fa") / "ws")),
                       show_progress=False)
-    trainer._setup()
+    trainer.setup()
     start = {name: p.detach().clone() for part in ("lora_A", "lora_B") for name, p in _factors(trainer, part).items()}
     before = _fixed_loss(trainer)
     for step in range(STEPS):
         trainer.train_step(step)
     after = _fixed_loss(trainer)
-    trainer.accelerator.unwrap_model(trainer.unet).eval()
+    trainer.accelerator.unwrap_model(trainer.denoiser).eval()
     return {"trainer": trainer, "start": start, "before": before, "after": after,
-            "path": trainer._export(time.time())}
+            "path": trainer.export(time.time())}
 
 
 
 def test_lora_fa_is_a_network_type_with_its_help():
-    from studio.config import NetworkConfig
     from ui import train_view as tv
 
     spec = next(s for s in tv.config_fields() if s.path == ("network", "type"))
     assert "lora_fa" in spec.choices and "lora_fa (LoRA-FA: A frozen at its random init, only B trains" in spec.info
-    NetworkConfig(type="lora_fa", use_rslora=True, train_text_encoder=True)
-    for option in ({"use_dora": True}, {"init": "pissa"}, {"loraplus_lr_ratio": 16.0}):
-        with pytest.raises(ValidationError, match="do not apply to lora_fa"):
-            NetworkConfig(type="lora_fa", **option)
+    network_config("lora_fa", use_rslora=True, train_text_encoder=True)
+    for option in ("use_dora", "init", "loraplus_lr_ratio"):  # refused by name, even at LoRA's default
+        with pytest.raises(StudioError, match=rf"network\.{option}: an option of lora and locon, not of lora_fa"):
+            parse_config({"network": {"type": "lora_fa", option: LoRAOptions.model_fields[option].default}})
 
 
 @pytest.mark.slow(seconds=60)

@@ -43,14 +43,14 @@ def _left_black(size=(64, 64)) -> Image.Image:
 
 def _trainer(folder, workspace, **dataset):
     from studio.jobs.runs import create_run
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     config = demo_config(max_steps=2)
     config.dataset.path = str(folder)
     for key, value in dataset.items():
         setattr(config.dataset, key, value)
-    trainer = Trainer(create_run(config, workspace), show_progress=False)
-    trainer._setup()
+    trainer = AdapterTrainer(create_run(config, workspace), show_progress=False)
+    trainer.setup()
     return trainer
 
 
@@ -101,7 +101,7 @@ def test_a_masked_out_region_does_not_reach_the_gradient(tmp_path, workspace):
     OneTrainer; what the mask removes is their error from the loss.)"""
     torch.manual_seed(0)
     trainer = _trainer(_dataset(tmp_path, mask=_left_black()), workspace, masked_loss=True)
-    unet = trainer.accelerator.unwrap_model(trainer.unet)
+    unet = trainer.accelerator.unwrap_model(trainer.denoiser)
     first = next(i for i, ex in enumerate(trainer.instance) if ex.path.name == "sks_01.png")
     # Train a few steps so that B != 0 and the A matrices get gradients too.
     for step in range(3):
@@ -113,11 +113,11 @@ def test_a_masked_out_region_does_not_reach_the_gradient(tmp_path, workspace):
             handle = unet.register_forward_hook(lambda module, args, out: type(out)(sample=out.sample + delta))
         try:
             generator = torch.Generator().manual_seed(5)
-            *batch, count, mine = trainer._batch(trainer.instance, [first], generator)
-            weight = batch[4][0]
+            batch = trainer.batch(trainer.instance, [first], generator)
+            weight = batch.mask[0]
             half = weight.shape[1] // 2
             assert not weight[:, :half].any() and bool((weight[:, half:] == 1).all())
-            loss = trainer._per_sample_loss(*batch, generator, count, mine).mean()
+            loss = trainer.per_sample_loss(batch, generator).mean()
             grads = torch.autograd.grad(loss, trainer.trainable, allow_unused=True)
         finally:
             if handle is not None:
@@ -125,7 +125,7 @@ def test_a_masked_out_region_does_not_reach_the_gradient(tmp_path, workspace):
         return loss.detach(), [torch.zeros_like(p) if g is None else g for g, p in zip(grads, trainer.trainable)]
 
     loss, plain = gradients(None)
-    channels, height, width = trainer._latent_dist(torch.zeros(1, 3, 64, 64))[0].shape[1:]
+    channels, height, width = trainer.latent_dist(torch.zeros(1, 3, 64, 64))[0].shape[1:]
     left = torch.zeros(1, channels, height, width)
     left[..., : width // 2] = torch.randn(1, channels, height, width // 2)
     masked_loss, masked = gradients(left)
@@ -147,7 +147,7 @@ def test_masks_train_with_caching_random_crops_flips_and_validation(tmp_path, wo
     unmasked = _trainer(folder, workspace, masked_loss=True)
     for k in (0, 1):
         with torch.no_grad():
-            assert float(unmasked._loss(k)) == pytest.approx(float(plain._loss(k)), rel=1e-5)
+            assert float(unmasked.loss(k)) == pytest.approx(float(plain.loss(k)), rel=1e-5)
 
     alpha_folder = _dataset(tmp_path / "a", alpha=_left_black())
     cached = _trainer(alpha_folder, workspace, masked_loss=True, random_flip=True, unmasked_weight=0.25)
@@ -193,4 +193,4 @@ def test_bad_masks_get_one_clear_line(tmp_path, workspace):
         _trainer(_dataset(tmp_path / "black", mask=black), workspace, masked_loss=True)
     trainer = _trainer(_dataset(tmp_path / "black-ok", mask=black), workspace, masked_loss=True, unmasked_weight=0.1)
     with torch.no_grad():
-        assert float(trainer._loss(0)) > 0
+        assert float(trainer.loss(0)) > 0

@@ -57,7 +57,7 @@ def _events(run_dir):
 def test_gates_learn_and_a_killed_run_resumes_to_the_same_gates(workspace):
     from studio.adapters.mixtures.file import load_mixture
     from studio.jobs.runs import create_run
-    from trainers.lora import train_run
+    from trainers.run import train_run
 
     config = mixture_config("mix", "block_timestep", steps=12)
     reference_run = create_run(config, workspace)
@@ -93,7 +93,7 @@ def test_prompt_gates_train_and_the_engine_draws_with_them(workspace):
     from studio.adapters.mixtures.file import load_mixture
     from studio.generation.engine import AdapterUse, Engine, GenerateRequest, mixture_uses
     from studio.jobs.runs import create_run
-    from trainers.lora import train_run
+    from trainers.run import train_run
 
     path = train_run(create_run(mixture_config("routed", "prompt", steps=8), workspace), show_progress=False)
     mixture = load_mixture(path)

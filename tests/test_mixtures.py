@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from studio.errors import StudioError
-from studio.generation.blocks import FULL_BLOCKS
+from studio.models.families.unet import FULL_BLOCKS, module_block
 from studio.generation.engine import AdapterUse, Engine, GenerateRequest
 
 REQUEST = dict(prompt="a sks shape on a white background", seed=3, steps=6)
@@ -81,7 +81,7 @@ def merged_unet(paths, gates):
     """The base model with gate[k, block] x dW_k of each member added to its weights."""
     from studio.adapters import load_adapter
     from studio.adapters.formats.naming import name_table
-    from studio.generation.blocks import block_weight, module_block
+    from studio.models.blocks import block_weight
     from studio.models import load_pipeline
 
     pipe = load_pipeline("builtin")

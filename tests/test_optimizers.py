@@ -17,17 +17,17 @@ OPTIMIZERS = {
 
 def _fixed_loss(trainer, steps=range(5000, 5012)) -> float:
     with torch.no_grad():
-        return float(np.mean([trainer._loss(k).item() for k in steps]))
+        return float(np.mean([trainer.loss(k).item() for k in steps]))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_optimizer_lowers_the_demo_loss(name, workspace):
     from studio.jobs.runs import create_run
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
-    trainer = Trainer(create_run(demo_config(max_steps=30, **OPTIMIZERS[name]), workspace), show_progress=False)
-    trainer._setup()
+    trainer = AdapterTrainer(create_run(demo_config(max_steps=30, **OPTIMIZERS[name]), workspace), show_progress=False)
+    trainer.setup()
     assert type(trainer.optimizer.optimizer).__name__.lower() == name
     before = _fixed_loss(trainer)
     for step in range(30):
@@ -41,14 +41,14 @@ def test_optimizer_lowers_the_demo_loss(name, workspace):
 def test_resume_with_optimizer_state_is_exact(name, workspace):
     from studio.jobs.runs import checkpoint_path, create_run, iter_events
     from trainers.checkpoints import load_checkpoint
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     config = demo_config(max_steps=6, every_n_steps=3, **OPTIMIZERS[name])
     config.sampling.steps = 1
     run_dir = create_run(config, workspace)
-    full = Trainer(run_dir, show_progress=False)
+    full = AdapterTrainer(run_dir, show_progress=False)
     full.run(resume=False)
-    resumed = Trainer(run_dir, show_progress=False)
+    resumed = AdapterTrainer(run_dir, show_progress=False)
     resumed.run(resume=True)  # from step-000003.pt
     assert [e["step"] for e in iter_events(run_dir) if e["type"] == "resume"] == [3]
     at_3 = load_checkpoint(checkpoint_path(run_dir, 3))["adapter"]
@@ -58,8 +58,8 @@ def test_resume_with_optimizer_state_is_exact(name, workspace):
     assert moved > 0 and _max_diff(a, b) <= 1e-3 * moved
     # The same three steps from the same checkpoint with a fresh optimizer (Prodigy's d and
     # Adafactor's second moments lost) end elsewhere: the check above can fail.
-    fresh = Trainer(run_dir, show_progress=False)
-    fresh._setup()
+    fresh = AdapterTrainer(run_dir, show_progress=False)
+    fresh.setup()
     fresh.load_adapter_state(at_3)
     for step in range(3, 6):
         fresh.train_step(step)
@@ -84,6 +84,7 @@ def test_prodigy_with_an_adamw_learning_rate_is_refused_in_one_line():
 
 @pytest.mark.parametrize("network, training, named", [
     ({"loraplus_lr_ratio": 16.0}, {}, "network.loraplus_lr_ratio = 16"),
+    ({"rank_allocation": "ard"}, {}, "network.ard_lr_ratio = 10"),  # ARD's scales learn at their own rate
     ({"train_text_encoder": True}, {"text_encoder_lr": 0.5}, "training.text_encoder_lr = 0.5"),
     ({}, {"block_lr_mid": 0.5}, "training.block_lr_mid = 0.5"),
 ])
@@ -99,11 +100,11 @@ def test_prodigy_refuses_parameter_groups_at_different_rates(network, training, 
 @pytest.mark.slow(seconds=5)
 def test_prodigy_with_a_block_turned_off_trains_the_others(workspace):
     from studio.jobs.runs import create_run
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     config = demo_config(max_steps=3, block_lr_up=0.0, **OPTIMIZERS["prodigy"])
-    trainer = Trainer(create_run(config, workspace), show_progress=False)
-    trainer._setup()
+    trainer = AdapterTrainer(create_run(config, workspace), show_progress=False)
+    trainer.setup()
     start = trainer.adapter_state()
     for step in range(3):
         trainer.train_step(step)

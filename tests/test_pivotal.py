@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from studio.config import network_config
 from tests.conftest import demo_config
 
 VECTORS = 2
@@ -24,8 +25,7 @@ def _config(base_model: str = "builtin", **network):
     config.training.embedding_lr = 3e-2
     config.sampling.steps = 4
     config.sampling.prompts = ["a sks star on a white background"]
-    for key, value in network.items():
-        setattr(config.network, key, value)
+    config.network = network_config(like=config.network, **network)
     return config
 
 
@@ -35,20 +35,20 @@ def _fixed_loss(trainer) -> float:
 
     with torch.no_grad():
         generator = micro_generator(7, 0, stream=5)
-        *batch, count, places = trainer._batch(trainer.instance, [0, 1, 2, 3], generator, whole=True)
-        return float(trainer._per_sample_loss(*batch, generator, count, places).mean())
+        batch = trainer.batch(trainer.instance, [0, 1, 2, 3], generator, whole=True)
+        return float(trainer.per_sample_loss(batch, generator).mean())
 
 
 def _train(config, workspace):
     from studio.jobs.runs import create_run
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     torch.manual_seed(0)
-    trainer = Trainer(create_run(config, workspace), show_progress=False)
-    trainer._setup()
+    trainer = AdapterTrainer(create_run(config, workspace), show_progress=False)
+    trainer.setup()
     start = [v.clone() for v in trainer.pivotal.vectors()]
     before = _fixed_loss(trainer)
-    adapter = trainer._train(resume=False, started=0.0)
+    adapter = trainer.train(resume=False, started=0.0)
     trainer.tensorboard.close()
     return trainer, adapter, start, before
 
@@ -131,14 +131,14 @@ def test_resume_restores_the_embedding_exactly(sd15_run):
     """A copy of the run resumed from its mid-run checkpoint ends with the same embedding."""
     import shutil
 
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     trainer = sd15_run[0]
     copy = trainer.run_dir.with_name(trainer.run_dir.name + "-resumed")
     shutil.copytree(trainer.run_dir, copy)
     assert sorted(p.name for p in (copy / "checkpoints").glob("*.pt")) == [f"step-{STEPS // 2:06d}.pt"]
     torch.manual_seed(1)  # resume must not depend on the global generator
-    resumed = Trainer(copy, show_progress=False)
+    resumed = AdapterTrainer(copy, show_progress=False)
     resumed.run(resume=True)
     events = [json.loads(line) for line in (copy / "events.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events if e["type"] == "resume"] == [STEPS // 2]
@@ -187,6 +187,6 @@ def test_pivotal_needs_a_one_word_trigger_and_a_kohya_layout():
     with pytest.raises(StudioError, match="dataset.trigger_word to one word"):
         parse_config(config)
     config["dataset"]["trigger_word"] = "sks"
-    config["network"]["type"] = "tlora"
+    config["network"] = {"type": "tlora", "pivotal_vectors": VECTORS}
     with pytest.raises(StudioError, match="cannot bundle an embedding"):
         parse_config(config)

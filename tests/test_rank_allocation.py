@@ -24,26 +24,26 @@ def _deafened(pipe, deaf: str):
 
 
 def _allocation_run(workspace_root, *, deaf: str | None):
-    """A Trainer set up with sensitivity allocation; with `deaf`, the base UNet's attention
+    """A AdapterTrainer set up with sensitivity allocation; with `deaf`, the base UNet's attention
     block whose output projection is zeroed (its to_q / to_k / to_v then cannot move the loss)."""
-    from studio import models
     from studio.jobs.runs import create_run
     from studio.workspace import Workspace
-    from trainers.lora import Trainer
+    from trainers import lora
+    from trainers.trainer import AdapterTrainer
 
     config = demo_config(max_steps=STEPS, learning_rate=3e-3)
     config.network.rank_allocation = "sensitivity"
     config.network.rank_budget = BUDGET
-    load = models.load_pipeline
+    load = lora.load_pipeline
 
     def deafened(*args, **kwargs):
         return _deafened(load(*args, **kwargs), deaf)
 
-    trainer = Trainer(create_run(config, Workspace.open(workspace_root)), show_progress=False)
+    trainer = AdapterTrainer(create_run(config, Workspace.open(workspace_root)), show_progress=False)
     with pytest.MonkeyPatch.context() as mp:
         if deaf:
-            mp.setattr(models, "load_pipeline", deafened)
-        trainer._setup()
+            mp.setattr(lora, "load_pipeline", deafened)
+        trainer.setup()
     return trainer
 
 
@@ -63,20 +63,20 @@ def allocated(tmp_path_factory):
     trainer = _allocation_run(tmp_path_factory.mktemp("alloc") / "ws", deaf=deaf)
     for step in range(STEPS):
         trainer.train_step(step)
-    trainer.accelerator.unwrap_model(trainer.unet).eval()
-    return {"trainer": trainer, "deaf": deaf, "event": _allocation(trainer), "path": trainer._export(time.time())}
+    trainer.accelerator.unwrap_model(trainer.denoiser).eval()
+    return {"trainer": trainer, "deaf": deaf, "event": _allocation(trainer), "path": trainer.export(time.time())}
 
 
 def test_options_and_their_refusals():
-    from studio.config import NetworkConfig, TrainConfig
+    from studio.config import TrainConfig, network_config
     from ui import train_view as tv
 
     spec = next(s for s in tv.config_fields() if s.path == ("network", "rank_allocation"))
     assert "sensitivity" in spec.choices and "Sensitivity-LoRA" in spec.info
-    NetworkConfig(type="locon", rank_allocation="sensitivity", rank_budget=64)
+    network_config("locon", rank_allocation="sensitivity", rank_budget=64)
     for network in ({"type": "loha"}, {"type": "lora_fa"}):
-        with pytest.raises(ValidationError, match="apply to lora/locon networks"):
-            NetworkConfig(rank_allocation="sensitivity", **network)
+        with pytest.raises(ValidationError, match=f"an option of lora and locon, not of {network['type']}"):
+            network_config(rank_allocation="sensitivity", **network)
     with pytest.raises(ValidationError, match="4-bit base"):
         TrainConfig(network={"rank_allocation": "sensitivity"}, training={"base_weights": "nf4"})
 
@@ -105,7 +105,7 @@ def test_ranks_follow_the_measured_sensitivity(allocated):
     assert all(ranks[m] == 1 == min(ranks.values()) for m in insensitive)
     assert sensitivity[f"unet.{deaf}.to_out.0"] > 0
     assert len(set(ranks.values())) > 2  # not a uniform rank
-    unet = allocated["trainer"].accelerator.unwrap_model(allocated["trainer"].unet)
+    unet = allocated["trainer"].accelerator.unwrap_model(allocated["trainer"].denoiser)
     for a in ranks:
         for b in ranks:
             if sensitivity[a] > sensitivity[b]:
@@ -133,7 +133,7 @@ def test_the_file_has_per_module_ranks_that_diffusers_reads(allocated):
     args = json.loads(adapter.metadata["ss_network_args"])
     assert args["rank_allocation"] == "sensitivity" and args["rank_budget"] == str(BUDGET)
 
-    expected = unet_out(trainer.accelerator.unwrap_model(trainer.unet))
+    expected = unet_out(trainer.accelerator.unwrap_model(trainer.denoiser))
     theirs = _deafened(load_pipeline("builtin"), allocated["deaf"])  # the base it was trained on
     base = unet_out(theirs.unet)
     messages = _diffusers_load(theirs, path)

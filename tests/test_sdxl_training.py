@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from studio.config import network_config
 from tests.conftest import demo_config
 from tests.test_networks import NETWORKS, _fixed_loss
 from trainers.data import BatchOrder, Example, bucket_sizes, center_crop_offsets, choose_bucket, prepare_image
@@ -49,7 +50,7 @@ def test_prepare_image_crops_to_bucket(tmp_path):
 def test_sdxl_lora_trains_with_buckets(tmp_path, workspace):
     from studio.jobs.runs import create_run
     from tests.tiny_models import tiny_sdxl_pipeline
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     model_dir = tmp_path / "tiny-sdxl"
     tiny_sdxl_pipeline(seed=0).save_pretrained(model_dir)
@@ -65,28 +66,30 @@ def test_sdxl_lora_trains_with_buckets(tmp_path, workspace):
     config.base_model = str(model_dir)
     config.dataset.path = str(data)
     config.dataset.enable_bucket = True
-    trainer = Trainer(create_run(config, workspace), show_progress=False)
-    trainer._setup()
+    trainer = AdapterTrainer(create_run(config, workspace), show_progress=False)
+    trainer.setup()
     assert trainer.family.name == "sdxl" and len({ex.bucket for ex in trainer.instance}) == 4
 
-    latents, text, pooled, time_ids = trainer._batch(trainer.instance, [1], torch.Generator().manual_seed(0))[:4]
-    assert text.shape[-1] == sum(enc.config.hidden_size for enc in trainer.text_encoders)
-    assert pooled.shape == (1, trainer.text_encoders[1].config.projection_dim)
+    batch = trainer.batch(trainer.instance, [1], torch.Generator().manual_seed(0))
+    conditioning = batch.conditioning
+    assert conditioning["encoder_hidden_states"].shape[-1] == sum(enc.config.hidden_size
+                                                                   for enc in trainer.text_encoders)
+    assert conditioning["text_embeds"].shape == (1, trainer.text_encoders[1].config.projection_dim)
     width, height = trainer.instance[1].bucket
     top, left = center_crop_offsets((96, 48), (width, height))
-    assert time_ids.tolist() == [[48, 96, top, left, height, width]]
+    assert conditioning["time_ids"].tolist() == [[48, 96, top, left, height, width]]
     factor = 2 ** (len(trainer.vae.config.block_out_channels) - 1)
-    assert latents.shape[-2:] == (height // factor, width // factor)
+    assert batch.latents.shape[-2:] == (height // factor, width // factor)
 
     def fixed_loss():
         with torch.no_grad():
-            return float(np.mean([trainer._loss(k).item() for k in range(900, 910)]))
+            return float(np.mean([trainer.loss(k).item() for k in range(900, 910)]))
 
     before = fixed_loss()
     for step in range(20):
         trainer.train_step(step)
     assert fixed_loss() < before
-    trainer._sample(20)
+    trainer.sample(20)
     assert len(list((trainer.run_dir / "samples").glob("*.png"))) == len(config.sampling.prompts)
 
 
@@ -117,33 +120,30 @@ def test_every_network_trains_exports_and_generates_on_sdxl(kind, tiny_sdxl_dir,
     from studio.adapters import read_checked_header
     from studio.generation.engine import AdapterUse, GenerateRequest
     from studio.jobs.runs import create_run
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     steps = 20
     config = demo_config(max_steps=steps, learning_rate=3e-3)
     config.base_model = str(tiny_sdxl_dir)
-    for key, value in NETWORKS[kind].items():
-        setattr(config.network, key, value)
-    trainer = Trainer(create_run(config, workspace), show_progress=False)
-    trainer._setup()
+    config.network = network_config(like=config.network, **NETWORKS[kind])
+    trainer = AdapterTrainer(create_run(config, workspace), show_progress=False)
+    trainer.setup()
     assert trainer.family.name == "sdxl"
     before = _fixed_loss(trainer, range(5000, 5008))
     for step in range(steps):
         trainer.train_step(step)
     assert _fixed_loss(trainer, range(5000, 5008)) < before
-    path = trainer._export(time.time())
+    path = trainer.export(time.time())
     assert read_checked_header(path)[1]["ss_base_model_version"] == "sdxl_base_v1-0"
 
-    latents, text, pooled, time_ids = trainer._batch(trainer.instance, [0], torch.Generator().manual_seed(0))[:4]
-    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(1))
-    timestep = torch.tensor([300])
-    noisy = trainer.noise_scheduler.add_noise(latents, noise, timestep)
+    batch = trainer.batch(trainer.instance, [0], torch.Generator().manual_seed(0))
+    noise = torch.randn(batch.latents.shape, generator=torch.Generator().manual_seed(1))
 
     def predict(unet):
         with torch.no_grad():
-            return unet(noisy, timestep, text, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+            return trainer.predict(unet, batch, noise, torch.tensor([300]))
 
-    trained_unet = trainer.accelerator.unwrap_model(trainer.unet)
+    trained_unet = trainer.accelerator.unwrap_model(trainer.denoiser)
     trained_unet.eval()
     trained = predict(trained_unet)
     model = str(tiny_sdxl_dir)

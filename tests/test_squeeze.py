@@ -10,6 +10,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from studio.config import network_config
 from tests.conftest import demo_config
 from tests.method_checks import unet_out
 from tests.test_networks import _fixed_loss
@@ -30,16 +31,15 @@ def squeezed(tmp_path_factory):
     deltas just before and after the squeeze, fixed-draw losses, and the exported file."""
     from studio.jobs.runs import create_run
     from studio.workspace import Workspace
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     torch.manual_seed(0)
     config = demo_config(max_steps=STEPS, learning_rate=3e-3)
-    config.network.type = "locon"
-    config.network.rank, config.network.alpha = RANK, 4.0
-    config.network.squeeze_rank, config.network.squeeze_at_step = SQUEEZED, AT
-    trainer = Trainer(create_run(config, Workspace.open(tmp_path_factory.mktemp("squeeze") / "ws")),
+    config.network = network_config("locon", like=config.network, rank=RANK, alpha=4.0, squeeze_rank=SQUEEZED,
+                                    squeeze_at_step=AT)
+    trainer = AdapterTrainer(create_run(config, Workspace.open(tmp_path_factory.mktemp("squeeze") / "ws")),
                       show_progress=False)
-    trainer._setup()
+    trainer.setup()
     out = {"trainer": trainer, "start": _fixed_loss(trainer)}
     for step in range(AT - 1):
         trainer.train_step(step)
@@ -59,32 +59,32 @@ def squeezed(tmp_path_factory):
     for step in range(AT, STEPS):
         trainer.train_step(step)
     out["end"] = _fixed_loss(trainer)
-    trainer.accelerator.unwrap_model(trainer.unet).eval()
-    out["path"] = trainer._export(time.time())
+    trainer.accelerator.unwrap_model(trainer.denoiser).eval()
+    out["path"] = trainer.export(time.time())
     return out
 
 
 def test_options_and_their_refusals():
-    from studio.config import NetworkConfig, TrainConfig
+    from studio.config import TrainConfig
     from studio.adapters.methods.squeeze import squeeze_target
     from ui import train_view as tv
 
     spec = next(s for s in tv.config_fields() if s.path == ("network", "squeeze_rank"))
     assert "LoRA-Squeeze" in spec.info
     with pytest.raises(ValidationError, match="must be below rank"):
-        NetworkConfig(rank=8, squeeze_rank=8)
+        network_config(rank=8, squeeze_rank=8)
     with pytest.raises(ValidationError, match="squeeze_rank does not work with use_dora"):
-        NetworkConfig(squeeze_rank=2, use_dora=True)
-    with pytest.raises(ValidationError, match="apply to lora/locon networks, not lokr"):
-        NetworkConfig(type="lokr", squeeze_rank=2)
+        network_config(squeeze_rank=2, use_dora=True)
+    with pytest.raises(ValidationError, match="an option of lora and locon, not of lokr"):
+        network_config("lokr", squeeze_rank=2)
     with pytest.raises(ValidationError, match="must end before training.max_steps"):
         TrainConfig(network={"squeeze_rank": 2, "squeeze_at_step": 150, "squeeze_anneal_steps": 50})
     with pytest.raises(ValidationError, match="unset training.ema_decay"):
         TrainConfig(network={"squeeze_rank": 2}, training={"ema_decay": 0.99})
     # one-shot, then annealed 16 -> 4 over 3 steps (rounded up): 13, 10, 7, 4
-    one = NetworkConfig(rank=16, squeeze_rank=4, squeeze_at_step=10)
+    one = network_config(rank=16, squeeze_rank=4, squeeze_at_step=10)
     assert [squeeze_target(one, d) for d in (9, 10, 11)] == [None, 4, 4]
-    annealed = NetworkConfig(rank=16, squeeze_rank=4, squeeze_at_step=10, squeeze_anneal_steps=3)
+    annealed = network_config(rank=16, squeeze_rank=4, squeeze_at_step=10, squeeze_anneal_steps=3)
     assert [squeeze_target(annealed, d) for d in range(9, 15)] == [None, 13, 10, 7, 4, 4]
 
 
@@ -122,7 +122,7 @@ def test_the_file_is_a_plain_lora_at_the_squeezed_rank_equal_to_the_model(squeez
     assert adapter.metadata["ss_network_module"] == "networks.lora"
     assert json.loads(adapter.metadata["ss_network_args"])["squeeze_rank"] == str(SQUEEZED)
     trainer = squeezed["trainer"]
-    expected = unet_out(trainer.accelerator.unwrap_model(trainer.unet))
+    expected = unet_out(trainer.accelerator.unwrap_model(trainer.denoiser))
     ours = load_pipeline("builtin")
     base = unet_out(ours.unet)
     attach_adapter(ours, adapter, "sq")
@@ -148,16 +148,16 @@ def test_generate_reproduces_the_runs_last_sample(squeezed, tmp_path):
 def test_a_resume_across_an_annealed_squeeze_is_exact(workspace):
     """Checkpoint at step 4, in the middle of the anneal (8 -> 6 -> 4 -> 2 after steps 3, 4, 5)."""
     from studio.jobs.runs import create_run, iter_events
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     config = demo_config(max_steps=8, every_n_steps=4, learning_rate=3e-3)
     config.sampling.steps = 1
     config.network.rank, config.network.squeeze_rank = RANK, SQUEEZED
     config.network.squeeze_at_step, config.network.squeeze_anneal_steps = 3, 2
     run_dir = create_run(config, workspace)
-    full = Trainer(run_dir, show_progress=False)
+    full = AdapterTrainer(run_dir, show_progress=False)
     full.run(resume=False)
-    resumed = Trainer(run_dir, show_progress=False)
+    resumed = AdapterTrainer(run_dir, show_progress=False)
     resumed.run(resume=True)
     assert [e["step"] for e in iter_events(run_dir) if e["type"] == "resume"] == [4]
     a, b = full.adapter_state(), resumed.adapter_state()

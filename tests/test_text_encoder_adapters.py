@@ -107,7 +107,7 @@ def test_training_the_text_encoder_exports_modules_diffusers_loads(family, works
     from studio.adapters import load_adapter
     from studio.jobs.runs import create_run
     from tests.tiny_models import tiny_sdxl_pipeline
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     config = demo_config(max_steps=3, learning_rate=3e-2)
     config.sampling.steps = 2
@@ -115,7 +115,7 @@ def test_training_the_text_encoder_exports_modules_diffusers_loads(family, works
     if family == "sdxl":
         tiny_sdxl_pipeline(seed=0).save_pretrained(tmp_path / "tiny-sdxl")
         config.base_model = str(tmp_path / "tiny-sdxl")
-    path = Trainer(create_run(config, workspace), show_progress=False).run()
+    path = AdapterTrainer(create_run(config, workspace), show_progress=False).run()
     adapter = load_adapter(path)
     prefixes = adapter.prefix_counts()
     expected = {"sd15": {"lora_unet", "lora_te"}, "sdxl": {"lora_unet", "lora_te1", "lora_te2"}}[family]

@@ -9,12 +9,12 @@ from tests.conftest import demo_config
 
 def _timesteps_seen(config, workspace, steps: int = 4) -> list[int]:
     from studio.jobs.runs import create_run
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
-    trainer = Trainer(create_run(config, workspace), show_progress=False)
-    trainer._setup()
+    trainer = AdapterTrainer(create_run(config, workspace), show_progress=False)
+    trainer.setup()
     seen: list[int] = []
-    hook = trainer.unet.register_forward_pre_hook(
+    hook = trainer.denoiser.register_forward_pre_hook(
         lambda module, args, kwargs: seen.extend(int(t) for t in (args[1] if len(args) > 1 else kwargs["timestep"])),
         with_kwargs=True)
     for step in range(steps):

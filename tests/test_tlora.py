@@ -137,13 +137,13 @@ def test_tlora_generation_masked_all_ranks_and_plain_export(conv, workspace, cap
     from studio.generation.engine import AdapterUse, Engine, GenerateRequest
     from studio.jobs.runs import create_run
     from studio.adapters.methods.tlora_layers import is_tlora_metadata, load_tlora
+    from studio.config import network_config
     from tests.conftest import demo_config
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     config = demo_config(max_steps=30, learning_rate=3e-3)
-    config.network.type, config.network.rank, config.network.tlora_min_rank = "tlora", 8, 2
-    config.network.tlora_conv = conv
-    native = Trainer(create_run(config, workspace), show_progress=False).run()
+    config.network = network_config("tlora", like=config.network, rank=8, tlora_min_rank=2, tlora_conv=conv)
+    native = AdapterTrainer(create_run(config, workspace), show_progress=False).run()
     convs = [name for name, module in load_adapter(native).modules.items() if module.is_conv_kernel]
     assert bool(convs) == conv and (not conv or any("resnets" in name for name in convs))
     assert is_tlora_metadata(read_checked_header(native)[1])

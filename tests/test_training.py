@@ -18,7 +18,7 @@ from tests.conftest import ROOT, demo_config, run_cli
 def _fixed_loss(trainer, micro_steps=range(1000, 1024)) -> float:
     """Mean loss over fixed (noise, timestep, example) draws: comparable across training."""
     with torch.no_grad():
-        return float(np.mean([trainer._loss(k).item() for k in micro_steps]))
+        return float(np.mean([trainer.loss(k).item() for k in micro_steps]))
 
 
 @pytest.mark.slow
@@ -29,7 +29,7 @@ def test_training_lowers_loss_and_adapter_changes_generation(trained_demo, tmp_p
     trainer = trained_demo["trainer"]
     trained_loss = _fixed_loss(trainer)
     # The same draws with the LoRA switched off are the base model's loss.
-    unet = trainer.accelerator.unwrap_model(trainer.unet)
+    unet = trainer.accelerator.unwrap_model(trainer.denoiser)
     unet.disable_adapters()
     base_loss = _fixed_loss(trainer)
     unet.enable_adapters()
@@ -122,11 +122,11 @@ def test_disk_full_while_saving_keeps_the_last_checkpoint(workspace, monkeypatch
     from studio.jobs.runs import create_run
     from trainers import checkpoints
     from trainers.checkpoints import list_checkpoints, load_checkpoint
-    from trainers.lora import Trainer, TrainingFailed
+    from trainers.trainer import AdapterTrainer, TrainingFailed
 
     config = demo_config(max_steps=6, every_n_steps=2)
     config.sampling.prompts = []
-    trainer = Trainer(create_run(config, workspace), show_progress=False)
+    trainer = AdapterTrainer(create_run(config, workspace), show_progress=False)
     real_write = checkpoints.atomic_write_bytes
 
     def fill_disk_after_first(path, data):
@@ -153,7 +153,7 @@ def test_class_images_are_made_before_the_worker_starts(tmp_path):
     from studio.errors import StudioError
     from studio.jobs.runs import create_run, prepare_class_images
     from studio.workspace import Workspace
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     dataset = tmp_path / "ds"
     shutil.copytree(ASSETS_DIR / "demo-dataset", dataset, ignore=shutil.ignore_patterns("reg"))
@@ -162,7 +162,7 @@ def test_class_images_are_made_before_the_worker_starts(tmp_path):
     config.sampling.steps = 2
     run_dir = create_run(config, Workspace.open(tmp_path / "ws"))
     with pytest.raises(StudioError, match="num_class_images asks for 3"):
-        Trainer(run_dir, show_progress=False).run()
+        AdapterTrainer(run_dir, show_progress=False).run()
     assert not (dataset / "reg").exists()
 
     assert prepare_class_images(run_dir) == 3
@@ -170,4 +170,4 @@ def test_class_images_are_made_before_the_worker_starts(tmp_path):
     assert [p.name for p in made] == ["class_00000.png", "class_00001.png", "class_00002.png"]
     assert all(p.with_suffix(".txt").read_text() == "a shape" for p in made)
     assert prepare_class_images(run_dir) == 0
-    assert Trainer(run_dir, show_progress=False).run().is_file()
+    assert AdapterTrainer(run_dir, show_progress=False).run().is_file()

@@ -71,7 +71,7 @@ def test_usable_datasets_pass_with_warnings_for_what_training_skips(workspace):
 
 
 def test_resume_refuses_a_run_that_still_cannot_train(workspace):
-    from studio import jobs
+    from studio.jobs import queue as jobs
 
     folder = workspace.dataset_dir("stars")
     folder.mkdir(parents=True)
@@ -88,9 +88,9 @@ def test_resume_refuses_a_run_that_still_cannot_train(workspace):
 
 
 def test_a_run_whose_dataset_broke_after_queueing_fails_with_the_same_line(workspace):
-    from studio import jobs
+    from studio.jobs import queue as jobs
     from studio.jobs.runs import iter_events
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     folder = workspace.dataset_dir("stars")
     folder.mkdir(parents=True)
@@ -98,7 +98,7 @@ def test_a_run_whose_dataset_broke_after_queueing_fails_with_the_same_line(works
     job = jobs.enqueue(workspace, workspace_config("stars"), start_supervisor=False)
     (folder / "star.png").write_text("no longer a picture")
     with pytest.raises(StudioError, match="^dataset.name: 'stars' has no training image that can be read"):
-        Trainer(job.run_dir(workspace), show_progress=False).run()
+        AdapterTrainer(job.run_dir(workspace), show_progress=False).run()
     errors = [e["message"] for e in iter_events(job.run_dir(workspace)) if e["type"] == "error"]
     assert len(errors) == 1 and "star.png" in errors[0]
 

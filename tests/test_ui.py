@@ -291,6 +291,59 @@ def test_form_values_are_converted_and_bad_ones_named():
         parse_config(tv.form_to_config_dict(specs, values), "Settings")
 
 
+def test_the_form_holds_the_chosen_methods_options_only_and_keeps_what_was_typed():
+    """network.type lokr: LoKr's option shows and goes into the config, LoRA's hide and stay
+    out of it with what was typed in them, which comes back with network.type lora."""
+    specs = tv.config_fields()
+    index = {s.key: i for i, s in enumerate(specs)}
+    by_key = {s.key: s for s in specs}
+    assert by_key["network.rank"].methods == () and by_key["network.lokr_factor"].methods == ("lokr",)
+    assert by_key["network.conv_target_modules"].methods == ("locon", "tlora", "adalora")
+    values = tv.config_to_form(specs, TrainConfig())
+    values[index["network.use_dora"]] = True              # typed while LoRA was chosen
+    values[index["network.type"]] = "lokr"
+    values[index["network.lokr_factor"]] = 4.0
+    assert tv.shown(by_key["network.lokr_factor"], "lokr") and not tv.shown(by_key["network.use_dora"], "lokr")
+    lokr = parse_config(tv.form_to_config_dict(specs, values), "Settings")
+    assert lokr.network.type == "lokr" and lokr.network.lokr_factor == 4 and "use_dora" not in lokr.network.model_fields
+    assert values[index["network.use_dora"]] is True
+    values[index["network.type"]] = "lora"
+    lora = parse_config(tv.form_to_config_dict(specs, values), "Settings")
+    assert lora.network.use_dora and "lokr_factor" not in tv.form_to_config_dict(specs, values)["network"]
+    # the form of a LoKr config: LoRA's inputs show their defaults
+    again = tv.config_to_form(specs, lokr)
+    assert again[index["network.lokr_factor"]] == 4 and again[index["network.use_dora"]] is False
+
+
+def test_the_train_tab_hides_other_methods_options_and_a_preset_keeps_them(tmp_path):
+    """The page's events: choosing network.type shows exactly that method's inputs; loading a
+    preset leaves the inputs of methods other than the preset's as they were."""
+    from ui.app import build_app
+
+    app = build_app(tmp_path / "ws")
+    fns = {f.fn.__name__: f for f in app.fns.values() if f.fn is not None}
+    inputs = {b.elem_id: b for b in app.blocks.values() if (getattr(b, "elem_id", None) or "").startswith("train-")}
+    boxes = fns["on_network_type"].outputs  # each holds the inputs of the options of one set of methods
+    held = {box.elem_id: {c.elem_id for c in inputs.values() if _inside(c, box)} for box in boxes}
+    option_ids = {f"train-{s.key.replace('.', '-').replace('_', '-')}": s.methods for s in tv.config_fields()}
+    assert set().union(*held.values()) == {key for key, methods in option_ids.items() if methods}
+    for method in ("lokr", "tlora", "lora"):
+        updates = dict(zip((box.elem_id for box in boxes), fns["on_network_type"].fn(method)))
+        shown = {key for box, update in updates.items() if update["visible"] for key in held[box]}
+        assert shown == {key for key, methods in option_ids.items() if method in methods}
+    preset = fns["on_preset"]
+    filled = dict(zip((c.elem_id for c in preset.outputs), preset.fn("tlora-single-image")))
+    assert filled["train-network-type"] == "tlora" and filled["train-network-tlora-min-rank"] == 32
+    assert filled["train-network-lokr-factor"] == {"__type__": "update"}  # kept as it was
+
+
+def _inside(component, box) -> bool:
+    parent = component.parent
+    while parent is not None and parent is not box:
+        parent = parent.parent
+    return parent is box
+
+
 def test_resource_hint_times_come_from_measured_speed():
     from studio.config import TrainConfig
     from studio.jobs.speed import Speed, estimate

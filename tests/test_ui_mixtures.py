@@ -35,7 +35,8 @@ def test_fused_suggestions_draw_the_mix_and_edited_gates_reach_the_picture(studi
     suggested = [["star", 0.9, "trigger word 'sks' in the prompt"], ["circle", 0.6, "text similarity 0.7"]]
     name = gv.fuse_suggestions(studio, suggested, "")
     assert name == "mix-star-circle" and name in gv.mixture_names(studio.workspace)
-    gates = gv.mixture_gates(studio, name)
+    headers, gates = gv.mixture_gates(studio, name)
+    assert headers == gv.gate_headers() and headers[1] == "BASE" and len(headers) == 1 + 26
     assert [row[0] for row in gates] == ["star", "circle"] and len(gates[0]) == 1 + 26
     assert {row[1] for row in gates[:1]} == {0.9} and set(gates[1][1:]) == {0.6}
     assert gv.gate_heatmap(gates).size == (26 * 12, 2 * 12)
@@ -54,7 +55,7 @@ def test_bad_fuses_and_gate_edits_say_what_to_do(studio):
     gv.fuse_suggestions(studio, [["star", 1.0, ""], ["circle", 1.0, ""]], "pair")
     with pytest.raises(StudioError, match="already has 'pair'"):
         gv.fuse_suggestions(studio, [["star", 1.0, ""], ["circle", 1.0, ""]], "pair")
-    rows = gv.mixture_gates(studio, "pair")
+    _, rows = gv.mixture_gates(studio, "pair")
     with pytest.raises(StudioError, match="has 1 rows; pair has 2 members"):
         gv.save_mixture_gates(studio, "pair", rows[:1])
     rows[0][5] = "lots"

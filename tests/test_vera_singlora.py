@@ -12,6 +12,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from studio.config import network_config
 from tests.conftest import demo_config
 from tests.test_networks import _fixed_loss
 
@@ -57,7 +58,7 @@ def runs(tmp_path_factory, tiny_sdxl_dir):
     fixed-draw loss before and after, and the exported file."""
     from studio.jobs.runs import create_run
     from studio.workspace import Workspace
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     done = {}
 
@@ -65,20 +66,20 @@ def runs(tmp_path_factory, tiny_sdxl_dir):
         if (method, family) not in done:
             network, lr = SETTINGS[method]
             config = demo_config(max_steps=STEPS, learning_rate=lr)
-            config.network = config.network.model_copy(update={**network, "train_text_encoder": True})
+            config.network = network_config(like=config.network, **network, train_text_encoder=True)
             if family == "sdxl":
                 config.base_model = str(tiny_sdxl_dir)
             workspace = Workspace.open(tmp_path_factory.mktemp(f"{method}-{family}") / "ws")
-            trainer = Trainer(create_run(config, workspace), show_progress=False)
-            trainer._setup()
-            start = _unet_out(trainer.accelerator.unwrap_model(trainer.unet))
+            trainer = AdapterTrainer(create_run(config, workspace), show_progress=False)
+            trainer.setup()
+            start = _unet_out(trainer.accelerator.unwrap_model(trainer.denoiser))
             before = _fixed_loss(trainer)
             for step in range(STEPS):
                 trainer.train_step(step)
             after = _fixed_loss(trainer)
-            trainer.accelerator.unwrap_model(trainer.unet).eval()
+            trainer.accelerator.unwrap_model(trainer.denoiser).eval()
             done[method, family] = {"trainer": trainer, "start": start, "before": before, "after": after,
-                                    "path": trainer._export(time.time())}
+                                    "path": trainer.export(time.time())}
         return done[method, family]
 
     return run
@@ -86,11 +87,10 @@ def runs(tmp_path_factory, tiny_sdxl_dir):
 
 def _trained_unet(trained):
     trainer = trained["trainer"]
-    return trainer.accelerator.unwrap_model(trainer.unet)
+    return trainer.accelerator.unwrap_model(trainer.denoiser)
 
 
 def test_both_are_network_types_with_help_and_refuse_what_does_not_apply():
-    from studio.config import NetworkConfig
     from ui import train_view as tv
 
     spec = next(s for s in tv.config_fields() if s.path == ("network", "type"))
@@ -100,22 +100,21 @@ def test_both_are_network_types_with_help_and_refuse_what_does_not_apply():
     ramp = next(s for s in tv.config_fields() if s.path == ("network", "singlora_ramp_steps"))
     assert "u(t) = min(t/T, 1)" in ramp.info
     for method in ("vera", "singlora"):
-        NetworkConfig(type=method, rank=16, dropout=0.1, train_text_encoder=True)
+        network_config(method, rank=16, dropout=0.1, train_text_encoder=True)
         for option in ({"use_dora": True}, {"init": "pissa"}, {"loraplus_lr_ratio": 16.0}, {"block_rank_up": 4},
                        {"conv_rank": 4}, {"tlora_conv": True}, {"use_rslora": True}):
-            with pytest.raises(ValidationError, match=f"{next(iter(option))} do not apply to {method}"):
-                NetworkConfig(type=method, **option)
+            with pytest.raises(ValidationError, match=f"an option of .*, not of {method}"):
+                network_config(method, **option)
 
 
 @pytest.mark.parametrize("method", list(SETTINGS))
 def test_conv_targets_are_refused_with_the_setting_to_change(method):
     from studio.adapters.methods import get_method
-    from studio.config import NetworkConfig
     from studio.errors import StudioError
     from studio.models import load_pipeline
 
     unet = load_pipeline("builtin").unet
-    training = get_method(method).training(NetworkConfig(type=method, target_modules=["to_q", "conv1"]), seed=0)
+    training = get_method(method).training(network_config(method, target_modules=["to_q", "conv1"]), seed=0)
     with pytest.raises(StudioError, match=r"adapts Linear layers only; network.target_modules matches .*conv1, a Conv2d"):
         training.add("unet", unet, 1e-3)
 
@@ -128,7 +127,6 @@ def test_vera_layers_compute_what_peft_vera_computes():
     from peft import VeraConfig, get_peft_model
 
     from studio.adapters.methods import get_method
-    from studio.config import NetworkConfig
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(12, 20), torch.nn.GELU(), torch.nn.Linear(20, 7))
@@ -138,7 +136,7 @@ def test_vera_layers_compute_what_peft_vera_computes():
         base = model(x)
     ours = copy.deepcopy(model)
     theirs = get_peft_model(model, VeraConfig(r=5, target_modules=["0", "2"], projection_prng_key=123))
-    net = NetworkConfig(type="vera", rank=5, text_encoder_target_modules=["0", "2"])
+    net = network_config("vera", rank=5, text_encoder_target_modules=["0", "2"])
     training = get_method("vera").training(net, seed=123)
     training.add("text_encoder", ours, 1e-3)
     a, b = training.projections["text_encoder"]
@@ -195,7 +193,7 @@ def test_the_file_is_a_plain_lora_equal_to_the_trained_model(runs, method, famil
     expected = _unet_out(_trained_unet(trained))
     assert (expected - base).abs().max() > 1e-3
     assert (_unet_out(fresh.unet) - expected).abs().max() <= 1e-5
-    for (component, encoder), tokenizer in zip(trainer._text_encoder_components(), trainer.family.tokenizers):
+    for (component, encoder), tokenizer in zip(trainer.text_encoder_components(), trainer.family.tokenizers):
         tok = getattr(fresh, tokenizer)
         ids = tok(["a sks star"], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
         with torch.no_grad():
@@ -317,21 +315,21 @@ def test_singlora_resumes_exactly_mid_ramp(workspace):
     step count is in the checkpoint) and ends with the uninterrupted run's weights."""
     from studio.jobs.runs import checkpoint_path, create_run
     from trainers.checkpoints import load_checkpoint
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
     steps, stop = 9, 3
     config = demo_config(max_steps=steps, every_n_steps=stop, learning_rate=3e-3)
-    config.network = config.network.model_copy(update={"type": "singlora", "singlora_ramp_steps": 6})
+    config.network = network_config("singlora", like=config.network, singlora_ramp_steps=6)
     config.sampling.steps = 1
     config.checkpoints.keep_last = 5
     run_dir = create_run(config, workspace)
-    full = Trainer(run_dir, show_progress=False)
+    full = AdapterTrainer(run_dir, show_progress=False)
     full.run()
     expected = full.adapter_state()
     assert load_checkpoint(checkpoint_path(run_dir, stop))["adapter"]["singlora.steps"] == stop
     for later in range(stop + 1, steps + 1):
         checkpoint_path(run_dir, later).unlink(missing_ok=True)
-    resumed = Trainer(run_dir, show_progress=False)
+    resumed = AdapterTrainer(run_dir, show_progress=False)
     resumed.run(resume=True)
     assert resumed.adapter.done == steps
     state = resumed.adapter_state()

@@ -93,7 +93,7 @@ def demo_config(*, name: str, dataset: Path | None = None, steps: int | None = N
     """The tiny-demo preset's config (optionally on another dataset / step count / learning
     rate / network / base model / seed, or without its prior preservation), with no
     checkpoints or sample pictures: what the benches train."""
-    from studio.config import load_config
+    from studio.config import load_config, network_config
 
     config = load_config(PRESETS_DIR / "tiny-demo.toml")
     config.name = name
@@ -112,15 +112,14 @@ def demo_config(*, name: str, dataset: Path | None = None, steps: int | None = N
     if dataset is not None:
         config.dataset.path = str(dataset)
         config.dataset.trigger_word = ""
-    for key, value in network.items():
-        setattr(config.network, key, value)
+    config.network = network_config(like=config.network, **network)
     return config
 
 
 def train(workspace, **settings) -> Path:
     """Train `demo_config(**settings)` in-process; returns the adapter file."""
     from studio.jobs.runs import create_run
-    from trainers.lora import train_run
+    from trainers.run import train_run
 
     return train_run(create_run(demo_config(**settings), workspace), show_progress=False)
 

@@ -214,7 +214,7 @@ def adapted_layers(denoiser: torch.nn.Module, skip_sections: tuple[str, ...]) ->
 
 
 def targets_of(family, denoiser, layers: dict[str, torch.nn.Module]) -> list[Target]:
-    attr = family.unet_part.attr
+    attr = family.denoiser
     return [Target(path, path_to_name(family.name, attr, path, denoiser.config), layer.weight.shape[1],
                    layer.weight.shape[0], tuple(layer.weight.shape[2:]) if layer.weight.ndim == 4 else ())
             for path, layer in layers.items()]
@@ -293,39 +293,43 @@ def contrast_codes(hyper: HyperLoRA, bank: Bank, rng: np.random.Generator, count
 
 
 def train(hyper: HyperLoRA, pipe, family, bank: Bank, args, resolution: int) -> dict:
-    from diffusers import DDPMScheduler
-    from diffusers.training_utils import compute_snr
+    """The loop of the module docstring. The denoising loss is the family's own: its text
+    conditioning (`encode_text`, `size_conditioning`), its call (`predict`) and its objective
+    (timesteps, noisy input, target, min-SNR weight), as trainers.trainer trains a LoRA."""
+    from studio.config import TrainingConfig
 
     device = torch.device(args.device)
-    denoiser = getattr(pipe, family.unet_part.attr)
+    denoiser = getattr(pipe, family.denoiser)
     encoders = [getattr(pipe, a) for a in family.text_encoders]
     tokenizers = [getattr(pipe, a) for a in family.tokenizers]
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    prediction_type = scheduler.config.prediction_type
+    objective = family.objective(pipe)
+    settings = TrainingConfig(min_timestep=args.min_timestep, min_snr_gamma=args.min_snr_gamma or None)
     layers = adapted_layers(denoiser, tuple(args.skip_sections))
     hyper.to(device)
     live = LiveLoRA(layers, hyper.downs)
-    text_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    text_cache: dict[str, dict[str, torch.Tensor]] = {}
+    k = args.concepts_per_step
+    sizes = family.size_conditioning([Picture((resolution, resolution), (resolution, resolution))] * 2 * k,
+                                     [(0, 0)] * 2 * k)
 
-    def conditioning(captions: list[str]):
+    def conditioning(captions: list[str]) -> dict[str, torch.Tensor]:
+        """The batch's text conditioning (each caption encoded once) and size conditioning,
+        floating-point entries in the denoiser's dtype."""
         missing = [c for c in dict.fromkeys(captions) if c not in text_cache]
         if missing:
             with torch.no_grad():
-                hidden, pooled = family.encode_text(tokenizers, encoders, missing, device)
+                encoded = family.encode_text(tokenizers, encoders, missing, device)
             for i, caption in enumerate(missing):
-                text_cache[caption] = (hidden[i], None if pooled is None else pooled[i])
-        hidden = torch.stack([text_cache[c][0] for c in captions])
-        pooled = None if text_cache[captions[0]][1] is None else torch.stack([text_cache[c][1] for c in captions])
-        return hidden, pooled
+                text_cache[caption] = {key: value[i] for key, value in encoded.items()}
+        batch = {key: torch.stack([text_cache[c][key] for c in captions]) for key in text_cache[captions[0]]}
+        return {key: value.to(device, denoiser.dtype) if value.is_floating_point() else value.to(device)
+                for key, value in {**batch, **sizes}.items()}
 
     latent_shape = bank.prior_latents.shape[1:]
-    size_ids = family.size_conditioning([Picture((resolution, resolution), (resolution, resolution))] * 2
-                                        * args.concepts_per_step, [(0, 0)] * 2 * args.concepts_per_step)
     optimizer = torch.optim.AdamW(hyper.parameters(), lr=args.lr, weight_decay=0.0)
     schedule = one_cycle(optimizer, args.lr, args.steps)
     rng = np.random.default_rng([args.seed, 3])
     gen = torch.Generator().manual_seed(args.seed + 3)
-    k = args.concepts_per_step
     started, running = time.time(), []
     for step in range(1, args.steps + 1):
         chosen = [bank.concepts[i] for i in rng.choice(len(bank.concepts), size=k, replace=False)]
@@ -349,18 +353,16 @@ def train(hyper: HyperLoRA, pipe, family, bank: Bank, args, resolution: int) -> 
         live.use([torch.cat([u, u]) for u in ups])  # concept pictures, then one prior picture per concept
 
         x0 = torch.cat([torch.stack(target_latents), bank.prior_latents[torch.from_numpy(prior_index)]]).to(device)
-        hidden, pooled = conditioning(target_captions + [bank.prior_captions[i] for i in prior_index])
+        text = conditioning(target_captions + [bank.prior_captions[i] for i in prior_index])
         noise = torch.randn((2 * k, *latent_shape), generator=gen).to(device)
-        t = torch.randint(args.min_timestep, scheduler.config.num_train_timesteps, (2 * k,), generator=gen).to(device)
-        noisy = scheduler.add_noise(x0, noise, t).to(denoiser.dtype)
-        extra = family.unet_inputs(pooled, size_ids, device)
-        prediction = denoiser(noisy, t, hidden.to(denoiser.dtype), **extra).sample
-        target = noise if prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, t)
+        t = objective.sample_timesteps(2 * k, gen, settings).to(device)
+        noisy = objective.noisy(x0, noise, t).to(denoiser.dtype)
+        prediction = family.predict(denoiser, noisy, t, text)
+        target = objective.target(x0, noise, t)
         per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        if args.min_snr_gamma:
-            snr = compute_snr(scheduler, t)
-            weight = torch.clamp(snr, max=args.min_snr_gamma) / snr
-            per_sample = per_sample * (weight * snr / (snr + 1) if prediction_type == "v_prediction" else weight)
+        weight = objective.loss_weight(t, settings)
+        if weight is not None:
+            per_sample = per_sample * weight.to(per_sample.device)
         concept_loss, prior_loss = per_sample[:k].mean(), per_sample[k:].mean()
         align = contrastive(*contrast_codes(hyper, bank, rng, args.contrast_concepts, device), args.temperature)
         loss = concept_loss + args.prior_weight * prior_loss + args.align_weight * align
@@ -638,7 +640,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("--out is needed for a base model other than the built-in one")
     pipe = load_pipeline(model_ref, torch_dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    denoiser = getattr(pipe, family.unet_part.attr)
+    denoiser = getattr(pipe, family.denoiser)
     for model in (pipe.vae, denoiser, *(getattr(pipe, a) for a in family.text_encoders)):
         model.requires_grad_(False)
         model.to(args.device)

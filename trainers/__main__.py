@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     level = os.environ.get("LORA_STUDIO_LOG_LEVEL", "INFO").upper()
     logging.basicConfig(level=getattr(logging, level, logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from trainers.lora import TrainingCancelled, train_run
+    from trainers.trainer import TrainingCancelled
+    from trainers.run import train_run
 
     try:
         path = train_run(args.run_dir, resume=not args.no_resume, show_progress=not args.quiet)

@@ -13,7 +13,7 @@ import torch
 
 from studio.errors import StudioError
 from studio.fsutil import atomic_write_bytes
-from studio.jobs.runs import checkpoint_path, latest_checkpoint, list_checkpoints
+from studio.jobs.run_folder import checkpoint_path, latest_checkpoint, list_checkpoints
 
 __all__ = ["latest_checkpoint", "list_checkpoints", "load_checkpoint", "save_checkpoint"]
 

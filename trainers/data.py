@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from studio.datasets import open_image, split_tags
+
 
 def micro_generator(seed: int, micro_step: int, stream: int = 0) -> torch.Generator:
     """A generator owned by one micro-step: resume-safe randomness."""
@@ -33,8 +35,6 @@ def caption_variant(caption: str, generator: torch.Generator, *, dropout_rate: f
     `shuffle`, its comma-separated tags after the first `keep` come in a random order (kohya's
     shuffle_caption / keep_tokens). Draws from `generator` only for what is on: one uniform
     number for the dropout, one permutation for the shuffle."""
-    from studio.datasets import split_tags
-
     if dropout_rate and float(torch.rand((), generator=generator)) < dropout_rate:
         return ""
     if not shuffle:
@@ -124,8 +124,6 @@ def prepare_image(path: Path, bucket: tuple[int, int], *, center_crop: bool, fli
     Returns ([3, H, W] in [-1, 1], (crop_top, crop_left)) — SDXL conditions on the crop."""
     import numpy as np
     from PIL import Image
-
-    from studio.datasets import open_image
 
     width, height = bucket
     image = open_image(path)

@@ -1,8 +1,8 @@
 """Training a mixture's gates (MoLE / X-LoRA style): the member adapters frozen and applied
 live (studio.adapters.mixtures.live), only the gates learn, with the diffusion loss of
-trainers/lora.py on the run's data (by default the members' own pictures and captions).
+trainers/trainer.py on the run's data (by default the members' own pictures and captions).
 
-`MixtureTrainer` is the LoRA `Trainer` with a different adapter: data, loss, the random
+`MixtureTrainer` is the LoRA `AdapterTrainer` with a different adapter: data, loss, the random
 draws per (seed, step), checkpoints, exact resume, events, samples and EMA are the same
 code. What differs: the trainable parameters are the gates (`MixtureTraining`), the UNet's
 gates are computed before each UNet call from its timesteps (and, for prompt gates, from the
@@ -22,21 +22,26 @@ from pathlib import Path
 
 import torch
 
+from studio.adapters import load_adapter, read_checked_header
+from studio.adapters.library import find_adapter
+from studio.adapters.mixtures.file import new_mixture, save_mixture
+from studio.adapters.mixtures.gates import Gates, prompt_embedding
+from studio.adapters.mixtures.live import LiveMembers, per_sample
 from studio.errors import StudioError
-from trainers.lora import Trainer
+from studio.jobs.runs import run_workspace
+from trainers.trainer import AdapterTrainer
 
 
 class MixtureTraining:
-    """The gates of a mixture on a run's UNet: the `Training` protocol of
+    """The gates of a mixture on a run's denoiser: the `Training` protocol of
     studio.adapters.methods (prepare, add, named_parameters, state, load_state,
     regularization, after_step); the trainer writes the mixture file itself."""
 
-    def __init__(self, mixture, members, family: str):
-        from studio.adapters.mixtures.gates import Gates
-
-        self.mixture, self.members, self.family = mixture, members, family
+    def __init__(self, mixture, members, family):
+        self.mixture, self.members = mixture, members
+        self.family, self.denoiser, self.blocks = family.name, family.denoiser, family.blocks.full
         self.gates = Gates(mixture)
-        self.current: torch.Tensor | None = None   # [B, K, 26] of the UNet call in progress
+        self.current: torch.Tensor | None = None   # [B, K, N blocks] of the denoiser call in progress
         self.pending: list[torch.Tensor] = []      # prompt embeddings of batches not yet through the UNet
         self.sample_embedding: torch.Tensor | None = None
 
@@ -45,18 +50,16 @@ class MixtureTraining:
         return None
 
     def add(self, component: str, model: torch.nn.Module, lr: float) -> list[dict]:
-        from studio.adapters.mixtures.live import LiveMembers, per_sample
-
-        if component != "unet":
-            raise StudioError("A mixture run trains the UNet's gates only; set network.train_text_encoder = false.")
+        if component != self.denoiser:
+            raise StudioError("A mixture run trains the denoiser's gates only; set network.train_text_encoder = false.")
         device = next(model.parameters()).device
         self.gates.to(device)
-        LiveMembers(self.family, {"unet": model}, self.members).install(per_sample(lambda: self.current))
-        model.register_forward_pre_hook(self._before_unet, with_kwargs=True)
+        LiveMembers(self.family, {component: model}, self.members).install(per_sample(lambda: self.current))
+        model.register_forward_pre_hook(self._before_denoiser, with_kwargs=True)
         # no weight decay: a gate's neutral value is the member's weight, not 0
         return [{"params": list(self.gates.parameters()), "lr": lr, "weight_decay": 0.0}]
 
-    def _before_unet(self, _module, args, kwargs):
+    def _before_denoiser(self, _module, args, kwargs):
         sample = args[0] if args else kwargs["sample"]
         timestep = args[1] if len(args) > 1 else kwargs["timestep"]
         batch = sample.shape[0]
@@ -77,7 +80,7 @@ class MixtureTraining:
         return torch.cat(taken)
 
     def named_parameters(self, component: str):
-        return ((f"gates.{name}", p) for name, p in self.gates.named_parameters()) if component == "unet" else iter(())
+        return ((f"gates.{name}", p) for name, p in self.gates.named_parameters()) if component == self.denoiser else iter(())
 
     def state(self) -> dict[str, torch.Tensor]:
         return {f"gates.{name}": p for name, p in self.gates.named_parameters()}
@@ -94,7 +97,7 @@ class MixtureTraining:
         return None
 
     def base_gates(self) -> torch.Tensor:
-        """[1, K, 26] holding the text encoders' (BASE) gate at the start of the run."""
+        """[1, K, N blocks] holding the text encoders' (BASE) gate at the start of the run."""
         with torch.no_grad():
             if self.mixture.gate == "block":
                 base = self.mixture.tensors["gate.block"][:, 0]
@@ -102,62 +105,52 @@ class MixtureTraining:
                 base = self.mixture.tensors["gate.base"]
             else:
                 base = torch.ones(len(self.members))
-        gates = torch.zeros(1, len(self.members), 26)
+        gates = torch.zeros(1, len(self.members), len(self.blocks))
         gates[0, :, 0] = base
         return gates
 
 
-class MixtureTrainer(Trainer):
+class MixtureTrainer(AdapterTrainer):
     """The LoRA trainer training a mixture's gates (see the module doc)."""
 
     def _mixture_parts(self):
         """(mixture with fresh gates, member AdapterFiles), made once from config.mixture."""
         if not hasattr(self, "_parts"):
-            from studio.adapters import load_adapter
-            from studio.adapters.library import find_adapter
-            from studio.adapters.mixtures.file import new_mixture
-            from studio.jobs.runs import run_workspace
-
             cfg = self.config.mixture
             workspace = run_workspace(self.run_dir)
             paths = [find_adapter(workspace, name) for name in cfg.members]
             dim = self.text_encoders[0].get_input_embeddings().weight.shape[1]
             mixture = new_mixture(paths, cfg.gate, bands=cfg.bands, embedding_dim=dim)
-            mixture.timesteps = self.noise_scheduler.config.num_train_timesteps
+            mixture.timesteps = self.objective.timesteps
             self._parts = (mixture, [load_adapter(path) for path in paths])
         return self._parts
 
     def _new_adapter(self) -> MixtureTraining:
         mixture, members = self._mixture_parts()
         self._members_on_text_encoders()
-        return MixtureTraining(mixture, members, self.family.name)
+        return MixtureTraining(mixture, members, self.family)
 
     def _members_on_text_encoders(self) -> None:
         """The members' text-encoder modules, live at their BASE gate, before any encoding."""
         if getattr(self, "_text_members", None) is None:
-            from studio.adapters.mixtures.live import LiveMembers, per_sample
-
             mixture, members = self._mixture_parts()
-            fixed = MixtureTraining(mixture, members, self.family.name).base_gates()
+            fixed = MixtureTraining(mixture, members, self.family).base_gates()
             models = dict(zip(self.family.text_encoders, self.text_encoders))
             self._text_members = LiveMembers(self.family.name, models, members).install(per_sample(lambda: fixed))
 
-    def _encode_text(self, captions):
+    def encode_text(self, captions):
         self._members_on_text_encoders()
-        return super()._encode_text(captions)
+        return super().encode_text(captions)
 
     def _captions(self, chosen, mine, varied_at):
         captions = super()._captions(chosen, mine, varied_at)
         if self._mixture_parts()[0].gate == "prompt":
-            from studio.adapters.mixtures.gates import prompt_embedding
-
             self.adapter.pending.append(prompt_embedding(self.tokenizers[0], self.text_encoders[0], captions))
         return captions
 
     def _sample_image(self, prompt, generator):
         if self.adapter.mixture.gate != "prompt":
             return super()._sample_image(prompt, generator)
-        from studio.adapters.mixtures.gates import prompt_embedding
 
         self.adapter.sample_embedding = prompt_embedding(self.tokenizers[0], self.text_encoders[0], [prompt])
         try:
@@ -169,9 +162,6 @@ class MixtureTrainer(Trainer):
         """The mixture file with the trained gates, beside its members in the library (a
         mixture trains no embedding: the config refuses pivotal_vectors with members, so
         there is no embedding file to write)."""
-        from studio.adapters import read_checked_header
-        from studio.adapters.mixtures.file import save_mixture
-
         cfg = self.config
         mixture = self.adapter.mixture
         triggers = []

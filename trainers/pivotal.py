@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from studio.adapters.formats.embeddings import token_names
 from studio.errors import StudioError
 
 
@@ -37,8 +38,6 @@ class PivotalTokens:
     """The trained trigger embedding across a pipeline's tokenizers and text encoders."""
 
     def __init__(self, name: str, vectors: int, tokenizers, encoders, *, init_word: str, seed: int):
-        from studio.adapters.formats.embeddings import token_names
-
         self.name, self.tokens = name, token_names(name, vectors)
         self.tokenizers, self.layers = list(tokenizers), []
         generator = torch.Generator().manual_seed(seed + 3)

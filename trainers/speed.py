@@ -18,11 +18,11 @@ from studio.errors import StudioError
 def measure(run_dir: Path, *, steps: int, warmup: int, samples: bool = True) -> dict:
     """Set up the run's trainer, train `warmup` untimed steps, time `steps` more and (with
     `samples`) one round of sample pictures. Writes only inside `run_dir`."""
-    from trainers.lora import Trainer
+    from trainers.trainer import AdapterTrainer
 
-    trainer = Trainer(run_dir, show_progress=False)
+    trainer = AdapterTrainer(run_dir, show_progress=False)
     started = time.perf_counter()
-    trainer._setup()
+    trainer.setup()
     setup_s = time.perf_counter() - started
     for step in range(warmup):
         trainer.train_step(step)
@@ -35,7 +35,7 @@ def measure(run_dir: Path, *, steps: int, warmup: int, samples: bool = True) -> 
     prompts = trainer.config.sampling.prompts
     if samples and prompts:
         started = time.perf_counter()
-        trainer._sample(warmup + steps)
+        trainer.sample(warmup + steps)
         sample_image_s = (time.perf_counter() - started) / len(prompts)
     return {"setup_s": setup_s, "steps_per_s": steps_per_s, "sample_image_s": sample_image_s}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from studio.jobs.runs import TENSORBOARD_DIR
+from studio.jobs.run_folder import TENSORBOARD_DIR
 
 
 class TensorBoardLog:

@@ -15,8 +15,11 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls a
 import gradio as gr  # noqa: E402
 from starlette.middleware import Middleware  # noqa: E402
 
+from studio.config import DEMO_DATASET  # noqa: E402
+from studio.datasets import import_dataset, list_datasets  # noqa: E402
 from studio.errors import StudioError  # noqa: E402
 from studio.exposure import MAX_UPLOAD_ENV, max_upload_bytes  # noqa: E402
+from studio.jobs import ensure_supervisor  # noqa: E402
 from studio.limits import check_settings as check_caps  # noqa: E402
 from studio.workspace import Workspace  # noqa: E402
 from ui import datasets_tab, generate_tab, library_tab, runs_tab, train_tab  # noqa: E402
@@ -87,9 +90,6 @@ def _theme():
 
 def prepare_workspace(workspace: Workspace) -> None:
     """First start: put the demo dataset in the workspace (as 'demo') so Train works at once."""
-    from studio.config import DEMO_DATASET
-    from studio.datasets import import_dataset, list_datasets
-
     if list_datasets(workspace) or not DEMO_DATASET.is_dir():
         return
     try:
@@ -229,8 +229,6 @@ def _warm_up(workspace: Workspace) -> None:
     supervisor and import the heavy libraries in the background, so neither competes with
     the page for the CPU. Queuing a run starts the supervisor at once (`studio.jobs.enqueue`);
     this start is for runs queued before the studio started."""
-    from studio.jobs import ensure_supervisor
-
     _first_page.wait(timeout=WARMUP_IDLE_S)
     time.sleep(WARMUP_DELAY_S)
     ensure_supervisor(workspace)

@@ -11,6 +11,8 @@ from typing import Callable
 import gradio as gr
 
 from studio.errors import StudioError
+from studio.generation.engine import Engine
+from studio.models import quiet_libraries
 from studio.workspace import Workspace
 
 log = logging.getLogger("ui")
@@ -36,7 +38,6 @@ def heavy_imports() -> None:
             return
         started = time.time()
         import studio.adapters.library  # noqa: F401  (torch, safetensors)
-        from studio.models import quiet_libraries
 
         quiet_libraries()
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline  # noqa: F401
@@ -66,9 +67,7 @@ class Studio:
         heavy_imports()
         with self._engine_lock:
             if self._engine is None:
-                from studio.generation.engine import Engine
-
-                self._engine = Engine(allow_pickle=self.allow_pickle)
+                self._engine = Engine(allow_pickle=self.allow_pickle, workspace=self.workspace)
             return self._engine
 
     def describe(self, path: Path) -> dict:

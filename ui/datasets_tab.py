@@ -10,6 +10,7 @@ from studio import datasets as ds
 from studio.datasets.captioning import DEFAULT_THRESHOLD
 from studio.errors import StudioError
 from ui import datasets_view as dv
+from ui import models_view as mv
 from ui.common import Studio, dropdown_value, friendly
 
 #: Datasets up to this size are checked for bad files as soon as they are opened.
@@ -87,10 +88,13 @@ def build(studio: Studio) -> SimpleNamespace:
                     suffix_btn = gr.Button("Add at end", scale=1)
                 with gr.Accordion("Auto-caption with a model", open=False):
                     with gr.Row():
-                        cap_model = gr.Textbox("builtin", label="Captioning model", scale=3, elem_id="ds-cap-model",
-                                               info="'builtin' (toy world), or a folder on this computer: a "
-                                                    "transformers image-to-text model (BLIP, GIT, Florence-2) or a "
-                                                    "WD14 tagger (model.onnx + selected_tags.csv). Never downloads.")
+                        cap_model = gr.Dropdown(["builtin", *mv.choices(ws, "captioner")], value="builtin",
+                                                allow_custom_value=True, label="Captioning model", scale=3,
+                                                elem_id="ds-cap-model",
+                                                info="'builtin' (toy world), a model name (org/name: pulled "
+                                                     "once, then offline) or a folder on this computer: a "
+                                                     "transformers image-to-text model (BLIP, GIT, Florence-2) "
+                                                     "or a WD14 tagger (model.onnx + selected_tags.csv).")
                         cap_threshold = gr.Slider(0.05, 0.95, value=DEFAULT_THRESHOLD, step=0.05, scale=1,
                                                   label="Tag threshold", elem_id="ds-cap-threshold",
                                                   info="WD14 taggers: keep tags at least this probable.")
@@ -234,7 +238,7 @@ def build(studio: Studio) -> SimpleNamespace:
     @friendly
     def on_caption(current: dict, model, cap_mode_value, threshold, reg, word, progress=gr.Progress()):
         name = current.get("name")
-        note = dv.auto_caption(folder_of(name), model, cap_mode_value, threshold, reg, word, progress)
+        note = dv.auto_caption(folder_of(name), model, cap_mode_value, threshold, reg, word, progress, workspace=ws)
         gr.Info(note.splitlines()[1])
         return [*views(name), note]  # checked again: missing captions may be there now
 

@@ -6,6 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Sequence
 
+from studio.datasets.captioning import BUILTIN_CAPTIONER, caption_dataset, captioner_kind
+from studio.workspace import Workspace
+from ui import models_view as mv
+
 
 def stats_markdown(stats, report=None) -> str:
     """Counts, repeats per folder and regularisation images of a dataset."""
@@ -62,19 +66,20 @@ CAPTION_MODES = [
 
 
 def auto_caption(folder: Path, model: str, mode: str, threshold: float, include_regularisation: bool,
-                 trigger: str, progress: Callable[..., object]) -> str:
+                 trigger: str, progress: Callable[..., object], *, workspace: Workspace | None = None) -> str:
     """Caption the dataset in `folder` with `studio.datasets.captioning.caption_dataset`, the
     CLI's function; `threshold` (the tab's slider, which always has a value) is passed on
-    only to a WD14 tagger; `progress(share, desc=...)` is gradio's progress bar. Returns
-    the report, for the note under the button."""
-    from studio.datasets.captioning import BUILTIN_CAPTIONER, caption_dataset, captioner_kind
-
+    only to a WD14 tagger; `progress(share, desc=...)` is gradio's progress bar. A model name
+    not in `workspace` yet is pulled first (ui.models_view). Returns the report, for the note
+    under the button."""
     def show(done: int, total: int) -> None:
         progress(done / total if total else 1.0, desc=f"Captioning {done}/{total} pictures")
 
     model = (model or "").strip() or BUILTIN_CAPTIONER
-    threshold = threshold if captioner_kind(model)[0] == "tagger" else None
+    if workspace is not None:
+        mv.pull_for_field(workspace, model, "captioner", progress)
+    threshold = threshold if captioner_kind(model, workspace=workspace)[0] == "tagger" else None
     report = caption_dataset(folder, model, mode=mode, threshold=threshold,
                              trigger=(trigger or "").strip() or None,
-                             include_regularisation=include_regularisation, progress=show)
+                             include_regularisation=include_regularisation, progress=show, workspace=workspace)
     return "```\n" + report.summary() + "\n```"

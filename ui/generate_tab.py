@@ -11,11 +11,12 @@ import gradio as gr
 from studio.generation.engine import SCHEDULER_LABELS, SCHEDULERS
 from studio.models.families import DEFAULT
 from ui import generate_view as gv
+from ui import models_view as mv
 from ui.common import Studio, friendly, heavy_imports, unchecked
 
 ADAPTER_ROWS = 4
 NONE = ""
-BLOCK_WEIGHT_CHOICES = [NONE, *DEFAULT.block_presets]  # the same preset names in every family
+BLOCK_WEIGHT_CHOICES = [NONE, *DEFAULT.blocks.presets]  # the same preset names in every family
 
 
 def build(studio: Studio, model_choices) -> SimpleNamespace:
@@ -76,14 +77,15 @@ def build(studio: Studio, model_choices) -> SimpleNamespace:
                         show_gates = gr.Button("Show gates", size="sm", scale=1, elem_id="gen-gates-show")
                     gate_map = gr.Image(label="Gates (white 0, blue 1, dark 2, red < 0)", type="pil",
                                         interactive=False, height=120, elem_id="gen-gates-map")
-                    gate_table = gr.Dataframe(headers=gv.GATE_HEADERS, type="array", interactive=True, wrap=False,
+                    gate_table = gr.Dataframe(headers=gv.gate_headers(), type="array", interactive=True, wrap=False,
                                               label="Gates: edit and save to override", elem_id="gen-gates-table")
                     save_gates = gr.Button("Save gates", size="sm", elem_id="gen-gates-save")
                 with gr.Accordion("Settings", open=True):
                     with gr.Row():
                         model = gr.Dropdown(model_choices(), value="builtin", allow_custom_value=True,
-                                            label="Base model", info="'builtin' or a model path",
-                                            elem_id="gen-model")
+                                            label="Base model", elem_id="gen-model",
+                                            info="'builtin', a model path or name (org/name, civitai:ID: "
+                                                 "pulled when picked)")
                         scheduler = gr.Dropdown([(SCHEDULER_LABELS[k], k) for k in SCHEDULERS], value="ddim",
                                                 label="Sampler", elem_id="gen-scheduler")
                         size = gr.Dropdown(gv.SIZE_CHOICES, value=gv.SIZE_DEFAULT, allow_custom_value=True,
@@ -169,15 +171,16 @@ def build(studio: Studio, model_choices) -> SimpleNamespace:
     def on_fuse(suggested, name, *current):
         fused = gv.fuse_suggestions(studio, suggested, name)
         rows = put_adapter(fused, *current)
-        gates = gv.mixture_gates(studio, fused)
-        return [*rows, gr.update(choices=[NONE, *gv.mixture_names(ws)], value=fused), gates,
-                gv.gate_heatmap(gates), gr.update(open=True)]
+        headers, gates = gv.mixture_gates(studio, fused)
+        return [*rows, gr.update(choices=[NONE, *gv.mixture_names(ws)], value=fused),
+                gr.update(value=gates, headers=headers), gv.gate_heatmap(gates), gr.update(open=True)]
 
     @friendly
     def on_show_gates(name, prompt_text, model_name):
         heavy_imports()
-        gates = gv.mixture_gates(studio, name, prompt_text, model_name)
-        return gr.update(choices=[NONE, *gv.mixture_names(ws)], value=name), gates, gv.gate_heatmap(gates)
+        headers, gates = gv.mixture_gates(studio, name, prompt_text, model_name)
+        return (gr.update(choices=[NONE, *gv.mixture_names(ws)], value=name), gr.update(value=gates, headers=headers),
+                gv.gate_heatmap(gates))
 
     @friendly
     def on_save_gates(name, rows):
@@ -187,6 +190,11 @@ def build(studio: Studio, model_choices) -> SimpleNamespace:
     @friendly
     def on_adapter_picked(name):
         return gr.update(visible=gv.is_tlora_adapter(ws, name))
+
+    @friendly
+    def on_model_picked(value, progress=gr.Progress()):
+        note = mv.pull_for_field(ws, value, "base model", progress)
+        return gr.skip() if note is None else gr.update(info=note)
 
     # One stable API name per action for scripts (`/generate`, `/grid`, `/suggest`; ui.app.PUBLIC_API
     # keeps every other handler private); Enter in the prompt runs the same handler as Generate.
@@ -198,6 +206,7 @@ def build(studio: Studio, model_choices) -> SimpleNamespace:
                    [grid_sheet, grid_cells, grid_info], concurrency_id="generate", api_name="grid")
     suggest_btn.click(on_suggest, [prompt, model], [suggestions, suggestions_box], concurrency_id="generate",
                       api_name="suggest")
+    model.input(on_model_picked, model, model)
     accept_btn.click(on_accept, [suggestions, *names, *weights], [*names, *weights, suggestions_box])
     fuse_btn.click(on_fuse, [suggestions, fuse_name, *names], [*names, mixture, gate_table, gate_map, gates_box],
                    concurrency_id="generate")

@@ -11,7 +11,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 from studio.errors import StudioError
-from studio.generation.blocks import FULL_BLOCKS
+from studio.generation.engine import (MAX_BATCH_COUNT, MAX_GUIDANCE, MAX_SEED, MAX_STEPS, AdapterUse, GenerateRequest,
+                                      parse_prompt_loras, save_new_png, save_png)
+from studio.generation.grid import Axis, xy_grid
+from studio.models.families import DEFAULT, get_family
+from studio.workspace import check_name
 
 SIZE_DEFAULT = "Model default"
 SIZE_CHOICES = [SIZE_DEFAULT, "64 × 64", "128 × 128", "256 × 256", "512 × 512", "512 × 768", "768 × 512",
@@ -56,8 +60,6 @@ def row_uses(rows: Sequence[Sequence], resolve: Callable[[str], Path], *,
              keep_rows: Iterable[int] = ()) -> dict[int, Any]:
     """Row index -> AdapterUse for the rows with an adapter. Rows whose weights are all 0
     are left out, except those in `keep_rows` (a grid axis sets their weight)."""
-    from studio.generation.engine import AdapterUse
-
     keep = set(keep_rows)
     uses = {}
     for index, values in enumerate(rows):
@@ -134,8 +136,6 @@ class FormProblems:
 
 def parse_seed(value, problems: FormProblems | None = None) -> int | None:
     """The seed field: a whole number >= 0, or -1 (or empty) for a random one."""
-    from studio.generation.engine import MAX_SEED
-
     own = problems or FormProblems()
     number = own.number(value, "Seed", -1, MAX_SEED, whole=True, empty=-1)
     if problems is None:
@@ -165,13 +165,6 @@ def mix_request(studio, settings: GenerateSettings, rows: Sequence[Sequence], *,
     """The GenerateRequest of the fields, the rows and the prompt's `<lora:...>` tags, and
     the position in its adapter list of each row's adapter."""
     from studio.adapters.library import find_adapter
-    from studio.generation.engine import (
-        MAX_BATCH_COUNT,
-        MAX_GUIDANCE,
-        MAX_STEPS,
-        GenerateRequest,
-        parse_prompt_loras,
-    )
 
     if not (settings.prompt or "").strip():
         raise StudioError("Write a prompt first.")
@@ -206,8 +199,6 @@ def _outputs_folder(studio) -> tuple[Path, datetime.datetime]:
 def generate_images(studio, settings: GenerateSettings, rows: Sequence[Sequence]) -> tuple[list, str]:
     """Generate tab: the images, saved in workspace/outputs/<day>/ with their A1111
     `parameters`; returns (gallery items, Markdown note)."""
-    from studio.generation.engine import save_new_png
-
     request, _ = mix_request(studio, settings, rows)
     images = studio.engine().generate(request)
     folder, now = _outputs_folder(studio)
@@ -243,8 +234,6 @@ def _axis_row(choice: str) -> int | None:
 
 def grid_axis(choice: str, values: str, row_positions: dict[int, int], which: str):
     """A studio.generation.grid.Axis from an axis choice and its values text; None for no axis."""
-    from studio.generation.grid import Axis
-
     if not choice:
         return None
     row = _axis_row(choice)
@@ -271,9 +260,6 @@ def mix_grid(studio, settings: GenerateSettings, rows: Sequence[Sequence], x_cho
     """Generate tab's mix grid: an X/Y plot of the mix (studio.generation.grid), the labelled sheet and
     every single image saved in workspace/outputs/<day>/ as the CLI's `grid` names them;
     returns (sheet path, gallery items, Markdown note)."""
-    from studio.generation.engine import save_new_png, save_png
-    from studio.generation.grid import xy_grid
-
     if not x_choice:
         raise StudioError("Pick what the X axis varies.")
     if x_choice == y_choice:
@@ -304,7 +290,6 @@ def suggest_adapters(studio, prompt: str, model: str, *, top: int = 3) -> list[l
     """Generate tab: [adapter, weight, why] proposed by studio.generation.suggest for the prompt;
     adapters its `<lora:...>` tags already use are not proposed again."""
     from studio.adapters.library import find_adapter, list_adapters
-    from studio.generation.engine import parse_prompt_loras
     from studio.generation.suggest import suggest
 
     clean_prompt, tagged = parse_prompt_loras(prompt or "", lambda name: find_adapter(studio.workspace, name))
@@ -350,7 +335,9 @@ def is_tlora_adapter(workspace, name: str | None) -> bool:
         return False
 
 
-GATE_HEADERS = ["Member", *FULL_BLOCKS]
+def gate_headers(family: str | None = None) -> list[str]:
+    """The gate table's columns: the member, then the family's blocks (BASE = text encoders)."""
+    return ["Member", *(get_family(family) if family else DEFAULT).blocks.full]
 
 
 def mixture_names(workspace) -> list[str]:
@@ -367,7 +354,6 @@ def fuse_suggestions(studio, suggested: Sequence[Sequence], name: str | None) ->
     returns its library name."""
     from studio.adapters.library import find_adapter
     from studio.adapters.mixtures.file import new_mixture, save_mixture
-    from studio.workspace import check_name
 
     proposals = [row for row in suggested or [] if row and row[0]]
     if len(proposals) < 2:
@@ -383,17 +369,22 @@ def fuse_suggestions(studio, suggested: Sequence[Sequence], name: str | None) ->
     return stem
 
 
-def mixture_gates(studio, name: str, prompt: str = "", model: str = "builtin") -> list[list]:
-    """Generate tab's gate table: one row per member (per member and timestep band for a
-    banded mixture): its name, then its gate in each block (BASE = text encoders,
-    IN00..OUT11); prompt gates as the prompt sets them."""
+def mixture_gates(studio, name: str, prompt: str = "", model: str = "builtin") -> tuple[list[str], list[list]]:
+    """Generate tab's gate table, (columns, rows): one row per member (per member and
+    timestep band for a banded mixture): its name, then its gate in each block of its family
+    (gate_headers; BASE = text encoders); prompt gates as the prompt sets them."""
+    from studio.adapters.library import find_adapter
+
+    mixture = studio.engine().mixture(find_adapter(studio.workspace, name))
+    return gate_headers(mixture.family), _gate_rows(studio, mixture, name, prompt, model)
+
+
+def _gate_rows(studio, mixture, name: str, prompt: str, model: str) -> list[list]:
     import torch
 
     from studio.adapters.library import find_adapter
     from studio.adapters.mixtures.gates import Gates, prompt_embedding
-    from studio.generation.engine import parse_prompt_loras
 
-    mixture = studio.engine().mixture(find_adapter(studio.workspace, name))
     members = [m.name for m in mixture.members]
     if mixture.gate == "arrow":
         raise StudioError(f"{name} routes each token by its own input (arrow): it has no gates per block to show.")
@@ -424,20 +415,20 @@ def save_mixture_gates(studio, name: str, rows: Sequence[Sequence]) -> str:
 
     from studio.adapters.library import find_adapter
     from studio.adapters.mixtures.file import load_mixture, save_mixture
-    from studio.generation.blocks import FULL_BLOCKS
 
     path = find_adapter(studio.workspace, name)
     mixture = load_mixture(path)
     if mixture.gate not in ("block", "block_timestep"):
         raise StudioError(f"{name}'s gates are computed ({mixture.gate}); only fixed gates (block, block_timestep) "
                           "can be set here.")
+    blocks = get_family(mixture.family).blocks.full
     values = []
     for index, row in enumerate(rows or []):
         cells = list(row)[1:]
-        if len(cells) != len(FULL_BLOCKS):
-            raise StudioError(f"Gate row {index + 1} has {len(cells)} values; it needs {len(FULL_BLOCKS)}.")
+        if len(cells) != len(blocks):
+            raise StudioError(f"Gate row {index + 1} has {len(cells)} values; it needs {len(blocks)}.")
         values.append([_optional_number(v, f"Gate row {index + 1}, {block}:") or 0.0
-                       for v, block in zip(cells, FULL_BLOCKS)])
+                       for v, block in zip(cells, blocks)])
     table = torch.tensor(values, dtype=torch.float32)
     k = len(mixture.members)
     if not torch.isfinite(table).all():
@@ -449,7 +440,7 @@ def save_mixture_gates(studio, name: str, rows: Sequence[Sequence]) -> str:
     else:
         if table.shape[0] != k * mixture.bands:
             raise StudioError(f"The table has {table.shape[0]} rows; {name} has {k} members x {mixture.bands} bands.")
-        table = table.reshape(k, mixture.bands, len(FULL_BLOCKS))
+        table = table.reshape(k, mixture.bands, len(blocks))
         if not torch.equal(table[:, :, 0], table[:, :1, 0].expand(-1, mixture.bands)):
             raise StudioError("BASE (the text encoders) runs once per picture: give each member the same BASE in "
                               "every band.")

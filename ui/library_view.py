@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 from studio.errors import StudioError
 from studio.models.families import FAMILIES
+from studio.workspace import check_name
 from ui.format import format_size, format_time
 from ui.generate_view import _optional_number
 
@@ -136,8 +137,6 @@ def parse_rank(value, what: str, hint: str = "") -> int:
 
 def new_file(folder: Path, name: str | None, what: str) -> Path:
     """folder/<name>.safetensors for a file to be written: a valid name not taken yet."""
-    from studio.workspace import check_name
-
     stem = (name or "").strip()
     if stem.lower().endswith(".safetensors"):
         stem = stem[: -len(".safetensors")]
@@ -184,7 +183,7 @@ def fuse_mix(studio, model: str | None, rows: Sequence[tuple[str | None, float |
 
     mix = library_mix(studio.workspace, rows)
     target = new_file(studio.workspace.models_dir, name, "checkpoint")
-    path = fuse(model or "builtin", mix, target, allow_pickle=studio.allow_pickle)
+    path = fuse(model or "builtin", mix, target, allow_pickle=studio.allow_pickle, workspace=studio.workspace)
     sources = ", ".join(f"{source.stem} × {weight:g}" for source, weight in mix)
     return (f"Fused {sources} into {model or 'builtin'}: `models/{path.name}` ({format_size(path.stat().st_size)}). "
             "Pick it as the base model in Generate or Train.")

@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from studio.jobs.runs import iter_events, read_events
 from ui.format import format_duration, shorten
 
 
@@ -90,8 +91,6 @@ def apply_events(view: dict, events: Iterable[dict], *, max_lines: int = 300) ->
 
 def tail_events(view: dict, run_dir: Path) -> bool:
     """Read the events appended since the last call; True when the view changed."""
-    from studio.jobs.runs import read_events
-
     events, offset = read_events(run_dir, view["offset"])
     view["offset"] = offset
     return apply_events(view, events)
@@ -234,8 +233,6 @@ def tail_text(path: Path, *, max_lines: int = 40, max_bytes: int = 32 * 1024) ->
 
 def last_sample(run_dir: Path) -> Path | None:
     """The newest sample image of a run that still exists."""
-    from studio.jobs.runs import iter_events
-
     newest = None
     for event in iter_events(run_dir):
         if event.get("type") == "sample":

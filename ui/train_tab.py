@@ -1,6 +1,7 @@
 """Train tab: pick a dataset, base model and preset, adjust settings, check them, queue a run."""
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import threading
@@ -13,8 +14,12 @@ from studio import PRESETS_DIR
 from studio.config import TrainConfig, dump_config, load_config, parse_config, planned_steps
 from studio.datasets import dataset_stats, list_datasets
 from studio.errors import StudioError
+from studio.jobs import enqueue, list_jobs
 from studio.jobs.runs import TrainingCheck, check_training
+from studio.jobs.speed import estimate, measure_speed, speed_from_runs
+from studio.models import resolve_model
 from ui import format as fmt
+from ui import models_view as mv
 from ui import train_view as tv
 from ui.common import (
     PROBLEM_TITLE,
@@ -53,6 +58,11 @@ def _number_step(spec: tv.FieldSpec) -> float:
     return 0.01
 
 
+def _visible(spec: tv.FieldSpec, network_type: str) -> bool:
+    """Whether the box of `spec`'s options shows while network.type is `network_type`."""
+    return tv.shown(spec, network_type)
+
+
 def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.toml"))
 
@@ -71,14 +81,9 @@ def warnings_note(check: TrainingCheck) -> str:
 
 
 def model_choices(studio: Studio) -> list[str]:
-    """'builtin', then diffusers folders and .safetensors checkpoints in workspace/models."""
-    out = [BUILTIN]
-    models = studio.workspace.models_dir
-    if models.is_dir():
-        for entry in sorted(models.iterdir()):
-            if (entry.is_dir() and (entry / "model_index.json").is_file()) or entry.suffix.lower() == ".safetensors":
-                out.append(str(entry))
-    return out
+    """'builtin', the model names pulled and curated, then the other diffusers folders and
+    .safetensors checkpoints in workspace/models."""
+    return [BUILTIN, *mv.choices(studio.workspace, "base model")]
 
 
 class SpeedMeter:
@@ -102,8 +107,6 @@ class SpeedMeter:
     def speed(self, config: TrainConfig, *, wait: float = 0, start: bool = True):
         """The known speed; the built-in model's is measured first (waiting up to `wait` s for
         it), None while that goes on or (`start` False) until a call that starts it."""
-        from studio.jobs.speed import speed_from_runs
-
         known = speed_from_runs(self.workspace, config)
         if known is not None or config.base_model != BUILTIN:
             return known
@@ -124,8 +127,6 @@ class SpeedMeter:
             return self._measured.get(key)
 
     def _measure(self, key: str, config: TrainConfig) -> None:
-        from studio.jobs.speed import measure_speed
-
         speed = None
         try:
             heavy_imports()  # under the lock the warm-up takes: two threads must not import diffusers at once
@@ -157,7 +158,10 @@ def build(studio: Studio) -> SimpleNamespace:
             return gr.Checkbox(value=bool(value), **common)
         if spec.kind == "choice":
             return gr.Dropdown(list(spec.choices), value=value, **common)
-        if spec.kind in ("int", "float"):
+        # An optional number is a text box (empty = the default): Gradio's Number sends an empty
+        # box as 0 once it is shown (its accordion opened), which the config refuses (a block
+        # rank) or takes for a setting (adalora_tinit = 0 instead of 10% of the steps).
+        if spec.kind in ("int", "float") and not spec.optional:
             return unchecked(gr.Number(value=value, precision=0 if spec.kind == "int" else None,
                                        minimum=spec.minimum, maximum=spec.maximum, step=_number_step(spec),
                                        **common))
@@ -181,7 +185,8 @@ def build(studio: Studio) -> SimpleNamespace:
                                           elem_id="train-dataset")
                     base_model = gr.Dropdown(model_choices(studio), value=main_values[("base_model",)],
                                              allow_custom_value=True, label="Base model",
-                                             info="'builtin' (tiny, CPU), or a path: diffusers folder / "
+                                             info="'builtin' (tiny, CPU), a model name (org/name, civitai:ID: "
+                                                  "pulled when picked) or a path: diffusers folder / "
                                                   ".safetensors checkpoint", elem_id="train-base-model")
                     preset = gr.Dropdown(preset_names(), value=DEFAULT_PRESET if DEFAULT_PRESET in preset_names()
                                          else None, label="Preset",
@@ -202,6 +207,7 @@ def build(studio: Studio) -> SimpleNamespace:
                         label="Sample prompts (one per line)")
                 main[("base_model",)] = base_model
                 advanced = []
+                method_boxes = []  # (an option of the box, the box) for the options of some methods only
                 with gr.Accordion("All settings", open=False, elem_id="train-all-settings"):
                     gr.Markdown("Every setting of the training config, with its meaning. Hover or read the "
                                 "small text under each one.")
@@ -211,10 +217,18 @@ def build(studio: Studio) -> SimpleNamespace:
                         sections.setdefault(spec.section, []).append((spec, value))
                     for section, fields in sections.items():
                         with gr.Accordion(tv.SECTION_TITLES.get(section, fmt.humanize(section)), open=False):
-                            for start in range(0, len(fields), 3):
-                                with gr.Row():
-                                    for spec, value in fields[start:start + 3]:
-                                        advanced.append(component(spec, value))
+                            # the options of one set of methods in a box, shown with them
+                            for methods, group in itertools.groupby(fields, key=lambda field: field[0].methods):
+                                group = list(group)
+                                with gr.Column(visible=_visible(group[0][0], config.network.type),
+                                               elem_id=f"train-options-{'-'.join(methods)}" if methods else None
+                                               ) as box:
+                                    for start in range(0, len(group), 3):
+                                        with gr.Row():
+                                            for spec, value in group[start:start + 3]:
+                                                advanced.append(component(spec, value))
+                                if methods:
+                                    method_boxes.append((group[0][0], box))
                 with gr.Accordion("Config as TOML — for `lora-studio train`", open=False):
                     toml_view = gr.Code(dump_config(config), language=None, label="config.toml",
                                         interactive=False, elem_id="train-toml")
@@ -263,8 +277,16 @@ def build(studio: Studio) -> SimpleNamespace:
 
     @friendly
     def on_preset(name):
+        """Every setting from the preset; the options of other methods keep what they hold."""
         loaded = preset_config(name)
-        return tv.config_to_form(form_specs, loaded)
+        return [value if tv.shown(spec, loaded.network.type) else gr.skip()
+                for spec, value in zip(form_specs, tv.config_to_form(form_specs, loaded))]
+
+    # the options of the chosen network.type show, the other methods' hide (keeping their values)
+    network_type = next(c for spec, c in zip(advanced_specs, advanced) if spec.path == ("network", "type"))
+
+    def on_network_type(chosen):
+        return [gr.update(visible=_visible(spec, chosen)) for spec, _ in method_boxes]
 
     def hint_for(dataset_name, values, *, measure: bool = True) -> str:
         """The Train tab's hint; `measure` False quotes only a speed already known."""
@@ -279,9 +301,7 @@ def build(studio: Studio) -> SimpleNamespace:
         family = None
         if not builtin:
             try:
-                from studio.models import resolve_model
-
-                family = resolve_model(config.base_model).family
+                family = resolve_model(config.base_model, workspace=ws).family
             except StudioError as error:
                 return f"**Cannot estimate yet:** {error}"
         steps_per_epoch = None
@@ -298,8 +318,6 @@ def build(studio: Studio) -> SimpleNamespace:
         speed = meter.speed(config, wait=MEASURE_WAIT_S, start=measure) if dataset_name else None
         plan = None
         if speed is not None:
-            from studio.jobs.speed import estimate
-
             missing = 0
             if config.dataset.class_prompt and config.dataset.num_class_images and ws.dataset_dir(dataset_name).is_dir():
                 reg = dataset_stats(ws.dataset_dir(dataset_name)).reg_image_count
@@ -340,8 +358,6 @@ def build(studio: Studio) -> SimpleNamespace:
     def on_launch(dataset_name, *values):
         """Queue a run; returns (config TOML, note, job id), or None (its problems shown) when
         it cannot train. Raises StudioError for a form it cannot read."""
-        from studio.jobs import enqueue, list_jobs
-
         config = build_config(dataset_name, values)
         check = checked(config)
         if check.problems:
@@ -380,6 +396,15 @@ def build(studio: Studio) -> SimpleNamespace:
     for comp in watched:
         comp.change(on_change, hint_inputs, hint, show_progress="minimal", trigger_mode="always_last")
     preset.input(on_preset, preset, form_components).then(on_change, hint_inputs, hint, show_progress="hidden")
+
+    @friendly
+    def on_model_picked(value, progress=gr.Progress()):
+        note = mv.pull_for_field(ws, value, "base model", progress)
+        return gr.skip() if note is None else gr.update(info=note)
+
+    base_model.input(on_model_picked, base_model, base_model).then(on_change, hint_inputs, hint,
+                                                                    show_progress="hidden")
+    network_type.change(on_network_type, network_type, [box for _, box in method_boxes], show_progress="hidden")
     dataset.input(on_dataset, [dataset, preset, main[("name",)]], main[("name",)], show_progress="hidden")
     check_btn.click(on_check, hint_inputs, [toml_view, launch_note], api_name="check_settings")
 

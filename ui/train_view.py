@@ -1,13 +1,15 @@
 """The Train tab's presentation: the config form built from the pydantic config (every field,
-its limits and help), and the time/memory hint. No Gradio here, and torch only inside the
-functions that need it, so this is quick to import and to test without a browser."""
+its limits and help; of the network options, those of the method network.type names), and
+the time/memory hint. No Gradio here, and torch only inside the functions that need it, so
+this is quick to import and to test without a browser."""
 from __future__ import annotations
 
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterable, Sequence
 
+from studio.config import TrainConfig
 from studio.errors import StudioError
 from studio.instant import make_instant_adapter
 from studio.models.families import FAMILIES
@@ -20,7 +22,7 @@ MAIN_FIELDS: tuple[tuple[str, ...], ...] = (
     ("dataset", "resolution"), ("dataset", "trigger_word"), ("training", "batch_size"), ("sampling", "prompts"),
 )
 
-SECTION_TITLES = {"": "General", "dataset": "Dataset", "network": "Network (LoRA)", "training": "Training",
+SECTION_TITLES = {"": "General", "dataset": "Dataset", "network": "Network (adapter method)", "training": "Training",
                   "checkpoints": "Checkpoints", "sampling": "Sample images", "mixture": "Mixture of adapters"}
 
 
@@ -37,6 +39,7 @@ class FieldSpec:
     optional: bool = False      # None allowed (an empty box means "default")
     minimum: float | None = None
     maximum: float | None = None
+    methods: tuple[str, ...] = ()  # the section's types (network.type) whose option it is; () = every config's
 
     @property
     def key(self) -> str:
@@ -96,11 +99,25 @@ def _spec(path: tuple[str, ...], field) -> FieldSpec:
     return FieldSpec(path, humanize(path[-1]), kind, info, default, choices, optional, low, high)
 
 
-def config_fields(exclude: Iterable[tuple[str, ...]] = ()) -> list[FieldSpec]:
-    """Every settable TrainConfig field (sections flattened), in declaration order."""
+def _models_by_type(annotation) -> dict[str, type] | None:
+    """{type: model} of a section that is one of several models chosen by their `type`
+    field (network: one per method), or None."""
     from pydantic import BaseModel
 
-    from studio.config import TrainConfig
+    if typing.get_origin(annotation) not in (typing.Union, types.UnionType):
+        return None
+    members = [typing.get_args(a)[0] if typing.get_origin(a) is typing.Annotated else a
+               for a in typing.get_args(annotation)]
+    if not all(isinstance(m, type) and issubclass(m, BaseModel) and "type" in m.model_fields for m in members):
+        return None
+    return {m.model_fields["type"].default: m for m in members}
+
+
+def config_fields(exclude: Iterable[tuple[str, ...]] = ()) -> list[FieldSpec]:
+    """Every settable TrainConfig field (sections flattened), in declaration order. A section
+    chosen by its type (network) gives its `type` as a choice (help: the section's
+    description) and each option of its models once, with the types that take it."""
+    from pydantic import BaseModel
 
     skip = set(exclude)
     specs: list[FieldSpec] = []
@@ -109,13 +126,41 @@ def config_fields(exclude: Iterable[tuple[str, ...]] = ()) -> list[FieldSpec]:
         for name, field in model.model_fields.items():
             path = (*prefix, name)
             annotation = field.annotation
-            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            by_type = _models_by_type(annotation)
+            if by_type:
+                walk_types(by_type, path, field)
+            elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
                 walk(annotation, path)
             elif path not in skip:
                 specs.append(_spec(path, field))
 
+    def walk_types(by_type: dict[str, type[BaseModel]], prefix: tuple[str, ...], field) -> None:
+        if (*prefix, "type") not in skip:
+            specs.append(FieldSpec((*prefix, "type"), humanize("type"), "choice", field.description,
+                                   field.get_default(call_default_factory=True).type, tuple(by_type)))
+        options, kinds = {}, {}  # option name -> its field, the types that take it
+        for kind, model in by_type.items():
+            for name, option in model.model_fields.items():
+                if name != "type":
+                    options.setdefault(name, option)
+                    kinds.setdefault(name, []).append(kind)
+        for name, option in options.items():
+            if (*prefix, name) not in skip:
+                methods = () if len(kinds[name]) == len(by_type) else tuple(kinds[name])
+                specs.append(replace(_spec((*prefix, name), option), methods=methods))
+
     walk(TrainConfig, ())
     return specs
+
+
+def shown(spec: FieldSpec, network_type: str | None) -> bool:
+    """Whether the form shows `spec` (and its config holds it) while network.type is `network_type`."""
+    return not spec.methods or network_type in spec.methods
+
+
+def network_type(specs: Sequence[FieldSpec], values: Sequence[Any]) -> str | None:
+    """The network.type the form's values choose."""
+    return next((value for spec, value in zip(specs, values) if spec.path == ("network", "type")), None)
 
 
 def to_form_value(spec: FieldSpec, value: Any) -> Any:
@@ -149,11 +194,13 @@ def from_form_value(spec: FieldSpec, value: Any) -> Any:
 
 
 def form_to_config_dict(specs: Sequence[FieldSpec], values: Sequence[Any]) -> dict:
-    """Nested config dict from form values (empty optional numbers are left out)."""
+    """Nested config dict from form values (empty optional numbers are left out, and so are the
+    options of the methods the chosen network.type is not: their inputs keep what was typed)."""
     data: dict = {}
+    chosen = network_type(specs, values)
     for spec, raw in zip(specs, values, strict=True):
         value = from_form_value(spec, raw)
-        if value is None and spec.optional:
+        if (value is None and spec.optional) or not shown(spec, chosen):
             continue
         node = data
         for part in spec.path[:-1]:
@@ -163,12 +210,13 @@ def form_to_config_dict(specs: Sequence[FieldSpec], values: Sequence[Any]) -> di
 
 
 def config_to_form(specs: Sequence[FieldSpec], config) -> list[Any]:
-    """Form values for a TrainConfig, in the order of `specs`."""
+    """Form values for a TrainConfig, in the order of `specs` (an option its network's method
+    does not take: that option's default)."""
     out = []
     for spec in specs:
         node: Any = config
         for part in spec.path:
-            node = getattr(node, part)
+            node = getattr(node, part, spec.default)
         out.append(to_form_value(spec, node))
     return out
 

@@ -34,17 +34,19 @@ from typing import Mapping
 import torch
 
 from studio.errors import StudioError
+from studio.adapters.formats import files
 from studio.adapters.formats.files import (DIFFUSERS_METADATA_KEY, FORMATS, PRECISIONS, AdapterFile, data_sha256, edit_metadata,
-                                  file_data_sha256, file_legacy_model_hash, file_sha256, fitting_models, legacy_hash,
-                                  load_adapter, parse_assignments, read_checked_header, reference_models, save_adapter,
+                                  export_adapter, file_data_sha256, file_legacy_model_hash, file_sha256, fitting_models,
+                                  legacy_hash, parse_assignments, read_checked_header, reference_models, save_adapter,
                                   sshs_hashes)
 from studio.adapters.formats.modules import (LOHA, LOKR, LORA, AdapterModule, LoraModule, dora_merge, dora_scale_from_magnitude,
                                     magnitude_from_dora_scale)
-from studio.models.families import DEFAULT, family_of_pipeline, get_family
+from studio.models.families import family_of_pipeline, get_family
 from studio.adapters.formats.naming import (ALL_PREFIXES, TEXT_ENCODER_PREFIX, UNET_PREFIX, kohya_name, name_table,
                                    pipeline_models, sd_scripts_targets, split_name, targets_for)
-from studio.adapters.formats.peft_bridge import NETWORK_TYPES, AdapterType, attach_modules, modules_from_models
-from studio.adapters.methods import native_method
+from studio.adapters.formats.peft_bridge import NETWORK_TYPES, AdapterType, attach_modules
+from studio.adapters.methods import METHODS, get_method, native_method
+from studio.datasets import dataset_stats, load_items
 
 log = logging.getLogger(__name__)
 
@@ -65,17 +67,10 @@ def adapter_models(pipe) -> dict[str, torch.nn.Module]:
     return pipeline_models(pipe)
 
 
-def export_adapter(models: Mapping[str, torch.nn.Module], *, family: str = DEFAULT.name, adapter_name: str = "default",
-                   metadata: Mapping[str, str] | None = None,
-                   initial_factors: Mapping[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] | None = None,
-                   ) -> AdapterFile:
-    """The peft adapter `adapter_name` on `models` ({"unet": ..., "text_encoder": ...,
-    "text_encoder_2": ...}) as an AdapterFile in kohya names, whatever its peft type (LoRA,
-    LoCon, DoRA, rsLoRA, LoHa, LoKr); rank and alpha come from the layers. After a PiSSA /
-    OLoRA init, `initial_factors` (see `modules_from_models`) makes it the equivalent plain
-    LoRA on the unmodified base model."""
-    modules = modules_from_models(family, models, adapter_name, initial_factors)
-    return AdapterFile(modules, dict(metadata or {}), family, "peft")
+def load_adapter(path: str | Path) -> AdapterFile:
+    """Read an adapter file or folder in any supported layout, every method's own (T-LoRA's)
+    included, checking every tensor; a clear StudioError names anything that does not fit."""
+    return files.load_adapter(path, METHODS.values())
 
 
 def attach_adapter(pipe, adapter: AdapterFile, adapter_name: str) -> None:
@@ -167,9 +162,6 @@ def training_metadata(config, model_ref, *, dataset_folder: Path, started: float
     exported modules) supplies the file's real rank / alpha and type, the run's method
     (network.type) the ss_network_module / ss_network_args; `thumbnail` an image; `ema`
     says the file holds the EMA of the weights (training.ema_decay)."""
-    from studio.datasets import dataset_stats, load_items
-    from studio.adapters.methods import get_method
-
     stats = dataset_stats(dataset_folder, load_items(dataset_folder))
     net, train, ds = config.network, config.training, config.dataset
     base = get_family(model_ref.family)

@@ -3,9 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from studio.adapters import UNET_PREFIX, file_data_sha256, load_adapter, read_checked_header
+from studio.adapters.api import convert_adapter, load_adapter
+from studio.adapters.formats.files import file_data_sha256, read_checked_header
+from studio.adapters.formats.naming import UNET_PREFIX
 from studio.errors import StudioError
-from studio.workspace import Workspace
+from studio.fsutil import atomic_path
+from studio.workspace import Workspace, check_name
 
 
 def list_adapters(workspace: Workspace) -> list[Path]:
@@ -82,9 +85,6 @@ def import_adapter(workspace: Workspace, source: str | Path, name: str | None = 
     only read. Files in other layouts are stored in the kohya layout."""
     import shutil
 
-    from studio.fsutil import atomic_path
-    from studio.workspace import check_name
-
     source = Path(source)
     if source.suffix.lower() != ".safetensors":
         raise StudioError(f"{source.name} is not a .safetensors file; only adapter .safetensors files can be imported.")
@@ -98,8 +98,6 @@ def import_adapter(workspace: Workspace, source: str | Path, name: str | None = 
         raise StudioError(f"An adapter named {stem!r} is already in the library; choose another name "
                           "or delete the old one first.")
     if adapter.source_format != "kohya":
-        from studio.adapters import convert_adapter
-
         return convert_adapter(source, target, format="kohya")
     with atomic_path(target) as tmp:
         shutil.copyfile(source, tmp)
@@ -108,8 +106,6 @@ def import_adapter(workspace: Workspace, source: str | Path, name: str | None = 
 
 def delete_adapter(workspace: Workspace, name: str) -> Path:
     """Remove `adapters/<name>.safetensors` from the library; returns the removed path."""
-    from studio.workspace import check_name
-
     target = workspace.adapters_dir / f"{check_name(name, 'adapter name')}.safetensors"
     if not target.is_file():
         raise StudioError(f"No adapter named {name!r} in {workspace.adapters_dir}.")

@@ -15,14 +15,18 @@ from pathlib import Path
 
 import torch
 
-from studio.adapters import AdapterFile, LoraModule, load_adapter, save_adapter
+from studio.adapters.api import load_adapter
 from studio.errors import StudioError
 from studio.models.families import family_of_pipeline, get_family
-from studio.adapters.formats.files import fitting_models
-from studio.adapters.formats.modules import LORA
+from studio.adapters.formats.files import AdapterFile, fitting_models, save_adapter
+from studio.adapters.formats.modules import LORA, LoraModule, dora_merge
 from studio.adapters.formats.naming import name_table, pipeline_models
 from studio.limits import MIX_ADAPTERS
 from studio.adapters.merge import Factors, check_rule, concat, factors_of_delta, squeeze
+from studio.adapters.mixtures.file import is_mixture, load_mixture
+from studio.models import load_pipeline
+from studio.models.blocks import block_weight
+from studio.models.single_file import save_single_file
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +46,6 @@ class MixReport:
         return text
 
 
-def parse_mix_arg(text: str) -> tuple[Path, float]:
-    """`FILE[:WEIGHT]`."""
-    from studio.generation.engine import parse_adapter_arg
-
-    use = parse_adapter_arg(text)
-    return use.path, use.weight
-
-
 def _check_mix(mix: list[tuple[Path, float]]) -> None:
     """Refuse an empty mix, one over the cap, or a weight that is not a finite number."""
     if not mix:
@@ -64,9 +60,6 @@ def _load_mix(mix: list[tuple[Path, float]]) -> tuple[str, list[tuple[AdapterFil
     """(family, [(adapter, weight, name, gates by LBW block or None)]): a mixture file in
     the mix stands for its members, each with its gates (only a step- and prompt-independent
     mixture has one weight per layer; any other is refused with the reason)."""
-    from studio.adapters.mixtures.file import is_mixture, load_mixture
-    from studio.generation.blocks import FULL_BLOCKS
-
     _check_mix(mix)
     loaded = []
     for path, weight in mix:
@@ -79,7 +72,8 @@ def _load_mix(mix: list[tuple[Path, float]]) -> tuple[str, list[tuple[AdapterFil
             raise StudioError(f"{Path(path).name} cannot be written as one plain LoRA: {why}, and a LoRA has one "
                               "weight per layer. Generate with the mixture itself.")
         for member, gates in zip(mixture.members, mixture.constant_gates().tolist()):
-            loaded.append((load_adapter(member.path), weight, member.path.stem, dict(zip(FULL_BLOCKS, gates))))
+            blocks = get_family(mixture.family).blocks.full
+            loaded.append((load_adapter(member.path), weight, member.path.stem, dict(zip(blocks, gates))))
     families = {get_family(adapter.family).name for adapter, *_ in loaded}
     if len(families) > 1:
         raise StudioError(f"The adapters are for different model families ({', '.join(sorted(families))}); "
@@ -103,18 +97,18 @@ def module_factors(adapter: AdapterFile, name: str) -> Factors | None:
 def _layer_shapes(family: str, adapter: AdapterFile) -> dict[str, torch.Size]:
     _, models = fitting_models(adapter)
     table = name_table(family, models)
-    return {name: table[name].layer.weight.shape for name in adapter.modules}
+    return {name: torch.Size(table[name].weight_shape) for name in adapter.modules}
 
 
 def module_blocks(family: str, adapter: AdapterFile) -> dict[str, str | None]:
     """The LBW block of each module (BASE for the text encoders, None outside the blocks),
     as the engine assigns it."""
-    from studio.generation.blocks import module_block
-
     _, models = fitting_models(adapter)
     table = name_table(family, models)
-    return {name: module_block(table[name].path, models["unet"].config) if table[name].attr == "unet" else "BASE"
-            for name in adapter.modules}
+    fam = get_family(family)
+    denoiser = models[fam.denoiser]
+    return {name: fam.blocks.module_block(table[name].path, denoiser.config) if table[name].attr == fam.denoiser
+            else "BASE" for name in adapter.modules}
 
 
 def bake(mix: list[tuple[Path, float]], out: str | Path, *, rank: int | None = None,
@@ -122,7 +116,6 @@ def bake(mix: list[tuple[Path, float]], out: str | Path, *, rank: int | None = N
     """One LoRA file equal to the weighted mix: exact (ranks concatenated) or, with
     `rank`, the best rank-N approximation of each module's summed update."""
     family, loaded = _load_mix(mix)
-    from studio.generation.blocks import block_weight
 
     names = sorted({n for adapter, *_ in loaded for n in adapter.modules})
     modules, energy = {}, {}
@@ -200,15 +193,13 @@ def resize(src: str | Path, out: str | Path, *, dtype: torch.dtype = torch.float
     return MixReport(Path(path), len(modules), ranks, energy)
 
 
-def fuse(model: str, mix: list[tuple[Path, float]], out: str | Path, *, allow_pickle: bool = False) -> Path:
+def fuse(model: str, mix: list[tuple[Path, float]], out: str | Path, *, allow_pickle: bool = False,
+         workspace=None) -> Path:
     """A full single-file checkpoint (SD1.5 / SDXL layout) with the weighted updates merged
-    into the base weights (DoRA included, through its own merge rule)."""
-    from studio.models.single_file import save_single_file
-    from studio.adapters.formats.modules import dora_merge
-    from studio.models import load_pipeline
-
+    into the base weights (DoRA included, through its own merge rule). A model name is found
+    among those pulled into `workspace`."""
     _check_mix(mix)
-    pipe = load_pipeline(model, allow_pickle=allow_pickle)
+    pipe = load_pipeline(model, allow_pickle=allow_pickle, workspace=workspace)
     table = name_table(family_of_pipeline(pipe).name, pipeline_models(pipe))
     with torch.no_grad():
         for path, weight in mix:

@@ -9,6 +9,8 @@ A captioning model is one of:
   most likely label of each head, e.g. "a purple star on a white background".
 - a local **transformers image-to-text** folder (BLIP, GIT, Florence-2, ...): loaded with
   `AutoProcessor` + `AutoModelForImageTextToText`, `local_files_only=True`; greedy decoding.
+- a model name pulled into the workspace (``org/name``: studio.models.hub), found offline
+  in workspace/captioners, then loaded as the folder it is;
 - a **WD14-style tagger** folder: one `.onnx` model + `selected_tags.csv` (columns
   `name`, `category`), run by onnxruntime (``pip install "lora-studio[tagger]"``). The
   picture is padded to a white square, resized to the model's input size, BGR, 0-255,
@@ -42,7 +44,14 @@ from typing import Callable, Sequence
 from PIL import Image
 
 from studio import ASSETS_DIR
+from studio.datasets.captions import (MAX_CAPTION_BYTES, _one_tag, _read_caption_file, caption_with_trigger, split_tags,
+                                      write_caption)
+from studio.datasets.images import open_image
+from studio.datasets.layout import CAPTION_EXTENSION, _scan
 from studio.errors import StudioError
+from studio.fsutil import read_regular_bytes
+from studio.models import quiet_libraries
+from studio.models.hub import captioner_folder_kind, is_model_name, local_path
 
 log = logging.getLogger(__name__)
 
@@ -160,8 +169,6 @@ class TransformersCaptioner(Captioner):
         import torch
         from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-        from studio.models import quiet_libraries
-
         quiet_libraries()
         self.name = str(folder)
         try:
@@ -261,8 +268,6 @@ class TaggerCaptioner(Captioner):
 
 
 def _read_tags(path: Path) -> list[_Tag]:
-    from studio.fsutil import read_regular_bytes
-
     if not path.exists():
         raise StudioError(f"{path.parent} has no selected_tags.csv; a WD14 tagger folder holds model.onnx and "
                           "the selected_tags.csv that came with it.")
@@ -276,10 +281,11 @@ def _read_tags(path: Path) -> list[_Tag]:
         raise StudioError(f"{path} has a category that is not a number; use the tagger's own selected_tags.csv.") from None
 
 
-def captioner_kind(model: str | os.PathLike = BUILTIN_CAPTIONER) -> tuple[str, Path]:
+def captioner_kind(model: str | os.PathLike = BUILTIN_CAPTIONER, *, workspace=None) -> tuple[str, Path]:
     """(kind, folder) of the captioning model `model` names, without loading it: kind "toy"
     ("builtin" or a folder the toy script wrote), "tagger" (a .onnx model or
-    selected_tags.csv) or "transformers" (any other folder with config.json)."""
+    selected_tags.csv) or "transformers" (any other folder with config.json). A model name
+    is looked up among those pulled into `workspace` (default: this process's)."""
     text = str(model).strip()
     if text == BUILTIN_CAPTIONER:
         if not (BUILTIN_CAPTIONER_DIR / "model.safetensors").is_file():
@@ -287,23 +293,21 @@ def captioner_kind(model: str | os.PathLike = BUILTIN_CAPTIONER) -> tuple[str, P
                               "run `python -m toyworld.train_captioner` in a checkout.")
         return "toy", BUILTIN_CAPTIONER_DIR
     folder = Path(text).expanduser()
+    if not folder.is_dir() and is_model_name(text):
+        folder = local_path(text, workspace, use="captioner")
     if not folder.is_dir():
         raise StudioError(f"Captioning model {text!r} is not a folder: use 'builtin', a local transformers "
-                          "image-to-text folder (BLIP, GIT, Florence-2) or a WD14 tagger folder.")
-    if (folder / "selected_tags.csv").exists() or any(folder.glob("*.onnx")):
-        return "tagger", folder
-    if (folder / "config.json").is_file():
-        return ("toy" if (folder / "model.safetensors").is_file() and _is_toy_config(folder) else "transformers"), folder
-    raise StudioError(f"{folder} holds no captioning model: expected config.json (a transformers "
-                      "image-to-text model) or model.onnx + selected_tags.csv (a WD14 tagger).")
+                          "image-to-text folder (BLIP, GIT, Florence-2), a WD14 tagger folder or a model name "
+                          "(org/name) pulled with `lora-studio models pull`.")
+    return captioner_folder_kind(folder), folder
 
 
 def load_captioner(model: str | os.PathLike = BUILTIN_CAPTIONER, *, threshold: float | None = None,
-                   prompt: str | None = None) -> Captioner:
+                   prompt: str | None = None, workspace=None) -> Captioner:
     """The captioning model `model` names (see `captioner_kind`). `threshold` is a tagger's
     general-tag threshold; `prompt` the text a transformers model gets beside each picture
     (default: its task token, if it needs one); either for another kind is refused."""
-    kind, folder = captioner_kind(model)
+    kind, folder = captioner_kind(model, workspace=workspace)
     if threshold is not None and kind != "tagger":
         raise StudioError("A tag threshold applies to a WD14 tagger only; leave it out for this model.")
     if prompt is not None and kind != "transformers":
@@ -313,13 +317,6 @@ def load_captioner(model: str | os.PathLike = BUILTIN_CAPTIONER, *, threshold: f
     if kind == "toy":
         return ToyCaptioner(folder, BUILTIN_CAPTIONER if folder == BUILTIN_CAPTIONER_DIR else str(folder))
     return TransformersCaptioner(folder, prompt)
-
-
-def _is_toy_config(folder: Path) -> bool:
-    try:
-        return json.loads((folder / "config.json").read_text()).get("kind") == "toy-captioner"
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 # --------------------------------------------------------------------------- the dataset
@@ -343,8 +340,6 @@ class CaptionReport:
 def merge_caption(old: str, new: str, mode: str) -> str:
     """The caption `mode` makes from the old caption text and the model's `new` text; see
     the module docstring. Only the first non-empty line of `old` changes."""
-    from studio.datasets import split_tags
-
     if mode not in MODES:
         raise StudioError(f"Unknown captioning mode {mode!r}: use one of {', '.join(MODES)}.")
     lines = old.strip().split("\n")
@@ -367,15 +362,14 @@ def merge_caption(old: str, new: str, mode: str) -> str:
 def caption_dataset(folder: str | os.PathLike, model: str | os.PathLike | Captioner = BUILTIN_CAPTIONER, *,
                     mode: str = "fill", threshold: float | None = None, prompt: str | None = None,
                     trigger: str | None = None, include_regularisation: bool = False,
-                    batch_size: int = DEFAULT_BATCH, progress: ProgressFn | None = None) -> CaptionReport:
+                    batch_size: int = DEFAULT_BATCH, progress: ProgressFn | None = None,
+                    workspace=None) -> CaptionReport:
     """Caption the pictures of the dataset in `folder` with `model` (a name or path for
     `load_captioner`, or a loaded `Captioner`) by `mode` (fill, overwrite, prepend, append);
     `trigger` is then put first by caption_with_trigger. Regularisation pictures only with
     `include_regularisation`. `progress(done, total)` is called after every batch (and once
-    with 0 before the first). Returns a `CaptionReport`."""
-    from studio.datasets import (MAX_CAPTION_BYTES, CAPTION_EXTENSION, _one_tag, _read_caption_file, _scan,
-                                 caption_with_trigger, open_image, write_caption)
-
+    with 0 before the first). A model name is found in `workspace` (see `captioner_kind`).
+    Returns a `CaptionReport`."""
     if mode not in MODES:
         raise StudioError(f"Unknown captioning mode {mode!r}: use one of {', '.join(MODES)}.")
     if batch_size < 1:
@@ -383,7 +377,8 @@ def caption_dataset(folder: str | os.PathLike, model: str | os.PathLike | Captio
     word = _one_tag(trigger, "trigger word") if trigger and trigger.strip() else None
     scan = _scan(folder)
     entries = [e for e in scan.images if include_regularisation or not e.subset.is_reg]
-    captioner = model if isinstance(model, Captioner) else load_captioner(model, threshold=threshold, prompt=prompt)
+    captioner = model if isinstance(model, Captioner) else load_captioner(model, threshold=threshold, prompt=prompt,
+                                                                          workspace=workspace)
     report = CaptionReport(captioner.name, mode)
     todo = []
     owners: dict[Path, str] = {}  # caption file -> the picture it is written for

@@ -11,7 +11,13 @@ import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from studio.adapters.methods import FORMAT_KEY, native_method
 from studio.errors import StudioError
+from studio.fsutil import _fsync_dir, atomic_path, create_temp_file
+from studio.limits import MIX_ADAPTERS
+from studio.models import load_pipeline, resolve_model
+from studio.models.blocks import block_weight, parse_block_weights
+from studio.models.families import family_of_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +34,7 @@ _LORA_TAG = re.compile(r"<lora:([^:>]+)((?::[^:>]*)*)>")
 @dataclass(frozen=True)
 class AdapterUse:
     """One adapter in a mix: its weight on the UNet, on the text encoder(s) (default: the
-    same) and optional LoRA Block Weights (a preset name or 17 / 12 / 26 values). A T-LoRA
+    same) and optional LoRA Block Weights (a preset name, the family's vector or its long form). A T-LoRA
     adapter applies its timestep rank mask unless `tlora_masked` is False (all ranks, as
     its plain-LoRA export).
 
@@ -113,8 +119,6 @@ class GenerateRequest:
     route: bool = False  # the adapters routed per token (arrow), not summed
 
     def validate(self) -> None:
-        from studio.limits import MIX_ADAPTERS
-
         if self.scheduler not in SCHEDULERS:
             raise StudioError(f"Unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}.")
         if not 1 <= self.steps <= MAX_STEPS:
@@ -239,8 +243,9 @@ def pngtext_parameters(request: GenerateRequest, seed: int, size: tuple[int, int
 class Engine:
     """Pipelines cached per base model; adapters cached per (pipeline, file content)."""
 
-    def __init__(self, *, allow_pickle: bool = False):
+    def __init__(self, *, allow_pickle: bool = False, workspace=None):
         self.allow_pickle = allow_pickle
+        self.workspace = workspace  # where model names were pulled (None: this process's workspace)
         self._pipes: dict[str, object] = {}
         self._loaded: dict[str, dict[tuple, str]] = {}  # model key -> file key -> adapter name
         self._lock = threading.Lock()
@@ -250,9 +255,7 @@ class Engine:
         self.pipeline_loads = 0
 
     def pipeline(self, model: str):
-        from studio.models import load_pipeline, resolve_model
-
-        ref = resolve_model(model, allow_pickle=self.allow_pickle)
+        ref = resolve_model(model, allow_pickle=self.allow_pickle, workspace=self.workspace)
         key = str(ref.path)
         if key not in self._pipes:
             self._pipes[key] = load_pipeline(ref, allow_pickle=self.allow_pickle)
@@ -262,7 +265,6 @@ class Engine:
 
     def _adapter_name(self, model_key: str, pipe, path: Path) -> str:
         from studio.adapters import attach_adapter, load_adapter, read_checked_header
-        from studio.adapters.methods import FORMAT_KEY, native_method
 
         try:
             stat = path.stat()
@@ -295,7 +297,6 @@ class Engine:
         others: as in A1111, a bundled embedding acts while its adapter is in use. The base
         model is not reloaded; an unloaded embedding leaves the token table as it was."""
         from studio.adapters.formats.embeddings import token_names
-        from studio.models.families import family_of_pipeline
 
         bundled = pipe.__dict__.get("_studio_bundled", {})
         active = pipe.__dict__.setdefault("_studio_embeddings", {})  # embedding name -> adapter name
@@ -336,23 +337,22 @@ class Engine:
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         from studio.adapters import adapter_models
-        from studio.generation.blocks import block_weight, parse_block_weights
-        from studio.models.families import family_of_pipeline
 
-        family = family_of_pipeline(pipe).name
-        lbw = {name: parse_block_weights(use.block_weights, family) if use.block_weights else None
+        family = family_of_pipeline(pipe)
+        lbw = {name: parse_block_weights(use.block_weights, family.name) if use.block_weights else None
                for name, use in mix.items()}
         wrappers: dict[int, list[tuple[BaseTunerLayer, dict[str, float]]]] = {}  # base layer -> its adapter layers
         for component, model in adapter_models(pipe).items():
+            denoiser = component == family.denoiser
             for path, module in model.named_modules():
                 if not isinstance(module, BaseTunerLayer):
                     continue
-                block = "BASE" if component != "unet" else self._block_of(model, path)
+                block = self._block_of(family, model, path) if denoiser else "BASE"
                 available = module._get_available_adapters()
                 scales = {}  # in the mix's order, so live sums do not depend on which file loaded first
                 for name, use in mix.items():
                     if name in available:
-                        weight = use.weight if component == "unet" else use.text_encoder_weight
+                        weight = use.weight if denoiser else use.text_encoder_weight
                         scales[name] = weight * block_weight(lbw[name], block)
                 wrappers.setdefault(id(module.get_base_layer()), []).append((module, scales))
         for layers in wrappers.values():
@@ -404,12 +404,11 @@ class Engine:
         weigh(0)
         return after_step
 
-    def _block_of(self, unet, path: str) -> str | None:
-        from studio.generation.blocks import module_block
-
-        key = (id(unet), path)
+    def _block_of(self, family, denoiser, path: str) -> str | None:
+        """The LBW block of a denoiser module (the family's block table), cached per module."""
+        key = (id(denoiser), path)
         if key not in self._blocks:
-            self._blocks[key] = module_block(path, unet.config)
+            self._blocks[key] = family.blocks.module_block(path, denoiser.config)
         return self._blocks[key]
 
     def _native_of(self, pipe) -> dict:
@@ -438,7 +437,6 @@ class Engine:
         (`mixture_uses`), adapters as they are; an arrow mixture, or with `route` all the
         plain adapters, as (mixture, member scales) to route per token."""
         from studio.adapters.mixtures.file import is_mixture, new_mixture
-        from studio.limits import MIX_ADAPTERS
 
         out: list[AdapterUse] = []
         routed = []
@@ -469,7 +467,6 @@ class Engine:
         replacing the previous request's routing; None: no routing."""
         from studio.adapters import adapter_models, load_adapter
         from studio.adapters.mixtures.live import LiveMembers, routing
-        from studio.models.families import family_of_pipeline
 
         key = None
         if routed is not None:
@@ -510,8 +507,6 @@ class Engine:
         """Images (PIL) for the request, each with its A1111 `parameters` text in `.info`."""
         import torch  # here, not at import: the UI imports this module for SCHEDULERS before torch loads
 
-        from studio.models import resolve_model
-
         request.validate()
         with self._lock:
             pipe, mix = self._mix_pipeline(request.model, request.adapters, request.prompt, request.route)
@@ -527,7 +522,8 @@ class Engine:
                                  num_inference_steps=request.steps, guidance_scale=request.guidance_scale,
                                  width=request.width, height=request.height, generator=generator,
                                  **schedule).images[0]
-                model_name = resolve_model(request.model, allow_pickle=self.allow_pickle).display_name
+                model_name = resolve_model(request.model, allow_pickle=self.allow_pickle,
+                                           workspace=self.workspace).display_name
                 image.info["parameters"] = pngtext_parameters(request, seed, image.size, model_name)
                 images.append(image)
             return images
@@ -535,19 +531,19 @@ class Engine:
 
 def mixture_uses(use: AdapterUse, mixture, pipe, prompt: str | None) -> list[AdapterUse]:
     """A mixture's members as adapter uses: member k gets the mixture's weight, schedule and
-    T-LoRA setting, and as LoRA Block Weights its gates (26 values, BASE = text encoders)
+    T-LoRA setting, and as LoRA Block Weights its gates (the family's long form, BASE = text encoders)
     times the mixture's own block weights. A gate per timestep band becomes
     `timestep_blocks`; a prompt-conditioned gate is computed from `prompt` here, once."""
     import torch
 
     from studio.adapters.mixtures.gates import Gates, prompt_embedding
-    from studio.generation.blocks import FULL_BLOCKS, parse_block_weights
-    from studio.models.families import family_of_pipeline
 
-    outer = torch.ones(len(FULL_BLOCKS))
+    family = family_of_pipeline(pipe)
+    blocks = family.blocks.full
+    outer = torch.ones(len(blocks))
     if use.block_weights:
-        given = parse_block_weights(use.block_weights, family_of_pipeline(pipe).name)
-        outer = torch.tensor([given.get(block, 1.0) for block in FULL_BLOCKS])
+        given = parse_block_weights(use.block_weights, family.name)
+        outer = torch.tensor([given.get(block, 1.0) for block in blocks])
     if mixture.gate == "prompt":
         if prompt is None:
             raise StudioError(f"{use.path.name} is a prompt-conditioned mixture; give the prompt.")
@@ -637,8 +633,6 @@ def save_png(image, path: str | Path) -> Path:
     """Write a PNG atomically with its `parameters` text chunk (A1111's convention)."""
     from PIL.PngImagePlugin import PngInfo
 
-    from studio.fsutil import atomic_path
-
     info = PngInfo()
     if "parameters" in image.info:
         info.add_text("parameters", image.info["parameters"])
@@ -651,8 +645,6 @@ def save_new_png(image, folder: str | Path, stem: str) -> Path:
     """Like `save_png`, under a name no file has yet: `stem.png`, else `stem-2.png`, ...
     Images made in the same second with the same seed never replace each other, even when
     two processes save at once (the name is taken with a hard link, which fails if it exists)."""
-    from studio.fsutil import _fsync_dir, create_temp_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = create_temp_file(folder, stem, ".png.tmp")

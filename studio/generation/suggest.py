@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from studio.adapters import read_checked_header
 from studio.errors import StudioError
 
 
@@ -48,8 +49,6 @@ def _embed(pipe, texts: list[str]) -> torch.Tensor:
 def suggest(engine, prompt: str, adapters: list[Path], *, model: str = "builtin", top: int = 3,
             min_score: float = 0.5) -> list[Suggestion]:
     """Adapters ranked for `prompt`; weight grows with the match (0.6-1.0)."""
-    from studio.adapters import read_checked_header
-
     if not prompt.strip():
         raise StudioError("Give a prompt to suggest adapters for.")
     profiles = []

@@ -35,11 +35,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from studio.adapters import LoraModule
 from studio.errors import StudioError
-from studio.instant import CONFIG_FILE, WEIGHTS_FILE
+from studio.fsutil import atomic_path, atomic_write_text
+from studio.safetensors_file import read_safetensors_header
 
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"  # a hypernetwork's folder
 KIND = "instant-lora-hypernetwork"
 PAD, UNKNOWN = "<pad>", "<unk>"
 MAX_WORDS = 24
@@ -216,8 +220,6 @@ class HyperLoRA(nn.Module):
 
     def adapter_modules(self, z: torch.Tensor) -> dict:
         """The LoRA of one code z [z_dim] as file modules (kohya names, alpha = rank)."""
-        from studio.adapters import LoraModule
-
         r = self.config.rank
         modules = {}
         for target, down, up in zip(self.config.targets, self.downs, self.ups(z[None])):
@@ -231,10 +233,6 @@ class HyperLoRA(nn.Module):
 
     # ---------------------------------------------------------------- files
     def save(self, folder: Path) -> None:
-        from safetensors.torch import save_file
-
-        from studio.fsutil import atomic_path, atomic_write_text
-
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(folder / CONFIG_FILE, self.config.to_json())
         with atomic_path(folder / WEIGHTS_FILE) as tmp:
@@ -243,10 +241,6 @@ class HyperLoRA(nn.Module):
 
     @classmethod
     def load(cls, folder: Path) -> "HyperLoRA":
-        from safetensors.torch import load_file
-
-        from studio.safetensors_file import read_safetensors_header
-
         config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
         if not config_path.is_file() or not weights_path.is_file():
             raise StudioError(f"{folder} has no {CONFIG_FILE} and {WEIGHTS_FILE}: it is not an instant-adapter "

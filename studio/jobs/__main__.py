@@ -1,6 +1,6 @@
 """`python -m studio.jobs WORKSPACE`: the supervisor that runs queued training jobs."""
 import sys
 
-from studio.jobs import main
+from studio.jobs.queue import main
 
 sys.exit(main())

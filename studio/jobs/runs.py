@@ -1,70 +1,33 @@
-"""Training runs on disk, the contract between the studio and the worker (trainers/):
-
-    runs/<id>/config.toml     the fully resolved config (input, written by create_run)
-    runs/<id>/events.jsonl    append-only progress, loss, validation loss, samples, errors (EventLog)
-    runs/<id>/checkpoints/    step-NNNNNN.pt resumable states
-    runs/<id>/samples/        step-NNNNNN-I.png preview images
-    runs/<id>/tensorboard/    TensorBoard event files: loss, validation loss, lr, sample images
-                              (`tensorboard --logdir workspace/runs` shows every run)
-    adapters/<name>.safetensors  where a finished run's adapter goes (adapters_dir)
-
-The CLI, the job supervisor and the UI create runs here; the worker reads and writes the
-folder through these names. Nothing here imports trainers."""
+"""Making training runs: `check_training` (everything that would stop a config from
+training here, found before it is queued), `create_run` (a new run folder holding the fully
+resolved config), the class pictures prior preservation needs (`prepare_class_images`) and
+the worker's command line. The folder's names and readers are the run-folder contract,
+studio.jobs.run_folder, re-exported here. Nothing here imports trainers."""
 from __future__ import annotations
 
 import datetime
-import json
-import os
-import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
 
-from studio.config import DEMO_DATASET, TrainConfig, check_device_support, load_config, save_config
+from studio.config import TrainConfig, check_device_support, save_config
+from studio.datasets import dataset_stats, load_items, training_items
 from studio.errors import StudioError
+from studio.fsutil import atomic_path, atomic_write_text
+from studio.jobs.run_folder import (CHECKPOINT_DIR, CONFIG_FILE, EMBEDDINGS_DIR, EVENTS_FILE, SAMPLES_DIR,
+                                    TENSORBOARD_DIR, EventLog, adapters_dir, checkpoint_dir, checkpoint_path,
+                                    dataset_folder, is_finished, iter_events, latest_checkpoint,
+                                    latest_unfinished_run, list_checkpoints, read_events, run_config, run_outcome,
+                                    run_workspace)
+from studio.models import load_pipeline, resolve_model
 from studio.workspace import Workspace
 
-CONFIG_FILE = "config.toml"
-EVENTS_FILE = "events.jsonl"
-CHECKPOINT_DIR = "checkpoints"
-SAMPLES_DIR = "samples"
-EMBEDDINGS_DIR = "embeddings"  # pivotal tuning's embedding as a file of its own: <trigger>.safetensors
-TENSORBOARD_DIR = "tensorboard"
-_CHECKPOINT_NAME = re.compile(r"^step-(\d{6,})\.pt$")
-
-
-def run_workspace(run_dir: Path) -> Workspace:
-    """The workspace a run folder belongs to (create_run puts runs in workspace/runs)."""
-    return Workspace(Path(run_dir).resolve().parent.parent)
-
-
-def adapters_dir(run_dir: Path) -> Path:
-    """Where the run's finished adapter goes (made when needed)."""
-    folder = run_workspace(run_dir).adapters_dir
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
-def checkpoint_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / CHECKPOINT_DIR
-
-
-def checkpoint_path(run_dir: Path, step: int) -> Path:
-    return checkpoint_dir(run_dir) / f"step-{step:06d}.pt"
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    folder = checkpoint_dir(run_dir)
-    if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _CHECKPOINT_NAME.match(p.name))]
-    return [p for _, p in sorted(found)]
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
+__all__ = [
+    "CHECKPOINT_DIR", "CONFIG_FILE", "EMBEDDINGS_DIR", "EVENTS_FILE", "SAMPLES_DIR", "TENSORBOARD_DIR", "EventLog",
+    "Problem", "TrainingCheck", "adapters_dir", "check_training", "checkpoint_dir", "checkpoint_path",
+    "class_image_path", "create_run", "dataset_folder", "is_finished", "iter_events", "latest_checkpoint",
+    "latest_unfinished_run", "list_checkpoints", "new_run_id", "prepare_class_images", "read_events", "run_config",
+    "run_outcome", "run_workspace", "worker_command",
+]
 
 
 #: File names quoted in one message, then "and N more".
@@ -105,18 +68,10 @@ def _examples(paths: list[str]) -> str:
     return ", ".join(paths[:EXAMPLES]) + more
 
 
-def dataset_folder(config: TrainConfig, workspace: Workspace) -> Path:
-    """The folder a config trains on: its workspace dataset, its path, or the demo."""
-    if config.dataset.path:
-        return Path(config.dataset.path)
-    if config.dataset.name:
-        return workspace.dataset_dir(config.dataset.name)
-    return DEMO_DATASET
-
-
 def init_from_path(config: TrainConfig, workspace: Workspace) -> Path | None:
-    """The adapter file network.init_from names: a file, or an adapter in the library by name."""
-    ref = config.network.init_from.strip()
+    """The adapter file network.init_from names: a file, or an adapter in the library by name
+    (None when the method has no init_from, studio.adapters.methods.init_from, or it is empty)."""
+    ref = getattr(config.network, "init_from", "").strip()
     if not ref:
         return None
     if Path(ref).expanduser().is_file():
@@ -130,16 +85,13 @@ def check_training(config: TrainConfig, workspace: Workspace) -> TrainingCheck:
     """Everything that would stop `config` from training on this machine, found before a run
     is queued: CUDA-only options, the base model, and the dataset read exactly as the
     trainer reads it (every image decoded, every caption read)."""
-    from studio.datasets import dataset_stats, training_items
-    from studio.models import resolve_model
-
     check = TrainingCheck()
     try:
         check_device_support(config)
     except StudioError as error:
         check.problems.append(Problem("training", str(error)))
     try:
-        resolve_model(config.base_model)
+        resolve_model(config.base_model, workspace=workspace)
     except StudioError as error:
         check.problems.append(Problem("base_model", str(error)))
     try:
@@ -198,9 +150,10 @@ def create_run(config: TrainConfig, workspace: Workspace) -> Path:
         config = config.model_copy(deep=True)
         config.dataset.path = str(members_dataset(config, workspace))
     check_training(config, workspace).raise_problems()
-    if config.network.init_from:  # the run's config names the file itself, not a library name
+    init_file = init_from_path(config, workspace)
+    if init_file is not None:  # the run's config names the file itself, not a library name
         config = config.model_copy(deep=True)
-        config.network.init_from = str(init_from_path(config, workspace))
+        config.network.init_from = str(init_file)
     run_dir = workspace.run_dir(new_run_id(config, workspace))
     run_dir.mkdir(parents=True)
     save_config(config, run_dir / CONFIG_FILE)
@@ -217,9 +170,6 @@ def prepare_class_images(run_dir: Path) -> int:
     config asks for and its dataset lacks (each from seed + 10000 + its index, at the sampling
     settings), before the worker starts: the worker only reads its inputs. Returns how many
     were made."""
-    from studio.datasets import load_items
-    from studio.fsutil import atomic_path, atomic_write_text
-
     config = run_config(run_dir)
     ds = config.dataset
     if not (ds.class_prompt and ds.num_class_images):
@@ -231,10 +181,8 @@ def prepare_class_images(run_dir: Path) -> int:
         return 0
     import torch
 
-    from studio.models import load_pipeline
-
     EventLog(run_dir).emit("status", message=f"generating {len(missing)} class images")
-    pipe = load_pipeline(config.base_model)
+    pipe = load_pipeline(config.base_model, workspace=run_workspace(run_dir))
     (folder / "reg").mkdir(exist_ok=True)
     for index in missing:
         generator = torch.Generator().manual_seed(config.seed + 10_000 + index)
@@ -273,86 +221,3 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-def run_config(run_dir: Path) -> TrainConfig:
-    return load_config(Path(run_dir) / CONFIG_FILE)
-
-
-def run_outcome(run_dir: Path) -> tuple[str, str, str | None]:
-    """(state, message, adapter) from a finished worker's events."""
-    state, message, adapter = "", "", None
-    for event in iter_events(run_dir):
-        if event["type"] == "done":
-            state, adapter = "done", event.get("adapter")
-        elif event["type"] == "error":
-            state, message = "failed", event.get("message", "")
-        elif event["type"] == "cancelled":
-            state, message = "cancelled", "cancelled; resume continues from the last checkpoint"
-        elif event["type"] in ("start", "resume"):
-            state, message = "", ""
-    return state, message, adapter
-
-
-def is_finished(run_dir: Path) -> bool:
-    return any(e.get("type") == "done" for e in iter_events(run_dir))
-
-
-def latest_unfinished_run(config: TrainConfig, workspace: Workspace) -> Path | None:
-    """The newest run of the same adapter name that has not finished (for `train --resume`)."""
-    candidates = []
-    for run_dir in workspace.runs_dir.iterdir() if workspace.runs_dir.is_dir() else []:
-        if not (run_dir / CONFIG_FILE).is_file() or is_finished(run_dir):
-            continue
-        try:
-            if run_config(run_dir).name == config.name:
-                candidates.append(run_dir)
-        except StudioError:
-            continue
-    return max(candidates, key=lambda p: (p / CONFIG_FILE).stat().st_mtime, default=None)
-
-
-# --------------------------------------------------------------------------------------
-# events.jsonl: the one-way progress channel from a run to the CLI and the UI
-# --------------------------------------------------------------------------------------
-
-
-class EventLog:
-    """Append-only JSON lines; each line is flushed and fsynced so a reader (or a crash)
-    never sees half an event."""
-
-    def __init__(self, run_dir: Path, *, write: bool = True):
-        """`write` False: a process of a data-parallel run other than the main one, whose
-        events the main process writes once for all."""
-        self.path = Path(run_dir) / EVENTS_FILE
-        self.write = write
-        if write:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-
-    def emit(self, kind: str, **fields: Any) -> dict:
-        event = {"type": kind, "time": round(time.time(), 3), **fields}
-        if not self.write:
-            return event
-        line = json.dumps(event, default=str) + "\n"
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(line)
-            handle.flush()
-            os.fsync(handle.fileno())
-        return event
-
-
-def read_events(run_dir: Path, offset: int = 0) -> tuple[list[dict], int]:
-    """Events from byte `offset` on, and the offset after the last complete line (for tailing)."""
-    path = Path(run_dir) / EVENTS_FILE
-    if not path.exists():
-        return [], offset
-    with open(path, "rb") as handle:
-        handle.seek(offset)
-        data = handle.read()
-    end = data.rfind(b"\n") + 1
-    events = [json.loads(line) for line in data[:end].splitlines() if line.strip()]
-    return events, offset + end
-
-
-def iter_events(run_dir: Path) -> Iterator[dict]:
-    yield from read_events(run_dir)[0]

@@ -11,8 +11,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from studio.config import TrainConfig
+from studio.config import TrainConfig, load_config
+from studio.datasets import load_items
 from studio.errors import StudioError
+from studio.jobs import list_jobs
+from studio.jobs.runs import check_training, create_run, dataset_folder, iter_events, run_config
+from studio.models.hub import is_model_name, local_path
 from studio.workspace import Workspace
 
 MEASURED_STEPS = 5
@@ -42,10 +46,6 @@ def _prior_preservation(config: TrainConfig) -> bool:
 def speed_from_runs(workspace: Workspace, config: TrainConfig, *, newest: int = 10) -> Speed | None:
     """The speed of the newest of the last `newest` runs here that trained the same base
     model with the same kind of network and logged progress."""
-    from studio.jobs import list_jobs
-    from studio.jobs.runs import run_config
-    from studio.jobs.runs import iter_events
-
     for job in list_jobs(workspace)[:newest]:
         run_dir = job.run_dir(workspace)
         try:
@@ -71,17 +71,15 @@ def measure_speed(config: TrainConfig, workspace: Workspace, *, steps: int = MEA
     import sys
     import tempfile
 
-    from studio.jobs.runs import create_run, dataset_folder
-
     folder = dataset_folder(config, workspace)
     trial = config.model_copy(deep=True)
     trial.dataset.path, trial.dataset.name = str(folder), None
+    if is_model_name(config.base_model):  # the trial runs in a workspace of its own: give it the files
+        trial.base_model = str(local_path(config.base_model, workspace, use="base model"))
     trial.training.max_steps, trial.training.max_epochs = warmup + steps, None
     trial.checkpoints.every_n_steps = trial.sampling.every_n_steps = 0
     with_class = False
     if _prior_preservation(config):
-        from studio.datasets import load_items
-
         present = sum(item.is_regularisation for item in load_items(folder))
         trial.dataset.num_class_images = min(present, config.dataset.num_class_images)
         with_class = present > 0
@@ -133,9 +131,6 @@ def estimate(config: TrainConfig, speed: Speed, *, missing_class_images: int = 0
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
-
-    from studio.config import load_config
-    from studio.jobs.runs import check_training
 
     parser = argparse.ArgumentParser(prog="python -m studio.jobs.speed", description=__doc__.splitlines()[0])
     parser.add_argument("config", type=Path)

@@ -1,4 +1,5 @@
-"""Single-file checkpoints (A1111 / CivitAI `.safetensors`) for SD 1.5 and SDXL, offline.
+"""Single-file checkpoints (A1111 / CivitAI `.safetensors`) for SD 1.5 and SDXL, and files of a
+denoiser alone (FLUX.1's BFL transformer file, `flux1-dev.safetensors`), offline.
 
 - `detect_family(path_or_keys)`: the family name (studio.models.families) from a checkpoint's key
   names (or a diffusers folder's model_index.json); a StudioError naming what it saw otherwise.
@@ -6,9 +7,10 @@
   `assets/skeletons` (studio.models.skeletons) so that diffusers never asks the Hub.
 - `save_single_file(pipe, path)`: the inverse, one `.safetensors` in the original LDM / sgm
   layout that A1111, Forge, ComfyUI and diffusers' own `from_single_file` load.
-- `unet_diffusers_to_ldm(path, unet_config)` / `unet_ldm_to_diffusers(...)`: the UNet's
-  module-path mapping (`down_blocks.1.attentions.0...` <-> `input_blocks.4.1...`), shared
-  with the LoRA file format (SDXL LoRA names use the LDM layout).
+
+The UNet's module-path mapping (`down_blocks.1.attentions.0...` <-> `input_blocks.4.1...`),
+which the LoRA file format (SDXL LoRA names use the LDM layout) and LoRA Block Weight read too,
+is a UNet-family fact: studio.models.families.unet.
 
 Layout of a single-file checkpoint:
 
@@ -20,7 +22,6 @@ Layout of a single-file checkpoint:
 """
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -29,9 +30,13 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from studio import ASSETS_DIR
 from studio.errors import StudioError
-from studio.models.families import FAMILIES, Family, family_from_pipeline_class, family_of_pipeline, get_family
+from studio.models.families import (BUILTIN_MODELS, FAMILIES, Family, family_from_pipeline_class, family_of_pipeline,
+                                    get_family)
+from studio.models.families.unet import config_get, unet_diffusers_to_ldm
 from studio.fsutil import atomic_write_with
+from studio.models.skeletons import skeleton_dir
 from studio.safetensors_file import read_safetensors_header, refuse_pickle, sniff_format
 
 log = logging.getLogger(__name__)
@@ -122,7 +127,8 @@ def _family_from_shapes(shapes: Mapping[str, tuple[int, ...] | None], source: st
 
     if any(k.startswith(("lora_unet_", "lora_te", "lycoris_")) or ".lora_down." in k or ".hada_w1" in k for k in keys):
         raise StudioError(f"{where}is a LoRA/LyCORIS adapter, not a base model; add it as an adapter instead.")
-    family = next((f for f in FAMILIES.values() if has(f.single_file_marker)), None)
+    family = next((f for f in FAMILIES.values() if has(f.single_file_marker) or has(UNET_PREFIX + f.single_file_marker)),
+                  None)
     if family is None:
         raise StudioError(where + _unsupported_checkpoint(keys, has))
     conv_in = shapes.get(UNET_PREFIX + "input_blocks.0.0.weight")
@@ -151,8 +157,8 @@ def _unsupported_checkpoint(keys: list[str], has) -> str:
         hint = " It has UNet weights (model.diffusion_model.*) but no text encoder."
     elif has("down_blocks.") or has("encoder.down") or has("decoder.up"):
         hint = " It looks like one component in diffusers layout (a UNet or VAE), not a full checkpoint."
-    elif has("double_blocks.") or has("joint_blocks.") or has("model.diffusion_model.joint_blocks."):
-        hint = " It looks like Flux or SD3."
+    elif has("joint_blocks.") or has("model.diffusion_model.joint_blocks."):
+        hint = " It looks like SD3."
     expected = " or ".join(f"{f.single_file_marker}* ({f.long_label})" for f in FAMILIES.values())
     return f"is not a checkpoint of a supported model: found {len(keys)} tensors such as {sample}.{hint} Expected {expected}."
 
@@ -207,151 +213,6 @@ def _check_components(shapes: Mapping[str, Any], family: Family, path: Path) -> 
             f"{path} is an incomplete {family.long_label} checkpoint: it has no weights for "
             f"{', '.join(missing)}. Use a full checkpoint (UNet, VAE and text encoders in one file)."
         )
-
-
-# --------------------------------------------------------------------------------------
-# UNet: diffusers <-> LDM module paths
-# --------------------------------------------------------------------------------------
-
-_EXACT, _PLAIN, _RESNET = "exact", "plain", "resnet"
-_RESNET_TO_LDM = {
-    "norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
-    "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection",
-}
-_RESNET_TO_DIFFUSERS = {v: k for k, v in _RESNET_TO_LDM.items()}
-
-
-def _config_get(config: Any, key: str, default: Any = None) -> Any:
-    if isinstance(config, Mapping):
-        return config.get(key, default)
-    return getattr(config, key, default)
-
-
-def _unet_layout_key(unet_config: Any) -> tuple:
-    down = tuple(_config_get(unet_config, "down_block_types") or ())
-    up = tuple(_config_get(unet_config, "up_block_types") or ())
-    if not down or len(down) != len(up):
-        raise StudioError("The UNet config needs down_block_types and up_block_types of equal length.")
-    per_block = _config_get(unet_config, "layers_per_block", 2)
-    per_block = (int(per_block),) * len(down) if isinstance(per_block, int) else tuple(int(n) for n in per_block)
-    return (
-        down, up, per_block,
-        _config_get(unet_config, "mid_block_type", "UNetMidBlock2DCrossAttn") or "UNetMidBlock2DCrossAttn",
-        _config_get(unet_config, "addition_embed_type"),
-        _config_get(unet_config, "class_embed_type"),
-    )
-
-
-@functools.lru_cache(maxsize=32)
-def _unet_tables(layout: tuple) -> tuple[dict[str, tuple[str, str]], dict[str, tuple[str, str]]]:
-    """(diffusers prefix -> (LDM prefix, kind), LDM prefix -> (diffusers prefix, kind))."""
-    down, up, per_block, mid, addition, class_embed = layout
-    pairs: list[tuple[str, str, str]] = [
-        ("time_embedding", "time_embed", _EXACT),
-        ("time_embedding.linear_1", "time_embed.0", _PLAIN),
-        ("time_embedding.linear_2", "time_embed.2", _PLAIN),
-        ("conv_in", "input_blocks.0.0", _PLAIN),
-        ("conv_norm_out", "out.0", _PLAIN),
-        ("conv_out", "out.2", _PLAIN),
-    ]
-    label_sources = []
-    if addition == "text_time":
-        label_sources.append("add_embedding")
-    elif addition is not None:
-        raise StudioError(f"UNet addition_embed_type {addition!r} has no LDM layout here (only 'text_time').")
-    if class_embed in ("timestep", "projection"):
-        label_sources.append("class_embedding")
-    elif class_embed is not None:
-        raise StudioError(f"UNet class_embed_type {class_embed!r} has no LDM layout here.")
-    if len(label_sources) > 1:
-        raise StudioError("A UNet with both add_embedding and class_embedding has no LDM layout.")
-    for source in label_sources:
-        pairs += [
-            (source, "label_emb.0", _EXACT),
-            (f"{source}.linear_1", "label_emb.0.0", _PLAIN),
-            (f"{source}.linear_2", "label_emb.0.2", _PLAIN),
-        ]
-
-    index = 1
-    for b, block_type in enumerate(down):
-        if block_type not in ("DownBlock2D", "CrossAttnDownBlock2D"):
-            raise StudioError(f"UNet down block type {block_type!r} has no LDM layout here.")
-        for j in range(per_block[b]):
-            pairs.append((f"down_blocks.{b}.resnets.{j}", f"input_blocks.{index}.0", _RESNET))
-            if block_type == "CrossAttnDownBlock2D":
-                pairs.append((f"down_blocks.{b}.attentions.{j}", f"input_blocks.{index}.1", _PLAIN))
-            index += 1
-        if b < len(down) - 1:
-            pairs.append((f"down_blocks.{b}.downsamplers.0", f"input_blocks.{index}.0", _EXACT))
-            pairs.append((f"down_blocks.{b}.downsamplers.0.conv", f"input_blocks.{index}.0.op", _PLAIN))
-            index += 1
-
-    if mid != "UNetMidBlock2DCrossAttn":
-        raise StudioError(f"UNet mid block type {mid!r} has no LDM layout here.")
-    pairs += [
-        ("mid_block", "middle_block", _EXACT),
-        ("mid_block.resnets.0", "middle_block.0", _RESNET),
-        ("mid_block.attentions.0", "middle_block.1", _PLAIN),
-        ("mid_block.resnets.1", "middle_block.2", _RESNET),
-    ]
-
-    index = 0
-    up_per_block = list(reversed(per_block))
-    for b, block_type in enumerate(up):
-        if block_type not in ("UpBlock2D", "CrossAttnUpBlock2D"):
-            raise StudioError(f"UNet up block type {block_type!r} has no LDM layout here.")
-        has_attn = block_type == "CrossAttnUpBlock2D"
-        layers = up_per_block[b] + 1
-        for j in range(layers):
-            pairs.append((f"up_blocks.{b}.resnets.{j}", f"output_blocks.{index}.0", _RESNET))
-            if has_attn:
-                pairs.append((f"up_blocks.{b}.attentions.{j}", f"output_blocks.{index}.1", _PLAIN))
-            if j == layers - 1 and b < len(up) - 1:
-                pairs.append((f"up_blocks.{b}.upsamplers.0", f"output_blocks.{index}.{2 if has_attn else 1}", _PLAIN))
-            index += 1
-
-    to_ldm = {d: (l, kind) for d, l, kind in pairs}
-    to_diffusers = {l: (d, kind) for d, l, kind in pairs}
-    assert len(to_ldm) == len(to_diffusers) == len(pairs), "UNet layout table is not one-to-one"
-    return to_ldm, to_diffusers
-
-
-def _map_path(path: str, table: Mapping[str, tuple[str, str]], inner: Mapping[str, str], what: str) -> str:
-    parts = path.split(".")
-    for cut in range(min(len(parts), 5), 0, -1):
-        hit = table.get(".".join(parts[:cut]))
-        if hit is None:
-            continue
-        target, kind = hit
-        rest = parts[cut:]
-        if not rest:
-            return target
-        if kind == _PLAIN:
-            return ".".join([target, *rest])
-        if kind == _RESNET:
-            for width in (2, 1):
-                renamed = inner.get(".".join(rest[:width]))
-                if renamed is not None and len(rest) >= width:
-                    return ".".join([target, renamed, *rest[width:]])
-        break
-    raise StudioError(f"{path!r} is not a {what} UNet module or parameter name for this UNet config.")
-
-
-def unet_diffusers_to_ldm(path: str, unet_config: Any) -> str:
-    """The LDM/sgm name of a diffusers UNet module or parameter path, e.g.
-    `down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q` -> `input_blocks.4.1.
-    transformer_blocks.0.attn1.to_q` (SD 1.5 and SDXL, `layers_per_block` 2). Works for
-    any suffix below a mapped module (`.weight`, `.lora_A.default.weight`, ...).
-    `unet_config` is `unet.config` or the config dict. Raises StudioError for paths with
-    no LDM equivalent (e.g. `time_proj`, a whole `down_blocks.0`)."""
-    to_ldm, _ = _unet_tables(_unet_layout_key(unet_config))
-    return _map_path(path, to_ldm, _RESNET_TO_LDM, "diffusers")
-
-
-def unet_ldm_to_diffusers(path: str, unet_config: Any) -> str:
-    """The inverse of `unet_diffusers_to_ldm` (LDM path without `model.diffusion_model.`)."""
-    _, to_diffusers = _unet_tables(_unet_layout_key(unet_config))
-    return _map_path(path, to_diffusers, _RESNET_TO_DIFFUSERS, "LDM")
 
 
 # --------------------------------------------------------------------------------------
@@ -470,7 +331,7 @@ def pipeline_family(pipe: Any) -> Family:
     if absent:
         raise StudioError(f"The pipeline has no {' or '.join(absent)} (a refiner?); nothing to save as a full "
                           "checkpoint.")
-    width = _config_get(pipe.unet.config, "cross_attention_dim")
+    width = config_get(pipe.unet.config, "cross_attention_dim")
     if width in family.foreign_cross_attention:
         raise StudioError(f"The pipeline is {family.foreign_cross_attention[width]}; {_SUPPORTED}.")
     return family
@@ -625,25 +486,25 @@ def load_single_file(
     allow_pickle: bool = False,
     config_dir: str | os.PathLike | None = None,
     torch_dtype: Any = None,
-    unet_dtype: Any = None,
-    unet_quantization: Any = None,
+    denoiser_dtype: Any = None,
+    denoiser_quantization: Any = None,
 ):
     """Load an SD 1.x or SDXL single-file checkpoint as a StableDiffusionPipeline /
     StableDiffusionXLPipeline with no network access: the configs and tokenizers come
-    from `config_dir`, else the shipped skeleton of the detected family. `unet_quantization`
+    from `config_dir`, else the shipped skeleton of the detected family. `denoiser_quantization`
     (a diffusers quantization config, e.g. BitsAndBytesConfig) loads the UNet quantized, its
-    other layers in `unet_dtype` (default: `torch_dtype`).
+    other layers in `denoiser_dtype` (default: `torch_dtype`).
 
     Pickled checkpoints (.ckpt/.pt/.bin, detected by content) are refused unless
     `allow_pickle=True`, and even then read with torch's weights-only unpickler. Damaged,
     truncated or foreign files raise a StudioError that says what is wrong."""
     import diffusers
 
-    from studio.models.skeletons import skeleton_dir
-
     path = Path(path).expanduser()
     shapes = _checkpoint_shapes(path, allow_pickle=allow_pickle)
     family = _family_from_shapes(shapes, str(path))
+    if family.denoiser_from_single_file is not None:
+        return _load_denoiser_file(path, family, config_dir, torch_dtype)
     _check_components(shapes, family, path)
     config = Path(config_dir).expanduser() if config_dir is not None else skeleton_dir(family.name)
     _check_config_dir(config, family)
@@ -652,12 +513,12 @@ def load_single_file(
     log.info("Loading %s checkpoint %s with configs from %s", family.name, path, config)
     components = {}
     try:
-        if unet_quantization is not None:
+        if denoiser_quantization is not None:
             from diffusers import UNet2DConditionModel
 
             components["unet"] = UNet2DConditionModel.from_single_file(
                 str(path), config=str(config), subfolder="unet", local_files_only=True,
-                torch_dtype=unet_dtype or torch_dtype, quantization_config=unet_quantization,
+                torch_dtype=denoiser_dtype or torch_dtype, quantization_config=denoiser_quantization,
             )
         pipe = pipeline_cls.from_single_file(
             str(path), config=str(config), local_files_only=True, torch_dtype=torch_dtype, **components
@@ -671,3 +532,68 @@ def load_single_file(
         ) from exc
     _check_loaded(pipe, path)
     return pipe
+
+
+# --------------------------------------------------------------------------------------
+# A file of the denoiser alone (FLUX.1's BFL transformer)
+# --------------------------------------------------------------------------------------
+
+
+def _denoiser_shapes(folder: Path, family: Family) -> dict[str, tuple[int, ...]]:
+    """The denoiser's diffusers state-dict shapes from `folder`'s config, built on the meta device."""
+    import diffusers
+    import torch
+
+    config = json.loads((folder / family.denoiser / "config.json").read_text(encoding="utf-8"))
+    cls = getattr(diffusers, config["_class_name"])
+    with torch.device("meta"):
+        model = cls.from_config(cls.load_config(folder / family.denoiser))
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _has_weights(folder: Path, attr: str) -> bool:
+    return any((folder / attr).glob("*.safetensors"))
+
+
+def _load_denoiser_file(path: Path, family: Family, config_dir: Any, torch_dtype: Any):
+    """A pipeline whose denoiser comes from `path`, a file of the denoiser alone in the
+    original model's layout (family.denoiser_from_single_file converts it), and whose other
+    components (VAE, text encoders, tokenizers, scheduler) come with their weights from
+    `config_dir`; without one, from the family's built-in tiny model when the file fits it.
+    The full-size skeleton has configs only: such a file then needs a diffusers folder of
+    the model for the rest."""
+    import diffusers
+    import torch
+    from safetensors.torch import load_file
+
+    stored = {k.removeprefix(UNET_PREFIX): v for k, v in load_file(str(path)).items()}
+    candidates = ([Path(config_dir).expanduser()] if config_dir is not None else
+                  [ASSETS_DIR / name for name, f in BUILTIN_MODELS.items() if f is family and (ASSETS_DIR / name).is_dir()]
+                  + [skeleton_dir(family.name)])
+    problem = ""
+    for folder in candidates:
+        shapes = _denoiser_shapes(folder, family)
+        try:
+            state = family.denoiser_from_single_file(stored, shapes)
+        except (KeyError, ValueError) as exc:
+            problem = f"it lacks {exc} of the model in {folder}"
+            continue
+        wrong = [k for k, v in state.items() if tuple(v.shape) != shapes[k]]
+        if wrong:
+            problem = f"{wrong[0]} is {list(state[wrong[0]].shape)} in the file, {list(shapes[wrong[0]])} in {folder}"
+            continue
+        others = [attr for attr in ("vae", *family.text_encoders) if not _has_weights(folder, attr)]
+        if others:
+            raise StudioError(f"{path.name} holds the {family.long_label} {family.denoiser} alone; the "
+                              f"{', '.join(others)} weights must come from a diffusers {family.long_label} folder "
+                              "(load that folder, or pass it as the config folder).")
+        cls = getattr(diffusers, json.loads((folder / family.denoiser / "config.json").read_text())["_class_name"])
+        with torch.device("meta"):
+            denoiser = cls.from_config(cls.load_config(folder / family.denoiser))
+        dtype = torch_dtype or torch.float32
+        denoiser.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+        pipeline_cls = getattr(diffusers, family.pipeline_classes[0])
+        return pipeline_cls.from_pretrained(folder, local_files_only=True, torch_dtype=dtype,
+                                            **{family.denoiser: denoiser}, **family.pipeline_kwargs)
+    raise StudioError(f"{path} does not fit the {family.long_label} {family.denoiser}: {problem}. The file is "
+                      "damaged or of another architecture; pass a matching config folder.")

@@ -105,7 +105,9 @@ def _materialise(family: str, target: Path) -> None:
     try:
         shutil.copytree(source, tmp, dirs_exist_ok=True)
         for tokenizer_dir in sorted(tmp.glob("tokenizer*")):
-            write_clip_tokenizer_files(tokenizer_dir)
+            config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+            if config.get("tokenizer_class") == "CLIPTokenizer":  # T5's sentencepiece vocabulary is not shipped
+                write_clip_tokenizer_files(tokenizer_dir)
         (tmp / _COMPLETE_MARKER).write_text(family)
         try:
             os.replace(tmp, target)

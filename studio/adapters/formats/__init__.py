@@ -6,7 +6,11 @@ diffusers and peft, for SD 1.5 and SDXL; and the bridge to peft adapters in memo
     naming.py    kohya names <-> diffusers / transformers module paths (SDXL UNet names in
                  the LDM layout via studio.models.single_file), sd-scripts' target-module rule
     peft_bridge.py  peft layers -> modules (export), modules -> peft layers (attach)
-    files.py     reading and writing files, metadata, A1111's hashes, metadata editing
+    files.py     reading and writing files, metadata, A1111's hashes, metadata editing;
+                 a method's own layout (T-LoRA's) is read by the method, which
+                 studio.adapters.load_adapter passes in (the formats import no method)
+    header_keys.py  the header entries that mark the studio's own layouts (a method's,
+                 a mixture's), torch-free for the methods that studio.config lists
 
 `studio.adapters` is the public face; import from there.
 

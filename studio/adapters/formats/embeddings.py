@@ -21,6 +21,7 @@ from typing import Mapping
 import torch
 
 from studio.errors import StudioError
+from studio.fsutil import atomic_write_bytes
 
 BUNDLE_PREFIX = "bundle_emb."
 
@@ -65,8 +66,6 @@ def bundled_tensors(embeddings: Mapping[str, list[torch.Tensor]], family) -> dic
 def save_embedding(path: str | Path, vectors: list[torch.Tensor], family, metadata: Mapping[str, str]) -> Path:
     """Write one embedding as a file of its own (the family's embedding_file_keys), atomically."""
     from safetensors.torch import save
-
-    from studio.fsutil import atomic_write_bytes
 
     tensors = {key: v.detach().float().contiguous().cpu() for key, v in zip(family.embedding_file_keys, vectors)}
     path = Path(path)

@@ -22,23 +22,28 @@ import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import torch
 
 from studio.errors import StudioError
-from studio.models.families import (BUILTIN, DEFAULT, family_from_diffusers_keys, family_from_metadata, family_from_prefixes,
-                             family_from_unet_names, get_family)
+from studio.models.families import (BUILTIN_MODELS, DEFAULT, family_from_diffusers_keys, family_from_metadata,
+                                    family_from_prefixes, family_from_unet_names, get_family, part_attrs)
+from studio.adapters.formats.header_keys import FORMAT_KEY, MIXTURE_KEY
 from studio.adapters.formats.embeddings import bundled_tensors, parse_bundled, split_bundled
 from studio.adapters.formats.modules import LOHA, LOKR, LORA, AdapterModule, dora_scale_from_magnitude, \
     magnitude_from_dora_scale, parse_module
 from studio.adapters.formats.naming import (ALL_PREFIXES, Target, clip_kohya_path, describe_names, name_table,
                                    path_to_name, split_name)
-from studio.adapters.formats.peft_bridge import AdapterType, _lokr_config, _loha_config, _lora_config, _Plan, check_fit
+from studio.adapters.formats.peft_bridge import (AdapterType, _lokr_config, _loha_config, _lora_config, check_fit,
+                                                 module_from_peft, modules_from_models, plans_for)
 from studio.fsutil import atomic_write_bytes, open_regular
-from studio.adapters.methods import FORMAT_KEY, METHODS, NativeFileMethod, native_method
-from studio.adapters.mixtures.file import MIXTURE_KEY
+from studio import ASSETS_DIR
+from studio.models.skeletons import skeleton_dir
 from studio.safetensors_file import read_safetensors_header, refuse_pickle, sniff_format
+
+if TYPE_CHECKING:
+    from studio.adapters.methods.base import Method, NativeFileMethod
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +80,19 @@ class AdapterFile:
 
     def prefix_counts(self) -> dict[str, int]:
         return describe_names(self.modules)
+
+
+def export_adapter(models: Mapping[str, torch.nn.Module], *, family: str = DEFAULT.name, adapter_name: str = "default",
+                   metadata: Mapping[str, str] | None = None,
+                   initial_factors: Mapping[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] | None = None,
+                   ) -> AdapterFile:
+    """The peft adapter `adapter_name` on `models` ({"unet": ..., "text_encoder": ...,
+    "text_encoder_2": ...}) as an AdapterFile in kohya names, whatever its peft type (LoRA,
+    LoCon, DoRA, rsLoRA, LoHa, LoKr); rank and alpha come from the layers. After a PiSSA /
+    OLoRA init, `initial_factors` (see `modules_from_models`) makes it the equivalent plain
+    LoRA on the unmodified base model."""
+    modules = modules_from_models(family, models, adapter_name, initial_factors)
+    return AdapterFile(modules, dict(metadata or {}), family, "peft")
 
 
 # --------------------------------------------------------------------------------------
@@ -171,9 +189,12 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return tensors, metadata
 
 
-def load_adapter(path: str | Path) -> AdapterFile:
+def load_adapter(path: str | Path, methods: Iterable[Method] = ()) -> AdapterFile:
     """Read an adapter file or folder in any supported layout (kohya / LyCORIS, diffusers,
-    peft), checking every tensor; a clear StudioError names anything that does not fit."""
+    peft), checking every tensor; a clear StudioError names anything that does not fit.
+    `methods` (studio.adapters.load_adapter passes every one; the formats import none) read
+    their own layouts (T-LoRA's, named by the header's FORMAT_KEY) and say why a file of
+    another tool they recognise cannot be read (`foreign_file`)."""
     path = Path(path)
     if path.is_dir():
         return _load_peft_folder(path)
@@ -181,13 +202,18 @@ def load_adapter(path: str | Path) -> AdapterFile:
     if MIXTURE_KEY in metadata:
         raise StudioError(f"{path.name} is a mixture of adapters, not one adapter: generate with it, or write it as "
                           "one LoRA with `lora-studio bake` where its gates allow.")
-    native = native_method(metadata.get(FORMAT_KEY))
+    native = _native_method(methods, metadata.get(FORMAT_KEY))
     if native is not None:
         return _from_native(native, path, metadata)
     bundled = split_bundled(tensors)
     if bundled and not tensors:
         raise StudioError(f"{path.name} holds only bundled embeddings, no adapter.")
     keys = list(tensors)
+    parts = {k.split(".", 1)[1] for k in keys if "." in k}
+    for method in methods:  # another tool's file of a method (LyCORIS's lycoris_ T-LoRA): say so first
+        why = method.foreign_file(path.name, parts)
+        if why:
+            raise StudioError(why)
     if all(k.split(".", 1)[0].startswith(tuple(p + "_" for p in ALL_PREFIXES)) for k in keys):
         adapter = _from_kohya(tensors, metadata, path.name)
         adapter.embeddings = parse_bundled(bundled, get_family(adapter.family), path.name)
@@ -195,7 +221,7 @@ def load_adapter(path: str | Path) -> AdapterFile:
     if bundled:
         raise StudioError(f"{path.name} bundles embeddings (bundle_emb.*) beside tensors that are not in the kohya "
                           "layout; only kohya adapter files bundle embeddings.")
-    if all(k.startswith(("unet.", "text_encoder.", "text_encoder_2.")) for k in keys):
+    if all(k.startswith(tuple(f"{attr}." for attr in part_attrs())) for k in keys):
         return _from_diffusers(tensors, metadata, path.name)
     if all(k.startswith("base_model.model.") for k in keys):
         config_path = path.with_name(PEFT_CONFIG)
@@ -211,13 +237,15 @@ def load_adapter(path: str | Path) -> AdapterFile:
                           f"e.g. {', '.join(other[:3])}.")
     if any(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")) for k in keys):
         raise StudioError(f"{path.name} is a base-model checkpoint, not an adapter; use it as the base model.")
-    parts = {k.split(".", 1)[1] for k in keys if "." in k}
-    for method in METHODS.values():
-        why = method.foreign_file(path.name, parts)
-        if why:
-            raise StudioError(why)
     raise StudioError(f"{path.name} is not an adapter in a known layout (kohya/LyCORIS, diffusers or peft): "
                       f"its tensors are named like {', '.join(sorted(keys)[:3])}.")
+
+
+def _native_method(methods: Iterable[Method], file_format: str | None) -> NativeFileMethod | None:
+    """The one of `methods` whose own layout a header's FORMAT_KEY names, if any."""
+    if file_format is None:
+        return None
+    return next((m for m in methods if getattr(m, "native_format", None) == file_format), None)
 
 
 def _from_native(method: NativeFileMethod, path: Path, metadata: dict[str, str]) -> AdapterFile:
@@ -243,7 +271,7 @@ def _from_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str], sour
 
 
 _DIFFUSERS_KEY = re.compile(
-    r"^(unet|text_encoder|text_encoder_2)\.(.+?)\.(lora_A\.weight|lora_B\.weight|lora\.down\.weight|lora\.up\.weight|"
+    rf"^({'|'.join(part_attrs())})\.(.+?)\.(lora_A\.weight|lora_B\.weight|lora\.down\.weight|lora\.up\.weight|"
     r"lora_linear_layer\.down\.weight|lora_linear_layer\.up\.weight|lora_magnitude_vector(?:\.weight)?|alpha)$")
 
 
@@ -306,8 +334,6 @@ def _pattern_value(config: Mapping[str, Any], pattern_key: str, path: str, defau
 
 
 def _module_from_peft_state(kind, tensors, r, alpha, rslora, magnitude, what) -> AdapterModule:
-    from studio.adapters.formats.peft_bridge import module_from_peft
-
     for name, tensor in tensors.items():
         if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
             raise StudioError(f"{what}.{name} is not a finite floating-point tensor; the file is broken.")
@@ -327,7 +353,7 @@ def _read_json(path: Path) -> dict:
 
 
 def _guess_attr(tensors: Mapping[str, Any], folder_name: str) -> str:
-    if folder_name in ("unet", "text_encoder", "text_encoder_2"):
+    if folder_name in part_attrs():
         return folder_name
     if any("text_model." in k or ".encoder.layers." in k for k in tensors):
         return "text_encoder"
@@ -337,7 +363,7 @@ def _guess_attr(tensors: Mapping[str, Any], folder_name: str) -> str:
 def _load_peft_folder(folder: Path) -> AdapterFile:
     parts: dict[str, tuple[dict, dict]] = {}
     metadata: dict[str, str] = {}
-    candidates = [folder / attr for attr in ("unet", "text_encoder", "text_encoder_2")] + [folder]
+    candidates = [folder / attr for attr in part_attrs()] + [folder]
     for sub in candidates:
         weights, config = sub / PEFT_WEIGHTS, sub / PEFT_CONFIG
         if weights.is_file() and config.is_file():
@@ -393,25 +419,23 @@ def _from_peft(parts: Mapping[str, tuple[dict, dict]], metadata: dict[str, str],
 @functools.lru_cache(maxsize=4)
 def reference_models(family: str) -> tuple[tuple[str, dict[str, torch.nn.Module]], ...]:
     """(label, models) of the architectures an adapter of `family` may be for, built on the
-    meta device from shipped configs: the built-in model and real SD 1.5, or real SDXL."""
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig
-
-    from studio.models.builtin import BUILTIN_DIR
-    from studio.models.skeletons import skeleton_dir
-
+    meta device from shipped configs: the family's built-in tiny model, if any, and the real
+    full-size one (SD 1.5, SDXL, FLUX.1-dev)."""
+    import diffusers
     import transformers
 
     fam = get_family(family)
-    folders = [("builtin", BUILTIN_DIR)] if fam is BUILTIN else []
+    folders = [(name, ASSETS_DIR / name) for name, f in BUILTIN_MODELS.items() if f is fam and (ASSETS_DIR / name).is_dir()]
     folders.append((fam.label, skeleton_dir(fam.name)))
     out = []
     for label, folder in folders:
         with torch.device("meta"):
-            models = {"unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))}
+            config = json.loads((folder / fam.denoiser / "config.json").read_text(encoding="utf-8"))
+            cls = getattr(diffusers, config["_class_name"])
+            models = {fam.denoiser: cls.from_config(cls.load_config(folder / fam.denoiser))}
             for attr in fam.text_encoders:
-                config = CLIPTextConfig.from_pretrained(folder / attr)
-                models[attr] = getattr(transformers, config.architectures[0])(config)
+                te_config = transformers.AutoConfig.from_pretrained(folder / attr)
+                models[attr] = getattr(transformers, te_config.architectures[0])(te_config)
         out.append((label, models))
     return tuple(out)
 
@@ -439,11 +463,10 @@ def resolve_dora(adapter: AdapterFile, models: Mapping[str, torch.nn.Module], *,
     for name, module in adapter.modules.items():
         if not module.is_dora or getattr(module, need) is not None:
             continue
-        layer = table[name].layer
-        if layer.weight.is_meta:
+        weight = table[name].base_weight()
+        if weight.is_meta:
             raise StudioError("Converting DoRA between the kohya and the diffusers/peft layouts needs the base model's "
                               "weights (the kohya dora_scale depends on them); pass --model.")
-        weight = layer.weight.detach()
         delta = module.delta(weight.shape)
         if need == "dora_scale":
             module.dora_scale = dora_scale_from_magnitude(weight, delta, module.magnitude)
@@ -514,10 +537,11 @@ def _peft_states(adapter: AdapterFile, models: Mapping[str, torch.nn.Module], dt
                  ) -> dict[str, tuple[Any, dict[str, torch.Tensor]]]:
     """attr -> (peft config, peft state dict keyed by module path)."""
     table = name_table(get_family(adapter.family).name, models)
-    plans: dict[str, list[_Plan]] = {}
+    plans: dict[str, list] = {}
     for name, module in adapter.modules.items():
         target: Target = table[name]
-        plans.setdefault(target.attr, []).append(_Plan(target.attr, target.path, target.layer, module))
+        for plan in plans_for(name, module, target):
+            plans.setdefault(plan.attr, []).append(plan)
     out = {}
     for attr, group in plans.items():
         kinds = {p.module.kind for p in group}

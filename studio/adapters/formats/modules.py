@@ -180,6 +180,84 @@ class AdapterModule:
         return sum(v.numel() for v in self.tensors.values())
 
 
+def module_rows(module: AdapterModule, start: int, stop: int, what: str) -> AdapterModule | None:
+    """The part of `module` that updates output rows [start, stop) of its layer: how a
+    module of a fused layer (FLUX.1's qkv) becomes one per diffusers module, exactly.
+
+    - lora: up[start:stop] with the shared down; rank columns whose up rows there are all
+      zero are dropped (a block-diagonal up, sd-scripts' split_qkv form, gives each part its
+      own rank back), alpha kept in proportion so the scale alpha/r stays. None when no
+      column is left (the part is not updated), unless DoRA rescales it anyway.
+    - loha: rows of hada_w1_a and hada_w2_a, (w1a w1b) * (w2a w2b) being row-wise.
+    - lokr: kron(w1, w2) has rows i = i1 b + i2 (w2: b rows), so a range of whole w1 rows
+      when b divides start and stop; otherwise it has no LoKr form and is refused.
+    DoRA: an output-axis dora_scale / magnitude is row-wise too; an input-axis one is not."""
+    t = module.tensors
+    if module.dora_scale is not None and module.dora_scale.numel() != module.dora_scale.shape[0]:
+        raise StudioError(f"{what}: an input-axis dora_scale normalises the columns of the whole fused layer; it "
+                          "cannot be split into its parts")
+    dora = {"dora_scale": None if module.dora_scale is None else module.dora_scale[start:stop],
+            "magnitude": None if module.magnitude is None else module.magnitude.flatten()[start:stop]}
+    if module.kind == LORA:
+        up = module.up[start:stop]
+        keep = up.flatten(1).abs().sum(dim=0) > 0
+        if not bool(keep.any()):
+            if not module.is_dora:
+                return None
+            keep = torch.ones_like(keep)
+        kept = int(keep.sum())
+        return AdapterModule(LORA, {"lora_down.weight": module.down[keep].contiguous(),
+                                    "lora_up.weight": up[:, keep].contiguous()},
+                             module.scale * kept, **dora)
+    if module.kind == LOHA:
+        if "hada_t1" in t:
+            raise StudioError(f"{what}: a LoHa with Tucker cores is for convolutions, not a fused linear layer")
+        parts = dict(t, hada_w1_a=t["hada_w1_a"][start:stop].contiguous(), hada_w2_a=t["hada_w2_a"][start:stop].contiguous())
+        return AdapterModule(LOHA, parts, module.alpha, **dora)
+    w2 = t.get("lokr_w2")
+    b = w2.shape[0] if w2 is not None else (t["lokr_w2_a"].shape[1] if "lokr_t2" in t else t["lokr_w2_a"].shape[0])
+    if start % b or stop % b:
+        raise StudioError(f"{what}: its LoKr factor of {b} rows does not divide the fused layer's parts at rows "
+                          f"{start}-{stop}, so no LoKr module updates that part alone; train LoKr on FLUX.1 with "
+                          "another lokr factor, or use LoRA / LoHa")
+    key = "lokr_w1" if "lokr_w1" in t else "lokr_w1_a"
+    parts = dict(t, **{key: t[key][start // b: stop // b].contiguous()})
+    return AdapterModule(LOKR, parts, module.alpha, **dora)
+
+
+def stack_rows(parts: list[AdapterModule | None], sizes: list[int], what: str) -> AdapterModule:
+    """One LoRA module for a fused layer from LoRA modules of its parts (rows `sizes[i]`
+    each, None for a part without one): downs stacked, ups block-diagonal, each part's
+    scale folded into its up, so that row block i of the product is part i's update
+    exactly (sd-scripts' split_qkv layout). Rank: the sum of the parts' ranks. DoRA:
+    magnitudes and output-axis dora_scales stacked, every part then needs one."""
+    present = [p for p in parts if p is not None]
+    if any(p.kind != LORA for p in present):
+        raise StudioError(f"{what}: only LoRA parts stack into one module")
+    dora = [p.is_dora for p in present]
+    if any(dora) and (not all(dora) or len(present) != len(parts)):
+        raise StudioError(f"{what}: DoRA on only some parts of a fused layer has no single DoRA module; adapt all of "
+                          "its parts (to_q, to_k, to_v) or none with DoRA")
+    rank = sum(p.rank for p in present)
+    first = present[0]
+    down = torch.cat([p.down.float() for p in present])
+    up = torch.zeros(sum(sizes), rank, dtype=torch.float32)
+    row = col = 0
+    for part, size in zip(parts, sizes):
+        if part is not None:
+            up[row:row + size, col:col + part.rank] = part.up.float().flatten(1) * part.scale
+            col += part.rank
+        row += size
+    module = AdapterModule(LORA, {"lora_down.weight": down.to(first.down.dtype),
+                                  "lora_up.weight": up.to(first.up.dtype)}, float(rank))
+    if all(dora) and present:
+        if all(p.magnitude is not None for p in present):
+            module.magnitude = torch.cat([p.magnitude.flatten() for p in present])
+        if all(p.dora_scale is not None for p in present):
+            module.dora_scale = torch.cat([p.dora_scale.reshape(-1, 1) for p in present])
+    return module
+
+
 def LoraModule(down: torch.Tensor, up: torch.Tensor, alpha: float | None = None) -> AdapterModule:
     """A plain LoRA / LoCon module (compatibility constructor)."""
     return AdapterModule(LORA, {"lora_down.weight": down, "lora_up.weight": up}, alpha)

@@ -17,9 +17,9 @@ import torch
 
 from studio.errors import StudioError
 from studio.adapters.formats.modules import (LOHA, LOKR, LORA, AdapterModule, dora_axis, dora_scale_from_magnitude,
-                                    magnitude_from_dora_scale)
+                                    magnitude_from_dora_scale, module_rows, stack_rows)
 from studio.models.families import FAMILIES, get_family
-from studio.adapters.formats.naming import Target, clean_path, kohya_name, name_table
+from studio.adapters.formats.naming import (Target, base_layers, clean_path, kohya_name, layout_piece, name_table)
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +161,7 @@ def modules_from_models(family: str, models: Mapping[str, torch.nn.Module], adap
         if model is None:
             continue
         config = getattr(model, "config", None) if part.attr == "unet" else None
+        fused: dict[str, dict[int, tuple[str, AdapterModule]]] = {}
         for path, layer in model.named_modules():
             if not isinstance(layer, BaseTunerLayer):
                 continue
@@ -185,13 +186,59 @@ def modules_from_models(family: str, models: Mapping[str, torch.nn.Module], adap
                 if initial is not None:
                     weight = weight + start.delta(weight.shape)  # the original weights, before the init moved them
                 module.dora_scale = dora_scale_from_magnitude(weight, module.delta(weight.shape), module.magnitude)
+            piece = layout_piece(part, clean_path(path))
+            if piece is not None and piece.fused:
+                fused.setdefault(piece.path, {})[piece.index] = (clean_path(path), module)
+                continue
             name = kohya_name(part, clean_path(path), config)
             if name in out:
                 raise StudioError(f"Two layers map to the kohya name {name}.")
             out[name] = module
+        out.update(_fused_modules(part, model, fused))
     if not out:
         raise StudioError(f"No peft adapter named {adapter_name!r} on the models; nothing to export.")
     return out
+
+
+def _fused_modules(part, model: torch.nn.Module, fused: Mapping[str, Mapping[int, tuple[str, AdapterModule]]]
+                   ) -> dict[str, AdapterModule]:
+    """The file modules of the layers `part`'s layout fuses (FLUX.1's qkv, linear1), from the
+    modules trained on their diffusers parts: LoRA parts stack into the one module
+    sd-scripts writes (stack_rows); a LoHa / LoKr has no such sum, so each part keeps a name
+    of its own (the part's first alias prefix and its diffusers path: SimpleTuner's
+    `lycoris_` names, which ComfyUI maps to the slice of the fused weight)."""
+    if not fused:
+        return {}
+    layers = base_layers(model)
+    by_layout: dict[str, dict[int, str]] = {}
+    for path in layers:
+        piece = layout_piece(part, path)
+        if piece is not None and piece.fused:
+            by_layout.setdefault(piece.path, {})[piece.index] = path
+    out: dict[str, AdapterModule] = {}
+    for layout_path, parts in fused.items():
+        paths = [by_layout[layout_path][i] for i in sorted(by_layout[layout_path])]
+        name = f"{part.prefix}_{layout_path.replace('.', '_')}"
+        if all(module.kind == LORA for _, module in parts.values()):
+            modules = [parts[i][1] if i in parts else None for i in sorted(by_layout[layout_path])]
+            out[name] = stack_rows(modules, [layers[p].weight.shape[0] for p in paths], f"{part.attr}.{layout_path}")
+        else:
+            for path, module in parts.values():
+                out[f"{part.alias_prefixes[0]}_{path.replace('.', '_')}"] = module
+    return out
+
+
+def plans_for(name: str, module: AdapterModule, target: Target) -> list["_Plan"]:
+    """The peft layers a file module becomes: one, or for a fused layer one per part it
+    updates (module_rows)."""
+    if not target.pieces:
+        return [_Plan(target.attr, target.path, target.layer, module)]
+    plans = []
+    for piece, start, stop in target.rows():
+        part = module_rows(module, start, stop, f"{name} ({piece.path})")
+        if part is not None:
+            plans.append(_Plan(piece.attr, piece.path, piece.layer, part))
+    return plans
 
 
 # --------------------------------------------------------------------------------------
@@ -209,6 +256,19 @@ def _in_out(layer: torch.nn.Module) -> tuple[int, int, tuple[int, int]]:
 
 def check_fit(name: str, module: AdapterModule, target: Target) -> str | None:
     """Why `module` does not fit the layer it names (None when it fits)."""
+    if target.pieces:
+        try:
+            module.delta(target.weight_shape)
+            if module.kind == LORA and (module.down.shape[1] != target.weight_shape[1]
+                                        or module.up.shape[0] != target.weight_shape[0]):
+                raise StudioError(f"file {(module.up.shape[0], module.down.shape[1])}, model {target.weight_shape}")
+            for plan in plans_for(name, module, target):
+                why = check_fit(name, plan.module, Target(plan.attr, plan.path, plan.layer))
+                if why:
+                    return why
+        except StudioError as error:
+            return f"{name}: {error}"
+        return None
     inp, out, kernel = _in_out(target.layer)
     conv = isinstance(target.layer, torch.nn.Conv2d)
     t = module.tensors
@@ -450,8 +510,9 @@ def attach_modules(family: str, models: Mapping[str, torch.nn.Module], modules: 
         raise StudioError(f"{source} is a {get_family(adapter_family).label} adapter but the base model is "
                           f"{get_family(family).label}; use a base model of the family it was trained for.")
     table = name_table(family, models)
-    known_prefixes = {p.prefix for p in get_family(family).parts if p.attr in models}
+    known_prefixes = {x for p in get_family(family).parts if p.attr in models for x in (p.prefix, *p.alias_prefixes)}
     plans: dict[tuple[str, str], list[_Plan]] = {}
+    adapted: dict[str, set[str]] = {}
     problems: list[str] = []
     foreign: list[str] = []
     for name, module in modules.items():
@@ -467,10 +528,15 @@ def attach_modules(family: str, models: Mapping[str, torch.nn.Module], modules: 
         if why:
             problems.append(why)
             continue
-        plans.setdefault((target.attr, module.kind), []).append(_Plan(target.attr, target.path, target.layer, module))
+        for plan in plans_for(name, module, target):
+            if plan.path in adapted.setdefault(plan.attr, set()):
+                problems.append(f"{name} ({plan.attr}.{plan.path} is adapted by another module of the file too)")
+            adapted[plan.attr].add(plan.path)
+            plans.setdefault((plan.attr, plan.module.kind), []).append(plan)
     if foreign:
         other = next((f.label for f in FAMILIES.values() if f.name != family and all(
-            n.startswith(tuple(p.prefix + "_" for p in f.parts)) for n in foreign)), "another model family")
+            n.startswith(tuple(x + "_" for p in f.parts for x in (p.prefix, *p.alias_prefixes))) for n in foreign)),
+            "another model family")
         raise StudioError(f"{source} does not fit this {get_family(family).label} base model: {len(foreign)} modules have "
                           f"prefixes it has no model for, e.g. {', '.join(sorted(foreign)[:3])} (an adapter for {other}?).")
     if problems:

@@ -20,9 +20,32 @@ module with none left is not written.
 from __future__ import annotations
 
 import math
+from typing import Literal
+
+from pydantic import Field, model_validator
 
 from studio.errors import StudioError
-from studio.adapters.methods.base import ADAPTER_NAME, PeftMethod, PeftTraining
+from studio.adapters.methods.base import ADAPTER_NAME, PeftMethod, PeftTraining, is_text_encoder
+from studio.adapters.methods.options import ConvTargets, NetworkOptions, RankBudget
+
+
+class AdaLoRAOptions(RankBudget, ConvTargets, NetworkOptions):
+    """AdaLoRA allocates the ranks itself (no block ranks, rank allocation or squeeze), on
+    the attention layers and, as LoCon, the UNet's convs."""
+
+    type: Literal["adalora"] = "adalora"
+    adalora_init_r: int | None = Field(None, ge=1, le=1024, description="AdaLoRA: starting rank of every module, pruned to an average of rank (or rank_budget in total); default 1.5 x rank.")
+    adalora_tinit: int | None = Field(None, ge=0, le=1_000_000, description="AdaLoRA: steps before pruning starts (default 10% of max_steps).")
+    adalora_tfinal: int | None = Field(None, ge=0, le=1_000_000, description="AdaLoRA: last steps, with the ranks fixed (default 30% of max_steps).")
+    adalora_delta_t: int | None = Field(None, ge=1, le=1_000_000, description="AdaLoRA: steps between two reallocations (default 1% of max_steps, at least 1).")
+    adalora_orth_reg: float = Field(0.1, ge=0, le=100, description="AdaLoRA: weight of the orthogonality penalty |PᵀP - I| + |QQᵀ - I| (the paper's 0.1).")
+
+    @model_validator(mode="after")
+    def _check_adalora(self):
+        if self.adalora_init_r is not None and self.adalora_init_r <= self.rank:
+            raise ValueError(f"adalora_init_r ({self.adalora_init_r}) must exceed rank ({self.rank}), the average "
+                             "rank AdaLoRA prunes to")
+        return self
 
 
 def schedule(net, max_steps: int) -> dict[str, int]:
@@ -32,6 +55,24 @@ def schedule(net, max_steps: int) -> dict[str, int]:
             "tinit": max_steps // 10 if net.adalora_tinit is None else net.adalora_tinit,
             "tfinal": (3 * max_steps) // 10 if net.adalora_tfinal is None else net.adalora_tfinal,
             "deltaT": max(1, max_steps // 100) if net.adalora_delta_t is None else net.adalora_delta_t}
+
+
+def schedule_problem(net, max_steps: int) -> str | None:
+    """Why the schedule cannot prune in a run of `max_steps`, or None. peft's RankAllocator
+    fixes the ranks at step final = max_steps - tfinal from the importance scores it gathered
+    at the steps before it (none at `final` itself), and prunes between tinit and final: so
+    it needs tinit < final (peft's own check) and a step before final (final >= 2; a 1-step
+    run met its first check and died in the allocator on the scores it never gathered)."""
+    s = schedule(net, max_steps)
+    final = max_steps - s["tfinal"]
+    if s["tinit"] >= final:
+        return (f"network.adalora_tinit ({s['tinit']}) and adalora_tfinal ({s['tfinal']}) leave no pruning phase "
+                f"in a run of {max_steps} steps; lower them or train longer")
+    if final < 2:
+        return (f"adalora fixes its ranks at step max_steps - adalora_tfinal = {final} by the importance it measured "
+                f"at the steps before it, and this run has none; set training.max_steps to at least "
+                f"{s['tfinal'] + 2} or lower network.adalora_tfinal")
+    return None
 
 
 class AdaLoRATraining(PeftTraining):
@@ -46,7 +87,10 @@ class AdaLoRATraining(PeftTraining):
         self.keep: dict[str, list[bool]] | None = None
 
     def peft_config(self, component):
-        return self.method.peft_config(self.net, text_encoder=component != "unet", max_steps=self.max_steps)
+        """Without layers in the unadapted sections: the allocator scores every AdaLoRA layer
+        by its gradient, which a frozen one does not have."""
+        return self.without_unadapted(component, self.method.peft_config(
+            self.net, text_encoder=is_text_encoder(component), max_steps=self.max_steps))
 
     def _all(self):
         import torch
@@ -133,14 +177,15 @@ class AdaLoRATraining(PeftTraining):
         scale alpha / (r0 + 1e-5) (peft divides by ranknum + 1e-5)."""
         import torch
 
-        from studio.adapters import AdapterFile, LoraModule
+        from studio.adapters.formats.files import AdapterFile
+        from studio.adapters.formats.modules import LoraModule
         from studio.adapters.formats.modules import keep_components
         from studio.adapters.formats.naming import clean_path, path_to_name
         from peft.tuners.adalora.layer import AdaLoraLayer
 
         modules = {}
         for component, model in self.models.items():
-            config = getattr(model, "config", None) if component == "unet" else None
+            config = getattr(model, "config", None) if not is_text_encoder(component) else None
             for path, layer in model.named_modules():
                 if not (isinstance(layer, AdaLoraLayer) and ADAPTER_NAME in layer.lora_A):
                     continue
@@ -166,27 +211,23 @@ class AdaLoRA(PeftMethod):
     name = "adalora"
     summary = "adalora (AdaLoRA: SVD-form update pruned to a rank budget during training, per-module ranks)"
     training_class = AdaLoRATraining
+    options = AdaLoRAOptions
     nf4 = False
 
-    def check(self, net):
-        if net.use_dora or net.use_rslora or net.init != "default" or net.loraplus_lr_ratio:
-            raise ValueError("use_dora, use_rslora, init and loraplus_lr_ratio do not apply to adalora")
-        if net.rank_allocation != "none" or net.squeeze_rank is not None:
-            raise ValueError("adalora allocates its own ranks; set rank_allocation = 'none' and unset squeeze_rank "
-                             "(rank_budget applies)")
-        if net.block_rank_down or net.block_rank_mid or net.block_rank_up:
-            raise ValueError("adalora allocates the ranks itself; unset block_rank_down / _mid / _up")
-        if net.adalora_init_r is not None and net.adalora_init_r <= net.rank:
-            raise ValueError(f"adalora_init_r ({net.adalora_init_r}) must exceed rank ({net.rank}), the average "
-                             "rank AdaLoRA prunes to")
+    def check_training(self, net, training):
+        """The schedule, where the config gives the run's length (an epoch run's is counted by
+        the worker, and checked by `training`)."""
+        super().check_training(net, training)
+        problem = schedule_problem(net, training.max_steps) if training.max_epochs is None else None
+        if problem:
+            raise ValueError(problem)
 
     def training(self, net, *, seed, max_steps=None):
         if max_steps is None:
             raise StudioError("adalora schedules its pruning by the run's length; it needs max_steps")
-        s = schedule(net, max_steps)
-        if s["tinit"] >= max_steps - s["tfinal"]:
-            raise StudioError(f"network.adalora_tinit ({s['tinit']}) and adalora_tfinal ({s['tfinal']}) leave no "
-                              f"pruning phase in a run of {max_steps} steps; lower them or train longer.")
+        problem = schedule_problem(net, max_steps)
+        if problem:
+            raise StudioError(problem + ".")
         return super().training(net, seed=seed, max_steps=max_steps)
 
     def peft_config(self, net, *, text_encoder, max_steps: int = 1):

@@ -33,7 +33,10 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Iterator
 
-from studio.adapters.methods.base import ADAPTER_NAME
+from pydantic import Field
+
+from studio.adapters.methods.base import ADAPTER_NAME, is_text_encoder
+from studio.adapters.methods.options import Section
 
 if TYPE_CHECKING:
     import torch
@@ -44,6 +47,14 @@ log = logging.getLogger(__name__)
 
 # The names of a gate in named_parameters() and in the checkpoints.
 SCALE, MASK = "ard_scale", "ard_mask"
+
+
+class ARDOptions(Section):
+    ard_l1: float = Field(1e-3, ge=0, le=10, description="ARD-LoRA: weight of the L1 penalty sum c_i on the components' sizes c_i = |s_i| |B_i| |A_i| (s: the learned scales).")
+    ard_tv: float = Field(1e-3, ge=0, le=10, description="ARD-LoRA: weight of the total variation sum |c_i+1 - c_i| of each module's component sizes along rank.")
+    ard_threshold: float = Field(0.1, ge=0, le=1, description="ARD-LoRA: components smaller than this x their module's largest are pruned.")
+    ard_prune_every: int = Field(0, ge=0, le=1_000_000, description="ARD-LoRA: also prune every N steps during training (0 = only after the last step).")
+    ard_lr_ratio: float = Field(10.0, gt=0, le=1000, description="ARD-LoRA: the scales learn at this x the learning rate (a step size of their own, as the paper's).")
 
 
 def check(net) -> None:
@@ -155,7 +166,7 @@ class ARDGates:
         """The plain LoRA file: B diag(s ⊙ m) written as up, each module at its live rank."""
         import torch
 
-        from studio.adapters import export_adapter
+        from studio.adapters.formats.files import export_adapter
         from studio.adapters.formats.modules import keep_components
         from studio.adapters.formats.naming import clean_path, path_to_name
         from peft.tuners.lora.layer import LoraLayer
@@ -176,7 +187,7 @@ class ARDGates:
                     layers[k].lora_B[ADAPTER_NAME].weight.copy_(up)
         modules = {}
         for (c, path), mask in self.masks.items():
-            name = path_to_name(family, c, clean_path(path), getattr(models[c], "config", None) if c == "unet" else None)
+            name = path_to_name(family, c, clean_path(path), getattr(models[c], "config", None) if not is_text_encoder(c) else None)
             module = keep_components(adapter.modules[name], mask, self.net.alpha)
             if module is not None:
                 modules[name] = module

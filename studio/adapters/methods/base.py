@@ -4,7 +4,9 @@ A method is how an adapter trains (network.type); a file kind is what its module
 disk (studio.adapters.formats: lora, loha, lokr). The two are separate axes: DoRA, PiSSA and the
 plain form of a T-LoRA are all kind lora. A method
 
-- checks the network settings that concern it (`check`, `check_base_weights`),
+- has its options model (`options`, a studio.adapters.methods.options.NetworkOptions with
+  the options it takes and their checks), and checks them against the run's training
+  settings (`check_training`),
 - injects itself into a run's models and names their trainable parameter groups
   (`training` -> a `Training`, which also holds the resumable state and exports the file),
 - says what sd-scripts' `ss_network_module` / `ss_network_args` are for its file (`ss_network`).
@@ -29,6 +31,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Mapping
 
 from studio.errors import StudioError
+from studio.adapters.methods.options import NetworkOptions
+from studio.models.families import FAMILIES
 
 if TYPE_CHECKING:
     import torch
@@ -36,17 +40,21 @@ if TYPE_CHECKING:
     from studio.adapters.formats.files import AdapterFile
     from studio.adapters.formats.modules import AdapterModule
 
-# The header entry that names a method's own file layout ("tlora"); absent in kohya files.
-FORMAT_KEY = "lora_studio.format"
 # The peft adapter name a run trains under.
 ADAPTER_NAME = "default"
+
+
+def is_text_encoder(component: str) -> bool:
+    """Whether a pipeline attribute is a text encoder, not a family's denoiser (unet,
+    transformer): which of network.target_modules / text_encoder_target_modules it takes."""
+    return component not in {f.denoiser for f in FAMILIES.values()}
 
 
 class Training(ABC):
     """A method's adapter on one run's models: it adds itself to each model, and keeps the
     resumable state and the export of what it trained."""
 
-    # UNet sections (down_blocks, mid_block, up_blocks) the run does not train
+    # Denoiser sections (a UNet's down_blocks, mid_block, up_blocks) the run does not train
     # (training.block_lr_* = 0), set before `add`: a method may leave them without an adapter,
     # as sd-scripts does (peft methods do); the trainer freezes whatever it adds there.
     unadapted_sections: tuple[str, ...] = ()
@@ -96,39 +104,25 @@ class Training(ABC):
 
     def save(self, path: Path, adapter: "AdapterFile") -> Path:
         """Write the exported adapter (with its metadata) to `path`."""
-        from studio.adapters import save_adapter
+        from studio.adapters.formats.files import save_adapter
 
         return save_adapter(path, adapter)
 
 
 class Method(ABC):
-    """One adapter method. `name` is its network.type value; `summary` its entry in that
-    field's one-line help; `nf4` whether it trains on a 4-bit base (peft has 4-bit layers
-    for it); `starts_from_file` whether a run can start from an adapter file's factors
-    (network.init_from, studio.adapters.methods.init_from)."""
+    """One adapter method. `name` is its network.type value and `options` the model of its
+    network options (whose `type` is Literal[name]); `summary` its entry in network.type's
+    one-line help; `nf4` whether it trains on a 4-bit base (peft has 4-bit layers for it)."""
 
     name: str
     summary: str
+    options: type[NetworkOptions]
     nf4: bool = True
-    starts_from_file: bool = False
 
-    def check(self, net) -> None:
-        """Raise ValueError for network settings this method cannot honour. The LoRA
-        options (DoRA, rsLoRA, PiSSA / OLoRA init) are refused unless a method takes them."""
-        if net.use_dora or net.use_rslora or net.init != "default":
-            raise ValueError(f"use_dora, use_rslora and init apply to lora/locon, not {self.name}")
-        self.refuse_rank_options(net)
-
-    def refuse_rank_options(self, net) -> None:
-        """Rank allocation, rank budgets and in-training squeeze apply to lora/locon only
-        (rank_budget also to adalora, which checks its own)."""
-        if net.rank_allocation != "none" or net.rank_budget is not None or net.squeeze_rank is not None:
-            raise ValueError(f"rank_allocation, rank_budget and squeeze_rank apply to lora/locon networks, not "
-                             f"{self.name} (rank_budget also to adalora)")
-
-    def check_base_weights(self, net, base_weights: str) -> None:
-        """Raise ValueError when the method cannot train on this frozen base (training.base_weights)."""
-        if base_weights == "nf4" and not self.nf4:
+    def check_training(self, net, training) -> None:
+        """Raise ValueError for network options this method cannot honour with the run's
+        training settings (`training`, studio.config.TrainingConfig): here, a 4-bit base."""
+        if training.base_weights == "nf4" and not self.nf4:
             raise ValueError(f"training.base_weights = 'nf4' works with lora, locon and tlora networks, not "
                              f"{self.name}; set base_weights = 'full' or 'fp8'")
 
@@ -143,8 +137,6 @@ class Method(ABC):
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise StudioError("No trainable parameters: network.target_modules matched no layer of the model.")
-        if net.loraplus_lr_ratio:
-            raise StudioError(f"loraplus_lr_ratio applies to lora/locon networks, not {self.name}.")
         return [{"params": params, "lr": lr}]
 
     def ss_network(self, net, adapter: "AdapterFile") -> tuple[str, dict[str, str]]:
@@ -201,7 +193,7 @@ class PeftTraining(Training):
     def add(self, component, model, lr):
         from studio.adapters.formats.peft_bridge import inject_peft_adapter
 
-        text_encoder = component != "unet"
+        text_encoder = is_text_encoder(component)
         try:
             with warnings.catch_warnings():  # conv patterns of an unadapted section (its downsamplers) match nothing
                 if self.unadapted_sections:
@@ -216,8 +208,11 @@ class PeftTraining(Training):
     def peft_config(self, component: str):
         """The peft config this run injects into `component` (none in its unadapted sections:
         their frozen adapters would still cost a forward pass each step, 8% of the demo's)."""
-        config = self.method.peft_config(self.net, text_encoder=component != "unet")
-        if component == "unet" and self.unadapted_sections:
+        return self.without_unadapted(component, self.method.peft_config(self.net, text_encoder=is_text_encoder(component)))
+
+    def without_unadapted(self, component: str, config):
+        """`config` excluding the run's unadapted sections of the denoiser."""
+        if not is_text_encoder(component) and self.unadapted_sections:
             config.exclude_modules = rf"^(?:{'|'.join(map(re.escape, self.unadapted_sections))})\..*"
         return config
 
@@ -245,7 +240,7 @@ class PeftTraining(Training):
                 set_peft_model_state_dict(model, part)
 
     def export(self, family):
-        from studio.adapters import export_adapter
+        from studio.adapters.formats.files import export_adapter
 
         return export_adapter(self.models, family=family, adapter_name=ADAPTER_NAME)
 
@@ -257,7 +252,7 @@ class PeftMethod(Method):
 
     @abstractmethod
     def peft_config(self, net, *, text_encoder: bool):
-        """The peft config for the UNet (text_encoder False) or a text encoder."""
+        """The peft config for the denoiser (text_encoder False) or a text encoder."""
 
     def training(self, net, *, seed, max_steps=None):
         return self.training_class(self, net, max_steps)
@@ -280,13 +275,6 @@ class PeftMethod(Method):
     def targets(self, net, *, text_encoder: bool) -> list[str]:
         """The module names peft adapts."""
         return list(net.text_encoder_target_modules if text_encoder else net.target_modules)
-
-
-def options_set(net, names: tuple[str, ...]) -> list[str]:
-    """The network options among `names` that hold a value other than their default: what
-    a method that does not take them refuses."""
-    fields = type(net).model_fields
-    return [name for name in names if getattr(net, name) != fields[name].get_default(call_default_factory=True)]
 
 
 # --------------------------------------------------------------------------------------
@@ -325,7 +313,7 @@ class LinearHookTraining(Training):
         self.method, self.net, self.seed = method, net, seed
         self.layers: dict[str, dict[str, "torch.nn.Module"]] = {}
         self.params: dict[str, dict[str, dict[str, "torch.nn.Parameter"]]] = {}
-        self.unet_config = None
+        self.denoiser_config = None
 
     @abstractmethod
     def create(self, component: str, layers: dict[str, "torch.nn.Module"],
@@ -343,7 +331,7 @@ class LinearHookTraining(Training):
     def add(self, component, model, lr):
         import torch
 
-        text_encoder = component != "unet"
+        text_encoder = is_text_encoder(component)
         setting = f"network.{'text_encoder_' if text_encoder else ''}target_modules"
         targets = list(self.net.text_encoder_target_modules if text_encoder else self.net.target_modules)
         layers = linear_targets(model, targets, self.method.name, setting)
@@ -353,8 +341,8 @@ class LinearHookTraining(Training):
         self.layers[component] = layers
         self.params[component] = {path: {name: torch.nn.Parameter(t.to(device)) for name, t in parts.items()}
                                   for path, parts in initial.items()}
-        if component == "unet":
-            self.unet_config = model.config
+        if not is_text_encoder(component):
+            self.denoiser_config = model.config
         for path, layer in layers.items():
             layer.register_forward_hook(self._hook(component, path))
         return [{"params": [p for parts in self.params[component].values() for p in parts.values()], "lr": lr}]
@@ -389,13 +377,14 @@ class LinearHookTraining(Training):
                 p.copy_(state[key])
 
     def export(self, family):
-        from studio.adapters import AdapterFile, LoraModule
+        from studio.adapters.formats.files import AdapterFile
+        from studio.adapters.formats.modules import LoraModule
         from studio.adapters.formats.naming import path_to_name
 
         modules = {}
         for component, layers in self.layers.items():
             for path in layers:
                 down, up = (t.detach().float().cpu().clone() for t in self.factors(component, path))
-                config = self.unet_config if component == "unet" else None
+                config = self.denoiser_config if not is_text_encoder(component) else None
                 modules[path_to_name(family, component, path, config)] = LoraModule(down, up, float(down.shape[0]))
         return AdapterFile(modules, {}, family)

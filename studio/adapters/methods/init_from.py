@@ -18,11 +18,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
 
+from pydantic import Field
+
+from studio.adapters.methods.options import Section
 from studio.errors import StudioError
 from studio.models.families import get_family
 
 if TYPE_CHECKING:  # torch, peft and the formats load in the functions that train: the config checks without them
     import torch
+
+
+class InitFromOptions(Section):
+    init_from: str = Field("", description="Start from this adapter file's LoRA factors (a path, or the name of an "
+                                           "adapter in the library), e.g. an instant adapter (`lora-studio instant`): "
+                                           "the file's rank at most rank / conv_rank.")
 
 
 def check(net) -> None:

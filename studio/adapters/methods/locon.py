@@ -4,12 +4,24 @@ resamplers (network.conv_target_modules), a 3x3 conv as down [r, in, 3, 3] and u
 Exported as kind lora with conv modules (networks.lora with conv_dim / conv_alpha)."""
 from __future__ import annotations
 
-from studio.adapters.methods.lora import LoRA
+from typing import Literal
+
+from pydantic import Field
+
+from studio.adapters.methods.lora import LoRA, LoRAOptions
+from studio.adapters.methods.options import ConvTargets
+
+
+class LoConOptions(ConvTargets, LoRAOptions):
+    type: Literal["locon"] = "locon"
+    conv_rank: int | None = Field(None, ge=1, le=1024, description="Rank of the conv layers (default: rank).")
+    conv_alpha: float | None = Field(None, gt=0, le=4096, description="Alpha of the conv layers (default: alpha).")
 
 
 class LoCon(LoRA):
     name = "locon"
     summary = "locon (also the ResNet convs)"
+    options = LoConOptions
 
     def targets(self, net, *, text_encoder):
         return super().targets(net, text_encoder=text_encoder) + ([] if text_encoder else list(net.conv_target_modules))

@@ -3,12 +3,20 @@ products, so rank up to r^2 from the parameters of two rank-r LoRAs, on network.
 Trained with peft's LoHaConfig (rank_dropout = network.dropout); exported as kind loha (lycoris.kohya)."""
 from __future__ import annotations
 
+from typing import Literal
+
 from studio.adapters.methods.base import PeftMethod
+from studio.adapters.methods.options import BlockRanks, NetworkOptions
+
+
+class LoHaOptions(BlockRanks, NetworkOptions):
+    type: Literal["loha"] = "loha"
 
 
 class LoHa(PeftMethod):
     name = "loha"
     summary = "loha (LyCORIS Hadamard product)"
+    options = LoHaOptions
     nf4 = False  # peft has no 4-bit LoHa layer
 
     def peft_config(self, net, *, text_encoder):

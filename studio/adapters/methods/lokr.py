@@ -4,12 +4,23 @@ enough, on network.target_modules. Trained with peft's LoKrConfig (rank_dropout 
 network.dropout); exported as kind lokr (lycoris.kohya, alpha per module)."""
 from __future__ import annotations
 
+from typing import Literal
+
+from pydantic import Field
+
 from studio.adapters.methods.base import PeftMethod
+from studio.adapters.methods.options import BlockRanks, NetworkOptions
+
+
+class LoKrOptions(BlockRanks, NetworkOptions):
+    type: Literal["lokr"] = "lokr"
+    lokr_factor: int = Field(-1, ge=-1, le=1024, description="LoKr: Kronecker factor (-1 = balanced).")
 
 
 class LoKr(PeftMethod):
     name = "lokr"
     summary = "lokr (LyCORIS Kronecker product)"
+    options = LoKrOptions
     nf4 = False  # peft has no 4-bit LoKr layer
 
     def peft_config(self, net, *, text_encoder):

@@ -17,9 +17,63 @@ Trained with peft's LoraConfig; exported as kind lora (networks.lora, lycoris.ko
 """
 from __future__ import annotations
 
+from typing import Literal
+
+from pydantic import Field, model_validator
+
 from studio.errors import StudioError
-from studio.adapters.methods import ard, init_from
-from studio.adapters.methods.base import ADAPTER_NAME, PeftMethod, PeftTraining
+from studio.adapters.methods import ard, init_from, squeeze
+from studio.adapters.methods.ard import ARDOptions
+from studio.adapters.methods.init_from import InitFromOptions
+from studio.adapters.methods.base import ADAPTER_NAME, PeftMethod, PeftTraining, is_text_encoder
+from studio.adapters.methods.options import BlockRanks, NetworkOptions, RankBudget, RsLoRA
+from studio.adapters.methods.sensitivity import (SensitivityOptions, adapted_modules, allocate_ranks, configured_rank,
+                                                 exact_rank_pattern, fisher_sensitivity, largest_rank)
+from studio.adapters.methods.squeeze import SqueezeOptions, set_factors, squeeze_layer, squeeze_target
+
+
+class LoRAOptions(InitFromOptions, SqueezeOptions, ARDOptions, SensitivityOptions, RankBudget, RsLoRA, BlockRanks, NetworkOptions):
+    """LoRA's options (LoCon's too): every LoRA option applies; rank allocation by ARD with
+    a plain init and no DoRA; squeeze_rank is below rank and not with DoRA (its magnitude is
+    learned for the uncompressed direction), a PiSSA / OLoRA init (whose file holds the
+    injected factors too, so it would not be a LoRA at squeeze_rank) or ARD's gates (which
+    prune the components a squeeze re-mixes)."""
+
+    type: Literal["lora"] = "lora"
+    use_dora: bool = Field(False, description="DoRA: learn a per-output magnitude besides the direction.")
+    init: Literal["default", "pissa", "olora"] = Field(
+        "default", description="LoRA init: default (B = 0), pissa or olora (from the base weights; exported as an equivalent plain LoRA).")
+    loraplus_lr_ratio: float | None = Field(None, gt=0, le=1000, description="LoRA+: learning rate of B (up) = ratio x learning rate (16 is common).")
+    rank_allocation: Literal["none", "sensitivity", "ard"] = Field(
+        "none", description="How ranks are set per module; none = rank everywhere; sensitivity = "
+                            "Sensitivity-LoRA, before training, in proportion to each module's empirical-Fisher "
+                            "sensitivity on a few batches (arXiv 2509.09119); ard = ARD-LoRA, a learned scale per rank "
+                            "component, an L1 + total-variation penalty on the components' sizes, the smallest pruned "
+                            "(arXiv 2506.18267).")
+
+    @model_validator(mode="after")
+    def _check_lora(self):
+        if self.rank_budget is not None and self.rank_allocation == "none":
+            raise ValueError("rank_budget needs a rank_allocation ('sensitivity' or 'ard') to end under it")
+        if self.rank_allocation == "ard":
+            ard.check(self)
+        if self.init_from:
+            init_from.check(self)
+        if self.squeeze_rank is not None:
+            if self.squeeze_rank >= self.rank:
+                raise ValueError(f"squeeze_rank ({self.squeeze_rank}) must be below rank ({self.rank})")
+            if self.use_dora or self.init != "default":
+                raise ValueError("squeeze_rank does not work with use_dora or init = 'pissa' / 'olora'; turn those "
+                                 "off, or squeeze the finished adapter with `lora-studio resize`")
+            if self.rank_allocation == "ard":
+                raise ValueError("squeeze_rank and rank_allocation = 'ard' both decide the ranks; use one of them")
+        return self
+
+    def learning_rate_ratios(self):
+        ratios = {"loraplus_lr_ratio": self.loraplus_lr_ratio} if self.loraplus_lr_ratio else {}
+        if self.rank_allocation == "ard":
+            ratios["ard_lr_ratio"] = self.ard_lr_ratio
+        return ratios
 
 
 class LoRATraining(PeftTraining):
@@ -55,7 +109,6 @@ class LoRATraining(PeftTraining):
 
     def regularization(self):
         return self.gates.penalty() if self.gates is not None else None
-        self.ranks: dict[str, dict[str, int]] = {}  # component -> module path -> allocated rank
 
     def prepare(self, models, loss):
         """Sensitivity-LoRA: every adapted module's empirical-Fisher sensitivity on
@@ -63,17 +116,13 @@ class LoRATraining(PeftTraining):
         ranks the config gives, summed). Returns the allocation for the run's events. With
         init_from, first: the file adapts no model the run leaves alone."""
         if self.net.init_from:
-            from studio.adapters.methods.init_from import check_components
-
-            check_components(self.net.init_from, models)
+            init_from.check_components(self.net.init_from, models)
         if self.net.rank_allocation != "sensitivity":
             return None
-        from studio.adapters.methods.sensitivity import (adapted_modules, allocate_ranks, configured_rank,
-                                                          fisher_sensitivity, largest_rank)
 
         layers, configured = {}, {}
         for component, model in models.items():
-            config = self.method.peft_config(self.net, text_encoder=component != "unet")
+            config = self.method.peft_config(self.net, text_encoder=is_text_encoder(component))
             for path, layer in adapted_modules(model, config).items():
                 layers[(component, path)] = layer
                 configured[(component, path)] = configured_rank(config, path)
@@ -92,8 +141,6 @@ class LoRATraining(PeftTraining):
     def peft_config(self, component):
         config = super().peft_config(component)
         if self.ranks.get(component):
-            from studio.adapters.methods.sensitivity import exact_rank_pattern
-
             config.rank_pattern = {**exact_rank_pattern(self.ranks[component]), **config.rank_pattern}
         return config
 
@@ -107,7 +154,6 @@ class LoRATraining(PeftTraining):
     def after_step(self, done):
         if self.gates is not None:
             self.gates.after_step(done)
-        from studio.adapters.methods.squeeze import squeeze_layer, squeeze_target
 
         rank = squeeze_target(self.net, done)
         replaced = {}
@@ -120,8 +166,6 @@ class LoRATraining(PeftTraining):
         """A checkpoint written after a squeeze holds smaller factors: the layers take their
         shapes (and ranks) first, then peft loads the values."""
         import torch
-
-        from studio.adapters.methods.squeeze import set_factors
 
         replaced = {}
         for component, path, layer in self.lora_layers():
@@ -136,9 +180,7 @@ class LoRATraining(PeftTraining):
 
     def injected(self, component, model):
         if self.net.init_from:
-            from studio.adapters.methods.init_from import load_factors
-
-            load_factors(self.net.init_from, component, model, ADAPTER_NAME)
+            init_from.load_factors(self.net.init_from, component, model, ADAPTER_NAME)
         if self.net.init == "default":
             return
         from peft.tuners.lora.layer import LoraLayer
@@ -149,7 +191,7 @@ class LoRATraining(PeftTraining):
             for path, layer in model.named_modules() if isinstance(layer, LoraLayer) and ADAPTER_NAME in layer.lora_A})
 
     def export(self, family):
-        from studio.adapters import export_adapter
+        from studio.adapters.formats.files import export_adapter
 
         if self.gates is not None:
             return self.gates.export(self.models, family)
@@ -157,48 +199,47 @@ class LoRATraining(PeftTraining):
                               initial_factors=self.initial_factors)
 
 
-class LoRA(PeftMethod):
-    name = "lora"
-    summary = "lora"
-    training_class = LoRATraining
-    starts_from_file = True
+class PeftLoRA(PeftMethod):
+    """A method trained as peft LoRA layers (LoraConfig): the plain LoRA at network.rank with
+    rsLoRA's scale and block ranks, which LoRA extends with its options and LoRA-FA trains
+    with A frozen. `lora_config` is what LoraConfig takes beyond that."""
 
-    def check(self, net) -> None:
-        """Every LoRA option applies; rank allocation by ARD with a plain init and no DoRA;
-        squeeze_rank is below rank and not with DoRA (its magnitude is learned for the
-        uncompressed direction), a PiSSA / OLoRA init (whose file holds the injected factors
-        too, so it would not be a LoRA at squeeze_rank) or ARD's gates (which prune the
-        components a squeeze re-mixes)."""
-        if net.rank_budget is not None and net.rank_allocation == "none":
-            raise ValueError("rank_budget needs a rank_allocation ('sensitivity' or 'ard') to end under it")
-        if net.rank_allocation == "ard":
-            ard.check(net)
-        if net.init_from:
-            init_from.check(net)
-        if net.squeeze_rank is not None:
-            if net.squeeze_rank >= net.rank:
-                raise ValueError(f"squeeze_rank ({net.squeeze_rank}) must be below rank ({net.rank})")
-            if net.use_dora or net.init != "default":
-                raise ValueError("squeeze_rank does not work with use_dora or init = 'pissa' / 'olora'; turn those "
-                                 "off, or squeeze the finished adapter with `lora-studio resize`")
-            if net.rank_allocation == "ard":
-                raise ValueError("squeeze_rank and rank_allocation = 'ard' both decide the ranks; use one of them")
-
-    def check_base_weights(self, net, base_weights):
-        if base_weights == "nf4" and net.rank_allocation != "none":
-            raise ValueError("network.rank_allocation measures gradients of the base weights, which a 4-bit base "
-                             "does not have; set training.base_weights = 'full' or 'fp8'")
-        if base_weights == "nf4" and net.init != "default":
-            raise ValueError(f"network.init = {net.init!r} rewrites the base weights, which is not supported on a "
-                             "4-bit base; use init = 'default', or training.base_weights = 'full' or 'fp8'")
+    def lora_config(self, net) -> dict:
+        return {"init_lora_weights": "gaussian"}
 
     def peft_config(self, net, *, text_encoder):
         from peft import LoraConfig
 
-        init = {"default": "gaussian", "pissa": "pissa", "olora": "olora"}[net.init]
-        return LoraConfig(r=net.rank, lora_alpha=net.alpha, lora_dropout=net.dropout, init_lora_weights=init,
-                          target_modules=self.targets(net, text_encoder=text_encoder), use_dora=net.use_dora,
-                          use_rslora=net.use_rslora, **self.rank_patterns(net, text_encoder=text_encoder))
+        return LoraConfig(r=net.rank, lora_alpha=net.alpha, lora_dropout=net.dropout, use_rslora=net.use_rslora,
+                          target_modules=self.targets(net, text_encoder=text_encoder),
+                          **self.rank_patterns(net, text_encoder=text_encoder), **self.lora_config(net))
+
+    def ss_network(self, net, adapter):
+        module, args = super().ss_network(net, adapter)
+        if net.use_rslora:
+            args["rs_lora"] = "True"
+        return module, args
+
+
+class LoRA(PeftLoRA):
+    name = "lora"
+    summary = "lora"
+    options = LoRAOptions
+    training_class = LoRATraining
+
+    def check_training(self, net, training):
+        super().check_training(net, training)
+        if training.base_weights == "nf4" and net.rank_allocation != "none":
+            raise ValueError("network.rank_allocation measures gradients of the base weights, which a 4-bit base "
+                             "does not have; set training.base_weights = 'full' or 'fp8'")
+        if training.base_weights == "nf4" and net.init != "default":
+            raise ValueError(f"network.init = {net.init!r} rewrites the base weights, which is not supported on a "
+                             "4-bit base; use init = 'default', or training.base_weights = 'full' or 'fp8'")
+        squeeze.check_training(net, training)
+
+    def lora_config(self, net):
+        return {"init_lora_weights": {"default": "gaussian", "pissa": "pissa", "olora": "olora"}[net.init],
+                "use_dora": net.use_dora}
 
     def param_groups(self, model, lr, net):
         """With LoRA+ the B (up) matrices get lr x ratio."""
@@ -209,14 +250,10 @@ class LoRA(PeftMethod):
             return [{"params": [p for _, p in params], "lr": lr}]
         up = [p for n, p in params if ".lora_B." in n]
         rest = [p for n, p in params if ".lora_B." not in n]
-        if not up:
-            raise StudioError(f"loraplus_lr_ratio applies to lora/locon networks, not {net.type}.")
         return [{"params": rest, "lr": lr}, {"params": up, "lr": lr * net.loraplus_lr_ratio}]
 
     def ss_network(self, net, adapter):
         module, args = super().ss_network(net, adapter)
-        if net.use_rslora:
-            args["rs_lora"] = "True"
         if net.rank_allocation == "ard":
             args.update(algo="ard_lora", rank_allocation="ard", ard_l1=f"{net.ard_l1:g}", ard_tv=f"{net.ard_tv:g}",
                         ard_threshold=f"{net.ard_threshold:g}", ard_lr_ratio=f"{net.ard_lr_ratio:g}",

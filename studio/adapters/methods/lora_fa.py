@@ -13,11 +13,18 @@ scale applies; DoRA, PiSSA / OLoRA init and LoRA+ do not (they train or place A)
 """
 from __future__ import annotations
 
-from studio.adapters.methods.base import ADAPTER_NAME
-from studio.adapters.methods.lora import LoRA, LoRATraining
+from typing import Literal
+
+from studio.adapters.methods.base import ADAPTER_NAME, PeftTraining
+from studio.adapters.methods.lora import PeftLoRA
+from studio.adapters.methods.options import BlockRanks, NetworkOptions, RsLoRA
 
 
-class LoRAFATraining(LoRATraining):
+class LoRAFAOptions(RsLoRA, BlockRanks, NetworkOptions):
+    type: Literal["lora_fa"] = "lora_fa"
+
+
+class LoRAFATraining(PeftTraining):
     def injected(self, component, model):
         from peft.tuners.lora.layer import LoraLayer
 
@@ -26,16 +33,11 @@ class LoRAFATraining(LoRATraining):
                 layer.lora_A[ADAPTER_NAME].weight.requires_grad_(False)
 
 
-class LoRAFA(LoRA):
+class LoRAFA(PeftLoRA):
     name = "lora_fa"
     summary = "lora_fa (LoRA-FA: A frozen at its random init, only B trains; arXiv 2308.03303)"
+    options = LoRAFAOptions
     training_class = LoRAFATraining
-
-    def check(self, net):
-        if net.use_dora or net.init != "default" or net.loraplus_lr_ratio:
-            raise ValueError("use_dora, init and loraplus_lr_ratio do not apply to lora_fa (its A is frozen at "
-                             "its random init)")
-        self.refuse_rank_options(net)
 
     def ss_network(self, net, adapter):
         module, args = super().ss_network(net, adapter)

@@ -10,7 +10,7 @@ approximation of H for a squared loss), whose diagonal needs only gradients:
     s_m = sum over W_m's entries of (1/N) sum_{i<N} (dL_i / dW_m)^2
 
 over N batches of the run's own data (network.sensitivity_batches), drawn from a random
-stream of their own (the trainer's micro-generators, stream 3: trainers.lora.PREPARE_STREAM), so the allocation is a
+stream of their own (the trainer's micro-generators, stream 3: trainers.trainer.PREPARE_STREAM), so the allocation is a
 function of the seed. The paper's local metrics (effective rank, top-k of the Hessian
 diagonal) refine the split further; this keeps the global one, which decides it.
 
@@ -26,10 +26,17 @@ import math
 import re
 from typing import TYPE_CHECKING, Callable, Mapping
 
+from pydantic import Field
+
 from studio.errors import StudioError
+from studio.adapters.methods.options import Section
 
 if TYPE_CHECKING:
     import torch
+
+
+class SensitivityOptions(Section):
+    sensitivity_batches: int = Field(4, ge=1, le=256, description="Sensitivity-LoRA: batches of the run's data its sensitivities are measured on.")
 
 
 def adapted_modules(model: "torch.nn.Module", config) -> dict[str, "torch.nn.Module"]:

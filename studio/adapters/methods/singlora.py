@@ -23,12 +23,22 @@ down = A[:in]ᵀ, up = (alpha / r) u A[:out], alpha = r (scale 1); ss_network_ar
 """
 from __future__ import annotations
 
-from studio.adapters.methods.base import LinearHookTraining, Method, options_set
+from typing import Literal
 
-_REFUSED = ("use_dora", "use_rslora", "init", "loraplus_lr_ratio", "block_rank_down", "block_rank_mid",
-            "block_rank_up", "conv_rank", "conv_alpha", "tlora_conv", "rank_allocation", "rank_budget",
-            "squeeze_rank")
+from pydantic import Field
+
+from studio.adapters.methods.base import LinearHookTraining, Method
+from studio.adapters.methods.options import NetworkOptions
+
 STEPS_KEY = "singlora.steps"
+
+
+class SingLoRAOptions(NetworkOptions):
+    """The shared options and the ramp: one matrix A per Linear layer at one rank."""
+
+    type: Literal["singlora"] = "singlora"
+    singlora_ramp_steps: int = Field(100, ge=1, le=1_000_000, description="SingLoRA: steps T of the ramp u(t) = min(t/T, 1) "
+                                                                          "that fades the update in (the start is the base model).")
 
 
 class SingLoRATraining(LinearHookTraining):
@@ -83,13 +93,8 @@ class SingLoRA(Method):
     name = "singlora"
     summary = ("singlora (SingLoRA: ΔW = alpha/r · u(t) A Aᵀ, one matrix, half LoRA's parameters, faded in over "
                "singlora_ramp_steps; arXiv 2507.05566)")
+    options = SingLoRAOptions
     nf4 = False
-
-    def check(self, net):
-        refused = options_set(net, _REFUSED)
-        if refused:
-            raise ValueError(f"{', '.join(refused)} do not apply to singlora (one matrix A per Linear layer at one "
-                             "rank); unset them")
 
     def training(self, net, *, seed, max_steps=None):
         return SingLoRATraining(self, net, seed)

@@ -27,8 +27,37 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+from pydantic import Field
+
+from studio.adapters.methods.options import Section
+
 if TYPE_CHECKING:
     import torch
+
+
+class SqueezeOptions(Section):
+    squeeze_rank: int | None = Field(
+        None, ge=1, le=1024, description="LoRA-Squeeze: during training, compress every module to this rank by the "
+                                         "truncated SVD of B·A, then train on (arXiv 2602.10993); off when unset.")
+    squeeze_at_step: int = Field(100, ge=1, le=1_000_000, description="LoRA-Squeeze: the step after which the ranks start to fall.")
+    squeeze_anneal_steps: int = Field(
+        0, ge=0, le=1_000_000, description="LoRA-Squeeze: steps over which the rank falls linearly from rank to "
+                                           "squeeze_rank (0 = all at once at squeeze_at_step).")
+
+
+def check_training(net: SqueezeOptions, training) -> None:
+    """Raise ValueError when the run's training settings cannot hold a squeeze: an EMA of the
+    weights cannot follow their shape, and the squeeze must end before the last step (with
+    max_epochs the worker counts the steps, so that is checked when it does)."""
+    if net.squeeze_rank is None:
+        return
+    if training.ema_decay is not None:
+        raise ValueError("network.squeeze_rank changes the adapter's shape mid-run, which an EMA of its "
+                         "weights cannot follow; unset training.ema_decay or squeeze_rank")
+    if training.max_epochs is None and net.squeeze_at_step + net.squeeze_anneal_steps >= training.max_steps:
+        raise ValueError(f"network.squeeze_at_step + squeeze_anneal_steps ({net.squeeze_at_step} + "
+                         f"{net.squeeze_anneal_steps}) must end before training.max_steps ({training.max_steps}), "
+                         "so the squeezed adapter trains on")
 
 
 def squeeze_target(net, done: int) -> int | None:

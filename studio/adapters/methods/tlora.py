@@ -9,13 +9,37 @@ for Ortho-LoRA), which `load_adapter` reads and `convert` writes.
 from __future__ import annotations
 
 import logging
+from typing import Literal
 
-from studio.adapters.methods.base import FORMAT_KEY, NativeFileMethod, Training
+from pydantic import Field, model_validator
+
+from studio.adapters.formats.header_keys import FORMAT_KEY
+from studio.adapters.methods.base import NativeFileMethod, Training
+from studio.adapters.methods.options import ConvTargets, NetworkOptions
 
 log = logging.getLogger(__name__)
 
 # Header entries only the native layout means: dropped from its plain form.
 _NATIVE_METADATA = ("tlora_schedule", "tlora_alpha", "tlora_ortho", "ss_network_module")
+
+
+class TLoRAOptions(ConvTargets, NetworkOptions):
+    """T-LoRA adapts the UNet only, with one rank schedule for every layer."""
+
+    type: Literal["tlora"] = "tlora"
+    tlora_min_rank: int = Field(4, ge=1, le=1024, description="T-LoRA: rank used at the noisiest step (the paper uses rank/2).")
+    tlora_exponent: float = Field(1.0, gt=0, le=10, description="T-LoRA: exponent a of the rank schedule r(t) = ((T-t)/T)^a (r - r_min) + r_min.")
+    tlora_ortho: bool = Field(True, description="T-LoRA: Ortho-LoRA initialisation (off = vanilla T-LoRA, mask only).")
+    tlora_conv: bool = Field(False, description="T-LoRA: also the ResNet convs and resamplers (conv_target_modules), "
+                                                "as LoCon: the mask on the conv LoRA's inner channels.")
+
+    @model_validator(mode="after")
+    def _check_tlora(self):
+        if self.tlora_min_rank > self.rank:
+            raise ValueError(f"tlora_min_rank ({self.tlora_min_rank}) must not exceed rank ({self.rank})")
+        if self.train_text_encoder:
+            raise ValueError("T-LoRA adapts the UNet only; set train_text_encoder = false")
+        return self
 
 
 class TLoRATraining(Training):
@@ -53,7 +77,8 @@ class TLoRATraining(Training):
 
     def export(self, family):
         """The plain (all ranks on) view: it gives the metadata its rank and alpha."""
-        from studio.adapters import AdapterFile, LoraModule
+        from studio.adapters.formats.files import AdapterFile
+        from studio.adapters.formats.modules import LoraModule
         from studio.adapters.formats.naming import path_to_name
         from studio.adapters.methods.tlora_layers import plain_lora_factors
 
@@ -70,15 +95,7 @@ class TLoRA(NativeFileMethod):
     name = "tlora"
     summary = "tlora (timestep-dependent rank, arXiv 2507.05964)"
     native_format = "tlora"
-
-    def check(self, net):
-        super().check(net)
-        if net.tlora_min_rank > net.rank:
-            raise ValueError(f"tlora_min_rank ({net.tlora_min_rank}) must not exceed rank ({net.rank})")
-        if net.train_text_encoder:
-            raise ValueError("T-LoRA adapts the UNet only; set train_text_encoder = false")
-        if net.block_rank_down or net.block_rank_mid or net.block_rank_up:
-            raise ValueError("T-LoRA has one rank schedule for every layer; unset block_rank_down / _mid / _up")
+    options = TLoRAOptions
 
     def training(self, net, *, seed, max_steps=None):
         return TLoRATraining(self, net, seed)

@@ -29,9 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from studio.adapters.formats.files import data_sha256, legacy_hash, read_checked_header
 from studio.errors import StudioError
-from studio.adapters.methods.base import FORMAT_KEY
-from studio.adapters.methods.tlora import TLoRA
+from studio.adapters.formats.header_keys import FORMAT_KEY
+from studio.fsutil import atomic_write_bytes
 
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -223,7 +224,8 @@ def inject_tlora(unet: nn.Module, target_modules: list[str], *, rank: int, alpha
 # schedule in the metadata, so the studio reloads it with its timestep masks:
 #   unet.<path>.tlora_q [r, in], .tlora_lambda [r], .tlora_p [out, r]
 #   (+ .tlora_q0, .tlora_lambda0, .tlora_p0 for Ortho-LoRA), metadata tlora_schedule (JSON)
-FORMAT_VALUE = TLoRA.native_format
+# TLoRA.native_format: tlora.py imports this module (inside its functions: torch), not the reverse.
+FORMAT_VALUE = "tlora"
 _PARTS = {"q": "tlora_q", "lam": "tlora_lambda", "p": "tlora_p", "q0": "tlora_q0", "lam0": "tlora_lambda0", "p0": "tlora_p0"}
 
 
@@ -236,9 +238,6 @@ def save_tlora(path, adapter: TLoRAAdapter, metadata: dict[str, str]) -> Path:
     import json
 
     from safetensors.torch import save
-
-    from studio.adapters.formats.files import data_sha256, legacy_hash
-    from studio.fsutil import atomic_write_bytes
 
     tensors = {}
     for key, layer in adapter.layers.items():
@@ -261,8 +260,6 @@ def load_tlora(path) -> TLoRAAdapter:
     import json
 
     from safetensors import safe_open
-
-    from studio.adapters.formats.files import read_checked_header
 
     _, metadata = read_checked_header(path)
     if not is_tlora_metadata(metadata):

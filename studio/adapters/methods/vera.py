@@ -22,13 +22,19 @@ network's alpha has no role in VeRA (b and d carry the scale).
 """
 from __future__ import annotations
 
-from studio.adapters.methods.base import LinearHookTraining, Method, options_set
+from typing import Literal
+
+from studio.adapters.methods.base import LinearHookTraining, Method
+from studio.adapters.methods.options import NetworkOptions
 
 D_INITIAL = 0.1
-# Options of other methods that VeRA's shared projections cannot honour.
-_REFUSED = ("use_dora", "use_rslora", "init", "loraplus_lr_ratio", "block_rank_down", "block_rank_mid",
-            "block_rank_up", "conv_rank", "conv_alpha", "tlora_conv", "rank_allocation", "rank_budget",
-            "squeeze_rank")
+
+
+class VeRAOptions(NetworkOptions):
+    """Only the shared options: one frozen random A and B of one rank shared by every
+    Linear layer leave no room for block ranks, conv layers or LoRA's init and scales."""
+
+    type: Literal["vera"] = "vera"
 
 
 class VeRATraining(LinearHookTraining):
@@ -72,13 +78,8 @@ class VeRA(Method):
     name = "vera"
     summary = ("vera (VeRA: frozen random A, B shared by every layer, trained vectors d, b; alpha unused, higher "
                "rank and learning rate; arXiv 2310.11454)")
+    options = VeRAOptions
     nf4 = False
-
-    def check(self, net):
-        refused = options_set(net, _REFUSED)
-        if refused:
-            raise ValueError(f"{', '.join(refused)} do not apply to vera (one frozen random A and B of one rank "
-                             "shared by every Linear layer, trained vectors d and b); unset them")
 
     def training(self, net, *, seed, max_steps=None):
         return VeRATraining(self, net, seed)

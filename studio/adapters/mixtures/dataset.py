@@ -6,7 +6,13 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from studio.adapters.formats.files import read_checked_header
+from studio.adapters.library import find_adapter
+from studio.config import load_config
+from studio.datasets import caption_with_trigger, training_items
 from studio.errors import StudioError
+from studio.fsutil import atomic_write_text
+from studio.jobs.run_folder import CONFIG_FILE, dataset_folder
 
 
 def members_dataset(config, workspace) -> Path:
@@ -15,13 +21,6 @@ def members_dataset(config, workspace) -> Path:
     instance prompt for an uncaptioned one, its trigger word put in by
     `caption_with_trigger`). Regularisation pictures are left out: the members are frozen,
     there is no prior for the gates to keep."""
-    from studio.adapters import read_checked_header
-    from studio.adapters.library import find_adapter
-    from studio.config import load_config
-    from studio.datasets import caption_with_trigger, training_items
-    from studio.fsutil import atomic_write_text
-    from studio.jobs.runs import CONFIG_FILE, dataset_folder
-
     target = workspace.dataset_dir(f"{config.name}-members")
     building = target.with_name(target.name + ".building")
     shutil.rmtree(building, ignore_errors=True)

@@ -13,13 +13,13 @@ valid, and a different file with the member's name is never used in its place. T
 looked up beside the mixture (the library folder): first the file of the recorded name,
 then any file there with that hash.
 
-Gate tensors (K members, 26 blocks in `FULL_BLOCKS` order: BASE = text encoders, IN00..
-IN11, M00, OUT00..OUT11):
+Gate tensors (K members, N blocks in the family's `blocks.full` order: BASE = text encoders,
+then the denoiser's blocks; N = 26 on the UNet families: BASE, IN00..IN11, M00, OUT00..OUT11):
 
-    block           gate.block [K, 26]: a fixed weight per member and block
+    block           gate.block [K, N]: a fixed weight per member and block
     block_timestep  gate.base [K] (the text encoders run once, before the steps) and
-                    gate.bands [K, B, 25]: band b holds timesteps t with floor(t B / T) = b
-    prompt          gate.weight [K, 26, D], gate.bias [K, 26]: g = 2 sigmoid(W e + b), e the
+                    gate.bands [K, B, N - 1]: band b holds timesteps t with floor(t B / T) = b
+    prompt          gate.weight [K, N, D], gate.bias [K, N]: g = 2 sigmoid(W e + b), e the
                     prompt embedding (gates.prompt_embedding); 1 (the plain sum) at W = b = 0
     arrow           no tensors (a placeholder gate.none [0]): routing per token, training-free
 """
@@ -31,9 +31,14 @@ from pathlib import Path
 
 import torch
 
+from studio.adapters.api import load_adapter
+from studio.adapters.formats.files import file_data_sha256, read_checked_header
+from studio.adapters.formats.header_keys import MIXTURE_KEY
 from studio.errors import StudioError
+from studio.fsutil import atomic_write_bytes
+from studio.limits import MIX_ADAPTERS
+from studio.models.families import get_family
 
-MIXTURE_KEY = "lora_studio_mixture"
 GATE_KINDS = ("block", "block_timestep", "prompt", "arrow")
 STEP_OR_PROMPT = {"block_timestep": "its gates change with the denoising timestep",
                   "prompt": "its gates depend on the prompt",
@@ -88,8 +93,6 @@ class Mixture:
 
 def data_hash(path: Path) -> str:
     """The library's hash of an adapter file (sha256 of the tensor data), cached per file state."""
-    from studio.adapters import file_data_sha256
-
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _HASHES:
@@ -99,8 +102,6 @@ def data_hash(path: Path) -> str:
 
 def is_mixture(path: str | Path) -> bool:
     """Whether a file is a mixture (its header names one); False for anything else."""
-    from studio.adapters import read_checked_header
-
     path = Path(path)
     if not path.is_file():
         return False
@@ -114,11 +115,6 @@ def new_mixture(members: list[Path], gate: str = "block", *, weights: list[float
                 embedding_dim: int | None = None, top_k: int = 2, temperature: float = 1.0) -> Mixture:
     """A mixture of library adapter files whose gates start as the plain weighted sum
     (every gate = the member's weight; arrow: routing)."""
-    from studio.adapters import load_adapter
-    from studio.generation.blocks import FULL_BLOCKS
-    from studio.limits import MIX_ADAPTERS
-    from studio.models.families import get_family
-
     if gate not in GATE_KINDS:
         raise StudioError(f"Unknown gate kind {gate!r}; choose one of {', '.join(GATE_KINDS)}.")
     if len(members) < 1:
@@ -135,7 +131,8 @@ def new_mixture(members: list[Path], gate: str = "block", *, weights: list[float
     weights = list(weights) if weights is not None else [1.0] * len(paths)
     if len(weights) != len(paths):
         raise StudioError(f"Give one weight per member ({len(paths)}), not {len(weights)}.")
-    k, n = len(paths), len(FULL_BLOCKS)
+    family = families.pop()
+    k, n = len(paths), len(get_family(family).blocks.full)
     w = torch.tensor(weights, dtype=torch.float32)
     if gate == "block":
         tensors = {"gate.block": w[:, None].repeat(1, n)}
@@ -154,16 +151,13 @@ def new_mixture(members: list[Path], gate: str = "block", *, weights: list[float
             raise StudioError(f"arrow routing needs top_k >= 1 and temperature > 0 (got {top_k}, {temperature}).")
         tensors = {"gate.none": torch.zeros(0)}
     mixture = Mixture([Member(p.stem, data_hash(p), p) for p in paths], gate, tensors,
-                      families.pop(), bands if gate == "block_timestep" else 1, top_k=top_k, temperature=temperature)
+                      family, bands if gate == "block_timestep" else 1, top_k=top_k, temperature=temperature)
     return mixture
 
 
 def save_mixture(path: str | Path, mixture: Mixture) -> Path:
     """Write the mixture atomically (gates in float32)."""
     from safetensors.torch import save
-
-    from studio.fsutil import atomic_write_bytes
-    from studio.models.families import get_family
 
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -187,9 +181,6 @@ def load_mixture(path: str | Path, *, resolve: bool = True) -> Mixture:
     """Read and check a mixture file; with `resolve`, find every member beside it."""
     from safetensors import safe_open
 
-    from studio.adapters import read_checked_header
-    from studio.generation.blocks import FULL_BLOCKS
-
     path = Path(path)
     _, metadata = read_checked_header(path)
     if MIXTURE_KEY not in metadata:
@@ -205,7 +196,7 @@ def load_mixture(path: str | Path, *, resolve: bool = True) -> Mixture:
                           float(head.get("temperature", 1.0)), dict(metadata))
     except (ValueError, KeyError, TypeError) as error:
         raise StudioError(f"{path.name}: the mixture header is broken ({error}); write the mixture again.") from None
-    k, n = len(members), len(FULL_BLOCKS)
+    k, n = len(members), len(get_family(mixture.family).blocks.full)
     shapes = {"block": {"gate.block": (k, n)},
               "block_timestep": {"gate.base": (k,), "gate.bands": (k, mixture.bands, n - 1)},
               "prompt": {"gate.weight": (k, n, None), "gate.bias": (k, n)},

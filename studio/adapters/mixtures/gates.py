@@ -1,5 +1,5 @@
 """Gate values of a mixture: g[b, k, j] multiplies member k's update in LBW block j
-(`FULL_BLOCKS` order, BASE = text encoders) for sample b. One module serves the engine
+(the family's `blocks.full` order, BASE = text encoders) for sample b. One module serves the engine
 (under no_grad, one prompt and one step at a time) and the trainer (the gates learn)."""
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def prompt_embedding(tokenizer, text_encoder, prompts: list[str]) -> torch.Tenso
 
 class Gates(torch.nn.Module):
     """The mixture's gate parameters as torch parameters; `forward(timesteps, embedding)`
-    -> [B, K, 26] (see studio.adapters.mixtures.file for each kind's formula)."""
+    -> [B, K, N], N the family's blocks (see studio.adapters.mixtures.file for each kind's formula)."""
 
     def __init__(self, mixture: Mixture):
         super().__init__()

@@ -1,5 +1,5 @@
 """Member updates applied live, as forward hooks on the base layers: for a layer of block j
-(FULL_BLOCKS; BASE for the text encoders) and input x of sample b,
+(the family's `blocks.full`; BASE for the text encoders) and input x of sample b,
 
     y = W x + sum_k  g[b, k, j] * dW_k x            (per sample: training the gates)
     y = W x + sum_k  r[b, t, k] * dW_k x_t          (per token t: arrow routing)
@@ -17,15 +17,16 @@ import torch
 import torch.nn.functional as F
 
 from studio.adapters.formats.files import AdapterFile
-from studio.generation.blocks import FULL_BLOCKS
+from studio.adapters.formats.modules import LORA
+from studio.adapters.formats.naming import name_table
+from studio.adapters.merge import Factors, singular_triplets
+from studio.models.families import get_family
 
 
 class MemberUpdate:
     """dW_k x for one member module on one layer."""
 
     def __init__(self, module, layer: torch.nn.Module):
-        from studio.adapters.formats.modules import LORA
-
         self.conv = isinstance(layer, torch.nn.Conv2d)
         self.layer = layer
         weight = layer.weight
@@ -63,19 +64,17 @@ class LiveMembers:
     or per token [B, N, 1]); see `per_sample`."""
 
     def __init__(self, family: str, models: dict[str, torch.nn.Module], members: list[AdapterFile]):
-        from studio.adapters.formats.naming import name_table
-        from studio.generation.blocks import module_block
-
         table = name_table(family, models)
-        unet = models.get("unet")
+        fam = get_family(family)
+        denoiser = models.get(fam.denoiser)
         self.layers: dict[int, tuple[torch.nn.Module, int | None, dict[int, MemberUpdate]]] = {}
         for k, adapter in enumerate(members):
             for name, module in adapter.modules.items():
                 target = table.get(name)
                 if target is None:  # a module of a component not in `models` (each gets its own hooks)
                     continue
-                block = module_block(target.path, unet.config) if target.attr == "unet" else "BASE"
-                column = FULL_BLOCKS.index(block) if block else None
+                block = fam.blocks.module_block(target.path, denoiser.config) if target.attr == fam.denoiser else "BASE"
+                column = fam.blocks.full.index(block) if block else None
                 entry = self.layers.setdefault(id(target.layer), (target.layer, column, {}))
                 entry[2][k] = MemberUpdate(module, target.layer)
         self.count = len(members)
@@ -107,7 +106,7 @@ class LiveMembers:
 
 
 def per_sample(gates: Callable[[], torch.Tensor]) -> Callable:
-    """Weights from a gate tensor [B or 1, K, 26] (`gates()`, read at each call): member k
+    """Weights from a gate tensor [B or 1, K, N] (`gates()`, read at each call): member k
     of a layer in block column j gets g[:, k, j] on each sample (1 outside the blocks)."""
 
     def weights(column, x, updates):
@@ -134,8 +133,6 @@ def routing(top_k: int, temperature: float, scales: list[float]) -> Callable:
     prototypes: dict[int, tuple[list[int], torch.Tensor]] = {}
 
     def prototype(updates: dict[int, MemberUpdate]) -> tuple[list[int], torch.Tensor]:
-        from studio.adapters.merge import Factors, singular_triplets
-
         if id(updates) not in prototypes:
             members, rows = list(updates), []
             for k in members:

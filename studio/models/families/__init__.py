@@ -1,93 +1,16 @@
-"""Model families, one module each (sd15.py, sdxl.py): everything family-specific as data plus
-a few hooks (studio.models.families.family.Family). A new family is one module and one entry in
-FAMILIES. Families are stored by name ("sd15", "sdxl") in configs, metadata and files."""
+"""Model families, one module each (sd15.py, sdxl.py, flux.py): everything family-specific as
+data plus a few hooks (studio.models.families.family.Family). A new family is one module and
+one entry in FAMILIES (registry.py). Families are stored by name ("sd15", "sdxl", "flux") in
+configs, metadata and files."""
 from __future__ import annotations
 
-from typing import Any, Mapping
+from studio.models.families.family import BlockTable, Family, GpuGuide, Part, Piece, SingleFileEncoder
+from studio.models.families.registry import (BUILTIN, BUILTIN_MODELS, DEFAULT, FAMILIES, UNSUPPORTED, all_prefixes,
+                                             family_from_diffusers_keys, family_from_metadata,
+                                             family_from_pipeline_class, family_from_prefixes,
+                                             family_from_unet_names, family_of_pipeline, get_family, part_attrs)
 
-from studio.errors import StudioError
-from studio.models.families import sd15, sdxl
-from studio.models.families.family import Family, GpuGuide, Part, SingleFileEncoder
-
-FAMILIES: dict[str, Family] = {f.name: f for f in (sd15.FAMILY, sdxl.FAMILY)}
-#: A file or model with nothing that says otherwise has SD 1.x's layout.
-DEFAULT = sd15.FAMILY
-#: The built-in tiny model has SD 1.x's architecture.
-BUILTIN = sd15.FAMILY
-#: Families people have adapters for that the studio does not support, by metadata prefix.
-UNSUPPORTED = {"Stable Diffusion 2.x": ("sd_v2", "stable-diffusion-v2")}
-
-__all__ = ["BUILTIN", "DEFAULT", "FAMILIES", "Family", "GpuGuide", "Part", "SingleFileEncoder", "all_prefixes", "family_from_diffusers_keys",
-           "family_from_metadata", "family_from_pipeline_class", "family_from_prefixes", "family_from_unet_names",
-           "family_of_pipeline", "get_family"]
-
-
-def get_family(name: str | None) -> Family:
-    """The family of that name (the default for None)."""
-    if name is None:
-        return DEFAULT
-    try:
-        return FAMILIES[name]
-    except KeyError:
-        raise StudioError(f"Unknown model family {name!r}; known: {', '.join(FAMILIES)}.") from None
-
-
-def family_of_pipeline(pipe: Any) -> Family:
-    """The family whose text encoders the pipeline has (all of them)."""
-    for candidate in sorted(FAMILIES.values(), key=lambda f: -len(f.text_encoders)):
-        if all(getattr(pipe, attr, None) is not None for attr in candidate.text_encoders):
-            return candidate
-    return DEFAULT
-
-
-def family_from_pipeline_class(class_name: str) -> Family | None:
-    return next((f for f in FAMILIES.values() if class_name in f.pipeline_classes), None)
-
-
-def family_from_metadata(metadata: Mapping[str, str], source: str = "The file") -> Family | None:
-    """The family an adapter's `ss_base_model_version` or `modelspec.architecture` names;
-    StudioError for a family the studio does not support."""
-    values = [str(metadata.get(key, "")).lower() for key in ("ss_base_model_version", "modelspec.architecture")]
-    for value in values:
-        found = next((f for f in FAMILIES.values() if value and f.means(value)), None)
-        if found is not None:
-            return found
-    for label, prefixes in UNSUPPORTED.items():
-        if any(value.startswith(prefixes) for value in values) or (
-                metadata.get("ss_v2") == "True" and label == "Stable Diffusion 2.x"):
-            raise StudioError(f"{source} is an adapter for {label}; only "
-                              f"{' and '.join(f.label for f in FAMILIES.values())} are supported.")
-    return None
-
-
-def family_from_prefixes(prefixes: set[str], source: str = "The file") -> Family | None:
-    """The one family whose kohya prefixes include all of `prefixes`, when the text-encoder
-    prefixes tell (lora_unet alone does not); StudioError when no family has them all."""
-    owners = [f for f in FAMILIES.values() if prefixes <= {p.prefix for p in f.parts}]
-    if not owners:
-        raise StudioError(f"{source} mixes modules of different model families ({', '.join(sorted(prefixes))}).")
-    return owners[0] if len(owners) == 1 else None
-
-
-def family_from_unet_names(names: list[str]) -> Family:
-    """The family whose UNet naming the kohya module names follow (LDM names or diffusers paths)."""
-    for candidate in FAMILIES.values():
-        if candidate.unet_name_hint is not None and any(candidate.unet_name_hint.match(n) for n in names):
-            return candidate
-    return DEFAULT
-
-
-def family_from_diffusers_keys(attrs: set[str], paths: list[str]) -> Family | None:
-    """The family a diffusers/peft adapter's model attributes or UNet paths show, if any."""
-    for candidate in FAMILIES.values():
-        others = {attr for f in FAMILIES.values() if f is not candidate for attr in f.text_encoders}
-        if attrs & (set(candidate.text_encoders) - others):  # a text encoder only this family has
-            return candidate
-        if candidate.diffusers_path_hint is not None and any(candidate.diffusers_path_hint.search(p) for p in paths):
-            return candidate
-    return None
-
-
-def all_prefixes() -> tuple[str, ...]:
-    """Every kohya module-name prefix of every family, longest first (lora_te1 before lora_te)."""
-    return tuple(sorted({p.prefix for f in FAMILIES.values() for p in f.parts}, key=len, reverse=True))
+__all__ = ["BUILTIN", "BUILTIN_MODELS", "DEFAULT", "FAMILIES", "BlockTable", "Family", "GpuGuide", "Part", "Piece",
+           "SingleFileEncoder", "UNSUPPORTED", "all_prefixes", "family_from_diffusers_keys", "family_from_metadata",
+           "family_from_pipeline_class", "family_from_prefixes", "family_from_unet_names", "family_of_pipeline",
+           "get_family", "part_attrs"]

@@ -1,7 +1,10 @@
 """What a model family is to the studio: data (names, metadata strings, block tables, GPU
-guidance) plus the few hooks where families compute differently (text conditioning and the
-UNet's extra inputs). One instance per family module; nothing outside studio/families names
-a family."""
+guidance) plus the few hooks where families compute differently: its denoiser (the first
+part: a UNet or a transformer), its text conditioning, its training objective (noise
+schedule, prediction target, loss weighting, timestep sampling: objectives.py) and the call
+of its denoiser. The trainer and the engine read these and name no family, denoiser class
+or text encoder. One instance per family module; nothing outside studio/models/families
+names a family."""
 from __future__ import annotations
 
 import re
@@ -11,16 +14,39 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 if TYPE_CHECKING:  # torch loads only where a hook runs: the UI starts without it
     import torch
 
+    from studio.models.families.objectives import Objective
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Where a diffusers module sits in the layout kohya names follow: that layout's module
+    path, and (for a layer the layout fuses from several diffusers modules, e.g. FLUX.1's
+    qkv) the module's place among the `count` parts, stacked along the output rows in
+    this order."""
+
+    path: str
+    index: int = 0
+    count: int = 1
+
+    @property
+    def fused(self) -> bool:
+        return self.count > 1
+
 
 @dataclass(frozen=True)
 class Part:
     """One adaptable model of a pipeline: its kohya prefix, pipeline attribute and how its
     module paths become kohya names ("diffusers": as they are; "ldm": SDXL's sgm layout;
-    "clip": `text_model.`-prefixed)."""
+    "clip": `text_model.`-prefixed; "layout": `layout(path)`, the original model's names,
+    which may fuse several diffusers modules into one). `alias_prefixes`: other trainers'
+    prefixes for the same model whose names are its diffusers paths (read, and written for
+    parts of a fused layer that cannot be fused)."""
 
     prefix: str
     attr: str
     naming: str
+    layout: Callable[[str], Piece | None] | None = field(default=None, repr=False, compare=False)
+    alias_prefixes: tuple[str, ...] = ()
 
     @property
     def diffusers_prefix(self) -> str:
@@ -51,20 +77,34 @@ class SingleFileEncoder:
 
 
 @dataclass(frozen=True)
+class BlockTable:
+    """A family's blocks as LoRA Block Weight (the sd-webui-lora-block-weight extension) names
+    them: `names` the family's own vector (BASE = the text encoders, first), `full` the long
+    form every model of the family also takes and the columns of a mixture's gates (one per
+    block a module can be in, BASE first), `presets` the named vectors, and
+    `module_block(path, denoiser_config)` the block (a name of `full`) of a denoiser module
+    path, None outside the blocks (a UNet's conv_in, time embedding, conv_out)."""
+
+    names: tuple[str, ...]
+    full: tuple[str, ...]
+    presets: Mapping[str, str]
+    module_block: Callable[[str, Any], str | None] = field(repr=False)
+
+
+@dataclass(frozen=True)
 class Family:
     name: str                           # the id stored in configs and metadata ("sd15")
     label: str                          # what a person reads ("SD 1.5")
     long_label: str                     # in messages about checkpoints ("Stable Diffusion 1.x")
     pipeline_classes: tuple[str, ...]   # diffusers pipeline class names of a base model folder
     pipeline_kwargs: Mapping[str, Any]  # for its from_pretrained (no safety checker to load)
-    parts: tuple[Part, ...]             # UNet first, then the text encoders
+    parts: tuple[Part, ...]             # the denoiser first, then the text encoders
     tokenizers: tuple[str, ...]         # pipeline attributes, one per text encoder
     ss_base_model_version: str          # sd-scripts' metadata value
     modelspec_architecture: str         # without the "/lora" suffix
     modelspec_implementation: str
     metadata_prefixes: tuple[str, ...]  # ss_base_model_version / modelspec.architecture prefixes that mean it
-    block_names: tuple[str, ...]        # LoRA Block Weight vector, BASE first
-    block_presets: Mapping[str, str]
+    blocks: BlockTable                  # LoRA Block Weight, block-wise weights, mixture gates
     gpu: GpuGuide
     default_resolution: int
     single_file_encoders: tuple[SingleFileEncoder, ...]
@@ -76,17 +116,37 @@ class Family:
     # `bundle_emb.<name>.` (bundled), and in a separate embedding file
     embedding_keys: tuple[str, ...]
     embedding_file_keys: tuple[str, ...]
-    encode_text: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] = field(repr=False)
-    size_conditioning: Callable[..., torch.Tensor | None] = field(repr=False)
-    unet_inputs: Callable[..., dict[str, Any]] = field(repr=False)
+    # config key of training.block_lr_<key> -> the first component of the denoiser's module
+    # paths it multiplies (the family's coarse sections; block_rank_<key> likewise)
+    sections: Mapping[str, str]
+    # (tokenizers, encoders, captions, device) -> the text conditioning: named batch-first
+    # tensors, cached per caption by the trainer and handed to `predict`
+    encode_text: Callable[..., dict[str, torch.Tensor]] = field(repr=False)
+    # (examples, crops) -> per-picture conditioning (SDXL's size and crop), named as encode_text's
+    size_conditioning: Callable[..., dict[str, torch.Tensor]] = field(repr=False)
+    # pipeline -> its training objective (studio.models.families.objectives.Objective)
+    objective: Callable[[Any], "Objective"] = field(repr=False)
+    # (denoiser, noisy latents, timesteps, conditioning) -> the denoiser's prediction, shaped as the latents
+    predict: Callable[..., torch.Tensor] = field(repr=False)
+    # (a single file holding the denoiser alone, denoiser state-dict shapes) -> its diffusers
+    # state dict; None: the family's single files are whole pipelines (SD's LDM checkpoints)
+    denoiser_from_single_file: Callable[..., dict] | None = field(default=None, repr=False)
+    # the denoiser's layers a low-precision base (fp8 storage) keeps at full precision: its
+    # first and last layers, small and precision-critical
+    full_precision_modules: tuple[str, ...] = ()
+
+    @property
+    def denoiser(self) -> str:
+        """The pipeline attribute of the model that denoises (unet, transformer)."""
+        return self.parts[0].attr
+
+    @property
+    def denoiser_part(self) -> Part:
+        return self.parts[0]
 
     @property
     def text_encoders(self) -> tuple[str, ...]:
-        return tuple(p.attr for p in self.parts if p.attr != "unet")
-
-    @property
-    def unet_part(self) -> Part:
-        return self.parts[0]
+        return tuple(p.attr for p in self.parts[1:])
 
     @property
     def lora_architecture(self) -> str:

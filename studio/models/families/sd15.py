@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from studio.models.families.family import Family, GpuGuide, Part, SingleFileEncoder
+from studio.models.families import unet
+from studio.models.families.family import BlockTable, Family, GpuGuide, Part, SingleFileEncoder
+from studio.models.families.objectives import diffusion_objective
 
 if TYPE_CHECKING:
     import torch
@@ -29,19 +31,15 @@ PRESETS = {
 }
 
 
-def encode_text(tokenizers, encoders, captions: list[str], device) -> tuple[torch.Tensor, None]:
-    """The text encoder's last hidden state; no pooled embedding."""
+def encode_text(tokenizers, encoders, captions: list[str], device) -> dict[str, torch.Tensor]:
+    """The text encoder's last hidden state."""
     tokenizer, encoder = tokenizers[0], encoders[0]
     ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
                     truncation=True, return_tensors="pt").input_ids.to(device)
-    return encoder(ids)[0], None
+    return {"encoder_hidden_states": encoder(ids)[0]}
 
 
-def size_conditioning(examples, crops) -> None:
-    return None
-
-
-def unet_inputs(pooled, size_ids, device) -> dict:
+def size_conditioning(examples, crops) -> dict:
     return {}
 
 
@@ -53,7 +51,7 @@ FAMILY = Family(
     tokenizers=("tokenizer",),
     ss_base_model_version="sd_v1", modelspec_architecture="stable-diffusion-v1",
     modelspec_implementation="diffusers", metadata_prefixes=("sd_v1", "stable-diffusion-v1"),
-    block_names=BLOCKS, block_presets=PRESETS,
+    blocks=BlockTable(BLOCKS, unet.FULL_BLOCKS, PRESETS, unet.module_block),
     gpu=GpuGuide(resolution=512, base_gb=4.0, activations_gb=2.5, it_s=2.5),
     single_file_encoders=(SingleFileEncoder("text_encoder", TE_PREFIX, "clip", "text encoder (CLIP-L)"),),
     single_file_marker="cond_stage_model.transformer.",
@@ -63,5 +61,6 @@ FAMILY = Family(
     # A1111 reads `string_to_param.*` (its .pt layout) in a bundle and any one tensor in an
     # embedding file; "emb_params" is what sd-scripts writes there.
     embedding_keys=("string_to_param.*",), embedding_file_keys=("emb_params",),
-    encode_text=encode_text, size_conditioning=size_conditioning, unet_inputs=unet_inputs,
+    sections=unet.SECTIONS, encode_text=encode_text, size_conditioning=size_conditioning,
+    objective=diffusion_objective, predict=unet.predict, full_precision_modules=unet.FULL_PRECISION,
 )

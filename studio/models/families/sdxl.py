@@ -6,7 +6,9 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from studio.models.families.family import Family, GpuGuide, Part, SingleFileEncoder
+from studio.models.families import unet
+from studio.models.families.family import BlockTable, Family, GpuGuide, Part, SingleFileEncoder
+from studio.models.families.objectives import diffusion_objective
 
 if TYPE_CHECKING:
     import torch
@@ -31,9 +33,9 @@ PRESETS = {
 }
 
 
-def encode_text(tokenizers, encoders, captions: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_text(tokenizers, encoders, captions: list[str], device) -> dict[str, torch.Tensor]:
     """Penultimate hidden states of both encoders concatenated, and the second encoder's
-    pooled projection."""
+    pooled projection (the UNet's added `text_embeds`)."""
     import torch
 
     hidden, pooled = [], None
@@ -43,19 +45,16 @@ def encode_text(tokenizers, encoders, captions: list[str], device) -> tuple[torc
         out = encoder(ids, output_hidden_states=True)
         hidden.append(out.hidden_states[-2])
         pooled = out[0]
-    return torch.cat(hidden, dim=-1), pooled
+    return {"encoder_hidden_states": torch.cat(hidden, dim=-1), "text_embeds": pooled}
 
 
-def size_conditioning(examples, crops) -> torch.Tensor:
-    """(original height, width, crop top, left, target height, width) per picture."""
+def size_conditioning(examples, crops) -> dict[str, torch.Tensor]:
+    """The UNet's added `time_ids`: (original height, width, crop top, left, target height,
+    width) per picture."""
     import torch
 
-    return torch.tensor([[ex.size[1], ex.size[0], top, left, ex.bucket[1], ex.bucket[0]]
-                         for ex, (top, left) in zip(examples, crops)], dtype=torch.float32)
-
-
-def unet_inputs(pooled, size_ids, device) -> dict:
-    return {"added_cond_kwargs": {"text_embeds": pooled.to(device), "time_ids": size_ids.to(device)}}
+    return {"time_ids": torch.tensor([[ex.size[1], ex.size[0], top, left, ex.bucket[1], ex.bucket[0]]
+                                      for ex, (top, left) in zip(examples, crops)], dtype=torch.float32)}
 
 
 FAMILY = Family(
@@ -68,7 +67,7 @@ FAMILY = Family(
     ss_base_model_version="sdxl_base_v1-0", modelspec_architecture="stable-diffusion-xl-v1-base",
     modelspec_implementation="https://github.com/Stability-AI/generative-models",
     metadata_prefixes=("sdxl", "stable-diffusion-xl"),
-    block_names=BLOCKS, block_presets=PRESETS,
+    blocks=BlockTable(BLOCKS, unet.FULL_BLOCKS, PRESETS, unet.module_block),
     gpu=GpuGuide(resolution=1024, base_gb=10.0, activations_gb=6.0, it_s=1.0),
     single_file_encoders=(SingleFileEncoder("text_encoder", TE1_PREFIX, "clip", "text encoder 1 (CLIP-L)"),
                           SingleFileEncoder("text_encoder_2", TE2_PREFIX, "open_clip", "text encoder 2 (OpenCLIP bigG)")),
@@ -77,5 +76,6 @@ FAMILY = Family(
     diffusers_path_hint=re.compile(r"transformer_blocks\.[1-9]"),  # deeper transformer stacks than SD 1.x
     default_resolution=1024,
     embedding_keys=("clip_l", "clip_g"), embedding_file_keys=("clip_l", "clip_g"),
-    encode_text=encode_text, size_conditioning=size_conditioning, unet_inputs=unet_inputs,
+    sections=unet.SECTIONS, encode_text=encode_text, size_conditioning=size_conditioning,
+    objective=diffusion_objective, predict=unet.predict, full_precision_modules=unet.FULL_PRECISION,
 )

@@ -1,6 +1,9 @@
-"""DreamBooth-style LoRA training on the UNet (and optionally the text encoders) of a base
-model of any family (studio.models.families: its text conditioning and extra UNet inputs), driven
-by accelerate.
+"""DreamBooth-style adapter training on the denoiser (and optionally the text encoders) of a
+base model of any family, driven by accelerate. The family (studio.models.families) says
+which denoiser and text encoders the pipeline has, how captions condition it, how it is
+called and its training objective (noise schedule, target, loss weighting, timestep
+sampling); the method (studio.adapters.methods) says what the adapter is. This loop names
+neither.
 
 Read top to bottom: load -> data -> caches -> adapters -> optimizer -> resume -> loop.
 Every step's randomness (noise, timesteps, latent sampling, dropout, crops, flips, data
@@ -22,21 +25,29 @@ import math
 import os
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from studio.adapters import read_checked_header, training_metadata
+from studio.adapters.formats.embeddings import save_embedding
+from studio.adapters.methods import get_method
 from studio.config import TrainConfig, check_device_support, load_config, steps_for_epochs
+from studio.datasets import caption_with_trigger, load_items, open_mask
 from studio.errors import StudioError
+from studio.fsutil import remove_stale_temp_files
 from studio.models.families import get_family
 from studio.jobs.runs import (CONFIG_FILE, EMBEDDINGS_DIR, SAMPLES_DIR, EventLog, adapters_dir, check_training,
-                              checkpoint_dir, dataset_folder, run_workspace)
+                              checkpoint_dir, dataset_folder, iter_events, run_workspace)
+from studio.models import load_pipeline, resolve_model
 from trainers.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from trainers.data import (BatchOrder, Example, caption_variant, center_crop_offsets, choose_bucket, epochs_done,
                            micro_generator, prepare_image, prepare_mask, random_crop_offsets, sample_generator,
                            validation_indices)
 from trainers.low_memory import nf4_quantization, store_in_fp8
+from trainers.pivotal import PivotalTokens
 from trainers.tensorboard import TensorBoardLog
 
 log = logging.getLogger(__name__)
@@ -50,6 +61,28 @@ VALIDATION_DRAWS = 4
 PREPARE_STREAM = 3
 
 
+@dataclass
+class Batch:
+    """This process's share of a global micro-batch, ready for the denoiser."""
+
+    latents: torch.Tensor                  # [b, C, h, w], scaled as the denoiser sees them
+    conditioning: dict[str, torch.Tensor]  # the family's text (and size) conditioning, batch-first
+    mask: torch.Tensor | None              # [b, h, w] loss weights (dataset.masked_loss)
+    count: int                             # samples in the global micro-batch
+    places: list[int]                      # this share's places in it
+
+    def join(self, other: "Batch") -> "Batch":
+        """Both batches as one denoiser pass (instance and class pictures of one bucket):
+        `other`'s places follow this batch's samples."""
+        def cat(a, b):
+            return None if a is None else torch.cat([a, b])
+
+        return Batch(cat(self.latents, other.latents),
+                     {key: cat(value, other.conditioning[key]) for key, value in self.conditioning.items()},
+                     cat(self.mask, other.mask), self.count + other.count,
+                     self.places + [self.count + p for p in other.places])
+
+
 class TrainingFailed(StudioError):
     """The run stopped for a reason a person can act on (NaN loss, out of memory)."""
 
@@ -58,7 +91,7 @@ class TrainingCancelled(Exception):
     """SIGTERM/SIGINT asked the run to stop; a checkpoint was saved first."""
 
 
-class Trainer:
+class AdapterTrainer:
     def __init__(self, run_dir: Path, config: TrainConfig | None = None, *, show_progress: bool = True):
         self.run_dir = Path(run_dir)
         self.config = config or load_config(self.run_dir / CONFIG_FILE)
@@ -71,12 +104,9 @@ class Trainer:
         self.pivotal = None  # the trigger's trained embedding (network.pivotal_vectors), made by _setup
 
     # ---------------------------------------------------------------- set-up
-    def _setup(self) -> None:
+    def setup(self) -> None:
         from accelerate import Accelerator
-        from diffusers import DDPMScheduler
         from diffusers.optimization import get_scheduler
-        from studio.datasets import load_items
-        from studio.models import load_pipeline, resolve_model
 
         cfg = self.config
         if cfg.training.num_threads:
@@ -93,18 +123,18 @@ class Trainer:
                               "were started; start the run with `lora-studio train` or the queue, which launch "
                               "the number the config asks for.")
         device = self.accelerator.device
-        self.model_ref = resolve_model(cfg.base_model)
+        self.model_ref = resolve_model(cfg.base_model, workspace=run_workspace(self.run_dir))
         self.family = get_family(self.model_ref.family)
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.training.mixed_precision, torch.float32)
         base_weights = cfg.training.base_weights
-        pipe = load_pipeline(self.model_ref, unet_dtype=self.weight_dtype,
-                             unet_quantization=nf4_quantization(self.weight_dtype) if base_weights == "nf4" else None)
+        pipe = load_pipeline(self.model_ref, denoiser_dtype=self.weight_dtype,
+                             denoiser_quantization=nf4_quantization(self.weight_dtype) if base_weights == "nf4" else None)
         self.pipe = pipe
-        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        self.vae, self.unet = pipe.vae, pipe.unet
+        self.objective = self.family.objective(pipe)
+        self.vae, self.denoiser = pipe.vae, getattr(pipe, self.family.denoiser)
         self.text_encoders = [getattr(pipe, attr) for attr in self.family.text_encoders]
         self.tokenizers = [getattr(pipe, attr) for attr in self.family.tokenizers]
-        for module in (self.vae, self.unet, *self.text_encoders):
+        for module in (self.vae, self.denoiser, *self.text_encoders):
             module.requires_grad_(False)
             module.to(device)
         if self.weight_dtype != torch.float32:
@@ -119,7 +149,7 @@ class Trainer:
         instance = [it for it in items if not it.is_regularisation]
         if not instance:  # the dataset changed since the run was queued: say what is wrong as the check does
             check_training(cfg, run_workspace(self.run_dir)).raise_problems()
-        examples = [self._example(it.path, self._caption(it.caption), it.repeats, it.size) for it in instance]
+        examples = [self._example(it.path, self.caption(it.caption), it.repeats, it.size) for it in instance]
         held_out = validation_indices(len(examples), cfg.dataset.validation_split, cfg.seed)
         if held_out and len(held_out) >= len(examples):
             raise StudioError(f"dataset.validation_split = {cfg.dataset.validation_split:g} holds out every one of the "
@@ -149,7 +179,7 @@ class Trainer:
         self._mask_cache: dict[tuple[Path, bool], torch.Tensor] = {}
         if cfg.dataset.masked_loss:
             self._check_masks()
-        self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._text_cache: dict[str, dict[str, torch.Tensor]] = {}
         if self.cache_latents:
             self._fill_latent_cache()
         if self.cache_text:
@@ -158,34 +188,32 @@ class Trainer:
                 captions = [example.caption for example in self.instance + self.class_examples + self.validation]
                 for caption in captions + dropped:
                     if caption not in self._text_cache:
-                        hidden, pooled = self._encode_text([caption])
-                        self._text_cache[caption] = (hidden[0], None if pooled is None else pooled[0])
+                        self._text_cache[caption] = {k: v[0] for k, v in self.encode_text([caption]).items()}
 
         # adapters: the method (network.type) injects itself and names what trains
         net = cfg.network
         self.adapter = self._new_adapter()
+        denoiser_name = self.family.denoiser
         measured = self.adapter.prepare(
-            {"unet": self.unet, **(dict(zip(("text_encoder", "text_encoder_2"), self.text_encoders))
-                                   if net.train_text_encoder else {})},
-            lambda i: self._loss(i, stream=PREPARE_STREAM))
+            {denoiser_name: self.denoiser, **(dict(zip(self.family.text_encoders, self.text_encoders))
+                                              if net.train_text_encoder else {})},
+            lambda i: self.loss(i, stream=PREPARE_STREAM))
         if measured is not None:
             self.events.emit("adapter_prepared", **measured)
         self.adapter.unadapted_sections = tuple(section for section, weight in self.block_lr_weights().items()
                                                 if weight == 0)
         torch.manual_seed(cfg.seed)  # the adapters' initial weights are a function of the seed
-        params = self.block_groups(self.adapter.add("unet", self.unet, cfg.training.learning_rate))
+        params = self.block_groups(self.adapter.add(denoiser_name, self.denoiser, cfg.training.learning_rate))
         if net.train_text_encoder:
-            for component, encoder in zip(("text_encoder", "text_encoder_2"), self.text_encoders):
+            for component, encoder in zip(self.family.text_encoders, self.text_encoders):
                 params += self.adapter.add(component, encoder, cfg.training.text_encoder_lr or cfg.training.learning_rate)
         if net.pivotal_vectors:  # the trigger's embedding, at its own learning rate
-            from trainers.pivotal import PivotalTokens
-
             self.pivotal = PivotalTokens(cfg.dataset.trigger_word.strip(), net.pivotal_vectors, self.tokenizers,
                                          self.text_encoders, init_word=net.pivotal_init, seed=cfg.seed)
             params.append({"params": self.pivotal.parameters(),
                            "lr": cfg.training.embedding_lr or cfg.training.learning_rate})
         if base_weights == "fp8":
-            store_in_fp8(self.unet)
+            store_in_fp8(self.denoiser, keep=self.family.full_precision_modules)
         self.trainable = [p for group in params for p in group["params"]]
         for p in self.trainable:
             p.data = p.data.float()
@@ -196,8 +224,8 @@ class Trainer:
         self.ema: list[torch.Tensor] | None = None
         self._update_ema(0)
         if cfg.training.gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
-        self.unet.train()
+            self.denoiser.enable_gradient_checkpointing()
+        self.denoiser.train()
 
         optimizer = self._optimizer(params)
         lr_scheduler = get_scheduler(cfg.training.lr_scheduler, optimizer=optimizer,
@@ -206,7 +234,7 @@ class Trainer:
         # Models prepared without DDP: gradients are averaged by _average_gradients, which also
         # covers T-LoRA's parameters (outside the UNet's module tree, attached by hooks). The
         # LR scheduler is not handed to accelerate, whose wrapper steps it once per process.
-        self.unet = self.accelerator.prepare_model(self.unet, evaluation_mode=True)
+        self.denoiser = self.accelerator.prepare_model(self.denoiser, evaluation_mode=True)
         self.optimizer, self.lr_scheduler = self.accelerator.prepare_optimizer(optimizer), lr_scheduler
         if net.train_text_encoder:
             self.text_encoders = [self.accelerator.prepare_model(encoder, evaluation_mode=True)
@@ -214,8 +242,6 @@ class Trainer:
 
     def _new_adapter(self):
         """What this run trains: the method network.type names (a studio.adapters.methods.Training)."""
-        from studio.adapters.methods import get_method
-
         cfg = self.config
         return get_method(cfg.network.type).training(cfg.network, seed=cfg.seed, max_steps=cfg.training.max_steps)
 
@@ -225,9 +251,7 @@ class Trainer:
             check_training(self.config, run_workspace(self.run_dir)).raise_problems()
         return folder
 
-    def _caption(self, caption: str) -> str:
-        from studio.datasets import caption_with_trigger
-
+    def caption(self, caption: str) -> str:
         ds = self.config.dataset
         return caption_with_trigger(caption.strip() or ds.instance_prompt.strip(), ds.trigger_word.strip())
 
@@ -243,8 +267,9 @@ class Trainer:
         return examples[: cfg.dataset.num_class_images]
 
     def block_lr_weights(self) -> dict[str, float]:
+        """The denoiser's sections (its family's) -> training.block_lr_<key>."""
         t = self.config.training
-        return {"down_blocks": t.block_lr_down, "mid_block": t.block_lr_mid, "up_blocks": t.block_lr_up}
+        return {section: getattr(t, f"block_lr_{key}") for key, section in self.family.sections.items()}
 
     def block_groups(self, groups: list[dict]) -> list[dict]:
         """The UNet adapter's parameter groups split by UNet section: a parameter in the down
@@ -255,7 +280,7 @@ class Trainer:
         weights = self.block_lr_weights()
         if all(w == 1.0 for w in weights.values()):
             return groups
-        section = {id(p): name.split(".")[0] for name, p in self.adapter.named_parameters("unet")}
+        section = {id(p): name.split(".")[0] for name, p in self.adapter.named_parameters(self.family.denoiser)}
         split = []
         for group in groups:
             by_section: dict[str, list] = {}
@@ -313,15 +338,15 @@ class Trainer:
         bucket = choose_bucket(size, ds.resolution, enabled=ds.enable_bucket, no_upscale=ds.bucket_no_upscale)
         return Example(path, caption, repeats, size, bucket)
 
-    def _encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Text conditioning (and a pooled embedding where the family has one); with pivotal
-        tuning the trigger word is first written as its tokens."""
+    def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """The family's text conditioning of `captions`; with pivotal tuning the trigger word
+        is first written as its tokens."""
         if self.pivotal is not None:
             captions = self.pivotal.expand(captions, self.pipe)
         return self.family.encode_text(self.tokenizers, self.text_encoders, captions, self.accelerator.device)
 
     @torch.no_grad()
-    def _latent_dist(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def latent_dist(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dist = self.vae.encode(pixels.to(self.accelerator.device, self.weight_dtype)).latent_dist
         return dist.mean, dist.std
 
@@ -331,14 +356,12 @@ class Trainer:
             for flip in flips:
                 if (example.path, flip) not in self._latent_cache:
                     pixels, _ = prepare_image(example.path, example.bucket, center_crop=True, flip=flip, generator=None)
-                    mean, std = self._latent_dist(pixels[None])
+                    mean, std = self.latent_dist(pixels[None])
                     self._latent_cache[(example.path, flip)] = (mean[0], std[0])
 
     def _check_masks(self) -> None:
         """Every picture's mask decodes and fits its picture (open_mask says what is wrong);
         an all-black mask is refused while unmasked_weight is 0: that picture would train nothing."""
-        from studio.datasets import open_mask
-
         unmasked = 0
         for example in self.instance + self.class_examples + self.validation:
             mask = open_mask(example.path)
@@ -355,8 +378,6 @@ class Trainer:
         """The loss weight of each latent cell of `example` cut at `crop`, mirrored with `flip`:
         u + (1 - u) x mask, u = dataset.unmasked_weight (prepare_mask); 1 without a mask.
         Kept per (picture, flip) with centre crops, where the crop never changes."""
-        from studio.datasets import open_mask
-
         key = (example.path, flip)
         if key in self._mask_cache:
             return self._mask_cache[key]
@@ -379,11 +400,11 @@ class Trainer:
         size = self.config.training.batch_size
         return [place % count for place in range(self.rank * size, (self.rank + 1) * size)]
 
-    def _batch(self, examples: list[Example], indices: list[int], generator: torch.Generator, *,
-               varied_at: int | None = None, whole: bool = False):
-        """Latents, text conditioning, (SDXL) size conditioning and (dataset.masked_loss) the
-        latent loss weights of this process's share of a global micro-batch (`whole`: of all
-        of it), with the batch's size and the share's places in it. Every random choice
+    def batch(self, examples: list[Example], indices: list[int], generator: torch.Generator, *,
+               varied_at: int | None = None, whole: bool = False) -> Batch:
+        """Latents, the family's conditioning (text; SDXL's size too) and (dataset.masked_loss)
+        the latent loss weights of this process's share of a global micro-batch (`whole`: of
+        all of it), with the batch's size and the share's places in it. Every random choice
         (flips, crops, latent samples) is drawn for the
         whole global batch from the micro-step's generator, in the order one process draws
         them, and each process keeps its share's: so N processes train what one process with
@@ -408,23 +429,28 @@ class Trainer:
                                                     flip=flip, generator=generator)
                 elif not cfg.dataset.center_crop:  # the crop another process draws for it
                     random_crop_offsets(example.size, example.bucket, generator)
-            mean, std = self._latent_dist(torch.stack([prepared[p][0] for p in mine]))
+            mean, std = self.latent_dist(torch.stack([prepared[p][0] for p in mine]))
             crops = [prepared[p][1] for p in mine]
         eps = torch.randn((len(chosen), *mean.shape[1:]), generator=generator)[mine].to(mean.device, mean.dtype)
-        latents = (mean + std * eps).float() * self.vae.config.scaling_factor
+        latents = self._scaled_latents((mean + std * eps).float())
         captions = self._captions(chosen, mine, varied_at)
         if self.cache_text:
             cached = [self._text_cache[c] for c in captions]
-            text = torch.stack([h for h, _ in cached])
-            pooled = None if cached[0][1] is None else torch.stack([p for _, p in cached])
+            conditioning = {key: torch.stack([c[key] for c in cached]) for key in cached[0]}
         else:
-            text, pooled = self._encode_text(captions)
+            conditioning = self.encode_text(captions)
+        conditioning.update(self.family.size_conditioning([chosen[p] for p in mine], crops))
         mask = None
         if cfg.dataset.masked_loss:
             mask = torch.stack([self._latent_mask(chosen[p], crop, flips[p], latents.shape[-2:])
                                 for p, crop in zip(mine, crops)]).to(latents.device)
-        time_ids = self.family.size_conditioning([chosen[p] for p in mine], crops)
-        return latents, text, pooled, time_ids, mask, len(chosen), mine
+        return Batch(latents, conditioning, mask, len(chosen), mine)
+
+    def _scaled_latents(self, sample: torch.Tensor) -> torch.Tensor:
+        """A VAE latent sample as the denoiser sees it: (z - shift) x scale, both from the VAE's
+        config (SD's VAEs have no shift; FLUX.1's has one)."""
+        vae = self.vae.config
+        return (sample - (getattr(vae, "shift_factor", None) or 0.0)) * vae.scaling_factor
 
     def _captions(self, chosen: list[Example], mine: list[int], varied_at: int | None) -> list[str]:
         """The captions of this process's share of a micro-batch: as written, or (training
@@ -437,53 +463,51 @@ class Trainer:
                 for p in mine]
 
     # ---------------------------------------------------------------- loss
-    def _loss(self, micro_step: int, stream: int = 0) -> torch.Tensor:
+    def loss(self, micro_step: int, stream: int = 0) -> torch.Tensor:
         cfg = self.config
         generator = micro_generator(cfg.seed, micro_step, stream)
         # adapter dropout: its own stream per process
         torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)) + self.rank)
-        batches = [self._batch(self.instance, self.instance_order.batch(micro_step), generator, varied_at=micro_step)]
-        if self.class_examples:
-            batches.append(self._batch(self.class_examples, self.class_order.batch(micro_step), generator))
-            (*instance, count, mine), (*prior, class_count, class_mine) = batches
-            if instance[0].shape[1:] == prior[0].shape[1:]:  # same bucket: one UNet pass
-                joined = [None if a is None else torch.cat([a, b]) for a, b in zip(instance, prior)]
-                per_sample = self._per_sample_loss(*joined, generator, count + class_count,
-                                                   mine + [count + p for p in class_mine])
-                n = len(mine)
-                return per_sample[:n].mean() + cfg.dataset.prior_loss_weight * per_sample[n:].mean()
-        losses = [self._per_sample_loss(*batch[:5], generator, *batch[5:]).mean() for batch in batches]
-        return losses[0] + (cfg.dataset.prior_loss_weight * losses[1] if len(losses) > 1 else 0.0)
+        instance = self.batch(self.instance, self.instance_order.batch(micro_step), generator, varied_at=micro_step)
+        if not self.class_examples:
+            return self.per_sample_loss(instance, generator).mean()
+        prior = self.batch(self.class_examples, self.class_order.batch(micro_step), generator)
+        weight = cfg.dataset.prior_loss_weight
+        if instance.latents.shape[1:] == prior.latents.shape[1:]:  # same bucket: one denoiser pass
+            per_sample = self.per_sample_loss(instance.join(prior), generator)
+            n = len(instance.places)
+            return per_sample[:n].mean() + weight * per_sample[n:].mean()
+        return self.per_sample_loss(instance, generator).mean() + weight * self.per_sample_loss(prior, generator).mean()
 
-    def _per_sample_loss(self, latents, text, pooled, time_ids, mask, generator, count: int,
-                         mine: list[int]) -> torch.Tensor:
-        """Per-sample loss of this process's share; noise and timesteps drawn for the whole
-        global batch of `count` samples (see _batch), the share's at places `mine`. With loss
-        weights `mask` [B, h, w] (dataset.masked_loss) it is masked_mean's."""
-        from diffusers.training_utils import compute_snr
+    def predict(self, denoiser: torch.nn.Module, batch: Batch, noise: torch.Tensor,
+                timesteps: torch.Tensor) -> torch.Tensor:
+        """`denoiser`'s prediction for `batch`'s latents noised with `noise` at `timesteps` (the
+        family's objective and call): how a test compares a denoiser with the trained one."""
+        device = next(denoiser.parameters()).device
+        latents, noise, timesteps = batch.latents.to(device), noise.to(device), timesteps.to(device)
+        return self.family.predict(denoiser, self.objective.noisy(latents, noise, timesteps), timesteps,
+                                   batch.conditioning)
 
+    def per_sample_loss(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+        """Per-sample loss of this process's share: noise (with training.noise_offset) and
+        timesteps drawn for the whole global batch of `batch.count` samples (see _batch), the
+        share's at `batch.places`; the noisy input, target and loss weight are the family
+        objective's. With loss weights `batch.mask` [B, h, w] it is masked_mean's."""
         cfg = self.config
         device = self.accelerator.device
+        latents, mine, count = batch.latents, batch.places, batch.count
         noise = torch.randn((count, *latents.shape[1:]), generator=generator)[mine]
         if cfg.training.noise_offset:
             noise += cfg.training.noise_offset * torch.randn((count, latents.shape[1], 1, 1), generator=generator)[mine]
-        last = min(cfg.training.max_timestep, self.noise_scheduler.config.num_train_timesteps)
-        timesteps = torch.randint(min(cfg.training.min_timestep, last - 1), last, (count,), generator=generator)[mine]
+        timesteps = self.objective.sample_timesteps(count, generator, cfg.training)[mine]
         noise, timesteps, latents = noise.to(device), timesteps.to(device), latents.to(device)
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        extra = self.family.unet_inputs(pooled, time_ids, device)
-        prediction = self.unet(noisy, timesteps, text.to(device), **extra).sample
-        prediction_type = self.noise_scheduler.config.prediction_type
-        target = noise if prediction_type == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        noisy = self.objective.noisy(latents, noise, timesteps)
+        prediction = self.family.predict(self.denoiser, noisy, timesteps, batch.conditioning)
+        target = self.objective.target(latents, noise, timesteps)
         error = F.mse_loss(prediction.float(), target.float(), reduction="none")
-        per_sample = error.mean(dim=(1, 2, 3)) if mask is None else masked_mean(error, mask)
-        if cfg.training.min_snr_gamma:
-            snr = compute_snr(self.noise_scheduler, timesteps)
-            weight = torch.clamp(snr, max=cfg.training.min_snr_gamma) / snr
-            if prediction_type == "v_prediction":
-                weight = weight * snr / (snr + 1)
-            per_sample = per_sample * weight
-        return per_sample
+        per_sample = error.mean(dim=(1, 2, 3)) if batch.mask is None else masked_mean(error, batch.mask)
+        weight = self.objective.loss_weight(timesteps, cfg.training)
+        return per_sample if weight is None else per_sample * weight
 
     @torch.no_grad()
     def validation_loss(self) -> float:
@@ -491,15 +515,15 @@ class Trainer:
         draws each (latent sample, noise, timestep, flip) from a generator of the picture's
         own (stream 2 of micro-generator i), captions as written, no adapter dropout: the
         same draws at every evaluation, so the value changes only with the weights."""
-        models = [self.accelerator.unwrap_model(self.unet)] + [m for _, m in self._text_encoder_components()]
+        models = [self.accelerator.unwrap_model(self.denoiser)] + [m for _, m in self.text_encoder_components()]
         modes = [model.training for model in models]
         for model in models:
             model.eval()
         losses = []
         for i in range(len(self.validation)):
             generator = micro_generator(self.config.seed, i, stream=2)
-            *batch, count, places = self._batch(self.validation, [i] * VALIDATION_DRAWS, generator, whole=True)
-            losses.append(self._per_sample_loss(*batch, generator, count, places))
+            losses.append(self.per_sample_loss(self.batch(self.validation, [i] * VALIDATION_DRAWS, generator,
+                                                            whole=True), generator))
         for model, mode in zip(models, modes):
             model.train(mode)
         return float(torch.cat(losses).mean())
@@ -516,10 +540,10 @@ class Trainer:
     def adapter_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().float().cpu().clone() for k, v in self.adapter.state().items()}
 
-    def _text_encoder_components(self) -> list[tuple[str, torch.nn.Module]]:
-        """("text_encoder", model), ("text_encoder_2", model): the pipeline's component names."""
-        names = ["text_encoder", "text_encoder_2"]
-        return [(name, self.accelerator.unwrap_model(enc)) for name, enc in zip(names, self.text_encoders)]
+    def text_encoder_components(self) -> list[tuple[str, torch.nn.Module]]:
+        """(pipeline attribute, model) of each text encoder."""
+        return [(name, self.accelerator.unwrap_model(enc)) for name, enc in zip(self.family.text_encoders,
+                                                                                 self.text_encoders)]
 
     def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
         self._replace_parameters(self.adapter.load_state(state))
@@ -528,8 +552,8 @@ class Trainer:
     def run(self, *, resume: bool = True) -> Path | None:
         started = time.time()
         try:
-            self._setup()
-            return self._train(resume=resume, started=started)
+            self.setup()
+            return self.train(resume=resume, started=started)
         except TrainingCancelled:
             raise
         except StudioError as error:  # the same in every process (config, data, NaN loss): written once
@@ -583,9 +607,7 @@ class Trainer:
                 "rate of 0 now leaves that section without an adapter). A resume is exact only into the "
                 "parameters it was saved from: start the run again as a new run.")
 
-    def _train(self, *, resume: bool, started: float) -> Path | None:
-        from studio.fsutil import remove_stale_temp_files
-
+    def train(self, *, resume: bool, started: float) -> Path | None:
         cfg = self.config
         if self.is_main:
             for folder in (checkpoint_dir(self.run_dir), self.run_dir / SAMPLES_DIR):
@@ -652,7 +674,7 @@ class Trainer:
                 self._save_checkpoint(done)
             sample_every = cfg.sampling.every_n_steps
             if sample_every and done % sample_every == 0 and done < cfg.training.max_steps:
-                self._sample(done)
+                self.sample(done)
             validate_every = cfg.training.validate_every_n_steps
             if self.validation and validate_every and done % validate_every == 0 and done < cfg.training.max_steps:
                 self._validate(done)
@@ -665,8 +687,8 @@ class Trainer:
             progress.close()
         if self.validation:
             self._validate(cfg.training.max_steps)
-        self._sample(cfg.training.max_steps)
-        adapter_path = self._export(started) if self.is_main else None
+        self.sample(cfg.training.max_steps)
+        adapter_path = self.export(started) if self.is_main else None
         self.accelerator.wait_for_everyone()
         self.events.emit("done", step=cfg.training.max_steps, adapter=str(adapter_path),
                          seconds=round(time.time() - started, 1))
@@ -727,8 +749,8 @@ class Trainer:
         accum = self.config.training.gradient_accumulation_steps
         total = torch.zeros((), device=self.accelerator.device)
         for micro in range(accum):
-            with self.accelerator.accumulate(self.unet):
-                loss = self._loss(step * accum + micro)
+            with self.accelerator.accumulate(self.denoiser):
+                loss = self.loss(step * accum + micro)
                 penalty = self.adapter.regularization()
                 self.accelerator.backward(loss if penalty is None else loss + penalty)
                 if self.accelerator.sync_gradients and self.world > 1:
@@ -806,20 +828,20 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     @torch.no_grad()
-    def _sample(self, step: int) -> None:
+    def sample(self, step: int) -> None:
         if self.is_main:
-            self._write_samples(step)
+            self.write_samples(step)
         self.accelerator.wait_for_everyone()
 
-    def _write_samples(self, step: int) -> None:
+    def write_samples(self, step: int) -> None:
         cfg = self.config
         prompts = cfg.sampling.prompts or [self.instance[0].caption]
         sample_dir = self.run_dir / SAMPLES_DIR
         sample_dir.mkdir(exist_ok=True)
-        unet = self.accelerator.unwrap_model(self.unet)
-        unet.eval()
-        self.pipe.unet = unet
-        for component, encoder in self._text_encoder_components():
+        denoiser = self.accelerator.unwrap_model(self.denoiser)
+        denoiser.eval()
+        setattr(self.pipe, self.family.denoiser, denoiser)
+        for component, encoder in self.text_encoder_components():
             setattr(self.pipe, component, encoder)
         paths = []
         for i, prompt in enumerate(prompts):
@@ -828,7 +850,7 @@ class Trainer:
             image.save(path)
             self.tensorboard.image(f"samples/{i}", image, step)
             paths.append(str(path))
-        unet.train()
+        denoiser.train()
         self.events.emit("sample", step=step, paths=paths, prompts=prompts)
 
     def _sample_image(self, prompt: str, generator: torch.Generator):
@@ -838,7 +860,7 @@ class Trainer:
                          num_inference_steps=cfg.sampling.steps, guidance_scale=cfg.sampling.guidance_scale,
                          generator=generator, height=cfg.dataset.resolution, width=cfg.dataset.resolution).images[0]
 
-    def _export(self, started: float) -> Path:
+    def export(self, started: float) -> Path:
         """Write the trained adapter to adapters/<name>.safetensors; with an EMA
         (training.ema_decay), the EMA weights go there instead (ema_export "as_adapter") or
         to the adapter's name + "-ema" beside it ("beside")."""
@@ -861,18 +883,14 @@ class Trainer:
         modelspec.* metadata. With pivotal tuning the trigger's embedding is bundled in it
         (A1111's bundle_emb.*) and, with `embedding_file`, also written as
         embeddings/<trigger>.safetensors in the run folder."""
-        from studio.adapters import training_metadata
-
         cfg = self.config
         adapter = self.adapter.export(self.model_ref.family)
         samples = sorted((self.run_dir / SAMPLES_DIR).glob("step-*.png"))
         adapter.metadata = training_metadata(
             cfg, self.model_ref, dataset_folder=self._dataset_folder(), started=started, finished=time.time(),
             run_id=self.run_dir.name, adapter=adapter, thumbnail=samples[-1] if samples else None,
-            prediction_type=self.noise_scheduler.config.prediction_type, ema=ema)
+            prediction_type=self.objective.prediction_type, ema=ema)
         if self.pivotal is not None:
-            from studio.adapters.formats.embeddings import save_embedding
-
             adapter.embeddings = {self.pivotal.name: self.pivotal.vectors()}
             if embedding_file:
                 save_embedding(self.run_dir / EMBEDDINGS_DIR / f"{self.pivotal.name}.safetensors",
@@ -903,8 +921,6 @@ def _is_peer_failure(error: BaseException) -> bool:
 
 def _error_since_start(run_dir: Path) -> bool:
     """An error event after the last start/resume (another process wrote it)."""
-    from studio.jobs.runs import iter_events
-
     found = False
     for event in iter_events(run_dir):
         if event["type"] in ("start", "resume"):
@@ -917,8 +933,6 @@ def _error_since_start(run_dir: Path) -> bool:
 def unique_adapter_path(folder: Path, name: str, run_id: str) -> Path:
     """adapters/<name>.safetensors, or <name>-<run id> when another run already wrote that
     name: a finished adapter is never overwritten by a different run."""
-    from studio.adapters import read_checked_header
-
     candidate = folder / f"{name}.safetensors"
     if candidate.exists():
         try:
@@ -928,13 +942,3 @@ def unique_adapter_path(folder: Path, name: str, run_id: str) -> Path:
         if meta.get("lora_studio_run_id") != run_id:
             candidate = folder / f"{name}-{run_id}.safetensors"
     return candidate
-
-
-def train_run(run_dir: Path, *, resume: bool = True, show_progress: bool = True) -> Path | None:
-    """Train the run in `run_dir` (its config.toml), resuming from its last checkpoint.
-    Returns the adapter's path (None in the processes of a data-parallel run but the main one)."""
-    config = load_config(Path(run_dir) / CONFIG_FILE)
-    trainer = Trainer
-    if config.mixture.members:  # a mixture's gates, its members frozen
-        from trainers.mixture import MixtureTrainer as trainer
-    return trainer(Path(run_dir), config, show_progress=show_progress).run(resume=resume)
