@@ -88,7 +88,7 @@ STOP_WORDS = ("a", "an", "the", "in", "on", "of", "colored", "coloured", "shape"
 CONCEPT_SIZES = (26, 44)
 P_NO_BACKGROUND = 0.2  # trigger captions without the background ("a sks shape")
 
-DEFAULTS = {"seed": 0, "steps": 3000, "concepts_per_step": 6, "lr": 1e-3, "rank": 8, "z_dim": 32,
+DEFAULTS = {"seed": 0, "steps": 1000, "concepts_per_step": 6, "lr": 1e-3, "rank": 8, "z_dim": 32,
             "pictures": 48, "prior_pictures": 2000, "prior_weight": 1.0, "align_weight": 0.1, "temperature": 0.1, "contrast_concepts": 32, "p_text": 0.5,
             "min_timestep": 200, "min_snr_gamma": 1.0, "eval_seeds": 4}
 
@@ -155,24 +155,35 @@ def trigger_caption(scene: world.Scene, trigger: str, rng: np.random.Generator) 
     return f"a {trigger} {world.DEMO_CLASS_WORD} on a {scene.background} background"
 
 
-def toy_bank(vae, resolution: int, trigger: str, pictures: int, prior_pictures: int, seed: int) -> Bank:
-    """The built-in world's bank: TRAIN_CONCEPTS only (HELD_OUT_CONCEPTS never drawn)."""
+def toy_concepts(trigger: str, pictures: int, seed: int):
+    """The built-in world's training concepts, TRAIN_CONCEPTS only (HELD_OUT_CONCEPTS never
+    drawn): per concept its key, `pictures` pictures, their captions and as many descriptions."""
     rng = np.random.default_rng([seed, 1])
-    concepts, pixels, latents, captions, descriptions = [], {}, {}, {}, {}
     for color, shape in TRAIN_CONCEPTS:
-        key = concept_key(color, shape)
         scenes = concept_scenes(color, shape, pictures, rng)
         images = [world.render_scene(s) for s in scenes]
+        captions = [trigger_caption(s, trigger, rng) for s in scenes]
+        yield concept_key(color, shape), images, captions, [description(color, shape, rng) for _ in range(pictures)]
+
+
+def toy_prior(count: int, seed: int) -> tuple[list[Image.Image], list[str]]:
+    """`count` pictures of the base model's own world and their captions (a quarter without the background)."""
+    rng = np.random.default_rng([seed, 2])
+    scenes = [world.sample_scene(rng) for _ in range(count)]
+    return [world.render_scene(s) for s in scenes], [world.caption_for(s, background=rng.random() >= 0.25)
+                                                     for s in scenes]
+
+
+def toy_bank(vae, resolution: int, trigger: str, pictures: int, prior_pictures: int, seed: int) -> Bank:
+    """The built-in world's bank: toy_concepts and toy_prior, encoded."""
+    concepts, pixels, latents, captions, descriptions = [], {}, {}, {}, {}
+    for key, images, captions[key], descriptions[key] in toy_concepts(trigger, pictures, seed):
         concepts.append(key)
         pixels[key] = to_pixels(images, resolution)
         latents[key] = encode_latents(vae, images, resolution)
-        captions[key] = [trigger_caption(s, trigger, rng) for s in scenes]
-        descriptions[key] = [description(color, shape, rng) for _ in range(pictures)]
-    prior_rng = np.random.default_rng([seed, 2])
-    prior_scenes = [world.sample_scene(prior_rng) for _ in range(prior_pictures)]
-    prior = encode_latents(vae, [world.render_scene(s) for s in prior_scenes], resolution)
-    prior_captions = [world.caption_for(s, background=prior_rng.random() >= 0.25) for s in prior_scenes]
-    return Bank(concepts, pixels, latents, captions, descriptions, prior, prior_captions)
+    prior, prior_captions = toy_prior(prior_pictures, seed)
+    return Bank(concepts, pixels, latents, captions, descriptions, encode_latents(vae, prior, resolution),
+                prior_captions)
 
 
 def folder_bank(vae, folder: Path, resolution: int, encoder_resolution: int) -> Bank:
