@@ -40,6 +40,7 @@ def test_a_schedule_of_one_everywhere_is_no_schedule(demo_adapter):
     assert np.array_equal(plain, ones)
 
 
+@pytest.mark.slow(seconds=5)
 def test_stopping_after_step_k_is_the_adapter_for_the_first_k_steps_only(demo_adapter):
     engine = Engine()
     k = 3

@@ -31,6 +31,7 @@ def _fresh_process(code: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow(seconds=10)
 def test_building_the_app_imports_no_torch_and_copies_the_demo_dataset(tmp_path):
     code = (
         "import sys, json\n"
@@ -45,6 +46,7 @@ def test_building_the_app_imports_no_torch_and_copies_the_demo_dataset(tmp_path)
         assert any((tmp_path / "ws" / "datasets" / "demo").glob("*.png"))
 
 
+@pytest.mark.slow(seconds=10)
 def test_the_first_pages_train_hint_measures_nothing(tmp_path):
     """The page's load event quotes the speed as known (none on a new workspace): measuring
     one (a training subprocess, torch imported) waits until the page has loaded."""
@@ -63,6 +65,7 @@ def test_the_first_pages_train_hint_measures_nothing(tmp_path):
     assert not result["torch"] and not result["measuring"]
 
 
+@pytest.mark.slow(seconds=20)
 def test_importing_ui_first_skips_gradios_doc_upkeep_and_changes_nothing_else():
     """gradio re-parses each component's source to refresh its type stubs and compiles each
     event's docstring as a template on every import (1.2 s of the studio's start); importing
@@ -107,6 +110,7 @@ def test_importing_ui_first_skips_gradios_doc_upkeep_and_changes_nothing_else():
     assert ours["components"] == theirs["components"] >= 2
 
 
+@pytest.mark.slow(seconds=10)
 def test_the_http_api_offers_exactly_the_handlers_the_readme_names(tmp_path):
     """Scripts get the stable names the README lists; the page's own handlers (hints,
     refreshes, tab switches) stay out of the API description the page carries."""
