@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from studio.generation.engine import SCHEDULER_LABELS, SCHEDULERS
+from studio.generation.engine import SAMPLER_LABELS
 from studio.models.families import DEFAULT
 from ui import generate_view as gv
 from ui import models_view as mv
@@ -86,7 +86,7 @@ def build(studio: Studio, model_choices) -> SimpleNamespace:
                                             label="Base model", elem_id="gen-model",
                                             info="'builtin', a model path or name (org/name, civitai:ID: "
                                                  "pulled when picked)")
-                        scheduler = gr.Dropdown([(SCHEDULER_LABELS[k], k) for k in SCHEDULERS], value="ddim",
+                        scheduler = gr.Dropdown([(label, name) for name, label in SAMPLER_LABELS.items()], value="ddim",
                                                 label="Sampler", elem_id="gen-scheduler")
                         size = gr.Dropdown(gv.SIZE_CHOICES, value=gv.SIZE_DEFAULT, allow_custom_value=True,
                                            label="Size (width × height)", elem_id="gen-size")
