@@ -63,6 +63,7 @@ FAMILY = Family(
     embedding_keys=("string_to_param.*",), embedding_file_keys=("emb_params",),
     sections=unet.SECTIONS, encode_text=encode_text, size_conditioning=size_conditioning,
     objective=diffusion_objective, predict=unet.predict, objective_check=DiffusionObjective.check,
+    full_precision_modules=unet.FULL_PRECISION,
     samplers=unet.SAMPLERS, generation_kwargs=unet.generation_kwargs, sampling_timesteps=unet.sampling_timesteps,
     call_timesteps=unet.call_timesteps, text_encoder_lora=("text_encoder",),
 )
