@@ -83,7 +83,10 @@ def check_training(config: TrainConfig, workspace: Workspace) -> TrainingCheck:
     except StudioError as error:
         check.problems.append(Problem("base_model", str(error)))
     else:
-        check.problems += [Problem("training", message) for message in family_problems(config, get_family(model.family))]
+        family = get_family(model.family)
+        check.problems += [Problem("training", message) for message in family_problems(config, family)]
+        if config.network.train_text_encoder and family.text_encoder_note:
+            check.warnings.append(family.text_encoder_note)
     folder = dataset_folder(config, workspace)
     where = "dataset.name" if config.dataset.name else "dataset.path"
     if not folder.is_dir():

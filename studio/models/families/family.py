@@ -155,12 +155,17 @@ class Family:
     call_timesteps: Callable[[tuple, dict], tuple[int, "torch.Tensor"]] = field(repr=False)
     # the text encoders (pipeline attributes) a text-encoder adapter (network.train_text_encoder) trains
     text_encoder_lora: tuple[str, ...] = ()
+    # what check_training warns when network.train_text_encoder leaves some text encoders frozen
+    text_encoder_note: str = ""
     # the denoiser's config -> modelspec.architecture (without "/lora") of that model, when the
     # family's variants differ (FLUX.1-dev / schnell); None: modelspec_architecture
     architecture_of: Callable[[Any], str] | None = field(default=None, repr=False)
     # (a single file holding the denoiser alone, denoiser state-dict shapes) -> its diffusers
     # state dict; None: the family's single files are whole pipelines (SD's LDM checkpoints)
     denoiser_from_single_file: Callable[..., dict] | None = field(default=None, repr=False)
+    # its diffusers state dict -> the original layout's (a fused checkpoint is then the denoiser
+    # alone, as the family's single files are); None: whole LDM pipelines
+    denoiser_to_single_file: Callable[..., dict] | None = field(default=None, repr=False)
     # the denoiser's layers a low-precision base (fp8 storage) keeps at full precision: its
     # first and last layers, small and precision-critical
     full_precision_modules: tuple[str, ...] = ()

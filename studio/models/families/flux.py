@@ -305,7 +305,7 @@ FAMILY = Family(
     unet_name_hint=re.compile(r"lora_unet_(double_blocks|single_blocks)_"),
     diffusers_path_hint=re.compile(r"^(single_transformer_blocks|transformer_blocks\.\d+\.attn\.add_q_proj)"),
     embedding_keys=("clip_l", "t5"), embedding_file_keys=("clip_l", "t5"),
-    denoiser_from_single_file=state_dict_from_bfl,
+    denoiser_from_single_file=state_dict_from_bfl, denoiser_to_single_file=state_dict_to_bfl,
     # No sections: block_lr_* and block_rank_* split a UNet's down / mid / up blocks, which a
     # transformer has not; studio.jobs.runs.check_training refuses them by name.
     sections={},
@@ -315,4 +315,6 @@ FAMILY = Family(
     call_timesteps=call_timesteps, architecture_of=architecture_of,
     # CLIP-L only, as sd-scripts trains a FLUX.1 text-encoder LoRA unless asked for T5 (train_t5xxl)
     text_encoder_lora=("text_encoder",),
+    text_encoder_note="network.train_text_encoder on FLUX.1 trains CLIP-L (text_encoder) only; T5-XXL (text_encoder_2) "
+                      "stays frozen, as in sd-scripts without train_t5xxl.",
 )
