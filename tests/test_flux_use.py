@@ -124,13 +124,14 @@ def test_the_file_says_flux_and_the_variant_and_trains_clip_l_only(flux_run):
 @pytest.mark.slow(seconds=30)
 def test_lbw_over_flux_blocks_and_fuse_of_fused_targets(flux_run, tmp_path):
     """LoRA Block Weight over D/S blocks in the engine: NONE is the base transformer,
-    DOUBLE (the double blocks alone) differs from it and from ALL; fuse merges
+    DOUBLE (the double blocks alone) differs from it and from ALL; bake of two halves is the
+    adapter, resize to rank 2 reads back as FLUX.1; fuse merges
     the fused kohya modules (qkv) into the pieces' weights: the fused model's transformer
     computes what the adapter attached at weight 1 computes."""
     import copy
 
-    from studio.adapters import attach_adapter, load_adapter
-    from studio.adapters.mixing import fuse, module_blocks
+    from studio.adapters import attach_adapter, load_adapter, read_checked_header
+    from studio.adapters.mixing import bake, fuse, module_blocks, resize
     from studio.generation.engine import AdapterUse, Engine
     from studio.models import load_pipeline
     from tests.test_flux import _inputs
@@ -161,6 +162,16 @@ def test_lbw_over_flux_blocks_and_fuse_of_fused_targets(flux_run, tmp_path):
         want = attached.transformer(**inputs)[0]
         got = fused.transformer(**inputs)[0]
     assert float((got - want).norm() / want.norm()) < 1e-4
+
+    halves = bake([(flux_run["path"], 0.5), (flux_run["path"], 0.5)], tmp_path / "baked.safetensors").path
+    assert set(load_adapter(halves).modules) == set(adapter.modules)
+    assert read_checked_header(halves)[1]["modelspec.architecture"] == "flux-1-schnell/lora"
+    baked = copy.deepcopy(load_pipeline("builtin-flux"))
+    attach_adapter(baked, load_adapter(halves), "b")
+    with torch.no_grad():
+        assert float((baked.transformer(**inputs)[0] - want).norm() / want.norm()) < 1e-4
+    small = resize(flux_run["path"], tmp_path / "rank2.safetensors", rank=2)
+    assert small.ranks == [2] and load_adapter(small.path).family == "flux"
 
 
 # --------------------------------------------------------------------------------------

@@ -154,7 +154,9 @@ def bake(mix: list[tuple[Path, float]], out: str | Path, *, rank: int | None = N
         "ss_network_dim": str(max(m.rank for m in modules.values())),
         "ss_network_alpha": str(max(m.rank for m in modules.values())),
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": get_family(family).lora_architecture,
+        # the members' base model variant (FLUX.1 dev / schnell), where their files say it
+        "modelspec.architecture": loaded[0][0].metadata.get("modelspec.architecture",
+                                                            get_family(family).lora_architecture),
         "modelspec.title": Path(out).stem,
         "modelspec.merged_from": ", ".join(f"{name}:{weight:g}" for _, weight, name, _ in loaded),
         "lora_studio_mix": json.dumps({"adapters": [{"name": name, "weight": weight, **({"gates": gates} if gates else {})}
@@ -196,7 +198,7 @@ def resize(src: str | Path, out: str | Path, *, dtype: torch.dtype = torch.float
 def fuse(model: str, mix: list[tuple[Path, float]], out: str | Path, *, allow_pickle: bool = False,
          workspace=None) -> Path:
     """A full single-file checkpoint (the family's single-file layout: SD1.5 / SDXL's LDM,
-    FLUX.1's all-in-one) with the weighted updates merged into the base weights (DoRA
+    FLUX.1's transformer alone in the BFL layout) with the weighted updates merged into the base weights (DoRA
     included, through its own merge rule; a fused layer's update split over the diffusers
     modules it stacks). A model name is found among those pulled into `workspace`."""
     _check_mix(mix)

@@ -21,11 +21,9 @@ from studio.models.families import FAMILIES, Family, family_of_pipeline
 
 log = logging.getLogger(__name__)
 
-#: Every sampler of any family, name -> what a person reads (a request's name is checked
-#: against its model's family once the model is known: studio.models.families' `samplers`).
-SAMPLER_LABELS = {name: sampler.label for family in FAMILIES.values()
-                  for name, sampler in family.samplers.items()}
-SAMPLER_NAMES = tuple(SAMPLER_LABELS)
+#: Every sampler name of any family (a request's name is checked against its model's family
+#: once the model is known: studio.models.families' `samplers`).
+SAMPLER_NAMES = tuple(dict.fromkeys(name for family in FAMILIES.values() for name in family.samplers))
 _LORA_TAG = re.compile(r"<lora:([^:>]+)((?::[^:>]*)*)>")
 
 
