@@ -267,3 +267,23 @@ def test_every_method_trains_on_flux_and_loads_or_is_refused_in_one_line(method,
     drawn = [np.asarray(flux_engine.generate(GenerateRequest(**{**request.__dict__, "adapters": uses}))[0], np.int16)
              for uses in ([], [AdapterUse(path, 4.0)])]
     assert np.abs(drawn[1] - drawn[0]).max() > 0, method
+
+
+@pytest.mark.slow(seconds=20)
+def test_tlora_reads_the_transformers_timesteps_in_its_own_scale(tmp_path):
+    """FluxTransformer2DModel takes t / 1000: T-LoRA's pre-hook reads the family's
+    call_timesteps, so its rank mask on the transformer is the schedule's at t in [0, 1000),
+    per sample, and its file keys the transformer."""
+    from studio.adapters.methods.tlora_layers import TLoRASchedule, inject_tlora, load_tlora, save_tlora
+    from tests.test_flux import _inputs
+    from toyworld.builtin_flux import build_pipeline
+
+    pipe = build_pipeline(0)
+    schedule = TLoRASchedule(8, 2, 1.0)
+    adapter = inject_tlora(pipe.transformer, ["to_q", "to_k"], rank=8, alpha=8, ortho=False, schedule=schedule,
+                           denoiser="transformer")
+    with torch.no_grad():
+        pipe.transformer(**_inputs(pipe))  # timesteps 0.3 and 0.8
+    assert torch.equal(adapter._mask, schedule.mask(torch.tensor([300.0, 800.0])))
+    assert adapter._mask[0].sum() > adapter._mask[1].sum()  # the noisier sample keeps fewer ranks
+    assert load_tlora(save_tlora(tmp_path / "t.safetensors", adapter, {})).denoiser == "transformer"
