@@ -287,3 +287,31 @@ def test_tlora_reads_the_transformers_timesteps_in_its_own_scale(tmp_path):
     assert torch.equal(adapter._mask, schedule.mask(torch.tensor([300.0, 800.0])))
     assert adapter._mask[0].sum() > adapter._mask[1].sum()  # the noisier sample keeps fewer ranks
     assert load_tlora(save_tlora(tmp_path / "t.safetensors", adapter, {})).denoiser == "transformer"
+
+
+@pytest.mark.slow(seconds=30)
+def test_class_pictures_for_flux_are_the_engines_pictures(tmp_path):
+    """Prior preservation's class pictures on builtin-flux go through the family's call as
+    the engine does: class picture i is the engine's picture of the class prompt at seed
+    (seed + 10000 + i), the run's sampling steps and CFG, the dataset's size."""
+    import shutil
+
+    from PIL import Image
+
+    from studio import ASSETS_DIR
+    from studio.generation.engine import Engine, GenerateRequest
+    from studio.jobs.runs import create_run, prepare_class_images
+    from studio.workspace import Workspace
+
+    dataset = tmp_path / "ds"
+    shutil.copytree(ASSETS_DIR / "demo-dataset", dataset, ignore=shutil.ignore_patterns("reg"))
+    config = flux_config(max_steps=1)
+    config.dataset.path, config.dataset.class_prompt, config.dataset.num_class_images = str(dataset), "a shape", 1
+    run_dir = create_run(config, Workspace.open(tmp_path / "ws"))
+    assert prepare_class_images(run_dir) == 1
+    made = np.asarray(Image.open(dataset / "reg" / "class_00000.png"), dtype=np.int16)
+    size = config.dataset.resolution
+    drawn = Engine().generate(GenerateRequest("a shape", model="builtin-flux", seed=config.seed + 10_000,
+                                              steps=config.sampling.steps, guidance_scale=config.sampling.guidance_scale,
+                                              width=size, height=size))[0]
+    assert np.abs(np.asarray(drawn, dtype=np.int16) - made).max() <= 1
