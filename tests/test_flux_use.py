@@ -102,11 +102,11 @@ def test_dev_takes_the_cfg_scale_as_its_distilled_guidance_and_no_negative_promp
 
 
 @pytest.mark.slow(seconds=10)
-def test_the_file_says_flux_and_the_variant_and_trains_clip_l_only(flux_run):
+def test_the_file_says_flux_and_the_variant_and_trains_clip_l_only(flux_run, capsys):
     """sd-scripts' metadata for FLUX.1: ss_base_model_version flux1, modelspec.architecture
     flux-1-schnell/lora for a model without a guidance embedding (flux-1-dev with one), no
     modelspec.prediction_type (sd-scripts writes none for flow matching); a text-encoder
-    LoRA on CLIP-L (lora_te1) and none on T5 (lora_te3)."""
+    LoRA on CLIP-L (lora_te1) and none on T5 (lora_te3); `lora-studio inspect` says flux."""
     from studio.adapters import load_adapter, read_checked_header
     from studio.models.families import get_family
 
@@ -119,6 +119,11 @@ def test_the_file_says_flux_and_the_variant_and_trains_clip_l_only(flux_run):
     assert adapter.family == "flux"
     prefixes = {name.split("_text_model")[0] for name in adapter.modules if name.startswith("lora_te")}
     assert prefixes == {"lora_te1"}
+    from studio.cli import main
+
+    capsys.readouterr()
+    assert main(["inspect", str(flux_run["path"])]) == 0
+    assert "    family: flux" in capsys.readouterr().out.splitlines()
 
 
 @pytest.mark.slow(seconds=30)
