@@ -101,6 +101,31 @@ def test_dev_takes_the_cfg_scale_as_its_distilled_guidance_and_no_negative_promp
         kwargs(pipe(True), "a star", "blurry", 3.5)
 
 
+@pytest.mark.slow(seconds=25)
+def test_a_dev_model_draws_with_its_distilled_guidance():
+    """FluxPipeline takes generation_kwargs as they are for a transformer with a guidance
+    embedding (FLUX.1-dev's layout, the built-in model's weights otherwise): the CFG scale
+    is the guidance it embeds, one pass per step, and changes the picture."""
+    from diffusers import FluxTransformer2DModel
+
+    from studio.models import load_pipeline
+    from studio.models.families import get_family
+
+    pipe = load_pipeline("builtin-flux")
+    torch.manual_seed(0)
+    pipe.transformer = FluxTransformer2DModel.from_config({**pipe.transformer.config, "guidance_embeds": True})
+    pipe.set_progress_bar_config(disable=True)
+    family = get_family("flux")
+
+    def draw(scale):
+        call = family.generation_kwargs(pipe, PROMPT, "", scale, 32, 32)
+        image = pipe(**call, num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+        return np.asarray(image, dtype=np.int16)
+
+    low, high = draw(1.0), draw(3.5)
+    assert low.shape == (32, 32, 3) and np.abs(high - low).max() > 0
+
+
 @pytest.mark.slow(seconds=10)
 def test_the_file_says_flux_and_the_variant_and_trains_clip_l_only(flux_run, capsys):
     """sd-scripts' metadata for FLUX.1: ss_base_model_version flux1, modelspec.architecture
