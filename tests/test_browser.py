@@ -293,3 +293,23 @@ def test_the_network_section_shows_the_chosen_methods_options(page):
     shot(page, "train-network-options")
     close_toasts(page)
     pick(page, "train-preset", "tiny-demo-quick")  # the preset's settings again
+
+
+def test_generate_offers_builtin_flux_with_its_sampler_and_blocks(page):
+    """Picking builtin-flux in the Generate tab offers its family's sampler (Euler) and LBW
+    presets (DOUBLE) and draws a picture with them; picking builtin offers SD 1.5's again."""
+    tab(page, "4 · Generate")
+    pick(page, "gen-model", "builtin-flux")
+    wait_value(page, "gen-scheduler", "Euler")
+    page.locator("#gen-blocks-1 input").click()
+    page.get_by_role("option", name="DOUBLE", exact=True).wait_for()
+    page.keyboard.press("Escape")
+    set_value(page, "gen-steps", 2)
+    page.locator("#gen-go").click()
+    info = page.locator("#gen-info")
+    info.get_by_text("Model: builtin-flux").wait_for(timeout=120_000)
+    assert "Sampler: Euler" in info.inner_text()
+    pick(page, "gen-model", "builtin")
+    page.locator("#gen-blocks-1", has_text="SD 1.5").wait_for()
+    wait_value(page, "gen-scheduler", "Euler")  # SD 1.5 has an Euler too: the pick stays
+    pick(page, "gen-scheduler", "DDIM")

@@ -246,6 +246,27 @@ def test_an_adapter_used_twice_is_a_clear_error():
     assert len(gv.merge_uses(rows, other)) == 2
 
 
+def test_generate_and_train_offer_builtin_flux_with_its_samplers_and_blocks(tmp_path):
+    """The base-model fields list both built-in models; picking one offers its family's
+    samplers and LBW presets (FLUX.1: Euler, DOUBLE / SINGLE over D/S blocks); a model that
+    cannot be resolved yet changes nothing; no sampler picked is the family's default."""
+    from studio.workspace import Workspace
+    from ui import train_tab
+
+    studio = SimpleNamespace(workspace=Workspace.open(tmp_path / "ws"))
+    assert train_tab.model_choices(studio)[:2] == ["builtin", "builtin-flux"]
+    flux, sd = gv.model_family(studio, "builtin-flux"), gv.model_family(studio, "builtin")
+    assert (flux.name, sd.name) == ("flux", "sd15")
+    assert gv.sampler_choices(flux) == [("Euler", "euler")] and gv.sampler_choices(sd)[0] == ("DDIM", "ddim")
+    flux_blocks, flux_help = gv.block_weight_choices(flux)
+    sd_blocks, sd_help = gv.block_weight_choices(sd)
+    assert {"DOUBLE", "SINGLE"} <= set(flux_blocks) and "DOUBLE" not in sd_blocks and flux_blocks[0] == ""
+    assert "FLUX.1: BASE, D00" in flux_help and "SD 1.5" in sd_help
+    assert gv.model_family(studio, "someone/not-pulled-yet") is None
+    request, _ = gv.mix_request(studio, gv.GenerateSettings("a star", model="builtin-flux"), [])
+    assert request.scheduler is None
+
+
 def test_parse_size():
     assert gv.parse_size(gv.SIZE_DEFAULT) == (None, None)
     assert gv.parse_size("512 × 768") == (512, 768)
