@@ -281,7 +281,12 @@ def test_every_method_trains_on_flux_and_loads_or_is_refused_in_one_line(method,
             create_run(config, workspace)
         return
     trainer = AdapterTrainer(create_run(config, workspace), show_progress=False)
-    path = trainer.run()
+    try:
+        path = trainer.run()
+    except StudioError as error:  # targets the transformer has not (LoCon's ResNet convs): refused at setup
+        assert "\n" not in str(error) and "match no module" in str(error), error
+        assert method in ("locon", "adalora"), error
+        return
     adapter = load_adapter(path)
     assert adapter.family == "flux" and adapter.modules
     base = load_pipeline("builtin-flux")
