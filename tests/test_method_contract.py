@@ -73,7 +73,7 @@ def test_generate_draws_what_the_run_sampled_and_weight_zero_is_the_base(trained
     trainer = trained["trainer"]
     # methods at their default options move at different speeds (VeRA trains two vectors per layer):
     # any change beyond the check's own tolerance of 1/255 makes a missing adapter fail it
-    assert_generate_reproduces_sample(trainer, trained["path"], tmp_path, step=STEPS, changed_by=2)
+    assert_generate_reproduces_sample(trainer, trained["path"], tmp_path, step=STEPS, changed_by=1)
     engine = Engine()
     request = GenerateRequest("a sks star on a white background", steps=4, width=32, height=32, seed=3)
     base = np.asarray(engine.generate(request)[0])
