@@ -236,6 +236,10 @@ class TrainingConfig(Section):
     cache_text_embeddings: bool = Field(
         True, description="Encode captions once when the text encoder is frozen (the empty caption of caption dropout "
                           "too; not with shuffled tags).")
+    cache_to_disk: bool = Field(
+        True, description="Keep the cached latents and text conditioning in the workspace's cache/ folder: the next "
+                          "run on the same pictures and model reads them instead of encoding again. Never pruned: "
+                          "each run's log says its size; deleting the folder is safe.")
     num_threads: int | None = Field(None, ge=1, le=256, description="CPU threads for torch (default: all cores).")
     log_every_n_steps: int = Field(5, ge=1, le=1_000_000, description="Steps between progress events.")
     validate_every_n_steps: int = Field(
