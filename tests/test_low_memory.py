@@ -117,3 +117,16 @@ def test_fp8_storage_matches_full_precision_compute_on_rounded_weights():
 
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert model(x).dtype == torch.bfloat16
+
+
+def test_fp8_storage_keeps_the_familys_full_precision_layers():
+    """The layers a family names (a UNet's conv_in and conv_out) stay in full precision."""
+    from trainers.low_memory import FP8, store_in_fp8
+
+    from studio.models.families import get_family
+
+    model = torch.nn.ModuleDict({"conv_in": torch.nn.Conv2d(4, 8, 3), "mid": torch.nn.Linear(8, 8),
+                                 "conv_out": torch.nn.Conv2d(8, 4, 3)}).requires_grad_(False)
+    assert store_in_fp8(model, keep=get_family("sd15").full_precision_modules) == 1
+    assert model["mid"].weight.dtype == FP8
+    assert model["conv_in"].weight.dtype == model["conv_out"].weight.dtype == torch.float32

@@ -1,4 +1,4 @@
-"""A low-memory frozen base UNet for training on CUDA: 4-bit NF4 (QLoRA, QDoRA with DoRA;
+"""A low-memory frozen base denoiser for training on CUDA: 4-bit NF4 (QLoRA, QDoRA with DoRA;
 bitsandbytes through diffusers' quantization support) or float8 weight storage.
 `studio.config.check_device_support` refuses both on a machine without CUDA.
 
@@ -18,12 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 FP8 = torch.float8_e4m3fn
-#: Kept in full precision: the UNet's first and last layers are small and precision-critical.
-FP8_SKIP = ("conv_in", "conv_out")
 
 
 def nf4_quantization(compute_dtype: torch.dtype):
-    """The UNet's Linear layers in 4-bit NormalFloat with double quantization (QLoRA's
+    """The denoiser's Linear layers in 4-bit NormalFloat with double quantization (QLoRA's
     recipe), computed in `compute_dtype`; convolutions and norms keep their dtype."""
     from diffusers import BitsAndBytesConfig
 
@@ -31,13 +29,14 @@ def nf4_quantization(compute_dtype: torch.dtype):
                               bnb_4bit_compute_dtype=compute_dtype)
 
 
-def store_in_fp8(unet: nn.Module) -> int:
-    """Store the weights of the UNet's frozen Linear and Conv2d layers in float8 (e4m3);
-    biases, norms and adapter layers stay as they are. Call it after the adapters are
-    injected (PiSSA / OLoRA init reads the full-precision weights). Returns the layer count."""
+def store_in_fp8(denoiser: nn.Module, keep: tuple[str, ...] = ()) -> int:
+    """Store the weights of the denoiser's frozen Linear and Conv2d layers in float8 (e4m3),
+    but the modules at paths `keep` (the family's full_precision_modules); biases, norms and
+    adapter layers stay as they are. Call it after the adapters are injected (PiSSA / OLoRA
+    init reads the full-precision weights). Returns the layer count."""
     count = 0
-    for path, module in unet.named_modules():
-        if type(module) not in (nn.Linear, nn.Conv2d) or path in FP8_SKIP:
+    for path, module in denoiser.named_modules():
+        if type(module) not in (nn.Linear, nn.Conv2d) or path in keep:
             continue
         if any(p.requires_grad for p in module.parameters()):
             continue

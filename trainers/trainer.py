@@ -129,8 +129,8 @@ class AdapterTrainer:
         self.family = get_family(self.model_ref.family)
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.training.mixed_precision, torch.float32)
         base_weights = cfg.training.base_weights
-        pipe = load_pipeline(self.model_ref, unet_dtype=self.weight_dtype,
-                             unet_quantization=nf4_quantization(self.weight_dtype) if base_weights == "nf4" else None)
+        pipe = load_pipeline(self.model_ref, denoiser_dtype=self.weight_dtype,
+                             denoiser_quantization=nf4_quantization(self.weight_dtype) if base_weights == "nf4" else None)
         self.pipe = pipe
         self.objective = self.family.objective(pipe)
         self.vae, self.denoiser = pipe.vae, getattr(pipe, self.family.denoiser)
@@ -216,7 +216,7 @@ class AdapterTrainer:
             params.append({"params": self.pivotal.parameters(),
                            "lr": cfg.training.embedding_lr or cfg.training.learning_rate})
         if base_weights == "fp8":
-            store_in_fp8(self.denoiser)
+            store_in_fp8(self.denoiser, keep=self.family.full_precision_modules)
         self.trainable = [p for group in params for p in group["params"]]
         for p in self.trainable:
             p.data = p.data.float()

@@ -71,14 +71,14 @@ def quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-def load_pipeline(ref: str | ModelRef, *, allow_pickle: bool = False, torch_dtype=None, unet_dtype=None,
-                  unet_quantization=None, workspace=None):
-    """Load a base model's diffusers pipeline offline (no hub access). `unet_quantization`
-    (a diffusers quantization config such as BitsAndBytesConfig, CUDA only) loads the UNet
-    quantized, its other layers in `unet_dtype` (default: `torch_dtype`)."""
+def load_pipeline(ref: str | ModelRef, *, allow_pickle: bool = False, torch_dtype=None, denoiser_dtype=None,
+                  denoiser_quantization=None, workspace=None):
+    """Load a base model's diffusers pipeline offline (no hub access). `denoiser_quantization`
+    (a diffusers quantization config such as BitsAndBytesConfig, CUDA only) loads the
+    family's denoiser (UNet, transformer) quantized, its other layers in `denoiser_dtype`
+    (default: `torch_dtype`)."""
     import diffusers
     import torch
-    from diffusers import UNet2DConditionModel
 
     model = ref if isinstance(ref, ModelRef) else resolve_model(ref, allow_pickle=allow_pickle, workspace=workspace)
     dtype = torch_dtype or torch.float32
@@ -87,15 +87,17 @@ def load_pipeline(ref: str | ModelRef, *, allow_pickle: bool = False, torch_dtyp
     if model.kind == "single_file":
         config_dir = _builtin_dir() if _is_builtin_architecture(model.path) else None
         pipe = load_single_file(model.path, allow_pickle=allow_pickle, torch_dtype=dtype, config_dir=config_dir,
-                                unet_dtype=unet_dtype, unet_quantization=unet_quantization)
+                                denoiser_dtype=denoiser_dtype, denoiser_quantization=denoiser_quantization)
     else:
         family = get_family(model.family)
         cls = getattr(diffusers, family.pipeline_classes[0])
         kwargs = dict(family.pipeline_kwargs)
-        if unet_quantization is not None:
-            kwargs["unet"] = UNet2DConditionModel.from_pretrained(
-                model.path, subfolder="unet", dtype=unet_dtype or dtype, local_files_only=True,
-                quantization_config=unet_quantization)
+        if denoiser_quantization is not None:  # the denoiser's class as the folder's model_index.json names it
+            index = json.loads((model.path / "model_index.json").read_text(encoding="utf-8"))
+            denoiser_cls = getattr(diffusers, index[family.denoiser][1])
+            kwargs[family.denoiser] = denoiser_cls.from_pretrained(
+                model.path, subfolder=family.denoiser, dtype=denoiser_dtype or dtype, local_files_only=True,
+                quantization_config=denoiser_quantization)
         pipe = cls.from_pretrained(model.path, dtype=dtype, local_files_only=True, **kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -486,14 +486,14 @@ def load_single_file(
     allow_pickle: bool = False,
     config_dir: str | os.PathLike | None = None,
     torch_dtype: Any = None,
-    unet_dtype: Any = None,
-    unet_quantization: Any = None,
+    denoiser_dtype: Any = None,
+    denoiser_quantization: Any = None,
 ):
     """Load an SD 1.x or SDXL single-file checkpoint as a StableDiffusionPipeline /
     StableDiffusionXLPipeline with no network access: the configs and tokenizers come
-    from `config_dir`, else the shipped skeleton of the detected family. `unet_quantization`
+    from `config_dir`, else the shipped skeleton of the detected family. `denoiser_quantization`
     (a diffusers quantization config, e.g. BitsAndBytesConfig) loads the UNet quantized, its
-    other layers in `unet_dtype` (default: `torch_dtype`).
+    other layers in `denoiser_dtype` (default: `torch_dtype`).
 
     Pickled checkpoints (.ckpt/.pt/.bin, detected by content) are refused unless
     `allow_pickle=True`, and even then read with torch's weights-only unpickler. Damaged,
@@ -513,12 +513,12 @@ def load_single_file(
     log.info("Loading %s checkpoint %s with configs from %s", family.name, path, config)
     components = {}
     try:
-        if unet_quantization is not None:
+        if denoiser_quantization is not None:
             from diffusers import UNet2DConditionModel
 
             components["unet"] = UNet2DConditionModel.from_single_file(
                 str(path), config=str(config), subfolder="unet", local_files_only=True,
-                torch_dtype=unet_dtype or torch_dtype, quantization_config=unet_quantization,
+                torch_dtype=denoiser_dtype or torch_dtype, quantization_config=denoiser_quantization,
             )
         pipe = pipeline_cls.from_single_file(
             str(path), config=str(config), local_files_only=True, torch_dtype=torch_dtype, **components

@@ -131,6 +131,9 @@ class Family:
     # (a single file holding the denoiser alone, denoiser state-dict shapes) -> its diffusers
     # state dict; None: the family's single files are whole pipelines (SD's LDM checkpoints)
     denoiser_from_single_file: Callable[..., dict] | None = field(default=None, repr=False)
+    # the denoiser's layers a low-precision base (fp8 storage) keeps at full precision: its
+    # first and last layers, small and precision-critical
+    full_precision_modules: tuple[str, ...] = ()
 
     @property
     def denoiser(self) -> str:

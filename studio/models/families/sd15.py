@@ -62,5 +62,5 @@ FAMILY = Family(
     # embedding file; "emb_params" is what sd-scripts writes there.
     embedding_keys=("string_to_param.*",), embedding_file_keys=("emb_params",),
     sections=unet.SECTIONS, encode_text=encode_text, size_conditioning=size_conditioning,
-    objective=diffusion_objective, predict=unet.predict,
+    objective=diffusion_objective, predict=unet.predict, full_precision_modules=unet.FULL_PRECISION,
 )

@@ -77,5 +77,5 @@ FAMILY = Family(
     default_resolution=1024,
     embedding_keys=("clip_l", "clip_g"), embedding_file_keys=("clip_l", "clip_g"),
     sections=unet.SECTIONS, encode_text=encode_text, size_conditioning=size_conditioning,
-    objective=diffusion_objective, predict=unet.predict,
+    objective=diffusion_objective, predict=unet.predict, full_precision_modules=unet.FULL_PRECISION,
 )

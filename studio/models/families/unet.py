@@ -16,6 +16,8 @@ if TYPE_CHECKING:
 FULL_BLOCKS = ("BASE", *(f"IN{i:02d}" for i in range(12)), "M00", *(f"OUT{i:02d}" for i in range(12)))
 #: training.block_lr_<key> / network.block_rank_<key> -> the UNet's top-level module
 SECTIONS = {"down": "down_blocks", "mid": "mid_block", "up": "up_blocks"}
+#: kept at full precision under an fp8 base: the UNet's first and last convolutions
+FULL_PRECISION = ("conv_in", "conv_out")
 #: conditioning entries that go to the UNet as added_cond_kwargs (SDXL's pooled text and size)
 ADDED_CONDITIONING = ("text_embeds", "time_ids")
 
