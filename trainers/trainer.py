@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from studio.adapters import read_checked_header, training_metadata
 from studio.adapters.formats.embeddings import save_embedding
 from studio.adapters.methods import get_method
-from studio.config import TrainConfig, check_device_support, load_config, steps_for_epochs
+from studio.config import TrainConfig, check_device_support, device_notes, load_config, steps_for_epochs
 from studio.datasets import caption_with_trigger, load_items, open_mask
 from studio.errors import StudioError
 from studio.fsutil import remove_stale_temp_files
@@ -48,7 +48,7 @@ from trainers.checkpoints import latest_checkpoint, load_checkpoint, save_checkp
 from trainers.data import (BatchOrder, Example, caption_variant, center_crop_offsets, choose_bucket, epochs_done,
                            micro_generator, prepare_image, prepare_mask, random_crop_offsets, sample_generator,
                            validation_indices)
-from trainers.low_memory import nf4_quantization, store_in_fp8
+from trainers.low_memory import STORAGE, nf4_quantization, store_frozen_weights
 from trainers.pivotal import PivotalTokens
 from trainers.tensorboard import TensorBoardLog
 
@@ -114,6 +114,8 @@ class AdapterTrainer:
         if cfg.training.num_threads:
             torch.set_num_threads(cfg.training.num_threads)
         check_device_support(cfg)
+        for note in device_notes(cfg):
+            log.warning(note)
         self.accelerator = Accelerator(
             gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
             mixed_precision=cfg.training.mixed_precision,
@@ -215,8 +217,10 @@ class AdapterTrainer:
                                          self.text_encoders, init_word=net.pivotal_init, seed=cfg.seed)
             params.append({"params": self.pivotal.parameters(),
                            "lr": cfg.training.embedding_lr or cfg.training.learning_rate})
-        if base_weights == "fp8":
-            store_in_fp8(self.denoiser, keep=self.family.full_precision_modules)
+        if base_weights in STORAGE:  # bf16 stores the text encoders too: SDXL's hold 0.8B parameters
+            store_frozen_weights(self.denoiser, STORAGE[base_weights], keep=self.family.full_precision_modules)
+            for encoder in self.text_encoders if base_weights == "bf16" else ():
+                store_frozen_weights(encoder, STORAGE[base_weights])
         self.trainable = [p for group in params for p in group["params"]]
         for p in self.trainable:
             p.data = p.data.float()
