@@ -3,6 +3,7 @@ run creation, trainer, CLI); the float8 storage math checked on the CPU."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -182,3 +183,30 @@ def test_bf16_base_weights_store_the_frozen_denoiser_and_text_encoders_and_train
     before = [p.detach().clone() for p in trainer.trainable]
     trainer.train_step(0)
     assert any(not torch.equal(a, p) for a, p in zip(before, trainer.trainable))
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's mappings (Linux)")
+def test_own_storage_lets_the_loaded_files_mapping_go(tmp_path):
+    """A model loaded from a safetensors file views the file's mapping until its tensors own
+    their memory (what keeps a bf16-stored base's original file resident)."""
+    import gc
+
+    from safetensors.torch import load_file, save_file
+
+    from trainers.low_memory import own_storage
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.LayerNorm(64))
+    file = tmp_path / "model.safetensors"
+    save_file(model.state_dict(), str(file))
+    loaded = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.LayerNorm(64))
+    loaded.load_state_dict(load_file(str(file)), assign=True)
+    gc.collect()
+
+    def mapped() -> bool:
+        return str(file) in Path("/proc/self/maps").read_text()
+
+    assert mapped()
+    own_storage(loaded)
+    gc.collect()
+    assert not mapped()
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))

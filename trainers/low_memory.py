@@ -56,6 +56,17 @@ def store_frozen_weights(model: nn.Module, dtype: torch.dtype, keep: tuple[str, 
     return count
 
 
+def own_storage(*modules: nn.Module) -> None:
+    """Copy every parameter and buffer of `modules` into memory of its own. A model loaded
+    from a safetensors file views one mapping of the whole file, and every page read stays
+    resident while any tensor still views it: after store_frozen_weights the norms, biases
+    and the VAE kept the whole file (full-size SD1.5: 5.67 GB resident after bf16 storage,
+    2.60 GB once they own their memory)."""
+    for module in modules:
+        for tensor in [*module.parameters(), *module.buffers()]:
+            tensor.data = tensor.data.clone()
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     device = x.device.type
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype

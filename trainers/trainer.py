@@ -48,7 +48,7 @@ from trainers.checkpoints import latest_checkpoint, load_checkpoint, save_checkp
 from trainers.data import (BatchOrder, Example, caption_variant, center_crop_offsets, choose_bucket, epochs_done,
                            micro_generator, prepare_image, prepare_mask, random_crop_offsets, sample_generator,
                            validation_indices)
-from trainers.low_memory import STORAGE, nf4_quantization, store_frozen_weights
+from trainers.low_memory import STORAGE, nf4_quantization, own_storage, store_frozen_weights
 from trainers.pivotal import PivotalTokens
 from trainers.tensorboard import TensorBoardLog
 
@@ -221,6 +221,7 @@ class AdapterTrainer:
             store_frozen_weights(self.denoiser, STORAGE[base_weights], keep=self.family.full_precision_modules)
             for encoder in self.text_encoders if base_weights == "bf16" else ():
                 store_frozen_weights(encoder, STORAGE[base_weights])
+            own_storage(self.vae, self.denoiser, *self.text_encoders)  # lets the loaded file's mapping go
         self.trainable = [p for group in params for p in group["params"]]
         for p in self.trainable:
             p.data = p.data.float()
