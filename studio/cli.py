@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance", type=_finite, default=5.0, help="CFG scale")
     gen.add_argument("--width", type=int, default=None)
     gen.add_argument("--height", type=int, default=None)
-    gen.add_argument("--scheduler", default="ddim", help="ddim, euler, euler_a or dpmpp_2m_karras")
+    gen.add_argument("--scheduler", default=None, help="the sampler: ddim, euler, euler_a or dpmpp_2m_karras for SD "
+                     "1.5 / SDXL (default ddim), euler for FLUX.1 (flow matching, its default)")
     gen.add_argument("--allow-pickle", action="store_true", help="allow loading a .ckpt base model (can run code)")
     gen.add_argument("--route", action="store_true",
                      help="route each token to the adapters whose top singular directions it projects on most "

@@ -58,6 +58,7 @@ def test_cuda_only_option_refused_before_any_model_loads(option, workspace, monk
 
 
 @no_cuda
+@pytest.mark.slow(seconds=8)
 def test_cli_train_refuses_cuda_only_options_in_one_line(tmp_path):
     from studio.config import save_config
 

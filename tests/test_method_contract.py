@@ -33,7 +33,9 @@ def trained(request, tmp_path_factory):
 
     method = request.param
     workspace = Workspace.open(tmp_path_factory.mktemp(method) / "ws")
-    config = demo_config(max_steps=STEPS, every_n_steps=CHECKPOINT_AT, learning_rate=1e-2)
+    # a cosine decay, as real recipes use: at a constant 1e-2, LoCon's conv layers overshoot
+    # (the loss on the fixed draws rose from 0.189 to 0.222; with the decay it falls to 0.170)
+    config = demo_config(max_steps=STEPS, every_n_steps=CHECKPOINT_AT, learning_rate=1e-2, lr_scheduler="cosine")
     config.network = network_config(method)
     config.dataset.resolution = 32
     config.sampling.steps = 4

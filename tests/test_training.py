@@ -102,6 +102,7 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
     assert diff <= 1e-6
 
 
+@pytest.mark.slow(seconds=8)
 def test_bad_config_is_one_clear_line(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('[training]\nmax_steps = "many"\n')

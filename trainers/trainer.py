@@ -199,19 +199,19 @@ class AdapterTrainer:
         net = cfg.network
         self.adapter = self._new_adapter()
         denoiser_name = self.family.denoiser
-        measured = self.adapter.prepare(
-            {denoiser_name: self.denoiser, **(dict(zip(self.family.text_encoders, self.text_encoders))
-                                              if net.train_text_encoder else {})},
-            lambda i: self.loss(i, stream=PREPARE_STREAM))
+        # the text encoders a text-encoder adapter trains: the family's choice (FLUX.1: CLIP-L, not T5)
+        adapted = [(component, encoder) for component, encoder in zip(self.family.text_encoders, self.text_encoders)
+                   if net.train_text_encoder and component in self.family.text_encoder_lora]
+        measured = self.adapter.prepare({denoiser_name: self.denoiser, **dict(adapted)},
+                                        lambda i: self.loss(i, stream=PREPARE_STREAM))
         if measured is not None:
             self.events.emit("adapter_prepared", **measured)
         self.adapter.unadapted_sections = tuple(section for section, weight in self.block_lr_weights().items()
                                                 if weight == 0)
         torch.manual_seed(cfg.seed)  # the adapters' initial weights are a function of the seed
         params = self.block_groups(self.adapter.add(denoiser_name, self.denoiser, cfg.training.learning_rate))
-        if net.train_text_encoder:
-            for component, encoder in zip(self.family.text_encoders, self.text_encoders):
-                params += self.adapter.add(component, encoder, cfg.training.text_encoder_lr or cfg.training.learning_rate)
+        for component, encoder in adapted:
+            params += self.adapter.add(component, encoder, cfg.training.text_encoder_lr or cfg.training.learning_rate)
         if net.pivotal_vectors:  # the trigger's embedding, at its own learning rate
             self.pivotal = PivotalTokens(cfg.dataset.trigger_word.strip(), net.pivotal_vectors, self.tokenizers,
                                          self.text_encoders, init_word=net.pivotal_init, seed=cfg.seed)
@@ -904,9 +904,9 @@ class AdapterTrainer:
     def _sample_image(self, prompt: str, generator: torch.Generator):
         """One sample picture of the run's current weights at the sampling settings."""
         cfg = self.config
-        return self.pipe(prompt, negative_prompt=cfg.sampling.negative_prompt or None,
-                         num_inference_steps=cfg.sampling.steps, guidance_scale=cfg.sampling.guidance_scale,
-                         generator=generator, height=cfg.dataset.resolution, width=cfg.dataset.resolution).images[0]
+        call = self.family.generation_kwargs(self.pipe, prompt, cfg.sampling.negative_prompt,
+                                             cfg.sampling.guidance_scale, cfg.dataset.resolution, cfg.dataset.resolution)
+        return self.pipe(**call, num_inference_steps=cfg.sampling.steps, generator=generator).images[0]
 
     def export(self, started: float) -> Path:
         """Write the trained adapter to adapters/<name>.safetensors; with an EMA
@@ -937,7 +937,8 @@ class AdapterTrainer:
         adapter.metadata = training_metadata(
             cfg, self.model_ref, dataset_folder=self._dataset_folder(), started=started, finished=time.time(),
             run_id=self.run_dir.name, adapter=adapter, thumbnail=samples[-1] if samples else None,
-            prediction_type=self.objective.prediction_type, ema=ema)
+            prediction_type=self.objective.prediction_type, ema=ema,
+            denoiser_config=self.accelerator.unwrap_model(self.denoiser).config)
         if self.pivotal is not None:
             adapter.embeddings = {self.pivotal.name: self.pivotal.vectors()}
             if embedding_file:

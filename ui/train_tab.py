@@ -18,6 +18,7 @@ from studio.jobs import enqueue, list_jobs
 from studio.jobs.runs import TrainingCheck, check_training
 from studio.jobs.speed import estimate, measure_speed, speed_from_runs
 from studio.models import resolve_model
+from studio.models.families import BUILTIN_MODELS
 from ui import format as fmt
 from ui import models_view as mv
 from ui import train_view as tv
@@ -81,9 +82,9 @@ def warnings_note(check: TrainingCheck) -> str:
 
 
 def model_choices(studio: Studio) -> list[str]:
-    """'builtin', the model names pulled and curated, then the other diffusers folders and
-    .safetensors checkpoints in workspace/models."""
-    return [BUILTIN, *mv.choices(studio.workspace, "base model")]
+    """The built-in models (BUILTIN_MODELS), the model names pulled and curated, then the
+    other diffusers folders and .safetensors checkpoints in workspace/models."""
+    return [*BUILTIN_MODELS, *mv.choices(studio.workspace, "base model")]
 
 
 class SpeedMeter:

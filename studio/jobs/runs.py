@@ -19,11 +19,12 @@ from studio.jobs.run_folder import (CHECKPOINT_DIR, CONFIG_FILE, EMBEDDINGS_DIR,
                                     latest_unfinished_run, list_checkpoints, read_events, run_config, run_outcome,
                                     run_workspace)
 from studio.models import load_pipeline, resolve_model
+from studio.models.families import get_family, family_of_pipeline
 from studio.workspace import Workspace
 
 __all__ = [
     "CHECKPOINT_DIR", "CONFIG_FILE", "EMBEDDINGS_DIR", "EVENTS_FILE", "SAMPLES_DIR", "TENSORBOARD_DIR", "EventLog",
-    "Problem", "TrainingCheck", "adapters_dir", "check_training", "checkpoint_dir", "checkpoint_path",
+    "Problem", "TrainingCheck", "adapters_dir", "check_training", "checkpoint_dir", "checkpoint_path", "family_problems",
     "class_image_path", "create_run", "dataset_folder", "is_finished", "iter_events", "latest_checkpoint",
     "latest_unfinished_run", "list_checkpoints", "new_run_id", "prepare_class_images", "read_events", "run_config",
     "run_outcome", "run_workspace", "worker_command",
@@ -79,9 +80,14 @@ def check_training(config: TrainConfig, workspace: Workspace) -> TrainingCheck:
         check.problems.append(Problem("training", str(error)))
     check.warnings += device_notes(config)
     try:
-        resolve_model(config.base_model, workspace=workspace)
+        model = resolve_model(config.base_model, workspace=workspace)
     except StudioError as error:
         check.problems.append(Problem("base_model", str(error)))
+    else:
+        family = get_family(model.family)
+        check.problems += [Problem("training", message) for message in family_problems(config, family)]
+        if config.network.train_text_encoder and family.text_encoder_note:
+            check.warnings.append(family.text_encoder_note)
     folder = dataset_folder(config, workspace)
     where = "dataset.name" if config.dataset.name else "dataset.path"
     if not folder.is_dir():
@@ -112,6 +118,23 @@ def check_training(config: TrainConfig, workspace: Workspace) -> TrainingCheck:
         present = sum(item.is_regularisation for item in items)
         check.missing_class_images = max(0, config.dataset.num_class_images - present)
     return check
+
+
+def family_problems(config: TrainConfig, family) -> list[str]:
+    """What the base model's family cannot honour in `config`, one sentence each: its
+    objective's refusals (min-SNR on flow matching), and the block-wise learning rates and
+    ranks (training.block_lr_<section>, network.block_rank_<section>) of sections its
+    denoiser has not (a transformer has no down / mid / up blocks): refused by name rather
+    than silently ignored."""
+    out = list(family.objective_check(config.training))
+    for section, settings in (("training", config.training), ("network", config.network)):
+        for name, default in ((n, f.default) for n, f in type(settings).model_fields.items()
+                              if n.startswith(("block_lr_", "block_rank_"))):
+            key = name.split("_", 2)[2]
+            if key not in family.sections and getattr(settings, name) != default:
+                out.append(f"{section}.{name} sets the UNet's {key} blocks, which {family.label}'s {family.denoiser} "
+                           "has not; unset it.")
+    return out
 
 
 def new_run_id(config: TrainConfig, workspace: Workspace) -> str:
@@ -163,12 +186,12 @@ def prepare_class_images(run_dir: Path) -> int:
 
     EventLog(run_dir).emit("status", message=f"generating {len(missing)} class images")
     pipe = load_pipeline(config.base_model, workspace=run_workspace(run_dir))
+    call = family_of_pipeline(pipe).generation_kwargs(pipe, ds.class_prompt, "", config.sampling.guidance_scale,
+                                                      ds.resolution, ds.resolution)
     (folder / "reg").mkdir(exist_ok=True)
     for index in missing:
         generator = torch.Generator().manual_seed(config.seed + 10_000 + index)
-        image = pipe(ds.class_prompt, num_inference_steps=config.sampling.steps,
-                     guidance_scale=config.sampling.guidance_scale, generator=generator,
-                     height=ds.resolution, width=ds.resolution).images[0]
+        image = pipe(**call, num_inference_steps=config.sampling.steps, generator=generator).images[0]
         target = class_image_path(folder, index)
         with atomic_path(target) as tmp:
             image.save(tmp, format="PNG")
