@@ -238,6 +238,15 @@ def build(studio: Studio) -> SimpleNamespace:
                 check_btn = gr.Button("Check settings", elem_id="train-check")
                 launch_btn = gr.Button("▶ Start training", variant="primary", size="lg", elem_id="train-launch")
                 launch_note = gr.Markdown(elem_id="train-note")
+                with gr.Accordion("Instant adapter — no training", open=False, elem_id="train-instant"):
+                    gr.Markdown("An adapter in about a second, made by the base model's hypernetwork from the "
+                                "dataset's pictures or from a description (the built-in model has one). It goes "
+                                "to the library as *adapter name*-instant, for the trigger word above; a run "
+                                "started from it (All settings › Network › Init from) sharpens it in a few steps.")
+                    instant_text = gr.Textbox(label="Description", placeholder="a purple star",
+                                              info="Empty: from the dataset's pictures", elem_id="train-instant-text")
+                    instant_btn = gr.Button("Make instant adapter", elem_id="train-instant-make")
+                    instant_note = gr.Markdown(elem_id="train-instant-note")
 
     main_components = [main[path] for path in MAIN_ORDER]
     form_specs = main_specs + advanced_specs
@@ -369,6 +378,15 @@ def build(studio: Studio) -> SimpleNamespace:
         """A new dataset names the adapter after it, unless the person typed a name of their own."""
         automatic = {"", preset_config(preset_name).name if preset_name else "", *list_datasets(ws)}
         return dataset_name if dataset_name and (current_name or "") in automatic else gr.skip()
+
+    @friendly
+    def on_instant(dataset_name, model, description, name, trigger):
+        path = tv.instant_adapter(ws, dataset_name, model or BUILTIN, description, name, trigger)
+        gr.Info(f"{path.stem} is in the library.")
+        return f"Made **{path.stem}** ({path}): use it in Generate, or start a run from it."
+
+    instant_btn.click(on_instant, [dataset, base_model, instant_text, main[("name",)],
+                                   main[("dataset", "trigger_word")]], instant_note)
 
     hint_inputs = [dataset, *form_components]
     page_values = [c.value for c in hint_inputs]

@@ -10,6 +10,8 @@ from dataclasses import dataclass, replace
 from typing import Any, Iterable, Sequence
 
 from studio.config import TrainConfig
+from studio.errors import StudioError
+from studio.instant import make_instant_adapter
 from studio.models.families import FAMILIES
 from ui.format import format_duration, humanize
 
@@ -275,3 +277,17 @@ def resource_hint(*, family: str | None, builtin: bool, steps: int, batch_size: 
         lines.append(f"**Samples:** {sample_prompts} prompt(s), {plan.sample_pictures} picture(s) in all.")
     lines.append("<small>The Runs tab shows the real speed as the run goes.</small>")
     return "\n\n".join(lines)
+
+
+def instant_adapter(workspace, dataset_name: str | None, model: str, description: str, name: str | None,
+                    trigger: str | None):
+    """The Train tab's instant adapter: from the description, or (none written) from the
+    dataset's pictures, named `<adapter name>-instant`, for the form's trigger word."""
+    pictures = None
+    if not (description or "").strip():
+        if not dataset_name or not workspace.dataset_dir(dataset_name).is_dir():
+            raise StudioError("Pick a dataset with pictures of the concept, or write a description.")
+        pictures = workspace.dataset_dir(dataset_name)
+    return make_instant_adapter(workspace, f"{(name or '').strip() or 'adapter'}-instant", pictures=pictures,
+                                description=description if pictures is None else None, model=model,
+                                trigger=(trigger or "").strip() or None)

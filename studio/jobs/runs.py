@@ -69,6 +69,19 @@ def _examples(paths: list[str]) -> str:
     return ", ".join(paths[:EXAMPLES]) + more
 
 
+def init_from_path(config: TrainConfig, workspace: Workspace) -> Path | None:
+    """The adapter file network.init_from names: a file, or an adapter in the library by name
+    (None when the method has no init_from, studio.adapters.methods.init_from, or it is empty)."""
+    ref = getattr(config.network, "init_from", "").strip()
+    if not ref:
+        return None
+    if Path(ref).expanduser().is_file():
+        return Path(ref).expanduser().resolve()
+    from studio.adapters.library import find_adapter
+
+    return find_adapter(workspace, ref)
+
+
 def check_training(config: TrainConfig, workspace: Workspace) -> TrainingCheck:
     """Everything that would stop `config` from training on this machine, found before a run
     is queued: CUDA-only options, the base model, and the dataset read exactly as the
@@ -88,6 +101,10 @@ def check_training(config: TrainConfig, workspace: Workspace) -> TrainingCheck:
         check.problems += [Problem("training", message) for message in family_problems(config, family)]
         if config.network.train_text_encoder and family.text_encoder_note:
             check.warnings.append(family.text_encoder_note)
+    try:
+        init_from_path(config, workspace)
+    except StudioError as error:
+        check.problems.append(Problem("network.init_from", str(error)))
     folder = dataset_folder(config, workspace)
     where = "dataset.name" if config.dataset.name else "dataset.path"
     if not folder.is_dir():
@@ -157,6 +174,10 @@ def create_run(config: TrainConfig, workspace: Workspace) -> Path:
         config = config.model_copy(deep=True)
         config.dataset.path = str(members_dataset(config, workspace))
     check_training(config, workspace).raise_problems()
+    init_file = init_from_path(config, workspace)
+    if init_file is not None:  # the run's config names the file itself, not a library name
+        config = config.model_copy(deep=True)
+        config.network.init_from = str(init_file)
     run_dir = workspace.run_dir(new_run_id(config, workspace))
     run_dir.mkdir(parents=True)
     save_config(config, run_dir / CONFIG_FILE)
