@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from studio.adapters import read_checked_header, training_metadata
 from studio.adapters.formats.embeddings import save_embedding
 from studio.adapters.methods import get_method
-from studio.config import TrainConfig, check_device_support, load_config, steps_for_epochs
+from studio.config import TrainConfig, check_device_support, device_notes, load_config, steps_for_epochs
 from studio.datasets import caption_with_trigger, load_items, open_mask
 from studio.errors import StudioError
 from studio.fsutil import remove_stale_temp_files
@@ -42,11 +42,13 @@ from studio.models.families import get_family
 from studio.jobs.runs import (CONFIG_FILE, EMBEDDINGS_DIR, SAMPLES_DIR, EventLog, adapters_dir, check_training,
                               checkpoint_dir, dataset_folder, iter_events, run_workspace)
 from studio.models import load_pipeline, resolve_model
+from trainers.cache import VAE_DECODER, DiskCache, file_digest, module_digest, vocabulary_digest
+from trainers.cache import key as cache_key
 from trainers.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from trainers.data import (BatchOrder, Example, caption_variant, center_crop_offsets, choose_bucket, epochs_done,
                            micro_generator, prepare_image, prepare_mask, random_crop_offsets, sample_generator,
                            validation_indices)
-from trainers.low_memory import nf4_quantization, store_in_fp8
+from trainers.low_memory import STORAGE, nf4_quantization, own_storage, store_frozen_weights
 from trainers.pivotal import PivotalTokens
 from trainers.tensorboard import TensorBoardLog
 
@@ -112,6 +114,8 @@ class AdapterTrainer:
         if cfg.training.num_threads:
             torch.set_num_threads(cfg.training.num_threads)
         check_device_support(cfg)
+        for note in device_notes(cfg):
+            log.warning(note)
         self.accelerator = Accelerator(
             gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
             mixed_precision=cfg.training.mixed_precision,
@@ -180,15 +184,16 @@ class AdapterTrainer:
         if cfg.dataset.masked_loss:
             self._check_masks()
         self._text_cache: dict[str, dict[str, torch.Tensor]] = {}
+        self.disk_cache = (DiskCache(run_workspace(self.run_dir).cache_dir)
+                           if cfg.training.cache_to_disk else None)
         if self.cache_latents:
             self._fill_latent_cache()
         if self.cache_text:
-            with torch.no_grad():
-                dropped = [""] if cfg.dataset.caption_dropout_rate else []
-                captions = [example.caption for example in self.instance + self.class_examples + self.validation]
-                for caption in captions + dropped:
-                    if caption not in self._text_cache:
-                        self._text_cache[caption] = {k: v[0] for k, v in self.encode_text([caption]).items()}
+            self._fill_text_cache()
+        if self.disk_cache is not None and (self.cache_latents or self.cache_text):
+            entries, size = self.disk_cache.usage()
+            self.events.emit("cache", from_disk=self.disk_cache.hits, encoded=self.disk_cache.misses,
+                             folder=str(self.disk_cache.folder), entries=entries, bytes=size)
 
         # adapters: the method (network.type) injects itself and names what trains
         net = cfg.network
@@ -212,8 +217,11 @@ class AdapterTrainer:
                                          self.text_encoders, init_word=net.pivotal_init, seed=cfg.seed)
             params.append({"params": self.pivotal.parameters(),
                            "lr": cfg.training.embedding_lr or cfg.training.learning_rate})
-        if base_weights == "fp8":
-            store_in_fp8(self.denoiser, keep=self.family.full_precision_modules)
+        if base_weights in STORAGE:  # bf16 stores the text encoders too: SDXL's hold 0.8B parameters
+            store_frozen_weights(self.denoiser, STORAGE[base_weights], keep=self.family.full_precision_modules)
+            for encoder in self.text_encoders if base_weights == "bf16" else ():
+                store_frozen_weights(encoder, STORAGE[base_weights])
+            own_storage(self.vae, self.denoiser, *self.text_encoders)  # lets the loaded file's mapping go
         self.trainable = [p for group in params for p in group["params"]]
         for p in self.trainable:
             p.data = p.data.float()
@@ -351,13 +359,53 @@ class AdapterTrainer:
         return dist.mean, dist.std
 
     def _fill_latent_cache(self) -> None:
+        """Each picture's VAE posterior (mean, std) per flip, read from the disk cache
+        (trainers.cache: keyed by the VAE encoder's weights, its dtype, the picture's bytes,
+        bucket and flip) or encoded and written there."""
         flips = (False, True) if self.config.dataset.random_flip else (False,)
+        vae = None
         for example in self.instance + self.class_examples + self.validation:
             for flip in flips:
-                if (example.path, flip) not in self._latent_cache:
-                    pixels, _ = prepare_image(example.path, example.bucket, center_crop=True, flip=flip, generator=None)
-                    mean, std = self.latent_dist(pixels[None])
-                    self._latent_cache[(example.path, flip)] = (mean[0], std[0])
+                if (example.path, flip) in self._latent_cache:
+                    continue
+                name = None
+                if self.disk_cache is not None:
+                    vae = vae or module_digest(self.vae, exclude=VAE_DECODER)
+                    name = cache_key("latents", vae, str(self.weight_dtype), file_digest(example.path),
+                                     example.bucket, "center", flip)
+                    stored = self.disk_cache.get("latents", name)
+                    if stored is not None:
+                        self._latent_cache[(example.path, flip)] = (stored["mean"], stored["std"])
+                        continue
+                pixels, _ = prepare_image(example.path, example.bucket, center_crop=True, flip=flip, generator=None)
+                mean, std = self.latent_dist(pixels[None])
+                self._latent_cache[(example.path, flip)] = (mean[0], std[0])
+                if name is not None:
+                    self.disk_cache.put("latents", name, {"mean": mean[0], "std": std[0]})
+
+    @torch.no_grad()
+    def _fill_text_cache(self) -> None:
+        """Each caption's text conditioning (and the empty caption's, for caption dropout), read
+        from the disk cache (keyed by the text encoders' weights, the tokenizers' vocabularies,
+        the family and the caption) or encoded and written there."""
+        cfg = self.config
+        dropped = [""] if cfg.dataset.caption_dropout_rate else []
+        captions = [example.caption for example in self.instance + self.class_examples + self.validation]
+        encoders = None
+        for caption in captions + dropped:
+            if caption in self._text_cache:
+                continue
+            name = None
+            if self.disk_cache is not None:
+                encoders = encoders or cache_key(module_digest(*self.text_encoders), vocabulary_digest(self.tokenizers))
+                name = cache_key("text", self.family.name, encoders, caption)
+                stored = self.disk_cache.get("text", name)
+                if stored is not None:
+                    self._text_cache[caption] = stored
+                    continue
+            self._text_cache[caption] = {k: v[0] for k, v in self.encode_text([caption]).items()}
+            if name is not None:
+                self.disk_cache.put("text", name, self._text_cache[caption])
 
     def _check_masks(self) -> None:
         """Every picture's mask decodes and fits its picture (open_mask says what is wrong);

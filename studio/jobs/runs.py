@@ -9,7 +9,7 @@ import datetime
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from studio.config import TrainConfig, check_device_support, save_config
+from studio.config import TrainConfig, check_device_support, device_notes, save_config
 from studio.datasets import dataset_stats, load_items, training_items
 from studio.errors import StudioError
 from studio.fsutil import atomic_path, atomic_write_text
@@ -91,6 +91,7 @@ def check_training(config: TrainConfig, workspace: Workspace) -> TrainingCheck:
         check_device_support(config)
     except StudioError as error:
         check.problems.append(Problem("training", str(error)))
+    check.warnings += device_notes(config)
     try:
         model = resolve_model(config.base_model, workspace=workspace)
     except StudioError as error:
