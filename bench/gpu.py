@@ -5,6 +5,8 @@ DreamBooth LoRA examples, each with its it/s and peak CUDA memory, for fp32, bf1
 
     python -m bench.gpu [--steps 10] [--warmup 3] [--family sd15 sdxl]
     python -m bench.gpu --tiny        # the same code on the built-in model (runs on a CPU too)
+    python -m bench.gpu --hyperlora   # also: seconds per step of the instant-adapter hypernetwork's
+                                      # training (toyworld.train_hyperlora) on the same models
 
 The models have random weights built from the SD1.5 / SDXL config skeletons
 (assets/skeletons): speed and memory do not depend on the weights, and nothing is
@@ -241,6 +243,36 @@ def time_reference(model: Path, size: Size, case: Case, steps: int, warmup: int)
     return {"it_s": it_s, "peak_gb": _peak_gb()}
 
 
+def concept_folder(folder: Path) -> Path:
+    """What `toyworld.train_hyperlora --concepts` reads: two concepts of six demo pictures each
+    (captions with the trigger, a description.txt) and the demo's reg/ pictures."""
+    demo = ASSETS_DIR / "demo-dataset"
+    for i, name in enumerate(("first", "second")):
+        sub = folder / name
+        sub.mkdir(parents=True)
+        for picture in sorted(demo.glob("sks_*.png"))[6 * i:6 * i + 6]:
+            shutil.copy(picture, sub / picture.name)
+            shutil.copy(picture.with_suffix(".txt"), sub / picture.with_suffix(".txt").name)
+        (sub / "description.txt").write_text("a purple star\n")
+    shutil.copytree(demo / "reg", folder / "reg")
+    return folder
+
+
+def time_hyperlora(model: Path, size: Size, steps: int) -> dict:
+    """Seconds per step of the hypernetwork's training (2 concepts x 2 pictures a step; the
+    base in bf16 on CUDA), its bank and set-up untimed, and the peak CUDA memory."""
+    from toyworld.train_hyperlora import main as train_hyperlora
+
+    _release()
+    with tempfile.TemporaryDirectory() as tmp:
+        args = ["--model", str(model), "--concepts", str(concept_folder(Path(tmp) / "concepts")),
+                "--out", str(Path(tmp) / "hyperlora"), "--steps", str(steps), "--eval-seeds", "0",
+                "--resolution", str(size.resolution), "--concepts-per-step", "2",
+                "--dtype", "bf16" if torch.cuda.is_available() else "fp32"]
+        report = train_hyperlora(args + (["--gradient-checkpointing"] if size.gradient_checkpointing else []))
+    return {"s_per_step": report["training"]["seconds"] / steps, "peak_gb": _peak_gb()}
+
+
 def runnable_cases() -> tuple[Case, ...]:
     """Every case on CUDA; fp32 alone without it (the others need CUDA, studio.config says)."""
     return CASES if torch.cuda.is_available() else CASES[:1]
@@ -283,6 +315,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--family", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--tiny", action="store_true",
                         help="the built-in model at 64 px instead of the full-size random models")
+    parser.add_argument("--hyperlora", action="store_true",
+                        help="also time the instant-adapter hypernetwork's training steps")
     args = parser.parse_args(argv)
     if not args.tiny and not torch.cuda.is_available():
         print("bench.gpu: no CUDA GPU on this machine; run it on one (or `python -m bench.gpu --tiny` here).",
@@ -293,14 +327,30 @@ def main(argv=None) -> list[dict]:
     print("| size | case | ours it/s | ours peak GB | reference it/s | reference peak GB | ratio |")
     print("|---|---|---|---|---|---|---|")
     if args.tiny:
-        return bench_size(ASSETS_DIR / "builtin", TINY, args.steps, args.warmup)
-    rows = []
+        rows = bench_size(ASSETS_DIR / "builtin", TINY, args.steps, args.warmup)
+        if args.hyperlora:
+            hyper_rows = [{"size": "builtin 64 px", **time_hyperlora(ASSETS_DIR / "builtin", TINY, args.steps)}]
+            print_hyperlora(hyper_rows)
+        return rows
+    rows, hyper_rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for family in args.family:
             model = random_model(family, Path(tmp) / family)
             rows += bench_size(model, SIZES[family], args.steps, args.warmup)
+            if args.hyperlora:
+                hyper_rows.append({"size": f"{family} {SIZES[family].resolution} px",
+                                   **time_hyperlora(model, SIZES[family], args.steps)})
             shutil.rmtree(model)
+    if hyper_rows:
+        print_hyperlora(hyper_rows)
     return rows
+
+
+def print_hyperlora(rows: list[dict]) -> None:
+    print("\n| size | hypernetwork training s/step (2 concepts x 2 pictures) | peak GB |")
+    print("|---|---|---|")
+    for row in rows:
+        print(f"| {row['size']} | {row['s_per_step']:.2f} | {_gb(row['peak_gb'])} |")
 
 
 if __name__ == "__main__":

@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance", type=_finite, default=5.0, help="CFG scale")
     gen.add_argument("--width", type=int, default=None)
     gen.add_argument("--height", type=int, default=None)
-    gen.add_argument("--scheduler", default="ddim", help="ddim, euler, euler_a or dpmpp_2m_karras")
+    gen.add_argument("--scheduler", default=None, help="the sampler: ddim, euler, euler_a or dpmpp_2m_karras for SD "
+                     "1.5 / SDXL (default ddim), euler for FLUX.1 (flow matching, its default)")
     gen.add_argument("--allow-pickle", action="store_true", help="allow loading a .ckpt base model (can run code)")
     gen.add_argument("--route", action="store_true",
                      help="route each token to the adapters whose top singular directions it projects on most "
@@ -86,6 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
                           "or 17 (SD1.5) / 12 (SDXL) / 26 comma-separated values")
     gen.add_argument("--out", type=Path, required=True, help="output PNG")
     _workspace_arg(gen)
+
+    inst = sub.add_parser("instant", help="make an adapter from pictures or a description, without training")
+    given = inst.add_mutually_exclusive_group(required=True)
+    given.add_argument("--images", metavar="DIR", help="a folder of pictures of the concept, or a dataset's name")
+    given.add_argument("--describe", metavar="TEXT", help="a short description of the concept, e.g. 'a purple star'")
+    inst.add_argument("--name", required=True, help="the adapter's name in the library")
+    inst.add_argument("--model", default="builtin", help="base model with a hypernetwork (default: the built-in one)")
+    inst.add_argument("--trigger", default=None, help="trigger word (default: the hypernetwork's own, sks)")
+    inst.add_argument("--overwrite", action="store_true", help="replace an adapter of the same name")
+    _workspace_arg(inst)
 
     ins = sub.add_parser("inspect", help="show an adapter file's layout and metadata")
     ins.add_argument("file", type=Path, help="adapter .safetensors (kohya, LyCORIS, diffusers) or peft folder")
@@ -303,6 +314,21 @@ def _resolve_adapter_name(name: str, workspace_dir) -> Path:
     from studio.adapters.library import find_adapter
 
     return find_adapter(Workspace.open(workspace_dir), name)
+
+
+def cmd_instant(args) -> int:
+    from studio.instant import make_instant_adapter
+
+    workspace = Workspace.open(args.workspace)
+    pictures = None if args.images is None else Path(args.images)
+    if pictures is not None and not pictures.is_dir():  # a dataset of the workspace, by name
+        try:
+            pictures = workspace.dataset_dir(args.images) if workspace.dataset_dir(args.images).is_dir() else pictures
+        except StudioError:  # not a dataset name either: the folder's own message follows
+            pass
+    print(make_instant_adapter(workspace, args.name, pictures=pictures, description=args.describe, model=args.model,
+                               trigger=args.trigger, overwrite=args.overwrite))
+    return 0
 
 
 def cmd_mixture(args) -> int:
@@ -523,9 +549,9 @@ def cmd_ui(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "inspect": cmd_inspect, "bake": cmd_bake, "mixture": cmd_mixture,
-            "fuse": cmd_fuse, "resize": cmd_resize, "grid": cmd_grid, "suggest": cmd_suggest, "convert": cmd_convert,
-            "dataset": cmd_dataset, "models": cmd_models, "ui": cmd_ui}
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "instant": cmd_instant, "inspect": cmd_inspect,
+            "bake": cmd_bake, "mixture": cmd_mixture, "fuse": cmd_fuse, "resize": cmd_resize, "grid": cmd_grid,
+            "suggest": cmd_suggest, "convert": cmd_convert, "dataset": cmd_dataset, "models": cmd_models, "ui": cmd_ui}
 
 
 def main(argv: list[str] | None = None) -> int:

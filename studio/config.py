@@ -228,14 +228,20 @@ class TrainingConfig(Section):
     noise_offset: float = Field(0.0, ge=0, le=1, description="Offset noise strength.")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Mixed precision (CUDA only).")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
-    base_weights: Literal["full", "nf4", "fp8"] = Field(
-        "full", description="Frozen base UNet weights: full; nf4 = 4-bit NormalFloat, QLoRA (QDoRA with use_dora; "
-                            "lora/locon/tlora; CUDA + bitsandbytes); fp8 = stored in float8, computed in the mixed "
-                            "precision (CUDA).")
+    base_weights: Literal["full", "bf16", "nf4", "fp8"] = Field(
+        "full", description="Frozen base weights: full; bf16 = the denoiser's and text encoders' stored in bfloat16, "
+                            "computed in the mixed precision, else fp32 (half their memory, any device; a CPU without "
+                            "native bf16 spends time widening them each step); nf4 = 4-bit NormalFloat, QLoRA (QDoRA "
+                            "with use_dora; lora/locon/tlora; CUDA + bitsandbytes); fp8 = the denoiser's stored in "
+                            "float8, computed in the mixed precision (CUDA).")
     cache_latents: bool = Field(True, description="Encode images with the VAE once (needs center crop).")
     cache_text_embeddings: bool = Field(
         True, description="Encode captions once when the text encoder is frozen (the empty caption of caption dropout "
                           "too; not with shuffled tags).")
+    cache_to_disk: bool = Field(
+        True, description="Keep the cached latents and text conditioning in the workspace's cache/ folder: the next "
+                          "run on the same pictures and model reads them instead of encoding again. Never pruned: "
+                          "each run's log says its size; deleting the folder is safe.")
     num_threads: int | None = Field(None, ge=1, le=256, description="CPU threads for torch (default: all cores).")
     log_every_n_steps: int = Field(5, ge=1, le=1_000_000, description="Steps between progress events.")
     validate_every_n_steps: int = Field(
@@ -411,6 +417,30 @@ def check_device_support(config: TrainConfig) -> None:
                           "upgrade torch or set it to 'full'.")
     if t.accelerate_config:
         check_accelerate_config(t.accelerate_config)
+
+
+def device_notes(config: TrainConfig) -> list[str]:
+    """What a setting does on this machine that its name does not say (allowed, not refused):
+    bf16 base weights on a CPU are stored in bfloat16 but computed in fp32 (mixed precision
+    is CUDA-only), and a CPU without native bf16 (AVX512-BF16 / AMX) widens them each step."""
+    import torch
+
+    notes = []
+    if config.training.base_weights == "bf16" and not torch.cuda.is_available():
+        native = _cpu_has_native_bf16()
+        notes.append("training.base_weights = 'bf16': the frozen weights take half the memory, but the CPU computes "
+                     "in fp32" + ("" if native else f" and this one ({torch.backends.cpu.get_cpu_capability()}) has "
+                                                    "no native bf16, so each step spends time widening them") + ".")
+    return notes
+
+
+def _cpu_has_native_bf16() -> bool:
+    import torch
+
+    try:  # torch's CPU feature tests (private, hence the fallback)
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:
+        return False
 
 
 # Why not these: the trainer saves optimizer.state_dict() and the adapter from one process

@@ -63,6 +63,12 @@ class Workspace:
         return self.root / "captioners"
 
     @property
+    def cache_dir(self) -> Path:
+        """Latents and text conditioning the trainer keeps for the next run on the same
+        pictures and model (trainers/cache.py); made by the first run that caches."""
+        return self.root / "cache"
+
+    @property
     def db_path(self) -> Path:
         return self.root / "studio.db"
 

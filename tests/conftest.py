@@ -27,16 +27,53 @@ def _expected_seconds(item) -> float:
     return slow.kwargs.get("seconds", 10) if slow else 0
 
 
+def _shared_fixture_groups(items) -> dict:
+    """item -> the id of its group: tests joined, directly or through others, by an instance
+    of a module- or class-scoped fixture (a trained run, a built model). xdist's loadgroup
+    runs a group on one worker, so each such fixture is built once, not once per worker."""
+    parent = {}
+
+    def find(key):
+        while parent.setdefault(key, key) != key:
+            parent[key] = parent[parent[key]]
+            key = parent[key]
+        return key
+
+    for item in items:
+        keys = [item.nodeid]
+        for name in item.fixturenames:
+            definitions = item._fixtureinfo.name2fixturedefs.get(name)
+            if definitions and definitions[-1].scope in ("module", "class"):
+                callspec = getattr(item, "callspec", None)
+                index = callspec.indices.get(name) if callspec else None
+                keys.append(f"{item.module.__name__}:{name}[{index}]")
+        for key in keys[1:]:
+            parent[find(key)] = find(keys[0])
+    return {item: find(item.nodeid) for item in items}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
 def pytest_collection_modifyitems(items):
-    """Longest first, each followed by a quick test. pytest-xdist (with --maxschedchunk 1,
-    pyproject.toml) starts every worker on two consecutive tests of this order and then
-    hands out one at a time, so the minutes-long trainings start at once on separate
-    workers and the quick tests fill in around them."""
-    ranked = sorted(items, key=_expected_seconds, reverse=True)
-    slow = [item for item in ranked if _expected_seconds(item)]
+    """Longest first, each followed by a quick test, in units that share a module-scoped
+    fixture (one xdist_group each; pyproject.toml runs `--dist loadgroup` in collection
+    order). Every worker starts on the longest units, so the minutes-long trainings start at
+    once on separate workers and the quick tests fill in around them."""
+    for item in items:  # the shared trained run takes longer than a fast lane has
+        if "trained_demo" in item.fixturenames and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow(seconds=5))
+    groups = _shared_fixture_groups(items)
+    units: dict[str, list] = {}
+    for item in items:
+        units.setdefault(groups[item], []).append(item)
+    for group, members in units.items():
+        if len(members) > 1:
+            for item in members:
+                item.add_marker(pytest.mark.xdist_group(group.replace("@", "_")))
+    ranked = sorted(units.values(), key=lambda unit: sum(map(_expected_seconds, unit)), reverse=True)
+    slow = [unit for unit in ranked if sum(map(_expected_seconds, unit))]
     quick = ranked[len(slow):]
-    paired = [item for pair in zip(slow, quick) for item in pair]
-    items[:] = paired + slow[len(quick):] + quick[len(slow):]
+    paired = [unit for pair in zip(slow, quick) for unit in pair]
+    items[:] = [item for unit in paired + slow[len(quick):] + quick[len(slow):] for item in unit]
 
 
 def demo_config(**training):

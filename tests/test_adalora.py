@@ -83,6 +83,7 @@ def test_adalora_is_a_network_type_with_its_options():
             network_config("adalora", **option)
 
 
+@pytest.mark.slow(seconds=12)
 def test_a_schedule_that_cannot_prune_is_refused_in_one_line(workspace):
     """Before anything runs where the config gives the run's length; by the worker (which
     counts an epoch run's steps) otherwise. peft's allocator fixes the ranks at step

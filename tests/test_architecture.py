@@ -12,6 +12,8 @@ import sys
 import tokenize
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ROOT
 
 PRODUCT = ("studio", "trainers", "ui")
@@ -266,6 +268,7 @@ def test_one_lazy_seam():
     assert found and all(place.startswith(str(LAZY_SEAM.relative_to(ROOT)) + ":") for place in found), found
 
 
+@pytest.mark.slow(seconds=5)
 def test_the_config_the_job_queue_and_the_cli_start_without_torch():
     """What the UI's first page, `lora-studio --help` and the job supervisor load: torch,
     diffusers, peft and transformers load only inside the functions that use them."""

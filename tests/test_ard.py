@@ -217,6 +217,7 @@ def test_ard_lora_on_sdxl(tmp_path_factory, workspace):
     assert (sdxl_predict(trainer, theirs.unet) - trained).abs().max() <= 1e-5
 
 
+@pytest.mark.slow(seconds=12)
 def test_files_with_per_module_ranks_carry_one_alpha_for_diffusers(tmp_path):
     """Why keep_components gives every module the same alpha: diffusers' load_lora_weights
     keys the alpha_pattern of a text encoder's per-module alphas wrongly and scales those

@@ -168,6 +168,7 @@ def image_to_text_folders(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("kind", ["blip", "git"])
+@pytest.mark.slow(seconds=10)
 def test_transformers_image_to_text_folder_captions_offline(kind, image_to_text_folders, tmp_path):
     """The caption written is what the model itself generates for that picture (greedy),
     decoded without special tokens; loaded with local files only."""
@@ -224,6 +225,7 @@ def florence2_folder(tmp_path_factory) -> Path:
     return root / "model"
 
 
+@pytest.mark.slow(seconds=5)
 def test_florence2_folder_captions_with_its_task_token(florence2_folder, tmp_path):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 

@@ -369,6 +369,7 @@ def test_skeleton_tokenizers_use_the_real_clip_vocabulary(family):
         assert tokenizer.pad_token == ("!" if name == "tokenizer_2" else "<|endoftext|>")
 
 
+@pytest.mark.slow(seconds=30)
 def test_cli_generates_from_single_file_of_builtin_model(tmp_path, monkeypatch):
     """The CLI path: a single-file checkpoint of the built-in model, loaded by reference
     with no network, generates the same image as the built-in folder."""

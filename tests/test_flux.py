@@ -91,6 +91,7 @@ def test_flow_matching_refuses_min_snr_in_one_line():
 
 
 @pytest.mark.parametrize("guidance", [False, True])
+@pytest.mark.slow(seconds=10)
 def test_predict_is_fluxpipelines_transformer_call(flux_pipe, guidance):
     """predict packs, calls and unpacks exactly as FluxPipeline.__call__ does (its own
     _pack_latents / ids / encode_prompt), with the dev model's guidance embedding."""
@@ -129,6 +130,7 @@ def test_predict_is_fluxpipelines_transformer_call(flux_pipe, guidance):
         assert not torch.allclose(other, theirs)
 
 
+@pytest.mark.slow(seconds=5)
 def test_family_detection(flux_pipe):
     from studio.models.families import (family_from_diffusers_keys, family_from_metadata, family_from_prefixes,
                                         family_from_unet_names, family_of_pipeline)
@@ -204,6 +206,7 @@ def trained_files(flux_pipe, tmp_path_factory):
             "layers": _adapted_layers(pipe.transformer) + _adapted_layers(pipe.text_encoder)}
 
 
+@pytest.mark.slow(seconds=5)
 def test_kohya_export_names_and_fuses_as_sd_scripts(trained_files, flux_pipe):
     from safetensors import safe_open
 
@@ -260,6 +263,7 @@ def test_diffusers_load_lora_weights_consumes_every_key(trained_files, flux_pipe
 
 
 @pytest.mark.parametrize("layout", ["kohya", "diffusers"])
+@pytest.mark.slow(seconds=5)
 def test_our_loader_reads_both_layouts_back(trained_files, flux_pipe, layout):
     import copy
 

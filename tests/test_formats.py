@@ -325,6 +325,7 @@ def test_diffusers_loads_our_files(variant, tmp_path):
     assert max_pixel_diff(generate(theirs), generate(ours)) <= PIXEL_TOLERANCE
 
 
+@pytest.mark.slow(seconds=6)
 def test_diffusers_loads_our_sdxl_file(tmp_path):
     from studio.adapters import adapter_models, attach_adapter, export_adapter, load_adapter, save_adapter
 
@@ -467,6 +468,7 @@ def test_sshs_hashes_and_metadata_editing(tmp_path, capsys):
     assert code == 2 and "sshs_model_hash" in err
 
 
+@pytest.mark.slow(seconds=5)
 def test_convert_between_layouts_and_precisions(tmp_path, capsys):
     from studio.adapters import (adapter_models, attach_adapter, convert_adapter, export_adapter, load_adapter,
                                  save_adapter)
@@ -572,6 +574,7 @@ def test_wrong_family_shapes_and_keys_are_clear_errors(tmp_path):
         load_adapter(tmp_path / "odd.safetensors")
 
 
+@pytest.mark.slow(seconds=8)
 def test_hostile_files_fail_cleanly_in_the_cli(tmp_path, capsys):
     from safetensors.torch import save_file
 
@@ -605,6 +608,7 @@ def test_hostile_files_fail_cleanly_in_the_cli(tmp_path, capsys):
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "pickle" in result.stderr
 
 
+@pytest.mark.slow(seconds=6)
 def test_engine_blends_different_adapter_types(tmp_path):
     """The engine loads LoHa and LoRA files into one pipeline and weights them."""
     from studio.adapters import adapter_models, export_adapter, save_adapter
@@ -648,6 +652,7 @@ def test_trained_adapter_metadata(trained_demo):
 
 
 @pytest.mark.parametrize("variant", ["loha-tucker", "lokr-both", "dora"])
+@pytest.mark.slow(seconds=6)
 def test_peft_layout_round_trip(variant, tmp_path):
     from studio.adapters import adapter_models, attach_adapter, export_adapter, load_adapter, save_adapter
 

@@ -40,6 +40,7 @@ def _lycoris_unet_output(path):
 
 
 @pytest.mark.parametrize("variant", ["lora", "locon", "loha", "lokr", "lokr-full", "lokr-both", "dora"])
+@pytest.mark.slow(seconds=6)
 def test_lycoris_reads_our_files_as_our_engine_does(variant, tmp_path):
     from studio.adapters import adapter_models, export_adapter, load_adapter, save_adapter
     from studio.generation.engine import AdapterUse, Engine
@@ -66,6 +67,7 @@ def test_lycoris_reads_our_files_as_our_engine_does(variant, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.slow(seconds=8)
 def test_diffusers_layout_names_every_text_encoder_with_text_model(family, tmp_path, capsys):
     """Both text encoders carry `text_model.` in the diffusers layout (ComfyUI reads text-encoder
     tensors only so); diffusers loads every key; converting there and back is exact."""

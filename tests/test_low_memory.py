@@ -3,6 +3,7 @@ run creation, trainer, CLI); the float8 storage math checked on the CPU."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,6 +58,7 @@ def test_cuda_only_option_refused_before_any_model_loads(option, workspace, monk
 
 
 @no_cuda
+@pytest.mark.slow(seconds=8)
 def test_cli_train_refuses_cuda_only_options_in_one_line(tmp_path):
     from studio.config import save_config
 
@@ -84,10 +86,13 @@ def test_nf4_refuses_adapters_it_cannot_carry(network, message):
     parse_config({"network": network, "training": {"base_weights": "fp8"}})
 
 
-def test_fp8_storage_matches_full_precision_compute_on_rounded_weights():
-    """The float8 layers give the output and input gradient of the same layer with its
-    weights rounded to float8, and keep no full-precision copy of the weight."""
-    from trainers.low_memory import FP8, store_in_fp8
+@pytest.mark.parametrize("storage", ["fp8", "bf16"])
+def test_low_precision_storage_matches_full_precision_compute_on_rounded_weights(storage):
+    """The float8 / bfloat16 layers give the output and input gradient of the same layer with
+    its weights rounded to that dtype, and keep no full-precision copy of the weight."""
+    from trainers.low_memory import STORAGE, store_frozen_weights
+
+    dtype = STORAGE[storage]
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.Flatten(2),
@@ -100,9 +105,9 @@ def test_fp8_storage_matches_full_precision_compute_on_rounded_weights():
     reference.requires_grad_(False)
     with torch.no_grad():
         for layer in (reference[0], reference[2]):
-            layer.weight.copy_(layer.weight.to(FP8).float())
-    assert store_in_fp8(model) == 2
-    assert model[0].weight.dtype == FP8 and model[2].weight.dtype == FP8 and model[2].bias.dtype == torch.float32
+            layer.weight.copy_(layer.weight.to(dtype).float())
+    assert store_frozen_weights(model, dtype) == 2
+    assert model[0].weight.dtype == dtype and model[2].weight.dtype == dtype and model[2].bias.dtype == torch.float32
 
     x = torch.randn(2, 4, 6, 6, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_(True)
@@ -121,12 +126,88 @@ def test_fp8_storage_matches_full_precision_compute_on_rounded_weights():
 
 def test_fp8_storage_keeps_the_familys_full_precision_layers():
     """The layers a family names (a UNet's conv_in and conv_out) stay in full precision."""
-    from trainers.low_memory import FP8, store_in_fp8
+    from trainers.low_memory import FP8, store_frozen_weights
 
     from studio.models.families import get_family
 
     model = torch.nn.ModuleDict({"conv_in": torch.nn.Conv2d(4, 8, 3), "mid": torch.nn.Linear(8, 8),
                                  "conv_out": torch.nn.Conv2d(8, 4, 3)}).requires_grad_(False)
-    assert store_in_fp8(model, keep=get_family("sd15").full_precision_modules) == 1
+    assert store_frozen_weights(model, FP8, keep=get_family("sd15").full_precision_modules) == 1
     assert model["mid"].weight.dtype == FP8
     assert model["conv_in"].weight.dtype == model["conv_out"].weight.dtype == torch.float32
+
+
+@no_cuda
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_base_weights_are_allowed_on_a_cpu_with_a_note_that_compute_stays_fp32(native, workspace,
+                                                                                  monkeypatch):
+    from studio.config import check_device_support
+    from studio.jobs.runs import check_training
+
+    monkeypatch.setattr("studio.config._cpu_has_native_bf16", lambda: native)
+    config = demo_config(max_steps=2)
+    config.training.base_weights = "bf16"
+    check_device_support(config)
+    check = check_training(config, workspace)
+    assert not check.problems
+    notes = [w for w in check.warnings if "base_weights = 'bf16'" in w]
+    assert len(notes) == 1 and "half the memory" in notes[0] and "computes in fp32" in notes[0]
+    assert ("no native bf16" in notes[0]) is not native
+    config.training.base_weights = "full"
+    assert not [w for w in check_training(config, workspace).warnings if "bf16" in w]
+
+
+@pytest.mark.slow(seconds=20)
+def test_bf16_base_weights_store_the_frozen_denoiser_and_text_encoders_and_train(workspace):
+    """bf16 storage: the frozen Linear / Conv2d weights of the denoiser (but the family's
+    full-precision modules) and of the text encoders in bfloat16, the adapter in fp32; the
+    loss on fixed draws is the full-precision base's within bf16 rounding, and a step trains."""
+    from studio.jobs.runs import create_run
+    from trainers.trainer import AdapterTrainer
+
+    losses = {}
+    for base_weights in ("full", "bf16"):
+        config = demo_config(max_steps=1)
+        config.training.base_weights = base_weights
+        trainer = AdapterTrainer(create_run(config, workspace), show_progress=False)
+        trainer.setup()
+        losses[base_weights] = trainer.loss(0).item()
+    frozen = {path: module.weight.dtype for path, module in trainer.denoiser.named_modules()
+              if type(module) in (torch.nn.Linear, torch.nn.Conv2d) and not module.weight.requires_grad}
+    keep = trainer.family.full_precision_modules
+    assert keep and all(frozen[path] == torch.float32 for path in keep)
+    assert {dtype for path, dtype in frozen.items() if path not in keep} == {torch.bfloat16}
+    assert all(module.weight.dtype == torch.bfloat16 for encoder in trainer.text_encoders
+               for module in encoder.modules() if type(module) is torch.nn.Linear)
+    assert trainer.trainable and all(p.dtype == torch.float32 for p in trainer.trainable)
+    assert losses["bf16"] == pytest.approx(losses["full"], rel=0.02), losses
+    before = [p.detach().clone() for p in trainer.trainable]
+    trainer.train_step(0)
+    assert any(not torch.equal(a, p) for a, p in zip(before, trainer.trainable))
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's mappings (Linux)")
+def test_own_storage_lets_the_loaded_files_mapping_go(tmp_path):
+    """A model loaded from a safetensors file views the file's mapping until its tensors own
+    their memory (what keeps a bf16-stored base's original file resident)."""
+    import gc
+
+    from safetensors.torch import load_file, save_file
+
+    from trainers.low_memory import own_storage
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.LayerNorm(64))
+    file = tmp_path / "model.safetensors"
+    save_file(model.state_dict(), str(file))
+    loaded = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.LayerNorm(64))
+    loaded.load_state_dict(load_file(str(file)), assign=True)
+    gc.collect()
+
+    def mapped() -> bool:
+        return str(file) in Path("/proc/self/maps").read_text()
+
+    assert mapped()
+    own_storage(loaded)
+    gc.collect()
+    assert not mapped()
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))

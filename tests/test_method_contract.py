@@ -33,7 +33,9 @@ def trained(request, tmp_path_factory):
 
     method = request.param
     workspace = Workspace.open(tmp_path_factory.mktemp(method) / "ws")
-    config = demo_config(max_steps=STEPS, every_n_steps=CHECKPOINT_AT, learning_rate=1e-2)
+    # a cosine decay, as real recipes use: at a constant 1e-2, LoCon's conv layers overshoot
+    # (the loss on the fixed draws rose from 0.189 to 0.222; with the decay it falls to 0.170)
+    config = demo_config(max_steps=STEPS, every_n_steps=CHECKPOINT_AT, learning_rate=1e-2, lr_scheduler="cosine")
     config.network = network_config(method)
     config.dataset.resolution = 32
     config.sampling.steps = 4
@@ -71,7 +73,7 @@ def test_generate_draws_what_the_run_sampled_and_weight_zero_is_the_base(trained
     trainer = trained["trainer"]
     # methods at their default options move at different speeds (VeRA trains two vectors per layer):
     # any change beyond the check's own tolerance of 1/255 makes a missing adapter fail it
-    assert_generate_reproduces_sample(trainer, trained["path"], tmp_path, step=STEPS, changed_by=2)
+    assert_generate_reproduces_sample(trainer, trained["path"], tmp_path, step=STEPS, changed_by=1)
     engine = Engine()
     request = GenerateRequest("a sks star on a white background", steps=4, width=32, height=32, seed=3)
     base = np.asarray(engine.generate(request)[0])

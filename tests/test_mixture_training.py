@@ -110,6 +110,7 @@ def test_prompt_gates_train_and_the_engine_draws_with_them(workspace):
     assert np.abs(np.asarray(mixed, dtype=np.int16) - np.asarray(plain, dtype=np.int16)).max() > 0
 
 
+@pytest.mark.slow(seconds=10)
 def test_a_mixture_run_is_refused_with_the_reason(workspace):
     from studio.config import TrainConfig
     from studio.jobs.runs import create_run

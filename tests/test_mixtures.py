@@ -164,6 +164,7 @@ def test_bake_writes_the_live_mixture_and_refuses_step_or_prompt_dependent_gates
         bake([(prompt, 1.0)], tmp_path / "no.safetensors")
 
 
+@pytest.mark.slow(seconds=12)
 def test_members_are_found_by_hash_and_a_mixture_is_not_an_adapter(library, tmp_path):
     import shutil
 

@@ -40,6 +40,7 @@ def test_a_schedule_of_one_everywhere_is_no_schedule(demo_adapter):
     assert np.array_equal(plain, ones)
 
 
+@pytest.mark.slow(seconds=5)
 def test_stopping_after_step_k_is_the_adapter_for_the_first_k_steps_only(demo_adapter):
     engine = Engine()
     k = 3
@@ -56,8 +57,9 @@ def test_stopping_after_step_k_is_the_adapter_for_the_first_k_steps_only(demo_ad
         return {}
 
     from studio.generation.engine import _scheduler
+    from studio.models.families import family_of_pipeline
 
-    pipe.scheduler = _scheduler(pipe, "ddim")
+    pipe.scheduler = _scheduler(pipe, family_of_pipeline(pipe), "ddim")
     with torch.inference_mode():
         by_hand = pipe("a sks star on a white background", num_inference_steps=STEPS, guidance_scale=5.0,
                        generator=torch.Generator().manual_seed(5), callback_on_step_end=switch).images[0]

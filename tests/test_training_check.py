@@ -103,6 +103,7 @@ def test_a_run_whose_dataset_broke_after_queueing_fails_with_the_same_line(works
     assert len(errors) == 1 and "star.png" in errors[0]
 
 
+@pytest.mark.slow(seconds=6)
 def test_cli_train_prints_each_problem_on_its_own_line(tmp_path):
     from studio.config import save_config
     from studio.workspace import Workspace

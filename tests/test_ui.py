@@ -31,6 +31,7 @@ def _fresh_process(code: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow(seconds=10)
 def test_building_the_app_imports_no_torch_and_copies_the_demo_dataset(tmp_path):
     code = (
         "import sys, json\n"
@@ -45,6 +46,7 @@ def test_building_the_app_imports_no_torch_and_copies_the_demo_dataset(tmp_path)
         assert any((tmp_path / "ws" / "datasets" / "demo").glob("*.png"))
 
 
+@pytest.mark.slow(seconds=10)
 def test_the_first_pages_train_hint_measures_nothing(tmp_path):
     """The page's load event quotes the speed as known (none on a new workspace): measuring
     one (a training subprocess, torch imported) waits until the page has loaded."""
@@ -63,6 +65,7 @@ def test_the_first_pages_train_hint_measures_nothing(tmp_path):
     assert not result["torch"] and not result["measuring"]
 
 
+@pytest.mark.slow(seconds=20)
 def test_importing_ui_first_skips_gradios_doc_upkeep_and_changes_nothing_else():
     """gradio re-parses each component's source to refresh its type stubs and compiles each
     event's docstring as a template on every import (1.2 s of the studio's start); importing
@@ -107,6 +110,7 @@ def test_importing_ui_first_skips_gradios_doc_upkeep_and_changes_nothing_else():
     assert ours["components"] == theirs["components"] >= 2
 
 
+@pytest.mark.slow(seconds=10)
 def test_the_http_api_offers_exactly_the_handlers_the_readme_names(tmp_path):
     """Scripts get the stable names the README lists; the page's own handlers (hints,
     refreshes, tab switches) stay out of the API description the page carries."""
@@ -240,6 +244,27 @@ def test_an_adapter_used_twice_is_a_clear_error():
         gv.merge_uses(rows, tags)
     other = [AdapterUse(Path("/ws/adapters/b.safetensors"), 0.5)]
     assert len(gv.merge_uses(rows, other)) == 2
+
+
+def test_generate_and_train_offer_builtin_flux_with_its_samplers_and_blocks(tmp_path):
+    """The base-model fields list both built-in models; picking one offers its family's
+    samplers and LBW presets (FLUX.1: Euler, DOUBLE / SINGLE over D/S blocks); a model that
+    cannot be resolved yet changes nothing; no sampler picked is the family's default."""
+    from studio.workspace import Workspace
+    from ui import train_tab
+
+    studio = SimpleNamespace(workspace=Workspace.open(tmp_path / "ws"))
+    assert train_tab.model_choices(studio)[:2] == ["builtin", "builtin-flux"]
+    flux, sd = gv.model_family(studio, "builtin-flux"), gv.model_family(studio, "builtin")
+    assert (flux.name, sd.name) == ("flux", "sd15")
+    assert gv.sampler_choices(flux) == [("Euler", "euler")] and gv.sampler_choices(sd)[0] == ("DDIM", "ddim")
+    flux_blocks, flux_help = gv.block_weight_choices(flux)
+    sd_blocks, sd_help = gv.block_weight_choices(sd)
+    assert {"DOUBLE", "SINGLE"} <= set(flux_blocks) and "DOUBLE" not in sd_blocks and flux_blocks[0] == ""
+    assert "FLUX.1: BASE, D00" in flux_help and "SD 1.5" in sd_help
+    assert gv.model_family(studio, "someone/not-pulled-yet") is None
+    request, _ = gv.mix_request(studio, gv.GenerateSettings("a star", model="builtin-flux"), [])
+    assert request.scheduler is None
 
 
 def test_parse_size():

@@ -15,11 +15,11 @@ toy size, deterministic random weights (toyworld/builtin_flux_training.py trains
 """
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 from studio import ASSETS_DIR
-from studio.models.builtin import CHARS, MAX_TOKENS, RESOLUTION, TEXT_HIDDEN_SIZE, VOCAB_WORDS, write_tokenizer
+from studio.models.builtin import (CHARS, RESOLUTION, TEXT_HIDDEN_SIZE, VOCAB_WORDS, toy_clip, toy_vae,
+                                   write_tokenizer)
 
 FLUX_DIR = ASSETS_DIR / "builtin-flux"
 VAE_BLOCK_OUT_CHANNELS = (16, 32, 32)
@@ -57,26 +57,12 @@ def t5_tokenizer():
 def build_pipeline(seed: int = 0):
     """A FluxPipeline of the built-in Flux architecture with deterministic random weights."""
     import torch
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
-    levels = len(VAE_BLOCK_OUT_CHANNELS)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS,
-        down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
-        block_out_channels=VAE_BLOCK_OUT_CHANNELS, layers_per_block=1, norm_num_groups=8,
-        sample_size=RESOLUTION, mid_block_add_attention=False, shift_factor=0.0, scaling_factor=1.0,
-    )
-    with tempfile.TemporaryDirectory() as tmp:
-        write_tokenizer(Path(tmp))
-        tokenizer = CLIPTokenizer.from_pretrained(tmp, model_max_length=MAX_TOKENS)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=TEXT_HIDDEN_SIZE, intermediate_size=2 * TEXT_HIDDEN_SIZE,
-        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=MAX_TOKENS,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, projection_dim=TEXT_HIDDEN_SIZE,
-    ))
+    vae = toy_vae(VAE_BLOCK_OUT_CHANNELS, LATENT_CHANNELS, shift_factor=0.0, scaling_factor=1.0)
+    tokenizer, text_encoder = toy_clip()
     tokenizer_2 = t5_tokenizer()
     text_encoder_2 = T5EncoderModel(T5Config(
         vocab_size=len(tokenizer_2), d_model=TEXT_HIDDEN_SIZE, d_kv=TEXT_HIDDEN_SIZE // 2, d_ff=2 * TEXT_HIDDEN_SIZE,

@@ -72,7 +72,10 @@ MIN_SNR_GAMMA = 5.0
 EMA_DECAY = 0.999
 WEIGHT_DECAY = 1e-2
 LOG_EVERY = 100
-CAPTIONER_FOLDER = "captioner"  # in OUT, kept as it is when the model is trained again
+# In OUT, kept as they are when the model is trained again: the toy captioner
+# (toyworld/train_captioner.py) and the instant-adapter hypernetwork (toyworld/train_hyperlora.py,
+# which then refuses the new weights until it is trained again for them).
+KEPT_FOLDERS = ("captioner", "hyperlora")
 CHECKPOINT_EVERY = 200
 
 
@@ -646,8 +649,9 @@ def main(argv: list[str] | None = None) -> dict:
     write_report(staging, args, command, report)
     old = out.with_name(out.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
-    if (out / CAPTIONER_FOLDER).is_dir():  # the toy captioner has its own script (toyworld/train_captioner.py)
-        shutil.copytree(out / CAPTIONER_FOLDER, staging / CAPTIONER_FOLDER)
+    for kept in KEPT_FOLDERS:
+        if (out / kept).is_dir():
+            shutil.copytree(out / kept, staging / kept)
     if out.exists():
         out.rename(old)
     staging.rename(out)

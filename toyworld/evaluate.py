@@ -37,10 +37,13 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 from PIL import Image
 
-from toyworld.world import COLORS, RESOLUTION, SHAPES, parse_caption, shape_polygon, shape_mask
+from toyworld.world import ALL_COLORS, COLORS, EXTRA_COLORS, RESOLUTION, SHAPES, parse_caption, shape_mask, shape_polygon
 
 PALETTE_NAMES: tuple[str, ...] = tuple(COLORS)
 PALETTE = np.array([COLORS[n] for n in PALETTE_NAMES], dtype=np.float32)
+# The extended world's palette and shapes (toyworld.world.EXTRA_COLORS / EXTRA_SHAPES): what
+# `analyze(..., palette=EXTENDED_PALETTE, shapes=ALL_SHAPES)` reads pictures of its concepts with.
+EXTENDED_PALETTE: tuple[str, ...] = PALETTE_NAMES + tuple(EXTRA_COLORS)
 
 MIN_CONTRAST = 48.0   # RGB distance: weaker than this, there is no shape in the picture
 MIN_AREA = 12         # pixels: a smaller mask is noise, not a shape
@@ -50,7 +53,7 @@ UNCLEAR = "unclear"
 NONE = "none"
 
 # Template rotations searched per shape (degrees): one period of its symmetry, 6-degree steps.
-_PERIOD = {"circle": 0, "square": 90, "triangle": 360, "star": 72}
+_PERIOD = {"circle": 0, "square": 90, "triangle": 360, "star": 72, "heart": 360, "cross": 90, "moon": 360}
 _ROT_STEP = 6.0
 
 
@@ -75,7 +78,7 @@ class Analysis:
 
 def nearest_color(rgb: Sequence[float], names: Sequence[str] = PALETTE_NAMES) -> str:
     """The palette colour name nearest to `rgb` (Euclidean distance in RGB, 0-255)."""
-    table = np.array([COLORS[n] for n in names], dtype=np.float32)
+    table = np.array([ALL_COLORS[n] for n in names], dtype=np.float32)
     d = np.linalg.norm(table - np.asarray(rgb, dtype=np.float32)[None], axis=1)
     return names[int(np.argmin(d))]
 
@@ -203,22 +206,24 @@ def _five_pointed(harmonics: np.ndarray) -> bool:
     return harmonics[4] >= STAR_HARMONIC and harmonics[4] == harmonics[1:].max()
 
 
-def analyze(image: Image.Image | np.ndarray) -> Analysis:
-    """Name the background colour, the shape's colour and the shape of a toy-world picture.
-    `color` and `shape` are "none" when nothing stands out from the background; `shape` is
-    "unclear" when the mask fits no template well."""
+def analyze(image: Image.Image | np.ndarray, palette: Sequence[str] = PALETTE_NAMES,
+            shapes: Sequence[str] = SHAPES) -> Analysis:
+    """Name the background colour, the shape's colour and the shape of a toy-world picture,
+    colours from `palette` and shapes from `shapes` (the base world's by default; the extended
+    world's: EXTENDED_PALETTE, ALL_SHAPES). `color` and `shape` are "none" when nothing stands
+    out from the background; `shape` is "unclear" when the mask fits no template well."""
     px = _as_array(image)
     border = np.concatenate([px[:2].reshape(-1, 3), px[-2:].reshape(-1, 3),
                              px[2:-2, :2].reshape(-1, 3), px[2:-2, -2:].reshape(-1, 3)])
     bg_rgb = np.median(border, axis=0)
-    background = nearest_color(bg_rgb)
+    background = nearest_color(bg_rgb, palette)
     dist = np.linalg.norm(px - bg_rgb[None, None], axis=2)
     far = float(np.percentile(dist, 99))
     if far < MIN_CONTRAST:
         return Analysis(background, NONE, NONE, tuple(map(float, bg_rgb)), None, 0, 0.0, 0.0)
     core = dist >= 0.75 * far
     fg_rgb = np.median(px[core], axis=0)
-    color = nearest_color(fg_rgb)
+    color = nearest_color(fg_rgb, palette)
     contrast = float(np.linalg.norm(fg_rgb - bg_rgb))
     mask = largest_component(dist >= 0.5 * contrast)
     area = int(mask.sum())
@@ -229,10 +234,10 @@ def analyze(image: Image.Image | np.ndarray) -> Analysis:
     extent = area / float((xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1))
     hull = convex_hull_area(mask)
     solidity = area / hull if hull else 0.0
-    ious = template_ious(mask)
+    ious = template_ious(mask, shapes)
     harmonics = radial_harmonics(mask)
     best = max(ious, key=ious.get)
-    if _five_pointed(harmonics):
+    if "star" in shapes and _five_pointed(harmonics):
         shape = "star"
     else:
         shape = best if ious[best] >= MIN_IOU else UNCLEAR
@@ -343,6 +348,6 @@ def format_figures(figures: dict) -> str:
     return " ".join(parts) + f" (n={figures['n_images']})"
 
 
-__all__ = ["Analysis", "analyze", "convex_hull_area", "format_figures", "largest_component",
+__all__ = ["EXTENDED_PALETTE", "Analysis", "analyze", "convex_hull_area", "format_figures", "largest_component",
            "nearest_color", "pipeline_generate_fn", "score_images", "score_prompts",
            "summarize", "template_ious"]

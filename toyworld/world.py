@@ -10,6 +10,13 @@ functions here can still draw them (for the demo dataset and for evaluation); on
 base-training sampler (`sample_scene` with its defaults) never produces them, so a LoRA
 that teaches "purple star" teaches something the base model has never seen.
 
+The **extended world** adds colours (`EXTRA_COLORS`: orange, pink, cyan, brown) and shapes
+(`EXTRA_SHAPES`: heart, cross, moon) that neither the base model's training nor the demo
+ever draws; the instant-adapter hypernetwork (toyworld/train_hyperlora.py) learns from
+concepts drawn with them. `COLORS` and `SHAPES` (what the base model's sampler, the VAE's
+data and the evaluator's default palette use) are unchanged, so every scene, caption and
+pixel drawn before is drawn the same.
+
 Everything is deterministic: a scene comes from a `numpy.random.Generator`, and the same
 seed gives the same scenes, captions and pixels.
 
@@ -63,6 +70,19 @@ MARGIN = 2  # pixels kept free between the shape's bounding box and the image bo
 
 STAR_INNER_RATIO = 0.45  # inner / outer radius of the five-pointed star
 
+# The extended world (see the module docstring): RGB at least 100 apart from every colour above.
+EXTRA_COLORS: dict[str, tuple[int, int, int]] = {
+    "orange": (245, 130, 20),
+    "pink": (245, 130, 190),
+    "cyan": (40, 200, 210),
+    "brown": (120, 70, 30),
+}
+EXTRA_SHAPES: tuple[str, ...] = ("heart", "cross", "moon")
+ALL_COLORS: dict[str, tuple[int, int, int]] = {**COLORS, **EXTRA_COLORS}
+ALL_SHAPES: tuple[str, ...] = SHAPES + EXTRA_SHAPES
+CROSS_ARM = 1 / 3  # arm width of the cross, in units of its side
+MOON_INNER = (0.35, 0.42)  # the moon is a disc of radius 0.5 less a disc of this (offset, radius)
+
 
 @dataclass(frozen=True)
 class Scene:
@@ -92,7 +112,7 @@ def shape_polygon(shape: str, cx: float, cy: float, size: float, rotation: float
     """Vertices (N x 2, x right / y down, pixels) of `shape`, its bounding box of side
     `size` centred on (cx, cy) before rotating by `rotation` degrees about that centre.
     A circle is returned as a `points`-gon (used by the evaluator's templates)."""
-    _check("shape", shape, SHAPES)
+    _check("shape", shape, ALL_SHAPES)
     if shape == "circle":
         t = np.linspace(0, 2 * np.pi, points, endpoint=False)
         unit = np.stack([np.cos(t), np.sin(t)], axis=1) * 0.5
@@ -100,15 +120,44 @@ def shape_polygon(shape: str, cx: float, cy: float, size: float, rotation: float
         unit = np.array([[-0.5, -0.5], [0.5, -0.5], [0.5, 0.5], [-0.5, 0.5]])
     elif shape == "triangle":  # upright isosceles triangle filling its bounding box
         unit = np.array([[0.0, -0.5], [0.5, 0.5], [-0.5, 0.5]])
-    else:  # five-pointed star, a point up, then scaled to a unit bounding box
+    elif shape == "star":  # five-pointed star, a point up, then scaled to a unit bounding box
         angles = -np.pi / 2 + np.arange(10) * np.pi / 5
         radii = np.where(np.arange(10) % 2 == 0, 1.0, STAR_INNER_RATIO)
-        unit = np.stack([np.cos(angles) * radii, np.sin(angles) * radii], axis=1)
-        lo, hi = unit.min(axis=0), unit.max(axis=0)
-        unit = (unit - (lo + hi) / 2) / (hi - lo).max()
+        unit = _fit_unit_box(np.stack([np.cos(angles) * radii, np.sin(angles) * radii], axis=1))
+    else:
+        unit = _extra_unit_polygon(shape, points)
     theta = math.radians(rotation)
     rot = np.array([[math.cos(theta), math.sin(theta)], [-math.sin(theta), math.cos(theta)]])
     return unit @ rot.T * size + np.array([cx, cy])
+
+
+def _fit_unit_box(points: np.ndarray) -> np.ndarray:
+    """`points` centred on their bounding box, the box's longer side scaled to 1."""
+    lo, hi = points.min(axis=0), points.max(axis=0)
+    return (points - (lo + hi) / 2) / (hi - lo).max()
+
+
+def _extra_unit_polygon(shape: str, points: int) -> np.ndarray:
+    """The extended world's shapes in a unit bounding box: a heart (the classic parametric
+    curve, point down), a plus-shaped cross, a moon (crescent, open to the right)."""
+    if shape == "heart":
+        t = np.linspace(0, 2 * np.pi, points, endpoint=False)
+        x = 16 * np.sin(t) ** 3
+        y = -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))
+        return _fit_unit_box(np.stack([x, y], axis=1))
+    if shape == "cross":
+        a = CROSS_ARM / 2
+        return np.array([[-a, -0.5], [a, -0.5], [a, -a], [0.5, -a], [0.5, a], [a, a], [a, 0.5], [-a, 0.5],
+                         [-a, a], [-0.5, a], [-0.5, -a], [-a, -a]])
+    offset, inner = MOON_INNER  # outer arc from one crossing of the two circles round the left to the other
+    x = (offset ** 2 + 0.25 - inner ** 2) / (2 * offset)
+    y = math.sqrt(0.25 - x ** 2)
+    start, inner_start = math.atan2(y, x), math.atan2(y, x - offset)
+    outer = np.linspace(start, 2 * np.pi - start, points // 2)
+    back = np.linspace(2 * np.pi - inner_start, inner_start, points // 2)[1:-1]
+    rim = np.stack([np.cos(outer), np.sin(outer)], axis=1) * 0.5
+    hollow = np.stack([offset + np.cos(back) * inner, np.sin(back) * inner], axis=1)
+    return _fit_unit_box(np.concatenate([rim, hollow]))
 
 
 def shape_mask(shape: str, cx: float, cy: float, size: float, rotation: float = 0.0,
@@ -133,8 +182,8 @@ def render(shape: str, color: str | tuple[int, int, int], background: str | tupl
            rotation: float = 0.0, resolution: int = RESOLUTION) -> Image.Image:
     """Draw one flat shape on a plain background. Colours are names from `COLORS` or RGB
     tuples (the VAE's training also uses random RGB colours)."""
-    fg = np.array(COLORS[color] if isinstance(color, str) else color, dtype=np.float32)
-    bg = np.array(COLORS[background] if isinstance(background, str) else background, dtype=np.float32)
+    fg = np.array(ALL_COLORS[color] if isinstance(color, str) else color, dtype=np.float32)
+    bg = np.array(ALL_COLORS[background] if isinstance(background, str) else background, dtype=np.float32)
     cover = shape_mask(shape, cx, cy, size, rotation, resolution)[..., None]
     pixels = bg * (1 - cover) + fg * cover
     return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "RGB")
@@ -153,8 +202,8 @@ def sample_scene(rng: np.random.Generator,
                  max_rotation: float = 0.0) -> Scene:
     """A random scene. The defaults are the base-training distribution: seen shapes and
     colours only (never purple, never star). Shape colour and background always differ."""
-    for name, values, table in (("shape", shapes, SHAPES), ("color", colors, COLORS),
-                                ("background", backgrounds, COLORS)):
+    for name, values, table in (("shape", shapes, ALL_SHAPES), ("color", colors, ALL_COLORS),
+                                ("background", backgrounds, ALL_COLORS)):
         if not values:
             raise StudioError(f"No {name}s to sample from: pass at least one.")
         for value in values:
@@ -328,7 +377,7 @@ def random_color_scene(rng: np.random.Generator) -> tuple[str, tuple[int, int, i
 
 
 __all__ = [
-    "BACKGROUNDS", "COLORS", "HELD_OUT_COLORS", "HELD_OUT_SHAPES", "RESOLUTION", "SHAPES",
+    "ALL_COLORS", "ALL_SHAPES", "BACKGROUNDS", "COLORS", "EXTRA_COLORS", "EXTRA_SHAPES", "HELD_OUT_COLORS", "HELD_OUT_SHAPES", "RESOLUTION", "SHAPES",
     "SHAPE_COLORS", "SEEN_BACKGROUNDS", "SEEN_SHAPES", "SEEN_SHAPE_COLORS", "Scene",
     "caption_for", "demo_caption", "demo_scenes", "held_out_prompts", "parse_caption",
     "random_color_scene", "render", "render_scene", "sample_scene", "seen_prompts",

@@ -1,13 +1,15 @@
-"""A low-memory frozen base denoiser for training on CUDA: 4-bit NF4 (QLoRA, QDoRA with DoRA;
-bitsandbytes through diffusers' quantization support) or float8 weight storage.
-`studio.config.check_device_support` refuses both on a machine without CUDA.
+"""A low-memory frozen base model for training: 4-bit NF4 (QLoRA, QDoRA with DoRA;
+bitsandbytes through diffusers' quantization support, CUDA), or weights stored in float8
+(CUDA) or bfloat16 (any device) and computed in the compute dtype (the mixed precision's
+under autocast, else the input's: fp32 on a CPU). `studio.config.check_device_support`
+refuses what the machine cannot run.
 
-Float8 storage is done here rather than with diffusers' `enable_layerwise_casting`: that
-hook casts a layer's parameters back to float8 in place after its forward pass, so the
-weight autograd saved for the backward pass is float8 by then and the backward pass through
-the frozen layers (needed by every adapter before them) fails. Here a frozen Linear / Conv2d
-keeps its weight in float8, casts a copy for each forward pass and recasts it in backward:
-no full-precision copy lives between the two passes.
+Low-precision storage is done here rather than with diffusers' `enable_layerwise_casting`:
+that hook casts a layer's parameters back to the storage dtype in place after its forward
+pass, so the weight autograd saved for the backward pass is low-precision by then and the
+backward pass through the frozen layers (needed by every adapter before them) fails. Here a
+frozen Linear / Conv2d keeps its weight in the storage dtype, casts a copy for each forward
+pass and recasts it in backward: no full-precision copy lives between the two passes.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 FP8 = torch.float8_e4m3fn
+#: training.base_weights -> the dtype the frozen weights are stored in
+STORAGE = {"fp8": FP8, "bf16": torch.bfloat16}
 
 
 def nf4_quantization(compute_dtype: torch.dtype):
@@ -29,13 +33,14 @@ def nf4_quantization(compute_dtype: torch.dtype):
                               bnb_4bit_compute_dtype=compute_dtype)
 
 
-def store_in_fp8(denoiser: nn.Module, keep: tuple[str, ...] = ()) -> int:
-    """Store the weights of the denoiser's frozen Linear and Conv2d layers in float8 (e4m3),
-    but the modules at paths `keep` (the family's full_precision_modules); biases, norms and
-    adapter layers stay as they are. Call it after the adapters are injected (PiSSA / OLoRA
-    init reads the full-precision weights). Returns the layer count."""
+def store_frozen_weights(model: nn.Module, dtype: torch.dtype, keep: tuple[str, ...] = ()) -> int:
+    """Store the weights of the model's frozen Linear and Conv2d layers in `dtype` (float8
+    e4m3 or bfloat16), but the modules at paths `keep` (a family's full_precision_modules);
+    biases, norms, embeddings and adapter layers stay as they are. Call it after the adapters
+    are injected (PiSSA / OLoRA init reads the full-precision weights). Returns the layer
+    count."""
     count = 0
-    for path, module in denoiser.named_modules():
+    for path, module in model.named_modules():
         if type(module) not in (nn.Linear, nn.Conv2d) or path in keep:
             continue
         if any(p.requires_grad for p in module.parameters()):
@@ -46,9 +51,20 @@ def store_in_fp8(denoiser: nn.Module, keep: tuple[str, ...] = ()) -> int:
             module.forward = partial(_conv2d_forward, module)
         else:
             module.forward = partial(_linear_forward, module)
-        module.weight.data = module.weight.data.to(FP8)
+        module.weight.data = module.weight.data.to(dtype)
         count += 1
     return count
+
+
+def own_storage(*modules: nn.Module) -> None:
+    """Copy every parameter and buffer of `modules` into memory of its own. A model loaded
+    from a safetensors file views one mapping of the whole file, and every page read stays
+    resident while any tensor still views it: after store_frozen_weights the norms, biases
+    and the VAE kept the whole file (full-size SD1.5: 5.67 GB resident after bf16 storage,
+    2.60 GB once they own their memory)."""
+    for module in modules:
+        for tensor in [*module.parameters(), *module.buffers()]:
+            tensor.data = tensor.data.clone()
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -62,17 +78,17 @@ def _bias(module: nn.Module, dtype: torch.dtype) -> torch.Tensor | None:
 
 def _linear_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     dtype = _compute_dtype(x)
-    return _Fp8Linear.apply(x.to(dtype), module.weight, _bias(module, dtype))
+    return _StoredLinear.apply(x.to(dtype), module.weight, _bias(module, dtype))
 
 
 def _conv2d_forward(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     dtype = _compute_dtype(x)
-    return _Fp8Conv2d.apply(x.to(dtype), module.weight, _bias(module, dtype), module.stride, module.padding,
-                            module.dilation, module.groups)
+    return _StoredConv2d.apply(x.to(dtype), module.weight, _bias(module, dtype), module.stride, module.padding,
+                               module.dilation, module.groups)
 
 
-class _Fp8Linear(torch.autograd.Function):
-    """y = x W^T + b with W stored in float8; gradient for x only (W and b are frozen)."""
+class _StoredLinear(torch.autograd.Function):
+    """y = x W^T + b with W stored in low precision; gradient for x only (W and b are frozen)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
@@ -85,8 +101,8 @@ class _Fp8Linear(torch.autograd.Function):
         return grad_output @ weight.to(grad_output.dtype), None, None
 
 
-class _Fp8Conv2d(torch.autograd.Function):
-    """conv2d with its weight stored in float8; gradient for the input only."""
+class _StoredConv2d(torch.autograd.Function):
+    """conv2d with its weight stored in low precision; gradient for the input only."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, dilation, groups):

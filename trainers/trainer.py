@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from studio.adapters import read_checked_header, training_metadata
 from studio.adapters.formats.embeddings import save_embedding
 from studio.adapters.methods import get_method
-from studio.config import TrainConfig, check_device_support, load_config, steps_for_epochs
+from studio.config import TrainConfig, check_device_support, device_notes, load_config, steps_for_epochs
 from studio.datasets import caption_with_trigger, load_items, open_mask
 from studio.errors import StudioError
 from studio.fsutil import remove_stale_temp_files
@@ -43,11 +43,13 @@ from studio.jobs.runs import (CONFIG_FILE, EMBEDDINGS_DIR, SAMPLES_DIR, EventLog
                               checkpoint_dir, class_pictures, dataset_folder, iter_events, preview_sample,
                               run_workspace)
 from studio.models import load_pipeline, resolve_model
+from trainers.cache import VAE_DECODER, DiskCache, file_digest, module_digest, vocabulary_digest
+from trainers.cache import key as cache_key
 from trainers.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from trainers.data import (BatchOrder, Example, caption_variant, center_crop_offsets, choose_bucket, epochs_done,
                            micro_generator, prepare_image, prepare_mask, random_crop_offsets, sample_generator,
                            validation_indices)
-from trainers.low_memory import nf4_quantization, store_in_fp8
+from trainers.low_memory import STORAGE, nf4_quantization, own_storage, store_frozen_weights
 from trainers.pivotal import PivotalTokens
 from trainers.tensorboard import TensorBoardLog
 
@@ -116,6 +118,8 @@ class AdapterTrainer:
         if cfg.training.num_threads:
             torch.set_num_threads(cfg.training.num_threads)
         check_device_support(cfg)
+        for note in device_notes(cfg):
+            log.warning(note)
         self.accelerator = Accelerator(
             gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
             mixed_precision=cfg.training.mixed_precision,
@@ -185,40 +189,44 @@ class AdapterTrainer:
         if cfg.dataset.masked_loss:
             self._check_masks()
         self._text_cache: dict[str, dict[str, torch.Tensor]] = {}
+        self.disk_cache = (DiskCache(run_workspace(self.run_dir).cache_dir)
+                           if cfg.training.cache_to_disk else None)
         if self.cache_latents:
             self._fill_latent_cache()
         if self.cache_text:
-            with torch.no_grad():
-                dropped = [""] if cfg.dataset.caption_dropout_rate else []
-                captions = [example.caption for example in self.instance + self.class_examples + self.validation]
-                for caption in captions + dropped:
-                    if caption not in self._text_cache:
-                        self._text_cache[caption] = {k: v[0] for k, v in self.encode_text([caption]).items()}
+            self._fill_text_cache()
+        if self.disk_cache is not None and (self.cache_latents or self.cache_text):
+            entries, size = self.disk_cache.usage()
+            self.events.emit("cache", from_disk=self.disk_cache.hits, encoded=self.disk_cache.misses,
+                             folder=str(self.disk_cache.folder), entries=entries, bytes=size)
 
         # adapters: the method (network.type) injects itself and names what trains
         net = cfg.network
         self.adapter = self._new_adapter()
         denoiser_name = self.family.denoiser
-        measured = self.adapter.prepare(
-            {denoiser_name: self.denoiser, **(dict(zip(self.family.text_encoders, self.text_encoders))
-                                              if net.train_text_encoder else {})},
-            lambda i: self.loss(i, stream=PREPARE_STREAM))
+        # the text encoders a text-encoder adapter trains: the family's choice (FLUX.1: CLIP-L, not T5)
+        adapted = [(component, encoder) for component, encoder in zip(self.family.text_encoders, self.text_encoders)
+                   if net.train_text_encoder and component in self.family.text_encoder_lora]
+        measured = self.adapter.prepare({denoiser_name: self.denoiser, **dict(adapted)},
+                                        lambda i: self.loss(i, stream=PREPARE_STREAM))
         if measured is not None:
             self.events.emit("adapter_prepared", **measured)
         self.adapter.unadapted_sections = tuple(section for section, weight in self.block_lr_weights().items()
                                                 if weight == 0)
         torch.manual_seed(cfg.seed)  # the adapters' initial weights are a function of the seed
         params = self.block_groups(self.adapter.add(denoiser_name, self.denoiser, cfg.training.learning_rate))
-        if net.train_text_encoder:
-            for component, encoder in zip(self.family.text_encoders, self.text_encoders):
-                params += self.adapter.add(component, encoder, cfg.training.text_encoder_lr or cfg.training.learning_rate)
+        for component, encoder in adapted:
+            params += self.adapter.add(component, encoder, cfg.training.text_encoder_lr or cfg.training.learning_rate)
         if net.pivotal_vectors:  # the trigger's embedding, at its own learning rate
             self.pivotal = PivotalTokens(cfg.dataset.trigger_word.strip(), net.pivotal_vectors, self.tokenizers,
                                          self.text_encoders, init_word=net.pivotal_init, seed=cfg.seed)
             params.append({"params": self.pivotal.parameters(),
                            "lr": cfg.training.embedding_lr or cfg.training.learning_rate})
-        if base_weights == "fp8":
-            store_in_fp8(self.denoiser, keep=self.family.full_precision_modules)
+        if base_weights in STORAGE:  # bf16 stores the text encoders too: SDXL's hold 0.8B parameters
+            store_frozen_weights(self.denoiser, STORAGE[base_weights], keep=self.family.full_precision_modules)
+            for encoder in self.text_encoders if base_weights == "bf16" else ():
+                store_frozen_weights(encoder, STORAGE[base_weights])
+            own_storage(self.vae, self.denoiser, *self.text_encoders)  # lets the loaded file's mapping go
         self.trainable = [p for group in params for p in group["params"]]
         for p in self.trainable:
             p.data = p.data.float()
@@ -345,18 +353,57 @@ class AdapterTrainer:
         return dist.mean, dist.std
 
     def _fill_latent_cache(self) -> None:
-        """Encode every picture (and its mirror image, with random flips) once; reported as a
-        `phase` event (caching, done/total, eta_s) at most every PHASE_EVERY_S."""
+        """Each picture's VAE posterior (mean, std) per flip, read from the disk cache
+        (trainers.cache: keyed by the VAE encoder's weights, its dtype, the picture's bytes,
+        bucket and flip) or encoded and written there; reported as a `phase` event (caching,
+        done/total, eta_s) at most every PHASE_EVERY_S."""
         flips = (False, True) if self.config.dataset.random_flip else (False,)
         todo = list(dict.fromkeys((example, flip) for example in self.instance + self.class_examples + self.validation
                                   for flip in flips))
         phase = PhaseReport(self.events, "caching", len(todo))
+        vae = None
         for example, flip in todo:
             if (example.path, flip) not in self._latent_cache:
-                pixels, _ = prepare_image(example.path, example.bucket, center_crop=True, flip=flip, generator=None)
-                mean, std = self.latent_dist(pixels[None])
-                self._latent_cache[(example.path, flip)] = (mean[0], std[0])
+                name = stored = None
+                if self.disk_cache is not None:
+                    vae = vae or module_digest(self.vae, exclude=VAE_DECODER)
+                    name = cache_key("latents", vae, str(self.weight_dtype), file_digest(example.path),
+                                     example.bucket, "center", flip)
+                    stored = self.disk_cache.get("latents", name)
+                if stored is not None:
+                    self._latent_cache[(example.path, flip)] = (stored["mean"], stored["std"])
+                else:
+                    pixels, _ = prepare_image(example.path, example.bucket, center_crop=True, flip=flip,
+                                              generator=None)
+                    mean, std = self.latent_dist(pixels[None])
+                    self._latent_cache[(example.path, flip)] = (mean[0], std[0])
+                    if name is not None:
+                        self.disk_cache.put("latents", name, {"mean": mean[0], "std": std[0]})
             phase.advance()
+
+    @torch.no_grad()
+    def _fill_text_cache(self) -> None:
+        """Each caption's text conditioning (and the empty caption's, for caption dropout), read
+        from the disk cache (keyed by the text encoders' weights, the tokenizers' vocabularies,
+        the family and the caption) or encoded and written there."""
+        cfg = self.config
+        dropped = [""] if cfg.dataset.caption_dropout_rate else []
+        captions = [example.caption for example in self.instance + self.class_examples + self.validation]
+        encoders = None
+        for caption in captions + dropped:
+            if caption in self._text_cache:
+                continue
+            name = None
+            if self.disk_cache is not None:
+                encoders = encoders or cache_key(module_digest(*self.text_encoders), vocabulary_digest(self.tokenizers))
+                name = cache_key("text", self.family.name, encoders, caption)
+                stored = self.disk_cache.get("text", name)
+                if stored is not None:
+                    self._text_cache[caption] = stored
+                    continue
+            self._text_cache[caption] = {k: v[0] for k, v in self.encode_text([caption]).items()}
+            if name is not None:
+                self.disk_cache.put("text", name, self._text_cache[caption])
 
     def _check_masks(self) -> None:
         """Every picture's mask decodes and fits its picture (open_mask says what is wrong);
@@ -857,9 +904,9 @@ class AdapterTrainer:
     def _sample_image(self, prompt: str, generator: torch.Generator):
         """One sample picture of the run's current weights at the sampling settings."""
         cfg = self.config
-        return self.pipe(prompt, negative_prompt=cfg.sampling.negative_prompt or None,
-                         num_inference_steps=cfg.sampling.steps, guidance_scale=cfg.sampling.guidance_scale,
-                         generator=generator, height=cfg.dataset.resolution, width=cfg.dataset.resolution).images[0]
+        call = self.family.generation_kwargs(self.pipe, prompt, cfg.sampling.negative_prompt,
+                                             cfg.sampling.guidance_scale, cfg.dataset.resolution, cfg.dataset.resolution)
+        return self.pipe(**call, num_inference_steps=cfg.sampling.steps, generator=generator).images[0]
 
     def export(self, started: float) -> Path:
         """Write the trained adapter to adapters/<name>.safetensors; with an EMA
@@ -889,7 +936,8 @@ class AdapterTrainer:
         adapter.metadata = training_metadata(
             cfg, self.model_ref, dataset_folder=self._dataset_folder(), started=started, finished=time.time(),
             run_id=self.run_dir.name, adapter=adapter, thumbnail=preview_sample(self.run_dir),
-            prediction_type=self.objective.prediction_type, ema=ema)
+            prediction_type=self.objective.prediction_type, ema=ema,
+            denoiser_config=self.accelerator.unwrap_model(self.denoiser).config)
         if self.pivotal is not None:
             adapter.embeddings = {self.pivotal.name: self.pivotal.vectors()}
             if embedding_file:

@@ -8,7 +8,6 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from studio.generation.engine import SCHEDULER_LABELS, SCHEDULERS
 from studio.models.families import DEFAULT
 from ui import generate_view as gv
 from ui import models_view as mv
@@ -16,7 +15,8 @@ from ui.common import Studio, friendly, heavy_imports, unchecked
 
 ADAPTER_ROWS = 4
 NONE = ""
-BLOCK_WEIGHT_CHOICES = [NONE, *DEFAULT.blocks.presets]  # the same preset names in every family
+# the built-in model's family; picking a base model offers its family's (gv.block_weight_choices)
+BLOCK_WEIGHT_CHOICES, BLOCK_WEIGHT_HELP = gv.block_weight_choices(DEFAULT)
 
 
 def build(studio: Studio, model_choices, model_info: str) -> SimpleNamespace:
@@ -46,9 +46,7 @@ def build(studio: Studio, model_choices, model_info: str) -> SimpleNamespace:
                                                    placeholder="same as Weight", info="Empty = the same as Weight",
                                                    elem_id=f"gen-te-weight-{i + 1}")
                             blocks = gr.Dropdown(BLOCK_WEIGHT_CHOICES, value=NONE, label="Block weights", scale=3,
-                                                 allow_custom_value=True,
-                                                 info="A preset, or 17 (SD 1.5) / 12 (SDXL) / 26 values; "
-                                                      "empty = all 1",
+                                                 allow_custom_value=True, info=BLOCK_WEIGHT_HELP,
                                                  elem_id=f"gen-blocks-{i + 1}")
                             masked = gr.Checkbox(True, label="Timestep mask", scale=2, visible=False,
                                                  info="T-LoRA: off = all ranks at every step",
@@ -84,8 +82,9 @@ def build(studio: Studio, model_choices, model_info: str) -> SimpleNamespace:
                     model = gr.Dropdown(model_choices(), value="builtin", allow_custom_value=True,
                                         label="Base model", elem_id="gen-model", info=model_info)
                     with gr.Row():
-                        scheduler = gr.Dropdown([(SCHEDULER_LABELS[k], k) for k in SCHEDULERS], value="ddim",
-                                                label="Sampler", elem_id="gen-scheduler")
+                        scheduler = gr.Dropdown(gv.sampler_choices(DEFAULT), value=DEFAULT.default_sampler,
+                                                label="Sampler", info="The base model's family's samplers",
+                                                elem_id="gen-scheduler")
                         size = gr.Dropdown(gv.SIZE_CHOICES, value=gv.SIZE_DEFAULT, allow_custom_value=True,
                                            label="Size (width × height)", elem_id="gen-size")
                     with gr.Row():
@@ -205,6 +204,23 @@ def build(studio: Studio, model_choices, model_info: str) -> SimpleNamespace:
     suggest_btn.click(on_suggest, [prompt, model], [suggestions, suggestions_box], concurrency_id="generate",
                       api_name="suggest")
     model.input(on_model_picked, model, model)
+
+    def on_model_family(value, sampler, *block_values):
+        """The sampler and block-weight choices of the picked model's family (a sampler the
+        family has stays picked; block weights of another family's presets are cleared)."""
+        family = gv.model_family(studio, value)
+        if family is None:
+            return [gr.skip()] * (1 + len(block_values))
+        samplers = gv.sampler_choices(family)
+        keep = sampler if any(name == sampler for _, name in samplers) else family.default_sampler
+        choices, help_text = gv.block_weight_choices(family)
+        return [gr.update(choices=samplers, value=keep),
+                *(gr.update(choices=choices, info=help_text, value=v if v in choices or "," in v else NONE)
+                  for v in block_values)]
+
+    block_fields = [row[3] for row in rows]
+    model.change(on_model_family, [model, scheduler, *block_fields], [scheduler, *block_fields],
+                 show_progress="hidden")
     accept_btn.click(on_accept, suggestions, [*names, *weights, suggestions_box])
     fuse_btn.click(on_fuse, [suggestions, fuse_name, *names], [*names, mixture, gate_table, gate_map, gates_box],
                    concurrency_id="generate")

@@ -17,7 +17,7 @@ from studio.generation.engine import (MAX_BATCH_COUNT, MAX_GUIDANCE, MAX_SEED, M
 from studio.generation.grid import Axis, xy_grid
 from studio.jobs.runs import run_config
 from studio.models import resolve_model
-from studio.models.families import DEFAULT, get_family
+from studio.models.families import DEFAULT, Family, get_family
 from studio.workspace import check_name
 
 SIZE_DEFAULT = "Model default"
@@ -148,6 +148,27 @@ def parse_seed(value, problems: FormProblems | None = None) -> int | None:
     return random.randrange(2**31) if number < 0 else number
 
 
+def model_family(studio, model: str) -> Family | None:
+    """The family of the picked base model, None while it cannot be resolved (a name being
+    typed, a model not pulled yet: generating says why)."""
+    try:
+        return get_family(resolve_model(model or "builtin", workspace=studio.workspace).family)
+    except StudioError:
+        return None
+
+
+def sampler_choices(family: Family) -> list[tuple[str, str]]:
+    """The family's samplers as the Sampler field lists them, (label, name), default first."""
+    return [(sampler.label, name) for name, sampler in family.samplers.items()]
+
+
+def block_weight_choices(family: Family) -> tuple[list[str], str]:
+    """The Block weights field's choices (empty, the family's LBW presets) and its help."""
+    blocks = family.blocks
+    return ["", *blocks.presets], (f"A preset, or {len(blocks.names)} values ({family.label}: "
+                                   f"{blocks.names[0]}, {blocks.names[1]}, ...) or {len(blocks.full)}; empty = all 1")
+
+
 @dataclass(frozen=True)
 class GenerateSettings:
     """The Generate tab's fields other than the adapter rows, as the page sends them."""
@@ -155,7 +176,7 @@ class GenerateSettings:
     prompt: str
     negative: str = ""
     model: str = "builtin"
-    scheduler: str = "ddim"
+    scheduler: str | None = None  # None: the model's family's default sampler
     size: str = SIZE_DEFAULT
     steps: float = 20
     cfg: float = 5.0
@@ -189,7 +210,7 @@ def mix_request(studio, settings: GenerateSettings, rows: Sequence[Sequence], *,
     request = GenerateRequest(prompt=prompt, model=settings.model or "builtin",
                               negative_prompt=settings.negative or "", adapters=merge_uses(by_row.values(), tagged),
                               seed=seed, steps=steps, guidance_scale=cfg, width=width, height=height,
-                              scheduler=settings.scheduler, batch_count=count)
+                              scheduler=settings.scheduler or None, batch_count=count)
     request.validate()
     return request, {row: position for position, row in enumerate(by_row)}
 

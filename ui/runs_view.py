@@ -12,7 +12,7 @@ from typing import Iterable, Sequence
 
 from studio.jobs import ACTIVE
 from studio.jobs.runs import iter_events, read_events
-from ui.format import format_duration, shorten
+from ui.format import format_duration, format_size, shorten
 
 
 def new_view(run_id: str | None) -> dict:
@@ -56,6 +56,10 @@ def event_line(event: dict) -> str:
         text = f"started: {event.get('max_steps')} steps, {event.get('images', '?')} images"
     elif kind == "resume":
         text = f"resumed at step {event.get('step')} from {event.get('checkpoint')}"
+    elif kind == "cache":
+        text = (f"{event.get('from_disk')} latent/caption encoding(s) read from the cache, {event.get('encoded')} "
+                f"made; the cache holds {event.get('entries')} ({format_size(event.get('bytes') or 0)}) in "
+                f"{event.get('folder')}: delete that folder to clear it")
     else:
         extra = {k: v for k, v in event.items() if k not in ("type", "time")}
         text = " ".join(f"{k}={v}" for k, v in extra.items())

@@ -18,6 +18,7 @@ from studio.jobs import ACTIVE, enqueue, list_jobs
 from studio.jobs.runs import TrainingCheck, check_training, class_image_plan, prior_preservation, run_config
 from studio.jobs.speed import cuda_available, estimate, measure_speed, speed_from_runs
 from studio.models import resolve_model
+from studio.models.families import BUILTIN_MODELS
 from ui import format as fmt
 from ui import models_view as mv
 from ui import train_view as tv
@@ -87,9 +88,9 @@ def warnings_note(check: TrainingCheck) -> str:
 
 
 def model_choices(studio: Studio) -> list[str]:
-    """'builtin', the model names pulled and curated, then the other diffusers folders and
-    .safetensors checkpoints in workspace/models."""
-    return [BUILTIN, *mv.choices(studio.workspace, "base model")]
+    """The built-in models (BUILTIN_MODELS), the model names pulled and curated, then the
+    other diffusers folders and .safetensors checkpoints in workspace/models."""
+    return [*BUILTIN_MODELS, *mv.choices(studio.workspace, "base model")]
 
 
 def model_options(studio: Studio) -> list[tuple[str, str]]:
@@ -263,6 +264,15 @@ def build(studio: Studio) -> SimpleNamespace:
                 check_btn = gr.Button("Check settings", elem_id="train-check")
                 launch_btn = gr.Button("▶ Start training", variant="primary", size="lg", elem_id="train-launch")
                 launch_note = gr.Markdown(elem_id="train-note")
+                with gr.Accordion("Instant adapter — no training", open=False, elem_id="train-instant"):
+                    gr.Markdown("An adapter in about a second, made by the base model's hypernetwork from the "
+                                "dataset's pictures or from a description (the built-in model has one). It goes "
+                                "to the library as *adapter name*-instant, for the trigger word above; a run "
+                                "started from it (All settings › Network › Init from) sharpens it in a few steps.")
+                    instant_text = gr.Textbox(label="Description", placeholder="a purple star",
+                                              info="Empty: from the dataset's pictures", elem_id="train-instant-text")
+                    instant_btn = gr.Button("Make instant adapter", elem_id="train-instant-make")
+                    instant_note = gr.Markdown(elem_id="train-instant-note")
 
     main_components = [main[path] for path in MAIN_ORDER]
     form_specs = main_specs + advanced_specs
@@ -442,6 +452,15 @@ def build(studio: Studio) -> SimpleNamespace:
         at = form_components.index(base_model)
         values[at] = refresh_choices(None, loaded.base_model)[1]  # a model put in models/ since the page was built
         return [chosen, prior_preservation(loaded), tv.automatic_values(loaded), *values]
+
+    @friendly
+    def on_instant(dataset_name, model, description, name, trigger):
+        path = tv.instant_adapter(ws, dataset_name, model or BUILTIN, description, name, trigger)
+        gr.Info(f"{path.stem} is in the library.")
+        return f"Made **{path.stem}** ({path}): use it in Generate, or start a run from it."
+
+    instant_btn.click(on_instant, [dataset, base_model, instant_text, main[("name",)],
+                                   main[("dataset", "trigger_word")]], instant_note)
 
     hint_inputs = [dataset, prior_on, *form_components]
     page_values = [c.value for c in hint_inputs]

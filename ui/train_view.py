@@ -13,6 +13,8 @@ from typing import Any, Iterable, Sequence
 from studio.config import TrainConfig
 from studio.datasets import dataset_stats, infer_trigger_word, sample_prompts
 from studio.jobs.runs import NATIVE_SHARE
+from studio.errors import StudioError
+from studio.instant import make_instant_adapter
 from studio.models.families import FAMILIES
 from ui.format import format_duration, humanize
 
@@ -361,3 +363,15 @@ def class_pictures_note(plan, *, on: bool, class_prompt: str, model: str, second
         sources.append(drawn)
     return (f"**Prior preservation is on:** {plan.wanted} class picture(s) of *{plan.prompt}* at "
             f"{plan.resolution} px — " + "; ".join(sources) + ".")
+def instant_adapter(workspace, dataset_name: str | None, model: str, description: str, name: str | None,
+                    trigger: str | None):
+    """The Train tab's instant adapter: from the description, or (none written) from the
+    dataset's pictures, named `<adapter name>-instant`, for the form's trigger word."""
+    pictures = None
+    if not (description or "").strip():
+        if not dataset_name or not workspace.dataset_dir(dataset_name).is_dir():
+            raise StudioError("Pick a dataset with pictures of the concept, or write a description.")
+        pictures = workspace.dataset_dir(dataset_name)
+    return make_instant_adapter(workspace, f"{(name or '').strip() or 'adapter'}-instant", pictures=pictures,
+                                description=description if pictures is None else None, model=model,
+                                trigger=(trigger or "").strip() or None)

@@ -155,13 +155,20 @@ def thumbnail_data_url(image_path: str | Path, size: int = 128) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+#: modelspec.prediction_type of a DDPM objective's prediction (sai_model_spec writes none for flow matching)
+MODELSPEC_PREDICTION = {"epsilon": "epsilon", "v_prediction": "v"}
+
+
 def training_metadata(config, model_ref, *, dataset_folder: Path, started: float, finished: float,
                       run_id: str, adapter: AdapterFile, thumbnail: str | Path | None = None,
-                      prediction_type: str = "epsilon", ema: bool = False) -> dict[str, str]:
+                      prediction_type: str = "epsilon", ema: bool = False, denoiser_config=None) -> dict[str, str]:
     """sd-scripts `ss_*` and `modelspec.*` metadata for a trained adapter. `adapter` (the
     exported modules) supplies the file's real rank / alpha and type, the run's method
     (network.type) the ss_network_module / ss_network_args; `thumbnail` an image; `ema`
-    says the file holds the EMA of the weights (training.ema_decay)."""
+    says the file holds the EMA of the weights (training.ema_decay); `denoiser_config` the
+    base model's variant where its family has several (FLUX.1-dev / schnell).
+    modelspec.prediction_type is written for a DDPM model ("epsilon", "v") and, as
+    sd-scripts does for FLUX.1, not for a flow-matching one."""
     stats = dataset_stats(dataset_folder, load_items(dataset_folder))
     net, train, ds = config.network, config.training, config.dataset
     base = get_family(model_ref.family)
@@ -213,12 +220,13 @@ def training_metadata(config, model_ref, *, dataset_folder: Path, started: float
         "ss_num_train_images": str(stats.image_count),
         "ss_num_reg_images": str(stats.reg_image_count),
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": base.lora_architecture,
+        "modelspec.architecture": base.lora_architecture_of(denoiser_config),
         "modelspec.implementation": base.modelspec_implementation,
         "modelspec.title": config.name,
         "modelspec.resolution": f"{ds.resolution}x{ds.resolution}",
         "modelspec.date": date,
-        "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else prediction_type,
+        **({"modelspec.prediction_type": MODELSPEC_PREDICTION[prediction_type]}
+           if prediction_type in MODELSPEC_PREDICTION else {}),
         **({"modelspec.trigger_phrase": trigger} if trigger else {}),
         "lora_studio_adapter_type": method.label(net, adapter),
         "lora_studio_run_id": run_id,

@@ -107,8 +107,8 @@ def module_blocks(family: str, adapter: AdapterFile) -> dict[str, str | None]:
     table = name_table(family, models)
     fam = get_family(family)
     denoiser = models[fam.denoiser]
-    return {name: fam.blocks.module_block(table[name].path, denoiser.config) if table[name].attr == fam.denoiser
-            else "BASE" for name in adapter.modules}
+    return {name: fam.blocks.module_block(table[name].module_path, denoiser.config)
+            if table[name].attr == fam.denoiser else "BASE" for name in adapter.modules}
 
 
 def bake(mix: list[tuple[Path, float]], out: str | Path, *, rank: int | None = None,
@@ -154,7 +154,9 @@ def bake(mix: list[tuple[Path, float]], out: str | Path, *, rank: int | None = N
         "ss_network_dim": str(max(m.rank for m in modules.values())),
         "ss_network_alpha": str(max(m.rank for m in modules.values())),
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": get_family(family).lora_architecture,
+        # the members' base model variant (FLUX.1 dev / schnell), where their files say it
+        "modelspec.architecture": loaded[0][0].metadata.get("modelspec.architecture",
+                                                            get_family(family).lora_architecture),
         "modelspec.title": Path(out).stem,
         "modelspec.merged_from": ", ".join(f"{name}:{weight:g}" for _, weight, name, _ in loaded),
         "lora_studio_mix": json.dumps({"adapters": [{"name": name, "weight": weight, **({"gates": gates} if gates else {})}
@@ -195,9 +197,10 @@ def resize(src: str | Path, out: str | Path, *, dtype: torch.dtype = torch.float
 
 def fuse(model: str, mix: list[tuple[Path, float]], out: str | Path, *, allow_pickle: bool = False,
          workspace=None) -> Path:
-    """A full single-file checkpoint (SD1.5 / SDXL layout) with the weighted updates merged
-    into the base weights (DoRA included, through its own merge rule). A model name is found
-    among those pulled into `workspace`."""
+    """A full single-file checkpoint (the family's single-file layout: SD1.5 / SDXL's LDM,
+    FLUX.1's transformer alone in the BFL layout) with the weighted updates merged into the base weights (DoRA
+    included, through its own merge rule; a fused layer's update split over the diffusers
+    modules it stacks). A model name is found among those pulled into `workspace`."""
     _check_mix(mix)
     pipe = load_pipeline(model, allow_pickle=allow_pickle, workspace=workspace)
     table = name_table(family_of_pipeline(pipe).name, pipeline_models(pipe))
@@ -208,11 +211,12 @@ def fuse(model: str, mix: list[tuple[Path, float]], out: str | Path, *, allow_pi
             if missing:
                 raise StudioError(f"{Path(path).name} does not fit {model}: e.g. {missing[0]} has no layer there.")
             for name, module in adapter.modules.items():
-                layer = table[name].layer
-                delta = module.delta(layer.weight.shape)
+                target = table[name]
+                base = target.base_weight().float()
+                delta = module.delta(base.shape)
                 if module.dora_scale is not None:
-                    merged = dora_merge(layer.weight.float(), delta, module.dora_scale.float())
-                    layer.weight.copy_((layer.weight.float() + weight * (merged - layer.weight.float())).to(layer.weight.dtype))
-                else:
-                    layer.weight.add_((weight * delta).to(layer.weight.dtype))
+                    delta = dora_merge(base, delta, module.dora_scale.float()) - base
+                fused = base + weight * delta
+                for piece, start, stop in target.rows():
+                    piece.layer.weight.copy_(fused[start:stop].to(piece.layer.weight.dtype))
     return save_single_file(pipe, out)

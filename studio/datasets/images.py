@@ -108,6 +108,10 @@ def _tile_rawmode(im: Image.Image) -> str:
     return args if isinstance(args, str) else ""
 
 
+#: how the report names a picture mode it converts (others by their PIL name)
+_MODE_NAMES = {"P": "palette", "L": "grayscale", "1": "1-bit"}
+
+
 def _to_rgb(im: Image.Image, rawmode: str) -> _Loaded:
     conversions: list[str] = []
     mode = im.mode
@@ -121,24 +125,12 @@ def _to_rgb(im: Image.Image, rawmode: str) -> _Loaded:
                            f"{what} with transparency -> RGB (alpha composited on white)")
     elif mode == "RGB":
         out = im.convert("RGB")
-    elif mode == "P":
-        out = im.convert("RGB")
-        conversions.append("palette -> RGB")
-    elif mode == "CMYK":
-        out = im.convert("RGB")
-        conversions.append("CMYK -> RGB")
     elif mode.startswith("I") or mode == "F":
         out = _high_depth_to_l(im).convert("RGB")
         conversions.append(f"{'16-bit' if mode.startswith('I;16') else mode} grayscale -> 8-bit RGB")
-    elif mode == "L":
-        out = im.convert("RGB")
-        conversions.append("grayscale -> RGB")
-    elif mode == "1":
-        out = im.convert("RGB")
-        conversions.append("1-bit -> RGB")
     else:
         out = im.convert("RGB")
-        conversions.append(f"{mode} -> RGB")
+        conversions.append(f"{_MODE_NAMES.get(mode, mode)} -> RGB")
     if ";16" in rawmode and not mode.startswith("I"):
         conversions.append("16 bits per channel -> 8 bits")
 

@@ -17,17 +17,13 @@ from studio.fsutil import _fsync_dir, atomic_path, create_temp_file
 from studio.limits import MIX_ADAPTERS
 from studio.models import load_pipeline, resolve_model
 from studio.models.blocks import block_weight, parse_block_weights
-from studio.models.families import family_of_pipeline
+from studio.models.families import FAMILIES, Family, family_of_pipeline
 
 log = logging.getLogger(__name__)
 
-SCHEDULERS = {
-    "ddim": ("DDIMScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-}
-SCHEDULER_LABELS = {"ddim": "DDIM", "euler": "Euler", "euler_a": "Euler a", "dpmpp_2m_karras": "DPM++ 2M Karras"}
+#: Every sampler name of any family (a request's name is checked against its model's family
+#: once the model is known: studio.models.families' `samplers`).
+SAMPLER_NAMES = tuple(dict.fromkeys(name for family in FAMILIES.values() for name in family.samplers))
 _LORA_TAG = re.compile(r"<lora:([^:>]+)((?::[^:>]*)*)>")
 
 
@@ -114,13 +110,13 @@ class GenerateRequest:
     guidance_scale: float = 5.0
     width: int | None = None
     height: int | None = None
-    scheduler: str = "ddim"
+    scheduler: str | None = None  # a sampler of the model's family; None: the family's first
     batch_count: int = 1
     route: bool = False  # the adapters routed per token (arrow), not summed
 
     def validate(self) -> None:
-        if self.scheduler not in SCHEDULERS:
-            raise StudioError(f"Unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}.")
+        if self.scheduler is not None and self.scheduler not in SAMPLER_NAMES:
+            raise StudioError(f"Unknown scheduler {self.scheduler!r}; choose one of {', '.join(SAMPLER_NAMES)}.")
         if not 1 <= self.steps <= MAX_STEPS:
             raise StudioError(f"steps must be between 1 and {MAX_STEPS} (got {self.steps}).")
         for side in (self.width, self.height):
@@ -226,14 +222,24 @@ def lora_tag(name: str, use: AdapterUse) -> str:
     return f"<lora:{name}:{weights}{extra}>"
 
 
-def pngtext_parameters(request: GenerateRequest, seed: int, size: tuple[int, int], model_name: str) -> str:
+def sampler_of(family: Family, name: str | None) -> str:
+    """The family's sampler called `name` (None: its default); StudioError for one it has not."""
+    name = name or family.default_sampler
+    if name not in family.samplers:
+        raise StudioError(f"{family.label} models sample with {', '.join(family.samplers)}, not {name!r}; "
+                          "choose one of those.")
+    return name
+
+
+def pngtext_parameters(request: GenerateRequest, seed: int, size: tuple[int, int], model_name: str,
+                       sampler_label: str) -> str:
     """The A1111 `parameters` text stored in each PNG."""
     prompt = request.prompt + "".join(f" {lora_tag(use.path.stem, use)}" for use in request.adapters)
     lines = [prompt.strip()]
     if request.negative_prompt:
         lines.append(f"Negative prompt: {request.negative_prompt}")
     lines.append(", ".join([
-        f"Steps: {request.steps}", f"Sampler: {SCHEDULER_LABELS[request.scheduler]}",
+        f"Steps: {request.steps}", f"Sampler: {sampler_label}",
         f"CFG scale: {request.guidance_scale:g}", f"Seed: {seed}", f"Size: {size[0]}x{size[1]}",
         f"Model: {model_name}", *(["Routing: arrow"] if request.route else []),
     ]))
@@ -377,7 +383,7 @@ class Engine:
         for name, adapter in self._native_of(pipe).items():
             adapter.use(mix.get(name))
 
-    def _step_weights(self, pipe, mix: dict[str, AdapterUse], steps: int):
+    def _step_weights(self, pipe, mix: dict[str, AdapterUse], steps: int, size: tuple[int | None, int | None]):
         """For a mix with a schedule: a callback that, after each denoising step, weights the
         layers for the next step (only when a weight changes), having weighted them for step
         0; else None. The text encoders keep their weight: they ran before the steps."""
@@ -385,8 +391,7 @@ class Engine:
             return None
         timesteps = [0.0] * steps
         if any(use.timestep_blocks for use in mix.values()):  # the timesteps the pipeline is about to run
-            pipe.scheduler.set_timesteps(steps)
-            timesteps = [float(t) for t in pipe.scheduler.timesteps]
+            timesteps = family_of_pipeline(pipe).sampling_timesteps(pipe, steps, *size)
         total = pipe.scheduler.config.num_train_timesteps
         plan = [tuple((use.weight_at(step, steps), use.blocks_at(timesteps[step], total)) for use in mix.values())
                 for step in range(steps)]
@@ -505,26 +510,28 @@ class Engine:
 
     def generate(self, request: GenerateRequest):
         """Images (PIL) for the request, each with its A1111 `parameters` text in `.info`."""
-        import torch  # here, not at import: the UI imports this module for SCHEDULERS before torch loads
+        import torch  # here, not at import: the UI imports this module for SAMPLER_NAMES before torch loads
 
         request.validate()
         with self._lock:
             pipe, mix = self._mix_pipeline(request.model, request.adapters, request.prompt, request.route)
-            pipe.scheduler = _scheduler(pipe, request.scheduler)
+            family = family_of_pipeline(pipe)
+            sampler = sampler_of(family, request.scheduler)
+            pipe.scheduler = _scheduler(pipe, family, sampler)
+            call = family.generation_kwargs(pipe, request.prompt, request.negative_prompt, request.guidance_scale,
+                                            request.width, request.height)
             images = []
             for index in range(request.batch_count):
                 seed = request.seed + index
                 generator = torch.Generator(device=pipe.device).manual_seed(seed)
-                after_step = self._step_weights(pipe, mix, request.steps)
+                after_step = self._step_weights(pipe, mix, request.steps, (request.width, request.height))
                 schedule = {"callback_on_step_end": after_step} if after_step else {}
                 with torch.inference_mode():
-                    image = pipe(request.prompt, negative_prompt=request.negative_prompt or None,
-                                 num_inference_steps=request.steps, guidance_scale=request.guidance_scale,
-                                 width=request.width, height=request.height, generator=generator,
-                                 **schedule).images[0]
+                    image = pipe(**call, num_inference_steps=request.steps, generator=generator, **schedule).images[0]
                 model_name = resolve_model(request.model, allow_pickle=self.allow_pickle,
                                            workspace=self.workspace).display_name
-                image.info["parameters"] = pngtext_parameters(request, seed, image.size, model_name)
+                image.info["parameters"] = pngtext_parameters(request, seed, image.size, model_name,
+                                                              family.samplers[sampler].label)
                 images.append(image)
             return images
 
@@ -610,22 +617,21 @@ def _merge_deltas(base, terms: list[tuple[object, str, float]]) -> None:
     base._studio_merged = merged
 
 
-def _scheduler(pipe, name: str):
-    """The scheduler `name` for this pipeline, made once from the pipeline's own scheduler
-    config (never from the previous request's: DPM++ Karras would leave use_karras_sigmas on
-    for Euler, and a request's image would depend on what ran before it)."""
+def _scheduler(pipe, family: Family, name: str):
+    """The family's sampler `name` for this pipeline, made once from the pipeline's own
+    scheduler config (never from the previous request's: DPM++ Karras would leave
+    use_karras_sigmas on for Euler, and a request's image would depend on what ran before it)."""
     import diffusers
 
     made = pipe.__dict__.setdefault("_studio_schedulers", {})
     if name not in made:
         original = pipe.__dict__.setdefault("_studio_original_scheduler", pipe.scheduler)
-        class_name, extra = SCHEDULERS[name]
-        if type(original).__name__ == class_name and all(original.config.get(k) == v for k, v in extra.items()):
+        sampler = family.samplers[name]
+        if type(original).__name__ == sampler.scheduler and all(original.config.get(k) == v
+                                                                for k, v in sampler.settings.items()):
             made[name] = original
         else:
-            if class_name == "DDIMScheduler":
-                extra = {"clip_sample": False, "set_alpha_to_one": False, **extra}
-            made[name] = getattr(diffusers, class_name).from_config(dict(original.config), **extra)
+            made[name] = getattr(diffusers, sampler.scheduler).from_config(dict(original.config), **sampler.settings)
     return made[name]
 
 

@@ -30,6 +30,7 @@ from studio.errors import StudioError
 from studio.fsutil import atomic_path, atomic_write_text
 from studio.jobs.run_folder import EventLog, dataset_folder, run_config, run_workspace
 from studio.models import load_pipeline
+from studio.models.families import family_of_pipeline
 from studio.workspace import Workspace
 
 CLASS_IMAGES_DIR = "class-images"
@@ -156,14 +157,15 @@ def prepare_class_images(run_dir: Path, *, stop: Callable[[], bool] = lambda: Fa
     atomic_write_text(plan.folder / ABOUT_FILE, json.dumps(
         {"model": plan.model, "prompt": plan.prompt, "resolution": plan.resolution, "steps": config.sampling.steps,
          "guidance_scale": config.sampling.guidance_scale, "seeds": f"{CLASS_SEED} + picture number"}, indent=1))
+    # the family words the call (Flux takes no negative prompt)
+    call = family_of_pipeline(pipe).generation_kwargs(pipe, plan.prompt, "", config.sampling.guidance_scale,
+                                                      plan.resolution, plan.resolution)
     started = time.monotonic()
     for done, index in enumerate(range(plan.present, plan.drawn), start=1):
         if stop():
             return done - 1
         generator = torch.Generator().manual_seed(CLASS_SEED + index)
-        image = pipe(plan.prompt, num_inference_steps=config.sampling.steps,
-                     guidance_scale=config.sampling.guidance_scale, generator=generator,
-                     height=plan.resolution, width=plan.resolution).images[0]
+        image = pipe(**call, num_inference_steps=config.sampling.steps, generator=generator).images[0]
         target = class_image_path(plan.folder, index)
         atomic_write_text(target.with_suffix(".txt"), plan.prompt)
         with atomic_path(target) as tmp:

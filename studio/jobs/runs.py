@@ -10,7 +10,7 @@ import datetime
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from studio.config import TrainConfig, check_device_support, save_config
+from studio.config import TrainConfig, check_device_support, device_notes, save_config
 from studio.datasets import dataset_stats, training_items
 from studio.errors import StudioError
 from studio.jobs.class_images import (class_image_path, class_image_plan, class_pictures, prepare_class_images,
@@ -27,9 +27,10 @@ from studio.workspace import Workspace
 __all__ = [
     "CHECKPOINT_DIR", "CONFIG_FILE", "EMBEDDINGS_DIR", "EVENTS_FILE", "SAMPLES_DIR", "TENSORBOARD_DIR", "EventLog",
     "Problem", "TrainingCheck", "adapters_dir", "check_training", "checkpoint_dir", "checkpoint_path",
-    "class_image_path", "class_image_plan", "class_pictures", "create_run", "dataset_folder", "is_finished",
-    "iter_events", "latest_checkpoint", "latest_unfinished_run", "list_checkpoints", "new_run_id",
-    "prepare_class_images", "preview_sample", "prior_preservation", "read_events", "run_config", "run_outcome", "run_workspace", "worker_command",
+    "class_image_path", "class_image_plan", "class_pictures", "create_run", "dataset_folder", "family_problems",
+    "is_finished", "iter_events", "latest_checkpoint", "latest_unfinished_run", "list_checkpoints", "new_run_id",
+    "prepare_class_images", "preview_sample", "prior_preservation", "read_events", "run_config", "run_outcome",
+    "run_workspace", "worker_command",
 ]
 
 
@@ -74,6 +75,19 @@ def _examples(paths: list[str]) -> str:
     return ", ".join(paths[:EXAMPLES]) + more
 
 
+def init_from_path(config: TrainConfig, workspace: Workspace) -> Path | None:
+    """The adapter file network.init_from names: a file, or an adapter in the library by name
+    (None when the method has no init_from, studio.adapters.methods.init_from, or it is empty)."""
+    ref = getattr(config.network, "init_from", "").strip()
+    if not ref:
+        return None
+    if Path(ref).expanduser().is_file():
+        return Path(ref).expanduser().resolve()
+    from studio.adapters.library import find_adapter
+
+    return find_adapter(workspace, ref)
+
+
 def check_training(config: TrainConfig, workspace: Workspace) -> TrainingCheck:
     """Everything that would stop `config` from training on this machine, found before a run
     is queued: CUDA-only options, the base model, and the dataset read exactly as the
@@ -83,19 +97,26 @@ def check_training(config: TrainConfig, workspace: Workspace) -> TrainingCheck:
         check_device_support(config)
     except StudioError as error:
         check.problems.append(Problem("training", str(error)))
-    model = None
+    check.warnings += device_notes(config)
     try:
         model = resolve_model(config.base_model, workspace=workspace)
     except StudioError as error:
         check.problems.append(Problem("base_model", str(error)))
-    if model is not None and model.kind != "builtin":
+    else:
         family = get_family(model.family)
-        if config.dataset.resolution < NATIVE_SHARE * family.default_resolution:
+        check.problems += [Problem("training", message) for message in family_problems(config, family)]
+        if config.network.train_text_encoder and family.text_encoder_note:
+            check.warnings.append(family.text_encoder_note)
+        if model.kind != "builtin" and config.dataset.resolution < NATIVE_SHARE * family.default_resolution:
             check.warnings.append(
                 f"dataset.resolution {config.dataset.resolution} px is far below {family.label}'s native "
                 f"{family.default_resolution} px: {model.display_name} draws poorly that small, and so will the "
                 f"adapter. Train at {family.default_resolution} px (or at least "
                 f"{int(NATIVE_SHARE * family.default_resolution)}).")
+    try:
+        init_from_path(config, workspace)
+    except StudioError as error:
+        check.problems.append(Problem("network.init_from", str(error)))
     folder = dataset_folder(config, workspace)
     where = "dataset.name" if config.dataset.name else "dataset.path"
     if not folder.is_dir():
@@ -127,6 +148,23 @@ def check_training(config: TrainConfig, workspace: Workspace) -> TrainingCheck:
     return check
 
 
+def family_problems(config: TrainConfig, family) -> list[str]:
+    """What the base model's family cannot honour in `config`, one sentence each: its
+    objective's refusals (min-SNR on flow matching), and the block-wise learning rates and
+    ranks (training.block_lr_<section>, network.block_rank_<section>) of sections its
+    denoiser has not (a transformer has no down / mid / up blocks): refused by name rather
+    than silently ignored."""
+    out = list(family.objective_check(config.training))
+    for section, settings in (("training", config.training), ("network", config.network)):
+        for name, default in ((n, f.default) for n, f in type(settings).model_fields.items()
+                              if n.startswith(("block_lr_", "block_rank_"))):
+            key = name.split("_", 2)[2]
+            if key not in family.sections and getattr(settings, name) != default:
+                out.append(f"{section}.{name} sets the UNet's {key} blocks, which {family.label}'s {family.denoiser} "
+                           "has not; unset it.")
+    return out
+
+
 def new_run_id(config: TrainConfig, workspace: Workspace) -> str:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_id, n = f"{config.name}-{stamp}", 1
@@ -147,6 +185,10 @@ def create_run(config: TrainConfig, workspace: Workspace) -> Path:
         config = config.model_copy(deep=True)
         config.dataset.path = str(members_dataset(config, workspace))
     check_training(config, workspace).raise_problems()
+    init_file = init_from_path(config, workspace)
+    if init_file is not None:  # the run's config names the file itself, not a library name
+        config = config.model_copy(deep=True)
+        config.network.init_from = str(init_file)
     run_dir = workspace.run_dir(new_run_id(config, workspace))
     run_dir.mkdir(parents=True)
     save_config(config, run_dir / CONFIG_FILE)

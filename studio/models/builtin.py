@@ -98,32 +98,47 @@ UNET_UP_BLOCKS = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D", "UpBl
 TEXT_HIDDEN_SIZE = 64
 
 
-def build_pipeline(seed: int = 0):
-    """A StableDiffusionPipeline of the built-in architecture with deterministic weights
-    (random: toyworld/builtin_training.py trains them)."""
-    import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+def toy_vae(block_out_channels: tuple[int, ...], latent_channels: int, **config):
+    """The built-in models' AutoencoderKL: one layer per level, no mid-block attention, over
+    RESOLUTION px pictures (`config`: FLUX.1's shift and scaling factors)."""
+    from diffusers import AutoencoderKL
+
+    levels = len(block_out_channels)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=block_out_channels, layers_per_block=1, norm_num_groups=8,
+        sample_size=RESOLUTION, mid_block_add_attention=False, **config,
+    )
+
+
+def toy_clip():
+    """(tokenizer, text encoder) of the built-in models: the toy-world CLIP tokenizer and a
+    two-layer CLIPTextModel of width TEXT_HIDDEN_SIZE over MAX_TOKENS tokens."""
     import tempfile
 
-    torch.manual_seed(seed)
-    levels = len(VAE_BLOCK_OUT_CHANNELS)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS,
-        down_block_types=("DownEncoderBlock2D",) * levels,
-        up_block_types=("UpDecoderBlock2D",) * levels,
-        block_out_channels=VAE_BLOCK_OUT_CHANNELS, layers_per_block=1, norm_num_groups=8,
-        sample_size=RESOLUTION, mid_block_add_attention=False,
-    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
     with tempfile.TemporaryDirectory() as tmp:
         write_tokenizer(Path(tmp))
         tokenizer = CLIPTokenizer.from_pretrained(tmp, model_max_length=MAX_TOKENS)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
+    return tokenizer, CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=TEXT_HIDDEN_SIZE, intermediate_size=2 * TEXT_HIDDEN_SIZE,
         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=MAX_TOKENS,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, projection_dim=TEXT_HIDDEN_SIZE,
     ))
+
+
+def build_pipeline(seed: int = 0):
+    """A StableDiffusionPipeline of the built-in architecture with deterministic weights
+    (random: toyworld/builtin_training.py trains them)."""
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    vae = toy_vae(VAE_BLOCK_OUT_CHANNELS, LATENT_CHANNELS)
+    tokenizer, text_encoder = toy_clip()
     unet = UNet2DConditionModel(
         sample_size=LATENT_SIZE, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
         block_out_channels=UNET_BLOCK_OUT_CHANNELS, layers_per_block=1,

@@ -324,26 +324,28 @@ _TEXT_ENCODER_LAYOUTS = {"clip": _clip_to_ldm, "open_clip": _open_clip_to_ldm}
 def pipeline_family(pipe: Any) -> Family:
     """The family of a pipeline to save as a full checkpoint (refusing partial pipelines and
     look-alikes the studio does not support)."""
-    if getattr(pipe, "unet", None) is None or getattr(pipe, "vae", None) is None:
-        raise StudioError("The pipeline has no UNet or VAE; nothing to save as a checkpoint.")
     family = family_of_pipeline(pipe)
+    if getattr(pipe, family.denoiser, None) is None or getattr(pipe, "vae", None) is None:
+        raise StudioError(f"The pipeline has no {family.denoiser} or VAE; nothing to save as a checkpoint.")
     absent = [attr for attr in family.text_encoders if getattr(pipe, attr, None) is None]
     if absent:
         raise StudioError(f"The pipeline has no {' or '.join(absent)} (a refiner?); nothing to save as a full "
                           "checkpoint.")
-    width = config_get(pipe.unet.config, "cross_attention_dim")
+    width = config_get(getattr(pipe, family.denoiser).config, "cross_attention_dim")
     if width in family.foreign_cross_attention:
         raise StudioError(f"The pipeline is {family.foreign_cross_attention[width]}; {_SUPPORTED}.")
     return family
 
 
 def pipeline_to_ldm_state_dict(pipe: Any, *, dtype: Any = None) -> dict[str, Any]:
-    """All of a pipeline's weights under their single-file (LDM/sgm) names, as CPU tensors
-    (floating-point ones cast to `dtype` when given)."""
+    """All of a pipeline's weights under their single-file names, as CPU tensors
+    (floating-point ones cast to `dtype` when given): the LDM/sgm layout of a whole SD
+    pipeline, or the denoiser alone in its original layout where the family's single files
+    are that (FLUX.1's BFL transformer, as flux1-dev.safetensors)."""
     family = pipeline_family(pipe)
-    unet_state = pipe.unet.state_dict()
+    unet_state = getattr(pipe, family.denoiser).state_dict()
     adapter_keys = [k for k in unet_state if ".lora_" in k or ".base_layer." in k or "lora_magnitude" in k]
-    for name in ("text_encoder", "text_encoder_2"):
+    for name in family.text_encoders:
         module = getattr(pipe, name, None)
         if module is not None:
             adapter_keys += [k for k in module.state_dict() if ".lora_" in k or ".base_layer." in k]
@@ -359,13 +361,17 @@ def pipeline_to_ldm_state_dict(pipe: Any, *, dtype: Any = None) -> dict[str, Any
             raise StudioError(f"Two weights map to the same checkpoint name {key!r}; this layout is not supported.")
         state[key] = tensor
 
-    for key, tensor in unet_state.items():
-        put(UNET_PREFIX + unet_diffusers_to_ldm(key, pipe.unet.config), tensor)
-    for key, tensor in _vae_to_ldm(pipe.vae).items():
-        put(key, tensor)
-    for encoder in family.single_file_encoders:
-        for key, tensor in _TEXT_ENCODER_LAYOUTS[encoder.layout](getattr(pipe, encoder.attr), encoder.prefix).items():
+    if family.denoiser_to_single_file is not None:
+        state.update(family.denoiser_to_single_file(unet_state))
+    else:
+        for key, tensor in unet_state.items():
+            put(UNET_PREFIX + unet_diffusers_to_ldm(key, pipe.unet.config), tensor)
+        for key, tensor in _vae_to_ldm(pipe.vae).items():
             put(key, tensor)
+        for encoder in family.single_file_encoders:
+            for key, tensor in _TEXT_ENCODER_LAYOUTS[encoder.layout](getattr(pipe, encoder.attr),
+                                                                     encoder.prefix).items():
+                put(key, tensor)
 
     out = {}
     for key, tensor in state.items():
@@ -382,7 +388,8 @@ def save_single_file(
     pipe: Any, path: str | os.PathLike, *, dtype: Any = None, metadata: Mapping[str, str] | None = None
 ) -> Path:
     """Write an SD 1.x / SDXL pipeline as one `.safetensors` checkpoint in the original
-    LDM/sgm layout (what A1111, Forge, ComfyUI and CivitAI use), atomically. `dtype`
+    LDM/sgm layout (what A1111, Forge, ComfyUI and CivitAI use), a FLUX.1 one as its
+    transformer in the BFL layout (loaded back with the rest of a model folder), atomically. `dtype`
     (e.g. torch.float16) casts floating-point weights; `metadata` adds header strings to
     the default `modelspec.*` entries. Returns the path written."""
     from safetensors.torch import save_file
@@ -394,7 +401,7 @@ def save_single_file(
     state = pipeline_to_ldm_state_dict(pipe, dtype=dtype)
     header = {
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": family.modelspec_architecture,
+        "modelspec.architecture": family.architecture(getattr(pipe, family.denoiser).config),
         **{str(k): str(v) for k, v in (metadata or {}).items()},
     }
     atomic_write_with(target, lambda tmp: save_file(state, str(tmp), metadata=header))

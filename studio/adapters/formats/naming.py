@@ -147,6 +147,12 @@ class Target:
             row += size
         return out
 
+    @property
+    def module_path(self) -> str:
+        """A module path of the model (a fused target's first piece: its pieces are in one
+        block), what block tables read."""
+        return self.pieces[0][0] if self.pieces else self.path
+
     def base_weight(self) -> torch.Tensor:
         """The (fused) base weight."""
         if self.pieces:

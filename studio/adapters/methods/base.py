@@ -194,6 +194,13 @@ class PeftTraining(Training):
         from studio.adapters.formats.peft_bridge import inject_peft_adapter
 
         text_encoder = is_text_encoder(component)
+        unmatched = unmatched_targets(model, self.method.targets(self.net, text_encoder=text_encoder))
+        if unmatched:  # peft adapts the names that match and says nothing of the others
+            raise StudioError(
+                f"{self.method.name}: {', '.join(unmatched)} match no module of this base model's {component} (the "
+                f"network's {'text_encoder_' if text_encoder else ''}target modules"
+                f"{'' if text_encoder else ' and conv targets'}); remove them, or choose a method whose "
+                "targets it has (a transformer has no ResNet convs: lora rather than locon).")
         try:
             with warnings.catch_warnings():  # conv patterns of an unadapted section (its downsamplers) match nothing
                 if self.unadapted_sections:
@@ -280,6 +287,13 @@ class PeftMethod(Method):
 # --------------------------------------------------------------------------------------
 # methods with their own Linear layers, applied by forward hooks
 # --------------------------------------------------------------------------------------
+
+
+def unmatched_targets(model: "torch.nn.Module", targets: list[str]) -> list[str]:
+    """The names of `targets` that no module path of `model` is or ends with ("." + name,
+    peft's rule)."""
+    paths = [path for path, _ in model.named_modules()]
+    return [t for t in targets if not any(path == t or path.endswith("." + t) for path in paths)]
 
 
 def linear_targets(model: "torch.nn.Module", targets: list[str], method: str, setting: str) -> dict[str, "torch.nn.Module"]:

@@ -22,8 +22,9 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from studio.errors import StudioError
-from studio.adapters.methods import ard, squeeze
+from studio.adapters.methods import ard, init_from, squeeze
 from studio.adapters.methods.ard import ARDOptions
+from studio.adapters.methods.init_from import InitFromOptions
 from studio.adapters.methods.base import ADAPTER_NAME, PeftMethod, PeftTraining, is_text_encoder
 from studio.adapters.methods.options import BlockRanks, NetworkOptions, RankBudget, RsLoRA
 from studio.adapters.methods.sensitivity import (SensitivityOptions, adapted_modules, allocate_ranks, configured_rank,
@@ -31,7 +32,7 @@ from studio.adapters.methods.sensitivity import (SensitivityOptions, adapted_mod
 from studio.adapters.methods.squeeze import SqueezeOptions, set_factors, squeeze_layer, squeeze_target
 
 
-class LoRAOptions(SqueezeOptions, ARDOptions, SensitivityOptions, RankBudget, RsLoRA, BlockRanks, NetworkOptions):
+class LoRAOptions(InitFromOptions, SqueezeOptions, ARDOptions, SensitivityOptions, RankBudget, RsLoRA, BlockRanks, NetworkOptions):
     """LoRA's options (LoCon's too): every LoRA option applies; rank allocation by ARD with
     a plain init and no DoRA; squeeze_rank is below rank and not with DoRA (its magnitude is
     learned for the uncompressed direction), a PiSSA / OLoRA init (whose file holds the
@@ -56,6 +57,8 @@ class LoRAOptions(SqueezeOptions, ARDOptions, SensitivityOptions, RankBudget, Rs
             raise ValueError("rank_budget needs a rank_allocation ('sensitivity' or 'ard') to end under it")
         if self.rank_allocation == "ard":
             ard.check(self)
+        if self.init_from:
+            init_from.check(self)
         if self.squeeze_rank is not None:
             if self.squeeze_rank >= self.rank:
                 raise ValueError(f"squeeze_rank ({self.squeeze_rank}) must be below rank ({self.rank})")
@@ -110,7 +113,10 @@ class LoRATraining(PeftTraining):
     def prepare(self, models, loss):
         """Sensitivity-LoRA: every adapted module's empirical-Fisher sensitivity on
         net.sensitivity_batches batches, then its rank under net.rank_budget (default: the
-        ranks the config gives, summed). Returns the allocation for the run's events."""
+        ranks the config gives, summed). Returns the allocation for the run's events. With
+        init_from, first: the file adapts no model the run leaves alone."""
+        if self.net.init_from:
+            init_from.check_components(self.net.init_from, models)
         if self.net.rank_allocation != "sensitivity":
             return None
 
@@ -173,6 +179,8 @@ class LoRATraining(PeftTraining):
         return replaced
 
     def injected(self, component, model):
+        if self.net.init_from:
+            init_from.load_factors(self.net.init_from, component, model, ADAPTER_NAME)
         if self.net.init == "default":
             return
         from peft.tuners.lora.layer import LoraLayer

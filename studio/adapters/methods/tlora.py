@@ -1,5 +1,5 @@
-"""T-LoRA (arXiv 2507.05964): a LoRA on the UNet whose active rank follows the diffusion
-timestep, r(t) = floor(((T - t) / T)^a (r - r_min)) + r_min; the layers, schedule and
+"""T-LoRA (arXiv 2507.05964): a LoRA on the denoiser (a UNet, FLUX.1's transformer) whose
+active rank follows the diffusion timestep, r(t) = floor(((T - t) / T)^a (r - r_min)) + r_min; the layers, schedule and
 native file are in `tlora_layers`.
 
 Its file has a layout of its own (the schedule in the metadata) that the engine attaches
@@ -9,11 +9,13 @@ for Ortho-LoRA), which `load_adapter` reads and `convert` writes.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 
 from studio.adapters.formats.header_keys import FORMAT_KEY
+from studio.errors import StudioError
 from studio.adapters.methods.base import NativeFileMethod, Training
 from studio.adapters.methods.options import ConvTargets, NetworkOptions
 
@@ -24,7 +26,7 @@ _NATIVE_METADATA = ("tlora_schedule", "tlora_alpha", "tlora_ortho", "ss_network_
 
 
 class TLoRAOptions(ConvTargets, NetworkOptions):
-    """T-LoRA adapts the UNet only, with one rank schedule for every layer."""
+    """T-LoRA adapts the denoiser only, with one rank schedule for every layer."""
 
     type: Literal["tlora"] = "tlora"
     tlora_min_rank: int = Field(4, ge=1, le=1024, description="T-LoRA: rank used at the noisiest step (the paper uses rank/2).")
@@ -38,17 +40,17 @@ class TLoRAOptions(ConvTargets, NetworkOptions):
         if self.tlora_min_rank > self.rank:
             raise ValueError(f"tlora_min_rank ({self.tlora_min_rank}) must not exceed rank ({self.rank})")
         if self.train_text_encoder:
-            raise ValueError("T-LoRA adapts the UNet only; set train_text_encoder = false")
+            raise ValueError("T-LoRA adapts the denoiser (UNet, transformer) only; set train_text_encoder = false")
         return self
 
 
 class TLoRATraining(Training):
-    """The T-LoRA adapter on the UNet; checkpoints key its tensors `tlora.<name>`."""
+    """The T-LoRA adapter on the denoiser; checkpoints key its tensors `tlora.<name>`."""
 
     def __init__(self, method: "TLoRA", net, seed: int):
         self.method, self.net, self.seed = method, net, seed
         self.adapter = None
-        self.unet = None
+        self.denoiser = None
         self.trained: set[int] = set()
 
     def add(self, component, model, lr):
@@ -58,14 +60,14 @@ class TLoRATraining(Training):
         targets = list(net.target_modules) + (list(net.conv_target_modules) if net.tlora_conv else [])
         self.adapter = inject_tlora(model, targets, rank=net.rank, alpha=net.alpha, ortho=net.tlora_ortho,
                                     schedule=TLoRASchedule(net.rank, net.tlora_min_rank, net.tlora_exponent),
-                                    seed=self.seed)
-        self.unet = model
+                                    seed=self.seed, denoiser=component)
+        self.denoiser = model
         # what trains, fixed now: block_lr_* = 0 may freeze some of it later
         self.trained = {id(p) for p in self.adapter.parameters() if p.requires_grad}
         return self.method.param_groups(self.adapter, lr, net)
 
     def named_parameters(self, component):
-        # the adapter's ModuleDict keys are UNet module paths with "__" for "."
+        # the adapter's ModuleDict keys are the denoiser's module paths with "__" for "."
         return ((name.removeprefix("layers.").replace("__", "."), p) for name, p in self.adapter.named_parameters()
                 if id(p) in self.trained)
 
@@ -82,7 +84,7 @@ class TLoRATraining(Training):
         from studio.adapters.formats.naming import path_to_name
         from studio.adapters.methods.tlora_layers import plain_lora_factors
 
-        return AdapterFile({path_to_name(family, "unet", path, self.unet.config): LoraModule(down, up, alpha)
+        return AdapterFile({path_to_name(family, self.adapter.denoiser, path, self.denoiser.config): LoraModule(down, up, alpha)
                             for path, (up, down, alpha) in plain_lora_factors(self.adapter).items()}, {}, family)
 
     def save(self, path, adapter):
@@ -108,8 +110,9 @@ class TLoRA(NativeFileMethod):
         from studio.adapters.formats.naming import path_to_name
         from studio.adapters.methods.tlora_layers import load_tlora, plain_lora_factors
 
-        return {path_to_name(family, "unet", p): LoraModule(down.float(), up.float(), alpha)
-                for p, (up, down, alpha) in plain_lora_factors(load_tlora(path)).items()}
+        adapter = load_tlora(path)
+        return {path_to_name(family, adapter.denoiser, p): LoraModule(down.float(), up.float(), alpha)
+                for p, (up, down, alpha) in plain_lora_factors(adapter).items()}
 
     def plain_metadata(self, metadata, adapter, source):
         rank = max(module.rank or 0 for module in adapter.modules.values())
@@ -135,4 +138,8 @@ class TLoRA(NativeFileMethod):
     def attach_file(self, pipe, path):
         from studio.adapters.methods.tlora_layers import load_tlora
 
-        return load_tlora(path).to(pipe.unet.device, pipe.unet.dtype).attach(pipe.unet)
+        adapter = load_tlora(path)
+        denoiser = getattr(pipe, adapter.denoiser, None)
+        if denoiser is None:
+            raise StudioError(f"{Path(path).name} is a T-LoRA of a {adapter.denoiser}; this base model has none.")
+        return adapter.to(denoiser.device, denoiser.dtype).attach(denoiser)

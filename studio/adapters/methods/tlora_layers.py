@@ -15,8 +15,9 @@ stride and padding into r channels and P a 1x1 conv out of them, as LoCon's down
 mask keeps the first r(t) of those inner channels. R is then [out, in * kh * kw].
 
 The adapter works through hooks: a forward hook on each adapted Linear adds the delta,
-and a pre-hook on the UNet reads the timestep of every call (training and sampling) and
-sets the mask per sample. Hooks compose with peft layers on the same model, so T-LoRA
+and a pre-hook on the denoiser (a UNet, FLUX.1's transformer) reads the timestep of every
+call (training and sampling: its family's `call_timesteps`, in [0, T)) and sets the mask
+per sample. Hooks compose with peft layers on the same model, so T-LoRA
 adapters blend with ordinary LoRAs at generation time.
 """
 from __future__ import annotations
@@ -33,6 +34,7 @@ from studio.adapters.formats.files import data_sha256, legacy_hash, read_checked
 from studio.errors import StudioError
 from studio.adapters.formats.header_keys import FORMAT_KEY
 from studio.fsutil import atomic_write_bytes
+from studio.models.families import FAMILIES
 
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -123,12 +125,26 @@ class TLoRALayer(nn.Module):
         return up.detach(), down.detach()
 
 
-class TLoRAAdapter(nn.Module):
-    """A T-LoRA adapter attached to a UNet through hooks; `weight` scales it (blending).
-    With `masked` False every rank is on at every step: what its plain-LoRA export computes."""
+def denoisers() -> tuple[str, ...]:
+    """The pipeline attributes of every family's denoiser (unet, transformer)."""
+    return tuple(dict.fromkeys(f.denoiser for f in FAMILIES.values()))
 
-    def __init__(self, schedule: TLoRASchedule, alpha: float, layers: dict[str, TLoRALayer]):
+
+def call_timesteps(denoiser: str):
+    """How a call of that denoiser carries its timesteps (a family's `call_timesteps`; the
+    UNet families share theirs)."""
+    return next(f.call_timesteps for f in FAMILIES.values() if f.denoiser == denoiser)
+
+
+class TLoRAAdapter(nn.Module):
+    """A T-LoRA adapter attached to a pipeline's denoiser (`denoiser`: its attribute, unet
+    or transformer) through hooks; `weight` scales it (blending). With `masked` False every
+    rank is on at every step: what its plain-LoRA export computes."""
+
+    def __init__(self, schedule: TLoRASchedule, alpha: float, layers: dict[str, TLoRALayer], denoiser: str = "unet"):
         super().__init__()
+        self.denoiser = denoiser
+        self._call_timesteps = call_timesteps(denoiser)
         self.schedule, self.alpha, self.weight = schedule, alpha, 1.0
         self.enabled = True
         self.masked = True
@@ -143,9 +159,9 @@ class TLoRAAdapter(nn.Module):
     def module_paths(self) -> list[str]:
         return [key.replace("__", ".") for key in self.layers]
 
-    def attach(self, unet: nn.Module) -> "TLoRAAdapter":
-        modules = dict(unet.named_modules())
-        self._handles.append(unet.register_forward_pre_hook(self._set_timesteps, with_kwargs=True))
+    def attach(self, denoiser: nn.Module) -> "TLoRAAdapter":
+        modules = dict(denoiser.named_modules())
+        self._handles.append(denoiser.register_forward_pre_hook(self._set_timesteps, with_kwargs=True))
         for key, layer in self.layers.items():
             target = _base_layer(modules[key.replace("__", ".")])
             self._handles.append(target.register_forward_hook(self._make_hook(layer)))
@@ -164,11 +180,9 @@ class TLoRAAdapter(nn.Module):
         self._handles.clear()
 
     def _set_timesteps(self, module, args, kwargs):
-        sample = args[0] if args else kwargs["sample"]
-        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
-        t = torch.as_tensor(timestep, device=sample.device).reshape(-1)
+        batch, t = self._call_timesteps(args, kwargs)
         if t.numel() == 1:
-            t = t.expand(sample.shape[0])
+            t = t.expand(batch)
         self._mask = self.schedule.mask(t)
 
     def _make_hook(self, layer: TLoRALayer):
@@ -192,14 +206,14 @@ def _base_layer(module: nn.Module) -> nn.Module:
     return get_base() if get_base else module
 
 
-def inject_tlora(unet: nn.Module, target_modules: list[str], *, rank: int, alpha: float, ortho: bool,
-                 schedule: TLoRASchedule, seed: int = 0) -> TLoRAAdapter:
-    """Create T-LoRA layers on every Linear or Conv2d whose path ends with a target name and
-    attach their hooks; the caller keeps the returned adapter (its parameters are the
-    trainables)."""
+def inject_tlora(model: nn.Module, target_modules: list[str], *, rank: int, alpha: float, ortho: bool,
+                 schedule: TLoRASchedule, seed: int = 0, denoiser: str = "unet") -> TLoRAAdapter:
+    """Create T-LoRA layers on every Linear or Conv2d of the denoiser `model` (the pipeline's
+    attribute `denoiser`) whose path ends with a target name and attach their hooks; the
+    caller keeps the returned adapter (its parameters are the trainables)."""
     generator = torch.Generator().manual_seed(seed)
     layers: dict[str, TLoRALayer] = {}
-    for path, module in unet.named_modules():
+    for path, module in model.named_modules():
         if not any(path == t or path.endswith("." + t) for t in target_modules):
             continue
         base = _base_layer(module)
@@ -212,17 +226,18 @@ def inject_tlora(unet: nn.Module, target_modules: list[str], *, rank: int, alpha
             raise StudioError(f"T-LoRA adapts Linear and Conv2d layers; {path} is a {type(base).__name__}. "
                               "Remove it from the network's target modules.")
     if not layers:
-        raise StudioError(f"network.target_modules {target_modules} matched no Linear or Conv2d layer of the UNet.")
-    weight = next(unet.parameters())
-    adapter = TLoRAAdapter(schedule, alpha, layers).to(device=weight.device)
-    adapter.attach(unet)
+        raise StudioError(f"network.target_modules {target_modules} matched no Linear or Conv2d layer of the "
+                          f"{denoiser}.")
+    weight = next(model.parameters())
+    adapter = TLoRAAdapter(schedule, alpha, layers, denoiser).to(device=weight.device)
+    adapter.attach(model)
     return adapter
 
 
 # --------------------------------------------------------------------------- files
-# The native file keeps every factor under the UNet's diffusers module path and the
+# The native file keeps every factor under the denoiser's diffusers module path and the
 # schedule in the metadata, so the studio reloads it with its timestep masks:
-#   unet.<path>.tlora_q [r, in], .tlora_lambda [r], .tlora_p [out, r]
+#   <unet|transformer>.<path>.tlora_q [r, in], .tlora_lambda [r], .tlora_p [out, r]
 #   (+ .tlora_q0, .tlora_lambda0, .tlora_p0 for Ortho-LoRA), metadata tlora_schedule (JSON)
 # TLoRA.native_format: tlora.py imports this module (inside its functions: torch), not the reverse.
 FORMAT_VALUE = "tlora"
@@ -241,7 +256,7 @@ def save_tlora(path, adapter: TLoRAAdapter, metadata: dict[str, str]) -> Path:
 
     tensors = {}
     for key, layer in adapter.layers.items():
-        path_name = "unet." + key.replace("__", ".")
+        path_name = f"{adapter.denoiser}." + key.replace("__", ".")
         for attr, suffix in _PARTS.items():
             if hasattr(layer, attr):
                 tensors[f"{path_name}.{suffix}"] = getattr(layer, attr).detach().float().contiguous()
@@ -271,12 +286,17 @@ def load_tlora(path) -> TLoRAAdapter:
     except (KeyError, TypeError, ValueError) as error:
         raise StudioError(f"{path}: the T-LoRA schedule metadata is broken ({error}).") from None
     grouped: dict[str, dict[str, torch.Tensor]] = {}
+    found: set[str] = set()
     with safe_open(str(path), framework="pt") as handle:
         for key in handle.keys():
             module, _, part = key.rpartition(".")
-            if not module.startswith("unet.") or part not in _PARTS.values():
+            denoiser = module.split(".", 1)[0]
+            if denoiser not in denoisers() or part not in _PARTS.values():
                 raise StudioError(f"{path}: unexpected tensor {key!r} in a T-LoRA file.")
-            grouped.setdefault(module[len("unet."):], {})[part] = handle.get_tensor(key)
+            found.add(denoiser)
+            grouped.setdefault(module[len(denoiser) + 1:], {})[part] = handle.get_tensor(key)
+    if len(found) > 1:
+        raise StudioError(f"{path}: a T-LoRA file adapts one denoiser; this one has {' and '.join(sorted(found))}.")
     layers = {}
     for module, parts in grouped.items():
         q, p = parts.get("tlora_q"), parts.get("tlora_p")
@@ -288,7 +308,7 @@ def load_tlora(path) -> TLoRAAdapter:
                            kernel=tuple(q.shape[2:]) if q.dim() == 4 else None)
         layer.load_state_dict({attr: parts[suffix] for attr, suffix in _PARTS.items() if hasattr(layer, attr)})
         layers[module] = layer
-    return TLoRAAdapter(schedule, alpha, layers)
+    return TLoRAAdapter(schedule, alpha, layers, found.pop() if found else "unet")
 
 
 def plain_lora_factors(adapter: TLoRAAdapter) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:

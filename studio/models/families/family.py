@@ -77,6 +77,17 @@ class SingleFileEncoder:
 
 
 @dataclass(frozen=True)
+class Sampler:
+    """A sampler the engine offers for a family's models: what a person reads (A1111's name,
+    written in a picture's `parameters`), the diffusers scheduler class, and the settings it
+    changes in the pipeline's own scheduler config (the rest, e.g. FLUX.1's shift, is kept)."""
+
+    label: str
+    scheduler: str
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class BlockTable:
     """A family's blocks as LoRA Block Weight (the sd-webui-lora-block-weight extension) names
     them: `names` the family's own vector (BASE = the text encoders, first), `full` the long
@@ -128,9 +139,33 @@ class Family:
     objective: Callable[[Any], "Objective"] = field(repr=False)
     # (denoiser, noisy latents, timesteps, conditioning) -> the denoiser's prediction, shaped as the latents
     predict: Callable[..., torch.Tensor] = field(repr=False)
+    # training settings (studio.config.TrainingConfig) -> what the family's objective cannot honour, one
+    # sentence each (the objective class's `check`, read before any model loads)
+    objective_check: Callable[[Any], list[str]] = field(repr=False)
+    # the samplers generation offers (name -> Sampler), the first the default
+    samplers: Mapping[str, Sampler] = field(repr=False)
+    # (pipe, prompt, negative_prompt, guidance_scale, width, height) -> the pipeline call's keyword
+    # arguments for them (prompt and negative prompt may be lists): how the CFG scale steers this
+    # family's models, which size a model draws when none is given
+    generation_kwargs: Callable[..., dict] = field(repr=False)
+    # (pipe, steps, width, height) -> the timesteps (in [0, T)) the pipeline's scheduler runs, in order
+    sampling_timesteps: Callable[..., list[float]] = field(repr=False)
+    # (args, kwargs) of a call of the denoiser -> (batch size, its timesteps in [0, T)): what a
+    # forward pre-hook (T-LoRA's rank mask) reads
+    call_timesteps: Callable[[tuple, dict], tuple[int, "torch.Tensor"]] = field(repr=False)
+    # the text encoders (pipeline attributes) a text-encoder adapter (network.train_text_encoder) trains
+    text_encoder_lora: tuple[str, ...] = ()
+    # what check_training warns when network.train_text_encoder leaves some text encoders frozen
+    text_encoder_note: str = ""
+    # the denoiser's config -> modelspec.architecture (without "/lora") of that model, when the
+    # family's variants differ (FLUX.1-dev / schnell); None: modelspec_architecture
+    architecture_of: Callable[[Any], str] | None = field(default=None, repr=False)
     # (a single file holding the denoiser alone, denoiser state-dict shapes) -> its diffusers
     # state dict; None: the family's single files are whole pipelines (SD's LDM checkpoints)
     denoiser_from_single_file: Callable[..., dict] | None = field(default=None, repr=False)
+    # its diffusers state dict -> the original layout's (a fused checkpoint is then the denoiser
+    # alone, as the family's single files are); None: whole LDM pipelines
+    denoiser_to_single_file: Callable[..., dict] | None = field(default=None, repr=False)
     # the denoiser's layers a low-precision base (fp8 storage) keeps at full precision: its
     # first and last layers, small and precision-critical
     full_precision_modules: tuple[str, ...] = ()
@@ -148,9 +183,23 @@ class Family:
     def text_encoders(self) -> tuple[str, ...]:
         return tuple(p.attr for p in self.parts[1:])
 
+    def architecture(self, denoiser_config: Any = None) -> str:
+        """modelspec.architecture of a base model of this family (its denoiser's config tells
+        the variant, where the family has several)."""
+        if self.architecture_of is None or denoiser_config is None:
+            return self.modelspec_architecture
+        return self.architecture_of(denoiser_config)
+
+    def lora_architecture_of(self, denoiser_config: Any = None) -> str:
+        return f"{self.architecture(denoiser_config)}/lora"
+
     @property
     def lora_architecture(self) -> str:
         return f"{self.modelspec_architecture}/lora"
+
+    @property
+    def default_sampler(self) -> str:
+        return next(iter(self.samplers))
 
     def means(self, metadata_value: str) -> bool:
         return metadata_value.startswith(self.metadata_prefixes)

@@ -18,8 +18,9 @@ import functools
 import re
 from typing import TYPE_CHECKING
 
-from studio.models.families.family import BlockTable, Family, GpuGuide, Part, Piece
-from studio.models.families.objectives import flow_match_objective
+from studio.errors import StudioError
+from studio.models.families.family import BlockTable, Family, GpuGuide, Part, Piece, Sampler
+from studio.models.families.objectives import FlowMatchObjective, flow_match_objective
 
 if TYPE_CHECKING:
     import torch
@@ -29,6 +30,10 @@ if TYPE_CHECKING:
 TRAINING_GUIDANCE = 1.0
 #: FluxPipeline's longest T5 prompt (its max_sequence_length)
 MAX_T5_TOKENS = 512
+#: The transformer's timestep argument is t / T (FluxPipeline divides by 1000, as `predict` does)
+TIMESTEP_SCALE = 1000
+#: FLUX.1 samples with flow-matching Euler, its shift from the pipeline's scheduler config
+SAMPLERS = {"euler": Sampler("Euler", "FlowMatchEulerDiscreteScheduler")}
 
 # diffusers module (in a double block) -> (BFL module, place in it, parts)
 _DOUBLE = {
@@ -135,10 +140,64 @@ def predict(transformer, noisy: "torch.Tensor", timesteps: "torch.Tensor", condi
     guidance = None
     if transformer.config.guidance_embeds:
         guidance = torch.full((batch,), TRAINING_GUIDANCE, device=device, dtype=torch.float32)
-    out = transformer(hidden_states=packed, timestep=timesteps.to(device, dtype) / 1000, guidance=guidance,
+    out = transformer(hidden_states=packed, timestep=timesteps.to(device, dtype) / TIMESTEP_SCALE, guidance=guidance,
                       pooled_projections=conditioning["pooled_projections"].to(device, dtype),
                       encoder_hidden_states=hidden, txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
     return FluxPipeline._unpack_latents(out, height, width, 1)
+
+
+def generation_kwargs(pipe, prompt, negative_prompt: str, guidance_scale: float, width: int | None = None,
+                      height: int | None = None) -> dict:
+    """FluxPipeline's arguments for a request. A transformer with a guidance embedding
+    (FLUX.1-dev) takes the CFG scale as its distilled guidance (one pass per step; 3.5 is
+    BFL's default) and no negative prompt; one without (FLUX.1-schnell, the built-in tiny
+    model) is steered with true classifier-free guidance against the negative prompt (the
+    empty prompt when none): two passes per step, none above scale 1. The T5 prompt is the
+    T5 tokenizer's length (at most 512), and a picture without a size is the VAE's native
+    one (FluxPipeline's own default assumes FLUX.1's factor-8 VAE)."""
+    size = pipe.vae.config.sample_size
+    kwargs = {"prompt": prompt, "width": width or size, "height": height or size,
+              "max_sequence_length": min(pipe.tokenizer_2.model_max_length, MAX_T5_TOKENS)}
+    if pipe.transformer.config.guidance_embeds:
+        if negative_prompt:
+            raise StudioError("This FLUX.1 model (dev: a guidance embedding) is steered by its distilled guidance, "
+                              "the CFG scale (3.5 is usual), and takes no negative prompt; leave it empty.")
+        return {**kwargs, "guidance_scale": guidance_scale}
+    negative = negative_prompt or ""
+    return {**kwargs, "negative_prompt": [negative] * len(prompt) if isinstance(prompt, list) else negative,
+            "true_cfg_scale": guidance_scale}
+
+
+def sampling_timesteps(pipe, steps: int, width: int | None = None, height: int | None = None) -> list[float]:
+    """The timesteps FluxPipeline runs for `steps` steps at that size: σ from 1 to 1/steps,
+    shifted by mu for the picture's image tokens (diffusers' calculate_shift)."""
+    import numpy as np
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+
+    size, factor = pipe.vae.config.sample_size, 2 * pipe.vae_scale_factor
+    tokens = ((height or size) // factor) * ((width or size) // factor)
+    config = pipe.scheduler.config
+    mu = calculate_shift(tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                         config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+    timesteps, _ = retrieve_timesteps(pipe.scheduler, steps, "cpu", sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    return [float(t) for t in timesteps]
+
+
+def call_timesteps(args: tuple, kwargs: dict) -> tuple[int, "torch.Tensor"]:
+    """(batch, timesteps in [0, T)) of a FluxTransformer2DModel call, which takes t / T."""
+    import torch
+
+    hidden = args[0] if args else kwargs["hidden_states"]
+    timestep = kwargs["timestep"] if "timestep" in kwargs else args[3]
+    return hidden.shape[0], torch.as_tensor(timestep, device=hidden.device).reshape(-1) * TIMESTEP_SCALE
+
+
+def architecture_of(transformer_config) -> str:
+    """sd-scripts' modelspec.architecture: FLUX.1-dev has a guidance embedding, schnell none
+    (library/flux_utils.py tells them apart by guidance_in)."""
+    guidance = (transformer_config.get("guidance_embeds") if isinstance(transformer_config, dict)
+                else getattr(transformer_config, "guidance_embeds", True))
+    return "flux-1-dev" if guidance else "flux-1-schnell"
 
 
 def state_dict_to_bfl(state: dict[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
@@ -246,10 +305,16 @@ FAMILY = Family(
     unet_name_hint=re.compile(r"lora_unet_(double_blocks|single_blocks)_"),
     diffusers_path_hint=re.compile(r"^(single_transformer_blocks|transformer_blocks\.\d+\.attn\.add_q_proj)"),
     embedding_keys=("clip_l", "t5"), embedding_file_keys=("clip_l", "t5"),
-    denoiser_from_single_file=state_dict_from_bfl,
-    # One section: block_lr_* split a UNet's down / mid / up blocks, which a transformer has
-    # not; the check refuses them on FLUX.1 (see sections_note).
+    denoiser_from_single_file=state_dict_from_bfl, denoiser_to_single_file=state_dict_to_bfl,
+    # No sections: block_lr_* and block_rank_* split a UNet's down / mid / up blocks, which a
+    # transformer has not; studio.jobs.runs.check_training refuses them by name.
     sections={},
     encode_text=encode_text, size_conditioning=size_conditioning,
-    objective=flow_match_objective, predict=predict,
+    objective=flow_match_objective, predict=predict, objective_check=FlowMatchObjective.check,
+    samplers=SAMPLERS, generation_kwargs=generation_kwargs, sampling_timesteps=sampling_timesteps,
+    call_timesteps=call_timesteps, architecture_of=architecture_of,
+    # CLIP-L only, as sd-scripts trains a FLUX.1 text-encoder LoRA unless asked for T5 (train_t5xxl)
+    text_encoder_lora=("text_encoder",),
+    text_encoder_note="network.train_text_encoder on FLUX.1 trains CLIP-L (text_encoder) only; T5-XXL (text_encoder_2) "
+                      "stays frozen, as in sd-scripts without train_t5xxl.",
 )

@@ -40,8 +40,10 @@ class Objective(ABC):
         """A per-sample weight of the loss, or None (weight 1)."""
         return None
 
-    def check(self, training: Any) -> list[str]:
-        """The training settings this objective cannot honour, each as a sentence."""
+    @classmethod
+    def check(cls, training: Any) -> list[str]:
+        """The training settings this objective cannot honour, each as a sentence (a class
+        method: studio.jobs.runs.check_training asks before any model loads)."""
         return []
 
 
@@ -164,7 +166,8 @@ class FlowMatchObjective(Objective):
     def target(self, latents, noise, timesteps):
         return noise - latents
 
-    def check(self, training):
+    @classmethod
+    def check(cls, training):
         if training.min_snr_gamma:
             return ["training.min_snr_gamma weights the loss by DDPM's signal-to-noise ratio, which a flow-matching "
                     "model (FLUX.1) does not have; unset it."]

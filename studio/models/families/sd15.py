@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from studio.models.families import unet
 from studio.models.families.family import BlockTable, Family, GpuGuide, Part, SingleFileEncoder
-from studio.models.families.objectives import diffusion_objective
+from studio.models.families.objectives import DiffusionObjective, diffusion_objective
 
 if TYPE_CHECKING:
     import torch
@@ -62,5 +62,8 @@ FAMILY = Family(
     # embedding file; "emb_params" is what sd-scripts writes there.
     embedding_keys=("string_to_param.*",), embedding_file_keys=("emb_params",),
     sections=unet.SECTIONS, encode_text=encode_text, size_conditioning=size_conditioning,
-    objective=diffusion_objective, predict=unet.predict, full_precision_modules=unet.FULL_PRECISION,
+    objective=diffusion_objective, predict=unet.predict, objective_check=DiffusionObjective.check,
+    full_precision_modules=unet.FULL_PRECISION,
+    samplers=unet.SAMPLERS, generation_kwargs=unet.generation_kwargs, sampling_timesteps=unet.sampling_timesteps,
+    call_timesteps=unet.call_timesteps, text_encoder_lora=("text_encoder",),
 )

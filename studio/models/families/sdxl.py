@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from studio.models.families import unet
 from studio.models.families.family import BlockTable, Family, GpuGuide, Part, SingleFileEncoder
-from studio.models.families.objectives import diffusion_objective
+from studio.models.families.objectives import DiffusionObjective, diffusion_objective
 
 if TYPE_CHECKING:
     import torch
@@ -77,5 +77,8 @@ FAMILY = Family(
     default_resolution=1024,
     embedding_keys=("clip_l", "clip_g"), embedding_file_keys=("clip_l", "clip_g"),
     sections=unet.SECTIONS, encode_text=encode_text, size_conditioning=size_conditioning,
-    objective=diffusion_objective, predict=unet.predict, full_precision_modules=unet.FULL_PRECISION,
+    objective=diffusion_objective, predict=unet.predict, objective_check=DiffusionObjective.check,
+    full_precision_modules=unet.FULL_PRECISION,
+    samplers=unet.SAMPLERS, generation_kwargs=unet.generation_kwargs, sampling_timesteps=unet.sampling_timesteps,
+    call_timesteps=unet.call_timesteps, text_encoder_lora=("text_encoder", "text_encoder_2"),
 )

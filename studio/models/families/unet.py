@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from studio.errors import StudioError
+from studio.models.families.family import Sampler
 
 if TYPE_CHECKING:
     import torch
@@ -20,6 +21,41 @@ SECTIONS = {"down": "down_blocks", "mid": "mid_block", "up": "up_blocks"}
 FULL_PRECISION = ("conv_in", "conv_out")
 #: conditioning entries that go to the UNet as added_cond_kwargs (SDXL's pooled text and size)
 ADDED_CONDITIONING = ("text_embeds", "time_ids")
+
+
+#: The samplers of the UNet families (A1111's names); DDIM without sample clipping and with
+#: the final alpha of the schedule (the settings the built-in model and SD were evaluated with).
+SAMPLERS = {
+    "ddim": Sampler("DDIM", "DDIMScheduler", {"clip_sample": False, "set_alpha_to_one": False}),
+    "euler": Sampler("Euler", "EulerDiscreteScheduler"),
+    "euler_a": Sampler("Euler a", "EulerAncestralDiscreteScheduler"),
+    "dpmpp_2m_karras": Sampler("DPM++ 2M Karras", "DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+}
+
+
+def generation_kwargs(pipe, prompt, negative_prompt: str, guidance_scale: float, width: int | None = None,
+                      height: int | None = None) -> dict:
+    """Classifier-free guidance at `guidance_scale` against the negative prompt (the empty
+    prompt when none); no size: the pipeline's default (the UNet's sample size)."""
+    if negative_prompt and isinstance(prompt, list):
+        negative_prompt = [negative_prompt] * len(prompt)
+    return {"prompt": prompt, "negative_prompt": negative_prompt or None, "guidance_scale": guidance_scale,
+            "width": width, "height": height}
+
+
+def sampling_timesteps(pipe, steps: int, width: int | None = None, height: int | None = None) -> list[float]:
+    """The scheduler's timesteps for `steps` steps (the size does not change them)."""
+    pipe.scheduler.set_timesteps(steps)
+    return [float(t) for t in pipe.scheduler.timesteps]
+
+
+def call_timesteps(args: tuple, kwargs: dict) -> tuple[int, "torch.Tensor"]:
+    """(batch, timesteps) of a UNet2DConditionModel call: unet(sample, timestep, ...)."""
+    import torch
+
+    sample = args[0] if args else kwargs["sample"]
+    timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+    return sample.shape[0], torch.as_tensor(timestep, device=sample.device).reshape(-1)
 
 
 def predict(unet, noisy: "torch.Tensor", timesteps: "torch.Tensor", conditioning: dict) -> "torch.Tensor":
