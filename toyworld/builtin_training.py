@@ -402,6 +402,17 @@ def folder_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
+def replace_folder(staging: Path, out: Path) -> None:
+    """Put the finished `staging` folder in place of `out`: the old one is moved aside
+    first and removed last, so an interruption leaves one complete model folder."""
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    staging.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def write_report(out: Path, args: argparse.Namespace, command: str, report: dict) -> None:
     seen, held = report["evaluation"]["seen"], report["evaluation"]["held_out"]
 
@@ -647,15 +658,10 @@ def main(argv: list[str] | None = None) -> dict:
     report["size_bytes"] = folder_size(staging)  # the model files, before the two reports
     (staging / "evaluation.json").write_text(json.dumps(report, indent=1))
     write_report(staging, args, command, report)
-    old = out.with_name(out.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
     for kept in KEPT_FOLDERS:
         if (out / kept).is_dir():
             shutil.copytree(out / kept, staging / kept)
-    if out.exists():
-        out.rename(old)
-    staging.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_folder(staging, out)
     shutil.rmtree(resume, ignore_errors=True)
     log(f"done in {wall / 60:.1f} min ({cpu / 60:.1f} min of CPU time); model {report['size_bytes'] / 1e6:.2f} MB "
         f"in {out}; one image {seconds_per_image:.2f} s")

@@ -38,7 +38,7 @@ from PIL import Image, ImageFilter
 from studio.datasets.captioning import BUILTIN_CAPTIONER_DIR, toy_batch, toy_network
 from studio.fsutil import atomic_write_text
 from toyworld import world
-from toyworld.builtin_training import cpu_name, folder_size
+from toyworld.builtin_training import cpu_name, folder_size, replace_folder
 
 WIDTHS = (16, 32, 48, 64, 64)
 HEADS = {"color": list(world.SHAPE_COLORS), "shape": list(world.SHAPES), "background": list(world.BACKGROUNDS)}
@@ -225,12 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     atomic_write_text(staging / "evaluation.json", json.dumps(report, indent=1) + "\n")
     write_report(staging, report)
-    old = out.with_name(out.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    staging.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_folder(staging, out)
     log(f"done in {report['wall_seconds']:.0f}s; {report['size_bytes'] / 1e3:.0f} kB in {out}")
     return report
 

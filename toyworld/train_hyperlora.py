@@ -65,7 +65,7 @@ from studio.models import load_pipeline, resolve_model
 from studio.models.builtin import BUILTIN_DIR
 from studio.models.families import get_family
 from toyworld import world
-from toyworld.builtin_training import cpu_name, folder_size, one_cycle
+from toyworld.builtin_training import cpu_name, folder_size, one_cycle, replace_folder
 from toyworld.evaluate import EXTENDED_PALETTE, analyze, pipeline_generate_fn
 
 VERSION = "1"
@@ -706,12 +706,7 @@ def main(argv: list[str] | None = None) -> dict:
     report["cpu_seconds"] = round(time.process_time() - cpu_start, 1)
     atomic_write_text(staging / "evaluation.json", json.dumps(report, indent=1) + "\n")
     write_report(staging, report, config, bank)
-    old = out.with_name(out.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    staging.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_folder(staging, out)
     log(f"done in {report['wall_seconds']:.0f}s; {report['size_bytes'] / 1e6:.2f} MB in {out}")
     return report
 
