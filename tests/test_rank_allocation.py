@@ -24,17 +24,17 @@ def _deafened(pipe, deaf: str):
 
 
 def _allocation_run(workspace_root, *, deaf: str | None):
-    """A AdapterTrainer set up with sensitivity allocation; with `deaf`, the base UNet's attention
+    """An AdapterTrainer set up with sensitivity allocation; with `deaf`, the base UNet's attention
     block whose output projection is zeroed (its to_q / to_k / to_v then cannot move the loss)."""
     from studio.jobs.runs import create_run
     from studio.workspace import Workspace
-    from trainers import lora
+    from trainers import trainer as trainer_module
     from trainers.trainer import AdapterTrainer
 
     config = demo_config(max_steps=STEPS, learning_rate=3e-3)
     config.network.rank_allocation = "sensitivity"
     config.network.rank_budget = BUDGET
-    load = lora.load_pipeline
+    load = trainer_module.load_pipeline
 
     def deafened(*args, **kwargs):
         return _deafened(load(*args, **kwargs), deaf)
@@ -42,7 +42,7 @@ def _allocation_run(workspace_root, *, deaf: str | None):
     trainer = AdapterTrainer(create_run(config, Workspace.open(workspace_root)), show_progress=False)
     with pytest.MonkeyPatch.context() as mp:
         if deaf:
-            mp.setattr(lora, "load_pipeline", deafened)
+            mp.setattr(trainer_module, "load_pipeline", deafened)
         trainer.setup()
     return trainer
 
