@@ -413,7 +413,7 @@ def test_images_and_captions(env, capsys):
     for name, reason in {**IMPORT_SKIPS, **IMAGE_FINDINGS}.items():
         assert reason in shown, (name, reason)
     for name in IMPORT_SKIPS:  # by the name uploaded, not the server's temporary copy
-        assert f"skipped {name}: " in shown, name
+        assert f"skipped `{name}`: " in shown, name  # the page's note is Markdown
     assert str(Path(files[0]["path"]).parent.parent) not in shown
 
 
@@ -563,7 +563,7 @@ def test_zip_members_that_cannot_be_read(env, capsys):
                                          "ds-upload": upload_all(api, [corpus / "damaged.zip"])})
     assert result.error is None and f"Skipped {len(DAMAGED_MEMBERS)} file(s)" in result.warning_text, result
     for member, reason in DAMAGED_MEMBERS.items():
-        assert f"skipped damaged.zip:{member}: {reason}" in json.dumps(result.output, ensure_ascii=False), member
+        assert f"skipped `damaged.zip:{member}`: {reason}" in json.dumps(result.output, ensure_ascii=False), member
     for root in (ws, cli_ws):
         assert sorted(p.name for p in (root / "datasets" / "damaged").rglob("*")) == ["ok.png"]
 
@@ -575,9 +575,10 @@ def test_names_at_the_file_system_limit(env, capsys):
     result = api.call("import_dataset", {"ds-new-name": "long",
                                          "ds-upload": upload_all(api, [corpus / "longnames.zip"])})
     assert result.error is None and f"Skipped {len(LONG_NAMES_SKIPPED)} file(s)" in result.warning_text, result
-    for text in (out, json.dumps(result.output, ensure_ascii=False)):
+    for text, quote in ((out, ""), (json.dumps(result.output, ensure_ascii=False), "`")):  # CLI, page (Markdown)
         for name in LONG_NAMES_SKIPPED:
-            assert f"skipped longnames.zip:{name}: a name of " in text and "over the file system's limit" in text
+            assert f"skipped {quote}longnames.zip:{name}{quote}: a name of " in text, name
+            assert "over the file system's limit" in text
     for root in (ws, cli_ws):
         folder = root / "datasets" / "long"
         assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.png")) == sorted(LONG_NAMES_KEPT)
@@ -631,7 +632,7 @@ def test_special_files_and_folders_where_files_belong(env):
         result = api.call("import_dataset", {"ds-new-name": "special", "…or a folder on this computer": str(special)})
         assert result.error is None and f"Skipped {len(skipped)} file(s)" in result.warning_text, result
         for name, reason in skipped.items():
-            assert f"skipped {special / name}: {reason}" in json.dumps(result.output), name
+            assert f"skipped `{special / name}`: {reason}" in json.dumps(result.output), name
         handled(api.call("import_dataset", {"ds-new-name": "fz", "…or a folder on this computer":
                                             str(special / "fifo.zip")}), "is not a regular file")
         assert not (ws / "datasets" / "fz").exists()
@@ -743,7 +744,7 @@ def test_refused_work_creates_nothing(env, capsys):
         for name in ("doc.pdf", "fake.png"):
             result = api.call("import_dataset", {"ds-new-name": "nothing",
                                                  "ds-upload": upload_all(api, [corpus / "images" / name])})
-            assert "Imported 0 images" in json.dumps(result.output), result
+            assert "Imported 0 image(s)" in json.dumps(result.output), result
 
 
 def test_upload_over_the_limit_gets_a_message(env):

@@ -13,7 +13,7 @@ import pytest
 SEEDS = [100, 101, 102, 103]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture  # one per test: the two trainings below then run on separate xdist workers
 def engine_and_workspace(tmp_path_factory):
     from studio.generation.engine import Engine
     from studio.workspace import Workspace
@@ -40,7 +40,7 @@ def test_shipped_model_draws_seen_prompts_as_recorded():
     assert accuracy == pytest.approx(recorded["evaluation"]["seen"]["accuracy"], abs=0.02)
 
 
-@pytest.mark.slow(seconds=240)
+@pytest.mark.slow(seconds=500)
 def test_demo_lora_teaches_the_purple_star_keeps_the_prior_and_weight_zero_is_the_base(engine_and_workspace):
     """The tiny-demo preset on the demo dataset: "sks" prompts draw purple stars, prompts
     without the trigger keep >= 90% of the base model's accuracy (issue 3). The preset's run
@@ -64,7 +64,7 @@ def test_demo_lora_teaches_the_purple_star_keeps_the_prior_and_weight_zero_is_th
     assert base.tobytes() != one.tobytes()
 
 
-@pytest.mark.slow(seconds=260)
+@pytest.mark.slow(seconds=670)
 def test_a_colour_lora_and_a_shape_lora_together_draw_both(engine_and_workspace):
     """One LoRA teaches "zwx" = purple (on seen shapes), another "ohwx shape" = star (stars of
     seen colours, the colour unnamed); at weight 1 each, "a zwx ohwx shape" draws purple

@@ -335,6 +335,7 @@ def test_class_pictures_for_flux_are_the_engines_pictures(tmp_path):
 
     from studio import ASSETS_DIR
     from studio.generation.engine import Engine, GenerateRequest
+    from studio.jobs.class_images import CLASS_SEED, class_image_folder, class_image_path
     from studio.jobs.runs import create_run, prepare_class_images
     from studio.workspace import Workspace
 
@@ -342,11 +343,12 @@ def test_class_pictures_for_flux_are_the_engines_pictures(tmp_path):
     shutil.copytree(ASSETS_DIR / "demo-dataset", dataset, ignore=shutil.ignore_patterns("reg"))
     config = flux_config(max_steps=1)
     config.dataset.path, config.dataset.class_prompt, config.dataset.num_class_images = str(dataset), "a shape", 1
-    run_dir = create_run(config, Workspace.open(tmp_path / "ws"))
+    workspace = Workspace.open(tmp_path / "ws")
+    run_dir = create_run(config, workspace)
     assert prepare_class_images(run_dir) == 1
-    made = np.asarray(Image.open(dataset / "reg" / "class_00000.png"), dtype=np.int16)
+    made = np.asarray(Image.open(class_image_path(class_image_folder(config, workspace), 0)), dtype=np.int16)
     size = config.dataset.resolution
-    drawn = Engine().generate(GenerateRequest("a shape", model="builtin-flux", seed=config.seed + 10_000,
+    drawn = Engine().generate(GenerateRequest("a shape", model="builtin-flux", seed=CLASS_SEED,
                                               steps=config.sampling.steps, guidance_scale=config.sampling.guidance_scale,
                                               width=size, height=size))[0]
     assert np.abs(np.asarray(drawn, dtype=np.int16) - made).max() <= 1

@@ -22,6 +22,7 @@ from PIL import Image
 from studio.errors import StudioError
 from studio.models import hub
 from studio.models.builtin import BUILTIN_DIR
+from studio.models.families import BUILTIN_MODELS
 from studio.workspace import Workspace
 from tests.conftest import ROOT
 from tests.hub_server import CivitaiFile, StandIn, sha256_hex
@@ -181,7 +182,8 @@ def test_the_train_and_generate_fields_offer_and_pull_names(site, workspace, tmp
     assert "Pulling studio/tiny-sd" in shares[-1][1]
     assert mv.pull_for_field(workspace, "builtin", "base model", None) is None
     offered = model_choices(type("S", (), {"workspace": workspace})())
-    assert offered[1] == REPO and str(workspace.models_dir / "studio--tiny-sd") not in offered
+    pulled = offered[len(BUILTIN_MODELS)]  # after the built-in models
+    assert pulled == REPO and str(workspace.models_dir / "studio--tiny-sd") not in offered
     config = TrainConfig(base_model=REPO)
     assert not [p for p in check_training(config, workspace).problems if p.field == "base_model"]
     assert mv.pull_for_field(workspace, REPO, "base model", None).startswith("Pulled before")

@@ -39,8 +39,10 @@ def test_training_lowers_loss_and_adapter_changes_generation(trained_demo, tmp_p
 
     events = [json.loads(line) for line in (trained_demo["run_dir"] / "events.jsonl").read_text().splitlines()]
     kinds = [e["type"] for e in events]
-    # set-up reports its latent / caption cache first (trainers/cache.py)
-    assert kinds[:2] == ["cache", "start"] and kinds[-1] == "done" and "progress" in kinds and "sample" in kinds
+    # set-up reports its phases (loading, caching n/N) and its disk cache (trainers/cache.py) first
+    setup = kinds[:kinds.index("start")]
+    assert set(setup) == {"phase", "cache"} and events[0] == {**events[0], "type": "phase", "phase": "loading"}
+    assert kinds[-1] == "done" and "progress" in kinds and "sample" in kinds
     assert all(os.path.exists(p) for e in events if e["type"] == "sample" for p in e["paths"])
 
     adapter = trained_demo["adapter"]
