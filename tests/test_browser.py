@@ -65,6 +65,30 @@ def page(server):
 
 
 # ------------------------------------------------------------------------ helpers
+@contextlib.contextmanager
+def browser_page(playwright, server, name: str, console: list[str], kinds=("error",), **context):
+    """A Chromium page at 1400x1000 waiting up to 90 s (a loaded 2-core CI machine), its
+    console messages of `kinds` ("type: text") and page errors appended to `console`; on a
+    failure, a screenshot and the server's log land in test-artifacts/ (FAILED-<name>.png,
+    <name>-server.log)."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+    try:
+        page = browser.new_context(viewport={"width": 1400, "height": 1000}, **context).new_page()
+        page.on("console", lambda m: console.append(f"{m.type}: {m.text}") if m.type in kinds else None)
+        page.on("pageerror", lambda error: console.append(str(error)))
+        page.set_default_timeout(90_000)
+        try:
+            yield page
+        except Exception:
+            with contextlib.suppress(Exception):
+                page.screenshot(path=str(ARTIFACTS / f"FAILED-{name}.png"), full_page=True)
+                (ARTIFACTS / f"{name}-server.log").write_text(server.log_text())
+            raise
+    finally:
+        browser.close()
+
+
 def tab(page, label: str) -> None:
     page.get_by_role("tab", name=label).click()
 

@@ -5,14 +5,13 @@ It asserts what the person sees, and that the browser console stays free of erro
 """
 from __future__ import annotations
 
-import contextlib
 import re
 from pathlib import Path
 
 import pytest
 
 from tests.live_server import running_server
-from tests.test_browser import (ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, close_toasts, expect_toast, field, make_images,
+from tests.test_browser import (ARTIFACTS, browser_page, close_toasts, expect_toast, field, make_images,
                                 pick, set_value, shot, tab, wait_value)
 
 sync_api = pytest.importorskip("playwright.sync_api")
@@ -45,26 +44,13 @@ def generate(page, previous: str | None) -> str:
 
 
 @pytest.mark.browser
-@pytest.mark.slow(seconds=70)
+@pytest.mark.slow(seconds=190)
 def test_a_newcomers_first_session(tmp_path):
-    ARTIFACTS.mkdir(exist_ok=True)
     workspace = tmp_path / "ws"
     console_errors: list[str] = []
     with running_server(workspace) as server, sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        page = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True).new_page()
-        page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
-        page.on("pageerror", lambda error: console_errors.append(str(error)))
-        page.set_default_timeout(90_000)  # a loaded 2-core CI machine
-        try:
+        with browser_page(p, server, "newcomer", console_errors, accept_downloads=True) as page:
             _walk(page, server, workspace, tmp_path)
-        except Exception:
-            with contextlib.suppress(Exception):
-                page.screenshot(path=str(ARTIFACTS / "FAILED-newcomer.png"), full_page=True)
-                (ARTIFACTS / "newcomer-server.log").write_text(server.log_text())
-            raise
-        finally:
-            browser.close()
         assert console_errors == [], console_errors
         assert server.alive() and "Traceback" not in server.log_text()
 

@@ -7,7 +7,6 @@ checked for clipping, and the browser console stays free of errors.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.live_server import running_server
-from tests.test_browser import (ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, close_toasts, expect_toast, field, pick,
+from tests.test_browser import (ARTIFACTS, browser_page, close_toasts, expect_toast, field, pick,
                                 set_value, tab, wait_value)
 
 sync_api = pytest.importorskip("playwright.sync_api")
@@ -104,9 +103,8 @@ def events(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.browser
-@pytest.mark.slow(seconds=600)
+@pytest.mark.slow(seconds=230)
 def test_a_first_session_with_ones_own_pictures_and_model(tmp_path):
-    ARTIFACTS.mkdir(exist_ok=True)
     workspace = tmp_path / "ws"
     cats = tmp_path / "my-cats"
     make_cats(cats)
@@ -115,21 +113,8 @@ def test_a_first_session_with_ones_own_pictures_and_model(tmp_path):
     RELOAD_ABORTS.clear()
     with running_server(workspace, meanwhile=lambda: save_second_model(workspace / "models")) as server, \
             sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
-        page.on("console", lambda m: console.append(f"{m.type}: {m.text}") if m.type in ("error", "warning")
-                else None)
-        page.on("pageerror", lambda error: console.append(str(error)))
-        page.set_default_timeout(30_000)
-        try:
+        with browser_page(p, server, "own-data", console, kinds=("error", "warning")) as page:
             _walk(page, server, workspace, cats)
-        except Exception:
-            with contextlib.suppress(Exception):
-                page.screenshot(path=str(ARTIFACTS / "FAILED-own-data.png"), full_page=True)
-                (ARTIFACTS / "own-data-server.log").write_text(server.log_text())
-            raise
-        finally:
-            browser.close()
         unexpected = [text for text in console
                       if not (text.startswith("warning:") and any(w in text for w in GRADIO_CONSOLE_WARNINGS))
                       and not any(known in text for known in KNOWN_GRADIO_ERRORS)]
