@@ -321,7 +321,8 @@ def test_the_network_section_shows_the_chosen_methods_options(page):
 
 def test_generate_offers_builtin_flux_with_its_sampler_and_blocks(page):
     """Picking builtin-flux in the Generate tab offers its family's sampler (Euler) and LBW
-    presets (DOUBLE) and draws a picture with them; picking builtin offers SD 1.5's again."""
+    presets (DOUBLE); the SD 1.5 adapters still picked from the walk above are refused in one
+    line; without them it draws a picture; picking builtin offers SD 1.5's again."""
     tab(page, "4 · Generate")
     pick(page, "gen-model", "builtin-flux")
     wait_value(page, "gen-scheduler", "Euler")
@@ -329,6 +330,14 @@ def test_generate_offers_builtin_flux_with_its_sampler_and_blocks(page):
     page.get_by_role("option", name="DOUBLE", exact=True).wait_for()
     page.keyboard.press("Escape")
     set_value(page, "gen-steps", 2)
+    if field(page, "gen-adapter-1").input_value():
+        page.locator("#gen-go").click()
+        expect_toast(page, "trained on SD 1.5 but the base model is FLUX.1", timeout=120_000)
+        close_toasts(page)
+        for row in (1, 2):
+            page.locator(f"#gen-adapter-{row} input").click()
+            page.locator(f"#gen-adapter-{row} ul.options li").first.click()  # the empty choice
+            wait_value(page, f"gen-adapter-{row}", "")
     page.locator("#gen-go").click()
     info = page.locator("#gen-info")
     info.get_by_text("Model: builtin-flux").wait_for(timeout=120_000)

@@ -549,7 +549,7 @@ def test_wrong_family_shapes_and_keys_are_clear_errors(tmp_path):
     add_adapter(xl, "lora")
     xl_file = save_adapter(tmp_path / "xl.safetensors", export_adapter(adapter_models(xl), family="sdxl"))
     sd = tiny_sd15_pipeline()
-    with pytest.raises(StudioError, match="SDXL adapter but the base model is SD 1.5"):
+    with pytest.raises(StudioError, match="trained on SDXL but the base model is SD 1.5"):
         attach_adapter(sd, load_adapter(xl_file), "x")
     assert not getattr(sd.unet, "peft_config", None)
 

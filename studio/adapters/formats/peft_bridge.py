@@ -507,8 +507,8 @@ def attach_modules(family: str, models: Mapping[str, torch.nn.Module], modules: 
     Every module must name a layer of the right shape; otherwise a StudioError lists what
     did not match and nothing is loaded."""
     if adapter_family and adapter_family != family:
-        raise StudioError(f"{source} is a {get_family(adapter_family).label} adapter but the base model is "
-                          f"{get_family(family).label}; use a base model of the family it was trained for.")
+        raise StudioError(f"{source} was trained on {get_family(adapter_family).label} but the base model is "
+                          f"{get_family(family).label}; use a base model of the family it was trained on.")
     table = name_table(family, models)
     known_prefixes = {x for p in get_family(family).parts if p.attr in models for x in (p.prefix, *p.alias_prefixes)}
     plans: dict[tuple[str, str], list[_Plan]] = {}
