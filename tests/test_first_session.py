@@ -94,7 +94,11 @@ def test_a_one_point_loss_chart_draws_its_point_and_two_points_draw_a_line():
     assert json.loads(json.dumps(one)) == one
     two = plot.postprocess(rv.loss_chart([[10, 0.5], [20, 0.4]]))
     assert two.mark == "line" and len(two.data) == 4
-    assert rv.loss_chart([]) is None
+    # before a loss: never None (Gradio would remove the chart's container), and both series
+    # named, so the lines the later data brings are coloured
+    empty = plot.postprocess(rv.loss_chart([]))
+    assert empty.mark == "line" and empty.data == [[None, None, "loss"], [None, None, "smoothed"]]
+    assert empty.datatypes == {"step": "quantitative", "loss": "quantitative", "series": "nominal"}
     # the title differs while one step is logged: Gradio then redraws the chart (dots to lines)
     assert rv.loss_title([[10, 0.5]]) != rv.loss_title([[10, 0.5], [20, 0.4]]) == rv.loss_title([])
 

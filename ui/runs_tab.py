@@ -33,7 +33,7 @@ def build(studio: Studio) -> SimpleNamespace:
                     open_btn = gr.Button("Open in Generate →", variant="primary", interactive=False,
                                          elem_id="runs-open")
                 plot = gr.LinePlot(None, x="step", y="loss", color="series", title="Training loss",
-                                   height=250, color_map={"loss": "#9ca3af", "smoothed": "#f97316"},
+                                   height=250, color_map=rv.LOSS_COLOURS,
                                    x_title="step", y_title="loss", elem_id="runs-loss")
                 samples = gr.Gallery(label="Samples (newest first)", columns=4, height=230, object_fit="contain",
                                      interactive=False, fit_columns=False, elem_id="runs-samples")
@@ -78,7 +78,6 @@ def build(studio: Studio) -> SimpleNamespace:
                            or (j.state == "queued" and j.created < job.created))
         html_text = rv.status_html(job, current, queue_position=position)
         out_status = html_text if changed("shown_status", html_text) else gr.skip()
-        # None, not an empty frame: a chart first drawn from an empty frame never draws its lines
         out_plot = (gr.update(value=rv.loss_chart(current["points"]), title=rv.loss_title(current["points"]))
                     if changed("shown_points", len(current["points"])) else gr.skip())
         sample_list = [tuple(s) for s in current["samples"] if Path(s[0]).is_file()]

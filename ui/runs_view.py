@@ -140,6 +140,10 @@ def ema(values: Sequence[float], smoothing: float = 0.6) -> list[float]:
     return out
 
 
+#: The loss chart's series, in the order of its rows, and their colours.
+LOSS_COLOURS = {"loss": "#9ca3af", "smoothed": "#f97316"}
+
+
 def loss_series(points: Sequence[Sequence[float]], *, max_points: int = 1500) -> list[dict]:
     """Rows {step, loss, series} for the loss chart: the raw loss and a smoothed line;
     long runs are thinned to at most `max_points` per series."""
@@ -171,13 +175,13 @@ def shown_run(jobs: Sequence, wanted: str | None) -> str | None:
 
 
 def loss_chart(points: Sequence[Sequence[float]]):
-    """The loss chart's value: None before a loss is logged, else loss_frame. A LinePlot
-    draws lines, and a line needs two x values: while one step is logged, the same rows go
-    as the plot's payload marked `point` (a dict reaches the browser as it is), so the first
-    logged loss shows as dots. (Not a patched postprocess: Gradio rebuilds the component from
-    its constructor arguments when an update changes its title.)"""
-    if not points:
-        return None
+    """The loss chart's value, never None: Gradio removes a plot's container when its value
+    becomes None, and a ResizeObserver its earlier draws left behind then reads the removed
+    container (`offsetWidth` of null, in the console). A LinePlot draws lines, and a line
+    needs two x values: while one step is logged, the rows go as the plot's payload marked
+    `point` (a dict reaches the browser as it is), so the first logged loss shows as dots.
+    (Not a patched postprocess: Gradio rebuilds the component from its constructor arguments
+    when an update changes its title.)"""
     frame = loss_frame(points)
     if len({p[0] for p in points}) != 1:
         return frame
@@ -194,12 +198,15 @@ def loss_title(points: Sequence[Sequence[float]]) -> str:
 
 
 def loss_frame(points: Sequence[Sequence[float]]):
-    """The loss chart's data; typed even when empty, so the chart's axes stay numeric."""
+    """The loss chart's data, typed even when empty so the axes stay numeric. Before a loss
+    is logged, each series has one row without values (drawn as nothing): Gradio fixes the
+    colour scale's domain to the series in the rows it first draws, and a chart first drawn
+    without them never colours the lines its later data brings."""
     import pandas as pd
 
-    rows = loss_series(points)
+    rows = loss_series(points) or [{"step": math.nan, "loss": math.nan, "series": name} for name in LOSS_COLOURS]
     return pd.DataFrame({
-        "step": pd.Series([r["step"] for r in rows], dtype="int64"),
+        "step": pd.Series([r["step"] for r in rows], dtype="int64" if points else "float64"),
         "loss": pd.Series([r["loss"] for r in rows], dtype="float64"),
         "series": pd.Series([r["series"] for r in rows], dtype="str"),
     })
