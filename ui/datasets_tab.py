@@ -70,7 +70,7 @@ def build(studio: Studio) -> SimpleNamespace:
                 gr.Markdown("#### Edit every caption at once")
                 include_reg = gr.Checkbox(False, label="Also edit class / regularisation images' captions")
                 with gr.Row():
-                    trigger = gr.Textbox(label="Trigger word", placeholder="sks", scale=3,
+                    trigger = gr.Textbox(label="Trigger word", scale=3, elem_id="ds-trigger",
                                          info="Put first in every caption (moved there if it is elsewhere).")
                     trigger_btn = gr.Button("Add trigger word", scale=1, elem_id="ds-add-trigger")
                 with gr.Row():
@@ -96,7 +96,7 @@ def build(studio: Studio) -> SimpleNamespace:
                                                   info="WD14 taggers: keep tags at least this probable.")
                     cap_mode = gr.Radio(dv.CAPTION_MODES, value="fill", label="Which captions", elem_id="ds-cap-mode")
                     with gr.Row():
-                        cap_trigger = gr.Textbox(label="Trigger word (optional)", scale=3,
+                        cap_trigger = gr.Textbox(label="Trigger word (optional)", scale=3, elem_id="ds-cap-trigger",
                                                  info="Put first in every caption written.")
                         cap_btn = gr.Button("Caption", variant="primary", scale=1, elem_id="ds-caption-run")
                     cap_note = gr.Markdown(elem_id="ds-cap-note")
@@ -125,11 +125,13 @@ def build(studio: Studio) -> SimpleNamespace:
         return report, note, dv.issue_rows(report)
 
     def views(name: str | None, *, check: bool | None = None):
-        """gallery, stats, tags, issues note, issues table, state, selection reset (4)."""
+        """gallery, stats, tags, issues note, issues table, state, selection reset (3), the
+        trigger-word boxes (2)."""
         empty_sel = [None, "*Click an image above to edit its caption.*", ""]
         if not name:
+            placeholder = gr.update(placeholder=dv.trigger_placeholder(""))
             return [[], "No dataset yet: add images with + New dataset.", [], "", [],
-                    {"name": None, "paths": [], "selected": None}, *empty_sel]
+                    {"name": None, "paths": [], "selected": None}, *empty_sel, placeholder, placeholder]
         path = folder_of(name)
         items = ds.load_items(path)
         gallery_items = dv.gallery_items(items, path)
@@ -140,10 +142,12 @@ def build(studio: Studio) -> SimpleNamespace:
                               else (None, "Large dataset: press *Check all files again* to look for bad files.", []))
         freq = ds.tag_frequency(path)
         new_state = {"name": name, "paths": [p for p, _ in gallery_items], "selected": None}
+        placeholder = gr.update(placeholder=dv.trigger_placeholder(ds.infer_trigger_word(path)))
         return [gallery_items, dv.stats_markdown(stats_value, report), [[t, n] for t, n in freq.items()],
-                note, rows, new_state, *empty_sel]
+                note, rows, new_state, *empty_sel, placeholder, placeholder]
 
-    view_outputs = [gallery, stats, tags, issues_note, issues, state, chosen_image, chosen_name, caption]
+    view_outputs = [gallery, stats, tags, issues_note, issues, state, chosen_image, chosen_name, caption, trigger,
+                    cap_trigger]
 
     @friendly
     def on_pick(name):

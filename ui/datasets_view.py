@@ -56,6 +56,13 @@ def gallery_items(items: Sequence, folder: Path, *, limit: int = 500) -> list[tu
     return out
 
 
+def trigger_placeholder(word: str) -> str:
+    """The trigger-word boxes' placeholder: the word the dataset's captions use for their
+    subject (studio.datasets.infer_trigger_word, as the Train tab's trigger word), else an
+    example of one."""
+    return word or "a rare word, e.g. sks"
+
+
 def import_note(report) -> str:
     """The note under Import (a studio.datasets.ImportReport): what came in, each file left
     out and why. The bad-file report below the gallery is checked at once, so no advice to
