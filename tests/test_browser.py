@@ -134,6 +134,43 @@ def shot(page, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
 
+def clipped(page, selector: str) -> list[str]:
+    """The visible elements under `selector` whose text does not fit their box (scrolled or
+    cut sideways), as their text. (Select table cells with [aria-selected=false]: a selected
+    cell carries Gradio's cell-menu button past its edge.)"""
+    return page.evaluate(
+        """(selector) => [...document.querySelectorAll(selector)]
+            .filter(e => e.offsetParent !== null && e.scrollWidth > e.clientWidth + 1)
+            .map(e => (e.value || e.innerText || '').slice(0, 60))""", selector)
+
+
+#: A word: what may not wrap onto a second line (a break after a hyphen, a slash or a comma may).
+WORD = r"[^\s\-/,·]+"
+
+
+def broken_words(page, selector: str, unit: str = WORD) -> list[str]:
+    """The pieces of text (`unit`, a regular expression) in the visible elements under
+    `selector` that wrap onto a second line: mid-word wraps ("Too" / "k") by default."""
+    return page.evaluate(
+        """([selector, unit]) => {
+            const broken = [];
+            for (const element of document.querySelectorAll(selector)) {
+                if (element.offsetParent === null) continue;
+                const texts = document.createTreeWalker(element, NodeFilter.SHOW_TEXT);
+                for (let node = texts.nextNode(); node; node = texts.nextNode()) {
+                    for (const piece of node.data.matchAll(new RegExp(unit, 'g'))) {
+                        const range = document.createRange();
+                        range.setStart(node, piece.index);
+                        range.setEnd(node, piece.index + piece[0].length);
+                        const lines = new Set([...range.getClientRects()].map(r => Math.round(r.top)));
+                        if (lines.size > 1) broken.push(piece[0]);
+                    }
+                }
+            }
+            return broken;
+        }""", [selector, unit])
+
+
 def make_images(folder: Path) -> list[Path]:
     from PIL import Image, ImageDraw
 

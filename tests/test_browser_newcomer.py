@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from tests.live_server import running_server
-from tests.test_browser import (ARTIFACTS, browser_page, close_toasts, expect_toast, field, make_images,
-                                pick, set_value, shot, tab, wait_value)
+from tests.test_browser import (ARTIFACTS, browser_page, clipped, close_toasts, expect_toast, field,
+                                make_images, pick, set_value, shot, tab, wait_value)
 
 sync_api = pytest.importorskip("playwright.sync_api")
 
@@ -152,13 +152,24 @@ def _walk(page, server, workspace: Path, tmp_path: Path) -> None:
     assert "<lora:squares:1>" in note and "<lora:squares-b:0.5>" in note, note
     shot(page, "newcomer-3-generate")
 
-    # --- Mix grid over adapter 1's weight
+    # --- Mix grid: adapter 1's weight from column to column, the seed from row to row
     page.get_by_text("Mix grid", exact=False).first.click()
+    pick(page, "gen-grid-y", "Seed")
+    set_value(page, "gen-grid-y-values", "1, 2, 3")
     page.locator("#gen-grid-go").click()
     page.locator("#gen-grid-sheet img").wait_for(timeout=120_000)
     page.locator("#gen-grid-info", has_text="Saved the grid").wait_for()
     grids = [p for p in (workspace / "outputs").rglob("grid-*.png") if re.fullmatch(r"grid-\d+\.png", p.name)]
-    assert len(grids) == 1 and len(list(grids[0].parent.glob(f"{grids[0].stem}-*.png"))) == 3
+    assert len(grids) == 1 and len(list(grids[0].parent.glob(f"{grids[0].stem}-*.png"))) == 9
+    # the single images lie as in the grid (3 columns), the ninth whole (the gallery grows), and
+    # their captions ("squares: 0.5 · seed 2") are whole under them
+    images = page.locator("#gen-grid-cells img")
+    images.nth(8).wait_for()
+    first, fourth, ninth = (images.nth(i).bounding_box() for i in (0, 3, 8))
+    cells = page.locator("#gen-grid-cells").bounding_box()
+    assert fourth["x"] == first["x"] and ninth["x"] > first["x"], (first, fourth, ninth)
+    assert ninth["height"] > 20 and ninth["y"] + ninth["height"] <= cells["y"] + cells["height"] + 1, (ninth, cells)
+    assert clipped(page, "#gen-grid-cells .caption-label") == []
     shot(page, "newcomer-4-grid")
 
     # --- Library: export the adapter

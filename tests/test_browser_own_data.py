@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from tests.live_server import running_server
-from tests.test_browser import (ARTIFACTS, browser_page, close_toasts, expect_toast, field, pick,
-                                set_value, tab, wait_value)
+from tests.test_browser import (ARTIFACTS, broken_words, browser_page, clipped, close_toasts, expect_toast,
+                                field, pick, set_value, tab, wait_value)
 
 sync_api = pytest.importorskip("playwright.sync_api")
 
@@ -28,10 +28,6 @@ SHORT_STEPS = 4              # run B: one logged loss (log_every_n_steps is 10):
 #: than the one it bundles); any other warning, and every error, fails the test.
 GRADIO_CONSOLE_WARNINGS = ("The input spec uses Vega-Lite v5",
                            "Infinite extent for field")  # Vega, on a chart with no rows yet
-#: A known error, still open (issue 32, point 8): Gradio's Altair plot measures its container
-#: (`offsetWidth`) when its value changes between none and a chart, sometimes before the
-#: container exists; it is logged, and the chart draws. Every other error fails the test.
-KNOWN_GRADIO_ERRORS = ("Cannot read properties of null (reading 'offsetWidth')",)
 
 
 #: The browser console's errors and warnings, and those logged while the page reloads.
@@ -75,16 +71,6 @@ def shot(page, name: str) -> Path:
     return path
 
 
-def clipped(page, selector: str) -> list[str]:
-    """The visible elements under `selector` whose text does not fit their box (scrolled or
-    cut sideways), as their text. (Select table cells with [aria-selected=false]: a selected
-    cell carries Gradio's cell-menu button past its edge.)"""
-    return page.evaluate(
-        """(selector) => [...document.querySelectorAll(selector)]
-            .filter(e => e.offsetParent !== null && e.scrollWidth > e.clientWidth + 1)
-            .map(e => (e.value || e.innerText || '').slice(0, 60))""", selector)
-
-
 def table_rows(page, elem_id: str) -> list[list[str]]:
     """The cells' texts of a Gradio Dataframe's body rows, whitespace folded (the grid that is
     shown; Gradio keeps a hidden table of the same rows to size the columns)."""
@@ -116,8 +102,7 @@ def test_a_first_session_with_ones_own_pictures_and_model(tmp_path):
         with browser_page(p, server, "own-data", console, kinds=("error", "warning")) as page:
             _walk(page, server, workspace, cats)
         unexpected = [text for text in console
-                      if not (text.startswith("warning:") and any(w in text for w in GRADIO_CONSOLE_WARNINGS))
-                      and not any(known in text for known in KNOWN_GRADIO_ERRORS)]
+                      if not (text.startswith("warning:") and any(w in text for w in GRADIO_CONSOLE_WARNINGS))]
         assert unexpected == [], "\n".join(unexpected) + "\n(during the reload: " + " | ".join(RELOAD_ABORTS) + ")"
         assert server.alive() and "Traceback" not in server.log_text()
 
@@ -127,6 +112,10 @@ def _walk(page, server, workspace: Path, cats: Path) -> None:
     model_label = f"models/{MODEL} (checkpoint)"
     page.goto(server.url + "/")
     page.locator("#ds-stats", has_text="training image").wait_for()
+    # the demo's folder table (training and reg/) fits its column without mid-word wraps
+    page.locator("#ds-stats td", has_text="regularisation").wait_for()
+    assert broken_words(page, "#ds-stats td, #ds-stats th") == []
+    assert field(page, "ds-trigger").get_attribute("placeholder") == "sks"
 
     # --- Datasets: import the cats; the note fits its column and speaks to a browser user
     page.get_by_text("+ New dataset / add images").click()
@@ -138,12 +127,19 @@ def _walk(page, server, workspace: Path, cats: Path) -> None:
     note.get_by_text("Imported 4 image(s) and 4 caption(s)").wait_for()
     assert "lora-studio" not in note.inner_text() and clipped(page, "#ds-import-note, #ds-import-note *") == []
     page.locator("#ds-gallery img").nth(3).wait_for()
+    # the gallery's captions are whole (wrapped under each picture, not cut with an ellipsis)
+    captions = page.locator("#ds-gallery .caption-label")
+    assert captions.first.inner_text().startswith(f"{TRIGGER}, a cat face")
+    assert clipped(page, "#ds-gallery .caption-label") == [] and broken_words(page, "#ds-gallery .caption-label") == []
+    # the trigger-word boxes suggest the dataset's own word, as the Train tab fills it in
+    page.locator(f"#ds-trigger [placeholder={TRIGGER}]").wait_for()
     # point 11: the toy captioner says what it knows, and names the captioners for photos
     page.get_by_text("Auto-caption with a model").click()
     captioner = page.locator("#ds-cap-model")
     assert "toy shapes only" in captioner.locator("input").input_value()
     assert all(name in captioner.inner_text() for name in ("BLIP", "Florence-2", "WD14"))
     assert clipped(page, "#ds-cap-threshold *") == []  # the slider's label and its 0.95 end
+    assert field(page, "ds-cap-trigger").get_attribute("placeholder") == TRIGGER
     close_toasts(page)
     shot(page, "1-datasets")
 
@@ -268,12 +264,20 @@ def _walk(page, server, workspace: Path, cats: Path) -> None:
     row = next(r for r in table_rows(page, "runs-table") if r and r[0].startswith("cats-b-"))
     assert row[2] == took, (row, took)  # one figure for how long the run took
     assert clipped(page, "#runs-table th, #runs-table [role=gridcell][aria-selected=false], #runs-status *") == []
+    assert broken_words(page, "#runs-table th, #runs-table [role=gridcell], #runs-status") == []
+    took_cells = "#runs-table [role=gridcell][aria-colindex='3']"
+    assert any(took in text for text in page.locator(took_cells).all_inner_texts())
+    assert broken_words(page, took_cells, unit=r"\S.*\S") == []  # "1 min 27 s" on one line
+    page.locator("#runs-samples .caption-label", has_text=f"step {SHORT_STEPS}: {TRIGGER}, a cat face").first.wait_for()
+    assert clipped(page, "#runs-samples .caption-label") == []
     shot(page, "4-runs-done")
 
     # --- point 4: Open in Generate carries the base model and a prompt with the trigger word
     table.get_by_text(re.compile(r"^cats-\d")).first.click()
     status.locator(".run-name", has_text=re.compile(r"^cats-\d")).wait_for()
     status.locator(".badge", has_text="finished").wait_for()
+    # point 8: the long run's chart, shown after the one-point chart, draws its lines again
+    page.locator("#runs-loss g.plot_marks path[aria-roledescription='line mark'][d*=L]").first.wait_for(timeout=15_000)
     page.locator("#runs-open").click()
     wait_value(page, "gen-adapter-1", "cats")
     wait_value(page, "gen-model", model_label)
@@ -288,6 +292,7 @@ def _walk(page, server, workspace: Path, cats: Path) -> None:
     rows = table_rows(page, "gen-suggestions-table")
     assert not any("same change" in " ".join(row) for row in rows), rows
     assert clipped(page, "#gen-suggestions-table [role=gridcell][aria-selected=false], #gen-suggestions-table th") == []
+    assert broken_words(page, "#gen-suggestions-table [role=gridcell], #gen-suggestions-table th") == []
     shot(page, "5-generate-suggest")
     page.locator("#gen-accept").click()
     suggested = [row[0] for row in rows]
@@ -297,6 +302,7 @@ def _walk(page, server, workspace: Path, cats: Path) -> None:
     page.locator("#gen-go").click()
     page.locator("#gen-info", has_text="Saved 1 image").wait_for(timeout=120_000)
     assert Path(MODEL).stem in page.locator("#gen-info").inner_text()
+    assert clipped(page, "#gen-info pre") == []  # the picture's parameters wrap, whole
     shot(page, "6-generate")
 
     # --- the demo dataset's own reg/ pictures still serve its preset's prior preservation
@@ -314,4 +320,5 @@ def _walk(page, server, workspace: Path, cats: Path) -> None:
     page.locator("#lib-details h3", has_text=re.compile(r"^\s*cats\s*$")).wait_for()
     page.locator("#lib-thumb img").wait_for()
     assert clipped(page, "#lib-table [role=gridcell][aria-selected=false], #lib-table th") == []
+    assert broken_words(page, "#lib-table [role=gridcell], #lib-table th") == []
     shot(page, "8-library")

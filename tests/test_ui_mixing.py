@@ -152,9 +152,9 @@ def test_timestep_mask_shows_for_tlora_files_and_reaches_the_engine(studio):
 
 # ------------------------------------------------------------------ Generate: mix grid
 def test_grid_saves_a_labelled_sheet_and_the_single_images(studio):
-    sheet_path, cells, note = gv.mix_grid(studio, _settings(seed=5), [("", 1.0), ("star", 0.0)],
-                                         "adapter1", "0, 1", "seed", "5, 6")
-    assert len(cells) == 4 and all(Image.open(path).size == (64, 64) for path, _ in cells)
+    sheet_path, cells, columns, note = gv.mix_grid(studio, _settings(seed=5), [("", 1.0), ("star", 0.0)],
+                                                  "adapter1", "0, 1", "seed", "5, 6")
+    assert len(cells) == 4 and columns == 2 and all(Image.open(path).size == (64, 64) for path, _ in cells)
     _assert_readable_sheet(sheet_path, [path for path, _ in cells], columns=2, rows=2,
                            column_labels=["star: 0", "star: 1"])
     assert [label for _, label in cells] == ["star: 0 · seed 5", "star: 1 · seed 5", "star: 0 · seed 6",
@@ -168,8 +168,8 @@ def test_grid_saves_a_labelled_sheet_and_the_single_images(studio):
 
 
 def test_grid_over_prompts_without_a_y_axis(studio):
-    sheet_path, cells, _ = gv.mix_grid(studio, _settings(), [("star", 0.7)], "prompt", "a red star | a blue circle",
-                                      gv.GRID_NO_AXIS)
+    sheet_path, cells, _, _ = gv.mix_grid(studio, _settings(), [("star", 0.7)], "prompt",
+                                         "a red star | a blue circle", gv.GRID_NO_AXIS)
     assert [label for _, label in cells] == ["a red star", "a blue circle"]
     _assert_readable_sheet(sheet_path, [path for path, _ in cells], columns=2, rows=1,
                            column_labels=["a red star", "a blue circle"])

@@ -74,10 +74,11 @@ img.pixel-exact {image-rendering: pixelated}
 #ds-stats td, #ds-stats th {padding: 4px 6px}
 #ds-stats td, #ds-stats th, #runs-table td, #runs-table th, #lib-table td, #lib-table th, #gen-suggestions-table td,
 #gen-suggestions-table th {word-break: normal !important; overflow-wrap: normal !important}
-#ds-gallery .thumbnail-item {aspect-ratio: auto; display: flex; flex-direction: column}
-#ds-gallery .thumbnail-item > img {aspect-ratio: 1; height: auto; min-height: 0}
-#ds-gallery .caption-label {position: static; max-width: none; white-space: normal; overflow-wrap: anywhere;
+.captions-below .thumbnail-item {aspect-ratio: auto; display: flex; flex-direction: column}
+.captions-below .thumbnail-item > img {aspect-ratio: 1; height: auto; min-height: 0}
+.captions-below .caption-label {position: static; max-width: none; white-space: normal; overflow-wrap: anywhere;
     border: 0; border-top: 1px solid var(--border-color-primary); border-radius: 0; line-height: 1.3}
+#gen-info pre, #gen-info code {white-space: pre-wrap !important; overflow-wrap: anywhere}
 .secondary-wrap > input[role="combobox"] {padding-right: 44px !important; text-overflow: ellipsis}
 """
 

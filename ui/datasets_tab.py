@@ -55,7 +55,7 @@ def build(studio: Studio) -> SimpleNamespace:
             with gr.Column(scale=3):
                 gallery = gr.Gallery(label="Images — click one to edit its caption", columns=6, height=320,
                                      object_fit="contain", allow_preview=False, interactive=False, fit_columns=False,
-                                     elem_id="ds-gallery")
+                                     elem_id="ds-gallery", elem_classes="captions-below")
                 with gr.Row(equal_height=False):
                     chosen_image = gr.Image(label="Selected image", height=170, width=170, interactive=False,
                                             scale=1, min_width=170, buttons=[], elem_id="ds-chosen")

@@ -14,6 +14,8 @@ from ui import models_view as mv
 from ui.common import Studio, friendly, heavy_imports, unchecked
 
 ADAPTER_ROWS = 4
+#: The most columns the mix grid's single images are shown in (a wider grid wraps).
+GRID_GALLERY_COLUMNS = 4
 NONE = ""
 # the built-in model's family; picking a base model offers its family's (gv.block_weight_choices)
 BLOCK_WEIGHT_CHOICES, BLOCK_WEIGHT_HELP = gv.block_weight_choices(DEFAULT)
@@ -119,9 +121,10 @@ def build(studio: Studio, model_choices, model_info: str) -> SimpleNamespace:
             with gr.Row(equal_height=False):
                 grid_sheet = gr.Image(label="Grid", type="filepath", interactive=False, buttons=["download"],
                                       elem_id="gen-grid-sheet")
-                # grows with its pictures (CSS in ui/app.py): a 3 x 3 grid's ninth is not cut off
-                grid_cells = gr.Gallery(label="Single images", columns=4, object_fit="contain",
-                                        interactive=False, elem_id="gen-grid-cells")
+                # grows with its pictures (CSS in ui/app.py): a 3 x 3 grid's ninth is not cut off;
+                # laid out in the grid's columns, its captions under the pictures
+                grid_cells = gr.Gallery(label="Single images", columns=GRID_GALLERY_COLUMNS, object_fit="contain",
+                                        interactive=False, elem_id="gen-grid-cells", elem_classes="captions-below")
             grid_info = gr.Markdown("Uses the prompt, adapters and settings above (one image per cell); the grid "
                                     "and its single images are saved in `outputs/`.", elem_id="gen-grid-info")
 
@@ -145,7 +148,8 @@ def build(studio: Studio, model_choices, model_info: str) -> SimpleNamespace:
     @friendly
     def on_grid(x_choice, x_text, y_choice, y_text, *values):
         heavy_imports()
-        return gv.mix_grid(studio, *form(values), x_choice, x_text, y_choice, y_text)
+        sheet, cells, columns, note = gv.mix_grid(studio, *form(values), x_choice, x_text, y_choice, y_text)
+        return sheet, gr.update(value=cells, columns=min(columns, GRID_GALLERY_COLUMNS)), note
 
     @friendly
     def on_suggest(prompt_text, model_name):

@@ -280,10 +280,10 @@ def grid_axis(choice: str, values: str, row_positions: dict[int, int], which: st
 
 
 def mix_grid(studio, settings: GenerateSettings, rows: Sequence[Sequence], x_choice: str, x_values: str,
-             y_choice: str = GRID_NO_AXIS, y_values: str = "") -> tuple[str, list, str]:
+             y_choice: str = GRID_NO_AXIS, y_values: str = "") -> tuple[str, list, int, str]:
     """Generate tab's mix grid: an X/Y plot of the mix (studio.generation.grid), the labelled sheet and
     every single image saved in workspace/outputs/<day>/ as the CLI's `grid` names them;
-    returns (sheet path, gallery items, Markdown note)."""
+    returns (sheet path, gallery items row by row, the grid's columns, Markdown note)."""
     if not x_choice:
         raise StudioError("Pick what the X axis varies.")
     if x_choice == y_choice:
@@ -304,7 +304,7 @@ def mix_grid(studio, settings: GenerateSettings, rows: Sequence[Sequence], x_cho
     where = sheet_path.parent.relative_to(studio.workspace.root).as_posix()
     text = (f"Saved the grid as `{where}/{sheet_path.name}` and its {len(gallery)} single image(s) beside it "
             f"(`{sheet_path.stem}-ROW-COLUMN.png`).")
-    return str(sheet_path), gallery, text
+    return str(sheet_path), gallery, len(x.values), text
 
 
 SUGGESTION_HEADERS = ["Adapter", "Weight", "Why"]

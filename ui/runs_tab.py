@@ -24,7 +24,7 @@ def build(studio: Studio) -> SimpleNamespace:
                 pick = gr.Dropdown([], value=None, label="Run", info="Newest first", elem_id="runs-pick")
                 table = gr.Dataframe(headers=rv.JOB_HEADERS, interactive=False, wrap=True, max_height=520,
                                      label="Queue and history — click a row to watch it",
-                                     column_widths=["38%", "20%", "17%", "25%"], elem_id="runs-table")
+                                     column_widths=["38%", "19%", "22%", "21%"], elem_id="runs-table")
             with gr.Column(scale=7):
                 status = gr.HTML(rv.status_html(None, {}), elem_id="runs-status")
                 with gr.Row():
@@ -36,7 +36,8 @@ def build(studio: Studio) -> SimpleNamespace:
                                    height=250, color_map=rv.LOSS_COLOURS,
                                    x_title="step", y_title="loss", elem_id="runs-loss")
                 samples = gr.Gallery(label="Samples (newest first)", columns=4, height=230, object_fit="contain",
-                                     interactive=False, fit_columns=False, elem_id="runs-samples")
+                                     interactive=False, fit_columns=False, elem_id="runs-samples",
+                                     elem_classes="captions-below")
                 log_box = gr.Textbox(label="Log, newest first — the run's events, then the worker's output",
                                      lines=12, max_lines=12, interactive=False, autoscroll=False,
                                      elem_id="runs-log", elem_classes="mono")
