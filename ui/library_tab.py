@@ -38,7 +38,7 @@ def build(studio: Studio, model_choices) -> SimpleNamespace:
                 thumb = gr.Image(label="Preview", height=200, interactive=False, buttons=[], elem_id="lib-thumb")
                 details = gr.Markdown("*No adapter picked.*", elem_id="lib-details")
                 with gr.Row():
-                    use_btn = gr.Button("Use in Generate →", variant="primary", interactive=False,
+                    use_btn = gr.Button("Use in Generate\u00a0→", variant="primary", interactive=False,
                                         elem_id="lib-use")
                     download = gr.DownloadButton("Export (download) .safetensors", value=None, interactive=False,
                                                  elem_id="lib-export")

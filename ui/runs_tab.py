@@ -30,11 +30,12 @@ def build(studio: Studio) -> SimpleNamespace:
                 with gr.Row():
                     cancel_btn = gr.Button("■ Cancel", variant="stop", interactive=False, elem_id="runs-cancel")
                     resume_btn = gr.Button("↻ Resume", interactive=False, elem_id="runs-resume")
-                    open_btn = gr.Button("Open in Generate →", variant="primary", interactive=False,
+                    open_btn = gr.Button("Open in Generate\u00a0→", variant="primary", interactive=False,
                                          elem_id="runs-open")
                 plot = gr.LinePlot(None, x="step", y="loss", color="series", title="Training loss",
                                    height=250, color_map=rv.LOSS_COLOURS,
-                                   x_title="step", y_title="loss", elem_id="runs-loss")
+                                   x_title="step", y_title="loss", x_axis_format="~g", y_axis_format=".4~g",
+                                   elem_id="runs-loss")
                 samples = gr.Gallery(label="Samples (newest first)", columns=4, height=230, object_fit="contain",
                                      interactive=False, fit_columns=False, elem_id="runs-samples",
                                      elem_classes="captions-below")
