@@ -214,7 +214,8 @@ def _walk(page, server, workspace: Path, cats: Path) -> None:
     del CONSOLE[before:]
     tab(page, "3 · Runs")
     status.locator(".run-name", has_text=re.compile(r"^cats-\d")).wait_for()
-    assert "training" in status_badge(page) or any(w in status_badge(page) for w in ("loading", "caching", "drawing"))
+    # a running run's badge: its phase, or "starting the worker" before its worker's first event
+    assert any(w in status_badge(page) for w in ("training", "starting", "loading", "caching", "drawing"))
     shot(page, "3-runs-training")
     tab(page, "2 · Train")
     wait_value(page, "train-name", "cats-b")
