@@ -68,10 +68,11 @@ class ResourceGuide:
         GPU:         VRAM = base_gb x (1.6 in fp32) + activations_gb x s x c
 
     The CPU figure is measured (tests/test_realsize.py; bench/RESULTS.md, "Real size"): the
-    weights of every part in fp32 (a single-file checkpoint in fp32 is mapped, not copied),
+    weights of every part in fp32 (one copy at the peak, loading an fp32 single file included),
     the runtime, and activations in fp32 (twice the guide's fp16 ones). The earlier
-    base_gb x 1.6 + activations said 7.0 GiB for SD 1.5 at 256 px, where the process peaked
-    at 5.3-5.5. The GPU figures (`base_gb`, `activations_gb` in fp16 / bf16 at
+    base_gb x 1.6 + activations said 7.0 GiB for SD 1.5 at 256 px (fp32, batch 1), where the
+    training process peaked at 5.19 GiB (text-encoder LoRA) and 5.22-5.27 (UNet LoRA); this
+    says 5.6. The GPU figures (`base_gb`, `activations_gb` in fp16 / bf16 at
     `resolution`, `it_s` on a recent 24 GB card, LoRA on the UNet attention) are planning
     guides, not measured here. `parameters`: denoiser, text encoders and VAE, counted on the
     skeletons' configs (assets/skeletons)."""
