@@ -36,7 +36,8 @@ def _train_measured(command: list[str], env: dict, log) -> tuple[int, str, int]:
     with open(log, "w") as err:
         proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=err,
                                 stdin=subprocess.DEVNULL, text=True)
-        out = proc.stdout.read()
+        with proc.stdout:
+            out = proc.stdout.read()
         _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     return proc.returncode, out, usage.ru_maxrss * 1024
