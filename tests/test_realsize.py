@@ -43,18 +43,27 @@ def _train_measured(command: list[str], env: dict, log) -> tuple[int, str, int]:
     return proc.returncode, out, usage.ru_maxrss * 1024
 
 
+@pytest.fixture
+def checkpoint(tmp_path):
+    """The random full-size SD 1.5 as an fp32 A1111 single file; deleted after the test (4.3 GB
+    that pytest's last three temporary folders would keep)."""
+    from studio.models.single_file import save_single_file
+    from toyworld.random_weights import random_pipeline
+
+    path = save_single_file(random_pipeline("sd15", torch.float32), tmp_path / "sd15-random.safetensors")
+    yield path
+    path.unlink()
+
+
 @pytest.mark.slow(seconds=360)
-def test_full_size_sd15_trains_generates_exports_and_reloads(tmp_path):
+def test_full_size_sd15_trains_generates_exports_and_reloads(tmp_path, checkpoint):
     from studio.adapters import adapter_models, attach_adapter, convert_adapter, export_adapter, load_adapter
     from studio.config import TrainConfig, network_config, save_config
     from studio.generation.engine import Engine, GenerateRequest, parse_adapter_arg
-    from studio.models.single_file import detect_family, save_single_file
+    from studio.models.single_file import detect_family
     from studio.workspace import Workspace
-    from toyworld.random_weights import random_pipeline
     from ui import train_view as tv
 
-    checkpoint = tmp_path / "sd15-random.safetensors"
-    save_single_file(random_pipeline("sd15", torch.float32), checkpoint)
     assert detect_family(checkpoint) == "sd15"
 
     data = tmp_path / "data"

@@ -71,7 +71,7 @@ class ResourceGuide:
     weights of every part in fp32 (one copy at the peak, loading an fp32 single file included),
     the runtime, and activations in fp32 (twice the guide's fp16 ones). The earlier
     base_gb x 1.6 + activations said 7.0 GiB for SD 1.5 at 256 px (fp32, batch 1), where the
-    training process peaked at 5.19 GiB (text-encoder LoRA) and 5.22-5.27 (UNet LoRA); this
+    training process peaked at 5.12-5.21 GiB (text-encoder LoRA) and 5.22-5.27 (UNet LoRA); this
     says 5.6. The GPU figures (`base_gb`, `activations_gb` in fp16 / bf16 at
     `resolution`, `it_s` on a recent 24 GB card, LoRA on the UNet attention) are planning
     guides, not measured here. `parameters`: denoiser, text encoders and VAE, counted on the
