@@ -7,8 +7,8 @@ architecture with random weights, the same data and settings, interleaved in one
                              [--rounds 2] [--steps 20] [--family sd15] [--only ours sd-scripts diffusers]
     python -m bench.realsize --ours-only --family sdxl      # SDXL: our trainer alone (memory)
 
-The models: each family's real architecture (assets/skeletons) with random weights (speed
-and memory do not depend on the values), written by this bench as an A1111 single-file
+The models: each family's real architecture with random weights (toyworld.random_weights;
+speed and memory do not depend on the values), written by this bench as an A1111 single-file
 checkpoint (studio.models.single_file.save_single_file; SD1.5 in fp32, SDXL in fp16 as its
 files are shipped) and, for the diffusers example, which loads diffusers folders only, as
 a diffusers folder of the same weights.
@@ -58,62 +58,12 @@ PROMPT = "a sks shape on a white background"
 
 
 # ------------------------------------------------------------------------------ models
-def _fill_random(module, dtype) -> None:
-    """Weights ~ N(0, 1/fan_in) (norms 1, biases 0), built on the meta device and filled in
-    `dtype`: no full-precision copy of SDXL's 3.5B parameters ever lives in memory."""
-    import torch
-
-    module.to_empty(device="cpu")
-    module.to(dtype)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.dim() >= 2:
-                fan_in = p[0].numel()
-                p.copy_(torch.randn(p.shape, generator=generator) / fan_in ** 0.5)
-            elif name.endswith("weight"):
-                p.fill_(1.0)
-            else:
-                p.zero_()
-        for name, b in module.named_buffers():
-            if name.endswith("position_ids"):  # CLIP's token positions: a buffer, not a weight
-                b.copy_(torch.arange(b.shape[-1]).expand_as(b))
-            elif b.is_floating_point():
-                b.zero_()
-
-
-def random_pipeline(family: str, dtype):
-    """The family's full-size pipeline (assets/skeletons) with random weights in `dtype`."""
-    import diffusers
-    import torch
-    import transformers
-
-    from studio.models.families import get_family
-    from studio.models.skeletons import skeleton_dir
-
-    skeleton = skeleton_dir(family)
-    parts = {}
-    for component in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        if not (skeleton / component).is_dir():
-            continue
-        with torch.device("meta"):
-            if component in ("unet", "vae"):
-                cls = diffusers.UNet2DConditionModel if component == "unet" else diffusers.AutoencoderKL
-                model = cls.from_config(cls.load_config(skeleton / component))
-            else:
-                config = transformers.AutoConfig.from_pretrained(skeleton / component)
-                model = getattr(transformers, config.architectures[0])(config)
-        _fill_random(model, dtype)
-        parts[component] = model
-    cls = getattr(diffusers, get_family(family).pipeline_classes[0])
-    return cls.from_pretrained(skeleton, local_files_only=True, **parts, **get_family(family).pipeline_kwargs)
-
-
 def build_models(family: str, work: Path, *, diffusers_folder: bool) -> tuple[Path, Path | None]:
     """work/<family>.safetensors (and work/<family>-diffusers/), made once and reused."""
     import torch
 
     from studio.models.single_file import save_single_file
+    from toyworld.random_weights import random_pipeline
 
     single = work / f"{family}.safetensors"
     folder = work / f"{family}-diffusers"

@@ -5,4 +5,5 @@ package: tests, benchmarks and the built-in model's training use it).
     evaluate.py          reads generated pictures back: colour, shape, background
     fidelity.py          what a LoRA teaches and keeps on the built-in model (bench, tests)
     builtin_training.py  trains the built-in model (`python -m toyworld.builtin_training`)
+    random_weights.py    full-size SD 1.5 / SDXL pipelines with random weights (real-size tests, bench)
 """

@@ -235,7 +235,8 @@ def resource_hint(*, family: str | None, builtin: bool, steps: int, batch_size: 
     is being measured, and a full-size model's is not known on this machine until one of its
     runs has trained here: with a GPU (`gpu`) a rough planning figure for a recent 24 GB card
     stands in, without one the hint says it is not measured yet. Memory is the GPU's (VRAM)
-    with a GPU, the computer's (RAM, fp32 weights) without. With several processes (data
+    with a GPU, the computer's (RAM, fp32 weights) without: the family's
+    ResourceGuide.training_memory_gb (studio.models.families.family). With several processes (data
     parallel) a step trains `processes` times the pictures; memory is per GPU."""
     lines: list[str] = []
     work = max(1, batch_size) * max(1, grad_accum)
@@ -256,10 +257,10 @@ def resource_hint(*, family: str | None, builtin: bool, steps: int, batch_size: 
     if builtin:
         lines.append("**Memory:** the built-in model is tiny — well under 1 GB of RAM, no GPU needed.")
     elif family in FAMILIES:
-        guide = FAMILIES[family].gpu  # rough guide values for planning, not measurements
+        guide = FAMILIES[family].resources
         scale = pixels / (guide.resolution ** 2)
-        act = guide.activations_gb * scale * (0.4 if gradient_checkpointing else 1.0)
-        base = guide.base_gb * (1.6 if mixed_precision == "no" or not gpu else 1.0)
+        memory_gb = guide.training_memory_gb(pixels, gpu=gpu, full_precision=mixed_precision == "no",
+                                             gradient_checkpointing=gradient_checkpointing)
         if plan is None and gpu:
             lines.append(f"**Time:** roughly {format_duration(steps / (guide.it_s / scale))} for {steps} steps on "
                          "a recent 24 GB GPU (a planning figure; your first run measures this machine).")
@@ -269,10 +270,12 @@ def resource_hint(*, family: str | None, builtin: bool, steps: int, batch_size: 
                          "GPU here, and a full-size model trains on the CPU at many seconds per step.")
         memory = "VRAM" if gpu else "RAM"
         precision = ", fp32" if mixed_precision == "no" or not gpu else f", {mixed_precision}"
-        lines.append(f"**{memory}:** roughly {base + act:.0f} GB ({FAMILIES[family].label}, {resolution} px, "
-                     f"batch {work}" + (", gradient checkpointing" if gradient_checkpointing else "")
-                     + f"{precision}; a planning figure, not measured).")
-        if gpu and not gradient_checkpointing and base + act > 12:
+        lines.append(f"**{memory}:** roughly {memory_gb:.{1 if memory_gb < 10 else 0}f} GB "
+                     f"({FAMILIES[family].label}, {resolution} px, batch {work}"
+                     + (", gradient checkpointing" if gradient_checkpointing else "") + f"{precision}; "
+                     + ("a planning figure, not measured)." if gpu else "its weights and a step's working memory, "
+                                                                    "as measured with SD 1.5)."))
+        if gpu and not gradient_checkpointing and memory_gb > 12:
             lines.append("Short of memory? Turn on *Gradient checkpointing* and mixed precision in All settings.")
         native = FAMILIES[family].default_resolution
         if resolution < NATIVE_SHARE * native:

@@ -1,5 +1,5 @@
-"""What a model family is to the studio: data (names, metadata strings, block tables, GPU
-guidance) plus the few hooks where families compute differently: its denoiser (the first
+"""What a model family is to the studio: data (names, metadata strings, block tables, memory
+and speed guides) plus the few hooks where families compute differently: its denoiser (the first
 part: a UNet or a transformer), its text conditioning, its training objective (noise
 schedule, prediction target, loss weighting, timestep sampling: objectives.py) and the call
 of its denoiser. The trainer and the engine read these and name no family, denoiser class
@@ -53,15 +53,43 @@ class Part:
         return self.attr
 
 
+RUNTIME_GB = 0.35  # a worker's resident memory once torch, diffusers, transformers and peft are loaded (measured)
+CHECKPOINTING_SHARE = 0.4  # the activations kept with gradient checkpointing (a guide value)
+
+
 @dataclass(frozen=True)
-class GpuGuide:
-    """Rough guide values for full-size models (fp16/bf16, LoRA on the UNet attention
-    layers): orders of magnitude for planning, not measurements from this machine."""
+class ResourceGuide:
+    """What training a LoRA on the family's full-size model takes, for the Train tab's hint.
+
+    Memory, in GiB, for `pixels` trained per step (batch x accumulation x resolution²), with
+    s = pixels / resolution², c = CHECKPOINTING_SHARE with gradient checkpointing, else 1:
+
+        CPU (fp32):  RAM  = parameters x 4 B + RUNTIME_GB + 2 x activations_gb x s x c
+        GPU:         VRAM = base_gb x (1.6 in fp32) + activations_gb x s x c
+
+    The CPU figure is measured (tests/test_realsize.py; bench/RESULTS.md, "Real size"): the
+    weights of every part in fp32 (one copy at the peak, loading an fp32 single file included),
+    the runtime, and activations in fp32 (twice the guide's fp16 ones). The earlier
+    base_gb x 1.6 + activations said 7.0 GiB for SD 1.5 at 256 px (fp32, batch 1), where the
+    training process peaked at 5.12-5.21 GiB (text-encoder LoRA) and 5.22-5.27 (UNet LoRA); this
+    says 5.6. The GPU figures (`base_gb`, `activations_gb` in fp16 / bf16 at
+    `resolution`, `it_s` on a recent 24 GB card, LoRA on the UNet attention) are planning
+    guides, not measured here. `parameters`: denoiser, text encoders and VAE, counted on the
+    skeletons' configs (assets/skeletons)."""
 
     resolution: int
     base_gb: float
     activations_gb: float
     it_s: float
+    parameters: int
+
+    def training_memory_gb(self, pixels: int, *, gpu: bool, full_precision: bool,
+                           gradient_checkpointing: bool) -> float:
+        """RAM (`gpu` False) or VRAM in GiB for one training process; the formula above."""
+        share = pixels / self.resolution ** 2 * (CHECKPOINTING_SHARE if gradient_checkpointing else 1.0)
+        if not gpu:
+            return self.parameters * 4 / 2 ** 30 + RUNTIME_GB + 2 * self.activations_gb * share
+        return self.base_gb * (1.6 if full_precision else 1.0) + self.activations_gb * share
 
 
 @dataclass(frozen=True)
@@ -116,7 +144,7 @@ class Family:
     modelspec_implementation: str
     metadata_prefixes: tuple[str, ...]  # ss_base_model_version / modelspec.architecture prefixes that mean it
     blocks: BlockTable                  # LoRA Block Weight, block-wise weights, mixture gates
-    gpu: GpuGuide
+    resources: ResourceGuide
     default_resolution: int
     single_file_encoders: tuple[SingleFileEncoder, ...]
     single_file_marker: str                  # a key prefix only this family's checkpoints have

@@ -19,7 +19,7 @@ import re
 from typing import TYPE_CHECKING
 
 from studio.errors import StudioError
-from studio.models.families.family import BlockTable, Family, GpuGuide, Part, Piece, Sampler
+from studio.models.families.family import BlockTable, Family, Part, Piece, ResourceGuide, Sampler
 from studio.models.families.objectives import FlowMatchObjective, flow_match_objective
 
 if TYPE_CHECKING:
@@ -297,7 +297,8 @@ FAMILY = Family(
     blocks=BlockTable(BLOCKS, BLOCKS, PRESETS, module_block),
     # FLUX.1-dev in bf16 is 24 GB of transformer weights alone: 16-24 GB cards train it with
     # an fp8 / NF4 base (training.base_weights) and gradient checkpointing.
-    gpu=GpuGuide(resolution=1024, base_gb=24.0, activations_gb=10.0, it_s=0.5),
+    resources=ResourceGuide(resolution=1024, base_gb=24.0, activations_gb=10.0, it_s=0.5,
+                            parameters=16_870_599_139),
     default_resolution=1024,
     single_file_encoders=(),
     single_file_marker="double_blocks.",

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from studio.models.families import unet
-from studio.models.families.family import BlockTable, Family, GpuGuide, Part, SingleFileEncoder
+from studio.models.families.family import BlockTable, Family, Part, ResourceGuide, SingleFileEncoder
 from studio.models.families.objectives import DiffusionObjective, diffusion_objective
 
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ FAMILY = Family(
     ss_base_model_version="sd_v1", modelspec_architecture="stable-diffusion-v1",
     modelspec_implementation="diffusers", metadata_prefixes=("sd_v1", "stable-diffusion-v1"),
     blocks=BlockTable(BLOCKS, unet.FULL_BLOCKS, PRESETS, unet.module_block),
-    gpu=GpuGuide(resolution=512, base_gb=4.0, activations_gb=2.5, it_s=2.5),
+    resources=ResourceGuide(resolution=512, base_gb=4.0, activations_gb=2.5, it_s=2.5, parameters=1_066_235_307),
     single_file_encoders=(SingleFileEncoder("text_encoder", TE_PREFIX, "clip", "text encoder (CLIP-L)"),),
     single_file_marker="cond_stage_model.transformer.",
     foreign_cross_attention={1024: "Stable Diffusion 2.x (1024-wide cross-attention)"},

@@ -7,7 +7,7 @@ import re
 from typing import TYPE_CHECKING
 
 from studio.models.families import unet
-from studio.models.families.family import BlockTable, Family, GpuGuide, Part, SingleFileEncoder
+from studio.models.families.family import BlockTable, Family, Part, ResourceGuide, SingleFileEncoder
 from studio.models.families.objectives import DiffusionObjective, diffusion_objective
 
 if TYPE_CHECKING:
@@ -68,7 +68,7 @@ FAMILY = Family(
     modelspec_implementation="https://github.com/Stability-AI/generative-models",
     metadata_prefixes=("sdxl", "stable-diffusion-xl"),
     blocks=BlockTable(BLOCKS, unet.FULL_BLOCKS, PRESETS, unet.module_block),
-    gpu=GpuGuide(resolution=1024, base_gb=10.0, activations_gb=6.0, it_s=1.0),
+    resources=ResourceGuide(resolution=1024, base_gb=10.0, activations_gb=6.0, it_s=1.0, parameters=3_468_837_867),
     single_file_encoders=(SingleFileEncoder("text_encoder", TE1_PREFIX, "clip", "text encoder 1 (CLIP-L)"),
                           SingleFileEncoder("text_encoder_2", TE2_PREFIX, "open_clip", "text encoder 2 (OpenCLIP bigG)")),
     single_file_marker=TE2_PREFIX, foreign_cross_attention={},
