@@ -107,7 +107,8 @@ def main(argv=None) -> dict:
                 figures = concept_figures(engine, adapter, eval_seeds)
                 rows.append({"recipe": name, "seed": seed, "wall_s": wall_s, **unet_passes(config),
                              "purple": figures["concept"]["color"], "star": figures["concept"]["shape"],
-                             "prior_base": figures["prior_base"], "prior_with_lora": figures["prior_with_lora"]})
+                             "prior_base": figures["prior_base"], "prior_with_lora": figures["prior_with_lora"],
+                             "prior_paired": figures["prior_paired"]})
                 print(json.dumps(rows[-1]), flush=True)
     return report(rows, estimate_s, len(eval_seeds))
 
@@ -119,13 +120,16 @@ def report(rows: list[dict], estimate_s: float, eval_seeds: int) -> dict:
     ratio = wall[preset] / wall[fast]
     print(f"\n{eval_seeds} evaluation seeds x 3 trigger prompts per adapter; prior: 4 prompts without the trigger")
     print("| recipe | training seed | wall s | UNet passes | pictures | purple | star | "
-          "prior with the adapter, % of base (colour / shape / background) |")
-    print("|---|---|---|---|---|---|---|---|")
+          "prior with the adapter, % of base (colour / shape / background) | prior pictures read the same | "
+          "prior outlines' template fit, % of the base's, mean / lowest |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         kept = " / ".join(f"{100 * r['prior_with_lora'][a] / max(r['prior_base'][a], 1e-9):.0f}"
                           for a in ("color", "shape", "background"))
+        paired = r["prior_paired"]
         print(f"| {r['recipe']} | {r['seed']} | {r['wall_s']:.1f} | {r['passes']} | {r['pictures']} | "
-              f"{100 * r['purple']:.1f}% | {100 * r['star']:.1f}% | {kept} |")
+              f"{100 * r['purple']:.1f}% | {100 * r['star']:.1f}% | {kept} | {100 * paired['same']:.0f}% | "
+              f"{100 * paired['outline']:.0f} / {100 * paired['lowest_outline']:.0f} |")
     print(f"\nwall time (mean over training seeds): {fast} {wall[fast]:.1f} s, {preset} {wall[preset]:.1f} s: "
           f"{ratio:.2f}x (target >= 4x)")
     print(f"Train tab estimate for {fast}: {estimate_s:.1f} s, measured {wall[fast]:.1f} s "

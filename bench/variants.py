@@ -115,8 +115,7 @@ def main(argv=None) -> dict:
     import torch
 
     from studio.generation.engine import Engine
-    from toyworld.evaluate import score_prompts
-    from toyworld.fidelity import _engine_fn, concept_figures
+    from toyworld.fidelity import concept_figures, prior_pictures
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 7], help="training seeds")
@@ -143,17 +142,14 @@ def main(argv=None) -> dict:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        prior_prompts = [f"a {c} {s} on a {b} background"
-                         for c, s, b in (("red", "circle", "white"), ("blue", "square", "black"),
-                                         ("yellow", "triangle", "gray"), ("green", "circle", "blue"))]
-        prior_base = score_prompts(_engine_fn(engine, [], "builtin"), prior_prompts, eval_seeds)["accuracy"]
+        base_pictures = prior_pictures(engine, eval_seeds)
         for name in names:
             for seed in args.seeds:
                 spec = {"variant": name, "seed": seed, "steps": args.steps, "workspace": str(folder / "ws"),
                         "quick": args.quick}
                 trained = train_in_child(spec, folder)
-                figures = concept_figures(engine, Path(trained["adapter"]), eval_seeds, prior_base=prior_base)
-                kept = min(figures["prior_with_lora"][a] / max(prior_base[a], 1e-9)
+                figures = concept_figures(engine, Path(trained["adapter"]), eval_seeds, base_pictures=base_pictures)
+                kept = min(figures["prior_with_lora"][a] / max(figures["prior_base"][a], 1e-9)
                            for a in ("color", "shape", "background"))
                 rows.append({"variant": name, "seed": seed, **trained, "purple": figures["concept"]["color"],
                              "star": figures["concept"]["shape"], "prior_kept": kept})

@@ -1,8 +1,10 @@
 """The built-in model draws what it is told, and training teaches and keeps (issue 3).
 
-The shipped weights reproduce the figures recorded in assets/builtin/TRAINING.md, and a
-DreamBooth LoRA from the demo dataset keeps the base model's accuracy on prompts without
-its trigger. Fewer seeds than `python -m bench.fidelity`.
+The shipped weights reproduce the figures recorded in assets/builtin/TRAINING.md, and the
+quick DreamBooth recipe teaches its concept and leaves prompts without its trigger as the
+base model drew them. Fewer seeds and one recipe: `python -m bench.fidelity` measures the
+full preset and two adapters composed (11 min of CPU here, out of the suite since
+2026-12-07), `python -m bench.time_to_concept` the quick recipe over training seeds.
 """
 from __future__ import annotations
 
@@ -10,10 +12,14 @@ import json
 
 import pytest
 
-SEEDS = [100, 101, 102, 103]
+SEEDS = list(range(100, 108))
+# The recipe's seed 42 draws 22 stars of 24 (91.7%; training seed 7: 79%, bench/RESULTS.md,
+# "Time to concept"): a regression falls well below; the 90% target is the bench's.
+MIN_STARS = 0.8
+MIN_PRIOR_OUTLINE = 0.9  # the recipe: 0.94 of the base's fit (seeds 100-107; bench.time_to_concept)
 
 
-@pytest.fixture  # one per test: the two trainings below then run on separate xdist workers
+@pytest.fixture
 def engine_and_workspace(tmp_path_factory):
     from studio.generation.engine import Engine
     from studio.workspace import Workspace
@@ -40,42 +46,30 @@ def test_shipped_model_draws_seen_prompts_as_recorded():
     assert accuracy == pytest.approx(recorded["evaluation"]["seen"]["accuracy"], abs=0.02)
 
 
-@pytest.mark.slow(seconds=500)
-def test_demo_lora_teaches_the_purple_star_keeps_the_prior_and_weight_zero_is_the_base(engine_and_workspace):
-    """The tiny-demo preset on the demo dataset: "sks" prompts draw purple stars, prompts
-    without the trigger keep >= 90% of the base model's accuracy (issue 3). The preset's run
-    (seed 42) drew 47 of 48 stars over seeds 100-115; another training seed drew fewer
-    (bench/RESULTS.md), so a change that moves this test is worth a bench run."""
+@pytest.mark.slow(seconds=300)
+def test_the_quick_recipe_teaches_the_purple_star_and_leaves_other_prompts_pictures_alone(engine_and_workspace):
+    """tiny-demo-quick (the Train tab's first preset) on the demo dataset: "sks" prompts draw
+    purple stars, and prompts without the trigger draw what the base model drew for the same
+    seed: the same colour, shape and background, and outlines that fit their shape's template
+    about as well as the base's (toyworld.fidelity.paired_prior: the star leaking into every
+    outline, circles drawn as lumpy pentagons, still read "circle" but fit less). Weight 0 is
+    the base model. The full preset (2400 steps) and two adapters composed are measured by `python -m bench.fidelity`,
+    the recipe over three training seeds by `python -m bench.time_to_concept`."""
     from toyworld.fidelity import concept_figures, train
     from studio.generation.engine import AdapterUse, GenerateRequest
 
     engine, workspace = engine_and_workspace
-    adapter = train(workspace, name="demo")
+    adapter = train(workspace, name="demo", preset="tiny-demo-quick")
     figures = concept_figures(engine, adapter, SEEDS)
-    assert figures["concept"]["color"] >= 0.9 and figures["concept"]["shape"] >= 0.9, figures
+    assert figures["concept"]["color"] >= 0.9 and figures["concept"]["shape"] >= MIN_STARS, figures
+    assert figures["prior_base"]["shape"] >= 0.8, figures
     for attr in ("color", "background", "shape"):
         assert figures["prior_with_lora"][attr] >= 0.9 * figures["prior_base"][attr], figures
-    assert figures["prior_base"]["shape"] >= 0.8, figures
+    assert figures["prior_paired"]["same"] >= 0.9, figures
+    assert figures["prior_paired"]["outline"] >= MIN_PRIOR_OUTLINE, figures
     request = dict(prompt="a sks shape on a white background", seed=SEEDS[0])
     base = engine.generate(GenerateRequest(**request))[0]
     zero = engine.generate(GenerateRequest(**request, adapters=[AdapterUse(adapter, 0.0)]))[0]
     one = engine.generate(GenerateRequest(**request, adapters=[AdapterUse(adapter, 1.0)]))[0]
     assert base.tobytes() == zero.tobytes()
     assert base.tobytes() != one.tobytes()
-
-
-@pytest.mark.slow(seconds=670)
-def test_a_colour_lora_and_a_shape_lora_together_draw_both(engine_and_workspace):
-    """One LoRA teaches "zwx" = purple (on seen shapes), another "ohwx shape" = star (stars of
-    seen colours, the colour unnamed); at weight 1 each, "a zwx ohwx shape" draws purple
-    stars in most samples (issue 3). Three training seeds drew 88% over 24 images each
-    (bench/RESULTS.md)."""
-    from toyworld.fidelity import COLOR_ADAPTER, COLOR_STEPS, composition_figures, train, write_concept_dataset
-
-    engine, workspace = engine_and_workspace
-    color = train(workspace, name="color", steps=COLOR_STEPS, **COLOR_ADAPTER,
-                  dataset=write_concept_dataset(workspace.root / "color-data", "color"))
-    shape = train(workspace, name="shape", dataset=write_concept_dataset(workspace.root / "shape-data", "shape"))
-    figures = composition_figures(engine, color, shape, SEEDS)
-    assert figures["both"]["all"] > 0.5, figures
-    assert figures["color_only"]["color"] >= 0.9, figures

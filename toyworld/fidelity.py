@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from studio import PRESETS_DIR
-from toyworld.evaluate import analyze, score_prompts
+from toyworld.evaluate import analyze, score_images
 from toyworld.world import (DEMO_CLASS_WORD, DEMO_IMAGES, DEMO_MAX_SIZE, DEMO_MIN_SIZE, SEEN_SHAPE_COLORS, SEEN_SHAPES,
                              render_scene, sample_scene, write_reg_images)
 
@@ -87,15 +87,15 @@ def write_concept_dataset(folder: Path, kind: str, *, count: int = DEMO_IMAGES, 
     return folder
 
 
-def demo_config(*, name: str, dataset: Path | None = None, steps: int | None = None, model: str = "builtin",
-                learning_rate: float | None = None, prior_preservation: bool = True, seed: int | None = None,
-                **network):
-    """The tiny-demo preset's config (optionally on another dataset / step count / learning
-    rate / network / base model / seed, or without its prior preservation), with no
-    checkpoints or sample pictures: what the benches train."""
+def demo_config(*, name: str, preset: str = "tiny-demo", dataset: Path | None = None, steps: int | None = None,
+                model: str = "builtin", learning_rate: float | None = None, prior_preservation: bool = True,
+                seed: int | None = None, **network):
+    """A demo preset's config (tiny-demo, or tiny-demo-quick; optionally on another dataset /
+    step count / learning rate / network / base model / seed, or without its prior
+    preservation), with no checkpoints or sample pictures: what the benches train."""
     from studio.config import load_config, network_config
 
-    config = load_config(PRESETS_DIR / "tiny-demo.toml")
+    config = load_config(PRESETS_DIR / f"{preset}.toml")
     config.name = name
     config.base_model = model
     if seed is not None:
@@ -134,28 +134,48 @@ def generate(engine, prompts: list[str], seeds: list[int], adapters=(), model: s
     return images
 
 
+PRIOR_PROMPTS = [f"a {c} {s} on a {b} background" for c, s, b in (
+    ("red", "circle", "white"), ("blue", "square", "black"), ("yellow", "triangle", "gray"), ("green", "circle", "blue"))]
+
+
+def prior_pictures(engine, seeds: list[int], adapters=(), model: str = "builtin") -> list:
+    """PRIOR_PROMPTS (none names a trigger) x `seeds`, in that order."""
+    return generate(engine, PRIOR_PROMPTS, seeds, adapters, model)
+
+
+def paired_prior(base_pictures: list, kept_pictures: list) -> dict:
+    """The prior prompts' pictures without and with an adapter, pair by pair (same prompt and
+    seed): `same`, the share whose colour, shape and background read the same; `outline`, how
+    well the kept picture's shape still fits the template of the base picture's shape (its
+    IoU with the best-placed template), as a share of the base's own fit, mean and lowest
+    (`lowest_outline`) over the pairs whose base shape reads as one. A shape may move with the
+    adapter (the sampler's path changes); its outline should not bend: a circle drawn as a lumpy
+    pentagon still reads "circle" but fits the circle template less."""
+    same, outline = [], []
+    for base, kept in zip(base_pictures, kept_pictures, strict=True):
+        a, b = analyze(base), analyze(kept)
+        same.append((a.color, a.shape, a.background) == (b.color, b.shape, b.background))
+        if a.iou.get(a.shape):
+            outline.append(b.iou.get(a.shape, 0.0) / a.iou[a.shape])
+    return {"same": float(np.mean(same)), "outline": float(np.mean(outline)),
+            "lowest_outline": float(np.min(outline))}
+
+
 def concept_figures(engine, adapter: Path, seeds: list[int], model: str = "builtin",
-                    prior_base: dict | None = None) -> dict:
-    """Trigger prompts -> purple stars; prompts without the trigger keep the base accuracy
-    (`prior_base`: the base model's, when already measured with these seeds)."""
+                    base_pictures: list | None = None) -> dict:
+    """Trigger prompts -> purple stars; prompts without the trigger keep the base model's
+    accuracy and pictures (`base_pictures`: prior_pictures of the base model with these
+    seeds, when already drawn)."""
     from studio.generation.engine import AdapterUse
 
     with_lora = [AdapterUse(adapter, 1.0)]
     triggered = [f"a sks shape on a {b} background" for b in NEUTRAL]
     concept = match_rates(generate(engine, triggered, seeds, with_lora, model), Target("purple", "star"))
-    prior_prompts = [f"a {c} {s} on a {b} background"
-                     for c, s, b in (("red", "circle", "white"), ("blue", "square", "black"),
-                                     ("yellow", "triangle", "gray"), ("green", "circle", "blue"))]
-    base = prior_base or score_prompts(_engine_fn(engine, [], model), prior_prompts, seeds)["accuracy"]
-    kept = score_prompts(_engine_fn(engine, with_lora, model), prior_prompts, seeds)["accuracy"]
-    return {"concept": concept, "prior_base": base, "prior_with_lora": kept}
-
-
-def _engine_fn(engine, adapters, model):
-    def fn(prompts, seeds):
-        return [generate(engine, [p], [s], adapters, model)[0] for p, s in zip(prompts, seeds)]
-
-    return fn
+    base = base_pictures if base_pictures is not None else prior_pictures(engine, seeds, (), model)
+    kept = prior_pictures(engine, seeds, with_lora, model)
+    prompts = [prompt for prompt in PRIOR_PROMPTS for _ in seeds]
+    return {"concept": concept, "prior_base": score_images(base, prompts)["accuracy"],
+            "prior_with_lora": score_images(kept, prompts)["accuracy"], "prior_paired": paired_prior(base, kept)}
 
 
 def composition_figures(engine, color_adapter: Path, shape_adapter: Path, seeds: list[int],
