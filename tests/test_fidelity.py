@@ -16,6 +16,7 @@ SEEDS = list(range(100, 108))
 # The recipe's seed 42 draws 22 stars of 24 (91.7%; training seed 7: 79%, bench/RESULTS.md,
 # "Time to concept"): a regression falls well below; the 90% target is the bench's.
 MIN_STARS = 0.8
+MIN_PRIOR_SAME = 0.85  # pairs read the same: 29-30 of 32 here (two pictures of margin for another CPU's floats)
 MIN_PRIOR_OUTLINE = 0.9  # the recipe: 0.94 of the base's fit (seeds 100-107; bench.time_to_concept)
 
 
@@ -65,7 +66,7 @@ def test_the_quick_recipe_teaches_the_purple_star_and_leaves_other_prompts_pictu
     assert figures["prior_base"]["shape"] >= 0.8, figures
     for attr in ("color", "background", "shape"):
         assert figures["prior_with_lora"][attr] >= 0.9 * figures["prior_base"][attr], figures
-    assert figures["prior_paired"]["same"] >= 0.9, figures
+    assert figures["prior_paired"]["same"] >= MIN_PRIOR_SAME, figures
     assert figures["prior_paired"]["outline"] >= MIN_PRIOR_OUTLINE, figures
     request = dict(prompt="a sks shape on a white background", seed=SEEDS[0])
     base = engine.generate(GenerateRequest(**request))[0]
