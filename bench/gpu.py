@@ -69,10 +69,8 @@ def random_model(family: str, folder: Path) -> Path:
     """A diffusers folder of the family's real architecture (assets/skeletons) with random
     weights, saved in fp16: built on the GPU when there is one (seconds for SDXL's 3.5B
     parameters instead of minutes of CPU init)."""
-    import diffusers
-    import transformers
-
     from studio.models.skeletons import skeleton_dir
+    from toyworld.random_weights import skeleton_component
 
     skeleton = skeleton_dir(family)
     shutil.copytree(skeleton, folder)
@@ -82,12 +80,7 @@ def random_model(family: str, folder: Path) -> Path:
         if not (skeleton / component).is_dir():
             continue
         with torch.device(device):
-            if component in ("unet", "vae"):
-                cls = diffusers.UNet2DConditionModel if component == "unet" else diffusers.AutoencoderKL
-                model = cls.from_config(cls.load_config(skeleton / component))
-            else:
-                config = transformers.AutoConfig.from_pretrained(skeleton / component)
-                model = getattr(transformers, config.architectures[0])(config)
+            model = skeleton_component(skeleton, component)
         model.to(torch.float16).save_pretrained(folder / component)
         del model
     return folder

@@ -3,6 +3,7 @@ skeletons in assets/skeletons) for the tests' real-size lane and bench/realsize.
 memory, time, key layouts and dtypes matter and the weights' values do not.
 
     random_pipeline(family, dtype)   the family's pipeline, every part at full size
+    skeleton_component(skeleton, c)  one part from its config (bench/gpu.py saves them)
 """
 from __future__ import annotations
 
@@ -33,11 +34,24 @@ def fill_random(module, dtype) -> None:
                 b.zero_()
 
 
+def skeleton_component(skeleton, component: str):
+    """A pipeline part ("unet", "vae", "text_encoder", "text_encoder_2") built from its config
+    in the `skeleton` folder, with the framework's own initial weights, on the current
+    torch.device (meta: no weights at all)."""
+    import diffusers
+    import transformers
+
+    if component in ("unet", "vae"):
+        cls = diffusers.UNet2DConditionModel if component == "unet" else diffusers.AutoencoderKL
+        return cls.from_config(cls.load_config(skeleton / component))
+    config = transformers.AutoConfig.from_pretrained(skeleton / component)
+    return getattr(transformers, config.architectures[0])(config)
+
+
 def random_pipeline(family: str, dtype):
     """The family's full-size pipeline (assets/skeletons) with random weights in `dtype`."""
     import diffusers
     import torch
-    import transformers
 
     from studio.models.families import get_family
     from studio.models.skeletons import skeleton_dir
@@ -48,12 +62,7 @@ def random_pipeline(family: str, dtype):
         if not (skeleton / component).is_dir():
             continue
         with torch.device("meta"):
-            if component in ("unet", "vae"):
-                cls = diffusers.UNet2DConditionModel if component == "unet" else diffusers.AutoencoderKL
-                model = cls.from_config(cls.load_config(skeleton / component))
-            else:
-                config = transformers.AutoConfig.from_pretrained(skeleton / component)
-                model = getattr(transformers, config.architectures[0])(config)
+            model = skeleton_component(skeleton, component)
         fill_random(model, dtype)
         parts[component] = model
     cls = getattr(diffusers, get_family(family).pipeline_classes[0])
