@@ -9,7 +9,8 @@ background", the demo's reg/ pictures):
 - instant from the description "a COLOUR SHAPE" (a combination of words never read together);
 - trained: the tiny-demo-quick preset (370 steps) on the twelve pictures;
 - instant start: the same preset started from the instant adapter of the twelve pictures
-  (network.init_from), stopped at a quarter of its steps;
+  (network.init_from), stopped at a quarter of its steps, and its control: the same steps
+  from scratch (what the instant start adds);
 
 each scored by toyworld.train_hyperlora.concept_rates: "a sks shape on a B background" over
 the seven backgrounds x seeds, the share whose colour, shape and both are the concept's
@@ -128,6 +129,11 @@ def main(argv=None) -> dict:
                                                "network": {"init_from": str(init)}}, args.train_seed)
                 config.name = f"{key}-instant-start"
                 label = f"instant start, {steps} steps"
+                made[label], walls[label] = train_and_time(config, workspace)
+                config = recipe_config(QUICK, {"dataset": {"path": str(dataset)}, "training": {"max_steps": steps}},
+                                       args.train_seed)
+                config.name = f"{key}-scratch"
+                label = f"from scratch, {steps} steps (control)"
                 made[label], walls[label] = train_and_time(config, workspace)
             for label, path in made.items():
                 figures = concept_rates(pipe, family, load_adapter(path), (color, shape), seeds)
