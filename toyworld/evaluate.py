@@ -206,33 +206,26 @@ def _five_pointed(harmonics: np.ndarray) -> bool:
     return harmonics[4] >= STAR_HARMONIC and harmonics[4] == harmonics[1:].max()
 
 
-def _separate(px: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """(background RGB, shape RGB, shape mask): the background is the border's median; the
-    shape's colour the median of the pixels at least 3/4 as far from it as the farthest (99th percentile); its mask the largest
-    component at least half that contrast away. Colour and mask are None on a blank picture."""
-    border = np.concatenate([px[:2].reshape(-1, 3), px[-2:].reshape(-1, 3),
-                             px[2:-2, :2].reshape(-1, 3), px[2:-2, -2:].reshape(-1, 3)])
-    bg_rgb = np.median(border, axis=0)
-    dist = np.linalg.norm(px - bg_rgb[None, None], axis=2)
-    far = float(np.percentile(dist, 99))
-    if far < MIN_CONTRAST:
-        return bg_rgb, None, None
-    fg_rgb = np.median(px[dist >= 0.75 * far], axis=0)
-    contrast = float(np.linalg.norm(fg_rgb - bg_rgb))
-    return bg_rgb, fg_rgb, largest_component(dist >= 0.5 * contrast)
-
-
 def analyze(image: Image.Image | np.ndarray, palette: Sequence[str] = PALETTE_NAMES,
             shapes: Sequence[str] = SHAPES) -> Analysis:
     """Name the background colour, the shape's colour and the shape of a toy-world picture,
     colours from `palette` and shapes from `shapes` (the base world's by default; the extended
     world's: EXTENDED_PALETTE, ALL_SHAPES). `color` and `shape` are "none" when nothing stands
     out from the background; `shape` is "unclear" when the mask fits no template well."""
-    bg_rgb, fg_rgb, mask = _separate(_as_array(image))
+    px = _as_array(image)
+    border = np.concatenate([px[:2].reshape(-1, 3), px[-2:].reshape(-1, 3),
+                             px[2:-2, :2].reshape(-1, 3), px[2:-2, -2:].reshape(-1, 3)])
+    bg_rgb = np.median(border, axis=0)
     background = nearest_color(bg_rgb, palette)
-    if mask is None:
+    dist = np.linalg.norm(px - bg_rgb[None, None], axis=2)
+    far = float(np.percentile(dist, 99))
+    if far < MIN_CONTRAST:
         return Analysis(background, NONE, NONE, tuple(map(float, bg_rgb)), None, 0, 0.0, 0.0)
+    core = dist >= 0.75 * far
+    fg_rgb = np.median(px[core], axis=0)
     color = nearest_color(fg_rgb, palette)
+    contrast = float(np.linalg.norm(fg_rgb - bg_rgb))
+    mask = largest_component(dist >= 0.5 * contrast)
     area = int(mask.sum())
     if area < MIN_AREA:
         return Analysis(background, color, NONE, tuple(map(float, bg_rgb)),
