@@ -231,7 +231,8 @@ class TrainingConfig(Section):
     base_weights: Literal["full", "bf16", "nf4", "fp8"] = Field(
         "full", description="Frozen base weights: full; bf16 = the denoiser's and text encoders' stored in bfloat16, "
                             "computed in the mixed precision, else fp32 (half their memory, any device; a CPU without "
-                            "native bf16 spends time widening them each step); nf4 = 4-bit NormalFloat, QLoRA (QDoRA "
+                            "native bf16 spends time widening them each step; narrowed as a single file is read, so adapter inits that "
+                            "read the base, such as PiSSA, read it in bf16); nf4 = 4-bit NormalFloat, QLoRA (QDoRA "
                             "with use_dora; lora/locon/tlora; CUDA + bitsandbytes); fp8 = the denoiser's stored in "
                             "float8, computed in the mixed precision (CUDA).")
     cache_latents: bool = Field(True, description="Encode images with the VAE once (needs center crop).")

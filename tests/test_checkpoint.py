@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import json
 import socket
+from pathlib import Path
 
 import pytest
 import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from safetensors.torch import load_file, save_file
 
 from studio.models.families.sd15 import TE_PREFIX as SD15_TE_PREFIX
 from studio.models.families.sdxl import TE1_PREFIX as SDXL_TE1_PREFIX
 from studio.models.families.sdxl import TE2_PREFIX as SDXL_TE2_PREFIX
 
 from studio.models.single_file import (
+    AS_STORED,
     UNET_PREFIX,
     VAE_PREFIX,
     detect_family,
@@ -124,6 +128,43 @@ def test_fp16_save_casts_weights(sd15, tmp_path):
     assert {v["dtype"] for v in header.values()} == {"F16"}
     assert metadata["modelspec.title"] == "t"
     assert [p.name for p in tmp_path.iterdir()] == ["half.safetensors"]  # no temp file left behind
+
+
+def _mapped(path) -> bool:
+    return str(Path(path).resolve()) in Path("/proc/self/maps").read_text()
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's mappings")
+def test_weights_are_read_into_memory_of_their_own(sd15, no_network):
+    # safetensors' load_file maps the whole file and a model loaded in the file's dtype views
+    # that mapping (every page read stays resident): the loader reads tensor by tensor instead.
+    loaded = load_single_file(sd15["path"], config_dir=sd15["config"])
+    assert {p.dtype for p in loaded.unet.parameters()} == {torch.float32}  # as stored: no copy needed
+    assert not _mapped(sd15["path"])
+    reference = StableDiffusionPipeline.from_single_file(str(sd15["path"]), config=str(sd15["config"]),
+                                                         local_files_only=True)
+    assert _mapped(sd15["path"])  # what the loader avoids
+    del reference
+
+
+def test_stored_dtypes_are_kept_per_component(sdxl, tmp_path, no_network):
+    # A file with an fp16 UNet and text encoders and an fp32 VAE (as many SDXL files are): each
+    # component in its own stored dtype, the values exactly those of diffusers' own loader.
+    state = {k: (v if k.startswith(VAE_PREFIX) else v.half()) for k, v in load_file(sdxl["path"]).items()}
+    path = tmp_path / "mixed.safetensors"
+    save_file(state, path)
+    loaded = load_single_file(path, config_dir=sdxl["config"], torch_dtype=AS_STORED)
+    dtypes = {name: {p.dtype for p in getattr(loaded, name).parameters()}
+              for name in ("unet", "vae", "text_encoder", "text_encoder_2")}
+    assert dtypes == {"unet": {torch.float16}, "vae": {torch.float32}, "text_encoder": {torch.float16},
+                      "text_encoder_2": {torch.float16}}
+    for dtype in (torch.float16, torch.float32):
+        reference = StableDiffusionXLPipeline.from_single_file(str(path), config=str(sdxl["config"]),
+                                                               local_files_only=True, torch_dtype=dtype)
+        ours = loaded if dtype == torch.float16 else load_single_file(path, config_dir=sdxl["config"],
+                                                                      torch_dtype=dtype)
+        names = ["unet", "text_encoder", "text_encoder_2"] + (["vae"] if dtype == torch.float32 else [])
+        _assert_same_weights(reference, ours, names)
 
 
 def test_default_skeleton_is_used_offline(sdxl, no_network):

@@ -186,6 +186,43 @@ def test_bf16_base_weights_store_the_frozen_denoiser_and_text_encoders_and_train
     assert any(not torch.equal(a, p) for a, p in zip(before, trainer.trainable))
 
 
+@pytest.mark.slow(seconds=30)
+def test_bf16_base_weights_narrow_an_fp16_file_as_it_is_loaded(workspace, tmp_path):
+    """A single file stored in fp16 (as SDXL's are shipped) is loaded as stored and narrowed in
+    place: never a full-precision copy of the whole model. The result is what full precision
+    gives within bf16 rounding, and sensitivity-LoRA, which needs the base weights' gradients,
+    still measures them through the narrowed layers."""
+    from studio.jobs.run_folder import read_events
+    from studio.jobs.runs import create_run
+    from studio.models import load_pipeline
+    from studio.models.single_file import save_single_file
+    from trainers.trainer import AdapterTrainer
+
+    path = save_single_file(load_pipeline("builtin"), tmp_path / "half.safetensors", dtype=torch.float16)
+    losses, events = {}, {}
+    for base_weights in ("full", "bf16"):
+        config = demo_config(max_steps=1)
+        config.base_model = str(path)
+        config.training.base_weights = base_weights
+        config.network.rank_allocation = "sensitivity"
+        trainer = AdapterTrainer(create_run(config, workspace), show_progress=False)
+        trainer.setup()
+        losses[base_weights] = trainer.loss(0).item()
+        events[base_weights] = [e for e in read_events(trainer.run_dir)[0] if e["type"] == "adapter_prepared"][0]
+    keep = trainer.family.full_precision_modules
+    narrowed = {path: module.weight.dtype for path, module in trainer.denoiser.named_modules()
+                if type(module) in (torch.nn.Linear, torch.nn.Conv2d) and path not in keep
+                and not module.weight.requires_grad}
+    assert len(narrowed) > 50 and set(narrowed.values()) == {torch.bfloat16}
+    others = {p.dtype for model in (trainer.denoiser, trainer.vae, *trainer.text_encoders) for p in model.parameters()
+              if p.dtype != torch.bfloat16}
+    assert others == {torch.float32}  # norms, biases, embeddings, the VAE widened from fp16 exactly
+    assert losses["bf16"] == pytest.approx(losses["full"], rel=0.02), losses
+    full, bf16 = (events[k]["sensitivity"] for k in ("full", "bf16"))
+    assert full.keys() == bf16.keys() and all(v > 0 for v in bf16.values())
+    assert sum(abs(full[k] - bf16[k]) for k in full) <= 0.05 * sum(full.values()), (full, bf16)
+
+
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's mappings (Linux)")
 def test_own_storage_lets_the_loaded_files_mapping_go(tmp_path):
     """A model loaded from a safetensors file views the file's mapping until its tensors own

@@ -42,14 +42,14 @@ from studio.models.families import get_family
 from studio.jobs.runs import (CONFIG_FILE, EMBEDDINGS_DIR, SAMPLES_DIR, EventLog, adapters_dir, check_training,
                               checkpoint_dir, class_pictures, dataset_folder, iter_events, preview_sample,
                               run_workspace)
-from studio.models import load_pipeline, resolve_model
+from studio.models import AS_STORED, load_pipeline, resolve_model
 from trainers.cache import VAE_DECODER, DiskCache, file_digest, module_digest, vocabulary_digest
 from trainers.cache import key as cache_key
 from trainers.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from trainers.data import (BatchOrder, Example, caption_variant, center_crop_offsets, choose_bucket, epochs_done,
                            micro_generator, prepare_image, prepare_mask, random_crop_offsets, sample_generator,
                            validation_indices)
-from trainers.low_memory import STORAGE, nf4_quantization, own_storage, store_frozen_weights
+from trainers.low_memory import STORAGE, nf4_quantization, own_storage, store_frozen_weights, store_loaded_weights
 from trainers.pivotal import PivotalTokens
 from trainers.tensorboard import TensorBoardLog
 
@@ -137,6 +137,7 @@ class AdapterTrainer:
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.training.mixed_precision, torch.float32)
         base_weights = cfg.training.base_weights
         pipe = load_pipeline(self.model_ref, denoiser_dtype=self.weight_dtype,
+                             torch_dtype=AS_STORED if base_weights == "bf16" else None,
                              denoiser_quantization=nf4_quantization(self.weight_dtype) if base_weights == "nf4" else None)
         self.pipe = pipe
         self.objective = self.family.objective(pipe)
@@ -146,7 +147,14 @@ class AdapterTrainer:
         for module in (self.vae, self.denoiser, *self.text_encoders):
             module.requires_grad_(False)
             module.to(device)
-        if self.weight_dtype != torch.float32:
+        if base_weights == "bf16":  # narrowed from the file's dtype as loaded: never widened whole first
+            self.vae.to(dtype=self.weight_dtype)
+            store_loaded_weights(self.denoiser, STORAGE[base_weights], self.weight_dtype,
+                                 keep=self.family.full_precision_modules)
+            for encoder in self.text_encoders:
+                store_loaded_weights(encoder, STORAGE[base_weights],
+                                     torch.float32 if cfg.network.train_text_encoder else self.weight_dtype)
+        elif self.weight_dtype != torch.float32:
             self.vae.to(dtype=self.weight_dtype)
             if not cfg.network.train_text_encoder:
                 for encoder in self.text_encoders:
@@ -222,11 +230,10 @@ class AdapterTrainer:
                                          self.text_encoders, init_word=net.pivotal_init, seed=cfg.seed)
             params.append({"params": self.pivotal.parameters(),
                            "lr": cfg.training.embedding_lr or cfg.training.learning_rate})
-        if base_weights in STORAGE:  # bf16 stores the text encoders too: SDXL's hold 0.8B parameters
+        if base_weights == "fp8":  # after the adapters are injected: PiSSA / OLoRA read full-precision weights
             store_frozen_weights(self.denoiser, STORAGE[base_weights], keep=self.family.full_precision_modules)
-            for encoder in self.text_encoders if base_weights == "bf16" else ():
-                store_frozen_weights(encoder, STORAGE[base_weights])
-            own_storage(self.vae, self.denoiser, *self.text_encoders)  # lets the loaded file's mapping go
+        if base_weights in STORAGE:
+            own_storage(self.vae, self.denoiser, *self.text_encoders)  # lets a loaded folder's file mappings go
         self.trainable = [p for group in params for p in group["params"]]
         for p in self.trainable:
             p.data = p.data.float()

@@ -5,6 +5,6 @@ single_file.py A1111 / CivitAI checkpoints, builtin.py and skeletons.py the buil
 and the configs for offline loading."""
 from __future__ import annotations
 
-from studio.models.loading import PICKLE_SUFFIXES, ModelRef, load_pipeline, quiet_libraries, resolve_model
+from studio.models.loading import AS_STORED, PICKLE_SUFFIXES, ModelRef, load_pipeline, quiet_libraries, resolve_model
 
-__all__ = ["PICKLE_SUFFIXES", "ModelRef", "load_pipeline", "quiet_libraries", "resolve_model"]
+__all__ = ["AS_STORED", "PICKLE_SUFFIXES", "ModelRef", "load_pipeline", "quiet_libraries", "resolve_model"]

@@ -13,7 +13,7 @@ from studio import ASSETS_DIR
 from studio.models.builtin import BUILTIN_DIR
 from studio.models.families import BUILTIN_MODELS, get_family
 from studio.models.hub import is_model_name, local_path
-from studio.models.single_file import UNET_PREFIX, detect_family, load_single_file
+from studio.models.single_file import AS_STORED, UNET_PREFIX, detect_family, load_single_file
 from studio.safetensors_file import PICKLE_SUFFIXES, read_safetensors_header, sniff_format
 
 log = logging.getLogger(__name__)
@@ -76,11 +76,15 @@ def load_pipeline(ref: str | ModelRef, *, allow_pickle: bool = False, torch_dtyp
     """Load a base model's diffusers pipeline offline (no hub access). `denoiser_quantization`
     (a diffusers quantization config such as BitsAndBytesConfig, CUDA only) loads the
     family's denoiser (UNet, transformer) quantized, its other layers in `denoiser_dtype`
-    (default: `torch_dtype`)."""
+    (default: `torch_dtype`). `torch_dtype = AS_STORED` loads a safetensors single file's
+    components in the dtypes the file stores them in (for a caller that narrows them next);
+    anything else in fp32."""
     import diffusers
     import torch
 
     model = ref if isinstance(ref, ModelRef) else resolve_model(ref, allow_pickle=allow_pickle, workspace=workspace)
+    if torch_dtype is AS_STORED and not (model.kind == "single_file" and sniff_format(model.path) == "safetensors"):
+        torch_dtype = None
     dtype = torch_dtype or torch.float32
     quiet_libraries()
     log.info("loading base model %s (%s, %s)", model.path, model.kind, model.family)

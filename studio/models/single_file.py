@@ -37,7 +37,7 @@ from studio.models.families import (BUILTIN_MODELS, FAMILIES, Family, family_fro
 from studio.models.families.unet import config_get, unet_diffusers_to_ldm
 from studio.fsutil import atomic_write_with
 from studio.models.skeletons import skeleton_dir
-from studio.safetensors_file import read_safetensors_header, refuse_pickle, sniff_format
+from studio.safetensors_file import read_safetensors, read_safetensors_header, refuse_pickle, sniff_format
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,8 @@ _SUPPORTED = "only " + " and ".join(f.long_label for f in FAMILIES.values()) + "
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
+#: load_single_file's torch_dtype for "each component in the dtype its weights are stored in"
+AS_STORED = "stored"
 
 def _load_pickle_state_dict(path: Path) -> dict[str, Any]:
     """A pickled checkpoint's tensors, unpickled with torch's weights-only loader."""
@@ -500,7 +502,8 @@ def load_single_file(
     StableDiffusionXLPipeline with no network access: the configs and tokenizers come
     from `config_dir`, else the shipped skeleton of the detected family. `denoiser_quantization`
     (a diffusers quantization config, e.g. BitsAndBytesConfig) loads the UNet quantized, its
-    other layers in `denoiser_dtype` (default: `torch_dtype`).
+    other layers in `denoiser_dtype` (default: `torch_dtype`). `torch_dtype = AS_STORED`: each
+    component in the widest dtype its tensors are stored in (a file of the denoiser alone: fp32).
 
     Pickled checkpoints (.ckpt/.pt/.bin, detected by content) are refused unless
     `allow_pickle=True`, and even then read with torch's weights-only unpickler. Damaged,
@@ -511,7 +514,7 @@ def load_single_file(
     shapes = _checkpoint_shapes(path, allow_pickle=allow_pickle)
     family = _family_from_shapes(shapes, str(path))
     if family.denoiser_from_single_file is not None:
-        return _load_denoiser_file(path, family, config_dir, torch_dtype)
+        return _load_denoiser_file(path, family, config_dir, None if torch_dtype is AS_STORED else torch_dtype)
     _check_components(shapes, family, path)
     config = Path(config_dir).expanduser() if config_dir is not None else skeleton_dir(family.name)
     _check_config_dir(config, family)
@@ -527,9 +530,11 @@ def load_single_file(
                 str(path), config=str(config), subfolder="unet", local_files_only=True,
                 torch_dtype=denoiser_dtype or torch_dtype, quantization_config=denoiser_quantization,
             )
-        pipe = pipeline_cls.from_single_file(
-            str(path), config=str(config), local_files_only=True, torch_dtype=torch_dtype, **components
-        )
+        if sniff_format(path) == "safetensors":
+            components.update(_weighted_components(path, family, config, torch_dtype, skip=tuple(components)))
+        if torch_dtype is not AS_STORED:
+            components["torch_dtype"] = torch_dtype
+        pipe = pipeline_cls.from_single_file(str(path), config=str(config), local_files_only=True, **components)
     except StudioError:
         raise
     except Exception as exc:
@@ -539,6 +544,38 @@ def load_single_file(
         ) from exc
     _check_loaded(pipe, path)
     return pipe
+
+
+def _weighted_components(path: Path, family: Family, config: Path, torch_dtype: Any, skip: tuple[str, ...]) -> dict:
+    """The denoiser, VAE and text encoders of a safetensors single file, built by diffusers'
+    own per-component loader from tensors read one at a time into memory of their own and
+    converted while read (studio.safetensors_file.read_safetensors): the pipeline's
+    `from_single_file` would map the whole file and widen from that mapping, so a full-size
+    SDXL file (fp16) loaded in fp32 held the file and the model at once. With AS_STORED each
+    component keeps the widest dtype its tensors are stored in (no widening, no rounding)."""
+    import diffusers
+    import torch
+    from diffusers.loaders.single_file import load_single_file_sub_model
+
+    checkpoint = read_safetensors(path, dtype=None if torch_dtype is AS_STORED else torch_dtype,
+                                  skip_prefixes=("model_ema.",))  # EMA copies: diffusers reads the model's weights
+    prefixes = {"unet": (UNET_PREFIX,), "vae": (VAE_PREFIX,),
+                **{e.attr: (e.prefix,) for e in family.single_file_encoders}}
+    index = json.loads((config / "model_index.json").read_text(encoding="utf-8"))
+    components = {}
+    for name, owned in prefixes.items():
+        if name in skip:
+            continue
+        dtype = torch_dtype
+        if torch_dtype is AS_STORED:
+            stored = {v.dtype for k, v in checkpoint.items() if k.startswith(owned) and v.is_floating_point()}
+            dtype = max(stored, key=lambda d: torch.finfo(d).bits, default=torch.float32)
+        library, class_name = index[name]
+        components[name] = load_single_file_sub_model(
+            library_name=library, class_name=class_name, name=name, checkpoint=checkpoint,
+            pipelines=diffusers.pipelines, is_pipeline_module=False, cached_model_config_path=str(config),
+            local_files_only=True, torch_dtype=dtype)
+    return components
 
 
 # --------------------------------------------------------------------------------------
