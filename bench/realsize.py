@@ -322,6 +322,13 @@ def build_env(work: Path, name: str, checkout: Path, installs: list[list[str]]) 
         for args in installs:
             subprocess.run([*pip, *args], check=True, cwd=checkout)
         done.write_text("")
+    # Both scripts import torchvision; PyPI's Linux torchvision is built against the CUDA torch
+    # and fails to register its operators on the CPU build (this machine's index has no CPU one).
+    check = subprocess.run([str(python), "-c", "import torch, torchvision.transforms"], capture_output=True, text=True)
+    if check.returncode != 0:
+        last = (check.stderr.strip().splitlines() or ["?"])[-1]
+        raise SystemExit(f"{name}: its environment {env} cannot import torch and torchvision ({last}); install the "
+                         f"torchvision build that matches torch {torch.__version__} there, then run again.")
     freeze = subprocess.run([str(python), "-m", "pip", "freeze"], capture_output=True, text=True).stdout
     wanted = ("torch", "diffusers", "transformers", "accelerate", "peft", "safetensors")
     versions = {line.split("==")[0]: line.split("==")[-1] for line in freeze.splitlines()
