@@ -270,7 +270,7 @@ def resource_hint(*, family: str | None, builtin: bool, steps: int, batch_size: 
                          "GPU here, and a full-size model trains on the CPU at many seconds per step.")
         memory = "VRAM" if gpu else "RAM"
         precision = ", fp32" if mixed_precision == "no" or not gpu else f", {mixed_precision}"
-        lines.append(f"**{memory}:** roughly {memory_gb:.{1 if memory_gb < 10 else 0}f} GB "
+        lines.append(f"**{memory}:** roughly {memory_gb:.{1 if memory_gb < 10 else 0}f} GiB "
                      f"({FAMILIES[family].label}, {resolution} px, batch {work}"
                      + (", gradient checkpointing" if gradient_checkpointing else "") + f"{precision}; "
                      + ("a planning figure, not measured)." if gpu else "its weights and a step's working memory, "
