@@ -1,10 +1,11 @@
-"""LoRA training on a GPU: SD1.5-size (512 px, batch 4) and SDXL-size (1024 px, batch 1,
-gradient checkpointing) steps, our trainer against a loop equivalent to diffusers'
-DreamBooth LoRA examples, each with its it/s and peak CUDA memory, for fp32, bf16, bf16 with
-8-bit AdamW, bf16 over an NF4 base (QLoRA) and bf16 over an fp8 base.
+"""LoRA training on a GPU: SD1.5-size (512 px, batch 4), SDXL-size and FLUX.1-size (1024 px,
+batch 1, gradient checkpointing) steps, our trainer against a loop equivalent to diffusers'
+DreamBooth LoRA examples (SD1.5, SDXL), each with its it/s and peak CUDA memory, for fp32
+(not FLUX.1: 67 GB of weights), bf16, bf16 with 8-bit AdamW, bf16 over an NF4 base (QLoRA)
+and bf16 over an fp8 base.
 
-    python -m bench.gpu [--steps 10] [--warmup 3] [--family sd15 sdxl]
-    python -m bench.gpu --tiny        # the same code on the built-in model (runs on a CPU too)
+    python -m bench.gpu [--steps 10] [--warmup 3] [--family sd15 sdxl flux]
+    python -m bench.gpu --tiny        # the same code on the built-in models (runs on a CPU too)
     python -m bench.gpu --hyperlora   # also: seconds per step of the instant-adapter hypernetwork's
                                       # training (toyworld.train_hyperlora) on the same models
 
@@ -41,10 +42,17 @@ class Size:
     resolution: int
     batch_size: int
     gradient_checkpointing: bool
+    reference: bool = True  # a loop of the diffusers example's beside ours (UNet families)
+    fp32: bool = True  # the fp32 case fits a GPU of 80 GB
+    storage: torch.dtype = torch.float16  # the random model's files, as the family ships
 
 
-SIZES = {"sd15": Size("sd15", 512, 4, False), "sdxl": Size("sdxl", 1024, 1, True)}
-TINY = Size("sd15", 64, 4, False)
+# FLUX.1 (12B transformer, T5-XXL) at 1024 px with checkpointing: what its users run on 24 GB
+# cards is bf16 / NF4 / fp8; fp32 weights alone are 67 GB. Its rows have no reference loop.
+SIZES = {"sd15": Size("sd15", 512, 4, False), "sdxl": Size("sdxl", 1024, 1, True),
+         "flux": Size("flux", 1024, 1, True, reference=False, fp32=False, storage=torch.bfloat16)}
+TINY = {"sd15": (Size("sd15", 64, 4, False), "builtin"),
+        "flux": (Size("flux", 64, 4, False, reference=False), "builtin-flux")}
 
 
 @dataclass(frozen=True)
@@ -65,24 +73,29 @@ CASES = (
 )
 
 
-def random_model(family: str, folder: Path) -> Path:
+def random_model(size: Size, folder: Path) -> Path:
     """A diffusers folder of the family's real architecture (assets/skeletons) with random
-    weights, saved in fp16: built on the GPU when there is one (seconds for SDXL's 3.5B
-    parameters instead of minutes of CPU init)."""
+    weights, built and saved in `size.storage` (fp16; FLUX.1's bf16): on the GPU when there is
+    one (seconds for SDXL's 3.5B parameters instead of minutes of CPU init), in that dtype
+    from the start (FLUX.1's transformer in fp32 would be 48 GB)."""
     from studio.models.skeletons import skeleton_dir
-    from toyworld.random_weights import skeleton_component
+    from toyworld.random_weights import skeleton_component, weighted_components
 
-    skeleton = skeleton_dir(family)
+    skeleton = skeleton_dir(size.family)
     shutil.copytree(skeleton, folder)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    for component in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        if not (skeleton / component).is_dir():
-            continue
-        with torch.device(device):
-            model = skeleton_component(skeleton, component)
-        model.to(torch.float16).save_pretrained(folder / component)
+    default = torch.get_default_dtype()
+    for component in weighted_components(skeleton):
+        torch.set_default_dtype(size.storage)
+        try:
+            with torch.device(device):
+                model = skeleton_component(skeleton, component)
+        finally:
+            torch.set_default_dtype(default)
+        model.to(size.storage).save_pretrained(folder / component)
         del model
+        _release()
     return folder
 
 
@@ -266,21 +279,24 @@ def time_hyperlora(model: Path, size: Size, steps: int) -> dict:
     return {"s_per_step": report["training"]["seconds"] / steps, "peak_gb": _peak_gb()}
 
 
-def runnable_cases() -> tuple[Case, ...]:
-    """Every case on CUDA; fp32 alone without it (the others need CUDA, studio.config says)."""
-    return CASES if torch.cuda.is_available() else CASES[:1]
+def runnable_cases(size: Size) -> tuple[Case, ...]:
+    """Every case on CUDA (but fp32 where it does not fit); fp32 alone without CUDA (the others
+    need it, studio.config says)."""
+    cases = CASES if torch.cuda.is_available() else CASES[:1]
+    return tuple(case for case in cases if size.fp32 or case.mixed_precision != "no")
 
 
 def bench_size(model: Path, size: Size, steps: int, warmup: int) -> list[dict]:
     from studio.errors import StudioError
 
     rows = []
-    for case in runnable_cases():
+    for case in runnable_cases(size):
         label = (f"{size.family} {size.resolution} px, batch {size.batch_size}"
                  + (", checkpointing" if size.gradient_checkpointing else ""))
         try:
             ours = time_ours(model, size, case, steps, warmup)
-            reference = time_reference(model, size, case, steps, warmup) if case.has_reference else None
+            reference = (time_reference(model, size, case, steps, warmup) if case.has_reference and size.reference
+                         else None)
         except (StudioError, ImportError) as error:  # e.g. no bitsandbytes there: the other cases still run
             print(f"| {label} | {case.name} | skipped: {error} |", flush=True)
             continue
@@ -320,15 +336,19 @@ def main(argv=None) -> list[dict]:
     print("| size | case | ours it/s | ours peak GB | reference it/s | reference peak GB | ratio |")
     print("|---|---|---|---|---|---|---|")
     if args.tiny:
-        rows = bench_size(ASSETS_DIR / "builtin", TINY, args.steps, args.warmup)
-        if args.hyperlora:
-            hyper_rows = [{"size": "builtin 64 px", **time_hyperlora(ASSETS_DIR / "builtin", TINY, args.steps)}]
+        rows, hyper_rows = [], []
+        for family in [f for f in args.family if f in TINY]:
+            size, name = TINY[family]
+            rows += bench_size(ASSETS_DIR / name, size, args.steps, args.warmup)
+            if args.hyperlora:
+                hyper_rows.append({"size": f"{name} 64 px", **time_hyperlora(ASSETS_DIR / name, size, args.steps)})
+        if hyper_rows:
             print_hyperlora(hyper_rows)
         return rows
     rows, hyper_rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for family in args.family:
-            model = random_model(family, Path(tmp) / family)
+            model = random_model(SIZES[family], Path(tmp) / family)
             rows += bench_size(model, SIZES[family], args.steps, args.warmup)
             if args.hyperlora:
                 hyper_rows.append({"size": f"{family} {SIZES[family].resolution} px",

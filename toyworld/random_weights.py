@@ -4,6 +4,7 @@ memory, time, key layouts and dtypes matter and the weights' values do not.
 
     random_pipeline(family, dtype)   the family's pipeline, every part at full size
     skeleton_component(skeleton, c)  one part from its config (bench/gpu.py saves them)
+    weighted_components(skeleton)    the parts that hold weights
 """
 from __future__ import annotations
 
@@ -34,15 +35,29 @@ def fill_random(module, dtype) -> None:
                 b.zero_()
 
 
+def weighted_components(skeleton) -> list[str]:
+    """The parts of the skeleton's pipeline that hold weights (UNet or transformer, VAE, text
+    encoders), as its model_index.json names them."""
+    import json
+
+    index = json.loads((skeleton / "model_index.json").read_text(encoding="utf-8"))
+    return [name for name, value in sorted(index.items())
+            if isinstance(value, list) and value[0] in ("diffusers", "transformers")
+            and (skeleton / name / "config.json").is_file()]
+
+
 def skeleton_component(skeleton, component: str):
-    """A pipeline part ("unet", "vae", "text_encoder", "text_encoder_2") built from its config
-    in the `skeleton` folder, with the framework's own initial weights, on the current
-    torch.device (meta: no weights at all)."""
+    """A pipeline part (a name of weighted_components) built from its config in the
+    `skeleton` folder, with the framework's own initial weights, on the current torch.device
+    (meta: no weights at all)."""
+    import json
+
     import diffusers
     import transformers
 
-    if component in ("unet", "vae"):
-        cls = diffusers.UNet2DConditionModel if component == "unet" else diffusers.AutoencoderKL
+    library, class_name = json.loads((skeleton / "model_index.json").read_text(encoding="utf-8"))[component]
+    if library == "diffusers":
+        cls = getattr(diffusers, class_name)
         return cls.from_config(cls.load_config(skeleton / component))
     config = transformers.AutoConfig.from_pretrained(skeleton / component)
     return getattr(transformers, config.architectures[0])(config)
@@ -58,9 +73,7 @@ def random_pipeline(family: str, dtype):
 
     skeleton = skeleton_dir(family)
     parts = {}
-    for component in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        if not (skeleton / component).is_dir():
-            continue
+    for component in weighted_components(skeleton):
         with torch.device("meta"):
             model = skeleton_component(skeleton, component)
         fill_random(model, dtype)
