@@ -7,7 +7,7 @@ background", the demo's reg/ pictures):
 
 - instant from one picture: the concept on white, as a person would give it;
 - instant from the description "a COLOUR SHAPE" (a combination of words never read together);
-- trained: the tiny-demo-quick preset (370 steps) on the twelve pictures;
+- trained: the tiny-demo-quick preset (400 steps) on the twelve pictures;
 - instant start: the same preset started from the instant adapter of the twelve pictures
   (network.init_from), stopped at a quarter of its steps, and its control: the same steps
   from scratch (what the instant start adds);
