@@ -9,8 +9,10 @@ background", the demo's reg/ pictures):
 - instant from the description "a COLOUR SHAPE" (a combination of words never read together);
 - trained: the tiny-demo-quick preset (400 steps) on the twelve pictures;
 - instant start: the same preset started from the instant adapter of the twelve pictures
-  (network.init_from), stopped at a quarter of its steps, and its control: the same steps
-  from scratch (what the instant start adds);
+  (network.init_from), stopped at a quarter of its steps, at a learning rate of 2e-3 (the
+  preset's 5e-3 overshoots from a head start: on the purple star 71% of the prompts without
+  the trigger right against 100% at 2e-3 or 1e-3), and its control: the same steps from
+  scratch at the preset's own rate (what the instant start adds);
 
 each scored by toyworld.train_hyperlora.concept_rates: "a sks shape on a B background" over
 the seven backgrounds x seeds, the share whose colour, shape and both are the concept's
@@ -20,6 +22,7 @@ trigger drawn right in all three (the base model: 100%). Times: making an instan
 hypernetwork, and the median of the next ones) and training wall times, one torch thread.
 
     python -m bench.instant [--seeds 4] [--concepts purple-star ...] [--no-training] [--fraction 0.25]
+                            [--start-lr 2e-3]
 """
 from __future__ import annotations
 
@@ -86,6 +89,7 @@ def main(argv=None) -> dict:
                         help="held-out concepts as colour-shape (default: all of them)")
     parser.add_argument("--no-training", action="store_true", help="only the instant adapters")
     parser.add_argument("--fraction", type=float, default=0.25, help="the instant start's share of the preset's steps")
+    parser.add_argument("--start-lr", type=float, default=2e-3, help="the instant start's learning rate")
     parser.add_argument("--train-seed", type=int, default=42)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -125,7 +129,7 @@ def main(argv=None) -> dict:
                 steps = int(config.training.max_steps * args.fraction)
                 init = make_instant_adapter(workspace, f"{key}-dataset", pictures=dataset)
                 config = recipe_config(QUICK, {"dataset": {"path": str(dataset)},
-                                               "training": {"max_steps": steps},
+                                               "training": {"max_steps": steps, "learning_rate": args.start_lr},
                                                "network": {"init_from": str(init)}}, args.train_seed)
                 config.name = f"{key}-instant-start"
                 label = f"instant start, {steps} steps"

@@ -233,13 +233,14 @@ def test_the_training_sampler_keeps_the_held_out_concepts_out():
         assert not words & {"purple", "star", "sks", *world.EXTRA_COLORS, *world.EXTRA_SHAPES}
 
 
-@pytest.mark.slow(seconds=60)
-def test_the_shipped_hypernetwork_draws_the_purple_star_from_one_picture():
+@pytest.mark.slow(seconds=90)
+def test_the_shipped_hypernetwork_draws_the_purple_star_from_one_picture_and_from_words():
     """A short fidelity figure: the demo's first picture (a purple star, never in the
-    hypernetwork's training) -> purple shapes for "a sks shape" on the seven backgrounds, the
-    prompts without the trigger kept. Colour only: the shipped hypernetwork draws the star's
-    colour but not its shape (assets/builtin/hyperlora/TRAINING.md: shape 0% from a picture),
-    short of issue 36's target."""
+    hypernetwork's training) and the words "a purple star" (never read together) -> purple
+    stars for "a sks shape" on the seven backgrounds, the prompts without the trigger kept.
+    Measured with seeds 7 and 8: 7 of 14 stars from the picture, 13 of 14 from the words (the
+    1000-step hypernetwork drew none from the picture and 3 from the words);
+    assets/builtin/hyperlora/TRAINING.md has the figures over four seeds and five concepts."""
     from studio.adapters import AdapterFile
     from studio.instant import instant_code, load_hypernetwork
     from studio.models import load_pipeline, resolve_model
@@ -247,12 +248,14 @@ def test_the_shipped_hypernetwork_draws_the_purple_star_from_one_picture():
     from toyworld.train_hyperlora import concept_rates
 
     network = load_hypernetwork(resolve_model("builtin"))
-    image = [world.render_scene(world.demo_scenes()[0])]
-    adapter = AdapterFile(network.adapter_modules(instant_code(network, images=image)), {}, "sd15")
     pipe = load_pipeline("builtin")
     pipe.set_progress_bar_config(disable=True)
-    figures = concept_rates(pipe, get_family("sd15"), adapter, ("purple", "star"), seeds=[7, 8])
-    assert figures["color"] >= 0.8 and figures["prior"] >= 0.85, figures
+    lowest = {"picture": 0.35, "words": 0.7}
+    for name, given in (("picture", {"images": [world.render_scene(world.demo_scenes()[0])]}),
+                        ("words", {"description": "a purple star"})):
+        adapter = AdapterFile(network.adapter_modules(instant_code(network, **given)), {}, "sd15")
+        figures = concept_rates(pipe, get_family("sd15"), adapter, ("purple", "star"), seeds=[7, 8])
+        assert figures["color"] >= 0.8 and figures["both"] >= lowest[name] and figures["prior"] >= 0.85, (name, figures)
 
 
 @pytest.mark.slow(seconds=60)

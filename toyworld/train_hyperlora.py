@@ -88,8 +88,8 @@ STOP_WORDS = ("a", "an", "the", "in", "on", "of", "colored", "coloured", "shape"
 CONCEPT_SIZES = (26, 44)
 P_NO_BACKGROUND = 0.2  # trigger captions without the background ("a sks shape")
 
-DEFAULTS = {"seed": 0, "steps": 1000, "concepts_per_step": 6, "lr": 1e-3, "rank": 8, "z_dim": 32,
-            "pictures": 48, "prior_pictures": 2000, "prior_weight": 1.0, "align_weight": 0.1, "temperature": 0.1, "contrast_concepts": 32, "p_text": 0.5,
+DEFAULTS = {"seed": 0, "steps": 6000, "concepts_per_step": 6, "lr": 1e-3, "rank": 8, "z_dim": 32,
+            "pictures": 48, "prior_pictures": 2000, "prior_weight": 0.5, "align_weight": 0.1, "temperature": 0.1, "contrast_concepts": 32, "p_text": 0.5,
             "min_timestep": 200, "min_snr_gamma": 1.0, "eval_seeds": 4}
 
 

@@ -31,7 +31,11 @@ if TYPE_CHECKING:  # torch, peft and the formats load in the functions that trai
 class InitFromOptions(Section):
     init_from: str = Field("", description="Start from this adapter file's LoRA factors (a path, or the name of an "
                                            "adapter in the library), e.g. an instant adapter (`lora-studio instant`): "
-                                           "the file's rank at most rank / conv_rank.")
+                                           "the file's rank at most rank / conv_rank. From a head start a lower "
+                                           "learning rate than from scratch: 100 steps of tiny-demo-quick at 2e-3 "
+                                           "from an instant adapter drew the purple star in 100% of prompts and kept "
+                                           "the others; at its own 5e-3, 86% and 71% of the others right "
+                                           "(bench.instant).")
 
 
 def check(net) -> None:
